@@ -1,0 +1,3 @@
+from fpolicyd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,43 @@
+# fpolicyd — every target installs what it needs into .venv first (only python3, pip and make required).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the daemon on its embedded default: 0.0.0.0:9898, JSON Lines under ./fpolicyd-data/events.
+run: $(STAMP)
+	$(BIN)/fpolicyd serve
+
+## The whole suite, exactly what CI runs: lint, format check, mypy --strict, pytest (warnings are errors).
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit tests/property
+
+## Ingest throughput: simulator -> fpolicyd serve -> JSON Lines, next to a bare frame splitter (the ceiling).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_codec.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis fpolicyd-data

@@ -1,0 +1,116 @@
+"""``fpolicyd`` command line. Flags of ``serve`` and ``config`` are generated from :class:`Settings`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fpolicyd import __version__
+from fpolicyd.config import Settings, environment_aliases, load_settings
+from fpolicyd.errors import ConfigError
+from fpolicyd.obs.log import configure_logging
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, help="TOML settings file (default ./fpolicyd.toml, /etc/fpolicyd/)"
+    )
+    group = parser.add_argument_group(
+        "settings (each also FPOLICYD_<NAME> in the environment or NAME in TOML)"
+    )
+    for name, info in Settings.model_fields.items():
+        help_text = (info.description or "").replace("%", "%%")
+        group.add_argument(_flag(name), dest=f"setting_{name}", metavar="VALUE", help=help_text)
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in vars(ns).items():
+        if key.startswith("setting_") and value is not None:
+            name = key[len("setting_") :]
+            annotation = str(Settings.model_fields[name].annotation)
+            out[name] = json.loads(value) if annotation.startswith("dict") else value
+    return out
+
+
+def _settings(ns: argparse.Namespace) -> Settings:
+    try:
+        overrides = _overrides(ns)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f'a mapping flag needs JSON, e.g. \'{{"2157674396": "vol1"}}\': {exc}') from None
+    return load_settings(ns.config, overrides)
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from fpolicyd.app import run_daemon  # noqa: PLC0415 - keeps `fpolicyd --help` fast
+
+    settings = _settings(ns)
+    configure_logging(settings.log_level, settings.log_format.value)
+    report = run_daemon(settings)
+    return 0 if report.undelivered == 0 else 3
+
+
+def _cmd_config(ns: argparse.Namespace) -> int:
+    settings = _settings(ns)
+    if ns.action == "show":
+        data = settings.model_dump(mode="json")
+        data["effective_sinks"] = list(settings.effective_sinks)
+        data["effective_idle_timeout_s"] = settings.effective_idle_timeout_s
+        sys.stdout.write(
+            orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
+        )
+    else:
+        sys.stdout.write("settings OK\n")
+    return 0
+
+
+def _cmd_simulate(ns: argparse.Namespace) -> int:
+    from fpolicyd.simulate_cli import run_simulate  # noqa: PLC0415
+
+    return run_simulate(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fpolicyd", description="ONTAP FPolicy external server")
+    parser.add_argument("--version", action="version", version=f"fpolicyd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the FPolicy server")
+    _add_settings_flags(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    config = sub.add_parser("config", help="validate or print the effective settings")
+    config.add_argument("action", choices=("check", "show"))
+    _add_settings_flags(config)
+    config.set_defaults(func=_cmd_config)
+
+    from fpolicyd.simulate_cli import add_simulate_parser  # noqa: PLC0415
+
+    add_simulate_parser(sub).set_defaults(func=_cmd_simulate)
+
+    aliases = ", ".join(f"{env}->{field}" for env, field in sorted(environment_aliases().items()))
+    parser.epilog = f"Reference-server environment variables honoured: {aliases}."
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        code: int = ns.func(ns)
+    except ConfigError as exc:
+        sys.stderr.write(f"fpolicyd: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,352 @@
+"""Settings: one closed, frozen object built from flags > environment > TOML file > defaults.
+
+Every limit the daemon enforces is a field here, documented where it is declared; nothing else in fpolicyd
+reads flags or the environment. Environment variables are ``FPOLICYD_<FIELD>``; the reference server's
+variables (``FPOLICY_PORT``, ``MODE``, ``LOG_DIR``, ``SQS_QUEUE_URL``, ``SVM_NAME``, ``VOLUME_NAME``,
+``WRITE_COMPLETE_DELAY_SEC``, ``FPOLICY_FORMAT``, ``PROTOBUF_FRAMING_MODE``, ``EVENT_BUS_NAME``,
+``DEDUP_WINDOW_MINUTES``) are accepted as aliases so that an existing task definition works unchanged.
+Unknown keys and bad values fail at start-up with the key named (:func:`load_settings` raises ConfigError).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, Final
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fpolicyd.errors import ConfigError
+from fpolicyd.protocol.session import MIN_IDLE_FACTOR, EngineMode, SessionConfig
+from fpolicyd.sinks.jsonl import FsyncPolicy
+
+ENV_PREFIX: Final = "FPOLICYD_"
+#: Where the settings file is looked for when ``--config`` is not given, in order.
+DEFAULT_CONFIG_PATHS: Final = (Path("fpolicyd.toml"), Path("/etc/fpolicyd/fpolicyd.toml"))
+
+_toml_data: ContextVar[Mapping[str, Any]] = ContextVar("fpolicyd_toml_data", default=MappingProxyType({}))
+
+
+def _env(field: str, *reference_names: str) -> AliasChoices:
+    """Environment names of a field: ``FPOLICYD_<FIELD>`` first, then the reference server's names."""
+    return AliasChoices(f"{ENV_PREFIX}{field.upper()}", *reference_names)
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class WireFormat(StrEnum):
+    XML = "xml"
+    PROTOBUF = "protobuf"
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The parsed settings file (already read by :func:`load_settings`), lowest precedence after defaults."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return _toml_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_toml_data.get())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    # --- listener -------------------------------------------------------------------------------------
+    listen_host: str = Field("0.0.0.0", description="Address the FPolicy listener binds.")
+    listen_port: int = Field(
+        9898,
+        ge=0,
+        le=65535,
+        validation_alias=_env("listen_port", "FPOLICY_PORT"),
+        description="FPolicy port.",
+    )
+    max_connections: int = Field(
+        256,
+        ge=1,
+        description="Concurrent ONTAP connections accepted (one per node x policy x IP family); "
+        "connections beyond it are closed at once and counted.",
+    )
+    max_frame_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description="Largest frame accepted; checked on the length prefix before anything is buffered.",
+    )
+    fpolicy_format: WireFormat = Field(
+        WireFormat.XML,
+        validation_alias=_env("fpolicy_format", "FPOLICY_FORMAT"),
+        description="Engine format configured on ONTAP (xml; protobuf has no published wire format yet).",
+    )
+    protobuf_framing_mode: str | None = Field(
+        None,
+        validation_alias=_env("protobuf_framing_mode", "PROTOBUF_FRAMING_MODE"),
+        description="Reference-server protobuf framing name (AUTO_DETECT, LENGTH_PREFIXED, FRAMELESS).",
+    )
+
+    # --- session --------------------------------------------------------------------------------------
+    engine_mode: EngineMode = Field(
+        EngineMode.ASYNC,
+        description="ONTAP external-engine type: async (no reply to SCREEN_REQ) or sync (SCREEN_RESP allow).",
+    )
+    preferred_versions: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("1.2", "1.1", "1.0"),
+        description="Protocol versions in order of preference; only a version ONTAP offered is answered.",
+    )
+    handshake_timeout_s: float = Field(5.0, gt=0, description="Time a new connection has to send NEGO_REQ.")
+    keep_alive_interval_s: float = Field(
+        120.0, ge=0, description="The engine's keep-alive-interval (ONTAP default 120 s; 0 = disabled)."
+    )
+    idle_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description=f"Close a session after this long without any message; default "
+        f"{MIN_IDLE_FACTOR:g} x keep_alive_interval_s; must be at least that; 0 = never.",
+    )
+
+    # --- names ----------------------------------------------------------------------------------------
+    volume_names: dict[int, str] = Field(
+        default_factory=dict, description="Volume MSID -> volume name (`volume show -fields msid`)."
+    )
+    svm_names: dict[str, str] = Field(default_factory=dict, description="SVM (vserver) UUID -> SVM name.")
+    svm_name: str | None = Field(
+        None,
+        validation_alias=_env("svm_name", "SVM_NAME"),
+        description="SVM name used when the VsUUID is not in svm_names.",
+    )
+    volume_name: str | None = Field(
+        None,
+        validation_alias=_env("volume_name", "VOLUME_NAME"),
+        description="Volume name used when the MSID is not in volume_names.",
+    )
+
+    # --- delivery -------------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("fpolicyd-data"), description="Root of everything fpolicyd writes locally.")
+    sinks: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Sink URIs (jsonl:DIR, stdout:); default jsonl:<data_dir>/events, or what MODE/LOG_DIR/"
+        "SQS_QUEUE_URL select.",
+    )
+    mode: str | None = Field(
+        None,
+        validation_alias=_env("mode", "MODE"),
+        description="Reference-server mode: realtime = SQS (needs SQS_QUEUE_URL), anything else = JSON Lines.",
+    )
+    log_dir: Path | None = Field(
+        None,
+        validation_alias=_env("log_dir", "LOG_DIR"),
+        description="Reference-server JSON Lines directory (used when MODE is not realtime).",
+    )
+    sqs_queue_url: str | None = Field(
+        None, validation_alias=_env("sqs_queue_url", "SQS_QUEUE_URL"), description="Reference SQS queue URL."
+    )
+    event_bus_name: str | None = Field(
+        None, validation_alias=_env("event_bus_name", "EVENT_BUS_NAME"), description="EventBridge bus."
+    )
+    jsonl_max_file_bytes: int = Field(
+        128 << 20, ge=4096, description="Rotate a JSON Lines file at this size."
+    )
+    jsonl_max_file_age_s: float = Field(3600.0, gt=0, description="Rotate a JSON Lines file at this age.")
+    jsonl_fsync: FsyncPolicy = Field(
+        FsyncPolicy.interval, description="always | interval | never: when JSON Lines data is fsynced."
+    )
+    jsonl_fsync_interval_s: float = Field(1.0, gt=0, description="fsync period of the interval policy.")
+    batch_max_events: int = Field(1000, ge=1, le=100_000, description="Events written to a sink at once.")
+    batch_linger_s: float = Field(
+        0.02, ge=0, le=10, description="How long a sink waits for more events after the first one."
+    )
+    max_pending_events: int = Field(
+        100_000,
+        ge=100,
+        description="Events read but not yet written; above it every connection stops reading (TCP "
+        "pushes back to ONTAP) until the backlog halves. Bounds memory whatever the load.",
+    )
+    drain_timeout_s: float = Field(
+        20.0, ge=0, le=120, description="On SIGTERM, time allowed to flush sinks (Fargate stops at 30 s)."
+    )
+
+    # --- accepted now, used by later pipeline stages ----------------------------------------------------
+    write_complete_delay_s: float = Field(
+        0.0,
+        ge=0,
+        validation_alias=_env("write_complete_delay_s", "WRITE_COMPLETE_DELAY_SEC"),
+        description="Reference settle delay; accepted for compatibility (file-readiness settle is not "
+        "implemented in this release, so events are emitted at once).",
+    )
+    dedup_window_minutes: float = Field(
+        5.0,
+        ge=0,
+        validation_alias=_env("dedup_window_minutes", "DEDUP_WINDOW_MINUTES"),
+        description="Reference dedup window; accepted for compatibility.",
+    )
+
+    # --- logs -----------------------------------------------------------------------------------------
+    log_level: str = Field("info", description="debug | info | warning | error")
+    log_format: LogFormat = Field(LogFormat.JSON, description="json (default) or console")
+
+    @field_validator("preferred_versions", "sinks", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        level = value.lower()
+        if level not in ("debug", "info", "warning", "error"):
+            raise ValueError("must be one of debug, info, warning, error")
+        return level
+
+    @field_validator("sinks")
+    @classmethod
+    def _check_sinks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for uri in value:
+            scheme, sep, _ = uri.partition(":")
+            if not sep or scheme not in SINK_SCHEMES:
+                raise ValueError(f"{uri!r}: a sink is one of {', '.join(s + ':' for s in SINK_SCHEMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.fpolicy_format is not WireFormat.XML:
+            raise ValueError(
+                "fpolicy_format (FPOLICY_FORMAT): only xml is supported; ONTAP's protobuf framing is "
+                "unpublished. Set the engine format to xml."
+            )
+        SessionConfig(
+            engine_mode=self.engine_mode,
+            preferred_versions=self.preferred_versions,
+            handshake_timeout_s=self.handshake_timeout_s,
+            keep_alive_interval_s=self.keep_alive_interval_s,
+            idle_timeout_s=self.effective_idle_timeout_s,
+        )
+        if self.realtime and not self.sqs_queue_url:
+            raise ValueError("mode (MODE) is realtime but sqs_queue_url (SQS_QUEUE_URL) is empty")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    # --- derived ----------------------------------------------------------------------------------------
+
+    @property
+    def realtime(self) -> bool:
+        return (self.mode or "").strip().lower() == "realtime"
+
+    @property
+    def effective_idle_timeout_s(self) -> float:
+        if self.idle_timeout_s is not None:
+            return self.idle_timeout_s
+        return MIN_IDLE_FACTOR * self.keep_alive_interval_s
+
+    @property
+    def effective_sinks(self) -> tuple[str, ...]:
+        if self.sinks:
+            return self.sinks
+        if self.realtime:
+            return (f"sqs:{self.sqs_queue_url}",)
+        if self.log_dir is not None:
+            return (f"jsonl:{self.log_dir}",)
+        return (f"jsonl:{self.data_dir / 'events'}",)
+
+    def session_config(self) -> SessionConfig:
+        return SessionConfig(
+            engine_mode=self.engine_mode,
+            preferred_versions=self.preferred_versions,
+            handshake_timeout_s=self.handshake_timeout_s,
+            keep_alive_interval_s=self.keep_alive_interval_s,
+            idle_timeout_s=self.effective_idle_timeout_s,
+        )
+
+
+#: Sink schemes this build can deliver to.
+SINK_SCHEMES: Final = ("jsonl", "stdout")
+
+
+def find_config_file(explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"--config {explicit}: no such file")
+        return explicit
+    return next((path for path in DEFAULT_CONFIG_PATHS if path.is_file()), None)
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    search_default_paths: bool = True,
+) -> Settings:
+    """Build the settings; any problem becomes a :class:`ConfigError` that names the key."""
+    path = find_config_file(config_file) if search_default_paths or config_file else None
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    unknown_env = sorted(
+        name
+        for name in os.environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper()[len(ENV_PREFIX) :].lower() not in Settings.model_fields
+    )
+    if unknown_env:
+        raise ConfigError(f"unknown environment variable(s): {', '.join(unknown_env)}")
+    token = _toml_data.set(data)
+    try:
+        return Settings(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    finally:
+        _toml_data.reset(token)
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "settings"
+        lines.append(f"{key}: {error['msg']}")
+    where = f" (file {path}, environment {ENV_PREFIX}*, flags)" if path else ""
+    return "invalid settings" + where + ":\n  " + "\n  ".join(lines)
+
+
+def environment_aliases() -> dict[str, str]:
+    """Reference-server variable -> field, for documentation and ``config show``."""
+    out: dict[str, str] = {}
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            for choice in alias.choices[1:]:
+                out[str(choice)] = name
+    return out
+
+
+def reference_env_present() -> list[str]:
+    return sorted(name for name in environment_aliases() if name in os.environ)

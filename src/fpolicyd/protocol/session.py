@@ -1,0 +1,340 @@
+"""One ONTAP control channel as a sans-IO state machine (``fpolicy-protocol.md`` §2–§5).
+
+The session never reads a clock or touches a socket: the connection passes ``now`` (monotonic seconds) and
+the payloads it framed, and gets back what to do — replies to write, file notifications to hand on, notices
+to log and count, or an order to close. Timers are expressed as a deadline the connection asks for.
+
+Rules it enforces:
+- the first message must be NEGO_REQ, within ``handshake_timeout_s`` of the connection opening;
+- NEGO_RESP echoes VsUUID, PolicyName and SessionId and picks a version *from the offer*, by preference;
+- liveness: nothing received for ``idle_timeout_s`` (≥ 3 × the keep-alive interval, never equal to it) ⇒ close;
+- synchronous engines get SCREEN_RESP allow for every SCREEN_REQ (the caller decides *when* to send it) and
+  STATUS_QUERY_RESP "in progress"; asynchronous engines get nothing but NEGO_RESP;
+- ALERT_MSG is surfaced with its severity (FATAL ⇒ ONTAP is about to close); unknown types are ignored;
+- a protocol error closes this connection only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import Any, Final
+
+from fpolicyd.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from fpolicyd.events import SessionContext
+from fpolicyd.protocol.messages import (
+    ALLOW,
+    STATUS_IN_PROGRESS,
+    Alert,
+    BackPressure,
+    Handshake,
+    HandshakeResp,
+    KeepAlive,
+    Outage,
+    ScreenCancel,
+    ScreenRequest,
+    ScreenResponse,
+    StatusQuery,
+    StatusQueryResp,
+    UnknownMessage,
+    VolumeNotification,
+)
+from fpolicyd.protocol.xml_codec import (
+    Decoded,
+    decode_payload,
+    encode_back_pressure,
+    encode_handshake_resp,
+    encode_screen_response,
+    encode_status_query_resp,
+)
+
+#: The idle timeout must exceed the keep-alive interval by this factor: a timeout equal to the interval
+#: closes the connection just before each KEEP_ALIVE (a public server's "handshake works, no events" bug).
+MIN_IDLE_FACTOR: Final = 3.0
+
+
+class EngineMode(StrEnum):
+    """The ONTAP external engine type this server is configured for."""
+
+    ASYNC = "async"
+    SYNC = "sync"
+
+
+class SessionState(Enum):
+    AWAITING_NEGO = "awaiting_nego"
+    ACTIVE = "active"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    engine_mode: EngineMode = EngineMode.ASYNC
+    #: Versions this server speaks, most preferred first; only versions ONTAP offered are ever answered.
+    #: 1.2 is the most field-tested and the first with GenerationTime; 2.0 adds only OUTAGE_MSG.
+    preferred_versions: tuple[str, ...] = ("1.2", "1.1", "1.0")
+    handshake_timeout_s: float = 5.0
+    keep_alive_interval_s: float = 120.0
+    idle_timeout_s: float = 360.0
+
+    def __post_init__(self) -> None:
+        if not self.preferred_versions:
+            raise ConfigError("preferred_versions must name at least one protocol version")
+        if self.handshake_timeout_s <= 0:
+            raise ConfigError("handshake_timeout_s must be > 0")
+        if self.keep_alive_interval_s < 0:
+            raise ConfigError("keep_alive_interval_s must be >= 0 (0: ONTAP keep-alives disabled)")
+        if self.idle_timeout_s < 0:
+            raise ConfigError("idle_timeout_s must be >= 0 (0: no idle timeout)")
+        if self.idle_timeout_s and self.idle_timeout_s < MIN_IDLE_FACTOR * self.keep_alive_interval_s:
+            raise ConfigError(
+                f"idle_timeout_s ({self.idle_timeout_s}) must be at least {MIN_IDLE_FACTOR:g} x "
+                f"keep_alive_interval_s ({self.keep_alive_interval_s}); equal values drop every session "
+                "just before its keep-alive"
+            )
+
+
+class NoticeKind(StrEnum):
+    """Things worth a log line and a counter that need no reply."""
+
+    HANDSHAKE = "handshake"
+    KEEP_ALIVE = "keep_alive"
+    ALERT = "alert"
+    CANCEL = "cancel"
+    STATUS_QUERY = "status_query"
+    VOLUME = "volume_notification"
+    OUTAGE = "outage"
+    UNKNOWN_TYPE = "unknown_type"
+    UNEXPECTED_DIRECTION = "unexpected_direction"
+    CONTENT_LEN_MISMATCH = "content_len_mismatch"
+    STATE = "state"
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    kind: NoticeKind
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Bytes to write to the peer now."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FileNotification:
+    """A SCREEN_REQ to hand on. ``response`` (sync engines only) is to be written once the event is safe."""
+
+    request: ScreenRequest
+    response: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str
+    detail: str = ""
+
+
+Output = FileNotification | Reply | Notice | Close
+
+
+class Session:
+    """State of one ONTAP connection. Not thread-safe; one per connection."""
+
+    __slots__ = (
+        "_config",
+        "_deadline_base",
+        "_decode",
+        "_sync",
+        "context",
+        "fatal_alert",
+        "last_received",
+        "peer",
+        "state",
+    )
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        *,
+        peer: str,
+        now: float,
+        decode: Callable[[bytes], Decoded] = decode_payload,
+    ) -> None:
+        self._config = config
+        self._decode = decode
+        self._sync = config.engine_mode is EngineMode.SYNC
+        self.peer = peer
+        self.state = SessionState.AWAITING_NEGO
+        self.context: SessionContext | None = None
+        self.last_received = now
+        self._deadline_base = now
+        #: Set when ONTAP announced a FATAL alert: the close that follows is expected, not a failure.
+        self.fatal_alert = False
+
+    # ------------------------------------------------------------------------------------------ timers
+
+    def deadline(self) -> float | None:
+        """When :meth:`check_timers` next has something to decide (monotonic seconds), or None."""
+        if self.state is SessionState.AWAITING_NEGO:
+            return self._deadline_base + self._config.handshake_timeout_s
+        if self.state is SessionState.ACTIVE and self._config.idle_timeout_s:
+            return self.last_received + self._config.idle_timeout_s
+        return None
+
+    def check_timers(self, now: float) -> Close | None:
+        deadline = self.deadline()
+        if deadline is None or now < deadline:
+            return None
+        if self.state is SessionState.AWAITING_NEGO:
+            self.state = SessionState.CLOSED
+            return Close("handshake_timeout", f"no NEGO_REQ within {self._config.handshake_timeout_s:g} s")
+        self.state = SessionState.CLOSED
+        return Close(
+            "idle_timeout",
+            f"nothing received for {now - self.last_received:.1f} s (limit {self._config.idle_timeout_s:g} s)",
+        )
+
+    # ------------------------------------------------------------------------------------------ input
+
+    def receive(self, payload: bytes, now: float) -> Sequence[Output]:
+        """Handle one framed payload. A :class:`RemoteProtocolError` becomes a :class:`Close`."""
+        if self.state is SessionState.CLOSED:
+            raise LocalProtocolError("receive() on a closed session")
+        self.last_received = now
+        try:
+            decoded = self._decode(payload)
+            return self._handle(decoded)
+        except RemoteProtocolError as exc:
+            self.state = SessionState.CLOSED
+            return (Close(exc.reason, exc.detail),)
+
+    def _handle(self, decoded: Decoded) -> Sequence[Output]:
+        msg = decoded.message
+        if type(msg) is ScreenRequest and self.state is SessionState.ACTIVE:
+            out = FileNotification(msg, self._screen_response(msg) if self._sync else None)
+            if decoded.header.content_len != decoded.body_length:
+                return (out, self._length_mismatch(decoded))
+            return (out,)
+        outputs: list[Output] = []
+        if decoded.header.content_len != decoded.body_length:
+            outputs.append(self._length_mismatch(decoded))
+        if self.state is SessionState.AWAITING_NEGO:
+            if not isinstance(msg, Handshake):
+                raise RemoteProtocolError("expected_nego", f"first message was {decoded.header.notf_type}")
+            outputs.extend(self._negotiate(msg))
+            return outputs
+        outputs.extend(self._handle_active(msg, decoded.header.notf_type))
+        return outputs
+
+    def _length_mismatch(self, decoded: Decoded) -> Notice:
+        return Notice(
+            NoticeKind.CONTENT_LEN_MISMATCH,
+            {
+                "notf_type": decoded.header.notf_type,
+                "content_len": decoded.header.content_len,
+                "body_length": decoded.body_length,
+            },
+        )
+
+    def _negotiate(self, msg: Handshake) -> list[Output]:
+        version = self._choose_version(msg.versions)
+        previous = self.context
+        self.context = SessionContext(
+            vs_uuid=msg.vs_uuid,
+            policy_name=msg.policy_name,
+            session_id=msg.session_id,
+            protocol_version=version,
+            peer=self.peer,
+        )
+        reply = encode_handshake_resp(HandshakeResp(msg.vs_uuid, msg.policy_name, msg.session_id, version))
+        outputs: list[Output] = [
+            Reply(reply),
+            Notice(
+                NoticeKind.HANDSHAKE,
+                {
+                    "vs_uuid": msg.vs_uuid,
+                    "policy_name": msg.policy_name,
+                    "session_id": msg.session_id,
+                    "offered": list(msg.versions),
+                    "version": version,
+                    "renegotiated": previous is not None,
+                },
+            ),
+        ]
+        if self.state is not SessionState.ACTIVE:
+            self.state = SessionState.ACTIVE
+            outputs.append(Notice(NoticeKind.STATE, {"state": SessionState.ACTIVE.value}))
+        return outputs
+
+    def _choose_version(self, offered: Sequence[str]) -> str:
+        for version in self._config.preferred_versions:
+            if version in offered:
+                return version
+        raise RemoteProtocolError(
+            "no_common_version",
+            f"offered {list(offered)}, supported {list(self._config.preferred_versions)}",
+        )
+
+    def _handle_active(self, msg: object, notf_type: str) -> list[Output]:
+        if isinstance(msg, Handshake):
+            # ONTAP resends NEGO_REQ when our reply was late; answering again is harmless (it keeps the
+            # first valid one) and a new SessionId after a quick reconnect is simply adopted.
+            return self._negotiate(msg)
+        if isinstance(msg, KeepAlive):
+            return [Notice(NoticeKind.KEEP_ALIVE)]
+        if isinstance(msg, ScreenCancel):
+            return [
+                Notice(
+                    NoticeKind.CANCEL,
+                    {"req_id": msg.req_id, "req_type": msg.req_type, "cancel_reason": msg.cancel_reason},
+                )
+            ]
+        if isinstance(msg, StatusQuery):
+            outputs: list[Output] = [Notice(NoticeKind.STATUS_QUERY, {"req_id": msg.req_id})]
+            if self._sync:
+                outputs.append(
+                    Reply(
+                        encode_status_query_resp(
+                            StatusQueryResp(msg.req_id, msg.req_type, STATUS_IN_PROGRESS)
+                        )
+                    )
+                )
+            return outputs
+        if isinstance(msg, Alert):
+            self.fatal_alert = self.fatal_alert or msg.is_fatal
+            return [
+                Notice(
+                    NoticeKind.ALERT,
+                    {"severity": msg.severity, "alert": msg.message, "alert_session_id": msg.session_id},
+                )
+            ]
+        if isinstance(msg, VolumeNotification):
+            return [
+                Notice(
+                    NoticeKind.VOLUME,
+                    {"volume_msid": msg.vol_msid, "action": msg.action, "is_active": msg.is_active},
+                )
+            ]
+        if isinstance(msg, Outage):
+            return [Notice(NoticeKind.OUTAGE, {"outage_file": msg.file_path, "status": msg.status})]
+        if isinstance(msg, UnknownMessage):
+            return [Notice(NoticeKind.UNKNOWN_TYPE, {"notf_type": msg.notf_type})]
+        return [Notice(NoticeKind.UNEXPECTED_DIRECTION, {"notf_type": notf_type})]
+
+    # ------------------------------------------------------------------------------------------ output
+
+    @staticmethod
+    def _screen_response(msg: ScreenRequest) -> bytes:
+        return encode_screen_response(ScreenResponse(msg.req_id, msg.req_type, ALLOW))
+
+    def back_pressure(self, apply: bool) -> bytes:
+        """The BACK_PRESSURE_APPLY/REM frame for this session (only once the handshake is done)."""
+        if self.context is None:
+            raise LocalProtocolError("back pressure before the handshake")
+        return encode_back_pressure(BackPressure(self.context.session_id, apply))
+
+    def closed(self) -> None:
+        self.state = SessionState.CLOSED

@@ -1,0 +1,234 @@
+"""One ONTAP connection: asyncio Protocol glue around the sans-IO framer and session.
+
+Per read the work is: split frames, decode, answer, normalize, hand the encoded event to delivery. Nothing here
+awaits; replies produced by one read are written with one ``writelines``. When delivery is over its limit the
+transport stops reading until delivery catches up (TCP then pushes back to ONTAP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fpolicyd.errors import RemoteProtocolError
+from fpolicyd.events import NameMaps, normalize
+from fpolicyd.obs.log import get_logger
+from fpolicyd.protocol.framing import XmlFrameReader
+from fpolicyd.protocol.session import (
+    Close,
+    FileNotification,
+    Notice,
+    NoticeKind,
+    Reply,
+    Session,
+    SessionConfig,
+)
+from fpolicyd.server.delivery import Delivery
+
+log = get_logger("fpolicyd.connection")
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    frames: int = 0
+    events: int = 0
+    bytes_received: int = 0
+
+
+class ServerContext:
+    """What every connection shares: settings, delivery, counters, the set of live connections."""
+
+    def __init__(
+        self,
+        *,
+        session_config: SessionConfig,
+        names: NameMaps,
+        delivery: Delivery,
+        max_frame_bytes: int,
+        max_connections: int,
+        wall_clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+    ) -> None:
+        self.session_config = session_config
+        self.names = names
+        self.delivery = delivery
+        self.max_frame_bytes = max_frame_bytes
+        self.max_connections = max_connections
+        self.wall_clock_us = wall_clock_us
+        self.connections: set[FPolicyConnection] = set()
+        self.rejected_connections = 0
+        self.protocol_errors: dict[str, int] = {}
+        self.notices: dict[str, int] = {}
+        self.events = 0
+        self.sessions_opened = 0
+
+
+class FPolicyConnection(asyncio.Protocol):
+    def __init__(self, ctx: ServerContext) -> None:
+        self._ctx = ctx
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._reader = XmlFrameReader(ctx.max_frame_bytes)
+        self._session: Session | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self.peer = "?"
+        self.stats = ConnectionStats()
+        self.closed = asyncio.Event()
+
+    # ------------------------------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peername: Any = transport.get_extra_info("peername")
+        self.peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        ctx = self._ctx
+        if len(ctx.connections) >= ctx.max_connections:
+            ctx.rejected_connections += 1
+            log.warning(
+                "connection_rejected", peer=self.peer, reason="max_connections", limit=ctx.max_connections
+            )
+            transport.abort()
+            return
+        ctx.connections.add(self)
+        ctx.sessions_opened += 1
+        self._session = Session(ctx.session_config, peer=self.peer, now=self._loop.time())
+        log.info("connection_opened", peer=self.peer, connections=len(ctx.connections))
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        session = self._session
+        transport = self._transport
+        if session is None or transport is None or transport.is_closing():
+            return
+        self.stats.bytes_received += len(data)
+        try:
+            payloads = self._reader.feed(data)
+        except RemoteProtocolError as exc:
+            self._close(exc.reason, exc.detail)
+            return
+        if not payloads:
+            return
+        now = self._loop.time()
+        received_at_us = self._ctx.wall_clock_us()
+        ctx = self._ctx
+        delivery = ctx.delivery
+        names = ctx.names
+        replies: list[bytes] = []
+        events = 0
+        for payload in payloads:
+            for out in session.receive(payload, now):
+                if type(out) is FileNotification:
+                    context = session.context
+                    assert context is not None  # a FileNotification only exists after the handshake
+                    delivery.submit(normalize(out.request, context, names, received_at_us).to_json())
+                    events += 1
+                    if out.response is not None:
+                        replies.append(out.response)
+                elif type(out) is Reply:
+                    replies.append(out.data)
+                elif type(out) is Notice:
+                    self._notice(out)
+                elif type(out) is Close:
+                    if replies:
+                        transport.writelines(replies)
+                    self._count_events(events, len(payloads))
+                    self._close(out.reason, out.detail)
+                    return
+        if replies:
+            transport.writelines(replies)
+        self._count_events(events, len(payloads))
+        if delivery.over_limit and not self._paused:
+            self._pause()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ctx.connections.discard(self)
+        self._ctx.delivery.forget(id(self))
+        if self._timer is not None:
+            self._timer.cancel()
+        session = self._session
+        if session is not None:
+            session.closed()
+            log.info(
+                "connection_closed",
+                peer=self.peer,
+                error=str(exc) if exc else None,
+                expected=session.fatal_alert,
+                frames=self.stats.frames,
+                events=self.stats.events,
+                session_id=session.context.session_id if session.context else None,
+            )
+        self.closed.set()
+
+    def pause_writing(self) -> None:
+        """ONTAP is not reading our replies; nothing to do but note it (replies are tiny)."""
+        log.warning("peer_not_reading", peer=self.peer)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _count_events(self, events: int, frames: int) -> None:
+        self.stats.events += events
+        self.stats.frames += frames
+        self._ctx.events += events
+
+    def _pause(self) -> None:
+        assert self._transport is not None
+        self._paused = True
+        self._transport.pause_reading()
+        self._ctx.delivery.park(id(self), self._resume)
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def _notice(self, notice: Notice) -> None:
+        kind = notice.kind
+        ctx = self._ctx
+        ctx.notices[kind] = ctx.notices.get(kind, 0) + 1
+        if kind is NoticeKind.KEEP_ALIVE:
+            return
+        if kind is NoticeKind.ALERT:
+            severity = str(notice.fields.get("severity", ""))
+            emit = log.error if severity.upper() == "FATAL" else log.warning
+            emit("ontap_alert", peer=self.peer, **notice.fields)
+        elif kind in (NoticeKind.HANDSHAKE, NoticeKind.STATE, NoticeKind.OUTAGE, NoticeKind.VOLUME):
+            log.info(f"session_{kind.value}", peer=self.peer, **notice.fields)
+        else:
+            log.warning(f"session_{kind.value}", peer=self.peer, **notice.fields)
+
+    def _arm_timer(self) -> None:
+        session = self._session
+        if session is None:
+            return
+        deadline = session.deadline()
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        session = self._session
+        if session is None or self._transport is None or self._transport.is_closing():
+            return
+        close = session.check_timers(self._loop.time())
+        if close is not None:
+            self._close(close.reason, close.detail)
+        else:
+            self._arm_timer()
+
+    def _close(self, reason: str, detail: str) -> None:
+        ctx = self._ctx
+        ctx.protocol_errors[reason] = ctx.protocol_errors.get(reason, 0) + 1
+        log.warning("connection_closing", peer=self.peer, reason=reason, detail=detail)
+        if self._session is not None:
+            self._session.closed()
+        if self._transport is not None:
+            self._transport.close()
+
+    def shutdown(self) -> None:
+        """Close on daemon stop (no goodbye exists in the protocol; ONTAP reconnects elsewhere)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()

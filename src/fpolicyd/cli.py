@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from fpolicyd import __version__
-from fpolicyd.config import Settings, environment_aliases, load_settings
+from fpolicyd.config import Settings, environment_aliases, example_toml, load_settings
 from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import configure_logging
 
@@ -62,6 +62,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 def _cmd_config(ns: argparse.Namespace) -> int:
     settings = _settings(ns)
+    if ns.action == "example":
+        sys.stdout.write(example_toml())
+        return 0
     if ns.action == "show":
         data = settings.model_dump(mode="json")
         data["effective_sinks"] = list(settings.effective_sinks)
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     config = sub.add_parser("config", help="validate or print the effective settings")
-    config.add_argument("action", choices=("check", "show"))
+    config.add_argument("action", choices=("check", "show", "example"))
     _add_settings_flags(config)
     config.set_defaults(func=_cmd_config)
 

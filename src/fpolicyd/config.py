@@ -10,6 +10,7 @@ Unknown keys and bad values fail at start-up with the key named (:func:`load_set
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Final
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fpolicyd.errors import ConfigError
@@ -33,9 +34,20 @@ DEFAULT_CONFIG_PATHS: Final = (Path("fpolicyd.toml"), Path("/etc/fpolicyd/fpolic
 _toml_data: ContextVar[Mapping[str, Any]] = ContextVar("fpolicyd_toml_data", default=MappingProxyType({}))
 
 
-def _env(field: str, *reference_names: str) -> AliasChoices:
-    """Environment names of a field: ``FPOLICYD_<FIELD>`` first, then the reference server's names."""
-    return AliasChoices(f"{ENV_PREFIX}{field.upper()}", *reference_names)
+#: The reference server's environment variables, by the field they set. ``FPOLICYD_<FIELD>`` wins over them.
+REFERENCE_ENV: Final[dict[str, tuple[str, ...]]] = {
+    "listen_port": ("FPOLICY_PORT",),
+    "fpolicy_format": ("FPOLICY_FORMAT",),
+    "protobuf_framing_mode": ("PROTOBUF_FRAMING_MODE",),
+    "svm_name": ("SVM_NAME",),
+    "volume_name": ("VOLUME_NAME",),
+    "mode": ("MODE",),
+    "log_dir": ("LOG_DIR",),
+    "sqs_queue_url": ("SQS_QUEUE_URL",),
+    "event_bus_name": ("EVENT_BUS_NAME",),
+    "write_complete_delay_s": ("WRITE_COMPLETE_DELAY_SEC",),
+    "dedup_window_minutes": ("DEDUP_WINDOW_MINUTES",),
+}
 
 
 class LogFormat(StrEnum):
@@ -46,6 +58,31 @@ class LogFormat(StrEnum):
 class WireFormat(StrEnum):
     XML = "xml"
     PROTOBUF = "protobuf"
+
+
+class _EnvSource(PydanticBaseSettingsSource):
+    """``FPOLICYD_<FIELD>``, then the reference names of :data:`REFERENCE_ENV`; keyed by field name so that
+    merging with the file and the flags is by field, whatever name the value came from."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return self().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = {name.upper(): value for name, value in os.environ.items()}
+        out: dict[str, Any] = {}
+        for name, info in Settings.model_fields.items():
+            for var in (f"{ENV_PREFIX}{name.upper()}", *REFERENCE_ENV.get(name, ())):
+                if var not in env:
+                    continue
+                value: Any = env[var]
+                if str(info.annotation).startswith("dict"):
+                    try:
+                        value = json.loads(value)
+                    except json.JSONDecodeError as exc:
+                        raise ConfigError(f"{var}: expected a JSON object: {exc}") from None
+                out[name] = value
+                break
+        return out
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -63,7 +100,6 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX,
         extra="forbid",
         frozen=True,
-        populate_by_name=True,
         case_sensitive=False,
         validate_default=True,
     )
@@ -74,7 +110,6 @@ class Settings(BaseSettings):
         9898,
         ge=0,
         le=65535,
-        validation_alias=_env("listen_port", "FPOLICY_PORT"),
         description="FPolicy port.",
     )
     max_connections: int = Field(
@@ -91,12 +126,10 @@ class Settings(BaseSettings):
     )
     fpolicy_format: WireFormat = Field(
         WireFormat.XML,
-        validation_alias=_env("fpolicy_format", "FPOLICY_FORMAT"),
         description="Engine format configured on ONTAP (xml; protobuf has no published wire format yet).",
     )
     protobuf_framing_mode: str | None = Field(
         None,
-        validation_alias=_env("protobuf_framing_mode", "PROTOBUF_FRAMING_MODE"),
         description="Reference-server protobuf framing name (AUTO_DETECT, LENGTH_PREFIXED, FRAMELESS).",
     )
 
@@ -127,12 +160,10 @@ class Settings(BaseSettings):
     svm_names: dict[str, str] = Field(default_factory=dict, description="SVM (vserver) UUID -> SVM name.")
     svm_name: str | None = Field(
         None,
-        validation_alias=_env("svm_name", "SVM_NAME"),
         description="SVM name used when the VsUUID is not in svm_names.",
     )
     volume_name: str | None = Field(
         None,
-        validation_alias=_env("volume_name", "VOLUME_NAME"),
         description="Volume name used when the MSID is not in volume_names.",
     )
 
@@ -145,23 +176,15 @@ class Settings(BaseSettings):
     )
     mode: str | None = Field(
         None,
-        validation_alias=_env("mode", "MODE"),
         description="Reference-server mode: realtime = SQS (needs SQS_QUEUE_URL), anything else = JSON Lines.",
     )
     log_dir: Path | None = Field(
         None,
-        validation_alias=_env("log_dir", "LOG_DIR"),
         description="Reference-server JSON Lines directory (used when MODE is not realtime).",
     )
-    sqs_queue_url: str | None = Field(
-        None, validation_alias=_env("sqs_queue_url", "SQS_QUEUE_URL"), description="Reference SQS queue URL."
-    )
-    event_bus_name: str | None = Field(
-        None, validation_alias=_env("event_bus_name", "EVENT_BUS_NAME"), description="EventBridge bus."
-    )
-    jsonl_max_file_bytes: int = Field(
-        128 << 20, ge=4096, description="Rotate a JSON Lines file at this size."
-    )
+    sqs_queue_url: str | None = Field(None, description="Reference SQS queue URL.")
+    event_bus_name: str | None = Field(None, description="EventBridge bus.")
+    jsonl_max_file_bytes: int = Field(128 << 20, ge=4096, description="Rotate a JSON Lines file at this size.")
     jsonl_max_file_age_s: float = Field(3600.0, gt=0, description="Rotate a JSON Lines file at this age.")
     jsonl_fsync: FsyncPolicy = Field(
         FsyncPolicy.interval, description="always | interval | never: when JSON Lines data is fsynced."
@@ -185,14 +208,12 @@ class Settings(BaseSettings):
     write_complete_delay_s: float = Field(
         0.0,
         ge=0,
-        validation_alias=_env("write_complete_delay_s", "WRITE_COMPLETE_DELAY_SEC"),
         description="Reference settle delay; accepted for compatibility (file-readiness settle is not "
         "implemented in this release, so events are emitted at once).",
     )
     dedup_window_minutes: float = Field(
         5.0,
         ge=0,
-        validation_alias=_env("dedup_window_minutes", "DEDUP_WINDOW_MINUTES"),
         description="Reference dedup window; accepted for compatibility.",
     )
 
@@ -251,7 +272,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TomlSource(settings_cls))
+        return (init_settings, _EnvSource(settings_cls), _TomlSource(settings_cls))
 
     # --- derived ----------------------------------------------------------------------------------------
 
@@ -314,8 +335,7 @@ def load_settings(
     unknown_env = sorted(
         name
         for name in os.environ
-        if name.upper().startswith(ENV_PREFIX)
-        and name.upper()[len(ENV_PREFIX) :].lower() not in Settings.model_fields
+        if name.upper().startswith(ENV_PREFIX) and name.upper()[len(ENV_PREFIX) :].lower() not in Settings.model_fields
     )
     if unknown_env:
         raise ConfigError(f"unknown environment variable(s): {', '.join(unknown_env)}")
@@ -338,15 +358,44 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
 
 
 def environment_aliases() -> dict[str, str]:
-    """Reference-server variable -> field, for documentation and ``config show``."""
-    out: dict[str, str] = {}
-    for name, info in Settings.model_fields.items():
-        alias = info.validation_alias
-        if isinstance(alias, AliasChoices):
-            for choice in alias.choices[1:]:
-                out[str(choice)] = name
-    return out
+    """Reference-server variable -> field, for documentation and ``--help``."""
+    return {var: field for field, names in REFERENCE_ENV.items() for var in names}
 
 
 def reference_env_present() -> list[str]:
     return sorted(name for name in environment_aliases() if name in os.environ)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + " }"
+    if isinstance(value, StrEnum):
+        return f'"{value.value}"'
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def example_toml() -> str:
+    """The documented settings file, generated from :class:`Settings` (config/fpolicyd.example.toml)."""
+    lines = [
+        "# fpolicyd settings: every key, its meaning and its default. Generated by `fpolicyd config example`;",
+        "# edit a copy. Precedence: command-line flags > environment (FPOLICYD_<KEY>) > this file > defaults.",
+        "",
+    ]
+    aliases = {field: env for env, field in environment_aliases().items()}
+    for name, info in Settings.model_fields.items():
+        lines.append(f"# {info.description}")
+        if name in aliases:
+            lines.append(f"# Environment: {ENV_PREFIX}{name.upper()} or {aliases[name]}.")
+        default = info.get_default(call_default_factory=True)
+        if default is None:
+            lines.append(f"# {name} =")
+        else:
+            lines.append(f"{name} = {_toml_value(default)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fpolicyd.config import example_toml, load_settings
+from fpolicyd.errors import ConfigError
+from fpolicyd.protocol.session import EngineMode
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("FPOLICYD_") or name in (
+            "FPOLICY_PORT",
+            "MODE",
+            "LOG_DIR",
+            "SQS_QUEUE_URL",
+            "SVM_NAME",
+            "VOLUME_NAME",
+            "WRITE_COMPLETE_DELAY_SEC",
+            "FPOLICY_FORMAT",
+            "PROTOBUF_FRAMING_MODE",
+            "EVENT_BUS_NAME",
+            "DEDUP_WINDOW_MINUTES",
+        ):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no ./fpolicyd.toml is picked up by accident
+
+
+def test_embedded_default() -> None:
+    settings = load_settings(search_default_paths=False)
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 9898)
+    assert settings.effective_sinks == ("jsonl:fpolicyd-data/events",)
+    assert settings.engine_mode is EngineMode.ASYNC
+    assert settings.effective_idle_timeout_s == 360.0
+
+
+def test_reference_environment_names_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FPOLICY_PORT", "9999")
+    monkeypatch.setenv("MODE", "batch")
+    monkeypatch.setenv("LOG_DIR", "/var/log/fpolicy")
+    monkeypatch.setenv("SVM_NAME", "svm1")
+    monkeypatch.setenv("VOLUME_NAME", "vol1")
+    monkeypatch.setenv("WRITE_COMPLETE_DELAY_SEC", "5")
+    monkeypatch.setenv("FPOLICY_FORMAT", "xml")
+    settings = load_settings()
+    assert settings.listen_port == 9999
+    assert settings.effective_sinks == ("jsonl:/var/log/fpolicy",)
+    assert (settings.svm_name, settings.volume_name, settings.write_complete_delay_s) == ("svm1", "vol1", 5.0)
+
+
+def test_realtime_mode_selects_sqs_and_needs_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODE", "realtime")
+    with pytest.raises(ConfigError, match="SQS_QUEUE_URL"):
+        load_settings()
+    monkeypatch.setenv("SQS_QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/1/q")
+    assert load_settings().effective_sinks == ("sqs:https://sqs.eu-west-1.amazonaws.com/1/q",)
+
+
+def test_precedence_flags_over_env_over_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text('listen_port = 1000\nlisten_host = "127.0.0.1"\nsvm_name = "from-file"\n')
+    assert load_settings(config).listen_port == 1000
+    monkeypatch.setenv("FPOLICYD_LISTEN_PORT", "2000")
+    settings = load_settings(config)
+    assert (settings.listen_port, settings.listen_host) == (2000, "127.0.0.1")
+    assert load_settings(config, {"listen_port": "3000"}).listen_port == 3000
+
+
+def test_default_config_file_in_the_working_directory_is_found(tmp_path: Path) -> None:
+    (tmp_path / "fpolicyd.toml").write_text("max_connections = 7\n")
+    assert load_settings().max_connections == 7
+
+
+def test_unknown_file_key_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text("listen_prot = 1\n")
+    with pytest.raises(ConfigError, match="listen_prot"):
+        load_settings(config)
+
+
+def test_unknown_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FPOLICYD_LISTEN_PROT", "1")
+    with pytest.raises(ConfigError, match="FPOLICYD_LISTEN_PROT"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"listen_port": "70000"}, "listen_port"),
+        ({"max_frame_bytes": "10"}, "max_frame_bytes"),
+        ({"engine_mode": "sometimes"}, "engine_mode"),
+        ({"log_level": "loud"}, "log_level"),
+        ({"sinks": "kafka:x"}, "sinks"),
+        ({"keep_alive_interval_s": "120", "idle_timeout_s": "120"}, "keep_alive_interval_s"),
+        ({"fpolicy_format": "protobuf"}, "FPOLICY_FORMAT"),
+        ({"volume_names": {"not-a-number": "v"}}, "volume_names"),
+    ],
+)
+def test_bad_values_fail_with_the_key_named(overrides: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_settings(overrides=overrides, search_default_paths=False)
+
+
+def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text("listen_port = \n")
+    with pytest.raises(ConfigError, match=str(config)):
+        load_settings(config)
+
+
+def test_missing_explicit_config_file() -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(Path("/nonexistent/fpolicyd.toml"))
+
+
+def test_lists_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FPOLICYD_SINKS", "jsonl:/a, stdout:")
+    monkeypatch.setenv("FPOLICYD_PREFERRED_VERSIONS", "1.0")
+    monkeypatch.setenv("FPOLICYD_VOLUME_NAMES", '{"2157674396": "vol1"}')
+    settings = load_settings()
+    assert settings.effective_sinks == ("jsonl:/a", "stdout:")
+    assert settings.preferred_versions == ("1.0",)
+    assert settings.volume_names == {2157674396: "vol1"}
+
+
+def test_settings_are_frozen() -> None:
+    from pydantic import ValidationError
+
+    settings = load_settings(search_default_paths=False)
+    with pytest.raises(ValidationError):
+        settings.listen_port = 1  # type: ignore[misc]
+
+
+def test_committed_example_is_generated_from_the_settings() -> None:
+    assert (REPO / "config" / "fpolicyd.example.toml").read_text(encoding="utf-8") == example_toml()
+
+
+def test_example_file_loads_and_equals_the_defaults() -> None:
+    from_file = load_settings(REPO / "config" / "fpolicyd.example.toml")
+    assert from_file == load_settings(search_default_paths=False)

@@ -138,7 +138,34 @@ def _required(children: dict[str, _Element], tag: str, parent: str) -> str:
     return element.text or ""
 
 
+_HEADER_HEAD: Final = b'<?xml version="1.0"?><Header><NotfType>'
+_HEADER_MID: Final = b"</NotfType><ContentLen>"
+_HEADER_TAIL: Final = b"</ContentLen><DataFormat>XML</DataFormat></Header>"
+_TYPE_CHARS: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_0123456789")
+
+
+def _decode_canonical_header(xml: bytes) -> Header | None:
+    """ONTAP's header is always the same 3-element document; recognise exactly that form without a parse.
+
+    Anything else (other spacing, element order, escapes, attributes) returns None and goes through the XML
+    parser, so this is a shortcut for one fixed byte layout, not a lenient parser.
+    """
+    if not (xml.startswith(_HEADER_HEAD) and xml.endswith(_HEADER_TAIL)):
+        return None
+    mid = xml.find(_HEADER_MID, len(_HEADER_HEAD))
+    if mid < 0:
+        return None
+    notf_type = xml[len(_HEADER_HEAD) : mid]
+    length = xml[mid + len(_HEADER_MID) : len(xml) - len(_HEADER_TAIL)]
+    if not notf_type or not _TYPE_CHARS.issuperset(notf_type) or not length.isdigit() or len(length) > 12:
+        return None
+    return Header(notf_type.decode("ascii"), int(length), "XML")
+
+
 def decode_header(xml: bytes) -> Header:
+    fast = _decode_canonical_header(xml)
+    if fast is not None:
+        return fast
     children = _children(_parse(xml, "header"), "Header")
     notf_type = _required(children, "NotfType", "Header").strip()
     if not notf_type:
@@ -150,78 +177,107 @@ def decode_header(xml: bytes) -> Header:
     return Header(notf_type, content_len, data_format)
 
 
-def _decode_user(element: _Element | None, what: str) -> UserContext | None:
-    if element is None or len(element) == 0:
-        return None
-    choice = element[0]
-    kind = choice.tag
-    if kind == UserKind.UNIX_UID:
-        return UserContext(kind, uid=_int((choice.text or "").strip(), f"{what}/UnixUid"))
-    if kind == UserKind.WIN_SID:
-        return UserContext(kind, sid=(choice.text or "").strip())
-    if kind == UserKind.MAPPED_ID:
-        parts = {child.tag: child for child in choice}
-        uid = _opt_int(parts.get("Uid"), f"{what}/MappedId/Uid")
-        sid = _text(parts.get("WinSid"))
-        return UserContext(kind, uid=uid, sid=sid.strip() if sid is not None else None)
-    raise RemoteProtocolError("bad_value", f"{what} has unknown choice <{str(kind)[:64]}>")
+def _decode_user(element: _Element, what: str) -> UserContext | None:
+    for choice in element:
+        kind = choice.tag
+        if kind == "UnixUid":
+            return UserContext(kind, uid=_int((choice.text or "").strip(), f"{what}/UnixUid"))
+        if kind == "WinSid":
+            return UserContext(kind, sid=(choice.text or "").strip())
+        if kind == "MappedId":
+            uid: int | None = None
+            sid: str | None = None
+            for part in choice:
+                if part.tag == "Uid":
+                    uid = _int((part.text or "").strip(), f"{what}/MappedId/Uid")
+                elif part.tag == "WinSid":
+                    sid = (part.text or "").strip()
+            return UserContext(kind, uid=uid, sid=sid)
+        raise RemoteProtocolError("bad_value", f"{what} has unknown choice <{str(kind)[:64]}>")
+    return None
 
 
-def _decode_paths(element: _Element | None) -> tuple[PathName, ...]:
-    if element is None:
-        return ()
+def _decode_paths(element: _Element) -> tuple[PathName, ...]:
     paths: list[PathName] = []
     for path in element:
         if path.tag != "Path":
             continue
-        parts = {child.tag: child for child in path}
-        name_type = _text(parts.get("PathNameType"))
+        name_type: str | None = None
+        name = ""
+        for part in path:
+            tag = part.tag
+            if tag == "PathNameType":
+                name_type = (part.text or "").strip()
+            elif tag == "PathName":
+                name = part.text or ""
         if name_type is None:
             raise RemoteProtocolError("missing_element", "Path/PathNameType")
-        paths.append(PathName(name_type.strip(), _text(parts.get("PathName")) or ""))
+        paths.append(PathName(name_type, name))
     return tuple(paths)
 
 
-_PCI_KNOWN: Final = frozenset(
-    {
-        "ClientIp",
-        "GenerationTime",
-        "UsrIdType",
-        "UsrContext",
-        "FileOwner",
-        "AccessPath",
-        "VolMsid",
-        "FileSize",
-        "NumHardLnk",
-        "IsOfflineAttr",
-        "FileType",
-        "IsSparse",
-        "IsDense",
-    }
-)
+def _bool(text: str | None, what: str) -> bool:
+    text = (text or "").strip()
+    if text in {"0", "false"}:
+        return False
+    if text in {"1", "true"}:
+        return True
+    raise RemoteProtocolError("bad_value", f"{what}={text[:64]!r} is not a boolean")
 
 
 def _decode_prot_common_info(element: _Element) -> ProtCommonInfo:
-    el = {child.tag: child for child in element}
-    extra = tuple((str(tag), child.text or "") for tag, child in el.items() if tag not in _PCI_KNOWN)
-    client_ip = _text(el.get("ClientIp"))
-    usr_id_type = _text(el.get("UsrIdType"))
-    file_type = _text(el.get("FileType"))
+    """One pass over the children, in the order every capture shows; unknown elements are kept as extra."""
+    client_ip = usr_id_type = file_type = None
+    generation_time = vol_msid = file_size = num_hard_lnk = None
+    usr_context = file_owner = None
+    is_offline = is_sparse = is_dense = None
+    access_paths: tuple[PathName, ...] = ()
+    extra: list[tuple[str, str]] = []
+    for child in element:
+        tag = child.tag
+        if tag == "ClientIp":
+            client_ip = (child.text or "").strip()
+        elif tag == "GenerationTime":
+            generation_time = _int((child.text or "").strip(), tag)
+        elif tag == "UsrIdType":
+            usr_id_type = (child.text or "").strip()
+        elif tag == "UsrContext":
+            usr_context = _decode_user(child, tag)
+        elif tag == "FileOwner":
+            file_owner = _decode_user(child, tag)
+        elif tag == "AccessPath":
+            access_paths = _decode_paths(child)
+        elif tag == "VolMsid":
+            vol_msid = _int((child.text or "").strip(), tag)
+        elif tag == "FileSize":
+            file_size = _int((child.text or "").strip(), tag)
+        elif tag == "NumHardLnk":
+            num_hard_lnk = _int((child.text or "").strip(), tag)
+        elif tag == "IsOfflineAttr":
+            is_offline = _bool(child.text, tag)
+        elif tag == "FileType":
+            file_type = (child.text or "").strip()
+        elif tag == "IsSparse":
+            is_sparse = _bool(child.text, tag)
+        elif tag == "IsDense":
+            is_dense = _bool(child.text, tag)
+        else:
+            extra.append((str(tag), child.text or ""))
     return ProtCommonInfo(
-        client_ip=client_ip.strip() if client_ip is not None else None,
-        generation_time=_opt_int(el.get("GenerationTime"), "GenerationTime"),
-        usr_id_type=usr_id_type.strip() if usr_id_type is not None else None,
-        usr_context=_decode_user(el.get("UsrContext"), "UsrContext"),
-        file_owner=_decode_user(el.get("FileOwner"), "FileOwner"),
-        access_paths=_decode_paths(el.get("AccessPath")),
-        vol_msid=_opt_int(el.get("VolMsid"), "VolMsid"),
-        file_size=_opt_int(el.get("FileSize"), "FileSize"),
-        num_hard_lnk=_opt_int(el.get("NumHardLnk"), "NumHardLnk"),
-        is_offline=_opt_bool(el.get("IsOfflineAttr"), "IsOfflineAttr"),
-        file_type=file_type.strip() if file_type is not None else None,
-        is_sparse=_opt_bool(el.get("IsSparse"), "IsSparse"),
-        is_dense=_opt_bool(el.get("IsDense"), "IsDense"),
-        extra=extra,
+        client_ip,
+        generation_time,
+        usr_id_type,
+        usr_context,
+        file_owner,
+        access_paths,
+        vol_msid,
+        file_size,
+        num_hard_lnk,
+        is_offline,
+        file_type,
+        is_sparse,
+        is_dense,
+        tuple(extra),
     )
 
 
@@ -235,15 +291,24 @@ def _flatten(element: _Element, prefix: str, out: list[tuple[str, str]]) -> None
 
 
 def _decode_screen_request(root: _Element, notf_type: str) -> ScreenRequest:
-    children = _children(root, "FscreenReq")
-    req_id = _int(_required(children, "ReqId", "FscreenReq").strip(), "FscreenReq/ReqId")
-    req_type = _required(children, "ReqType", "FscreenReq").strip()
+    if root.tag != "FscreenReq":
+        raise RemoteProtocolError("unexpected_body", f"expected <FscreenReq>, got <{root.tag}>")
+    req_id_text: str | None = None
+    req_type = ""
+    op: _Element | None = None
+    for child in root:
+        tag = child.tag
+        if tag == "ReqId":
+            req_id_text = (child.text or "").strip()
+        elif tag == "ReqType":
+            req_type = (child.text or "").strip()
+        elif tag == "NotfInfo" and len(child):
+            op = child[0]
+    req_id = _int(req_id_text, "FscreenReq/ReqId")
     if not req_type:
-        raise RemoteProtocolError("missing_element", "FscreenReq/ReqType is empty")
-    notf_info = children.get("NotfInfo")
-    if notf_info is None or len(notf_info) == 0:
+        raise RemoteProtocolError("missing_element", "FscreenReq/ReqType")
+    if op is None:
         raise RemoteProtocolError("missing_element", "FscreenReq/NotfInfo/<operation>")
-    op = notf_info[0]
     common: ProtCommonInfo | None = None
     display_path: str | None = None
     prot_ver: tuple[int, int] | None = None
@@ -260,11 +325,13 @@ def _decode_screen_request(root: _Element, notf_type: str) -> ScreenRequest:
                 elif part_tag == "DisplayPath":
                     display_path = part.text or ""
                 elif part_tag == "ProtVer":
-                    ver = {v.tag: v for v in part}
-                    prot_ver = (
-                        _opt_int(ver.get("MajorNum"), "ProtVer/MajorNum") or 0,
-                        _opt_int(ver.get("MinorNum"), "ProtVer/MinorNum") or 0,
-                    )
+                    major = minor = 0
+                    for num in part:
+                        if num.tag == "MajorNum":
+                            major = _int((num.text or "").strip(), "ProtVer/MajorNum")
+                        elif num.tag == "MinorNum":
+                            minor = _int((num.text or "").strip(), "ProtVer/MinorNum")
+                    prot_ver = (major, minor)
                 elif part_tag == "UserGids":
                     if len(part):
                         user_gids = tuple((gid.text or "").strip() for gid in part)
@@ -277,16 +344,16 @@ def _decode_screen_request(root: _Element, notf_type: str) -> ScreenRequest:
     if common is None:
         raise RemoteProtocolError("missing_element", f"{op.tag}/CommonInfo/ProtCommonInfo")
     return ScreenRequest(
-        req_id=req_id,
-        req_type=req_type,
-        op_element=str(op.tag),
-        common=common,
-        display_path=display_path,
-        prot_ver=prot_ver,
-        user_gids=user_gids,
-        target_paths=target_paths,
-        op_fields=tuple(op_fields),
-        notf_type=notf_type,
+        req_id,
+        req_type,
+        str(op.tag),
+        common,
+        display_path,
+        prot_ver,
+        user_gids,
+        target_paths,
+        tuple(op_fields),
+        notf_type,
     )
 
 

@@ -321,3 +321,12 @@ def test_content_length_mismatch_is_reported_not_hidden() -> None:
     decoded = decode_payload(raw)
     assert decoded.header.content_len == 999
     assert decoded.body_length == 287
+
+
+@pytest.mark.parametrize("value", ["18446744073709551616", "-1", "1e3", ""])
+def test_numbers_outside_u64_are_peer_errors(value: str) -> None:
+    body = SMB_REN.body
+    assert body is not None
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_payload(payload("SCREEN_REQ", body.replace(b"<VolMsid>2147830405<", f"<VolMsid>{value}<".encode())))
+    assert info.value.reason == "bad_value"

@@ -62,6 +62,8 @@ _PARSER: Final = etree.XMLParser(
 )
 
 _Element = etree._Element
+#: Every number in the schema is an unsigned 64-bit (or smaller) integer.
+_U64_MAX: Final = 2**64 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +105,8 @@ def _int(text: str | None, what: str) -> int:
         value = int(text)
     except ValueError:
         raise RemoteProtocolError("bad_value", f"{what}={text[:64]!r} is not an integer") from None
-    if value < 0:
-        raise RemoteProtocolError("bad_value", f"{what}={value} is negative")
+    if not 0 <= value <= _U64_MAX:
+        raise RemoteProtocolError("bad_value", f"{what}={text[:64]!r} is outside 0..2**64-1")
     return value
 
 

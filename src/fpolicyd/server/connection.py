@@ -73,6 +73,7 @@ class FPolicyConnection(asyncio.Protocol):
         self._reader = XmlFrameReader(ctx.max_frame_bytes)
         self._session: Session | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
         self._paused = False
         self.peer = "?"
         self.stats = ConnectionStats()
@@ -143,6 +144,9 @@ class FPolicyConnection(asyncio.Protocol):
         self._count_events(events, len(payloads))
         if delivery.over_limit and not self._paused:
             self._pause()
+        deadline = session.deadline()
+        if deadline is not None and deadline < self._timer_at:
+            self._arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ctx.connections.discard(self)
@@ -201,15 +205,23 @@ class FPolicyConnection(asyncio.Protocol):
             log.warning(f"session_{kind.value}", peer=self.peer, **notice.fields)
 
     def _arm_timer(self) -> None:
+        """Schedule one timer at the session's deadline. Activity only moves a deadline later, so the timer is
+        re-armed when it fires early (cheap) and, after each read, only if the deadline moved earlier."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = float("inf")
         session = self._session
         if session is None:
             return
         deadline = session.deadline()
         if deadline is not None:
+            self._timer_at = deadline
             self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
+        self._timer_at = float("inf")
         session = self._session
         if session is None or self._transport is None or self._transport.is_closing():
             return

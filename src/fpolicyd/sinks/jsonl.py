@@ -5,9 +5,9 @@ asyncio side decide what time it is. One caller at a time; not thread-safe.
 
 Guarantees:
 
-- A line is never torn. A batch goes out with unbuffered ``os.write`` calls; if one fails, the file is cut back
-  to its size before the batch, so a retry cannot leave half a line in front of a whole one. A crash mid-write
-  is repaired at the next :meth:`JsonlWriter.open` (torn tails are cut back to the last ``\\n``).
+- A line is never torn. A batch goes out with unbuffered ``os.write`` calls; if one fails, the file is cut
+  back to its size before the batch, so a retry cannot leave half a line in front of a whole one. A crash
+  mid-write is repaired at the next :meth:`JsonlWriter.open` (torn tails are cut back to the last ``\\n``).
 - A line is never split across files: rotation happens only between batches, and a batch bigger than
   ``max_file_bytes`` gets a fresh file to itself.
 - Files rotate when they reach ``max_file_age_s``, when the UTC date changes (one day never spans two dates
@@ -19,6 +19,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -98,7 +99,9 @@ class JsonlSettings:
         if self.max_file_bytes <= 0:
             raise ValueError(f"max_file_bytes: must be positive, got {self.max_file_bytes}")
         if not (math.isfinite(self.max_file_age_s) and self.max_file_age_s > 0):
-            raise ValueError(f"max_file_age_s: must be a positive number of seconds, got {self.max_file_age_s}")
+            raise ValueError(
+                f"max_file_age_s: must be a positive number of seconds, got {self.max_file_age_s}"
+            )
         if not (math.isfinite(self.fsync_interval_s) and self.fsync_interval_s > 0):
             raise ValueError(
                 f"fsync_interval_s: must be a positive number of seconds, got {self.fsync_interval_s}"
@@ -160,9 +163,7 @@ class JsonlWriter:
 
     def __init__(self, settings: JsonlSettings) -> None:
         self._settings = settings
-        self._name_re = re.compile(
-            re.escape(settings.prefix) + r"_(\d{4}-\d{2}-\d{2}_\d{6})_(\d{6,})\.jsonl"
-        )
+        self._name_re = re.compile(re.escape(settings.prefix) + r"_(\d{4}-\d{2}-\d{2}_\d{6})_(\d{6,})\.jsonl")
         self._opened = False
         self._fd: int | None = None
         self._path: Path | None = None
@@ -247,7 +248,7 @@ class JsonlWriter:
             try:
                 os.fsync(fd)
             except OSError as exc:
-                # After a failed fsync the page cache state is unknown: drop this batch and move to a new file.
+                # After a failed fsync the page cache state is unknown: drop the batch, move to a new file.
                 self._undo(fd, before, force_new_file=True)
                 raise _sink_error("fsync", self._path, exc) from exc
             self._dirty = False
@@ -365,16 +366,19 @@ class JsonlWriter:
             self._abandon()
 
     def _abandon(self) -> None:
-        """Drop the current file without fsync; the next batch opens a fresh one."""
-        fd = self._fd
+        """Drop the current file without fsync (removing it if empty); the next batch opens a fresh one."""
+        fd, path = self._fd, self._path
         self._fd = None
         self._path = None
         self._dirty = False
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # the batch has already failed with the error that matters
+        if fd is None:
+            return
+        # Best effort: the caller is already raising the error that matters.
+        with contextlib.suppress(OSError):
+            if path is not None and os.fstat(fd).st_size == 0:
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def _repair_tails(self) -> int:
         s = self._settings

@@ -1,0 +1,283 @@
+"""The daemon over real loopback TCP, driven by a hand-rolled ONTAP peer built on the codec."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
+
+from fpolicyd.app import Daemon
+from fpolicyd.config import Settings, load_settings
+from fpolicyd.protocol.framing import XmlFrameReader
+from fpolicyd.protocol.messages import Handshake, ScreenRequest, ScreenResponse, StatusQuery, StatusQueryResp
+from fpolicyd.protocol.xml_codec import decode_payload, encode_message
+from fpolicyd.events import NameMaps
+from fpolicyd.protocol.session import SessionConfig
+from fpolicyd.server.connection import FPolicyConnection, ServerContext
+from fpolicyd.server.delivery import Delivery
+from fpolicyd.sinks.runner import SinkRunner
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "listen_host": "127.0.0.1",
+        "listen_port": 0,
+        "data_dir": str(tmp_path),
+        "batch_linger_s": 0.001,
+        "jsonl_fsync": "never",
+    }
+    base.update(overrides)
+    return load_settings(overrides=base, search_default_paths=False)
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
+    marker = request.node.get_closest_marker("settings")
+    overrides = marker.kwargs if marker else {}
+    d = Daemon(make_settings(tmp_path, **overrides))
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.stop()
+
+
+class Peer:
+    """A minimal ONTAP node: frames out, frames in."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.frames = XmlFrameReader()
+        self.inbox: list[bytes] = []
+
+    @classmethod
+    async def connect(cls, port: int) -> Peer:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, *frames: bytes) -> None:
+        self.writer.write(b"".join(frames))
+        await self.writer.drain()
+
+    async def receive(self, timeout: float = 5.0) -> bytes:
+        while not self.inbox:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not data:
+                raise ConnectionError("closed by the server")
+            self.inbox.extend(self.frames.feed(data))
+        return self.inbox.pop(0)
+
+    async def closed_by_server(self, timeout: float = 5.0) -> bool:
+        try:
+            while True:
+                data = await asyncio.wait_for(self.reader.read(65536), timeout)
+                if not data:
+                    return True
+        except (ConnectionError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def jsonl_events(root: Path) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    for path in sorted((root / "events").glob("fpolicy_events_*.jsonl")):
+        for line in path.read_bytes().splitlines():
+            events.append(orjson.loads(line))
+    return events
+
+
+async def wait_for_events(root: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        events = jsonl_events(root)
+        if len(events) >= count or time.monotonic() > deadline:
+            return events
+        await asyncio.sleep(0.02)
+
+
+async def test_handshake_over_tcp_is_byte_exact(daemon: Daemon) -> None:
+    peer = await Peer.connect(daemon.port)
+    await peer.send(NEGO_REQ.frame)
+    assert await peer.receive() == NEGO_RESP.payload
+    await peer.close()
+
+
+async def test_async_events_reach_jsonl_and_nothing_is_answered(daemon: Daemon, tmp_path: Path) -> None:
+    peer = await Peer.connect(daemon.port)
+    await peer.send(NEGO_REQ.frame)
+    await peer.receive()
+    await peer.send(KEEP_ALIVE.frame, SMB_OPEN.frame, SMB_REN.frame, KEEP_ALIVE.frame)
+    events = await wait_for_events(tmp_path, 2)
+    assert [e["operation_type"] for e in events] == ["open", "rename"]
+    rename = events[1]
+    assert rename["file_path"] == "/renamed66.txt"
+    assert rename["previous_path"] == "/renamed6.txt"
+    assert rename["timestamp"] == "2024-02-09T15:28:52.045224Z"
+    with pytest.raises(TimeoutError):
+        await peer.receive(timeout=0.3)
+    await peer.close()
+
+
+@pytest.mark.settings(engine_mode="sync")
+async def test_sync_mode_answers_every_screen_request(daemon: Daemon) -> None:
+    peer = await Peer.connect(daemon.port)
+    await peer.send(NEGO_REQ.frame)
+    await peer.receive()
+    await peer.send(SMB_OPEN.frame, SMB_REN.frame, encode_message(StatusQuery(77, "SMB_WR")))
+    answers = [decode_payload(await peer.receive()).message for _ in range(3)]
+    assert answers == [
+        ScreenResponse(2822, "SMB_OPEN", 1),
+        ScreenResponse(4996, "SMB_REN", 1),
+        StatusQueryResp(77, "SMB_WR", 1),
+    ]
+    await peer.close()
+
+
+async def test_a_bad_frame_closes_only_that_connection(daemon: Daemon, tmp_path: Path) -> None:
+    good = await Peer.connect(daemon.port)
+    bad = await Peer.connect(daemon.port)
+    await good.send(NEGO_REQ.frame)
+    await good.receive()
+    await bad.send(NEGO_REQ.frame)
+    await bad.receive()
+    await bad.send(b'X\x00\x00\x00\x10"garbage-garbage!')
+    assert await bad.closed_by_server()
+    await good.send(SMB_REN.frame)
+    events = await wait_for_events(tmp_path, 1)
+    assert len(events) == 1
+    assert daemon.context.protocol_errors.get("bad_marker") == 1
+    await good.close()
+    await bad.close()
+
+
+@pytest.mark.settings(handshake_timeout_s=0.2)
+async def test_a_peer_that_never_negotiates_is_dropped(daemon: Daemon) -> None:
+    peer = await Peer.connect(daemon.port)
+    assert await peer.closed_by_server(timeout=3.0)
+    assert daemon.context.protocol_errors.get("handshake_timeout") == 1
+    await peer.close()
+
+
+@pytest.mark.settings(keep_alive_interval_s=0.1, idle_timeout_s=0.35)
+async def test_idle_session_is_closed_and_keep_alives_keep_it_open(daemon: Daemon) -> None:
+    lively = await Peer.connect(daemon.port)
+    idle = await Peer.connect(daemon.port)
+    for peer in (lively, idle):
+        await peer.send(NEGO_REQ.frame)
+        await peer.receive()
+    for _ in range(6):
+        await lively.send(KEEP_ALIVE.frame)
+        await asyncio.sleep(0.1)
+    assert await idle.closed_by_server(timeout=0.1) or idle.reader.at_eof()
+    assert not lively.writer.is_closing()
+    assert daemon.context.protocol_errors.get("idle_timeout") == 1
+    await lively.send(SMB_REN.frame)
+    await lively.close()
+    await idle.close()
+
+
+@pytest.mark.settings(max_connections=2)
+async def test_connection_limit(daemon: Daemon) -> None:
+    first = await Peer.connect(daemon.port)
+    second = await Peer.connect(daemon.port)
+    await asyncio.sleep(0.05)
+    third = await Peer.connect(daemon.port)
+    assert await third.closed_by_server(timeout=2.0)
+    assert daemon.context.rejected_connections == 1
+    await third.close()
+    await first.send(NEGO_REQ.frame)
+    assert await first.receive() == NEGO_RESP.payload
+    await first.close()
+    await second.close()
+
+
+async def test_many_concurrent_sessions(daemon: Daemon, tmp_path: Path) -> None:
+    peers = [await Peer.connect(daemon.port) for _ in range(20)]
+    for index, peer in enumerate(peers):
+        await peer.send(encode_message(Handshake("vs", f"policy-{index}", f"session-{index}", ("1.2",))))
+    for peer in peers:
+        await peer.receive()
+    request = decode_payload(SMB_REN.payload).message
+    assert isinstance(request, ScreenRequest)
+    for index, peer in enumerate(peers):
+        frames = [
+            encode_message(
+                ScreenRequest(
+                    req_id=n,
+                    req_type=request.req_type,
+                    op_element=request.op_element,
+                    common=request.common,
+                    target_paths=request.target_paths,
+                    display_path=request.display_path,
+                    prot_ver=request.prot_ver,
+                )
+            )
+            for n in range(index * 100, index * 100 + 50)
+        ]
+        await peer.send(*frames)
+    events = await wait_for_events(tmp_path, 1000)
+    assert len(events) == 1000
+    assert {e["metadata"]["session_id"] for e in events} == {f"session-{i}" for i in range(20)}
+    for peer in peers:
+        await peer.close()
+
+
+class SlowSink:
+    """A sink that takes 20 ms per batch, to force the readers to pause."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def open(self, now: float) -> None:
+        return None
+
+    def write(self, lines: Sequence[bytes], now: float) -> None:
+        time.sleep(0.02)
+        self.lines.extend(lines)
+
+    def tick(self, now: float) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+async def test_a_slow_sink_pauses_reading_and_loses_nothing() -> None:
+    delivery = Delivery(max_pending_events=100)
+    sink = SlowSink()
+    runner = SinkRunner(sink, max_events=20, linger_s=0.0, wall_clock=time.time, on_progress=delivery.on_progress)
+    await runner.start()
+    delivery.add(runner)
+    context = ServerContext(
+        session_config=SessionConfig(),
+        names=NameMaps(volumes={}, svms={}, default_volume=None, default_svm=None),
+        delivery=delivery,
+        max_frame_bytes=1 << 20,
+        max_connections=4,
+    )
+    server = await asyncio.get_running_loop().create_server(lambda: FPolicyConnection(context), "127.0.0.1", 0)
+    peer = await Peer.connect(server.sockets[0].getsockname()[1])
+    await peer.send(NEGO_REQ.frame)
+    await peer.receive()
+    await peer.send(*([SMB_REN.frame] * 1000))
+    deadline = time.monotonic() + 20
+    while len(sink.lines) < 1000 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert len(sink.lines) == 1000
+    assert delivery.pauses >= 1
+    await peer.close()
+    server.close()
+    await server.wait_closed()
+    assert await runner.drain(5.0) == 0

@@ -63,7 +63,7 @@ class Daemon:
         for uri in settings.effective_sinks:
             runner = SinkRunner(
                 build_sink(uri, settings),
-                max_events=settings.batch_max_events,
+                max_bytes=settings.batch_max_bytes,
                 linger_s=settings.batch_linger_s,
                 wall_clock=time.time,
                 on_progress=self.delivery.on_progress,

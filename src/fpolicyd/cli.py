@@ -22,12 +22,8 @@ def _flag(field: str) -> str:
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", type=Path, help="TOML settings file (default ./fpolicyd.toml, /etc/fpolicyd/)"
-    )
-    group = parser.add_argument_group(
-        "settings (each also FPOLICYD_<NAME> in the environment or NAME in TOML)"
-    )
+    parser.add_argument("--config", type=Path, help="TOML settings file (default ./fpolicyd.toml, /etc/fpolicyd/)")
+    group = parser.add_argument_group("settings (each also FPOLICYD_<NAME> in the environment or NAME in TOML)")
     for name, info in Settings.model_fields.items():
         help_text = (info.description or "").replace("%", "%%")
         group.add_argument(_flag(name), dest=f"setting_{name}", metavar="VALUE", help=help_text)
@@ -69,9 +65,7 @@ def _cmd_config(ns: argparse.Namespace) -> int:
         data = settings.model_dump(mode="json")
         data["effective_sinks"] = list(settings.effective_sinks)
         data["effective_idle_timeout_s"] = settings.effective_idle_timeout_s
-        sys.stdout.write(
-            orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
-        )
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
     else:
         sys.stdout.write("settings OK\n")
     return 0

@@ -190,7 +190,12 @@ class Settings(BaseSettings):
         FsyncPolicy.interval, description="always | interval | never: when JSON Lines data is fsynced."
     )
     jsonl_fsync_interval_s: float = Field(1.0, gt=0, description="fsync period of the interval policy.")
-    batch_max_events: int = Field(1000, ge=1, le=100_000, description="Events written to a sink at once.")
+    batch_max_bytes: int = Field(
+        1 << 20,
+        ge=4096,
+        le=64 << 20,
+        description="Largest write to a local sink (whole lines; one line may exceed it).",
+    )
     batch_linger_s: float = Field(
         0.02, ge=0, le=10, description="How long a sink waits for more events after the first one."
     )

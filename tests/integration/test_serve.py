@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
 from fpolicyd.app import Daemon
 from fpolicyd.config import Settings, load_settings
+from fpolicyd.events import NameMaps
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import Handshake, ScreenRequest, ScreenResponse, StatusQuery, StatusQueryResp
-from fpolicyd.protocol.xml_codec import decode_payload, encode_message
-from fpolicyd.events import NameMaps
 from fpolicyd.protocol.session import SessionConfig
+from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.delivery import Delivery
 from fpolicyd.sinks.runner import SinkRunner
+from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -66,18 +66,18 @@ class Peer:
         self.writer.write(b"".join(frames))
         await self.writer.drain()
 
-    async def receive(self, timeout: float = 5.0) -> bytes:
+    async def receive(self, within: float = 5.0) -> bytes:
         while not self.inbox:
-            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            data = await asyncio.wait_for(self.reader.read(65536), within)
             if not data:
                 raise ConnectionError("closed by the server")
             self.inbox.extend(self.frames.feed(data))
         return self.inbox.pop(0)
 
-    async def closed_by_server(self, timeout: float = 5.0) -> bool:
+    async def closed_by_server(self, within: float = 5.0) -> bool:
         try:
             while True:
-                data = await asyncio.wait_for(self.reader.read(65536), timeout)
+                data = await asyncio.wait_for(self.reader.read(65536), within)
                 if not data:
                     return True
         except (ConnectionError, TimeoutError):
@@ -96,8 +96,8 @@ def jsonl_events(root: Path) -> list[dict[str, Any]]:
     return events
 
 
-async def wait_for_events(root: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
+async def wait_for_events(root: Path, count: int, within: float = 10.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + within
     while True:
         events = jsonl_events(root)
         if len(events) >= count or time.monotonic() > deadline:
@@ -124,7 +124,7 @@ async def test_async_events_reach_jsonl_and_nothing_is_answered(daemon: Daemon, 
     assert rename["previous_path"] == "/renamed6.txt"
     assert rename["timestamp"] == "2024-02-09T15:28:52.045224Z"
     with pytest.raises(TimeoutError):
-        await peer.receive(timeout=0.3)
+        await peer.receive(within=0.3)
     await peer.close()
 
 
@@ -163,7 +163,7 @@ async def test_a_bad_frame_closes_only_that_connection(daemon: Daemon, tmp_path:
 @pytest.mark.settings(handshake_timeout_s=0.2)
 async def test_a_peer_that_never_negotiates_is_dropped(daemon: Daemon) -> None:
     peer = await Peer.connect(daemon.port)
-    assert await peer.closed_by_server(timeout=3.0)
+    assert await peer.closed_by_server(within=3.0)
     assert daemon.context.protocol_errors.get("handshake_timeout") == 1
     await peer.close()
 
@@ -178,7 +178,7 @@ async def test_idle_session_is_closed_and_keep_alives_keep_it_open(daemon: Daemo
     for _ in range(6):
         await lively.send(KEEP_ALIVE.frame)
         await asyncio.sleep(0.1)
-    assert await idle.closed_by_server(timeout=0.1) or idle.reader.at_eof()
+    assert await idle.closed_by_server(within=0.1) or idle.reader.at_eof()
     assert not lively.writer.is_closing()
     assert daemon.context.protocol_errors.get("idle_timeout") == 1
     await lively.send(SMB_REN.frame)
@@ -192,7 +192,7 @@ async def test_connection_limit(daemon: Daemon) -> None:
     second = await Peer.connect(daemon.port)
     await asyncio.sleep(0.05)
     third = await Peer.connect(daemon.port)
-    assert await third.closed_by_server(timeout=2.0)
+    assert await third.closed_by_server(within=2.0)
     assert daemon.context.rejected_connections == 1
     await third.close()
     await first.send(NEGO_REQ.frame)
@@ -236,18 +236,25 @@ class SlowSink:
     """A sink that takes 20 ms per batch, to force the readers to pause."""
 
     name = "slow"
+    blocking_writes = True
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
+        self.writes = 0
 
     def open(self, now: float) -> None:
         return None
 
-    def write(self, lines: Sequence[bytes], now: float) -> None:
+    def write(self, block: bytes | bytearray, lines: int, now: float) -> None:
         time.sleep(0.02)
-        self.lines.extend(lines)
+        self.writes += 1
+        self.lines.extend(bytes(block).splitlines())
+        assert len(self.lines) == sum(1 for _ in self.lines)
 
-    def tick(self, now: float) -> None:
+    def sync_due(self, now: float) -> bool:
+        return False
+
+    def sync(self, now: float) -> None:
         return None
 
     def close(self) -> None:
@@ -257,7 +264,7 @@ class SlowSink:
 async def test_a_slow_sink_pauses_reading_and_loses_nothing() -> None:
     delivery = Delivery(max_pending_events=100)
     sink = SlowSink()
-    runner = SinkRunner(sink, max_events=20, linger_s=0.0, wall_clock=time.time, on_progress=delivery.on_progress)
+    runner = SinkRunner(sink, max_bytes=20_000, linger_s=0.0, wall_clock=time.time, on_progress=delivery.on_progress)
     await runner.start()
     delivery.add(runner)
     context = ServerContext(
@@ -273,11 +280,19 @@ async def test_a_slow_sink_pauses_reading_and_loses_nothing() -> None:
     await peer.receive()
     await peer.send(*([SMB_REN.frame] * 1000))
     deadline = time.monotonic() + 20
-    while len(sink.lines) < 1000 and time.monotonic() < deadline:
+    while len(sink.lines) < 1000 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another thread's list
         await asyncio.sleep(0.05)
     assert len(sink.lines) == 1000
+    assert all(line.startswith(b'{"event_id":') for line in sink.lines)
     assert delivery.pauses >= 1
+    assert sink.writes >= 10  # batches were cut at max_bytes, on line boundaries
     await peer.close()
     server.close()
     await server.wait_closed()
     assert await runner.drain(5.0) == 0
+
+
+async def test_the_suite_runs_on_uvloop() -> None:
+    import uvloop
+
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.captures import CAPTURES
-from support.strategies import messages
 
 from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import Message
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
+from support.captures import CAPTURES
+from support.strategies import messages
 
 REAL_FRAMES = [c.frame for c in CAPTURES]
 

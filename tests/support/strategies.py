@@ -30,7 +30,7 @@ from fpolicyd.protocol.req_types import REQ_TYPES
 # Characters XML 1.0 allows in text (no C0 controls but tab/LF/CR, no U+FFFE/U+FFFF, no surrogates).
 xml_text = st.text(
     alphabet=st.characters(
-        blacklist_categories=("Cs",),
+        blacklist_categories=["Cs"],
         blacklist_characters="".join(chr(c) for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)) + "\ufffe\uffff",
     ),
     max_size=40,
@@ -95,9 +95,9 @@ prot_common_info = st.builds(
     extra=extra_elements,
 )
 
-op_fields = st.lists(
-    st.tuples(st.lists(tag_name, min_size=1, max_size=3).map("/".join), xml_text), max_size=4
-).map(tuple)
+op_fields = st.lists(st.tuples(st.lists(tag_name, min_size=1, max_size=3).map("/".join), xml_text), max_size=4).map(
+    tuple
+)
 
 req_type = st.sampled_from(sorted(REQ_TYPES)) | st.from_regex(r"[A-Z]{2,5}_[A-Z_]{1,12}", fullmatch=True)
 
@@ -125,7 +125,9 @@ known_types = {t.value for t in NotfType} | {"NOTI_REQ"}
 
 messages: st.SearchStrategy[Message] = st.one_of(
     screen_requests(),
-    st.builds(Handshake, vs_uuid=xml_text, policy_name=xml_text, session_id=xml_text, versions=st.lists(token).map(tuple)),
+    st.builds(
+        Handshake, vs_uuid=xml_text, policy_name=xml_text, session_id=xml_text, versions=st.lists(token).map(tuple)
+    ),
     st.builds(HandshakeResp, vs_uuid=xml_text, policy_name=xml_text, session_id=xml_text, version=token),
     st.just(KeepAlive()),
     st.builds(ScreenResponse, req_id=u64, req_type=token, notf_resp=st.integers(1, 7)),
@@ -134,7 +136,12 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(StatusQueryResp, req_id=u64, req_type=token, resp=st.integers(1, 2)),
     st.builds(BackPressure, session_id=xml_text, apply=st.booleans()),
     st.builds(Alert, session_id=st.just("") | token, severity=st.sampled_from(["FATAL", "WARNING"]), message=xml_text),
-    st.builds(VolumeNotification, vol_msid=u64, action=st.sampled_from(["MOUNT", "UNMOUNT", "MODIFY"]), is_active=st.none() | st.booleans()),
+    st.builds(
+        VolumeNotification,
+        vol_msid=u64,
+        action=st.sampled_from(["MOUNT", "UNMOUNT", "MODIFY"]),
+        is_active=st.none() | st.booleans(),
+    ),
     st.builds(Outage, file_path=xml_text, policy_name=xml_text, status=st.sampled_from(["incomplete", "done", "Done"])),
     st.builds(
         UnknownMessage,

@@ -136,7 +136,7 @@ def test_settings_are_frozen() -> None:
 
     settings = load_settings(search_default_paths=False)
     with pytest.raises(ValidationError):
-        settings.listen_port = 1  # type: ignore[misc]
+        settings.listen_port = 1
 
 
 def test_committed_example_is_generated_from_the_settings() -> None:

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import pytest
-from support.captures import CAPTURES, KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
 from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.protocol.framing import XmlFrameReader, encode_frame, split_payload
+from support.captures import CAPTURES, KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
 ALL_FRAMES = [c.frame for c in CAPTURES]
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
-from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
 from fpolicyd.errors import ConfigError, LocalProtocolError
 from fpolicyd.protocol.messages import (
@@ -29,6 +30,7 @@ from fpolicyd.protocol.session import (
     SessionState,
 )
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_message
+from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
 
 def nego(versions: tuple[str, ...] = ("1.0", "1.1", "1.2", "2.0"), session_id: str = "S-1") -> bytes:
@@ -47,8 +49,7 @@ def established(config: SessionConfig | None = None, now: float = 0.0) -> Sessio
     return session
 
 
-def only(outputs: object, cls: type) -> list[Output]:
-    assert isinstance(outputs, (list, tuple))
+def only(outputs: Sequence[Output], cls: type) -> list[Output]:
     return [o for o in outputs if isinstance(o, cls)]
 
 

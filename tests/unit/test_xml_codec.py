@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-from support.captures import CAPTURES, KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
 from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.protocol.messages import (
@@ -10,6 +9,7 @@ from fpolicyd.protocol.messages import (
     Handshake,
     HandshakeResp,
     KeepAlive,
+    Message,
     Outage,
     PathName,
     ProtCommonInfo,
@@ -30,8 +30,12 @@ from fpolicyd.protocol.xml_codec import (
     frame_message,
     screen_request_body,
 )
+from support.captures import CAPTURES, KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
-HEADER = b'<?xml version="1.0"?><Header><NotfType>%s</NotfType><ContentLen>%d</ContentLen><DataFormat>XML</DataFormat></Header>'
+HEADER = (
+    b'<?xml version="1.0"?><Header><NotfType>%s</NotfType><ContentLen>%d</ContentLen>'
+    b"<DataFormat>XML</DataFormat></Header>"
+)
 
 
 def payload(notf_type: str, body: bytes | None) -> bytes:
@@ -104,7 +108,9 @@ def test_every_capture_reencodes_byte_for_byte(capture: object) -> None:
 def test_entities_and_character_references_are_decoded() -> None:
     msg = decode_payload(SMB_REN.payload).message
     assert isinstance(msg, ScreenRequest)
-    body = screen_request_body(msg).replace(b"/renamed66.txt", b"/a &amp; b &lt;c&gt; &quot;q&quot; &apos;s&apos; &#x263A;&#128512;")
+    body = screen_request_body(msg).replace(
+        b"/renamed66.txt", b"/a &amp; b &lt;c&gt; &quot;q&quot; &apos;s&apos; &#x263A;&#128512;"
+    )
     decoded = decode_payload(payload("SCREEN_REQ", body)).message
     assert isinstance(decoded, ScreenRequest)
     assert decoded.target_paths[1].name == "/a & b <c> \"q\" 's' ☺😀"
@@ -176,7 +182,7 @@ def test_noti_req_is_read_as_screen_req() -> None:
 
 
 def test_unknown_type_is_kept_not_fatal() -> None:
-    decoded = decode_payload(payload("FUTURE_THING", b"<?xml version=\"1.0\"?><X/>"))
+    decoded = decode_payload(payload("FUTURE_THING", b'<?xml version="1.0"?><X/>'))
     assert decoded.message == UnknownMessage("FUTURE_THING", b'<?xml version="1.0"?><X/>')
 
 
@@ -184,18 +190,26 @@ def test_unknown_type_is_kept_not_fatal() -> None:
     ("raw", "reason"),
     [
         (HEADER % (b"SCREEN_REQ", 0) + b"\x00", "missing_body"),
-        (HEADER % (b"NEGO_REQ", 5) + b"\n\n<?xml version=\"1.0\"?><Nope/>\x00", "unexpected_body"),
+        (HEADER % (b"NEGO_REQ", 5) + b'\n\n<?xml version="1.0"?><Nope/>\x00', "unexpected_body"),
         (HEADER % (b"SCREEN_REQ", 5) + b"\n\n<FscreenReq><ReqId>x</ReqId></FscreenReq>\x00", "bad_value"),
         (HEADER % (b"SCREEN_REQ", 5) + b"\n\n<FscreenReq><ReqId>-1</ReqId></FscreenReq>\x00", "bad_value"),
-        (HEADER % (b"SCREEN_REQ", 5) + b"\n\n<FscreenReq><ReqId>1</ReqId><ReqType>SMB_OPEN</ReqType></FscreenReq>\x00", "missing_element"),
         (
             HEADER % (b"SCREEN_REQ", 5)
-            + b"\n\n<FscreenReq><ReqId>1</ReqId><ReqType>SMB_OPEN</ReqType><NotfInfo><SmbOpenReq/></NotfInfo></FscreenReq>\x00",
+            + b"\n\n<FscreenReq><ReqId>1</ReqId><ReqType>SMB_OPEN</ReqType></FscreenReq>\x00",
+            "missing_element",
+        ),
+        (
+            HEADER % (b"SCREEN_REQ", 5)
+            + b"\n\n<FscreenReq><ReqId>1</ReqId><ReqType>SMB_OPEN</ReqType>"
+            + b"<NotfInfo><SmbOpenReq/></NotfInfo></FscreenReq>\x00",
             "missing_element",
         ),
         (b"<Header><NotfType>NEGO_REQ</NotfType></Header>\x00", "missing_element"),
         (b"<Header><ContentLen>0</ContentLen></Header>\x00", "missing_element"),
-        (b"<Header><NotfType>KEEP_ALIVE</NotfType><ContentLen>0</ContentLen><DataFormat>JSON</DataFormat></Header>", "unsupported_data_format"),
+        (
+            b"<Header><NotfType>KEEP_ALIVE</NotfType><ContentLen>0</ContentLen><DataFormat>JSON</DataFormat></Header>",
+            "unsupported_data_format",
+        ),
         (b"not xml at all\x00", "bad_xml"),
         (b"\x00", "bad_xml"),
         (b"<Wrong/>\x00", "unexpected_body"),
@@ -253,14 +267,11 @@ def test_req_type_table_has_the_27_schema_values() -> None:
         Outage("/.fpolicy/outage-1", "p1", "incomplete"),
     ],
 )
-def test_rare_messages_round_trip(msg: object) -> None:
-    from fpolicyd.protocol.messages import Message
-
-    frame = encode_message(msg)  # type: ignore[arg-type]
+def test_rare_messages_round_trip(msg: Message) -> None:
+    frame = encode_message(msg)
     decoded = decode_payload(frame[6:])
     assert decoded.message == msg
     assert decoded.header.content_len == decoded.body_length
-    assert isinstance(decoded.message, Message)  # type: ignore[misc,arg-type]
 
 
 def test_back_pressure_body_shape() -> None:

@@ -83,9 +83,7 @@ class XmlFrameReader:
             raise RemoteProtocolError("bad_marker", f"expected 0x22 at frame start, got {bytes(prefix)!r}")
         length = int.from_bytes(prefix[1:5], "big")
         if length > self._max:
-            raise RemoteProtocolError(
-                "frame_too_large", f"frame length {length} exceeds the maximum {self._max}"
-            )
+            raise RemoteProtocolError("frame_too_large", f"frame length {length} exceeds the maximum {self._max}")
         if length == 0:
             raise RemoteProtocolError("empty_frame", "frame length 0")
         return length
@@ -122,9 +120,7 @@ def encode_frame(header_xml: bytes, body_xml: bytes | None) -> bytes:
             (b'"', payload_len.to_bytes(4, "big"), b'"', header_xml, b"\x00"),
         )
     payload_len = len(header_xml) + 2 + len(body_xml) + 1
-    return b"".join(
-        (b'"', payload_len.to_bytes(4, "big"), b'"', header_xml, HEADER_BODY_SEPARATOR, body_xml, b"\x00")
-    )
+    return b"".join((b'"', payload_len.to_bytes(4, "big"), b'"', header_xml, HEADER_BODY_SEPARATOR, body_xml, b"\x00"))
 
 
 def split_payload(payload: bytes) -> tuple[bytes, bytes | None]:

@@ -64,13 +64,9 @@ class ReqTypeInfo:
     fields: tuple[str, ...] = ()
 
 
-def _info(
-    req_type: str, element: str, *, has_target: bool = False, fields: tuple[str, ...] = ()
-) -> ReqTypeInfo:
+def _info(req_type: str, element: str, *, has_target: bool = False, fields: tuple[str, ...] = ()) -> ReqTypeInfo:
     parsed = parse_req_type(req_type)
-    return ReqTypeInfo(
-        req_type, parsed.protocol, parsed.operation, parsed.is_directory, element, has_target, fields
-    )
+    return ReqTypeInfo(req_type, parsed.protocol, parsed.operation, parsed.is_directory, element, has_target, fields)
 
 
 @dataclass(frozen=True, slots=True)

@@ -296,11 +296,7 @@ class Session:
             outputs: list[Output] = [Notice(NoticeKind.STATUS_QUERY, {"req_id": msg.req_id})]
             if self._sync:
                 outputs.append(
-                    Reply(
-                        encode_status_query_resp(
-                            StatusQueryResp(msg.req_id, msg.req_type, STATUS_IN_PROGRESS)
-                        )
-                    )
+                    Reply(encode_status_query_resp(StatusQueryResp(msg.req_id, msg.req_type, STATUS_IN_PROGRESS)))
                 )
             return outputs
         if isinstance(msg, Alert):

@@ -432,9 +432,7 @@ def _decode_body(notf_type: str, root: _Element) -> Message:
         )
     if notf_type == NotfType.STATUS_QUERY_RESP:
         children, req_id, req_type = _req_ref(root, "FscreenStatusResp")
-        return StatusQueryResp(
-            req_id, req_type, _int(_required(children, "Resp", "FscreenStatusResp").strip(), "Resp")
-        )
+        return StatusQueryResp(req_id, req_type, _int(_required(children, "Resp", "FscreenStatusResp").strip(), "Resp"))
     if notf_type in (NotfType.BACK_PRESSURE_APPLY, NotfType.BACK_PRESSURE_REM):
         children = _children(root, "BackPressure")
         apply = _opt_bool(children.get("Apply"), "BackPressure/Apply")
@@ -464,9 +462,7 @@ def decode_payload(payload: bytes) -> Decoded:
 
 # --------------------------------------------------------------------------------------------------- encode
 
-_ESCAPES: Final = str.maketrans(
-    {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;", "\r": "&#13;"}
-)
+_ESCAPES: Final = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;", "\r": "&#13;"})
 
 
 def escape(text: str) -> str:
@@ -526,9 +522,7 @@ def encode_status_query_resp(msg: StatusQueryResp) -> bytes:
 
 def encode_back_pressure(msg: BackPressure) -> bytes:
     notf_type = NotfType.BACK_PRESSURE_APPLY if msg.apply else NotfType.BACK_PRESSURE_REM
-    body = _body(
-        f"<BackPressure>{_element('SessionId', msg.session_id)}<Apply>{int(msg.apply)}</Apply></BackPressure>"
-    )
+    body = _body(f"<BackPressure>{_element('SessionId', msg.session_id)}<Apply>{int(msg.apply)}</Apply></BackPressure>")
     return frame_message(notf_type, body)
 
 
@@ -568,9 +562,7 @@ def _user_xml(tag: str, user: UserContext | None) -> str:
 
 
 def _paths_xml(tag: str, paths: Iterable[PathName]) -> str:
-    inner = "".join(
-        f"<Path>{_element('PathNameType', p.type)}{_element('PathName', p.name)}</Path>" for p in paths
-    )
+    inner = "".join(f"<Path>{_element('PathNameType', p.type)}{_element('PathName', p.name)}</Path>" for p in paths)
     return f"<{tag}>{inner}</{tag}>"
 
 
@@ -635,9 +627,7 @@ def screen_request_body(msg: ScreenRequest) -> bytes:
     if msg.display_path is not None:
         common += _element("DisplayPath", msg.display_path)
     if msg.prot_ver is not None:
-        common += (
-            f"<ProtVer><MajorNum>{msg.prot_ver[0]}</MajorNum><MinorNum>{msg.prot_ver[1]}</MinorNum></ProtVer>"
-        )
+        common += f"<ProtVer><MajorNum>{msg.prot_ver[0]}</MajorNum><MinorNum>{msg.prot_ver[1]}</MinorNum></ProtVer>"
     if msg.user_gids:
         common += "<UserGids>" + "".join(_element("Gid", gid) for gid in msg.user_gids) + "</UserGids>"
     common += "</CommonInfo>"
@@ -663,8 +653,7 @@ def encode_screen_cancel(msg: ScreenCancel) -> bytes:
 
 def encode_status_query(msg: StatusQuery) -> bytes:
     body = _body(
-        f"<FscreenQueryStatus><ReqId>{msg.req_id}</ReqId>{_element('ReqType', msg.req_type)}"
-        "</FscreenQueryStatus>"
+        f"<FscreenQueryStatus><ReqId>{msg.req_id}</ReqId>{_element('ReqType', msg.req_type)}</FscreenQueryStatus>"
     )
     return frame_message(NotfType.STATUS_QUERY_REQ, body)
 

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.events import NameMaps, normalize
@@ -82,16 +82,15 @@ class FPolicyConnection(asyncio.Protocol):
     # ------------------------------------------------------------------------------------ asyncio
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         peername: Any = transport.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         ctx = self._ctx
         if len(ctx.connections) >= ctx.max_connections:
             ctx.rejected_connections += 1
-            log.warning(
-                "connection_rejected", peer=self.peer, reason="max_connections", limit=ctx.max_connections
-            )
+            log.warning("connection_rejected", peer=self.peer, reason="max_connections", limit=ctx.max_connections)
             transport.abort()
             return
         ctx.connections.add(self)

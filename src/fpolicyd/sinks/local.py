@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.sinks.jsonl import JsonlSettings, JsonlWriter
-from fpolicyd.sinks.runner import BlockingSink
+from fpolicyd.sinks.runner import LocalSink
 
 
 class JsonlSink:
+    """Writes to the page cache inline; fsync (policy ``always``/``interval``) runs on the runner's thread."""
+
+    blocking_writes = False
+
     def __init__(self, settings: JsonlSettings) -> None:
         self.name = f"jsonl:{settings.directory}"
         self.writer = JsonlWriter(settings)
@@ -22,18 +25,23 @@ class JsonlSink:
     def open(self, now: float) -> None:
         self.writer.open(now)
 
-    def write(self, lines: Sequence[bytes], now: float) -> None:
-        self.writer.write_batch(lines, now)
+    def write(self, block: bytes | bytearray, lines: int, now: float) -> None:
+        self.writer.write_block(block, now, sync=False)
 
-    def tick(self, now: float) -> None:
-        self.writer.maybe_sync(now)
+    def sync_due(self, now: float) -> bool:
+        return self.writer.sync_due(now)
+
+    def sync(self, now: float) -> None:
+        self.writer.sync(now)
 
     def close(self) -> None:
         self.writer.close()
 
 
 class StdoutSink:
-    """One JSON document per line on standard output (for piping into another tool)."""
+    """One JSON document per line on standard output (for piping into another tool, which may be slow)."""
+
+    blocking_writes = True
 
     def __init__(self, stream: BinaryIO | None = None) -> None:
         self.name = "stdout:"
@@ -42,16 +50,19 @@ class StdoutSink:
     def open(self, now: float) -> None:
         return None
 
-    def write(self, lines: Sequence[bytes], now: float) -> None:
+    def write(self, block: bytes | bytearray, lines: int, now: float) -> None:
         try:
-            self._stream.write(b"\n".join(lines) + b"\n")
+            self._stream.write(block)
             self._stream.flush()
         except BrokenPipeError as exc:
             raise SinkError(f"stdout closed: {exc}", retriable=False) from exc
         except OSError as exc:
             raise SinkError(f"stdout: {exc}", retriable=True) from exc
 
-    def tick(self, now: float) -> None:
+    def sync_due(self, now: float) -> bool:
+        return False
+
+    def sync(self, now: float) -> None:
         return None
 
     def close(self) -> None:
@@ -61,7 +72,7 @@ class StdoutSink:
             return
 
 
-def build_sink(uri: str, settings: Settings) -> BlockingSink:
+def build_sink(uri: str, settings: Settings) -> LocalSink:
     scheme, _, target = uri.partition(":")
     if scheme == "jsonl":
         if not target:

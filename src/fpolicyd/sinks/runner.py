@@ -1,18 +1,24 @@
 """Batching sink runner: the asyncio edge between the readers and one sink.
 
-Readers call :meth:`SinkRunner.submit` with an encoded event line; it only appends to a list, so a reader
-never waits on a sink. One task per sink takes batches (up to ``max_events``, lingering ``linger_s`` after the
-first entry for more), hands each batch to the sink's blocking ``write`` on a dedicated thread (file writes
-and fsync must not stall the event loop), and retries a failed batch with capped exponential backoff and full
-jitter. A batch is never dropped: a sink that keeps failing keeps its backlog, which the flow control of
-:class:`Delivery` turns into TCP back-pressure on ONTAP.
+Readers call :meth:`SinkRunner.submit` with an encoded event line; it only appends to a buffer, so a reader
+never waits on a sink. One task per sink takes batches (whole lines, up to ``max_bytes``, lingering
+``linger_s`` after the first entry for more), writes each batch, and retries a failed batch with capped
+exponential backoff and full jitter. A batch is never dropped: a sink that keeps failing keeps its backlog,
+which the flow control of :class:`Delivery` turns into TCP back-pressure on ONTAP.
+
+Where work runs, measured (benchmarks/bench_ingest.py): handing every batch to a thread cost ~20 µs of CPU per
+event, because the worker thread and the readers fight for the GIL at every lxml parse. So a file write to the
+page cache (a fraction of a millisecond per batch) runs inline on the loop, and only what really blocks runs
+on the sink's own thread: fsync (which holds no GIL while it waits) and writes to a pipe that may stall.
+Lines are appended to one ``bytearray`` rather than kept as a list of ``bytes``: tens of thousands of live
+1 KB objects made every allocation fault in fresh pages (to_json went from 1.5 to 8 µs per event).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,17 +29,25 @@ from fpolicyd.obs.log import get_logger
 log = get_logger("fpolicyd.sink")
 
 
-class BlockingSink(Protocol):
-    """A sink whose ``write`` may block (file, pipe); it runs on the runner's own thread."""
+class LocalSink(Protocol):
+    """A sink driven by :class:`SinkRunner`."""
 
     name: str
+    #: True when ``write`` may block for long (a pipe to a slow reader): it then runs on the sink's thread.
+    blocking_writes: bool
 
     def open(self, now: float) -> None: ...
 
-    def write(self, lines: Sequence[bytes], now: float) -> None: ...
+    def write(self, block: bytes | bytearray, lines: int, now: float) -> None:
+        """Hand ``lines`` complete, newline-terminated lines to the kernel (no fsync). Raises SinkError."""
+        ...
 
-    def tick(self, now: float) -> None:
-        """Periodic housekeeping (e.g. interval fsync) while idle."""
+    def sync_due(self, now: float) -> bool:
+        """Whether :meth:`sync` has work to do now (its policy, pending data)."""
+        ...
+
+    def sync(self, now: float) -> None:
+        """Make written data durable (blocking; runs on the sink's thread). Raises SinkError."""
         ...
 
     def close(self) -> None: ...
@@ -52,9 +66,9 @@ class RetryPolicy:
 class SinkRunner:
     def __init__(
         self,
-        sink: BlockingSink,
+        sink: LocalSink,
         *,
-        max_events: int,
+        max_bytes: int,
         linger_s: float,
         wall_clock: Callable[[], float],
         on_progress: Callable[[], None],
@@ -62,13 +76,14 @@ class SinkRunner:
         tick_interval_s: float = 0.5,
     ) -> None:
         self.sink = sink
-        self._max_events = max_events
+        self._max_bytes = max_bytes
         self._linger_s = linger_s
         self._clock = wall_clock
         self._on_progress = on_progress
         self._retry = retry or RetryPolicy()
         self._tick_interval_s = tick_interval_s
-        self._pending: list[bytes] = []
+        self._buffer = bytearray()
+        self._buffered = 0
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -82,10 +97,13 @@ class SinkRunner:
     @property
     def pending(self) -> int:
         """Events accepted and not yet written (queued plus the batch being written)."""
-        return len(self._pending) + self.in_flight
+        return self._buffered + self.in_flight
 
     def submit(self, line: bytes) -> None:
-        self._pending.append(line)
+        """Queue one JSON document (no newline inside: orjson never writes one)."""
+        self._buffer += line
+        self._buffer += b"\n"
+        self._buffered += 1
         if not self._wakeup.is_set():
             self._wakeup.set()
 
@@ -97,31 +115,63 @@ class SinkRunner:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._pending:
+            if not self._buffered:
                 if self._stopping:
                     return
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), self._tick_interval_s)
                 except TimeoutError:
-                    await loop.run_in_executor(self._executor, self.sink.tick, self._clock())
+                    await self._retrying(loop, self._sync_if_due, 0)
                     continue
-            if self._linger_s and not self._stopping and len(self._pending) < self._max_events:
+            if self._linger_s and not self._stopping and len(self._buffer) < self._max_bytes:
                 await asyncio.sleep(self._linger_s)
-            batch = self._pending[: self._max_events]
-            del self._pending[: len(batch)]
-            self.in_flight = len(batch)
-            await self._write_with_retry(loop, batch)
+            block, lines = self._take_batch()
+            self.in_flight = lines
+            await self._retrying(loop, self._write_batch, lines, block, lines)
             self.in_flight = 0
-            self.delivered += len(batch)
+            self.delivered += lines
             self.batches += 1
             self._on_progress()
 
-    async def _write_with_retry(self, loop: asyncio.AbstractEventLoop, batch: list[bytes]) -> None:
+    def _take_batch(self) -> tuple[bytes | bytearray, int]:
+        """Whole lines from the front of the buffer, at most ``max_bytes`` unless one line is larger."""
+        buffer = self._buffer
+        if len(buffer) <= self._max_bytes:
+            self._buffer = bytearray()
+            lines = self._buffered
+            self._buffered = 0
+            return buffer, lines
+        cut = buffer.rfind(b"\n", 0, self._max_bytes) + 1 or buffer.find(b"\n") + 1
+        block = bytes(buffer[:cut])
+        del buffer[:cut]
+        lines = block.count(b"\n")
+        self._buffered -= lines
+        return block, lines
+
+    async def _write_batch(self, loop: asyncio.AbstractEventLoop, block: bytes | bytearray, lines: int) -> None:
+        if self.sink.blocking_writes:
+            await loop.run_in_executor(self._executor, self.sink.write, block, lines, self._clock())
+        else:
+            self.sink.write(block, lines, self._clock())
+        await self._sync_if_due(loop)
+
+    async def _sync_if_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = self._clock()
+        if self.sink.sync_due(now):
+            await loop.run_in_executor(self._executor, self.sink.sync, now)
+
+    async def _retrying(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        step: Callable[..., Awaitable[None]],
+        events: int,
+        *args: object,
+    ) -> None:
         attempt = 0
         while True:
             try:
-                await loop.run_in_executor(self._executor, self.sink.write, batch, self._clock())
+                await step(loop, *args)
                 return
             except SinkError as exc:
                 self.failures += 1
@@ -129,7 +179,7 @@ class SinkRunner:
                 log.error(
                     "sink_write_failed",
                     sink=self.sink.name,
-                    events=len(batch),
+                    events=events,
                     retriable=exc.retriable,
                     error=str(exc),
                     retry_in_s=round(delay, 3),

@@ -1,0 +1,413 @@
+"""The simulator against a tiny FPolicy server built from the codec, over loopback TCP.
+
+Each test runs its own event loop (default asyncio, and uvloop where it matters) so that the simulator and the
+fake server share it, and stays well under a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+import uvloop
+
+from fpolicyd.protocol.framing import XmlFrameReader
+from fpolicyd.protocol.messages import (
+    BackPressure,
+    Handshake,
+    HandshakeResp,
+    Message,
+    ScreenRequest,
+    ScreenResponse,
+)
+from fpolicyd.protocol.xml_codec import (
+    decode_payload,
+    encode_back_pressure,
+    encode_handshake_resp,
+    encode_screen_response,
+)
+from fpolicyd.simulator import (
+    SimulationReport,
+    SimulatorConfig,
+    SimulatorError,
+    expected_requests,
+    handshake,
+    manifest_record,
+    run,
+)
+
+T = TypeVar("T")
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def run_on(loop_name: str, coro: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        return runner.run(coro)
+
+
+@dataclass
+class Behaviour:
+    """How the fake server answers."""
+
+    sync: bool = False
+    version: str = "1.2"
+    session_suffix: str = ""  # appended to the echoed SessionId to break it
+    answer_handshake: bool = True
+    notf_resp: int = 1
+    #: Apply back pressure right after NEGO_RESP and remove it after this many seconds.
+    back_pressure_s: float = 0.0
+    #: Hold SCREEN_RESPs until this many are pending or the peer is idle for 50 ms.
+    lazy_window: int = 0
+    #: Answer SCREEN_REQ even in async mode (a misbehaving server).
+    always_respond: bool = False
+    close_after_handshake: bool = False
+
+
+@dataclass
+class Conn:
+    messages: list[Message] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    back_pressure_window: tuple[float, float] = (0.0, 0.0)
+    max_pending: int = 0
+
+
+class FakeServer:
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.conns: list[Conn] = []
+        self.errors: list[BaseException] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        conn = Conn()
+        self.conns.append(conn)
+        try:
+            await self._serve(conn, reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception as exc:
+            self.errors.append(exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            self._handlers.discard(task)
+
+    async def _serve(self, conn: Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        b = self.behaviour
+        loop = asyncio.get_running_loop()
+        frames = XmlFrameReader()
+        pending: list[ScreenRequest] = []
+        bp_task: asyncio.Task[None] | None = None
+        while True:
+            if b.lazy_window and pending:
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), 0.05)
+                except TimeoutError:
+                    data = None
+            else:
+                data = await reader.read(65536)
+            if data == b"":
+                break
+            out: list[bytes] = []
+            for payload in frames.feed(data or b""):
+                decoded = decode_payload(payload)
+                assert decoded.header.content_len == decoded.body_length
+                msg = decoded.message
+                conn.messages.append(msg)
+                conn.arrivals.append(loop.time())
+                if isinstance(msg, Handshake):
+                    if not b.answer_handshake:
+                        continue
+                    out.append(
+                        encode_handshake_resp(
+                            HandshakeResp(msg.vs_uuid, msg.policy_name, msg.session_id + b.session_suffix, b.version)
+                        )
+                    )
+                    if b.back_pressure_s:
+                        out.append(encode_back_pressure(BackPressure(msg.session_id, apply=True)))
+                        bp_task = asyncio.create_task(self._release(conn, writer, msg.session_id))
+                elif isinstance(msg, ScreenRequest) and (b.sync or b.always_respond):
+                    pending.append(msg)
+            if b.close_after_handshake and out:
+                writer.write(b"".join(out))
+                await writer.drain()
+                return
+            conn.max_pending = max(conn.max_pending, len(pending))
+            if pending and (not b.lazy_window or len(pending) >= b.lazy_window or data is None):
+                out.extend(encode_screen_response(ScreenResponse(r.req_id, r.req_type, b.notf_resp)) for r in pending)
+                pending.clear()
+            if out:
+                writer.write(b"".join(out))
+                await writer.drain()
+        if bp_task is not None:
+            await bp_task
+
+    async def _release(self, conn: Conn, writer: asyncio.StreamWriter, session_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(self.behaviour.back_pressure_s)
+        conn.back_pressure_window = (start, loop.time())
+        writer.write(encode_back_pressure(BackPressure(session_id, apply=False)))
+
+    async def wait_idle(self) -> None:
+        """Every connection handler has finished (the simulator half-closes, so they end on their own)."""
+        if self._handlers:
+            _done, pending = await asyncio.wait(set(self._handlers), timeout=5.0)
+            assert not pending
+        assert not self.errors, self.errors
+
+
+@contextlib.asynccontextmanager
+async def fake_server(behaviour: Behaviour | None = None) -> AsyncIterator[FakeServer]:
+    fake = FakeServer(behaviour or Behaviour())
+    server = await fake.start()
+    try:
+        yield fake
+    finally:
+        server.close()
+        for task in list(fake._handlers):
+            task.cancel()
+        await asyncio.gather(*fake._handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def simulate(behaviour: Behaviour | None, **kw: Any) -> tuple[SimulationReport, FakeServer, SimulatorConfig]:
+    async with fake_server(behaviour) as fake:
+        config = SimulatorConfig(port=fake.port, duration_limit_s=8.0, **kw)
+        report = await run(config)
+        await fake.wait_idle()
+        return report, fake, config
+
+
+def screen_requests(conn: Conn) -> list[ScreenRequest]:
+    return [m for m in conn.messages if isinstance(m, ScreenRequest)]
+
+
+def node_of(conn: Conn, config: SimulatorConfig) -> int:
+    first = conn.messages[0]
+    assert isinstance(first, Handshake), "NEGO_REQ must be the first message"
+    for node in range(config.nodes):
+        hs = handshake(
+            seed=config.seed,
+            node=node,
+            policy_name=config.policy_name,
+            vs_uuid=config.vs_uuid,
+            versions=config.versions,
+        )
+        if hs == first:
+            return node
+    raise AssertionError(f"unknown handshake {first}")
+
+
+async def expect_error(behaviour: Behaviour, match: str, **kw: Any) -> None:
+    async with fake_server(behaviour) as fake:
+        config = SimulatorConfig(port=fake.port, duration_limit_s=8.0, **kw)
+        with pytest.raises(SimulatorError, match=match):
+            await run(config)
+
+
+# ------------------------------------------------------------------------------------------- async mode
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_async_three_nodes_deliver_exactly_the_expected_requests(loop_name: str) -> None:
+    report, fake, config = run_on(loop_name, simulate(None, nodes=3, events=500, seed=42, chunk_events=64))
+    assert report.completed
+    assert (report.sent, report.responses) == (1500, 0)
+    assert [n.version for n in report.nodes] == ["1.2"] * 3
+    assert report.events_per_s > 0
+    assert len(fake.conns) == 3
+    expected = expected_requests(config)
+    seen_nodes = set()
+    for conn in fake.conns:
+        node = node_of(conn, config)
+        seen_nodes.add(node)
+        assert screen_requests(conn) == [r for n, r in expected if n == node]
+        assert all(isinstance(m, Handshake | ScreenRequest) for m in conn.messages)
+    assert seen_nodes == {0, 1, 2}
+    as_dict = report.to_dict()
+    assert as_dict["sent"] == 1500
+    assert len(as_dict["nodes"]) == 3  # type: ignore[arg-type]
+    orjson.dumps(as_dict)
+
+
+def test_keep_alives_are_sent_while_rate_limited() -> None:
+    report, fake, _config = run_on(
+        "asyncio", simulate(None, events=50, rate=100.0, keep_alive_interval_s=0.05, chunk_events=8)
+    )
+    assert report.completed
+    assert report.sent == 50
+    assert 0.4 < report.elapsed_s < 3.0  # 50 events at 100/s
+    (conn,) = fake.conns
+    kinds = [type(m).__name__ for m in conn.messages]
+    assert kinds[0] == "Handshake"
+    keep_alives = kinds.count("KeepAlive")
+    assert keep_alives == report.keep_alives >= 5
+    first_req, last_req = kinds.index("ScreenRequest"), len(kinds) - 1 - kinds[::-1].index("ScreenRequest")
+    assert "KeepAlive" in kinds[first_req:last_req]  # interleaved with the stream, not only at the end
+    # Rate control batches by schedule: arrivals spread over the run, not one burst.
+    times = [t for m, t in zip(conn.messages, conn.arrivals, strict=True) if isinstance(m, ScreenRequest)]
+    assert times[-1] - times[0] > 0.3
+
+
+def test_events_zero_only_handshakes() -> None:
+    report, fake, _config = run_on("asyncio", simulate(None, nodes=2, events=0))
+    assert report.completed
+    assert report.sent == 0
+    assert all(len(c.messages) == 1 and isinstance(c.messages[0], Handshake) for c in fake.conns)
+
+
+def test_custom_versions_and_alias_header_type() -> None:
+    report, fake, config = run_on(
+        "asyncio",
+        simulate(Behaviour(version="1.0"), events=30, versions=("1.0",), notf_type="NOTI_REQ", policy_name="p&<x>"),
+    )
+    assert report.nodes[0].version == "1.0"
+    (conn,) = fake.conns
+    assert isinstance(conn.messages[0], Handshake)
+    assert conn.messages[0].versions == ("1.0",)
+    assert conn.messages[0].policy_name == "p&<x>"
+    assert screen_requests(conn) == [r for _, r in expected_requests(config)]
+    assert all(r.notf_type == "NOTI_REQ" for r in screen_requests(conn))
+
+
+def test_manifest_has_one_line_per_sent_request(tmp_path: Path) -> None:
+    manifest = tmp_path / "sent.jsonl"
+    report, _fake, config = run_on(
+        "asyncio", simulate(None, nodes=2, events=200, seed=9, chunk_events=50, manifest=manifest)
+    )
+    lines = [orjson.loads(line) for line in manifest.read_bytes().splitlines()]
+    assert len(lines) == report.sent == 400
+    for node in (0, 1):
+        mine = [line for line in lines if line["node"] == node]
+        assert mine == [manifest_record(n, r) for n, r in expected_requests(config) if n == node]
+
+
+# ------------------------------------------------------------------------------------------- sync mode
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_sync_mode_counts_responses(loop_name: str) -> None:
+    report, fake, config = run_on(
+        loop_name,
+        simulate(Behaviour(sync=True), nodes=2, events=300, sync=True, max_outstanding=32, chunk_events=10),
+    )
+    assert report.completed
+    assert report.sync
+    assert report.sent == report.responses == 600
+    assert [n.responses for n in report.nodes] == [300, 300]
+    for conn in fake.conns:
+        node = node_of(conn, config)
+        assert screen_requests(conn) == [r for n, r in expected_requests(config) if n == node]
+
+
+def test_sync_window_is_respected() -> None:
+    window = 20
+    report, fake, _config = run_on(
+        "asyncio",
+        simulate(
+            Behaviour(sync=True, lazy_window=window), events=150, sync=True, max_outstanding=window, chunk_events=64
+        ),
+    )
+    assert report.completed
+    assert report.responses == 150
+    (conn,) = fake.conns
+    assert conn.max_pending == window  # filled the window, never more
+
+
+def test_duration_limit_stops_a_run_whose_server_never_answers() -> None:
+    async def scenario() -> SimulationReport:
+        async with fake_server(Behaviour(sync=False)) as fake:
+            config = SimulatorConfig(port=fake.port, events=100, sync=True, max_outstanding=10, duration_limit_s=0.3)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            report = await run(config)
+            assert loop.time() - start < 2.0
+            return report
+
+    report = run_on("asyncio", scenario())
+    assert not report.completed
+    assert (report.sent, report.responses) == (10, 0)
+
+
+def test_back_pressure_pauses_the_stream() -> None:
+    report, fake, _config = run_on(
+        "asyncio", simulate(Behaviour(back_pressure_s=0.3), events=40, rate=400.0, chunk_events=8)
+    )
+    assert report.completed
+    assert report.sent == 40
+    assert report.nodes[0].back_pressure_applied == 1
+    (conn,) = fake.conns
+    start, end = conn.back_pressure_window
+    during = [t for m, t in zip(conn.messages, conn.arrivals, strict=True) if isinstance(m, ScreenRequest) and t < end]
+    assert len(during) <= 8  # at most what was in flight before ONTAP saw the APPLY
+    assert len(screen_requests(conn)) == 40
+    assert end - start >= 0.3
+
+
+# ------------------------------------------------------------------------------------------- misbehaviour
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "match"),
+    [
+        (Behaviour(version="3.0"), r"version '3\.0', not in the offer"),
+        (Behaviour(version="2.0"), r"version '2\.0', not in the offer"),
+        (Behaviour(session_suffix="x"), r"SessionId .* does not echo"),
+        (Behaviour(sync=True, notf_resp=2), r"NotfResp 2"),
+        (Behaviour(always_respond=True), r"SCREEN_RESP .* asynchronous mode"),
+        (Behaviour(close_after_handshake=True), r"closed the connection|connection error"),
+    ],
+)
+def test_server_misbehaviour_raises(behaviour: Behaviour, match: str) -> None:
+    sync = behaviour.sync
+    run_on("asyncio", expect_error(behaviour, match, events=2000, sync=sync, versions=("1.0", "1.1", "1.2")))
+
+
+def test_handshake_timeout() -> None:
+    run_on("asyncio", expect_error(Behaviour(answer_handshake=False), r"no NEGO_RESP within", handshake_timeout_s=0.2))
+
+
+def test_connection_refused() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    async def scenario() -> None:
+        with pytest.raises(SimulatorError, match=r"node 0: cannot connect"):
+            await run(SimulatorConfig(port=port, connect_timeout_s=2.0))
+
+    run_on("asyncio", scenario())
+
+
+def test_one_failing_node_fails_the_run_and_stops_the_others() -> None:
+    async def scenario() -> None:
+        async with fake_server(Behaviour(sync=True)) as fake:
+            # The server answers SCREEN_RESPs although the simulator runs asynchronously: every node fails fast,
+            # and run() must surface the error instead of hanging on the other nodes.
+            config = SimulatorConfig(port=fake.port, nodes=4, events=5000, duration_limit_s=8.0)
+            with pytest.raises(SimulatorError, match="asynchronous mode"):
+                await run(config)
+
+    run_on("asyncio", scenario())

@@ -22,13 +22,12 @@ from lxml import etree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from support.captures import NEGO_REQ, SMB_REN
-
 from fpolicyd.events import NameMaps, normalize
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import ScreenRequest
 from fpolicyd.protocol.session import FileNotification, Session, SessionConfig
 from fpolicyd.protocol.xml_codec import decode_payload
+from support.captures import NEGO_REQ, SMB_REN
 
 
 def measure(fn: Callable[[], object], number: int) -> float:
@@ -81,10 +80,14 @@ def main() -> int:
     for name, us in rows:
         print(f"{name:{width}}  {us:8.2f}")
     total = rows[-1][1]
-    print(f"\nreader-path ceiling on one core: {1e6 / total:,.0f} events/s "
-          f"(bare frame split alone: {1e6 / rows[0][1]:,.0f} frames/s)")
-    print(f"lxml vs xml.etree parse: {rows[1][1] / rows[2][1]:.1f}x faster; "
-          f"orjson vs json: {rows[5][1] / rows[6][1]:.1f}x faster")
+    print(
+        f"\nreader-path ceiling on one core: {1e6 / total:,.0f} events/s "
+        f"(bare frame split alone: {1e6 / rows[0][1]:,.0f} frames/s)"
+    )
+    print(
+        f"lxml vs xml.etree parse: {rows[1][1] / rows[2][1]:.1f}x faster; "
+        f"orjson vs json: {rows[5][1] / rows[6][1]:.1f}x faster"
+    )
     print(orjson.dumps({name: round(us, 3) for name, us in rows}).decode())
     return 0
 

@@ -237,6 +237,7 @@ class SlowSink:
 
     name = "slow"
     blocking_writes = True
+    max_batch_bytes: int | None = None
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []

@@ -21,6 +21,8 @@ class JsonlSink:
     def __init__(self, settings: JsonlSettings) -> None:
         self.name = f"jsonl:{settings.directory}"
         self.writer = JsonlWriter(settings)
+        # A batch never spans two files, so a batch larger than a file would overshoot the size limit.
+        self.max_batch_bytes: int | None = settings.max_file_bytes
 
     def open(self, now: float) -> None:
         self.writer.open(now)
@@ -42,6 +44,7 @@ class StdoutSink:
     """One JSON document per line on standard output (for piping into another tool, which may be slow)."""
 
     blocking_writes = True
+    max_batch_bytes: int | None = None
 
     def __init__(self, stream: BinaryIO | None = None) -> None:
         self.name = "stdout:"

@@ -35,6 +35,8 @@ class LocalSink(Protocol):
     name: str
     #: True when ``write`` may block for long (a pipe to a slow reader): it then runs on the sink's thread.
     blocking_writes: bool
+    #: Largest batch the sink takes at once (e.g. a JSON Lines file's size limit), or None for no limit.
+    max_batch_bytes: int | None
 
     def open(self, now: float) -> None: ...
 
@@ -76,7 +78,7 @@ class SinkRunner:
         tick_interval_s: float = 0.5,
     ) -> None:
         self.sink = sink
-        self._max_bytes = max_bytes
+        self._max_bytes = min(max_bytes, sink.max_batch_bytes or max_bytes)
         self._linger_s = linger_s
         self._clock = wall_clock
         self._on_progress = on_progress

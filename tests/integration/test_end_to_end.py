@@ -1,0 +1,228 @@
+"""simulator → `fpolicyd serve` (a real subprocess, real signals) → JSON Lines: every notification exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+
+from fpolicyd.events import (
+    CORE_OPERATIONS,
+    NameMaps,
+    SessionContext,
+    load_event_schema,
+    load_reference_schema,
+    normalize,
+)
+from fpolicyd.simulator import SimulatorConfig, SimulatorError, expected_requests, handshake, run
+
+pytestmark = pytest.mark.slow
+
+VOLUME_NAMES = {2147830405: "vol_finance"}
+
+
+@dataclass
+class Served:
+    process: asyncio.subprocess.Process
+    port: int
+    data_dir: Path
+    log_lines: list[dict[str, Any]]
+
+
+async def _read_log(stream: asyncio.StreamReader, into: list[dict[str, Any]], ready: asyncio.Future[int]) -> None:
+    while line := await stream.readline():
+        record = orjson.loads(line)
+        into.append(record)
+        if record.get("event") == "listening" and not ready.done():
+            ready.set_result(int(record["port"]))
+
+
+async def start_serve(tmp_path: Path, *flags: str) -> tuple[Served, asyncio.Task[None]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FPOLICYD_")}
+    env["FPOLICYD_VOLUME_NAMES"] = orjson.dumps({str(k): v for k, v in VOLUME_NAMES.items()}).decode()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fpolicyd",
+        "serve",
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        "--svm-name",
+        "svm_e2e",
+        "--jsonl-fsync",
+        "never",
+        *flags,
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log_lines: list[dict[str, Any]] = []
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    reader = asyncio.create_task(_read_log(process.stderr, log_lines, ready))
+    port = await asyncio.wait_for(ready, 20)
+    return Served(process, port, tmp_path, log_lines), reader
+
+
+@pytest.fixture
+async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    marker = request.node.get_closest_marker("serve_flags")
+    flags: tuple[str, ...] = marker.args if marker else ()
+    daemon, reader = await start_serve(tmp_path, *flags)
+    try:
+        yield daemon
+    finally:
+        if daemon.process.returncode is None:
+            daemon.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(daemon.process.wait(), 30)
+        await reader
+
+
+async def stop(daemon: Served) -> int:
+    daemon.process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(daemon.process.wait(), 30)
+
+
+def read_events(data_dir: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for path in sorted((data_dir / "events").glob("fpolicy_events_*.jsonl")):
+        data = path.read_bytes()
+        assert data.endswith(b"\n"), f"{path} ends with a torn line"
+        out.extend(orjson.loads(line) for line in data.splitlines())
+    return out
+
+
+def expected_events(config: SimulatorConfig) -> dict[str, dict[str, Any]]:
+    names = NameMaps(volumes=VOLUME_NAMES, svms={}, default_volume=None, default_svm="svm_e2e")
+    out: dict[str, dict[str, Any]] = {}
+    for node, request in expected_requests(config):
+        hello = handshake(seed=config.seed, node=node, policy_name=config.policy_name, vs_uuid=config.vs_uuid)
+        context = SessionContext(hello.vs_uuid, hello.policy_name, hello.session_id, "1.2", "ignored")
+        event = normalize(request, context, names, 0).to_dict()
+        assert event["event_id"] not in out
+        out[event["event_id"]] = event
+    return out
+
+
+COMPARED = (
+    "operation_type",
+    "file_path",
+    "previous_path",
+    "volume_name",
+    "svm_name",
+    "timestamp",
+    "file_size",
+    "client_ip",
+)
+COMPARED_METADATA = ("req_type", "req_id", "session_id", "vs_uuid", "policy_name", "is_directory", "file_type", "user")
+
+
+def assert_exactly_once(received: list[dict[str, Any]], expected: dict[str, dict[str, Any]]) -> None:
+    ids = [event["event_id"] for event in received]
+    assert len(ids) == len(set(ids)), "an event was delivered twice"
+    assert set(ids) == set(expected), (
+        f"missing {len(set(expected) - set(ids))}, unexpected {len(set(ids) - set(expected))}"
+    )
+    checker = jsonschema.FormatChecker()
+    event_validator = jsonschema.Draft202012Validator(load_event_schema(), format_checker=checker)
+    reference_validator = jsonschema.Draft7Validator(load_reference_schema(), format_checker=checker)
+    for event in received:
+        want = expected[event["event_id"]]
+        for key in COMPARED:
+            assert event.get(key) == want.get(key), (key, event, want)
+        for key in COMPARED_METADATA:
+            assert event["metadata"].get(key) == want["metadata"].get(key), (key, event, want)
+        event_validator.validate(event)
+        if event["operation_type"] in CORE_OPERATIONS:
+            reference_validator.validate(event)
+
+
+async def test_every_notification_arrives_exactly_once_with_the_right_fields(served: Served) -> None:
+    config = SimulatorConfig(port=served.port, nodes=3, events=2000, seed=11, keep_alive_interval_s=0.05, rate=8000)
+    report = await run(config)
+    assert report.completed
+    assert report.sent == 6000
+    assert await stop(served) == 0
+    received = read_events(served.data_dir)
+    assert_exactly_once(received, expected_events(config))
+    operations = {event["operation_type"] for event in received}
+    assert {"create", "write", "delete", "rename", "read", "open", "close", "setattr", "getattr"} <= operations
+    assert {"lookup", "link", "symlink"} <= operations
+    stopped = [line for line in served.log_lines if line.get("event") == "stopped"]
+    assert stopped == [stopped[0]]
+    assert stopped[0]["events"] == 6000
+    assert stopped[0]["undelivered"] == 0
+
+
+@pytest.mark.serve_flags("--engine-mode", "sync")
+async def test_sync_engine_gets_a_response_for_every_request(served: Served) -> None:
+    config = SimulatorConfig(port=served.port, nodes=2, events=1500, seed=3, sync=True, max_outstanding=50)
+    report = await run(config)
+    assert report.completed
+    assert report.responses == report.sent == 3000
+    assert await stop(served) == 0
+    assert_exactly_once(read_events(served.data_dir), expected_events(config))
+
+
+async def test_noti_req_alias_is_ingested(served: Served) -> None:
+    config = SimulatorConfig(port=served.port, nodes=1, events=200, seed=5, notf_type="NOTI_REQ")
+    assert (await run(config)).completed
+    assert await stop(served) == 0
+    assert_exactly_once(read_events(served.data_dir), expected_events(config))
+
+
+async def test_sigterm_mid_stream_writes_everything_that_was_read(served: Served) -> None:
+    config = SimulatorConfig(port=served.port, nodes=2, events=50_000, seed=7, rate=5000, duration_limit_s=30)
+    simulation = asyncio.create_task(run(config))
+    await asyncio.sleep(1.0)
+    assert await stop(served) == 0
+    with pytest.raises(SimulatorError):
+        await simulation
+    received = read_events(served.data_dir)
+    stopped = next(line for line in served.log_lines if line.get("event") == "stopped")
+    assert stopped["undelivered"] == 0
+    assert 0 < len(received) == stopped["events"] < 100_000
+    expected = expected_events(config)
+    assert len({event["event_id"] for event in received}) == len(received)
+    assert {event["event_id"] for event in received} <= set(expected)
+
+
+@pytest.mark.serve_flags("--jsonl-max-file-bytes", "65536")
+async def test_rotation_keeps_every_line_whole(served: Served) -> None:
+    config = SimulatorConfig(port=served.port, nodes=1, events=3000, seed=9)
+    assert (await run(config)).completed
+    assert await stop(served) == 0
+    files = sorted((served.data_dir / "events").glob("fpolicy_events_*.jsonl"))
+    assert len(files) > 10
+    assert all(path.stat().st_size <= 65536 for path in files)
+    assert_exactly_once(read_events(served.data_dir), expected_events(config))
+
+
+async def test_bad_settings_fail_at_start_with_the_key_named(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fpolicyd",
+        "serve",
+        "--idle-timeout-s",
+        "10",
+        cwd=tmp_path,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert b"idle_timeout_s" in err

@@ -246,7 +246,7 @@ class SlowSink:
     def open(self, now: float) -> None:
         return None
 
-    def write(self, block: bytes | bytearray, lines: int, now: float) -> None:
+    def write(self, block: memoryview, lines: int, now: float) -> None:
         time.sleep(0.02)
         self.writes += 1
         self.lines.extend(bytes(block).splitlines())

@@ -223,7 +223,7 @@ class JsonlWriter:
             return 0
         return self.write_block(b"\n".join(lines) + b"\n", now, sync=sync)
 
-    def write_block(self, block: bytes | bytearray, now: float, *, sync: bool = True) -> int:
+    def write_block(self, block: bytes | bytearray | memoryview, now: float, *, sync: bool = True) -> int:
         """Append ``block``: complete lines already joined, ending with a newline (the caller guarantees no
         empty line). Same guarantees as :meth:`write_batch`, without re-validating every line."""
         if not self._opened:

@@ -27,7 +27,7 @@ class JsonlSink:
     def open(self, now: float) -> None:
         self.writer.open(now)
 
-    def write(self, block: bytes | bytearray, lines: int, now: float) -> None:
+    def write(self, block: memoryview, lines: int, now: float) -> None:
         self.writer.write_block(block, now, sync=False)
 
     def sync_due(self, now: float) -> bool:
@@ -53,7 +53,7 @@ class StdoutSink:
     def open(self, now: float) -> None:
         return None
 
-    def write(self, block: bytes | bytearray, lines: int, now: float) -> None:
+    def write(self, block: memoryview, lines: int, now: float) -> None:
         try:
             self._stream.write(block)
             self._stream.flush()

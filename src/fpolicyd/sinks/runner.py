@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,8 +40,9 @@ class LocalSink(Protocol):
 
     def open(self, now: float) -> None: ...
 
-    def write(self, block: bytes | bytearray, lines: int, now: float) -> None:
-        """Hand ``lines`` complete, newline-terminated lines to the kernel (no fsync). Raises SinkError."""
+    def write(self, block: memoryview, lines: int, now: float) -> None:
+        """Hand ``lines`` complete, newline-terminated lines to the kernel (no fsync). Raises SinkError.
+        ``block`` is only valid during the call: copy what must outlive it."""
         ...
 
     def sync_due(self, now: float) -> bool:
@@ -63,6 +64,22 @@ class RetryPolicy:
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
         return rng.uniform(0.0, min(self.cap_s, self.base_s * (2**attempt)))
+
+
+def _slices(raw: bytearray, limit: int) -> Iterator[tuple[memoryview, int]]:
+    """Consecutive views of ``raw`` made of whole lines, each at most ``limit`` bytes unless one line is longer,
+    with the number of lines in each."""
+    data = memoryview(raw)
+    start, end = 0, len(raw)
+    while start < end:
+        stop = start + limit
+        if stop >= end:
+            stop = end
+        else:
+            cut = raw.rfind(b"\n", start, stop)
+            stop = (cut if cut >= start else raw.find(b"\n", stop)) + 1
+        yield data[start:stop], raw.count(b"\n", start, stop)
+        start = stop
 
 
 class SinkRunner:
@@ -128,30 +145,17 @@ class SinkRunner:
                     continue
             if self._linger_s and not self._stopping and len(self._buffer) < self._max_bytes:
                 await asyncio.sleep(self._linger_s)
-            block, lines = self._take_batch()
-            self.in_flight = lines
-            await self._retrying(loop, self._write_batch, lines, block, lines)
-            self.in_flight = 0
-            self.delivered += lines
-            self.batches += 1
-            self._on_progress()
+            # Take the whole buffer (O(1), whatever the backlog), then write it in slices of whole lines.
+            taken, self._buffer = self._buffer, bytearray()
+            self.in_flight, self._buffered = self._buffered, 0
+            for block, lines in _slices(taken, self._max_bytes):
+                await self._retrying(loop, self._write_batch, lines, block, lines)
+                self.in_flight -= lines
+                self.delivered += lines
+                self.batches += 1
+                self._on_progress()
 
-    def _take_batch(self) -> tuple[bytes | bytearray, int]:
-        """Whole lines from the front of the buffer, at most ``max_bytes`` unless one line is larger."""
-        buffer = self._buffer
-        if len(buffer) <= self._max_bytes:
-            self._buffer = bytearray()
-            lines = self._buffered
-            self._buffered = 0
-            return buffer, lines
-        cut = buffer.rfind(b"\n", 0, self._max_bytes) + 1 or buffer.find(b"\n") + 1
-        block = bytes(buffer[:cut])
-        del buffer[:cut]
-        lines = block.count(b"\n")
-        self._buffered -= lines
-        return block, lines
-
-    async def _write_batch(self, loop: asyncio.AbstractEventLoop, block: bytes | bytearray, lines: int) -> None:
+    async def _write_batch(self, loop: asyncio.AbstractEventLoop, block: memoryview, lines: int) -> None:
         if self.sink.blocking_writes:
             await loop.run_in_executor(self._executor, self.sink.write, block, lines, self._clock())
         else:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import uuid
 from typing import Any
 
 import jsonschema
@@ -14,7 +12,6 @@ from hypothesis import strategies as st
 
 from fpolicyd.events import (
     CORE_OPERATIONS,
-    EVENT_ID_NAMESPACE,
     KNOWN_REQ_TYPES,
     MAX_EPOCH_US,
     MIN_PLAUSIBLE_GENERATION_US,
@@ -25,6 +22,7 @@ from fpolicyd.events import (
     normalize,
 )
 from fpolicyd.protocol.messages import PathName, ProtCommonInfo, ScreenRequest, UserContext
+from support.event_ids import recompute_event_id
 
 _FORMATS = jsonschema.FormatChecker()
 EVENT_VALIDATOR = jsonschema.Draft202012Validator(load_event_schema(), format_checker=_FORMATS)
@@ -109,27 +107,6 @@ name_maps = st.builds(
     default_svm=st.none() | volume_name,
 )
 received = st.integers(0, MAX_EPOCH_US - 1)
-
-
-def recompute_event_id(doc: dict[str, Any]) -> str:
-    """normalize()'s documented recipe, from the emitted JSON alone, with stdlib json/uuid."""
-    meta = doc["metadata"]
-    previous = doc.get("previous_path")
-    target = doc["file_path"] if previous is not None and not meta.get("target_missing") else None
-    identity = [
-        meta["vs_uuid"],
-        meta["volume_msid"],
-        meta["req_type"],
-        previous if previous is not None else doc["file_path"],
-        target,
-        meta["generation_time"],
-        doc.get("client_ip"),
-        meta["user"].get("uid"),
-        meta["user"].get("sid"),
-    ]
-    if meta["timestamp_source"] == "received":
-        identity += [meta["session_id"], meta["req_id"]]
-    return str(uuid.uuid5(EVENT_ID_NAMESPACE, json.dumps(identity, ensure_ascii=False, separators=(",", ":"))))
 
 
 @PROPS

@@ -30,6 +30,7 @@ from fpolicyd.events import (
     normalize,
 )
 from fpolicyd.protocol.messages import PathName, ProtCommonInfo, ScreenRequest, UserContext
+from support.event_ids import recompute_event_id
 
 # ------------------------------------------------------------------------------------------ fixtures
 
@@ -132,27 +133,6 @@ def check_schemas(event: FileEvent) -> dict[str, Any]:
     if doc["operation_type"] in CORE_OPERATIONS:
         REFERENCE_VALIDATOR.validate(doc)
     return doc
-
-
-def recompute_event_id(doc: dict[str, Any]) -> str:
-    """The recipe in normalize()'s docstring, from the emitted JSON alone, with stdlib uuid/json."""
-    meta = doc["metadata"]
-    previous = doc.get("previous_path")
-    target = doc["file_path"] if previous is not None and not meta.get("target_missing") else None
-    identity = [
-        meta["vs_uuid"],
-        meta["volume_msid"],
-        meta["req_type"],
-        previous if previous is not None else doc["file_path"],
-        target,
-        meta["generation_time"],
-        doc.get("client_ip"),
-        meta["user"].get("uid"),
-        meta["user"].get("sid"),
-    ]
-    if meta["timestamp_source"] == "received":
-        identity += [meta["session_id"], meta["req_id"]]
-    return str(uuid.uuid5(EVENT_ID_NAMESPACE, json.dumps(identity, ensure_ascii=False, separators=(",", ":"))))
 
 
 def run(req: ScreenRequest, names: NameMaps = NAMES, ctx: SessionContext = CTX) -> FileEvent:

@@ -492,37 +492,45 @@ def _body(xml: str) -> bytes:
     return XML_PROLOG + xml.encode()
 
 
+def _document(root: str, *children: str) -> bytes:
+    """A body: prolog, then ``<root>`` holding already-serialised children, in the order given."""
+    return _body(f"<{root}>{''.join(children)}</{root}>")
+
+
+def _int_element(tag: str, value: int) -> str:
+    return f"<{tag}>{value}</{tag}>"
+
+
 def encode_handshake_resp(msg: HandshakeResp) -> bytes:
-    body = _body(
-        "<HandshakeResp>"
-        + _element("VsUUID", msg.vs_uuid)
-        + _element("PolicyName", msg.policy_name)
-        + _element("SessionId", msg.session_id)
-        + _element("ProtVersion", msg.version)
-        + "</HandshakeResp>"
+    return frame_message(
+        NotfType.NEGO_RESP,
+        _document(
+            "HandshakeResp",
+            _element("VsUUID", msg.vs_uuid),
+            _element("PolicyName", msg.policy_name),
+            _element("SessionId", msg.session_id),
+            _element("ProtVersion", msg.version),
+        ),
     )
-    return frame_message(NotfType.NEGO_RESP, body)
+
+
+def _request_reply(root: str, req_id: int, req_type: str, *rest: str) -> bytes:
+    return _document(root, _int_element("ReqId", req_id), _element("ReqType", req_type), *rest)
 
 
 def encode_screen_response(msg: ScreenResponse) -> bytes:
-    body = _body(
-        f"<FscreenResp><ReqId>{msg.req_id}</ReqId>{_element('ReqType', msg.req_type)}"
-        f"<NotfResp>{msg.notf_resp}</NotfResp></FscreenResp>"
-    )
+    body = _request_reply("FscreenResp", msg.req_id, msg.req_type, _int_element("NotfResp", msg.notf_resp))
     return frame_message(NotfType.SCREEN_RESP, body)
 
 
 def encode_status_query_resp(msg: StatusQueryResp) -> bytes:
-    body = _body(
-        f"<FscreenStatusResp><ReqId>{msg.req_id}</ReqId>{_element('ReqType', msg.req_type)}"
-        f"<Resp>{msg.resp}</Resp></FscreenStatusResp>"
-    )
+    body = _request_reply("FscreenStatusResp", msg.req_id, msg.req_type, _int_element("Resp", msg.resp))
     return frame_message(NotfType.STATUS_QUERY_RESP, body)
 
 
 def encode_back_pressure(msg: BackPressure) -> bytes:
     notf_type = NotfType.BACK_PRESSURE_APPLY if msg.apply else NotfType.BACK_PRESSURE_REM
-    body = _body(f"<BackPressure>{_element('SessionId', msg.session_id)}<Apply>{int(msg.apply)}</Apply></BackPressure>")
+    body = _document("BackPressure", _element("SessionId", msg.session_id), _int_element("Apply", int(msg.apply)))
     return frame_message(notf_type, body)
 
 
@@ -531,12 +539,12 @@ def encode_back_pressure(msg: BackPressure) -> bytes:
 
 def encode_handshake(msg: Handshake) -> bytes:
     versions = "".join(_element("Vers", v) for v in msg.versions)
-    body = _body(
-        "<Handshake>"
-        + _element("VsUUID", msg.vs_uuid)
-        + _element("PolicyName", msg.policy_name)
-        + _element("SessionId", msg.session_id)
-        + f"<ProtVersion>{versions}</ProtVersion></Handshake>"
+    body = _document(
+        "Handshake",
+        _element("VsUUID", msg.vs_uuid),
+        _element("PolicyName", msg.policy_name),
+        _element("SessionId", msg.session_id),
+        f"<ProtVersion>{versions}</ProtVersion>",
     )
     return frame_message(NotfType.NEGO_REQ, body)
 
@@ -644,46 +652,40 @@ def encode_screen_request(msg: ScreenRequest) -> bytes:
 
 
 def encode_screen_cancel(msg: ScreenCancel) -> bytes:
-    body = _body(
-        f"<FscreenCancel><ReqId>{msg.req_id}</ReqId>{_element('ReqType', msg.req_type)}"
-        f"{_element('CancelReason', msg.cancel_reason)}</FscreenCancel>"
-    )
+    body = _request_reply("FscreenCancel", msg.req_id, msg.req_type, _element("CancelReason", msg.cancel_reason))
     return frame_message(NotfType.SCREEN_CANCEL, body)
 
 
 def encode_status_query(msg: StatusQuery) -> bytes:
-    body = _body(
-        f"<FscreenQueryStatus><ReqId>{msg.req_id}</ReqId>{_element('ReqType', msg.req_type)}</FscreenQueryStatus>"
-    )
-    return frame_message(NotfType.STATUS_QUERY_REQ, body)
+    return frame_message(NotfType.STATUS_QUERY_REQ, _request_reply("FscreenQueryStatus", msg.req_id, msg.req_type))
 
 
 def encode_alert(msg: Alert) -> bytes:
-    body = _body(
-        "<Alert>"
-        + _element("SessionId", msg.session_id)
-        + _element("Severity", msg.severity)
-        + _element("AlertMsg", msg.message)
-        + "</Alert>"
+    body = _document(
+        "Alert",
+        _element("SessionId", msg.session_id),
+        _element("Severity", msg.severity),
+        _element("AlertMsg", msg.message),
     )
     return frame_message(NotfType.ALERT_MSG, body)
 
 
 def encode_volume_notification(msg: VolumeNotification) -> bytes:
-    body = _body(
-        f"<VolNotf><VolMsid>{msg.vol_msid}</VolMsid>{_element('Action', msg.action)}"
-        f"{_opt('IsActive', msg.is_active)}</VolNotf>"
+    body = _document(
+        "VolNotf",
+        _int_element("VolMsid", msg.vol_msid),
+        _element("Action", msg.action),
+        _opt("IsActive", msg.is_active),
     )
     return frame_message(NotfType.VOL_NOTFICATION, body)
 
 
 def encode_outage(msg: Outage) -> bytes:
-    body = _body(
-        "<Outage>"
-        + _element("FilePath", msg.file_path)
-        + _element("PolicyName", msg.policy_name)
-        + _element("Status", msg.status)
-        + "</Outage>"
+    body = _document(
+        "Outage",
+        _element("FilePath", msg.file_path),
+        _element("PolicyName", msg.policy_name),
+        _element("Status", msg.status),
     )
     return frame_message(NotfType.OUTAGE_MSG, body)
 

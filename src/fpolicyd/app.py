@@ -18,6 +18,9 @@ from fpolicyd.sinks.runner import SinkRunner
 
 log = get_logger("fpolicyd.app")
 
+#: A connection that received nothing for this long during shutdown is taken to have nothing more in flight.
+SHUTDOWN_QUIET_S = 0.2
+
 
 @dataclass(frozen=True, slots=True)
 class StopReport:
@@ -98,6 +101,7 @@ class Daemon:
     async def stop(self) -> StopReport:
         if self._server is not None:
             self._server.close()
+        await self._read_what_is_in_flight()
         for conn in list(self.context.connections):
             conn.shutdown()
         if self._server is not None:
@@ -112,6 +116,23 @@ class Daemon:
         report = StopReport(events=self.context.events, undelivered=undelivered)
         log.info("stopped", events=report.events, undelivered=report.undelivered)
         return report
+
+    async def _read_what_is_in_flight(self) -> None:
+        """Ask every session to stop sending, then keep reading until all are quiet or the grace ends."""
+        grace = self.settings.shutdown_read_grace_s
+        connections = list(self.context.connections)
+        if not grace or not connections:
+            return
+        for conn in connections:
+            conn.begin_shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline:
+            live = [conn for conn in self.context.connections if not conn.closed.is_set()]
+            if all(conn.quiet_for >= SHUTDOWN_QUIET_S for conn in live):
+                return
+            await asyncio.sleep(SHUTDOWN_QUIET_S / 4)
+        log.warning("shutdown_read_grace_exhausted", grace_s=grace, connections=len(self.context.connections))
 
     async def run(self) -> StopReport:
         loop = asyncio.get_running_loop()

@@ -205,6 +205,13 @@ class Settings(BaseSettings):
         description="Events read but not yet written; above it every connection stops reading (TCP "
         "pushes back to ONTAP) until the backlog halves. Bounds memory whatever the load.",
     )
+    shutdown_read_grace_s: float = Field(
+        2.0,
+        ge=0,
+        le=30,
+        description="On SIGTERM, time to keep reading what ONTAP already sent (after BACK_PRESSURE_APPLY) "
+        "before closing the sessions; async ONTAP counts buffered notifications as delivered. 0 = close at once.",
+    )
     drain_timeout_s: float = Field(
         20.0, ge=0, le=120, description="On SIGTERM, time allowed to flush sinks (Fargate stops at 30 s)."
     )

@@ -15,7 +15,14 @@ from fpolicyd.app import Daemon
 from fpolicyd.config import Settings, load_settings
 from fpolicyd.events import NameMaps
 from fpolicyd.protocol.framing import XmlFrameReader
-from fpolicyd.protocol.messages import Handshake, ScreenRequest, ScreenResponse, StatusQuery, StatusQueryResp
+from fpolicyd.protocol.messages import (
+    BackPressure,
+    Handshake,
+    ScreenRequest,
+    ScreenResponse,
+    StatusQuery,
+    StatusQueryResp,
+)
 from fpolicyd.protocol.session import SessionConfig
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
@@ -297,3 +304,19 @@ async def test_the_suite_runs_on_uvloop() -> None:
     import uvloop
 
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+async def test_stop_reads_what_ontap_already_sent_and_asks_it_to_pause(tmp_path: Path) -> None:
+    d = Daemon(make_settings(tmp_path, shutdown_read_grace_s=5.0))
+    await d.start()
+    peer = await Peer.connect(d.port)
+    await peer.send(NEGO_REQ.frame)
+    await peer.receive()
+    await peer.send(*([SMB_REN.frame] * 2000))  # sits in socket buffers when the stop begins
+    report = await d.stop()
+    assert report.events == 2000
+    assert report.undelivered == 0
+    assert len(jsonl_events(tmp_path)) == 2000
+    back_pressure = decode_payload(await peer.receive()).message
+    assert back_pressure == BackPressure("d8ad84cc-79dd-11ee-b638-000c29cdbe04", True)
+    await peer.close()

@@ -77,6 +77,7 @@ class FPolicyConnection(asyncio.Protocol):
         self._paused = False
         self._yielding = False
         self.peer = "?"
+        self.last_data_at = self._loop.time()
         self.stats = ConnectionStats()
         self.closed = asyncio.Event()
 
@@ -106,6 +107,7 @@ class FPolicyConnection(asyncio.Protocol):
         if session is None or transport is None or transport.is_closing():
             return
         self.stats.bytes_received += len(data)
+        self.last_data_at = self._loop.time()
         try:
             payloads = self._reader.feed(data)
         except RemoteProtocolError as exc:
@@ -259,6 +261,23 @@ class FPolicyConnection(asyncio.Protocol):
             self._session.closed()
         if self._transport is not None:
             self._transport.close()
+
+    def begin_shutdown(self) -> None:
+        """First step of a daemon stop: ask ONTAP to stop sending (BACK_PRESSURE_APPLY) and keep reading.
+
+        In async mode ONTAP counts a notification as delivered once its socket accepted it, so whatever is
+        already in the kernel's buffers must be read before the connection is closed, not thrown away."""
+        session = self._session
+        transport = self._transport
+        if session is None or transport is None or transport.is_closing() or session.context is None:
+            return
+        transport.write(session.back_pressure(True))
+        log.info("back_pressure_applied", peer=self.peer, reason="shutdown", session_id=session.context.session_id)
+
+    @property
+    def quiet_for(self) -> float:
+        """Seconds since this connection last received anything."""
+        return self._loop.time() - self.last_data_at
 
     def shutdown(self) -> None:
         """Close on daemon stop (no goodbye exists in the protocol; ONTAP reconnects elsewhere)."""

@@ -1,0 +1,60 @@
+"""The back-pressure policy against its rules, over arbitrary sequences of spool sizes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fpolicyd.errors import ConfigError
+from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
+
+W = Watermarks(low_bytes=100, high_bytes=200, hard_bytes=300)
+
+
+@given(st.lists(st.integers(0, 400), max_size=200))
+def test_actions_alternate_and_match_the_state(sizes: list[int]) -> None:
+    bp = BackPressure(W)
+    applied = paused = False
+    for size in sizes:
+        for action in bp.update(size):
+            if action is Action.APPLY:
+                assert not applied
+                applied = True
+            elif action is Action.REMOVE:
+                assert applied
+                assert not paused
+                applied = False
+            elif action is Action.PAUSE_READING:
+                assert applied
+                assert not paused
+                paused = True
+            else:
+                assert paused
+                paused = False
+        assert applied == (bp.state is not Pressure.NORMAL)
+        assert paused == (bp.state is Pressure.PAUSED)
+        # The state is always the one the thresholds and the hysteresis call for.
+        assert paused == (size >= W.hard_bytes)
+        if size >= W.high_bytes:
+            assert applied
+        if size <= W.low_bytes:
+            assert not applied
+
+
+def test_hysteresis_between_low_and_high() -> None:
+    bp = BackPressure(W)
+    assert bp.update(150) == ()
+    assert bp.update(250) == (Action.APPLY,)
+    assert bp.update(150) == ()
+    assert bp.update(100) == (Action.REMOVE,)
+    assert bp.update(350) == (Action.APPLY, Action.PAUSE_READING)
+    assert bp.update(250) == (Action.RESUME_READING,)
+    assert bp.update(350) == (Action.PAUSE_READING,)
+    assert bp.update(0) == (Action.RESUME_READING, Action.REMOVE)
+
+
+@pytest.mark.parametrize(("low", "high", "hard"), [(200, 200, 300), (100, 300, 200), (-1, 10, 20)])
+def test_watermarks_are_validated(low: int, high: int, hard: int) -> None:
+    with pytest.raises(ConfigError, match="watermarks"):
+        Watermarks(low, high, hard)

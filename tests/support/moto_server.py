@@ -1,0 +1,95 @@
+"""A moto server for AWS tests: started by the tests themselves on 127.0.0.1 (an ephemeral port), never the real
+AWS. aiobotocore only works with moto in server mode (it speaks HTTP through aiohttp), so tests talk to it over
+loopback like to any endpoint.
+
+``moto_server()`` starts one and yields a :class:`MotoEndpoint`; ``isolate_aws_env`` points the standard AWS
+environment of one test at it (dummy credentials, region, no shared config files, no instance metadata), so
+even code that builds its clients from the environment alone cannot reach a real account.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+REGION = "us-east-1"
+ACCOUNT_ID = "123456789012"  # moto's default account
+#: Dummy credentials moto accepts; they would be refused by AWS.
+ACCESS_KEY_ID = "testing"
+SECRET_ACCESS_KEY = "testing"
+
+# Every variable that could steer botocore towards a real account or a real endpoint.
+_AWS_VARS = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_SQS",
+    "AWS_ENDPOINT_URL_EVENTBRIDGE",
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MotoEndpoint:
+    url: str
+    region: str = REGION
+    account_id: str = ACCOUNT_ID
+
+    def reset(self) -> None:
+        """Forget every resource (moto's reset API)."""
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[MotoEndpoint]:
+    """Start ``ThreadedMotoServer`` on 127.0.0.1, port 0 (the kernel picks a free port), yield its endpoint,
+    stop it. ``start()`` returns once the socket is bound; ``get_host_and_port()`` reads the bound port."""
+    # werkzeug logs every request at INFO on stderr; keep test output to what the tests say.
+    werkzeug_log = logging.getLogger("werkzeug")
+    level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield MotoEndpoint(url=f"http://{host}:{port}")
+    finally:
+        server.stop()
+        werkzeug_log.setLevel(level)
+
+
+def isolate_aws_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: MotoEndpoint | None = None, *, via_env: bool = False
+) -> None:
+    """Give this test dummy credentials and a region, hide shared config/credential files and instance metadata,
+    and clear anything else that names an account or endpoint. With ``via_env`` also set ``AWS_ENDPOINT_URL`` to
+    the moto server (to test that clients honour the standard environment)."""
+    for name in _AWS_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    if via_env:
+        if endpoint is None:
+            raise ValueError("via_env needs an endpoint")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.url)

@@ -1,20 +1,22 @@
-"""The daemon: settings → sinks → listener; SIGTERM/SIGINT → stop accepting, close sessions, drain sinks."""
+"""The daemon: settings → spool → sinks → listener; SIGTERM/SIGINT → stop accepting, read what is in flight,
+close sessions, make the spool durable, let the sinks drain within the budget (the rest stays in the spool)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
-import time
 from dataclasses import dataclass
 
 from fpolicyd.config import Settings
 from fpolicyd.events import NameMaps
 from fpolicyd.obs.log import get_logger
+from fpolicyd.pipeline.backpressure import Watermarks
+from fpolicyd.pipeline.spool import Spool, SpoolSettings
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
-from fpolicyd.server.delivery import Delivery
-from fpolicyd.sinks.local import build_sink
-from fpolicyd.sinks.runner import SinkRunner
+from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter
+from fpolicyd.sinks.factory import build_senders
 
 log = get_logger("fpolicyd.app")
 
@@ -25,30 +27,33 @@ SHUTDOWN_QUIET_S = 0.2
 @dataclass(frozen=True, slots=True)
 class StopReport:
     events: int
+    #: Largest sink backlog left in the spool (delivered after the next start).
     undelivered: int
 
 
 class Daemon:
-    """Owns the listener and the sink runners; ``run`` returns once stopped and drained."""
+    """Owns the spool, the pipeline and the listener; ``run`` returns once stopped and drained."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.delivery = Delivery(settings.max_pending_events)
-        self.context = ServerContext(
-            session_config=settings.session_config(),
-            names=NameMaps(
-                volumes=settings.volume_names,
-                svms=settings.svm_names,
-                default_volume=settings.volume_name,
-                default_svm=settings.svm_name,
-            ),
-            delivery=self.delivery,
-            max_frame_bytes=settings.max_frame_bytes,
-            max_connections=settings.max_connections,
-        )
         self._server: asyncio.Server | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
+        self._spool: Spool | None = None
+        self._pipeline: EventPipeline | None = None
+        self._context: ServerContext | None = None
+        self._clients: AwsClients | None = None
+        self._dead_letter: DeadLetterWriter | None = None
+
+    @property
+    def context(self) -> ServerContext:
+        assert self._context is not None, "start() first"
+        return self._context
+
+    @property
+    def pipeline(self) -> EventPipeline:
+        assert self._pipeline is not None, "start() first"
+        return self._pipeline
 
     @property
     def port(self) -> int:
@@ -63,16 +68,58 @@ class Daemon:
 
     async def start(self) -> None:
         settings = self.settings
-        for uri in settings.effective_sinks:
-            runner = SinkRunner(
-                build_sink(uri, settings),
-                max_bytes=settings.batch_max_bytes,
-                linger_s=settings.batch_linger_s,
-                wall_clock=time.time,
-                on_progress=self.delivery.on_progress,
-            )
-            await runner.start()
-            self.delivery.add(runner)
+        spool_settings = SpoolSettings(
+            directory=settings.effective_spool_dir,
+            segment_bytes=settings.spool_segment_bytes,
+            max_bytes=settings.spool_max_bytes,
+            fsync=settings.spool_fsync,
+            group_commit_s=settings.spool_group_commit_s,
+            checkpoint_interval_s=settings.checkpoint_interval_s,
+        )
+        self._clients = AwsClients(max_pool_connections=max(10, settings.sink_max_in_flight * 2))
+        self._dead_letter = DeadLetterWriter(settings.effective_dead_letter_dir / "dead-letter.jsonl")
+        senders = build_senders(settings, self._clients, self._dead_letter)
+        spool = await asyncio.to_thread(Spool.open, spool_settings, [sender.name for sender in senders])
+        self._spool = spool
+        report = spool.recovery
+        assert report is not None  # set by Spool.open
+        log.info(
+            "spool_opened",
+            directory=str(settings.effective_spool_dir),
+            records_recovered=report.records_recovered,
+            torn_bytes=report.torn_bytes,
+            corrupt_bytes=report.corrupt_bytes,
+            records_lost=report.records_lost,
+            quarantined=list(report.quarantined),
+            new_sinks=list(report.new_sinks),
+            dropped_sinks=list(report.dropped_sinks),
+            pending={name: spool.records_pending(name) for name in spool.sinks},
+        )
+        if report.torn_bytes or report.corrupt_bytes or report.quarantined:
+            log.warning("spool_repaired", torn_bytes=report.torn_bytes, corrupt_bytes=report.corrupt_bytes)
+        self._pipeline = EventPipeline(
+            spool,
+            senders,
+            Watermarks(
+                low_bytes=settings.backpressure_low_bytes,
+                high_bytes=settings.backpressure_high_bytes,
+                hard_bytes=settings.backpressure_pause_bytes,
+            ),
+            checkpoint_interval_s=settings.checkpoint_interval_s,
+        )
+        self._context = ServerContext(
+            session_config=settings.session_config(),
+            names=NameMaps(
+                volumes=settings.volume_names,
+                svms=settings.svm_names,
+                default_volume=settings.volume_name,
+                default_svm=settings.svm_name,
+            ),
+            pipeline=self._pipeline,
+            max_frame_bytes=settings.max_frame_bytes,
+            max_connections=settings.max_connections,
+        )
+        await self._pipeline.start()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: FPolicyConnection(self.context),
@@ -101,21 +148,33 @@ class Daemon:
     async def stop(self) -> StopReport:
         if self._server is not None:
             self._server.close()
+        if self._context is None:  # start() failed before the pipeline existed
+            await self._close_resources()
+            return StopReport(events=0, undelivered=0)
         await self._read_what_is_in_flight()
         for conn in list(self.context.connections):
             conn.shutdown()
         if self._server is not None:
             await self._server.wait_closed()
-        budget = self.settings.drain_timeout_s
-        undelivered = 0
-        for runner in self.delivery.runners:
-            left = await runner.drain(budget)
-            if left:
-                log.error("sink_drain_incomplete", sink=runner.sink.name, undelivered=left)
-            undelivered += left
+        undelivered = await self.pipeline.drain(self.settings.drain_timeout_s)
+        if undelivered:
+            log.warning(
+                "sink_drain_incomplete",
+                undelivered=undelivered,
+                detail="kept in the spool; delivered after the next start",
+            )
+        await self._close_resources()
         report = StopReport(events=self.context.events, undelivered=undelivered)
         log.info("stopped", events=report.events, undelivered=report.undelivered)
         return report
+
+    async def _close_resources(self) -> None:
+        if self._clients is not None:
+            await self._clients.close()
+        if self._dead_letter is not None:
+            self._dead_letter.close()
+        if self._spool is not None:
+            await asyncio.to_thread(self._spool.close)
 
     async def _read_what_is_in_flight(self) -> None:
         """Ask every session to stop sending, then keep reading until all are quiet or the grace ends."""

@@ -24,6 +24,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fpolicyd.errors import ConfigError
+from fpolicyd.pipeline.spool import SpoolFsync
 from fpolicyd.protocol.session import MIN_IDLE_FACTOR, EngineMode, SessionConfig
 from fpolicyd.sinks.jsonl import FsyncPolicy
 
@@ -171,8 +172,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("fpolicyd-data"), description="Root of everything fpolicyd writes locally.")
     sinks: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
-        description="Sink URIs (jsonl:DIR, stdout:); default jsonl:<data_dir>/events, or what MODE/LOG_DIR/"
-        "SQS_QUEUE_URL select.",
+        description="Sink URIs (jsonl:DIR, stdout:, sqs:QUEUE_URL, eventbridge:BUS); default jsonl:<data_dir>/events, "
+        "or what MODE/LOG_DIR/SQS_QUEUE_URL/EVENT_BUS_NAME select.",
     )
     mode: str | None = Field(
         None,
@@ -196,14 +197,42 @@ class Settings(BaseSettings):
         le=64 << 20,
         description="Largest write to a local sink (whole lines; one line may exceed it).",
     )
-    batch_linger_s: float = Field(
-        0.02, ge=0, le=10, description="How long a sink waits for more events after the first one."
+    # --- spool and back-pressure ------------------------------------------------------------------------
+    spool_dir: Path | None = Field(None, description="Spool (write-ahead log) directory; default <data_dir>/spool.")
+    spool_fsync: SpoolFsync = Field(
+        SpoolFsync.group,
+        description="group (fsync every spool_group_commit_s, on a thread) | always | never (kernel only).",
     )
-    max_pending_events: int = Field(
-        100_000,
-        ge=100,
-        description="Events read but not yet written; above it every connection stops reading (TCP "
-        "pushes back to ONTAP) until the backlog halves. Bounds memory whatever the load.",
+    spool_group_commit_s: float = Field(0.005, ge=0, le=1, description="Group-commit window of the spool.")
+    spool_segment_bytes: int = Field(64 << 20, ge=1 << 16, description="Spool segment file size.")
+    spool_max_bytes: int = Field(
+        4 << 30, ge=1 << 20, description="Hard size limit of the spool (reading pauses before it is reached)."
+    )
+    backpressure_high_bytes: int = Field(
+        2 << 30, ge=1, description="Spool size at which every ONTAP session gets BACK_PRESSURE_APPLY."
+    )
+    backpressure_low_bytes: int = Field(
+        1 << 30, ge=0, description="Spool size under which BACK_PRESSURE_REM is sent (must exceed a segment)."
+    )
+    backpressure_pause_bytes: int = Field(
+        3 << 30, ge=1, description="Spool size at which fpolicyd stops reading its sockets (TCP back-pressure)."
+    )
+    checkpoint_interval_s: float = Field(0.2, gt=0, le=60, description="How often sink cursors are persisted.")
+
+    # --- cloud sinks --------------------------------------------------------------------------------------
+    sink_max_in_flight: int = Field(4, ge=1, le=64, description="Batches in flight per SQS/EventBridge sink.")
+    sqs_group_id_field: str = Field(
+        "svm_name", description="Event field (dotted path) used as MessageGroupId on FIFO queues."
+    )
+    sqs_max_batch_bytes: int = Field(1 << 20, ge=1024, le=1 << 20, description="SendMessageBatch size limit.")
+    eventbridge_source: str = Field("fsxn.fpolicy", description="PutEvents Source.")
+    eventbridge_detail_type: str = Field("FPolicy File Operation", description="PutEvents DetailType.")
+    eventbridge_max_batch_bytes: int = Field(1 << 20, ge=1024, le=1 << 20, description="PutEvents size limit.")
+    eventbridge_max_entry_bytes: int = Field(
+        256 << 10, ge=1024, le=1 << 20, description="Largest PutEvents entry (larger events are dead-lettered)."
+    )
+    dead_letter_dir: Path | None = Field(
+        None, description="Where permanently rejected events go (JSON Lines); default <data_dir>/dead-letter."
     )
     shutdown_read_grace_s: float = Field(
         2.0,
@@ -273,6 +302,18 @@ class Settings(BaseSettings):
         )
         if self.realtime and not self.sqs_queue_url:
             raise ValueError("mode (MODE) is realtime but sqs_queue_url (SQS_QUEUE_URL) is empty")
+        if not (
+            self.spool_segment_bytes
+            <= self.backpressure_low_bytes
+            < self.backpressure_high_bytes
+            <= self.backpressure_pause_bytes
+            < self.spool_max_bytes
+        ):
+            raise ValueError(
+                "spool sizes must satisfy spool_segment_bytes <= backpressure_low_bytes < backpressure_high_bytes"
+                " <= backpressure_pause_bytes < spool_max_bytes (the active segment is never removed, so a low"
+                " watermark below one segment could never be reached)"
+            )
         return self
 
     @classmethod
@@ -302,11 +343,20 @@ class Settings(BaseSettings):
     def effective_sinks(self) -> tuple[str, ...]:
         if self.sinks:
             return self.sinks
+        bus = (f"eventbridge:{self.event_bus_name}",) if self.event_bus_name else ()
         if self.realtime:
-            return (f"sqs:{self.sqs_queue_url}",)
+            return (f"sqs:{self.sqs_queue_url}", *bus)
         if self.log_dir is not None:
-            return (f"jsonl:{self.log_dir}",)
-        return (f"jsonl:{self.data_dir / 'events'}",)
+            return (f"jsonl:{self.log_dir}", *bus)
+        return (f"jsonl:{self.data_dir / 'events'}", *bus)
+
+    @property
+    def effective_spool_dir(self) -> Path:
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
+
+    @property
+    def effective_dead_letter_dir(self) -> Path:
+        return self.dead_letter_dir if self.dead_letter_dir is not None else self.data_dir / "dead-letter"
 
     def session_config(self) -> SessionConfig:
         return SessionConfig(
@@ -319,7 +369,7 @@ class Settings(BaseSettings):
 
 
 #: Sink schemes this build can deliver to.
-SINK_SCHEMES: Final = ("jsonl", "stdout")
+SINK_SCHEMES: Final = ("jsonl", "stdout", "sqs", "eventbridge")
 
 
 def find_config_file(explicit: Path | None) -> Path | None:

@@ -9,7 +9,6 @@ is lost within a bounded deadline.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import socket
 import time
@@ -43,10 +42,17 @@ from fpolicyd.sinks.aws import (
     send_eventbridge_batch,
     send_sqs_batch,
 )
-from support.moto_server import MotoEndpoint, isolate_aws_env, moto_server
+from support.moto_server import (
+    MotoEndpoint,
+    bus_with_queue_rule,
+    create_queue,
+    drain_queue,
+    isolate_aws_env,
+    moto_server,
+    unique,
+)
 
 FAST = RetryPolicy(base_s=0.01, cap_s=0.05)
-RECEIVE_ROUNDS = 20  # bounded receive loops
 
 
 def make_event(n: int, svm: str = "svm-a") -> FileEvent:
@@ -75,10 +81,6 @@ def batches(items: list[Item], target: SqsTarget | EventBridgeTarget) -> list[Ba
     return out
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoEndpoint]:
     """One moto server for this module (each test names its own queues and buses)."""
@@ -103,39 +105,6 @@ async def clients(aws_env: MotoEndpoint) -> AsyncIterator[AwsClients]:
 def dead_letters(tmp_path: Path) -> Iterator[DeadLetterWriter]:
     with DeadLetterWriter(tmp_path / "dead-letter.jsonl") as writer:
         yield writer
-
-
-async def create_queue(sqs: Any, *, fifo: bool = False, **attributes: str) -> str:
-    name = unique("fpolicy") + (".fifo" if fifo else "")
-    if fifo:
-        attributes["FifoQueue"] = "true"
-    response = await sqs.create_queue(QueueName=name, Attributes=attributes)
-    return str(response["QueueUrl"])
-
-
-async def drain_queue(sqs: Any, queue_url: str, expected: int) -> list[dict[str, Any]]:
-    """Receive (and delete) until ``expected`` messages arrived or the bounded rounds run out."""
-    got: list[dict[str, Any]] = []
-    for _ in range(RECEIVE_ROUNDS):
-        if len(got) >= expected:
-            break
-        response = await sqs.receive_message(
-            QueueUrl=queue_url,
-            MaxNumberOfMessages=10,
-            MessageAttributeNames=["All"],
-            MessageSystemAttributeNames=["All"],
-            WaitTimeSeconds=0,
-        )
-        messages = response.get("Messages", [])
-        if not messages:
-            await asyncio.sleep(0.05)
-            continue
-        got.extend(messages)
-        await sqs.delete_message_batch(
-            QueueUrl=queue_url,
-            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
-        )
-    return got
 
 
 async def deliver_all(
@@ -349,21 +318,6 @@ async def test_refused_connections_are_retriable_and_nothing_is_lost(
 
 
 # ------------------------------------------------------------------------------------------- EventBridge
-
-
-async def bus_with_queue_rule(clients: AwsClients, source: str = "fsxn.fpolicy") -> tuple[str, str]:
-    """A custom bus, a standard queue, and a rule (source + detail-type, as the reference pipeline's) sending
-    matching events to the queue."""
-    events = await clients.events()
-    sqs = await clients.sqs()
-    bus = unique("fsxn-fpolicy-events")
-    await events.create_event_bus(Name=bus)
-    queue_url = await create_queue(sqs)
-    arn = (await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"]))["Attributes"]["QueueArn"]
-    pattern = {"source": [source], "detail-type": ["FPolicy File Operation"]}
-    await events.put_rule(Name="all-file-operations", EventBusName=bus, EventPattern=orjson.dumps(pattern).decode())
-    await events.put_targets(Rule="all-file-operations", EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
-    return bus, queue_url
 
 
 async def test_eventbridge_delivers_detail_through_a_rule(clients: AwsClients, dead_letters: DeadLetterWriter) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ import pytest
 from fpolicyd.app import Daemon
 from fpolicyd.config import Settings, load_settings
 from fpolicyd.events import NameMaps
+from fpolicyd.pipeline.backpressure import Watermarks
+from fpolicyd.pipeline.spool import Record, Spool, SpoolSettings
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import (
     BackPressure,
@@ -26,8 +28,7 @@ from fpolicyd.protocol.messages import (
 from fpolicyd.protocol.session import SessionConfig
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
-from fpolicyd.server.delivery import Delivery
-from fpolicyd.sinks.runner import SinkRunner
+from fpolicyd.server.pipeline import EventPipeline
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
 
@@ -36,7 +37,6 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "listen_host": "127.0.0.1",
         "listen_port": 0,
         "data_dir": str(tmp_path),
-        "batch_linger_s": 0.001,
         "jsonl_fsync": "never",
     }
     base.update(overrides)
@@ -142,10 +142,12 @@ async def test_sync_mode_answers_every_screen_request(daemon: Daemon) -> None:
     await peer.receive()
     await peer.send(SMB_OPEN.frame, SMB_REN.frame, encode_message(StatusQuery(77, "SMB_WR")))
     answers = [decode_payload(await peer.receive()).message for _ in range(3)]
-    assert answers == [
+    # SCREEN_RESPs wait until their event is durable, so the immediate status answer may overtake them; the
+    # SCREEN_RESPs keep the order of their requests.
+    assert StatusQueryResp(77, "SMB_WR", 1) in answers
+    assert [a for a in answers if isinstance(a, ScreenResponse)] == [
         ScreenResponse(2822, "SMB_OPEN", 1),
         ScreenResponse(4996, "SMB_REN", 1),
-        StatusQueryResp(77, "SMB_WR", 1),
     ]
     await peer.close()
 
@@ -239,71 +241,69 @@ async def test_many_concurrent_sessions(daemon: Daemon, tmp_path: Path) -> None:
         await peer.close()
 
 
-class SlowSink:
-    """A sink that takes 20 ms per batch, to force the readers to pause."""
+class SlowSender:
+    """A sink that takes 20 ms per batch of at most 20 events, to drive the spool over its watermarks."""
 
     name = "slow"
-    blocking_writes = True
-    max_batch_bytes: int | None = None
+    max_records = 20
+    max_bytes = 1 << 20
+    max_in_flight = 1
 
     def __init__(self) -> None:
-        self.lines: list[bytes] = []
-        self.writes = 0
+        self.payloads: list[bytes] = []
 
-    def open(self, now: float) -> None:
+    async def start(self) -> None:
         return None
 
-    def write(self, block: memoryview, lines: int, now: float) -> None:
-        time.sleep(0.02)
-        self.writes += 1
-        self.lines.extend(bytes(block).splitlines())
-        assert len(self.lines) == sum(1 for _ in self.lines)
+    async def send(self, records: Sequence[Record]) -> Sequence[Record]:
+        await asyncio.sleep(0.02)
+        self.payloads.extend(r.payload for r in records)
+        return ()
 
-    def sync_due(self, now: float) -> bool:
-        return False
-
-    def sync(self, now: float) -> None:
-        return None
-
-    def close(self) -> None:
+    async def close(self) -> None:
         return None
 
 
-async def test_a_slow_sink_pauses_reading_and_loses_nothing() -> None:
-    delivery = Delivery(max_pending_events=100)
-    sink = SlowSink()
-    runner = SinkRunner(sink, max_bytes=20_000, linger_s=0.0, wall_clock=time.time, on_progress=delivery.on_progress)
-    await runner.start()
-    delivery.add(runner)
+async def test_a_slow_sink_applies_back_pressure_pauses_reading_and_loses_nothing(tmp_path: Path) -> None:
+    spool = Spool.open(SpoolSettings(directory=tmp_path / "spool", segment_bytes=64 << 10, max_bytes=4 << 20), ["slow"])
+    sender = SlowSender()
+    pipeline = EventPipeline(
+        spool,
+        [sender],
+        Watermarks(low_bytes=128 << 10, high_bytes=256 << 10, hard_bytes=512 << 10),
+        checkpoint_interval_s=0.05,
+    )
     context = ServerContext(
         session_config=SessionConfig(),
         names=NameMaps(volumes={}, svms={}, default_volume=None, default_svm=None),
-        delivery=delivery,
+        pipeline=pipeline,
         max_frame_bytes=1 << 20,
         max_connections=4,
     )
+    await pipeline.start()
     server = await asyncio.get_running_loop().create_server(lambda: FPolicyConnection(context), "127.0.0.1", 0)
     peer = await Peer.connect(server.sockets[0].getsockname()[1])
-    await peer.send(NEGO_REQ.frame)
-    await peer.receive()
-    await peer.send(*([SMB_REN.frame] * 1000))
-    deadline = time.monotonic() + 20
-    while len(sink.lines) < 1000 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another thread's list
-        await asyncio.sleep(0.05)
-    assert len(sink.lines) == 1000
-    assert all(line.startswith(b'{"event_id":') for line in sink.lines)
-    assert delivery.pauses >= 1
-    assert sink.writes >= 10  # batches were cut at max_bytes, on line boundaries
-    await peer.close()
-    server.close()
-    await server.wait_closed()
-    assert await runner.drain(5.0) == 0
+    try:
+        await peer.send(NEGO_REQ.frame)
+        await peer.receive()
+        await peer.send(*([SMB_REN.frame] * 1000))
+        assert decode_payload(await peer.receive(within=20)).message == BackPressure(SESSION_ID, True)
+        assert decode_payload(await peer.receive(within=30)).message == BackPressure(SESSION_ID, False)
+        deadline = time.monotonic() + 20
+        while len(sender.payloads) < 1000 and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
+            await asyncio.sleep(0.02)
+        assert len(sender.payloads) == 1000
+        assert all(payload.startswith(b'{"event_id":') for payload in sender.payloads)
+        assert pipeline.pauses >= 1  # reading stopped at the pause watermark
+    finally:
+        await peer.close()
+        server.close()
+        await server.wait_closed()
+        assert await pipeline.drain(5.0) == 0
+        spool.close()
 
 
-async def test_the_suite_runs_on_uvloop() -> None:
-    import uvloop
-
-    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+SESSION_ID = "d8ad84cc-79dd-11ee-b638-000c29cdbe04"
 
 
 async def test_stop_reads_what_ontap_already_sent_and_asks_it_to_pause(tmp_path: Path) -> None:
@@ -318,5 +318,11 @@ async def test_stop_reads_what_ontap_already_sent_and_asks_it_to_pause(tmp_path:
     assert report.undelivered == 0
     assert len(jsonl_events(tmp_path)) == 2000
     back_pressure = decode_payload(await peer.receive()).message
-    assert back_pressure == BackPressure("d8ad84cc-79dd-11ee-b638-000c29cdbe04", True)
+    assert back_pressure == BackPressure(SESSION_ID, True)
     await peer.close()
+
+
+async def test_the_suite_runs_on_uvloop() -> None:
+    import uvloop
+
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)

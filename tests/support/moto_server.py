@@ -9,15 +9,22 @@ even code that builds its clients from the environment alone cannot reach a real
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 from moto.server import ThreadedMotoServer
+
+from fpolicyd.sinks.aws import AwsClients
 
 REGION = "us-east-1"
 ACCOUNT_ID = "123456789012"  # moto's default account
@@ -93,3 +100,54 @@ def isolate_aws_env(
         if endpoint is None:
             raise ValueError("via_env needs an endpoint")
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.url)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def create_queue(sqs: Any, *, fifo: bool = False, **attributes: str) -> str:
+    name = unique("fpolicy") + (".fifo" if fifo else "")
+    if fifo:
+        attributes["FifoQueue"] = "true"
+    response = await sqs.create_queue(QueueName=name, Attributes=attributes)
+    return str(response["QueueUrl"])
+
+
+async def drain_queue(sqs: Any, queue_url: str, expected: int, *, within: float = 10.0) -> list[dict[str, Any]]:
+    """Receive (and delete) until ``expected`` messages arrived or ``within`` seconds passed (bounded)."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + within
+    while len(got) < expected and time.monotonic() < deadline:
+        response = await sqs.receive_message(
+            QueueUrl=queue_url,
+            MaxNumberOfMessages=10,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["All"],
+            WaitTimeSeconds=0,
+        )
+        messages = response.get("Messages", [])
+        if not messages:
+            await asyncio.sleep(0.05)
+            continue
+        got.extend(messages)
+        await sqs.delete_message_batch(
+            QueueUrl=queue_url,
+            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+        )
+    return got
+
+
+async def bus_with_queue_rule(clients: AwsClients, source: str = "fsxn.fpolicy") -> tuple[str, str]:
+    """A custom bus, a standard queue, and a rule (source + detail-type, as the reference pipeline's) sending
+    matching events to the queue."""
+    events = await clients.events()
+    sqs = await clients.sqs()
+    bus = unique("fsxn-fpolicy-events")
+    await events.create_event_bus(Name=bus)
+    queue_url = await create_queue(sqs)
+    arn = (await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"]))["Attributes"]["QueueArn"]
+    pattern = {"source": [source], "detail-type": ["FPolicy File Operation"]}
+    await events.put_rule(Name="all-file-operations", EventBusName=bus, EventPattern=orjson.dumps(pattern).decode())
+    await events.put_targets(Rule="all-file-operations", EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
+    return bus, queue_url

@@ -1,8 +1,9 @@
 """One ONTAP connection: asyncio Protocol glue around the sans-IO framer and session.
 
-Per read the work is: split frames, decode, answer, normalize, hand the encoded event to delivery. Nothing here
-awaits; replies produced by one read are written with one ``writelines``. When delivery is over its limit the
-transport stops reading until delivery catches up (TCP then pushes back to ONTAP).
+Per read the work is: split frames, decode, answer, normalize, append the encoded event to the spool. Nothing
+here awaits; replies produced by one read are written with one ``writelines`` (a synchronous engine's
+SCREEN_RESP waits until its event is durable). While the pipeline asks for it (spool over its pause
+watermark), the transport stops reading and TCP pushes back to ONTAP.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 from fpolicyd.errors import RemoteProtocolError
@@ -26,7 +28,7 @@ from fpolicyd.protocol.session import (
     Session,
     SessionConfig,
 )
-from fpolicyd.server.delivery import Delivery
+from fpolicyd.server.pipeline import EventPipeline
 
 log = get_logger("fpolicyd.connection")
 
@@ -39,21 +41,22 @@ class ConnectionStats:
 
 
 class ServerContext:
-    """What every connection shares: settings, delivery, counters, the set of live connections."""
+    """What every connection shares: settings, the pipeline, counters, the set of live connections."""
 
     def __init__(
         self,
         *,
         session_config: SessionConfig,
         names: NameMaps,
-        delivery: Delivery,
+        pipeline: EventPipeline,
         max_frame_bytes: int,
         max_connections: int,
         wall_clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
         self.session_config = session_config
         self.names = names
-        self.delivery = delivery
+        self.pipeline = pipeline
+        pipeline.broadcast_back_pressure = self.broadcast_back_pressure
         self.max_frame_bytes = max_frame_bytes
         self.max_connections = max_connections
         self.wall_clock_us = wall_clock_us
@@ -63,6 +66,11 @@ class ServerContext:
         self.notices: dict[str, int] = {}
         self.events = 0
         self.sessions_opened = 0
+
+    def broadcast_back_pressure(self, apply: bool) -> None:
+        """BACK_PRESSURE_APPLY (or _REM) to every negotiated session."""
+        for conn in list(self.connections):
+            conn.send_back_pressure(apply)
 
 
 class FPolicyConnection(asyncio.Protocol):
@@ -118,7 +126,7 @@ class FPolicyConnection(asyncio.Protocol):
         now = self._loop.time()
         received_at_us = self._ctx.wall_clock_us()
         ctx = self._ctx
-        delivery = ctx.delivery
+        pipeline = ctx.pipeline
         names = ctx.names
         replies: list[bytes] = []
         events = 0
@@ -127,10 +135,13 @@ class FPolicyConnection(asyncio.Protocol):
                 if type(out) is FileNotification:
                     context = session.context
                     assert context is not None  # a FileNotification only exists after the handshake
-                    delivery.submit(normalize(out.request, context, names, received_at_us).to_json())
+                    line = normalize(out.request, context, names, received_at_us).to_json()
+                    if out.response is None:
+                        pipeline.submit(line)
+                    else:
+                        # A synchronous engine is answered only once the event is durable.
+                        pipeline.submit(line, partial(self._write, out.response))
                     events += 1
-                    if out.response is not None:
-                        replies.append(out.response)
                 elif type(out) is Reply:
                     replies.append(out.data)
                 elif type(out) is Notice:
@@ -144,7 +155,7 @@ class FPolicyConnection(asyncio.Protocol):
         if replies:
             transport.writelines(replies)
         self._count_events(events, len(payloads))
-        if delivery.over_limit and not self._paused:
+        if pipeline.reading_paused and not self._paused:
             self._pause()
         elif not self._paused:
             self._yield()
@@ -154,7 +165,7 @@ class FPolicyConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ctx.connections.discard(self)
-        self._ctx.delivery.forget(id(self))
+        self._ctx.pipeline.forget(id(self))
         if self._timer is not None:
             self._timer.cancel()
         session = self._session
@@ -204,7 +215,7 @@ class FPolicyConnection(asyncio.Protocol):
         assert self._transport is not None
         self._paused = True
         self._transport.pause_reading()
-        self._ctx.delivery.park(id(self), self._resume)
+        self._ctx.pipeline.park(id(self), self._resume)
 
     def _resume(self) -> None:
         self._paused = False
@@ -217,6 +228,8 @@ class FPolicyConnection(asyncio.Protocol):
         ctx.notices[kind] = ctx.notices.get(kind, 0) + 1
         if kind is NoticeKind.KEEP_ALIVE:
             return
+        if kind is NoticeKind.HANDSHAKE and ctx.pipeline.back_pressure_applied:
+            self.send_back_pressure(True)
         if kind is NoticeKind.ALERT:
             severity = str(notice.fields.get("severity", ""))
             emit = log.error if severity.upper() == "FATAL" else log.warning
@@ -261,6 +274,16 @@ class FPolicyConnection(asyncio.Protocol):
             self._session.closed()
         if self._transport is not None:
             self._transport.close()
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def send_back_pressure(self, apply: bool) -> None:
+        session = self._session
+        if session is not None and session.context is not None:
+            self._write(session.back_pressure(apply))
 
     def begin_shutdown(self) -> None:
         """First step of a daemon stop: ask ONTAP to stop sending (BACK_PRESSURE_APPLY) and keep reading.

@@ -1,59 +1,31 @@
-"""Batching sink runner: the asyncio edge between the readers and one sink.
+"""Sink workers: one per configured sink, all the same shape — read from the spool → send → ack.
 
-Readers call :meth:`SinkRunner.submit` with an encoded event line; it only appends to a buffer, so a reader
-never waits on a sink. One task per sink takes batches (whole lines, up to ``max_bytes``, lingering
-``linger_s`` after the first entry for more), writes each batch, and retries a failed batch with capped
-exponential backoff and full jitter. A batch is never dropped: a sink that keeps failing keeps its backlog,
-which the flow control of :class:`Delivery` turns into TCP back-pressure on ONTAP.
+A worker reads the sink's next durable records from the spool (its own cursor), hands them to the sink's
+:class:`Sender`, and acks the range once every record is settled (delivered, or dead-lettered with a reason).
+What a send leaves unsettled is sent again — only that — after a capped, fully jittered backoff; nothing is
+ever dropped, and records that are read but unacked when the process stops are read again after the next
+start (at least once). Several reads may be in flight (``max_in_flight``); the spool's ``ack_range`` holds an
+out-of-order completion until the gap before it closes.
 
 Where work runs, measured (benchmarks/bench_ingest.py): handing every batch to a thread cost ~20 µs of CPU per
-event, because the worker thread and the readers fight for the GIL at every lxml parse. So a file write to the
-page cache (a fraction of a millisecond per batch) runs inline on the loop, and only what really blocks runs
-on the sink's own thread: fsync (which holds no GIL while it waits) and writes to a pipe that may stall.
-Lines are appended to one ``bytearray`` rather than kept as a list of ``bytes``: tens of thousands of live
-1 KB objects made every allocation fault in fresh pages (to_json went from 1.5 to 8 µs per event).
+event, because the worker thread and the readers fight for the GIL at every lxml parse. So senders do their
+work on the event loop (a file write to the page cache, an HTTP request) and only what really blocks — fsync,
+a pipe that may stall — runs on a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
+from fpolicyd.pipeline.spool import Record, Spool
 
 log = get_logger("fpolicyd.sink")
-
-
-class LocalSink(Protocol):
-    """A sink driven by :class:`SinkRunner`."""
-
-    name: str
-    #: True when ``write`` may block for long (a pipe to a slow reader): it then runs on the sink's thread.
-    blocking_writes: bool
-    #: Largest batch the sink takes at once (e.g. a JSON Lines file's size limit), or None for no limit.
-    max_batch_bytes: int | None
-
-    def open(self, now: float) -> None: ...
-
-    def write(self, block: memoryview, lines: int, now: float) -> None:
-        """Hand ``lines`` complete, newline-terminated lines to the kernel (no fsync). Raises SinkError.
-        ``block`` is only valid during the call: copy what must outlive it."""
-        ...
-
-    def sync_due(self, now: float) -> bool:
-        """Whether :meth:`sync` has work to do now (its policy, pending data)."""
-        ...
-
-    def sync(self, now: float) -> None:
-        """Make written data durable (blocking; runs on the sink's thread). Raises SinkError."""
-        ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,145 +38,130 @@ class RetryPolicy:
         return rng.uniform(0.0, min(self.cap_s, self.base_s * (2**attempt)))
 
 
-def _slices(raw: bytearray, limit: int) -> Iterator[tuple[memoryview, int]]:
-    """Consecutive views of ``raw`` made of whole lines, each at most ``limit`` bytes unless one line is longer,
-    with the number of lines in each."""
-    data = memoryview(raw)
-    start, end = 0, len(raw)
-    while start < end:
-        stop = start + limit
-        if stop >= end:
-            stop = end
-        else:
-            cut = raw.rfind(b"\n", start, stop)
-            stop = (cut if cut >= start else raw.find(b"\n", stop)) + 1
-        yield data[start:stop], raw.count(b"\n", start, stop)
-        start = stop
+class Sender(Protocol):
+    """What a sink does with records. ``send`` returns the records it could not settle (to be sent again)."""
+
+    name: str
+    #: Largest read handed to one ``send`` (records, payload bytes).
+    max_records: int
+    max_bytes: int
+    #: Concurrent ``send`` calls; 1 keeps order (JSON Lines, FIFO queues).
+    max_in_flight: int
+
+    async def start(self) -> None:
+        """Open files / check the queue or bus exists. Raises SinkError."""
+        ...
+
+    async def send(self, records: Sequence[Record]) -> Sequence[Record]: ...
+
+    async def close(self) -> None: ...
 
 
-class SinkRunner:
+@dataclass(slots=True)
+class WorkerStats:
+    delivered: int = 0
+    sends: int = 0
+    failures: int = 0
+
+
+class SinkWorker:
     def __init__(
         self,
-        sink: LocalSink,
+        sender: Sender,
+        spool: Spool,
         *,
-        max_bytes: int,
-        linger_s: float,
-        wall_clock: Callable[[], float],
-        on_progress: Callable[[], None],
+        on_ack: Callable[[], None],
         retry: RetryPolicy | None = None,
-        tick_interval_s: float = 0.5,
     ) -> None:
-        self.sink = sink
-        self._max_bytes = min(max_bytes, sink.max_batch_bytes or max_bytes)
-        self._linger_s = linger_s
-        self._clock = wall_clock
-        self._on_progress = on_progress
+        self.sender = sender
+        self._spool = spool
+        self._on_ack = on_ack
         self._retry = retry or RetryPolicy()
-        self._tick_interval_s = tick_interval_s
-        self._buffer = bytearray()
-        self._buffered = 0
-        self._wakeup = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{sink.name}")
         self._rng = random.Random()
-        self.delivered = 0
-        self.batches = 0
-        self.failures = 0
-        self.in_flight = 0
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(sender.max_in_flight)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.stats = WorkerStats()
+        #: Last send error, for readiness; None once a send succeeds again.
+        self.last_error: SinkError | None = None
 
     @property
-    def pending(self) -> int:
-        """Events accepted and not yet written (queued plus the batch being written)."""
-        return self._buffered + self.in_flight
+    def name(self) -> str:
+        return self.sender.name
 
-    def submit(self, line: bytes) -> None:
-        """Queue one JSON document (no newline inside: orjson never writes one)."""
-        self._buffer += line
-        self._buffer += b"\n"
-        self._buffered += 1
+    @property
+    def lag(self) -> int:
+        """Records appended and not yet acked by this sink."""
+        return self._spool.records_pending(self.name)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}")
+
+    def wake(self) -> None:
+        """New durable records exist."""
         if not self._wakeup.is_set():
             self._wakeup.set()
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.sink.open, self._clock())
-        self._task = asyncio.create_task(self._run(), name=f"sink-{self.sink.name}")
-
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._buffered:
-                if self._stopping:
-                    return
+        spool = self._spool
+        sender = self.sender
+        while not self._stopping:
+            records = spool.read(self.name, sender.max_records, sender.max_bytes)
+            if not records:
                 self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._slots.acquire()
+            task = asyncio.create_task(self._deliver(records))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _deliver(self, records: Sequence[Record]) -> None:
+        try:
+            pending = records
+            attempt = 0
+            while True:
+                self.stats.sends += 1
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), self._tick_interval_s)
-                except TimeoutError:
-                    await self._retrying(loop, self._sync_if_due, 0)
-                    continue
-            if self._linger_s and not self._stopping and len(self._buffer) < self._max_bytes:
-                await asyncio.sleep(self._linger_s)
-            # Take the whole buffer (O(1), whatever the backlog), then write it in slices of whole lines.
-            taken, self._buffer = self._buffer, bytearray()
-            self.in_flight, self._buffered = self._buffered, 0
-            for block, lines in _slices(taken, self._max_bytes):
-                await self._retrying(loop, self._write_batch, lines, block, lines)
-                self.in_flight -= lines
-                self.delivered += lines
-                self.batches += 1
-                self._on_progress()
-
-    async def _write_batch(self, loop: asyncio.AbstractEventLoop, block: memoryview, lines: int) -> None:
-        if self.sink.blocking_writes:
-            await loop.run_in_executor(self._executor, self.sink.write, block, lines, self._clock())
-        else:
-            self.sink.write(block, lines, self._clock())
-        await self._sync_if_due(loop)
-
-    async def _sync_if_due(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = self._clock()
-        if self.sink.sync_due(now):
-            await loop.run_in_executor(self._executor, self.sink.sync, now)
-
-    async def _retrying(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        step: Callable[..., Awaitable[None]],
-        events: int,
-        *args: object,
-    ) -> None:
-        attempt = 0
-        while True:
-            try:
-                await step(loop, *args)
-                return
-            except SinkError as exc:
-                self.failures += 1
+                    pending = await self.sender.send(pending)
+                except SinkError as exc:
+                    self.last_error = exc
+                else:
+                    if not pending:
+                        break
+                    self.last_error = SinkError(f"{self.name}: {len(pending)} events not settled", retriable=True)
+                self.stats.failures += 1
                 delay = self._retry.delay(attempt, self._rng)
-                log.error(
-                    "sink_write_failed",
-                    sink=self.sink.name,
-                    events=events,
-                    retriable=exc.retriable,
-                    error=str(exc),
+                log.warning(
+                    "sink_send_incomplete",
+                    sink=self.name,
+                    events=len(pending),
+                    error=str(self.last_error),
                     retry_in_s=round(delay, 3),
                     attempt=attempt + 1,
                 )
                 attempt += 1
                 await asyncio.sleep(delay)
+            self.last_error = None
+            self._spool.ack_range(self.name, records[0].seq, records[-1].seq)
+            self.stats.delivered += len(records)
+            self._on_ack()
+        finally:
+            self._slots.release()
 
-    async def drain(self, timeout_s: float) -> int:
-        """Stop taking new work, write what is pending within ``timeout_s``; return events left unwritten."""
-        self._stopping = True
-        self._wakeup.set()
-        if self._task is not None:
-            done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
-            if not done:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
-        left = self.pending
+    async def stop(self, timeout_s: float) -> None:
+        """Deliver what is durable within ``timeout_s``, then stop; the rest stays in the spool."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.sink.close)
-        self._executor.shutdown(wait=True)
-        return left
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline and (self.lag or self._in_flight):
+            self.wake()
+            await asyncio.sleep(0.01)
+        self._stopping = True
+        self.wake()
+        tasks = [t for t in (self._task, *self._in_flight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.sender.close()

@@ -1,0 +1,210 @@
+"""The event pipeline's asyncio edge: readers append to the spool; a commit task makes appends durable; sink
+workers deliver from the spool; back-pressure follows the spool's size.
+
+Order of events for one notification:
+1. the reader normalizes it and calls :meth:`EventPipeline.submit` (an in-memory append, no syscall);
+2. once per loop iteration the spool's buffer is flushed to the kernel (one ``write`` for every connection);
+3. the commit task fsyncs on a worker thread (group commit: ``spool_group_commit_s`` after data became
+   pending; what arrives meanwhile rides on the next fsync) and then releases what waited for durability —
+   the SCREEN_RESP of a synchronous engine — and wakes the sink workers, which only ever read durable records.
+
+If the spool is full (it should not be: reading pauses before that), the event is held in memory, every
+reader stops, and the held events go in first as soon as space frees up: an event that was read is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from fpolicyd.errors import SinkError
+from fpolicyd.obs.log import get_logger
+from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
+from fpolicyd.pipeline.spool import Spool, SpoolFullError
+from fpolicyd.sinks.runner import RetryPolicy, Sender, SinkWorker
+
+log = get_logger("fpolicyd.pipeline")
+
+OnDurable = Callable[[], None]
+
+
+class EventPipeline:
+    def __init__(
+        self,
+        spool: Spool,
+        senders: Sequence[Sender],
+        watermarks: Watermarks,
+        *,
+        checkpoint_interval_s: float,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.spool = spool
+        self.workers = [SinkWorker(sender, spool, on_ack=self._after_ack, retry=retry) for sender in senders]
+        self.pressure = BackPressure(watermarks)
+        self._checkpoint_interval_s = checkpoint_interval_s
+        self._waiters: deque[tuple[int, OnDurable]] = deque()
+        self._held: deque[tuple[bytes, OnDurable | None]] = deque()
+        self._parked: dict[int, Callable[[], None]] = {}
+        self._flush_scheduled = False
+        self._commit_wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-sync")
+        #: Called with True/False when ONTAP should be asked to stop/resume sending (set by the server).
+        self.broadcast_back_pressure: Callable[[bool], None] = lambda apply: None
+        self.accepted = 0
+        self.held_total = 0
+        self.pauses = 0
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        for worker in self.workers:
+            try:
+                await worker.sender.start()
+            except SinkError as exc:
+                if not exc.retriable:
+                    raise
+                log.error("sink_unavailable_at_start", sink=worker.name, error=str(exc), detail="events are spooled")
+            worker.start()
+        self._tasks = [
+            asyncio.create_task(self._commit_loop(), name="spool-commit"),
+            asyncio.create_task(self._checkpoint_loop(), name="spool-checkpoint"),
+        ]
+        self._update_pressure()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Make everything durable, let the sinks deliver within ``timeout_s``, persist the cursors; return the
+        largest sink backlog left (it stays in the spool and is delivered after the next start)."""
+        self._flush()
+        await self._commit_now()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        for worker in self.workers:
+            await worker.stop(max(0.0, deadline - loop.time()))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        left = max((worker.lag for worker in self.workers), default=0)
+        await loop.run_in_executor(self._executor, self.spool.checkpoint)
+        self._executor.shutdown(wait=True)
+        return left
+
+    # ------------------------------------------------------------------------------------------ readers
+
+    def submit(self, line: bytes, on_durable: OnDurable | None = None) -> None:
+        """Take one encoded event; ``on_durable`` runs once it is safe on disk (per the fsync policy)."""
+        self.accepted += 1
+        if self._held:
+            self._held.append((line, on_durable))
+        else:
+            try:
+                seq = self.spool.append(line)
+            except SpoolFullError as exc:
+                self._hold(line, on_durable, exc)
+            else:
+                if on_durable is not None:
+                    self._waiters.append((seq, on_durable))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    @property
+    def reading_paused(self) -> bool:
+        return bool(self._held) or self.pressure.state is Pressure.PAUSED
+
+    @property
+    def back_pressure_applied(self) -> bool:
+        return self.pressure.state is not Pressure.NORMAL
+
+    def park(self, key: int, resume: Callable[[], None]) -> None:
+        """Remember a paused reader; ``resume`` is called once reading may go on."""
+        if key not in self._parked:
+            self.pauses += 1
+        self._parked[key] = resume
+
+    def forget(self, key: int) -> None:
+        self._parked.pop(key, None)
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _hold(self, line: bytes, on_durable: OnDurable | None, exc: SpoolFullError) -> None:
+        if not self._held:
+            log.error("spool_full", error=str(exc), detail="reading paused; events held in memory until space frees")
+        self.held_total += 1
+        self._held.append((line, on_durable))
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        spool = self.spool
+        if spool.buffered_bytes:
+            spool.flush()
+        if spool.commit_delay is None:
+            self._durable()
+        elif spool.sync_pending:
+            self._commit_wakeup.set()
+        self._update_pressure()
+
+    async def _commit_now(self) -> None:
+        if self.spool.sync_pending:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.spool.sync)
+        self._durable()
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._commit_wakeup.wait()
+            self._commit_wakeup.clear()
+            delay = self.spool.commit_delay
+            if delay:
+                await asyncio.sleep(delay)
+            await self._commit_now()
+
+    async def _checkpoint_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._checkpoint_interval_s)
+            if self.spool.cursors_dirty:
+                await loop.run_in_executor(self._executor, self.spool.checkpoint)
+
+    def _durable(self) -> None:
+        self.spool.collect()  # segments every sink acked can go once a later record is durable
+        durable = self.spool.durable_seq
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= durable:
+            waiters.popleft()[1]()
+        for worker in self.workers:
+            worker.wake()
+
+    def _after_ack(self) -> None:
+        if self._held:
+            self._take_back_held()
+        self._update_pressure()
+
+    def _take_back_held(self) -> None:
+        while self._held:
+            line, on_durable = self._held[0]
+            try:
+                seq = self.spool.append(line)
+            except SpoolFullError:
+                return
+            self._held.popleft()
+            if on_durable is not None:
+                self._waiters.append((seq, on_durable))
+        log.info("spool_space_recovered", held_total=self.held_total)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _update_pressure(self) -> None:
+        for action in self.pressure.update(self.spool.size_bytes):
+            log.warning("back_pressure", action=action.value, spool_bytes=self.spool.size_bytes)
+            if action is Action.APPLY:
+                self.broadcast_back_pressure(True)
+            elif action is Action.REMOVE:
+                self.broadcast_back_pressure(False)
+        if self._parked and not self.reading_paused:
+            waiting = list(self._parked.values())
+            self._parked.clear()
+            for resume in waiting:
+                resume()

@@ -1,0 +1,113 @@
+"""simulator → `fpolicyd serve` (subprocess) → SQS / EventBridge on a moto server the tests start themselves."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+
+from fpolicyd.events import load_event_schema
+from fpolicyd.simulator import SimulatorConfig, run
+from fpolicyd.sinks.aws import AwsClients
+from support.moto_server import (
+    MotoEndpoint,
+    bus_with_queue_rule,
+    create_queue,
+    drain_queue,
+    isolate_aws_env,
+    moto_server,
+)
+from support.serve import read_events, start_serve, stop
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoEndpoint]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+async def clients(moto: MotoEndpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[AwsClients]:
+    # The daemon subprocess inherits this environment: dummy credentials and AWS_ENDPOINT_URL = moto.
+    isolate_aws_env(monkeypatch, tmp_path, moto, via_env=True)
+    async with AwsClients(endpoint_url=moto.url, region_name=moto.region) as made:
+        yield made
+
+
+def event_ids(messages: list[dict[str, Any]], *, key: str | None = None) -> list[str]:
+    out = []
+    for message in messages:
+        body = orjson.loads(message["Body"])
+        event = body[key] if key else body
+        jsonschema.validate(event, load_event_schema())
+        out.append(event["event_id"])
+    return out
+
+
+async def test_every_event_reaches_sqs_exactly_once(clients: AwsClients, tmp_path: Path) -> None:
+    sqs = await clients.sqs()
+    queue_url = await create_queue(sqs)
+    daemon, log_reader = await start_serve(tmp_path, "--sinks", f"sqs:{queue_url},jsonl:{tmp_path / 'events'}")
+    report = await run(SimulatorConfig(port=daemon.port, nodes=2, events=150, seed=21))
+    assert report.completed
+    assert await stop(daemon) == 0
+    await log_reader
+    messages = await drain_queue(sqs, queue_url, 300, within=30)
+    ids = event_ids(messages)
+    assert len(ids) == len(set(ids)) == 300
+    assert set(ids) == {event["event_id"] for event in read_events(tmp_path)}
+    attributes = messages[0]["MessageAttributes"]
+    assert {"operation", "svm"} <= set(attributes)
+    stopped = next(line for line in daemon.log_lines if line.get("event") == "stopped")
+    assert stopped["undelivered"] == 0
+
+
+async def test_eventbridge_rule_routes_every_event_to_its_target(clients: AwsClients, tmp_path: Path) -> None:
+    bus, queue_url = await bus_with_queue_rule(clients)
+    daemon, log_reader = await start_serve(tmp_path, "--sinks", f"eventbridge:{bus}")
+    assert (await run(SimulatorConfig(port=daemon.port, nodes=1, events=120, seed=22))).completed
+    assert await stop(daemon) == 0
+    await log_reader
+    messages = await drain_queue(await clients.sqs(), queue_url, 120, within=30)
+    envelopes = [orjson.loads(m["Body"]) for m in messages]
+    assert {e["source"] for e in envelopes} == {"fsxn.fpolicy"}
+    assert {e["detail-type"] for e in envelopes} == {"FPolicy File Operation"}
+    ids = event_ids(messages, key="detail")
+    assert len(ids) == len(set(ids)) == 120
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_sink_outage_keeps_events_in_the_spool_until_the_endpoint_is_back(
+    clients: AwsClients, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto: MotoEndpoint
+) -> None:
+    sqs = await clients.sqs()
+    queue_url = await create_queue(sqs)
+    # First run: the endpoint refuses connections; the daemon starts anyway, spools, and keeps the backlog.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
+    daemon, log_reader = await start_serve(tmp_path, "--sinks", f"sqs:{queue_url}", "--drain-timeout-s", "1")
+    assert (await run(SimulatorConfig(port=daemon.port, nodes=1, events=200, seed=23))).completed
+    assert await stop(daemon) == 0
+    await log_reader
+    assert any(line.get("event") == "sink_unavailable_at_start" for line in daemon.log_lines)
+    stopped = next(line for line in daemon.log_lines if line.get("event") == "stopped")
+    assert stopped["undelivered"] == 200
+    # Second run: the endpoint is back; the spooled events go out.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.url)
+    again, again_log = await start_serve(tmp_path, "--sinks", f"sqs:{queue_url}")
+    assert await stop(again) == 0
+    await again_log
+    ids = event_ids(await drain_queue(sqs, queue_url, 200, within=30))
+    assert len(ids) == len(set(ids)) == 200

@@ -1,0 +1,79 @@
+"""Running `fpolicyd serve` as a real subprocess (real CLI, real signals) for end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+VOLUME_NAMES = {2147830405: "vol_finance"}
+
+
+@dataclass
+class Served:
+    process: asyncio.subprocess.Process
+    port: int
+    data_dir: Path
+    log_lines: list[dict[str, Any]]
+
+
+async def _read_log(stream: asyncio.StreamReader, into: list[dict[str, Any]], ready: asyncio.Future[int]) -> None:
+    while line := await stream.readline():
+        record = orjson.loads(line)
+        into.append(record)
+        if record.get("event") == "listening" and not ready.done():
+            ready.set_result(int(record["port"]))
+
+
+async def start_serve(tmp_path: Path, *flags: str) -> tuple[Served, asyncio.Task[None]]:
+    """Start the daemon on 127.0.0.1 (kernel-chosen port, read from its "listening" log line) with its data
+    under ``tmp_path``; returns it and the task that collects its JSON log lines."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FPOLICYD_")}
+    env["FPOLICYD_VOLUME_NAMES"] = orjson.dumps({str(k): v for k, v in VOLUME_NAMES.items()}).decode()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fpolicyd",
+        "serve",
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        "--svm-name",
+        "svm_e2e",
+        "--jsonl-fsync",
+        "never",
+        *flags,
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log_lines: list[dict[str, Any]] = []
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    reader = asyncio.create_task(_read_log(process.stderr, log_lines, ready))
+    port = await asyncio.wait_for(ready, 20)
+    return Served(process, port, tmp_path, log_lines), reader
+
+
+async def stop(daemon: Served) -> int:
+    daemon.process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(daemon.process.wait(), 30)
+
+
+def read_events(data_dir: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for path in sorted((data_dir / "events").glob("fpolicy_events_*.jsonl")):
+        data = path.read_bytes()
+        assert data.endswith(b"\n"), f"{path} ends with a torn line"
+        out.extend(orjson.loads(line) for line in data.splitlines())
+    return out

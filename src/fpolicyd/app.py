@@ -157,6 +157,7 @@ class Daemon:
         if self._server is not None:
             await self._server.wait_closed()
         undelivered = await self.pipeline.drain(self.settings.drain_timeout_s)
+        log.info("sink_stats", sinks=self.pipeline.sink_stats())
         if undelivered:
             log.warning(
                 "sink_drain_incomplete",

@@ -17,7 +17,10 @@ in-memory buffer (no syscall, except when a segment rolls); :meth:`~Spool.flush`
 kernel with one ``write``; :meth:`~Spool.sync` makes it durable. The intended loop: append what a read
 produced, flush once per loop iteration (across all connections), and run ``sync`` on a worker thread
 ``commit_delay`` seconds after data became pending (0 for ``always``, ``group_commit_s`` for ``group``), one
-sync at a time: what arrives while a sync runs is covered by the next one, which is what group commit is.
+sync at a time: what arrives while a sync runs is covered by the next one, which is what group commit is. When
+a sync completes, back on the loop: wake the sinks (they only see durable records), release sync-mode replies up
+to ``durable_seq`` and call :meth:`~Spool.collect`. Every ``checkpoint_interval_s`` while ``cursors_dirty``, run
+:meth:`~Spool.checkpoint` on the worker thread too.
 
 Format: segment files ``spool-<first seq, 20 digits>.seg``. A 24-byte header (``FPDSPOOL``, version u32, first
 seq u64, crc32 of those 20 bytes), then records ``u32 length | u32 crc32(payload) | u64 seq | payload``, little
@@ -25,28 +28,32 @@ endian, one JSON event per payload. Seqs are contiguous inside a segment and inc
 between segments are allowed, see recovery). The seq field is checked against its position, so the CRC covers
 only the payload; an empty payload is refused, so a zero-filled tail can never parse as a record.
 
-Why segment files and not SQLite (``benchmarks/bench_spool.py``, this machine, 1 KB payloads, 64-record
-groups, single core, page-cache-backed virtual disk):
+Why segment files and not SQLite, measured with ``benchmarks/bench_spool.py`` on this machine (2-core VM,
+virtual disk; 1 KB payloads appended in groups of 64; ranges over runs, the VM is shared and noisy; "owner" is
+the CPU the appending thread, i.e. the event loop, spends per event):
 
-======================================  ============  =========
-case                                    records/s     MB/s
-======================================  ============  =========
-segments, fsync never                   ~1,000,000    ~1,000
-segments, fsync group (5 ms, thread)    ~  900,000    ~  900
-segments, fsync always (per group)      ~  150,000    ~  150
-SQLite WAL, synchronous=NORMAL          ~  215,000    ~  215
-SQLite WAL, synchronous=FULL (commit    ~   70,000    ~   70
-per group)
-SQLite WAL, FULL, commit every 5 ms     ~  250,000    ~  250
-======================================  ============  =========
+====================================  ===========  =========  ===========  ==========================
+case                                  records/s    MB/s       owner µs     append → durable p50 / p99
+====================================  ===========  =========  ===========  ==========================
+segments, fsync never                 460k-860k    470-880    1.2-2.1      -
+segments, group 5 ms (sync thread)    740k-780k    760-800    1.1-1.2      10 / 24-41 ms (flat out)
+segments, always (sync thread)        550k-750k    560-760    1.1-1.6      2-11 / 21-28 ms (flat out)
+segments, always (fsync inline)       185k-195k    190-200    2.7-2.8      -
+segments, group 5 ms, at 20k/s        20k          20         2.2          5.4 / 7.6 ms
+segments, always, at 20k/s            20k          20         2.0          0.35 / 0.56 ms
+SQLite WAL, NORMAL, commit per group  136k-140k    140-143    5.5-5.9      -
+SQLite WAL, FULL, commit per group    100k-122k    103-125    6.1-7.0      -
+SQLite WAL, FULL, commit every 5 ms   138k-155k    142-158    5.3-5.7      -
+====================================  ===========  =========  ===========  ==========================
 
-Segments are 3-5x cheaper on the owner thread and, more to the point, let the fsync run on another thread
-while appends go on: SQLite's commit fsyncs inside the call on the connection's thread, so a group commit in
-SQLite either blocks the event loop or moves every insert to that thread (the GIL hand-off cost that
-``sinks/runner.py`` measured at ~20 µs/event). Removing a delivered segment is an ``unlink`` (SQLite would
-DELETE rows and leave a file that never shrinks without VACUUM), and the size the back-pressure policy needs
-is a counter. CRC: ``zlib.crc32`` (~0.5 µs per KB here) — crc32c has no stdlib implementation and no package
-for it is installed; ``binascii.crc32`` computes the same CRC at the same speed.
+Reading everything back and acking it: segments 440k-550k records/s, SQLite (SELECT + DELETE) 160k-200k.
+Segments cost the event loop ~1.2 µs per event against ~5.5 µs for SQLite, and, more to the point, let the
+fsync run on another thread while appends go on: SQLite's commit fsyncs inside the call on the connection's
+thread, so group commit in SQLite either blocks the event loop or moves every insert to that thread (the GIL
+hand-off that ``sinks/runner.py`` measured at ~20 µs per event). Removing delivered events is an ``unlink``
+(SQLite would DELETE rows and keep a file that never shrinks without VACUUM), and the size back-pressure
+needs is a counter. CRC: ``zlib.crc32`` (~0.4 µs per KB here); crc32c has no stdlib implementation and no
+package for it is installed; ``binascii.crc32`` is the same CRC at the same speed.
 
 Recovery (:meth:`Spool.open`): every record's length, seq and CRC are checked. A bad record in the last
 segment is a torn tail: the file is cut there (``torn_bytes``). A bad record in an *older* segment is
@@ -67,10 +74,12 @@ A sink that is in ``cursors.json`` but no longer configured is dropped at open (
 segments); a sink that is new starts at the **oldest retained record** — whatever some other sink has not
 acked yet — rather than only at new events, so adding a sink never silently skips what the spool still holds.
 A segment is removed (by :meth:`~Spool.collect`) once every sink's acked position is past its last record and a
-later record is durable, so a crash can never leave the spool without the seqs it used: seqs only grow, across
-restarts too (except, under ``never``, seqs an OS crash took back before anyone read them). A cursor behind the
-oldest retained record (a checkpoint older than a removal) is moved up to it: those records were acked, in
-memory, by every sink.
+later record is durable, so a crash can never leave the spool without the seqs it used: a seq that any sink may
+have seen is never given to another event, across restarts too (only seqs that an OS crash took back before
+they were durable, hence before anyone read them, are used again). At open, the next seq is also kept above
+every persisted ack, so a new event can never be taken for one already acked. A cursor behind the oldest
+retained record (a checkpoint older than a removal) is moved up to it: those records were acked, in memory, by
+every sink.
 
 Sizes (``size_bytes``, ``bytes_on_disk``, ``records_pending``, ``oldest_unacked_seq``) are counters or a
 bisect over segments, cheap enough to read after every batch.
@@ -481,6 +490,8 @@ class Spool:
         group).
         """
         self._check_usable()
+        if not isinstance(payloads, list | tuple):
+            payloads = list(payloads)  # walked twice below: a one-shot iterable would append nothing
         group = 0
         for i, payload in enumerate(payloads):
             n = len(payload)

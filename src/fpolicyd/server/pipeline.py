@@ -91,6 +91,23 @@ class EventPipeline:
         self._executor.shutdown(wait=True)
         return left
 
+    def sink_stats(self) -> dict[str, dict[str, int]]:
+        """Per sink: events delivered, sends, failed sends, lag; AWS sinks add requests and dead-lettered."""
+        out: dict[str, dict[str, int]] = {}
+        for worker in self.workers:
+            stats = {
+                "delivered": worker.stats.delivered,
+                "sends": worker.stats.sends,
+                "failed_sends": worker.stats.failures,
+                "lag": worker.lag,
+            }
+            for extra in ("requests", "dead_lettered"):
+                value = getattr(worker.sender, extra, None)
+                if isinstance(value, int):
+                    stats[extra] = value
+            out[worker.name] = stats
+        return out
+
     # ------------------------------------------------------------------------------------------ readers
 
     def submit(self, line: bytes, on_durable: OnDurable | None = None) -> None:

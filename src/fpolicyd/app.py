@@ -29,6 +29,8 @@ class StopReport:
     events: int
     #: Largest sink backlog left in the spool (delivered after the next start).
     undelivered: int
+    #: Why the daemon stopped on its own (the spool could not make events durable), or None.
+    failure: str | None = None
 
 
 class Daemon:
@@ -119,6 +121,7 @@ class Daemon:
             max_frame_bytes=settings.max_frame_bytes,
             max_connections=settings.max_connections,
         )
+        self._pipeline.on_fatal = self._on_fatal
         await self._pipeline.start()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -165,8 +168,11 @@ class Daemon:
                 detail="kept in the spool; delivered after the next start",
             )
         await self._close_resources()
-        report = StopReport(events=self.context.events, undelivered=undelivered)
-        log.info("stopped", events=report.events, undelivered=report.undelivered)
+        fatal = self.pipeline.fatal
+        report = StopReport(
+            events=self.context.events, undelivered=undelivered, failure=str(fatal) if fatal is not None else None
+        )
+        log.info("stopped", events=report.events, undelivered=report.undelivered, failure=report.failure)
         return report
 
     async def _close_resources(self) -> None:
@@ -208,6 +214,9 @@ class Daemon:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
         return report
+
+    def _on_fatal(self, exc: BaseException) -> None:
+        self._stop.set()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("signal", signal=sig.name)

@@ -52,8 +52,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
     settings = _settings(ns)
     configure_logging(settings.log_level, settings.log_format.value)
-    run_daemon(settings)  # what a sink could not take before the drain budget ran out stays in the spool
-    return 0
+    report = run_daemon(settings)  # what a sink could not take within the drain budget stays in the spool
+    return 0 if report.failure is None else 1
 
 
 def _cmd_config(ns: argparse.Namespace) -> int:

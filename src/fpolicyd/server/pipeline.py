@@ -22,12 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
-from fpolicyd.pipeline.spool import Spool, SpoolFullError
+from fpolicyd.pipeline.spool import Spool, SpoolFullError, SpoolIOError
 from fpolicyd.sinks.runner import RetryPolicy, Sender, SinkWorker
 
 log = get_logger("fpolicyd.pipeline")
 
 OnDurable = Callable[[], None]
+
+#: After a failed flush (disk full), how long before trying again.
+FLUSH_RETRY_S = 0.1
 
 
 class EventPipeline:
@@ -53,6 +56,11 @@ class EventPipeline:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-sync")
         #: Called with True/False when ONTAP should be asked to stop/resume sending (set by the server).
         self.broadcast_back_pressure: Callable[[bool], None] = lambda apply: None
+        #: Called once when the spool can no longer make events durable (a failed fsync is final): the daemon
+        #: must stop so that recovery rebuilds the spool from disk at the next start.
+        self.on_fatal: Callable[[BaseException], None] = lambda exc: None
+        self.fatal: BaseException | None = None
+        self._flush_error: SpoolIOError | None = None
         self.accepted = 0
         self.held_total = 0
         self.pauses = 0
@@ -129,7 +137,12 @@ class EventPipeline:
 
     @property
     def reading_paused(self) -> bool:
-        return bool(self._held) or self.pressure.state is Pressure.PAUSED
+        return (
+            bool(self._held)
+            or self.pressure.state is Pressure.PAUSED
+            or self._flush_error is not None
+            or self.fatal is not None
+        )
 
     @property
     def back_pressure_applied(self) -> bool:
@@ -155,17 +168,46 @@ class EventPipeline:
     def _flush(self) -> None:
         self._flush_scheduled = False
         spool = self.spool
-        if spool.buffered_bytes:
-            spool.flush()
+        if spool.buffered_bytes and self.fatal is None:
+            try:
+                spool.flush()
+            except SpoolIOError as exc:
+                self._flush_failed(exc)
+                return
+            if self._flush_error is not None:
+                log.info("spool_flush_recovered")
+                self._flush_error = None
         if spool.commit_delay is None:
             self._durable()
         elif spool.sync_pending:
             self._commit_wakeup.set()
         self._update_pressure()
 
+    def _flush_failed(self, exc: SpoolIOError) -> None:
+        """The buffer stays in memory (nothing is lost); readers stop until a flush succeeds again."""
+        if not exc.retriable:
+            self._fail(exc)
+            return
+        if self._flush_error is None:
+            log.error("spool_flush_failed", error=str(exc), detail="reading paused; retrying")
+        self._flush_error = exc
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(FLUSH_RETRY_S, self._flush)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            log.critical("spool_failed", error=str(exc), detail="stopping; the spool is recovered at the next start")
+            self.on_fatal(exc)
+
     async def _commit_now(self) -> None:
-        if self.spool.sync_pending:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.spool.sync)
+        if self.spool.sync_pending and self.fatal is None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.spool.sync)
+            except SpoolIOError as exc:
+                self._fail(exc)
+                return
         self._durable()
 
     async def _commit_loop(self) -> None:

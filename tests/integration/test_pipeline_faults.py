@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest

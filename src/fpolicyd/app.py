@@ -78,7 +78,9 @@ class Daemon:
             group_commit_s=settings.spool_group_commit_s,
             checkpoint_interval_s=settings.checkpoint_interval_s,
         )
-        self._clients = AwsClients(max_pool_connections=max(10, settings.sink_max_in_flight * 2))
+        self._clients = AwsClients(
+            region_name=settings.aws_region, max_pool_connections=max(10, settings.sink_max_in_flight * 2)
+        )
         self._dead_letter = DeadLetterWriter(settings.effective_dead_letter_dir / "dead-letter.jsonl")
         senders = build_senders(settings, self._clients, self._dead_letter)
         spool = await asyncio.to_thread(Spool.open, spool_settings, [sender.name for sender in senders])

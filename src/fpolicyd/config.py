@@ -48,6 +48,7 @@ REFERENCE_ENV: Final[dict[str, tuple[str, ...]]] = {
     "event_bus_name": ("EVENT_BUS_NAME",),
     "write_complete_delay_s": ("WRITE_COMPLETE_DELAY_SEC",),
     "dedup_window_minutes": ("DEDUP_WINDOW_MINUTES",),
+    "aws_region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
 }
 
 
@@ -220,6 +221,9 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(0.2, gt=0, le=60, description="How often sink cursors are persisted.")
 
     # --- cloud sinks --------------------------------------------------------------------------------------
+    aws_region: str | None = Field(
+        None, description="AWS region of the SQS/EventBridge sinks; default from the AWS environment/config."
+    )
     sink_max_in_flight: int = Field(4, ge=1, le=64, description="Batches in flight per SQS/EventBridge sink.")
     sqs_group_id_field: str = Field(
         "svm_name", description="Event field (dotted path) used as MessageGroupId on FIFO queues."

@@ -1,0 +1,66 @@
+"""`fpolicyd serve` as a subprocess for the benchmarks: bound to 127.0.0.1 on a kernel-chosen port, which is
+read from its "listening" log line (no probing of the port, which would race with the bind)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+
+class Daemon:
+    def __init__(self, data: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fpolicyd",
+                "serve",
+                "--listen-host",
+                "127.0.0.1",
+                "--listen-port",
+                "0",
+                "--data-dir",
+                str(data),
+                *flags,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=data,
+            env=env,
+        )
+        self.log: list[dict[str, Any]] = []
+        self._listening = threading.Event()
+        self.port = 0
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(30) or not self.port:
+            self.proc.kill()
+            raise RuntimeError(f"fpolicyd did not start: {self.log[-3:]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = {"event": "raw", "line": raw.decode(errors="replace")}
+            self.log.append(record)
+            if record.get("event") == "listening":
+                self.port = int(record["port"])
+                self._listening.set()
+        self._listening.set()
+
+    def stop(self, timeout: float = 120) -> list[dict[str, Any]]:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout)
+        self._reader.join(10)
+        return self.log

@@ -225,6 +225,12 @@ class Settings(BaseSettings):
         None, description="AWS region of the SQS/EventBridge sinks; default from the AWS environment/config."
     )
     sink_max_in_flight: int = Field(4, ge=1, le=64, description="Batches in flight per SQS/EventBridge sink.")
+    sink_linger_s: float = Field(
+        0.05,
+        ge=0,
+        le=5,
+        description="SQS/EventBridge: wait this long from the first pending event for a batch of 10 to fill.",
+    )
     sqs_group_id_field: str = Field(
         "svm_name", description="Event field (dotted path) used as MessageGroupId on FIFO queues."
     )

@@ -19,6 +19,7 @@ class Collect:
     max_records = 100
     max_bytes = 1 << 20
     max_in_flight = 1
+    linger_s = 0.0
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
@@ -104,3 +105,35 @@ async def test_a_failed_fsync_stops_the_daemon(tmp_path: Path, monkeypatch: pyte
     monkeypatch.undo()
     await pipeline.drain(1.0)
     spool.abandon()
+
+
+class CountingSender(Collect):
+    name = "counting"
+    max_records = 10
+    linger_s = 0.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sends = 0
+
+    async def send(self, records: Sequence[Record]) -> Sequence[Record]:
+        self.sends += 1
+        return await super().send(records)
+
+
+async def test_linger_turns_a_trickle_into_full_batches(tmp_path: Path) -> None:
+    spool = Spool.open(
+        SpoolSettings(directory=tmp_path / "spool", segment_bytes=1 << 16, max_bytes=1 << 24), ["counting"]
+    )
+    sender = CountingSender()
+    pipeline = EventPipeline(
+        spool, [sender], Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19), checkpoint_interval_s=1
+    )
+    await pipeline.start()
+    for n in range(10):  # a trickle: one event every 10 ms, well inside one linger
+        pipeline.submit(b'{"n":%d}' % n)
+        await asyncio.sleep(0.01)
+    await wait_until(lambda: len(sender.payloads) == 10)
+    assert sender.sends == 1  # one request for ten events, not ten
+    assert await pipeline.drain(2.0) == 0
+    spool.close()

@@ -49,6 +49,7 @@ class AwsSender:
         *,
         max_in_flight: int,
         retry: RetryPolicy,
+        linger_s: float,
     ) -> None:
         self.target = target
         self.name = target.name
@@ -60,6 +61,7 @@ class AwsSender:
         fifo = isinstance(target, SqsTarget) and target.fifo
         self.max_in_flight = 1 if fifo else max_in_flight
         self.max_records = 10
+        self.linger_s = linger_s
         self.max_bytes = target.max_batch_bytes
         self._client: Any = None
         self.last_error: SinkError | None = None

@@ -40,9 +40,7 @@ def build_senders(settings: Settings, clients: AwsClients, dead_letter: DeadLett
                 group_id_field=settings.sqs_group_id_field,
                 max_batch_bytes=settings.sqs_max_batch_bytes,
             )
-            senders.append(
-                AwsSender(sqs, clients, dead_letter, max_in_flight=settings.sink_max_in_flight, retry=AWS_RETRY)
-            )
+            senders.append(_aws_sender(sqs, settings, clients, dead_letter))
         elif scheme == "eventbridge":
             bus = EventBridgeTarget(
                 bus_name=target,
@@ -51,15 +49,26 @@ def build_senders(settings: Settings, clients: AwsClients, dead_letter: DeadLett
                 max_batch_bytes=settings.eventbridge_max_batch_bytes,
                 max_entry_bytes=settings.eventbridge_max_entry_bytes,
             )
-            senders.append(
-                AwsSender(bus, clients, dead_letter, max_in_flight=settings.sink_max_in_flight, retry=AWS_RETRY)
-            )
+            senders.append(_aws_sender(bus, settings, clients, dead_letter))
         else:
             raise ConfigError(f"sink {uri!r}: unknown scheme {scheme!r}")
     names = [sender.name for sender in senders]
     if len(set(names)) != len(names):
         raise ConfigError(f"sinks: the same sink is configured twice: {names}")
     return senders
+
+
+def _aws_sender(
+    target: SqsTarget | EventBridgeTarget, settings: Settings, clients: AwsClients, dead_letter: DeadLetterWriter
+) -> AwsSender:
+    return AwsSender(
+        target,
+        clients,
+        dead_letter,
+        max_in_flight=settings.sink_max_in_flight,
+        retry=AWS_RETRY,
+        linger_s=settings.sink_linger_s,
+    )
 
 
 _EXAMPLES = {

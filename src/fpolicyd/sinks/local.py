@@ -22,6 +22,7 @@ class JsonlSender:
     for runs on its own thread, so the readers never wait for the disk. One batch at a time, in order."""
 
     max_in_flight = 1
+    linger_s = 0.0
 
     def __init__(self, settings: JsonlSettings, *, max_bytes: int) -> None:
         self.name = f"jsonl:{settings.directory}"
@@ -80,6 +81,7 @@ class StdoutSender:
     """One JSON document per line on standard output, written on a thread (the reader may be slow)."""
 
     max_in_flight = 1
+    linger_s = 0.0
     max_records = 10_000
     max_bytes = 1 << 20
 

@@ -47,6 +47,8 @@ class Sender(Protocol):
     max_bytes: int
     #: Concurrent ``send`` calls; 1 keeps order (JSON Lines, FIFO queues).
     max_in_flight: int
+    #: How long to wait, from the first available record, for a batch to fill up (0: send at once).
+    linger_s: float
 
     async def start(self) -> None:
         """Open files / check the queue or bus exists. Raises SinkError."""
@@ -96,6 +98,10 @@ class SinkWorker:
         """Records appended and not yet acked by this sink."""
         return self._spool.records_pending(self.name)
 
+    def _available(self) -> int:
+        """Durable records not yet read by this sink (approximate across segment gaps; only sizes a linger)."""
+        return max(0, self._spool.durable_seq - self._spool.read_seq(self.name) + 1)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}")
 
@@ -108,6 +114,10 @@ class SinkWorker:
         spool = self._spool
         sender = self.sender
         while not self._stopping:
+            if sender.linger_s and 0 < self._available() < sender.max_records:
+                # Linger from the first available record: at low rates this turns one request per event
+                # into one request per batch (the AWS requests-per-event budget is 0.1).
+                await asyncio.sleep(sender.linger_s)
             records = spool.read(self.name, sender.max_records, sender.max_bytes)
             if not records:
                 self._wakeup.clear()

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from daemon_process import Daemon  # noqa: E402 - benchmarks are run as scripts
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -78,40 +81,19 @@ def count_lines(directory: Path) -> int:
 def run_fpolicyd(events: int, nodes: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        port = free_port()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fpolicyd",
-                "serve",
-                "--listen-host",
-                "127.0.0.1",
-                "--listen-port",
-                str(port),
-                "--data-dir",
-                str(data),
-                "--log-level",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=tmp,
-        )
+        daemon = Daemon(data)
         try:
-            wait_for(lambda: _accepts(port), 20, "fpolicyd to listen")
-            cpu0 = cpu_seconds(proc.pid)
-            report = simulate(port, events, nodes)
+            cpu0 = cpu_seconds(daemon.pid)
+            report = simulate(daemon.port, events, nodes)
             sent_at = time.perf_counter()
             wait_for(lambda: count_lines(data / "events") >= events, 300, "events in JSON Lines")
             # The simulator's own clock covers connect → last byte sent; add the time fpolicyd then needed to
             # write out what was still in flight. Process start-up of the simulator is not counted.
             elapsed = report["elapsed_s"] + (time.perf_counter() - sent_at)
-            cpu = cpu_seconds(proc.pid) - cpu0
-            rss = peak_rss_mib(proc.pid)
+            cpu = cpu_seconds(daemon.pid) - cpu0
+            rss = peak_rss_mib(daemon.pid)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            daemon.stop()
         assert count_lines(data / "events") == events, "events lost"
     return {
         "events": events,
@@ -121,23 +103,6 @@ def run_fpolicyd(events: int, nodes: int) -> dict[str, Any]:
         "server_peak_rss_mib": round(rss, 1),
         "simulator_events_per_s": report["events_per_s"],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _accepts(port: int) -> bool:
-    """Whether the port is bound, without connecting (a connect would open a session)."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-        return False
 
 
 def run_splitter(events: int, nodes: int) -> dict[str, Any]:

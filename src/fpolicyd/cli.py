@@ -13,7 +13,7 @@ import orjson
 
 from fpolicyd import __version__
 from fpolicyd.config import Settings, environment_aliases, example_toml, load_settings
-from fpolicyd.errors import ConfigError
+from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.obs.log import configure_logging
 
 
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         code: int = ns.func(ns)
-    except ConfigError as exc:
+    except (ConfigError, SinkError) as exc:
         sys.stderr.write(f"fpolicyd: {exc}\n")
         return 2
     except KeyboardInterrupt:

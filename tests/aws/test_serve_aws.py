@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,17 @@ async def test_endpoint_goes_away_mid_stream_and_comes_back_nothing_lost(
     # 400 events need at least 40 SendMessageBatch calls; the outage shows up as retried requests.
     assert stats["requests"] > 40
     assert stats["lag"] == 0
+
+
+async def test_a_missing_queue_stops_the_start_with_a_clear_message(
+    clients: AwsClients, tmp_path: Path, moto: MotoEndpoint
+) -> None:
+    missing = f"{moto.url}/{moto.account_id}/no-such-queue"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fpolicyd", "serve", "--listen-host", "127.0.0.1", "--listen-port", "0",
+        "--data-dir", str(tmp_path), "--sinks", f"sqs:{missing}",
+        cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert b"does not exist" in err

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,21 +24,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from daemon_process import Daemon  # noqa: E402 - benchmarks are run as scripts
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from daemon_process import Daemon, cpu_seconds, memory_mib  # noqa: E402 - benchmarks are run as scripts
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> None:
@@ -91,7 +76,7 @@ def run_fpolicyd(events: int, nodes: int) -> dict[str, Any]:
             # write out what was still in flight. Process start-up of the simulator is not counted.
             elapsed = report["elapsed_s"] + (time.perf_counter() - sent_at)
             cpu = cpu_seconds(daemon.pid) - cpu0
-            rss = peak_rss_mib(daemon.pid)
+            rss = memory_mib(daemon.pid, "VmHWM")
         finally:
             daemon.stop()
         assert count_lines(data / "events") == events, "events lost"

@@ -26,22 +26,8 @@ from pathlib import Path
 
 from moto.server import ThreadedMotoServer
 
-from daemon_process import Daemon
+from daemon_process import Daemon, cpu_seconds, memory_mib
 from fpolicyd.sinks.aws import AwsClients
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def free_port() -> int:
@@ -134,11 +120,11 @@ def main() -> int:
             cpu_start = cpu_seconds(pid)
             deadline = time.monotonic() + 300
             while sim.poll() is None and time.monotonic() < deadline:
-                samples.append(rss_mib(pid))
+                samples.append(memory_mib(pid))
                 time.sleep(0.5)
             sim.wait(60)
             cpu = cpu_seconds(pid) - cpu_start
-            samples.append(rss_mib(pid))
+            samples.append(memory_mib(pid))
             daemon.stop()
     finally:
         moto.stop()

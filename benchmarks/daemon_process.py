@@ -4,6 +4,7 @@ read from its "listening" log line (no probing of the port, which would race wit
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -64,3 +65,20 @@ class Daemon:
         self.proc.wait(timeout)
         self._reader.join(10)
         return self.log
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def memory_mib(pid: int, field: str = "VmRSS") -> float:
+    """A /proc/PID/status memory field (VmRSS now, VmHWM peak) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

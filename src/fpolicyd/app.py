@@ -205,7 +205,7 @@ class Daemon:
     async def run(self) -> StopReport:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
+            with contextlib.suppress(RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             await self.start()
@@ -213,7 +213,7 @@ class Daemon:
         finally:
             report = await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
+                with contextlib.suppress(RuntimeError):
                     loop.remove_signal_handler(sig)
         return report
 

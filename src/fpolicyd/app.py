@@ -9,6 +9,7 @@ import signal
 from dataclasses import dataclass
 
 from fpolicyd.config import Settings
+from fpolicyd.errors import SinkError
 from fpolicyd.events import NameMaps
 from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.backpressure import Watermarks
@@ -122,6 +123,7 @@ class Daemon:
             pipeline=self._pipeline,
             max_frame_bytes=settings.max_frame_bytes,
             max_connections=settings.max_connections,
+            quarantine=self._quarantine,
         )
         self._pipeline.on_fatal = self._on_fatal
         await self._pipeline.start()
@@ -216,6 +218,14 @@ class Daemon:
                 with contextlib.suppress(RuntimeError):
                     loop.remove_signal_handler(sig)
         return report
+
+    def _quarantine(self, payload: bytes, reason: str) -> None:
+        """Keep a payload that could not be decoded in the dead-letter file (raw, base64), never just a log line."""
+        assert self._dead_letter is not None
+        try:
+            self._dead_letter.open().write(payload, sink="decoder", reason=reason)
+        except (SinkError, OSError) as exc:
+            log.error("quarantine_failed", reason=reason, error=str(exc), payload_bytes=len(payload))
 
     def _on_fatal(self, exc: BaseException) -> None:
         self._stop.set()

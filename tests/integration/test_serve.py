@@ -26,7 +26,7 @@ from fpolicyd.protocol.messages import (
     StatusQueryResp,
 )
 from fpolicyd.protocol.session import SessionConfig
-from fpolicyd.protocol.xml_codec import decode_payload, encode_message
+from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_message
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
@@ -327,3 +327,24 @@ async def test_the_suite_runs_on_uvloop() -> None:
     import uvloop
 
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+async def test_an_undecodable_notification_is_kept_in_the_dead_letter_file(daemon: Daemon, tmp_path: Path) -> None:
+    import base64
+
+    peer = await Peer.connect(daemon.port)
+    await peer.send(NEGO_REQ.frame)
+    await peer.receive()
+    body = SMB_REN.body
+    assert body is not None
+    broken = frame_message("SCREEN_REQ", body.replace(b"</FscreenReq>", b"</FscreenRe>"))
+    await peer.send(broken)
+    assert await peer.closed_by_server()
+    await peer.close()
+    records = [
+        orjson.loads(line) for line in (tmp_path / "dead-letter" / "dead-letter.jsonl").read_bytes().splitlines()
+    ]
+    assert len(records) == 1
+    assert records[0]["sink"] == "decoder"
+    assert records[0]["reason"].startswith("bad_xml")
+    assert base64.b64decode(records[0]["event_raw_b64"]) == broken[6:]

@@ -52,6 +52,7 @@ class ServerContext:
         max_frame_bytes: int,
         max_connections: int,
         wall_clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+        quarantine: Callable[[bytes, str], None] = lambda payload, reason: None,
     ) -> None:
         self.session_config = session_config
         self.names = names
@@ -60,6 +61,8 @@ class ServerContext:
         self.max_frame_bytes = max_frame_bytes
         self.max_connections = max_connections
         self.wall_clock_us = wall_clock_us
+        #: Where a payload that broke the protocol goes (the dead-letter file), with the reason.
+        self.quarantine = quarantine
         self.connections: set[FPolicyConnection] = set()
         self.rejected_connections = 0
         self.protocol_errors: dict[str, int] = {}
@@ -150,6 +153,9 @@ class FPolicyConnection(asyncio.Protocol):
                     if replies:
                         transport.writelines(replies)
                     self._count_events(events, len(payloads))
+                    # Keep the frame that could not be decoded (raw, base64 in the dead-letter file): an
+                    # undecodable notification is still a notification ONTAP considers delivered.
+                    ctx.quarantine(payload, f"{out.reason}: {out.detail}")
                     self._close(out.reason, out.detail)
                     return
         if replies:

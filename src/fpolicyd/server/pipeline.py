@@ -85,6 +85,15 @@ class EventPipeline:
     async def drain(self, timeout_s: float) -> int:
         """Make everything durable, let the sinks deliver within ``timeout_s``, persist the cursors; return the
         largest sink backlog left (it stays in the spool and is delivered after the next start)."""
+        if self._held:
+            self._take_back_held()
+        if self._held:
+            # Only reachable when the spool hit its hard limit and never freed space before the stop.
+            log.critical(
+                "events_lost_at_stop",
+                events=len(self._held),
+                detail="the spool was full until the end; raise spool_max_bytes or fix the sinks",
+            )
         self._flush()
         await self._commit_now()
         loop = asyncio.get_running_loop()

@@ -101,7 +101,20 @@ class Daemon:
             pending={name: spool.records_pending(name) for name in spool.sinks},
         )
         if report.torn_bytes or report.corrupt_bytes or report.quarantined:
-            log.warning("spool_repaired", torn_bytes=report.torn_bytes, corrupt_bytes=report.corrupt_bytes)
+            emit = log.error if report.records_lost or report.quarantined else log.warning
+            emit(
+                "spool_repaired",
+                torn_bytes=report.torn_bytes,
+                corrupt_bytes=report.corrupt_bytes,
+                records_lost=report.records_lost,
+                quarantined=list(report.quarantined),
+            )
+        if report.dropped_sinks:
+            log.warning(
+                "spool_sinks_dropped",
+                sinks=list(report.dropped_sinks),
+                detail="no longer configured: their cursors were removed and their backlog no longer holds segments",
+            )
         self._pipeline = EventPipeline(
             spool,
             senders,

@@ -189,7 +189,9 @@ class Settings(BaseSettings):
     jsonl_max_file_bytes: int = Field(128 << 20, ge=4096, description="Rotate a JSON Lines file at this size.")
     jsonl_max_file_age_s: float = Field(3600.0, gt=0, description="Rotate a JSON Lines file at this age.")
     jsonl_fsync: FsyncPolicy = Field(
-        FsyncPolicy.interval, description="always | interval | never: when JSON Lines data is fsynced."
+        FsyncPolicy.interval,
+        description="always or interval (the same since the spool: each batch is fsynced before the spool lets its "
+        "events go) | never: left to the OS (an OS crash may lose the file's tail).",
     )
     jsonl_fsync_interval_s: float = Field(1.0, gt=0, description="fsync period of the interval policy.")
     batch_max_bytes: int = Field(

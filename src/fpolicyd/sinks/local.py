@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 from fpolicyd.errors import SinkError
 from fpolicyd.pipeline.spool import Record
-from fpolicyd.sinks.jsonl import JsonlSettings, JsonlWriter
+from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter
 
 
 def _block(records: Sequence[Record]) -> bytes:
@@ -18,8 +18,9 @@ def _block(records: Sequence[Record]) -> bytes:
 
 
 class JsonlSender:
-    """Writes to the page cache on the loop (a fraction of a millisecond per batch); the fsync its policy asks
-    for runs on its own thread, so the readers never wait for the disk. One batch at a time, in order."""
+    """Writes to the page cache on the loop (a fraction of a millisecond per batch) and, unless the policy is
+    ``never``, fsyncs on its own thread before the batch is acknowledged, so the readers never wait for the
+    disk and the spool never forgets an event the file could still lose. One batch at a time, in order."""
 
     max_in_flight = 1
     linger_s = 0.0
@@ -31,6 +32,7 @@ class JsonlSender:
         self.max_records = 100_000
         # A block never spans two files, so blocks are cut to fit one (a single longer line goes alone).
         self._file_bytes = settings.max_file_bytes
+        self._durable_acks = settings.fsync is not FsyncPolicy.never
         self.last_error: SinkError | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jsonl-fsync")
 
@@ -60,7 +62,9 @@ class JsonlSender:
             size += line
         if not self._write(records[start:], now):
             return records[start:]
-        if self.writer.sync_due(now):
+        if self._durable_acks:
+            # The spool forgets these events once they are acked, so they must be on disk in the file first:
+            # otherwise an OS crash could take the file's tail while the spool no longer holds it.
             await asyncio.get_running_loop().run_in_executor(self._executor, self.writer.sync, now)
         return ()
 

@@ -215,7 +215,9 @@ class Settings(BaseSettings):
         2 << 30, ge=1, description="Spool size at which every ONTAP session gets BACK_PRESSURE_APPLY."
     )
     backpressure_low_bytes: int = Field(
-        1 << 30, ge=0, description="Spool size under which BACK_PRESSURE_REM is sent (must exceed a segment)."
+        1 << 30,
+        ge=0,
+        description="Spool size under which BACK_PRESSURE_REM is sent (must exceed a segment plus one read).",
     )
     backpressure_pause_bytes: int = Field(
         3 << 30, ge=1, description="Spool size at which fpolicyd stops reading its sockets (TCP back-pressure)."

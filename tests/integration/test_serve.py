@@ -271,7 +271,7 @@ async def test_a_slow_sink_applies_back_pressure_pauses_reading_and_loses_nothin
     pipeline = EventPipeline(
         spool,
         [sender],
-        Watermarks(low_bytes=128 << 10, high_bytes=256 << 10, hard_bytes=512 << 10),
+        Watermarks(low_bytes=256 << 10, high_bytes=512 << 10, hard_bytes=1 << 20),
         checkpoint_interval_s=0.05,
     )
     context = ServerContext(
@@ -287,13 +287,13 @@ async def test_a_slow_sink_applies_back_pressure_pauses_reading_and_loses_nothin
     try:
         await peer.send(NEGO_REQ.frame)
         await peer.receive()
-        await peer.send(*([SMB_REN.frame] * 1000))
+        await peer.send(*([SMB_REN.frame] * 2500))
         assert decode_payload(await peer.receive(within=20)).message == BackPressure(SESSION_ID, True)
         assert decode_payload(await peer.receive(within=30)).message == BackPressure(SESSION_ID, False)
         deadline = time.monotonic() + 20
-        while len(sender.payloads) < 1000 and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
+        while len(sender.payloads) < 2500 and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.02)
-        assert len(sender.payloads) == 1000
+        assert len(sender.payloads) == 2500
         assert all(payload.startswith(b'{"event_id":') for payload in sender.payloads)
         assert pipeline.pauses >= 1  # reading stopped at the pause watermark
     finally:

@@ -132,24 +132,25 @@ class FPolicyConnection(asyncio.Protocol):
         pipeline = ctx.pipeline
         names = ctx.names
         replies: list[bytes] = []
+        lines: list[bytes] = []
+        responses: list[tuple[int, Callable[[], None]]] = []
         events = 0
         for payload in payloads:
             for out in session.receive(payload, now):
                 if type(out) is FileNotification:
                     context = session.context
                     assert context is not None  # a FileNotification only exists after the handshake
-                    line = normalize(out.request, context, names, received_at_us).to_json()
-                    if out.response is None:
-                        pipeline.submit(line)
-                    else:
+                    if out.response is not None:
                         # A synchronous engine is answered only once the event is durable.
-                        pipeline.submit(line, partial(self._write, out.response))
+                        responses.append((len(lines), partial(self._write, out.response)))
+                    lines.append(normalize(out.request, context, names, received_at_us).to_json())
                     events += 1
                 elif type(out) is Reply:
                     replies.append(out.data)
                 elif type(out) is Notice:
                     self._notice(out)
                 elif type(out) is Close:
+                    pipeline.submit_many(lines, responses)
                     if replies:
                         transport.writelines(replies)
                     self._count_events(events, len(payloads))
@@ -158,6 +159,7 @@ class FPolicyConnection(asyncio.Protocol):
                     ctx.quarantine(payload, f"{out.reason}: {out.detail}")
                     self._close(out.reason, out.detail)
                     return
+        pipeline.submit_many(lines, responses)
         if replies:
             transport.writelines(replies)
         self._count_events(events, len(payloads))

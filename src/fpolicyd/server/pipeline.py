@@ -144,6 +144,32 @@ class EventPipeline:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def submit_many(self, lines: list[bytes], on_durable: list[tuple[int, OnDurable]]) -> None:
+        """Take the events of one socket read in one spool append (half the per-event cost of :meth:`submit`).
+        ``on_durable`` pairs an index into ``lines`` with what to run once that event is durable."""
+        if not lines:
+            return
+        if self._held:
+            self._submit_each(lines, on_durable)
+            return
+        try:
+            seqs = self.spool.append_many(lines)
+        except SpoolFullError:
+            self._submit_each(lines, on_durable)  # as many as fit go in; the rest is held
+            return
+        self.accepted += len(lines)
+        waiters = self._waiters
+        for index, callback in on_durable:
+            waiters.append((seqs[index], callback))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _submit_each(self, lines: list[bytes], on_durable: list[tuple[int, OnDurable]]) -> None:
+        callbacks = dict(on_durable)
+        for index, line in enumerate(lines):
+            self.submit(line, callbacks.get(index))
+
     @property
     def reading_paused(self) -> bool:
         return (

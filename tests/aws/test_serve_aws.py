@@ -25,6 +25,7 @@ from support.moto_server import (
     moto_server,
 )
 from support.serve import read_events, start_serve, stop
+from support.sqs_faults import SqsFaults
 from support.tcp_proxy import Proxy
 
 pytestmark = pytest.mark.slow
@@ -159,3 +160,46 @@ async def test_a_missing_queue_stops_the_start_with_a_clear_message(
     _, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2
     assert b"does not exist" in err
+
+
+async def test_injected_sqs_failures_retry_only_what_failed_and_dead_letter_the_permanent(
+    clients: AwsClients, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto: MotoEndpoint
+) -> None:
+    sqs = await clients.sqs()
+    queue_url = await create_queue(sqs)
+    seen_transient: set[str] = set()
+
+    def rule(body: str) -> str | None:
+        event = orjson.loads(body)
+        if event["operation_type"] == "symlink":
+            return "permanent"  # SenderFault=true: never retried, dead-lettered with the reason
+        if event["metadata"]["req_id"] % 7 == 0 and event["event_id"] not in seen_transient:
+            seen_transient.add(event["event_id"])
+            return "transient"  # SenderFault=false: only this entry is sent again
+        return None
+
+    faults = SqsFaults(moto.url, entry_rule=rule, request_failures=["500", "throttle"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", await faults.start())
+    try:
+        daemon, log_reader = await start_serve(
+            tmp_path, "--sinks", f"sqs:{queue_url},jsonl:{tmp_path / 'events'}", "--sink-max-in-flight", "1"
+        )
+        assert (await run(SimulatorConfig(port=daemon.port, nodes=1, events=300, seed=25))).completed
+        assert await stop(daemon) == 0
+        await log_reader
+    finally:
+        await faults.stop()
+    assert faults.request_failures == []  # the HTTP 500 and the throttled request were both answered and retried
+    everything = read_events(tmp_path)
+    permanent = {e["event_id"] for e in everything if e["operation_type"] == "symlink"}
+    assert permanent
+    assert seen_transient
+    received = event_ids(await drain_queue(sqs, queue_url, len(everything) - len(permanent), within=30))
+    assert len(received) == len(set(received))  # only failed entries were re-sent: no duplicates
+    assert set(received) == {e["event_id"] for e in everything} - permanent
+    dead = [orjson.loads(line) for line in (tmp_path / "dead-letter" / "dead-letter.jsonl").read_bytes().splitlines()]
+    assert {record["event"]["event_id"] for record in dead} == permanent
+    assert all("InvalidParameterValue" in record["reason"] for record in dead)
+    stats = next(line for line in daemon.log_lines if line.get("event") == "sink_stats")["sinks"][f"sqs:{queue_url}"]
+    assert stats["dead_lettered"] == len(permanent)
+    assert stats["lag"] == 0

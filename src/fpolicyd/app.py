@@ -66,9 +66,6 @@ class Daemon:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     async def start(self) -> None:
         settings = self.settings
         spool_settings = SpoolSettings(

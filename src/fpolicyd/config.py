@@ -438,10 +438,6 @@ def environment_aliases() -> dict[str, str]:
     return {var: field for field, names in REFERENCE_ENV.items() for var in names}
 
 
-def reference_env_present() -> list[str]:
-    return sorted(name for name in environment_aliases() if name in os.environ)
-
-
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

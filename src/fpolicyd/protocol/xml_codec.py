@@ -110,11 +110,6 @@ def _int(text: str | None, what: str) -> int:
     return value
 
 
-def _opt_int(element: _Element | None, what: str) -> int | None:
-    text = _text(element)
-    return None if text is None else _int(text.strip(), what)
-
-
 def _opt_bool(element: _Element | None, what: str) -> bool | None:
     text = _text(element)
     if text is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
@@ -40,15 +41,11 @@ class JsonlSender:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
 
     def _open(self) -> None:
-        import time  # noqa: PLC0415 - the writer is clock-free; only this edge reads the wall clock
-
-        self.writer.open(time.time())
+        self.writer.open(time.time())  # the writer is clock-free; this edge reads the wall clock
 
     async def send(self, records: Sequence[Record]) -> Sequence[Record]:
         """Write whole lines in chunks that fit a file; on a failed write, hand back what is not written (so a
         retry never duplicates a line that is already in a file)."""
-        import time  # noqa: PLC0415
-
         now = time.time()
         limit = self._file_bytes
         start = 0

@@ -9,13 +9,16 @@ import signal
 from dataclasses import dataclass
 
 from fpolicyd.config import Settings
-from fpolicyd.errors import SinkError
+from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.events import NameMaps
 from fpolicyd.obs.log import get_logger
+from fpolicyd.obs.systemd import SystemdNotifier
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.spool import Spool, SpoolSettings
+from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.tls import ReloadableTls, TlsFiles
 from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
 
@@ -47,6 +50,9 @@ class Daemon:
         self._context: ServerContext | None = None
         self._clients: AwsClients | None = None
         self._dead_letter: DeadLetterWriter | None = None
+        self.tls: ReloadableTls | None = None
+        #: READY/STATUS/STOPPING/WATCHDOG to systemd (Type=notify); a no-op without $NOTIFY_SOCKET.
+        self.notifier = SystemdNotifier.from_environment()
 
     @property
     def context(self) -> ServerContext:
@@ -68,6 +74,8 @@ class Daemon:
 
     async def start(self) -> None:
         settings = self.settings
+        tls_files = TlsFiles.from_settings(settings)
+        self.tls = ReloadableTls(tls_files) if tls_files is not None else None
         spool_settings = SpoolSettings(
             directory=settings.effective_spool_dir,
             segment_bytes=settings.spool_segment_bytes,
@@ -134,6 +142,7 @@ class Daemon:
             max_frame_bytes=settings.max_frame_bytes,
             max_connections=settings.max_connections,
             quarantine=self._quarantine,
+            allowlist=PeerAllowlist.parse(settings.allowed_networks),
         )
         self._pipeline.on_fatal = self._on_fatal
         await self._pipeline.start()
@@ -144,6 +153,8 @@ class Daemon:
             port=settings.listen_port,
             reuse_address=True,
             backlog=max(128, settings.max_connections),
+            ssl=self.tls.listener if self.tls is not None else None,
+            ssl_handshake_timeout=settings.handshake_timeout_s if self.tls is not None else None,
         )
         log.info(
             "listening",
@@ -152,6 +163,8 @@ class Daemon:
             sinks=list(settings.effective_sinks),
             engine_mode=settings.engine_mode.value,
             idle_timeout_s=settings.effective_idle_timeout_s,
+            tls=settings.tls_mode.value,
+            allowed_networks=self.context.allowlist.describe(),
         )
         if settings.write_complete_delay_s:
             log.warning(
@@ -161,8 +174,14 @@ class Daemon:
                 detail="file-readiness settle is not implemented in this release; events are emitted at once",
             )
         self.ready.set()
+        # Listener bound and every sink started (a sink that cannot exist aborted the start above; one that is
+        # only unreachable is retried while its events wait in the spool, so it must not hold back READY).
+        self.notifier.ready(
+            f"listening on {settings.listen_host}:{self.port}; sinks: {', '.join(settings.effective_sinks)}"
+        )
 
     async def stop(self) -> StopReport:
+        self.notifier.stopping(f"draining (budget {self.settings.drain_timeout_s:g} s)")
         if self._server is not None:
             self._server.close()
         if self._context is None:  # start() failed before the pipeline existed
@@ -219,15 +238,33 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        with contextlib.suppress(RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+        watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="systemd-watchdog")
         try:
             await self.start()
             await self._stop.wait()
         finally:
             report = await self.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+            self.notifier.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(RuntimeError):
                     loop.remove_signal_handler(sig)
         return report
+
+    def reload(self) -> None:
+        """SIGHUP: reload the TLS certificate, key and client CA for new handshakes; live sessions keep theirs."""
+        if self.tls is None:
+            log.info("reload", tls="off")
+            return
+        try:
+            self.tls.reload()
+        except ConfigError as exc:
+            log.error("tls_reload_failed", error=str(exc), detail="the previous certificate stays in use")
+            return
+        log.info("tls_reloaded", cert_file=str(self.tls.files.cert_file), reloads=self.tls.reloads)
 
     def _quarantine(self, payload: bytes, reason: str) -> None:
         """Keep a payload that could not be decoded in the dead-letter file (raw, base64), never just a log line."""

@@ -10,6 +10,7 @@ Unknown keys and bad values fail at start-up with the key named (:func:`load_set
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -60,6 +61,17 @@ class LogFormat(StrEnum):
 class WireFormat(StrEnum):
     XML = "xml"
     PROTOBUF = "protobuf"
+
+
+class TlsMode(StrEnum):
+    OFF = "off"
+    SERVER_AUTH = "server_auth"
+    MUTUAL_AUTH = "mutual_auth"
+
+
+class TlsVersion(StrEnum):
+    TLS_1_2 = "1.2"
+    TLS_1_3 = "1.3"
 
 
 class _EnvSource(PydanticBaseSettingsSource):
@@ -133,6 +145,24 @@ class Settings(BaseSettings):
     protobuf_framing_mode: str | None = Field(
         None,
         description="Reference-server protobuf framing name (AUTO_DETECT, LENGTH_PREFIXED, FRAMELESS).",
+    )
+
+    # --- TLS and peers ----------------------------------------------------------------------------------
+    tls_mode: TlsMode = Field(
+        TlsMode.OFF,
+        description="ONTAP engine ssl-option: off (no-auth), server_auth (server certificate) or mutual_auth "
+        "(server certificate + client certificates verified against tls_client_ca_file).",
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate chain (reloaded on SIGHUP).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (reloaded on SIGHUP).")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that ONTAP's client certificates must chain to (mutual_auth)."
+    )
+    tls_min_version: TlsVersion = Field(TlsVersion.TLS_1_2, description="Oldest TLS version accepted: 1.2 or 1.3.")
+    allowed_networks: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Peer networks allowed to connect (CIDRs or addresses, e.g. the SVM data LIFs); "
+        "empty = any. Others are closed at once, logged and counted.",
     )
 
     # --- session --------------------------------------------------------------------------------------
@@ -273,10 +303,41 @@ class Settings(BaseSettings):
     )
 
     # --- logs -----------------------------------------------------------------------------------------
+    # --- observability (HTTP: /metrics, /healthz, /readyz; SLO targets) --------------------------------
+    http_enabled: bool = Field(True, description="Serve /metrics, /healthz and /readyz over HTTP.")
+    http_host: str = Field(
+        "127.0.0.1",
+        description="Address of the metrics/health HTTP server (0.0.0.0 to let a load balancer or another host "
+        "reach it; a sidecar in the same ECS task reaches 127.0.0.1).",
+    )
+    http_port: int = Field(9100, ge=0, le=65535, description="Port of the metrics/health HTTP server (0: any free).")
+    health_heartbeat_interval_s: float = Field(
+        1.0, gt=0, le=60, description="How often the event loop proves it is alive to /healthz."
+    )
+    health_loop_stall_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="/healthz fails once the event loop has not run its heartbeat for this long (a wedged loop); "
+        "must exceed health_heartbeat_interval_s.",
+    )
+    slo_ingestion_latency_s: float = Field(
+        5.0,
+        gt=0,
+        description="Ingestion latency SLO target (GenerationTime to sink acknowledgement; reference: p99 < 5 s): "
+        "events slower than this are counted in fpolicyd_ingestion_latency_slo_breaches_total.",
+    )
+    slo_reconnect_s: float = Field(
+        30.0, gt=0, description="Reconnect SLO target (session lost to next NEGO_REQ of the same node and policy)."
+    )
+    slo_replay_completion_s: float = Field(
+        300.0, gt=0, description="Replay completion SLO target (a reconnected node's backlog fully replayed)."
+    )
+
     log_level: str = Field("info", description="debug | info | warning | error")
     log_format: LogFormat = Field(LogFormat.JSON, description="json (default) or console")
 
-    @field_validator("preferred_versions", "sinks", mode="before")
+    @field_validator("preferred_versions", "sinks", "allowed_networks", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -299,6 +360,26 @@ class Settings(BaseSettings):
             if not sep or scheme not in SINK_SCHEMES:
                 raise ValueError(f"{uri!r}: a sink is one of {', '.join(s + ':' for s in SINK_SCHEMES)}")
         return value
+
+    @field_validator("allowed_networks", mode="after")
+    @classmethod
+    def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{network!r} is not an IP network or address ({exc})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if self.tls_mode is TlsMode.OFF:
+            return self
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            raise ValueError(f"tls_mode {self.tls_mode.value} needs tls_cert_file and tls_key_file")
+        if self.tls_mode is TlsMode.MUTUAL_AUTH and self.tls_client_ca_file is None:
+            raise ValueError("tls_mode mutual_auth needs tls_client_ca_file (the CA of ONTAP's client certificates)")
+        return self
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:

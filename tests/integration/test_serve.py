@@ -6,17 +6,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 
 from fpolicyd.app import Daemon
-from fpolicyd.config import Settings, load_settings
 from fpolicyd.events import NameMaps
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.spool import Record, Spool, SpoolSettings
-from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import (
     BackPressure,
     Handshake,
@@ -30,17 +27,7 @@ from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_me
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
-
-
-def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "listen_host": "127.0.0.1",
-        "listen_port": 0,
-        "data_dir": str(tmp_path),
-        "jsonl_fsync": "never",
-    }
-    base.update(overrides)
-    return load_settings(overrides=base, search_default_paths=False)
+from support.peer import Peer, jsonl_events, make_settings, wait_for_events
 
 
 @pytest.fixture
@@ -53,63 +40,6 @@ async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
         yield d
     finally:
         await d.stop()
-
-
-class Peer:
-    """A minimal ONTAP node: frames out, frames in."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.frames = XmlFrameReader()
-        self.inbox: list[bytes] = []
-
-    @classmethod
-    async def connect(cls, port: int) -> Peer:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
-
-    async def send(self, *frames: bytes) -> None:
-        self.writer.write(b"".join(frames))
-        await self.writer.drain()
-
-    async def receive(self, within: float = 5.0) -> bytes:
-        while not self.inbox:
-            data = await asyncio.wait_for(self.reader.read(65536), within)
-            if not data:
-                raise ConnectionError("closed by the server")
-            self.inbox.extend(self.frames.feed(data))
-        return self.inbox.pop(0)
-
-    async def closed_by_server(self, within: float = 5.0) -> bool:
-        try:
-            while True:
-                data = await asyncio.wait_for(self.reader.read(65536), within)
-                if not data:
-                    return True
-        except (ConnectionError, TimeoutError):
-            return False
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-
-
-def jsonl_events(root: Path) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    for path in sorted((root / "events").glob("fpolicy_events_*.jsonl")):
-        for line in path.read_bytes().splitlines():
-            events.append(orjson.loads(line))
-    return events
-
-
-async def wait_for_events(root: Path, count: int, within: float = 10.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + within
-    while True:
-        events = jsonl_events(root)
-        if len(events) >= count or time.monotonic() > deadline:
-            return events
-        await asyncio.sleep(0.02)
 
 
 async def test_handshake_over_tcp_is_byte_exact(daemon: Daemon) -> None:

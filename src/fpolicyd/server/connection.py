@@ -28,7 +28,9 @@ from fpolicyd.protocol.session import (
     Session,
     SessionConfig,
 )
+from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.tls import peer_certificate_subject
 
 log = get_logger("fpolicyd.connection")
 
@@ -53,6 +55,7 @@ class ServerContext:
         max_connections: int,
         wall_clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
         quarantine: Callable[[bytes, str], None] = lambda payload, reason: None,
+        allowlist: PeerAllowlist | None = None,
     ) -> None:
         self.session_config = session_config
         self.names = names
@@ -64,11 +67,19 @@ class ServerContext:
         #: Where a payload that broke the protocol goes (the dead-letter file), with the reason.
         self.quarantine = quarantine
         self.connections: set[FPolicyConnection] = set()
+        #: Peers that may connect (empty = any).
+        self.allowlist = allowlist if allowlist is not None else PeerAllowlist()
         self.rejected_connections = 0
+        #: Connections closed at once, by reason (``not_allowed``, ``max_connections``).
+        self.rejections: dict[str, int] = {}
         self.protocol_errors: dict[str, int] = {}
         self.notices: dict[str, int] = {}
         self.events = 0
         self.sessions_opened = 0
+
+    def reject(self, reason: str) -> None:
+        self.rejected_connections += 1
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
     def broadcast_back_pressure(self, apply: bool) -> None:
         """BACK_PRESSURE_APPLY (or _REM) to every negotiated session."""
@@ -101,15 +112,23 @@ class FPolicyConnection(asyncio.Protocol):
         peername: Any = transport.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         ctx = self._ctx
+        host = peername[0] if isinstance(peername, tuple) else ""
+        if not ctx.allowlist.allows(host):
+            ctx.reject("not_allowed")
+            log.warning("connection_rejected", peer=self.peer, reason="not_allowed")
+            transport.abort()
+            return
         if len(ctx.connections) >= ctx.max_connections:
-            ctx.rejected_connections += 1
+            ctx.reject("max_connections")
             log.warning("connection_rejected", peer=self.peer, reason="max_connections", limit=ctx.max_connections)
             transport.abort()
             return
         ctx.connections.add(self)
         ctx.sessions_opened += 1
         self._session = Session(ctx.session_config, peer=self.peer, now=self._loop.time())
-        log.info("connection_opened", peer=self.peer, connections=len(ctx.connections))
+        subject = peer_certificate_subject(transport.get_extra_info("peercert"))
+        tls = {"client_certificate": subject} if subject is not None else {}
+        log.info("connection_opened", peer=self.peer, connections=len(ctx.connections), **tls)
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:

@@ -1,35 +1,59 @@
 # syntax=docker/dockerfile:1
-# fpolicyd: multi-stage, non-root, exec-form entrypoint (SIGTERM reaches the daemon, which drains its sinks).
-# Builds for linux/arm64 (Fargate Graviton, EC2 t4g) and linux/amd64 from the same file:
-#   docker buildx build --platform linux/arm64,linux/amd64 -t fpolicyd .
-ARG PYTHON_VERSION=3.11
+# fpolicyd: ONTAP FPolicy external server.
+#   docker buildx build --platform linux/arm64,linux/amd64 -t fpolicyd:0.1.0 .
+# Both architectures build from this one file: no arch-specific step, and every compiled dependency (lxml, uvloop,
+# orjson, pydantic-core, aiohttp and its helpers, protobuf) ships CPython 3.12 manylinux wheels for aarch64 and
+# x86_64 (`pip download --only-binary=:all: --platform manylinux_2_28_aarch64 ...`), so nothing is compiled here.
+#
+# Signals: the exec-form ENTRYPOINT makes fpolicyd PID 1 (no shell in between), so `docker stop` / ECS deliver
+# SIGTERM to it; it installs its own SIGTERM/SIGINT handlers and drains (read grace, then sinks within
+# drain_timeout_s) before exiting. No tini: fpolicyd starts no child processes (nothing to reap; the health check
+# is exec'd by the runtime, not by PID 1) and does not rely on a default signal action (which the kernel withholds
+# from PID 1). `docker run --init` adds tini anyway if a platform insists.
 
-FROM python:${PYTHON_VERSION}-slim-bookworm AS build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# One interpreter for both stages: the venv copied across points at /usr/local/bin/python3.12.
+ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN python -m venv /opt/fpolicyd \
- && /opt/fpolicyd/bin/pip install --no-compile . \
- && /opt/fpolicyd/bin/python -m compileall -q /opt/fpolicyd/lib
+# Build the wheel (hatchling, fetched into pip's isolated build environment), then install it and its
+# dependencies into a self-contained venv; pip itself is not needed at run time.
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+ && python -m venv /opt/fpolicyd \
+ && /opt/fpolicyd/bin/pip install /wheels/fpolicyd-*.whl \
+ && /opt/fpolicyd/bin/pip uninstall --yes pip
 
-FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="fpolicyd" \
       org.opencontainers.image.description="ONTAP FPolicy external server" \
       org.opencontainers.image.licenses="Apache-2.0"
+# Fixed UID/GID 10001 (not in the base image, not root): volume ownership and IAM/EFS access points can name it.
 RUN groupadd --system --gid 10001 fpolicyd \
- && useradd --system --uid 10001 --gid fpolicyd --home-dir /var/lib/fpolicyd --shell /usr/sbin/nologin fpolicyd \
- && install -d -o fpolicyd -g fpolicyd -m 0750 /var/lib/fpolicyd
-COPY --from=build /opt/fpolicyd /opt/fpolicyd
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /var/lib/fpolicyd \
+      --shell /usr/sbin/nologin fpolicyd \
+ && install -d -o 10001 -g 10001 -m 0700 /var/lib/fpolicyd
+COPY --from=builder /opt/fpolicyd /opt/fpolicyd
 ENV PATH=/opt/fpolicyd/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     FPOLICYD_DATA_DIR=/var/lib/fpolicyd
-# Events and (from the durability release on) the spool live here: mount a volume so they survive the task.
+# Spool (write-ahead log), JSON Lines and dead-letter files. Mount a volume here: a new volume starts as this
+# directory (owned by 10001); a bind-mounted host directory must be writable by UID 10001.
 VOLUME ["/var/lib/fpolicyd"]
 WORKDIR /var/lib/fpolicyd
 USER 10001:10001
-# 9898: FPolicy (ONTAP connects here, from the SVM data LIFs only).
+# 9898: FPolicy (ONTAP's SVM data LIFs connect here).
 EXPOSE 9898
+# 9100: /metrics, /healthz, /readyz. Documentation only: the daemon binds it to 127.0.0.1 unless
+# FPOLICYD_HTTP_HOST says otherwise (the health check below runs inside the container and needs nothing more).
+EXPOSE 9100
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["/opt/fpolicyd/bin/fpolicyd"]
+# Probes HTTP /healthz, never a TCP connect to 9898 (that would look like an ONTAP session that never negotiates).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 CMD ["fpolicyd", "healthcheck"]
+ENTRYPOINT ["fpolicyd"]
 CMD ["serve"]

@@ -27,6 +27,8 @@ class Daemon:
                 "0",
                 "--data-dir",
                 str(data),
+                "--http-port",
+                "0",
                 *flags,
             ],
             stdout=subprocess.DEVNULL,

@@ -8,16 +8,23 @@ import contextlib
 import signal
 from dataclasses import dataclass
 
+from fpolicyd.capture import capture_recorder
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.events import NameMaps
+from fpolicyd.obs.health import HealthReport, Heartbeat, readiness
+from fpolicyd.obs.http import ObservabilityServer
 from fpolicyd.obs.log import get_logger
+from fpolicyd.obs.metrics import Metrics
 from fpolicyd.obs.systemd import SystemdNotifier
 from fpolicyd.pipeline.backpressure import Watermarks
+from fpolicyd.pipeline.replay import ReplayTracker, replay_config
 from fpolicyd.pipeline.spool import Spool, SpoolSettings
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
+from fpolicyd.server.processor import Processor, plan_processing, start_processor
 from fpolicyd.server.tls import ReloadableTls, TlsFiles
 from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
@@ -51,13 +58,29 @@ class Daemon:
         self._clients: AwsClients | None = None
         self._dead_letter: DeadLetterWriter | None = None
         self.tls: ReloadableTls | None = None
+        self._processor: Processor | None = None
         #: READY/STATUS/STOPPING/WATCHDOG to systemd (Type=notify); a no-op without $NOTIFY_SOCKET.
         self.notifier = SystemdNotifier.from_environment()
+        #: This daemon's Prometheus registry (one per daemon: several may run in one test process).
+        self.metrics = Metrics(
+            ingestion_slo_s=settings.slo_ingestion_latency_s,
+            reconnect_slo_s=settings.slo_reconnect_s,
+            replay_slo_s=settings.slo_replay_completion_s,
+        )
+        self.heartbeat = Heartbeat(
+            interval_s=settings.health_heartbeat_interval_s, stall_s=settings.health_loop_stall_s
+        )
+        self._http: ObservabilityServer | None = None
 
     @property
     def context(self) -> ServerContext:
         assert self._context is not None, "start() first"
         return self._context
+
+    @property
+    def processor(self) -> Processor | None:
+        """The processing stage (route, settle, dedup), None when the settings need none."""
+        return self._processor
 
     @property
     def pipeline(self) -> EventPipeline:
@@ -72,8 +95,46 @@ class Daemon:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of /metrics, /healthz, /readyz (None when ``http_enabled`` is false or not started)."""
+        return self._http.port if self._http is not None else None
+
+    def readiness(self) -> HealthReport:
+        """What /readyz answers (called on the HTTP thread: reads state, never changes it)."""
+        server = self._server
+        listening = f"{self.settings.listen_host}:{self.port}" if server is not None and server.is_serving() else None
+        return readiness(
+            self.heartbeat,
+            listening=listening,
+            pipeline=self._pipeline,
+            spool_limit_bytes=self.settings.spool_max_bytes,
+            stage=self._processor,
+        )
+
+    def _start_http(self) -> None:
+        self.heartbeat.start(asyncio.get_running_loop())
+        if not self.settings.http_enabled:
+            return
+        self._http = ObservabilityServer(
+            self.settings.http_host,
+            self.settings.http_port,
+            registry=self.metrics.registry,
+            liveness=self.heartbeat.liveness,
+            readiness=self.readiness,
+        )
+        self._http.start()
+        log.info(
+            "http_listening",
+            host=self.settings.http_host,
+            port=self._http.port,
+            paths=["/metrics", "/healthz", "/readyz"],
+        )
+
     async def start(self) -> None:
         settings = self.settings
+        self._start_http()
+        redactor = settings.redactor()
         tls_files = TlsFiles.from_settings(settings)
         self.tls = ReloadableTls(tls_files) if tls_files is not None else None
         spool_settings = SpoolSettings(
@@ -88,8 +149,11 @@ class Daemon:
             region_name=settings.aws_region, max_pool_connections=max(10, settings.sink_max_in_flight * 2)
         )
         self._dead_letter = DeadLetterWriter(settings.effective_dead_letter_dir / "dead-letter.jsonl")
-        senders = build_senders(settings, self._clients, self._dead_letter)
-        spool = await asyncio.to_thread(Spool.open, spool_settings, [sender.name for sender in senders])
+        plan = plan_processing(settings)
+        senders = build_senders(settings, self._clients, self._dead_letter, plan.uris)
+        names = {uri: sender.name for uri, sender in zip(plan.uris, senders, strict=True)}
+        cursors = [sender.name for sender in senders] + ([PROCESSOR_CURSOR] if plan.enabled else [])
+        spool = await asyncio.to_thread(Spool.open, spool_settings, cursors)
         self._spool = spool
         report = spool.recovery
         assert report is not None  # set by Spool.open
@@ -129,6 +193,7 @@ class Daemon:
                 hard_bytes=settings.backpressure_pause_bytes,
             ),
             checkpoint_interval_s=settings.checkpoint_interval_s,
+            select=plan.selector,
         )
         self._context = ServerContext(
             session_config=settings.session_config(),
@@ -143,9 +208,27 @@ class Daemon:
             max_connections=settings.max_connections,
             quarantine=self._quarantine,
             allowlist=PeerAllowlist.parse(settings.allowed_networks),
+            frame_reader=settings.frame_reader,
+            capture=capture_recorder(settings, mask=redactor.log_path),
+            # With the processing stage on, events are redacted as they leave it (routing needs the clear path).
+            redact_event=redactor.redact_event if redactor.redacts_events and not plan.enabled else None,
+            replay=ReplayTracker(replay_config(settings)),
         )
         self._pipeline.on_fatal = self._on_fatal
+        self.metrics.attach(self._context, self._pipeline)
+        self.metrics.replay_source = self._context.replay.stats
         await self._pipeline.start()
+        if plan.enabled:
+            self._processor = await start_processor(
+                settings,
+                plan=plan,
+                names=names,
+                spool=spool,
+                pipeline=self._pipeline,
+                clients=self._clients,
+                redactor=redactor,
+            )
+            self.metrics.watch_processor(self._processor)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: FPolicyConnection(self.context),
@@ -166,19 +249,16 @@ class Daemon:
             tls=settings.tls_mode.value,
             allowed_networks=self.context.allowlist.describe(),
         )
-        if settings.write_complete_delay_s:
-            log.warning(
-                "setting_not_active",
-                setting="write_complete_delay_s",
-                value=settings.write_complete_delay_s,
-                detail="file-readiness settle is not implemented in this release; events are emitted at once",
-            )
         self.ready.set()
         # Listener bound and every sink started (a sink that cannot exist aborted the start above; one that is
         # only unreachable is retried while its events wait in the spool, so it must not hold back READY).
         self.notifier.ready(
             f"listening on {settings.listen_host}:{self.port}; sinks: {', '.join(settings.effective_sinks)}"
         )
+        if settings.ontap_repoint_on_start:
+            from fpolicyd.ontap.ops import start_repoint_on_start  # noqa: PLC0415 - only when configured
+
+            start_repoint_on_start(settings)
 
     async def stop(self) -> StopReport:
         self.notifier.stopping(f"draining (budget {self.settings.drain_timeout_s:g} s)")
@@ -209,6 +289,11 @@ class Daemon:
         return report
 
     async def _close_resources(self) -> None:
+        self.heartbeat.stop()
+        if self._http is not None:
+            await asyncio.to_thread(self._http.close)
+        if self._processor is not None:
+            await self._processor.close()
         if self._clients is not None:
             await self._clients.close()
         if self._dead_letter is not None:

@@ -51,7 +51,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     from fpolicyd.app import run_daemon  # noqa: PLC0415 - keeps `fpolicyd --help` fast
 
     settings = _settings(ns)
-    configure_logging(settings.log_level, settings.log_format.value)
+    configure_logging(settings.log_level, settings.log_format.value, redactor=settings.redactor())
     report = run_daemon(settings)  # what a sink could not take within the drain budget stays in the spool
     return 0 if report.failure is None else 1
 
@@ -95,14 +95,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub).set_defaults(func=_cmd_simulate)
 
+    from fpolicyd.replay_cli import add_replay_test_parser, run_replay_test_command  # noqa: PLC0415
+
+    add_replay_test_parser(sub).set_defaults(func=run_replay_test_command)
+
+    from fpolicyd.ontap.cli import add_ontap_parser  # noqa: PLC0415
+
+    add_ontap_parser(sub)
+
+    from fpolicyd.routes_cli import add_routes_parser, run_routes  # noqa: PLC0415
+
+    add_routes_parser(sub).set_defaults(func=run_routes)
+
+    from fpolicyd.capture_cli import add_capture_parser, run_capture  # noqa: PLC0415
+
+    add_capture_parser(sub).set_defaults(func=run_capture)
+
+    _add_healthcheck(sub)
+
     aliases = ", ".join(f"{env}->{field}" for env, field in sorted(environment_aliases().items()))
     parser.epilog = f"Reference-server environment variables honoured: {aliases}."
     return parser
 
 
+def _add_healthcheck(sub: Any) -> None:
+    from fpolicyd.healthcheck_cli import add_healthcheck_parser, run_healthcheck  # noqa: PLC0415
+
+    healthcheck = add_healthcheck_parser(sub)
+    _add_settings_flags(healthcheck)
+    healthcheck.set_defaults(func=lambda ns: run_healthcheck(ns, lambda: _settings(ns)))
+
+
+def _healthcheck_parser() -> argparse.ArgumentParser:
+    """``fpolicyd healthcheck`` alone: the container health check runs every 30 s, next to a busy daemon, and
+    must not import every other command's modules (aiohttp, routing, ...) to probe one URL."""
+    parser = argparse.ArgumentParser(prog="fpolicyd")
+    _add_healthcheck(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser = _healthcheck_parser() if arguments[:1] == ["healthcheck"] else build_parser()
+    ns = parser.parse_args(arguments)
     try:
         code: int = ns.func(ns)
     except (ConfigError, SinkError) as exc:

@@ -21,10 +21,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Final
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fpolicyd.errors import ConfigError
+from fpolicyd.obs.classification import DataClassification, Redactor
+from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode
+from fpolicyd.pipeline.router import UnroutedAction
+from fpolicyd.pipeline.settle import SettleConfig, SettleOverride, SettleStrategy
 from fpolicyd.pipeline.spool import SpoolFsync
 from fpolicyd.protocol.session import MIN_IDLE_FACTOR, EngineMode, SessionConfig
 from fpolicyd.sinks.jsonl import FsyncPolicy
@@ -59,8 +63,28 @@ class LogFormat(StrEnum):
 
 
 class WireFormat(StrEnum):
+    """ONTAP engine format: xml, protobuf (provisional, ONTAP 9.15.1+), or auto (detected per connection)."""
+
     XML = "xml"
     PROTOBUF = "protobuf"
+    AUTO = "auto"
+
+
+class ProtobufFraming(StrEnum):
+    """How protobuf messages are delimited on the wire (unpublished by NetApp; see proto/README.md)."""
+
+    AUTO = "auto"
+    LENGTH_PREFIXED = "length-prefixed"
+    VARINT_DELIMITED = "varint-delimited"
+
+
+#: The reference server's PROTOBUF_FRAMING_MODE names and ours, lower-case with "-" read as "_".
+_FRAMING_NAMES: Final = {
+    "auto": ProtobufFraming.AUTO,
+    "auto_detect": ProtobufFraming.AUTO,
+    "length_prefixed": ProtobufFraming.LENGTH_PREFIXED,
+    "varint_delimited": ProtobufFraming.VARINT_DELIMITED,
+}
 
 
 class TlsMode(StrEnum):
@@ -140,11 +164,14 @@ class Settings(BaseSettings):
     )
     fpolicy_format: WireFormat = Field(
         WireFormat.XML,
-        description="Engine format configured on ONTAP (xml; protobuf has no published wire format yet).",
+        description="Engine format configured on ONTAP: xml | protobuf (ONTAP 9.15.1+, PROVISIONAL schema and "
+        "framing, see proto/README.md) | auto (each connection's first bytes decide between xml and protobuf).",
     )
-    protobuf_framing_mode: str | None = Field(
-        None,
-        description="Reference-server protobuf framing name (AUTO_DETECT, LENGTH_PREFIXED, FRAMELESS).",
+    protobuf_framing_mode: ProtobufFraming = Field(
+        ProtobufFraming.AUTO,
+        description="Framing of protobuf messages: auto (detected per connection) | length-prefixed (u32 big-endian "
+        "length) | varint-delimited (protobuf varint length); the reference's AUTO_DETECT and LENGTH_PREFIXED "
+        "are accepted.",
     )
 
     # --- TLS and peers ----------------------------------------------------------------------------------
@@ -293,13 +320,15 @@ class Settings(BaseSettings):
     write_complete_delay_s: float = Field(
         0.0,
         ge=0,
-        description="Reference settle delay; accepted for compatibility (file-readiness settle is not "
-        "implemented in this release, so events are emitted at once).",
+        description="Settle quiet window in seconds (file readiness; the reference's blocking per-event sleep): "
+        "create + writes to one path within it become one event, emitted once the path has been quiet this "
+        "long, without blocking anything. 0 = settle off. See settle_*.",
     )
     dedup_window_minutes: float = Field(
         5.0,
         ge=0,
-        description="Reference dedup window; accepted for compatibility.",
+        description="Dedup window of window mode (dedup_mode = window), minutes; a sliding claim per use case, "
+        "path and operation (not the reference's tumbling buckets).",
     )
 
     # --- logs -----------------------------------------------------------------------------------------
@@ -333,6 +362,319 @@ class Settings(BaseSettings):
     slo_replay_completion_s: float = Field(
         300.0, gt=0, description="Replay completion SLO target (a reconnected node's backlog fully replayed)."
     )
+
+    # --- ONTAP side (fpolicyd ontap plan/apply/repoint/status) -------------------------------------------
+    ontap_url: str | None = Field(
+        None, description="ONTAP cluster or SVM management address for the REST API, https://HOST (HTTPS only)."
+    )
+    ontap_username: str | None = Field(
+        None, description="ONTAP REST user (vsadmin or a role with FPolicy rights); the secret's username wins."
+    )
+    ontap_password: SecretStr | None = Field(
+        None,
+        description="ONTAP REST password; set it as FPOLICYD_ONTAP_PASSWORD in the environment (never in a file) "
+        "or use ontap_secret_id.",
+    )
+    ontap_secret_id: str | None = Field(
+        None,
+        description='AWS Secrets Manager secret (name or ARN) holding {"username": ..., "password": ...} for ONTAP; '
+        "wins over ontap_password.",
+    )
+    ontap_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that signed the ONTAP management certificate (default: system CAs)."
+    )
+    ontap_verify_tls: bool = Field(
+        True, description="Verify ONTAP's certificate; false is for labs only and is logged as a warning every time."
+    )
+    ontap_svm: str | None = Field(None, description="SVM (vserver) whose FPolicy objects fpolicyd manages.")
+    ontap_policy_name: str = Field("fpolicyd", description="FPolicy policy name.")
+    ontap_engine_name: str = Field("fpolicyd", description="FPolicy external engine name.")
+    ontap_event_name: str = Field(
+        "fpolicyd", description="FPolicy event name prefix; one event per protocol, named <prefix>_<protocol>."
+    )
+    ontap_protocols: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("cifs",), description="Protocols monitored: cifs, nfsv3, nfsv4 (NFSv4.2 is never monitored by ONTAP)."
+    )
+    ontap_file_operations: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("create", "create_dir", "write", "rename", "rename_dir", "delete", "delete_dir"),
+        description="File operations of the events (ONTAP names; each must be valid for every protocol).",
+    )
+    ontap_volumes: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("*",), description="Policy scope: volumes included (* = all volumes of the SVM)."
+    )
+    ontap_mandatory: bool = Field(
+        False, description="Policy is-mandatory: true denies client access when no FPolicy server answers."
+    )
+    ontap_policy_priority: int = Field(
+        1, ge=1, le=10, description="Priority (sequence number) the policy is enabled with."
+    )
+    ontap_persistent_store: str | None = Field(
+        None, description="FPolicy persistent store name (ONTAP 9.14.1+; async engine, non-mandatory policy only)."
+    )
+    ontap_persistent_store_volume: str | None = Field(
+        None, description="Volume of the persistent store (an RW FlexVol with a junction path)."
+    )
+    ontap_server_address: str | None = Field(
+        None,
+        description="IP address ONTAP must connect to (the engine's primary server); default: this task's address "
+        "from the ECS metadata endpoint, else the local address that routes to ontap_url.",
+    )
+    ontap_request_timeout_s: float = Field(30.0, gt=0, le=600, description="Timeout of one ONTAP REST request.")
+    ontap_job_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="How long an asynchronous ONTAP job (HTTP 202) is polled before giving up."
+    )
+    ontap_job_poll_interval_s: float = Field(1.0, gt=0, le=60, description="Poll period of an ONTAP job.")
+    ontap_enable_attempts: int = Field(
+        3, ge=1, le=20, description="Attempts to (re-)enable the policy before reporting it left disabled."
+    )
+    ontap_retry_delay_s: float = Field(2.0, ge=0, le=60, description="Pause between attempts to enable the policy.")
+    ontap_repoint_on_start: bool = Field(
+        False,
+        description="serve: once listening, point the ONTAP engine's primary_servers at this server "
+        "(`fpolicyd ontap repoint`); a failure is logged as an error and the daemon keeps running.",
+    )
+
+    @field_validator("ontap_protocols", "ontap_file_operations", "ontap_volumes", mode="before")
+    @classmethod
+    def _split_ontap_lists(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    # --- replay awareness (persistent-store replay, out-of-order, duplicates) ------------------------------
+    replay_duplicate_window: int = Field(
+        65_536,
+        ge=1,
+        le=10_000_000,
+        description="Recent event ids remembered to count and flag duplicates (the last N to 2N; ~100 B each).",
+    )
+    replay_episode_idle_s: float = Field(
+        2.0, gt=0, le=3600, description="A replay episode ends once no replayed notification arrived for this long."
+    )
+    replay_clock_tolerance_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="A notification is flagged replayed only if its GenerationTime (the node's clock) is more than "
+        "this before its session's handshake (this host's clock); set it to the worst clock skew expected.",
+    )
+    replay_max_nodes: int = Field(
+        4096, ge=1, le=1_000_000, description="Node/policy keys the replay tracker remembers (oldest idle forgotten)."
+    )
+
+    # --- routing ----------------------------------------------------------------------------------------
+    routing_enabled: bool = Field(
+        True, description="Match every event against the use-case routes (the matched names go to metadata.routes)."
+    )
+    routes_file: Path | None = Field(
+        None,
+        description="Use-case routes file (TOML; config/routes.toml is an editable copy); default: the 17 "
+        "packaged reference routes. `fpolicyd routes check|export` read the same file.",
+    )
+    routes_strict: bool = Field(
+        False, description="Strict ownership: only path prefixes route an event; suffixes are ignored."
+    )
+    unrouted_action: UnroutedAction = Field(
+        UnroutedAction.DEFAULT_SINKS,
+        description="An event no route matches: default_sinks (delivered to the default sinks) or audit "
+        "(written to <data_dir>/audit/unrouted.jsonl instead of the sinks).",
+    )
+
+    # --- data classification ----------------------------------------------------------------------------
+    data_classification: DataClassification = Field(
+        DataClassification.PROD,
+        description="dev (nothing redacted), prod (logs: user identities masked, paths hashed) or regulated "
+        "(logs: user identities removed, paths hashed); see classify_events for events and the audit ledger.",
+    )
+    classify_events: bool = Field(
+        False,
+        description="Also redact emitted events and the audit ledger per data_classification (prod: user "
+        "identities removed; regulated: and paths hashed). Routing and settle still see the clear path.",
+    )
+    classification_salt: SecretStr | None = Field(
+        None,
+        description="Key for path hashing (HMAC-SHA256) so that a guessed path cannot be confirmed without it; "
+        "pass it through the environment (FPOLICYD_CLASSIFICATION_SALT), not the file.",
+    )
+
+    # --- dedup (idempotency) ----------------------------------------------------------------------------
+    dedup_mode: DedupMode = Field(
+        DedupMode.exact,
+        description="off | exact (same event_id = same ONTAP notification; a genuine rewrite is never "
+        "suppressed) | window (per use case: same path and operation within the window; HYBRID deployments).",
+    )
+    dedup_exact_ttl_s: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="How long a claim is remembered (exact mode; window claims are kept at least this long too, "
+        "for late replays). The embedded store's size limit may forget sooner.",
+    )
+    dedup_window_overrides: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Window mode: use case -> window in minutes (default dedup_window_minutes; 0 = exact mode "
+        "for that use case).",
+    )
+    dedup_backend: DedupBackend = Field(
+        DedupBackend.embedded,
+        description="embedded (local SQLite file, one instance) | dynamodb (shared by several instances).",
+    )
+    dedup_dir: Path | None = Field(None, description="Embedded dedup store directory; default <data_dir>/dedup.")
+    dedup_embedded_max_entries: int = Field(
+        1_000_000,
+        ge=1,
+        description="Claims the embedded store keeps (~210 B on disk each); expired ones are evicted first, "
+        "then the least recently written.",
+    )
+    dedup_dynamodb_table: str | None = Field(
+        None, description="DynamoDB table (keys pk, sk: strings; TTL attribute ttl) of the dynamodb backend."
+    )
+    dedup_dynamodb_max_in_flight: int = Field(
+        16, ge=1, le=256, description="Conditional PutItem requests in flight per dedup batch."
+    )
+    dedup_dynamodb_retries: int = Field(
+        3, ge=0, le=20, description="Retries of a failed DynamoDB request (capped backoff) before the failure mode."
+    )
+    dedup_failure_mode: DedupFailureMode = Field(
+        DedupFailureMode.open,
+        description="When the dedup store fails: open (deliver; duplicates possible) | closed (hold the event in "
+        "the spool and retry; delivery waits for the store).",
+    )
+    dedup_ledger_dir: Path | None = Field(
+        None,
+        description="Audit ledger of suppressed duplicates and fail-open decisions (JSON Lines); "
+        "default <data_dir>/ledger.",
+    )
+
+    @model_validator(mode="after")
+    def _check_dedup(self) -> Settings:
+        if (
+            self.dedup_mode is not DedupMode.off
+            and self.dedup_backend is DedupBackend.dynamodb
+            and not self.dedup_dynamodb_table
+        ):
+            raise ValueError("dedup_backend is dynamodb but dedup_dynamodb_table is empty")
+        return self
+
+    @property
+    def effective_dedup_dir(self) -> Path:
+        return self.dedup_dir if self.dedup_dir is not None else self.data_dir / "dedup"
+
+    @property
+    def effective_dedup_ledger_dir(self) -> Path:
+        return self.dedup_ledger_dir if self.dedup_ledger_dir is not None else self.data_dir / "ledger"
+
+    # --- protobuf mode and wire capture -------------------------------------------------------------------
+    capture_enabled: bool = Field(
+        False,
+        description="Record the first bytes/frames of every connection as JSON Lines (hex + timestamps) under "
+        "capture_dir; `fpolicyd capture decode FILE` reads them. For handing over a real protobuf capture.",
+    )
+    capture_dir: Path | None = Field(None, description="Where captures are written; default <data_dir>/capture.")
+    capture_max_bytes_per_connection: int = Field(
+        64 << 10, ge=1, le=64 << 20, description="Received bytes recorded per connection, at most."
+    )
+    capture_max_frames_per_connection: int = Field(
+        200, ge=1, le=1_000_000, description="Frames (or raw chunks) recorded per connection, at most."
+    )
+    capture_max_total_bytes: int = Field(
+        64 << 20, ge=1024, description="Bytes of capture files this process writes in total; then capture stops."
+    )
+
+    @field_validator("protobuf_framing_mode", mode="before")
+    @classmethod
+    def _reference_framing(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        key = value.strip().lower().replace("-", "_")
+        if key == "frameless":
+            raise ValueError(
+                "FRAMELESS (unframed protobuf) cannot be split into messages; use auto, length-prefixed or "
+                "varint-delimited"
+            )
+        if key in _FRAMING_NAMES:
+            return _FRAMING_NAMES[key]
+        names = ", ".join(f.value for f in ProtobufFraming)
+        raise ValueError(f"{value!r} is not a protobuf framing; one of {names} (or AUTO_DETECT, LENGTH_PREFIXED)")
+
+    @property
+    def frame_reader(self) -> str:
+        """The frame reader of the listener (a :class:`fpolicyd.protocol.readers.ReaderName` value)."""
+        if self.fpolicy_format is WireFormat.XML:
+            return "xml"
+        if self.fpolicy_format is WireFormat.AUTO or self.protobuf_framing_mode is ProtobufFraming.AUTO:
+            return "auto"
+        return f"protobuf-{self.protobuf_framing_mode.value}"
+
+    @property
+    def effective_capture_dir(self) -> Path:
+        return self.capture_dir if self.capture_dir is not None else self.data_dir / "capture"
+
+    # --- processing stage (route, settle, dedup; server/processor.py) --------------------------------------
+    processor_batch_records: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Spool records the processing stage routes, settles and dedups per round (one dedup batch, "
+        "one durable append).",
+    )
+
+    # --- settle (file readiness) ---
+    settle_strategy: SettleStrategy = Field(
+        SettleStrategy.QUIET,
+        description="When a held path is ready: quiet (no event for write_complete_delay_s) | rename_commit (a "
+        "rename moves it to its final name; one event for the new path) | marker (a marker file such as X.done "
+        "or _SUCCESS appears). Settle is on when write_complete_delay_s > 0.",
+    )
+    settle_max_hold_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a path is held, from its first event, whatever the strategy: a path that never goes "
+        "quiet (or never gets its rename or marker) is emitted anyway, so the spool cursor is never held longer.",
+    )
+    settle_marker_names: Annotated[tuple[str, ...], NoDecode] = Field(
+        (".done", "_SUCCESS"),
+        description="Marker files of the marker strategy (comma-separated in the environment): a name starting "
+        "with '.' is a suffix (X.done releases X), any other a directory marker (_SUCCESS releases what is held "
+        "under its directory, at any depth).",
+    )
+    settle_cancel_on_delete: bool = Field(
+        True,
+        description="A delete of a held path cancels what was held: only the delete is emitted, its "
+        "metadata.settle counting and listing the cancelled events. false: the held event goes out first.",
+    )
+    settle_operations: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("create", "write"),
+        description="Operation types held by settle (comma-separated in the environment); never delete or "
+        "rename, which cancel, commit or release a held path.",
+    )
+    settle_overrides: dict[str, float | SettleOverride] = Field(
+        default_factory=dict,
+        description='Settle per route and operation: keys "ROUTE", "ROUTE:OP" or "*:OP"; value a window in '
+        "seconds (0 = off) or a table of window_s, max_hold_s, strategy, marker_names, cancel_on_delete, "
+        "operations. Precedence ROUTE:OP > ROUTE > *:OP > the settle_* settings; an event of several routes "
+        "takes the most patient policy. Environment: a JSON object.",
+    )
+    settle_max_pending: int = Field(
+        500_000,
+        ge=1,
+        description="Most paths held at once (memory: about one event each); beyond it the oldest held path is "
+        "emitted early and counted, never dropped.",
+    )
+
+    @field_validator("settle_marker_names", "settle_operations", mode="before")
+    @classmethod
+    def _split_settle_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_settle(self) -> Settings:
+        try:
+            SettleConfig.from_settings(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     log_level: str = Field("info", description="debug | info | warning | error")
     log_format: LogFormat = Field(LogFormat.JSON, description="json (default) or console")
@@ -383,11 +725,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
-        if self.fpolicy_format is not WireFormat.XML:
-            raise ValueError(
-                "fpolicy_format (FPOLICY_FORMAT): only xml is supported; ONTAP's protobuf framing is "
-                "unpublished. Set the engine format to xml."
-            )
         SessionConfig(
             engine_mode=self.engine_mode,
             preferred_versions=self.preferred_versions,
@@ -452,6 +789,10 @@ class Settings(BaseSettings):
     @property
     def effective_dead_letter_dir(self) -> Path:
         return self.dead_letter_dir if self.dead_letter_dir is not None else self.data_dir / "dead-letter"
+
+    def redactor(self) -> Redactor:
+        salt = self.classification_salt.get_secret_value().encode() if self.classification_salt else None
+        return Redactor(level=self.data_classification, salt=salt, classify_events=self.classify_events)
 
     def session_config(self) -> SessionConfig:
         return SessionConfig(

@@ -34,6 +34,7 @@ from typing import IO, Final, NamedTuple
 import orjson
 
 from fpolicyd.errors import FpolicydError, RemoteProtocolError
+from fpolicyd.events import event_id_from_identity
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import (
     ALLOW,
@@ -58,6 +59,8 @@ __all__ = [
     "DEFAULT_VERSIONS",
     "DEFAULT_VS_UUID",
     "NodeReport",
+    "NodeStream",
+    "NotificationSpec",
     "SimulationReport",
     "SimulatorConfig",
     "SimulatorError",
@@ -629,28 +632,46 @@ def _to_request(spec: _Spec, notf_type: str) -> ScreenRequest:
     )
 
 
+class _FrameHeader(NamedTuple):
+    """The fixed parts of a SCREEN_REQ frame for one ``NotfType``."""
+
+    before_len: bytes
+    after_len: bytes
+    fixed: int
+
+
+def _frame_header(notf_type: str) -> _FrameHeader:
+    before = XML_PROLOG + f"<Header><NotfType>{escape(notf_type)}</NotfType><ContentLen>".encode()
+    after = b"</ContentLen><DataFormat>XML</DataFormat></Header>\n\n"
+    return _FrameHeader(before, after, len(before) + len(after) + 1)  # + the NUL
+
+
+def _render(s: _Spec, hdr: _FrameHeader) -> bytes:
+    """One spec straight to its frame, byte-identical to ``encode_screen_request``."""
+    kind, e, target = s.kind, s.entry, s.target
+    target_xml = "" if target is None else target.target_win_xml if s.win_only else target.target_xml
+    body = (
+        f'<?xml version="1.0"?><FscreenReq><ReqId>{s.req_id}{kind.head_xml}{s.client.ip_xml}'
+        f"<GenerationTime>{s.time_us}</GenerationTime>{s.ident.xml}"
+        f"{e.access_win_xml if s.win_only else e.access_xml}<VolMsid>{e.msid}</VolMsid>"
+        f"<FileSize>{s.size}</FileSize><NumHardLnk>{e.nlink}</NumHardLnk>"
+        f"<IsOfflineAttr>{1 if e.offline else 0}</IsOfflineAttr><FileType>{s.file_type}</FileType>"
+        f"<IsSparse>{1 if e.sparse else 0}</IsSparse><IsDense>0</IsDense></ProtCommonInfo>"
+        f"{e.display_xml if kind.smb else ''}{s.client.ver_xml}{s.ident.gids_xml}</CommonInfo>"
+        f"{target_xml}{kind.op_template % s.values if s.values else ''}{kind.tail_xml}"
+    ).encode()
+    n = len(body)
+    digits = b"%d" % n
+    return b"".join(
+        (_PREFIX.pack(_MARK, hdr.fixed + len(digits) + n, _MARK), hdr.before_len, digits, hdr.after_len, body, b"\0")
+    )
+
+
 def _framed(specs: Iterator[_Spec], notf_type: str) -> Iterator[tuple[_Spec, bytes]]:
     """Render specs straight to frames, byte-identical to ``encode_screen_request``."""
-    hdr_a = XML_PROLOG + f"<Header><NotfType>{escape(notf_type)}</NotfType><ContentLen>".encode()
-    hdr_b = b"</ContentLen><DataFormat>XML</DataFormat></Header>\n\n"
-    fixed = len(hdr_a) + len(hdr_b) + 1  # + the NUL
-    pack = _PREFIX.pack
+    hdr = _frame_header(notf_type)
     for s in specs:
-        kind, e, target = s.kind, s.entry, s.target
-        target_xml = "" if target is None else target.target_win_xml if s.win_only else target.target_xml
-        body = (
-            f'<?xml version="1.0"?><FscreenReq><ReqId>{s.req_id}{kind.head_xml}{s.client.ip_xml}'
-            f"<GenerationTime>{s.time_us}</GenerationTime>{s.ident.xml}"
-            f"{e.access_win_xml if s.win_only else e.access_xml}<VolMsid>{e.msid}</VolMsid>"
-            f"<FileSize>{s.size}</FileSize><NumHardLnk>{e.nlink}</NumHardLnk>"
-            f"<IsOfflineAttr>{1 if e.offline else 0}</IsOfflineAttr><FileType>{s.file_type}</FileType>"
-            f"<IsSparse>{1 if e.sparse else 0}</IsSparse><IsDense>0</IsDense></ProtCommonInfo>"
-            f"{e.display_xml if kind.smb else ''}{s.client.ver_xml}{s.ident.gids_xml}</CommonInfo>"
-            f"{target_xml}{kind.op_template % s.values if s.values else ''}{kind.tail_xml}"
-        ).encode()
-        n = len(body)
-        digits = b"%d" % n
-        yield s, b"".join((pack(_MARK, fixed + len(digits) + n, _MARK), hdr_a, digits, hdr_b, body, b"\0"))
+        yield s, _render(s, hdr)
 
 
 def generate_requests(
@@ -685,6 +706,73 @@ def generate_frames(
     specs = _specs(seed=seed, node=node, count=count, first_req_id=first_req_id, base_time_us=base_time_us)
     for _spec, frame in _framed(specs, notf_type):
         yield frame
+
+
+#: One notification of a :class:`NodeStream` (opaque: render it with the stream that made it).
+NotificationSpec = _Spec
+
+
+class NodeStream:
+    """One node's notifications one at a time, each stamped with the ``GenerationTime`` the caller gives.
+
+    ``replay-test`` stamps real time: a notification is generated now and delivered now (live) or after an
+    outage (replayed from the persistent store). Content is the stream of :func:`generate_requests` for the
+    same ``(seed, node)``; only the times differ. Specs are small (they point into the node's pools), so a
+    backlog can be held as specs and rendered when sent.
+    """
+
+    __slots__ = ("_hdr", "_notf_type", "_specs", "node", "vs_uuid")
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        node: int,
+        count: int,
+        vs_uuid: str = DEFAULT_VS_UUID,
+        notf_type: str = NotfType.SCREEN_REQ.value,
+    ) -> None:
+        self.node = node
+        self.vs_uuid = vs_uuid
+        self._notf_type = notf_type
+        self._hdr = _frame_header(notf_type)
+        self._specs = _specs(seed=seed, node=node, count=count, first_req_id=1, base_time_us=0)
+
+    def next(self, generation_time_us: int) -> NotificationSpec:
+        """The next notification, generated at ``generation_time_us``; StopIteration after ``count``."""
+        return next(self._specs)._replace(time_us=generation_time_us)
+
+    def frame(self, spec: NotificationSpec) -> bytes:
+        return _render(spec, self._hdr)
+
+    def request(self, spec: NotificationSpec) -> ScreenRequest:
+        return _to_request(spec, self._notf_type)
+
+    def event_id(self, spec: NotificationSpec) -> str:
+        """The ``event_id`` fpolicyd gives this notification (the recipe of ``fpolicyd.events.normalize``),
+        computed from the spec without decoding; the unit tests check it against ``normalize``."""
+        entry, target = spec.entry, spec.target
+        user = spec.ident.usr_context
+        return event_id_from_identity(
+            [
+                self.vs_uuid,
+                entry.msid,
+                spec.kind.req_type,
+                _event_path(entry, spec.win_only),
+                None if target is None else _event_path(target, spec.win_only),
+                spec.time_us,
+                spec.client.ip,
+                user.uid,
+                user.sid,
+            ]
+        )
+
+
+def _event_path(entry: _Entry, win_only: bool) -> str:
+    """The path fpolicyd reports for an entry: the UNIX name, else the WIN name with ``/`` separators."""
+    if not win_only:
+        return entry.unix
+    return "/" + entry.win.replace("\\", "/").lstrip("/")
 
 
 def manifest_record(node: int, request: ScreenRequest) -> dict[str, object]:

@@ -154,7 +154,7 @@ async def test_a_missing_queue_stops_the_start_with_a_clear_message(
     missing = f"{moto.url}/{moto.account_id}/no-such-queue"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fpolicyd", "serve", "--listen-host", "127.0.0.1", "--listen-port", "0",
-        "--data-dir", str(tmp_path), "--sinks", f"sqs:{missing}",
+        "--http-port", "0", "--data-dir", str(tmp_path), "--sinks", f"sqs:{missing}",
         cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, err = await asyncio.wait_for(process.communicate(), 60)

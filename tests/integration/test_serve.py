@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_me
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
+from support.notifications import BASE_GENERATION_US
 from support.peer import Peer, jsonl_events, make_settings, wait_for_events
 
 
@@ -155,7 +157,8 @@ async def test_many_concurrent_sessions(daemon: Daemon, tmp_path: Path) -> None:
                     req_id=n,
                     req_type=request.req_type,
                     op_element=request.op_element,
-                    common=request.common,
+                    # A distinct GenerationTime each: identical notifications would be one event (exact dedup).
+                    common=dataclasses.replace(request.common, generation_time=BASE_GENERATION_US + n),
                     target_paths=request.target_paths,
                     display_path=request.display_path,
                     prot_ver=request.prot_ver,

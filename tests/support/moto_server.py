@@ -151,3 +151,21 @@ async def bus_with_queue_rule(clients: AwsClients, source: str = "fsxn.fpolicy")
     await events.put_rule(Name="all-file-operations", EventBusName=bus, EventPattern=orjson.dumps(pattern).decode())
     await events.put_targets(Rule="all-file-operations", EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
     return bus, queue_url
+
+
+async def create_dedup_table(dynamodb: Any, name: str | None = None) -> str:
+    """A dedup claim table as fpolicyd expects it: string keys pk (HASH) and sk (RANGE), on-demand, TTL on ``ttl``."""
+    table = name or unique("fpolicyd-dedup")
+    await dynamodb.create_table(
+        TableName=table,
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    await dynamodb.update_time_to_live(
+        TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"}
+    )
+    return table

@@ -100,7 +100,9 @@ def test_unknown_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch) 
         ({"log_level": "loud"}, "log_level"),
         ({"sinks": "kafka:x"}, "sinks"),
         ({"keep_alive_interval_s": "120", "idle_timeout_s": "120"}, "keep_alive_interval_s"),
-        ({"fpolicy_format": "protobuf"}, "FPOLICY_FORMAT"),
+        ({"fpolicy_format": "json"}, "fpolicy_format"),
+        ({"protobuf_framing_mode": "FRAMELESS"}, "protobuf_framing_mode"),
+        ({"protobuf_framing_mode": "zigzag"}, "protobuf_framing_mode"),
         ({"volume_names": {"not-a-number": "v"}}, "volume_names"),
     ],
 )

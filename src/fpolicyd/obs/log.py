@@ -8,11 +8,16 @@ from typing import Any
 
 import structlog
 
+from fpolicyd.obs.classification import Redactor
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
-    """Configure structlog once per process; safe to call again (tests, ``config check``)."""
+def configure_logging(
+    level: str = "info", fmt: str = "json", stream: Any = None, redactor: Redactor | None = None
+) -> None:
+    """Configure structlog once per process; safe to call again (tests, ``config check``). ``redactor`` masks
+    paths and user identities per the data classification (default: prod)."""
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -22,6 +27,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redactor if redactor is not None else Redactor(),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

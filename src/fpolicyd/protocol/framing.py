@@ -22,7 +22,7 @@ DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20
 
 
 class FrameReader(Protocol):
-    """What every frame reader (XML today, protobuf variants later) offers the connection."""
+    """What every frame reader offers the connection (by name: :func:`fpolicyd.protocol.readers.make_reader`)."""
 
     def feed(self, data: bytes) -> list[bytes]:
         """Take received bytes; return the complete payloads now available, in order."""

@@ -31,6 +31,7 @@ from fpolicyd.protocol.messages import (
     Handshake,
     HandshakeResp,
     KeepAlive,
+    Message,
     Outage,
     ScreenCancel,
     ScreenRequest,
@@ -40,14 +41,7 @@ from fpolicyd.protocol.messages import (
     UnknownMessage,
     VolumeNotification,
 )
-from fpolicyd.protocol.xml_codec import (
-    Decoded,
-    decode_payload,
-    encode_back_pressure,
-    encode_handshake_resp,
-    encode_screen_response,
-    encode_status_query_resp,
-)
+from fpolicyd.protocol.xml_codec import Decoded, decode_payload, encode_message
 
 #: The idle timeout must exceed the keep-alive interval by this factor: a timeout equal to the interval
 #: closes the connection just before each KEEP_ALIVE (a public server's "handshake works, no events" bug).
@@ -147,6 +141,7 @@ class Session:
         "_config",
         "_deadline_base",
         "_decode",
+        "_encode",
         "_sync",
         "context",
         "fatal_alert",
@@ -162,9 +157,13 @@ class Session:
         peer: str,
         now: float,
         decode: Callable[[bytes], Decoded] = decode_payload,
+        encode: Callable[[Message], bytes] = encode_message,
     ) -> None:
+        """``decode``/``encode`` are the connection's wire format (XML by default; protobuf mode passes
+        :func:`fpolicyd.protocol.readers.codec_for`): payload → message, and message → framed bytes."""
         self._config = config
         self._decode = decode
+        self._encode = encode
         self._sync = config.engine_mode is EngineMode.SYNC
         self.peer = peer
         self.state = SessionState.AWAITING_NEGO
@@ -249,7 +248,7 @@ class Session:
             protocol_version=version,
             peer=self.peer,
         )
-        reply = encode_handshake_resp(HandshakeResp(msg.vs_uuid, msg.policy_name, msg.session_id, version))
+        reply = self._encode(HandshakeResp(msg.vs_uuid, msg.policy_name, msg.session_id, version))
         outputs: list[Output] = [
             Reply(reply),
             Notice(
@@ -295,9 +294,7 @@ class Session:
         if isinstance(msg, StatusQuery):
             outputs: list[Output] = [Notice(NoticeKind.STATUS_QUERY, {"req_id": msg.req_id})]
             if self._sync:
-                outputs.append(
-                    Reply(encode_status_query_resp(StatusQueryResp(msg.req_id, msg.req_type, STATUS_IN_PROGRESS)))
-                )
+                outputs.append(Reply(self._encode(StatusQueryResp(msg.req_id, msg.req_type, STATUS_IN_PROGRESS))))
             return outputs
         if isinstance(msg, Alert):
             self.fatal_alert = self.fatal_alert or msg.is_fatal
@@ -322,15 +319,14 @@ class Session:
 
     # ------------------------------------------------------------------------------------------ output
 
-    @staticmethod
-    def _screen_response(msg: ScreenRequest) -> bytes:
-        return encode_screen_response(ScreenResponse(msg.req_id, msg.req_type, ALLOW))
+    def _screen_response(self, msg: ScreenRequest) -> bytes:
+        return self._encode(ScreenResponse(msg.req_id, msg.req_type, ALLOW))
 
     def back_pressure(self, apply: bool) -> bytes:
         """The BACK_PRESSURE_APPLY/REM frame for this session (only once the handshake is done)."""
         if self.context is None:
             raise LocalProtocolError("back pressure before the handshake")
-        return encode_back_pressure(BackPressure(self.context.session_id, apply))
+        return self._encode(BackPressure(self.context.session_id, apply))
 
     def closed(self) -> None:
         self.state = SessionState.CLOSED

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
+from fpolicyd.capture import CaptureRecorder, ConnectionCapture
 from fpolicyd.errors import RemoteProtocolError
-from fpolicyd.events import NameMaps, normalize
+from fpolicyd.events import FileEvent, NameMaps, normalize
 from fpolicyd.obs.log import get_logger
-from fpolicyd.protocol.framing import XmlFrameReader
+from fpolicyd.pipeline.replay import ReplaySession, ReplayTracker
+from fpolicyd.protocol.readers import ReaderName, codec_for, make_reader
 from fpolicyd.protocol.session import (
     Close,
     FileNotification,
@@ -56,6 +58,10 @@ class ServerContext:
         wall_clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
         quarantine: Callable[[bytes, str], None] = lambda payload, reason: None,
         allowlist: PeerAllowlist | None = None,
+        frame_reader: str = ReaderName.XML,
+        capture: CaptureRecorder | None = None,
+        redact_event: Callable[[FileEvent], FileEvent] | None = None,
+        replay: ReplayTracker | None = None,
     ) -> None:
         self.session_config = session_config
         self.names = names
@@ -67,15 +73,24 @@ class ServerContext:
         #: Where a payload that broke the protocol goes (the dead-letter file), with the reason.
         self.quarantine = quarantine
         self.connections: set[FPolicyConnection] = set()
+        #: Data classification applied to each event before it is stored (None: events leave unredacted).
+        self.redact_event = redact_event
         #: Peers that may connect (empty = any).
         self.allowlist = allowlist if allowlist is not None else PeerAllowlist()
+        #: The listener's frame reader (:class:`ReaderName`: xml, protobuf-*, auto) and the optional wire capture.
+        self.frame_reader = ReaderName(frame_reader)
+        self.capture = capture
         self.rejected_connections = 0
         #: Connections closed at once, by reason (``not_allowed``, ``max_connections``).
         self.rejections: dict[str, int] = {}
         self.protocol_errors: dict[str, int] = {}
         self.notices: dict[str, int] = {}
         self.events = 0
+        #: Events by ``operation_type`` (a closed set), read by the metrics collector at scrape time.
+        self.operations: dict[str, int] = {}
         self.sessions_opened = 0
+        #: Reconnects, persistent-store replay, out-of-order and duplicate notifications (all sessions).
+        self.replay = replay if replay is not None else ReplayTracker()
 
     def reject(self, reason: str) -> None:
         self.rejected_connections += 1
@@ -92,7 +107,8 @@ class FPolicyConnection(asyncio.Protocol):
         self._ctx = ctx
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._reader = XmlFrameReader(ctx.max_frame_bytes)
+        self._reader = make_reader(ctx.frame_reader, ctx.max_frame_bytes)
+        self._capture: ConnectionCapture | None = None
         self._session: Session | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -102,6 +118,7 @@ class FPolicyConnection(asyncio.Protocol):
         self.last_data_at = self._loop.time()
         self.stats = ConnectionStats()
         self.closed = asyncio.Event()
+        self._replay: ReplaySession | None = None
 
     # ------------------------------------------------------------------------------------ asyncio
 
@@ -125,7 +142,10 @@ class FPolicyConnection(asyncio.Protocol):
             return
         ctx.connections.add(self)
         ctx.sessions_opened += 1
-        self._session = Session(ctx.session_config, peer=self.peer, now=self._loop.time())
+        decode, encode = codec_for(self._reader)
+        self._session = Session(ctx.session_config, peer=self.peer, now=self._loop.time(), decode=decode, encode=encode)
+        if ctx.capture is not None:
+            self._capture = ctx.capture.open(self.peer, ctx.frame_reader.value)
         subject = peer_certificate_subject(transport.get_extra_info("peercert"))
         tls = {"client_certificate": subject} if subject is not None else {}
         log.info("connection_opened", peer=self.peer, connections=len(ctx.connections), **tls)
@@ -137,6 +157,8 @@ class FPolicyConnection(asyncio.Protocol):
         if session is None or transport is None or transport.is_closing():
             return
         self.stats.bytes_received += len(data)
+        if self._capture is not None:
+            self._capture.received(data)
         self.last_data_at = self._loop.time()
         try:
             payloads = self._reader.feed(data)
@@ -150,6 +172,8 @@ class FPolicyConnection(asyncio.Protocol):
         ctx = self._ctx
         pipeline = ctx.pipeline
         names = ctx.names
+        redact = ctx.redact_event
+        operations = ctx.operations
         replies: list[bytes] = []
         lines: list[bytes] = []
         responses: list[tuple[int, Callable[[], None]]] = []
@@ -162,11 +186,23 @@ class FPolicyConnection(asyncio.Protocol):
                     if out.response is not None:
                         # A synchronous engine is answered only once the event is durable.
                         responses.append((len(lines), partial(self._write, out.response)))
-                    lines.append(normalize(out.request, context, names, received_at_us).to_json())
+                    event = normalize(out.request, context, names, received_at_us)
+                    operation = event.operation_type
+                    operations[operation] = operations.get(operation, 0) + 1
+                    replay = self._replay
+                    assert replay is not None  # set by the handshake, like the context
+                    flags = replay.observe(out.request.common.generation_time, event.event_id, now)
+                    if flags is not None:
+                        event.metadata.update(flags)
+                    if redact is not None:
+                        event = redact(event)
+                    lines.append(event.to_json())
                     events += 1
                 elif type(out) is Reply:
                     replies.append(out.data)
                 elif type(out) is Notice:
+                    if out.kind is NoticeKind.HANDSHAKE and session.context is not None:
+                        self._replay = ctx.replay.session_started(session.context, now, received_at_us, self._replay)
                     self._notice(out)
                 elif type(out) is Close:
                     pipeline.submit_many(lines, responses)
@@ -192,9 +228,13 @@ class FPolicyConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ctx.connections.discard(self)
+        if self._capture is not None:
+            self._capture.close()
         self._ctx.pipeline.forget(id(self))
         if self._timer is not None:
             self._timer.cancel()
+        if self._replay is not None:
+            self._ctx.replay.session_ended(self._replay, self._loop.time())
         session = self._session
         if session is not None:
             session.closed()

@@ -18,6 +18,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
@@ -28,6 +29,14 @@ from fpolicyd.sinks.runner import RetryPolicy, Sender, SinkWorker
 log = get_logger("fpolicyd.pipeline")
 
 OnDurable = Callable[[], None]
+
+
+class StageWorker(Protocol):
+    """The processing stage as the pipeline sees it (server/processor.py)."""
+
+    def wake(self) -> None: ...
+
+    async def stop(self, timeout_s: float) -> None: ...
 
 #: After a failed flush (disk full), how long before trying again.
 FLUSH_RETRY_S = 0.1
@@ -42,9 +51,15 @@ class EventPipeline:
         *,
         checkpoint_interval_s: float,
         retry: RetryPolicy | None = None,
+        select: Callable[[str], Callable[[bytes], bytes | None] | None] = lambda sink: None,
     ) -> None:
         self.spool = spool
-        self.workers = [SinkWorker(sender, spool, on_ack=self._after_ack, retry=retry) for sender in senders]
+        self.workers = [
+            SinkWorker(sender, spool, on_ack=self._after_ack, retry=retry, select=select(sender.name))
+            for sender in senders
+        ]
+        #: The processing stage (route, settle, dedup) between the raw and the processed records, if any.
+        self.processor: StageWorker | None = None
         self.pressure = BackPressure(watermarks)
         self._checkpoint_interval_s = checkpoint_interval_s
         self._waiters: deque[tuple[int, OnDurable]] = deque()
@@ -75,6 +90,7 @@ class EventPipeline:
                 if not exc.retriable:
                     raise
                 log.error("sink_unavailable_at_start", sink=worker.name, error=str(exc), detail="events are spooled")
+                worker.last_error = exc  # not ready until a send succeeds
             worker.start()
         self._tasks = [
             asyncio.create_task(self._commit_loop(), name="spool-commit"),
@@ -98,6 +114,11 @@ class EventPipeline:
         await self._commit_now()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        if self.processor is not None:
+            # The stage first, so that what it turns out lands in the spool before the sinks drain it.
+            await self.processor.stop(max(0.0, deadline - loop.time()))
+            self._flush()
+            await self._commit_now()
         for worker in self.workers:
             await worker.stop(max(0.0, deadline - loop.time()))
         for task in self._tasks:
@@ -269,6 +290,12 @@ class EventPipeline:
             waiters.popleft()[1]()
         for worker in self.workers:
             worker.wake()
+        if self.processor is not None:
+            self.processor.wake()
+
+    def after_ack(self) -> None:
+        """A consumer acknowledged records: space may have freed (held events, back-pressure)."""
+        self._after_ack()
 
     def _after_ack(self) -> None:
         if self._held:

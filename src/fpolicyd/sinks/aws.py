@@ -970,6 +970,8 @@ class DeliveryReport:
     requests: int
     retried_entries: int
     error: SinkError | None = None
+    #: Requests that re-sent entries after a retriable failure (the retry rounds).
+    retry_requests: int = 0
 
     @property
     def settled(self) -> bool:
@@ -1090,6 +1092,7 @@ async def deliver(
         requests=requests,
         retried_entries=retried,
         error=error if pending else None,
+        retry_requests=rounds,
     )
 
 

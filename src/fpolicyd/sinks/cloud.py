@@ -14,6 +14,7 @@ from typing import Any
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
+from fpolicyd.obs.metrics import REQUEST_BUCKETS, Histogram
 from fpolicyd.pipeline.spool import Record
 from fpolicyd.sinks.aws import (
     AwsClients,
@@ -67,6 +68,11 @@ class AwsSender:
         self.last_error: SinkError | None = None
         self.dead_lettered = 0
         self.requests = 0
+        #: For the metrics collector: retry rounds, entry failures (retried / not retriable), request durations.
+        self.retry_requests = 0
+        self.entries_failed_retryable = 0
+        self.entries_failed_permanent = 0
+        self.request_seconds = Histogram(REQUEST_BUCKETS)
 
     async def start(self) -> None:
         self._dead_letter_writer.open()
@@ -94,10 +100,22 @@ class AwsSender:
 
         return send_events
 
+    def _timed(self, send: Callable[[Batch], Awaitable[Outcome]]) -> Callable[[Batch], Awaitable[Outcome]]:
+        histogram = self.request_seconds
+
+        async def timed(batch: Batch) -> Outcome:
+            started = time.monotonic()
+            try:
+                return await send(batch)
+            finally:
+                histogram.observe(time.monotonic() - started)
+
+        return timed
+
     async def send(self, records: Sequence[Record]) -> Sequence[Record]:
         if self._client is None:
             raise SinkError(f"{self.name}: not started", retriable=True)
-        send = self._send_function()
+        send = self._timed(self._send_function())
         pending: list[Record] = []
         deadline = time.monotonic() + SEND_DEADLINE_S
         for planned in plan_batches((Item(r.payload, ref=r) for r in records), self.target):
@@ -111,12 +129,18 @@ class AwsSender:
                     pending.append(ref)
                 else:
                     self.dead_lettered += 1
+                    self.entries_failed_permanent += 1
                 continue
             report = await deliver(
                 planned, send, self._retry, self._rng, self._dead_letter, deadline=deadline, name=self.name
             )
             self.requests += report.requests
             self.dead_lettered += len(report.dead)
+            self.retry_requests += report.retry_requests
+            self.entries_failed_retryable += report.retried_entries
+            self.entries_failed_permanent += len(report.dead)
+            if report.error is not None and not report.error.retriable:
+                self.entries_failed_permanent += len(report.pending)
             for entry in report.pending:
                 ref = entry.item.ref
                 assert isinstance(ref, Record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from fpolicyd.config import Settings
@@ -17,9 +18,12 @@ from fpolicyd.sinks.runner import RetryPolicy, Sender
 AWS_RETRY = RetryPolicy(base_s=0.1, cap_s=20.0)
 
 
-def build_senders(settings: Settings, clients: AwsClients, dead_letter: DeadLetterWriter) -> list[Sender]:
+def build_senders(
+    settings: Settings, clients: AwsClients, dead_letter: DeadLetterWriter, uris: Sequence[str] | None = None
+) -> list[Sender]:
+    """One sender per URI, in order (default: the settings' sinks)."""
     senders: list[Sender] = []
-    for uri in settings.effective_sinks:
+    for uri in settings.effective_sinks if uris is None else uris:
         scheme, _, target = uri.partition(":")
         if not target and scheme != "stdout":
             raise ConfigError(f"sink {uri!r}: {scheme} needs a target, e.g. {scheme}:{_EXAMPLES[scheme]}")

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
+from fpolicyd.obs.metrics import SinkInstruments
 from fpolicyd.pipeline.spool import Record, Spool
 
 log = get_logger("fpolicyd.sink")
@@ -74,8 +76,12 @@ class SinkWorker:
         *,
         on_ack: Callable[[], None],
         retry: RetryPolicy | None = None,
+        select: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         self.sender = sender
+        #: Which spool records are this sink's and what of them to send (processed records carry a destination
+        #: header, see pipeline/stage.py); None: every record as it is.
+        self._select = select
         self._spool = spool
         self._on_ack = on_ack
         self._retry = retry or RetryPolicy()
@@ -88,6 +94,8 @@ class SinkWorker:
         self.stats = WorkerStats()
         #: Last send error, for readiness; None once a send succeeds again.
         self.last_error: SinkError | None = None
+        #: Batch sizes, send times, failures and event latencies, read by the metrics collector.
+        self.instruments = SinkInstruments()
 
     @property
     def name(self) -> str:
@@ -123,17 +131,38 @@ class SinkWorker:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            first, last = records[0].seq, records[-1].seq
+            if self._select is not None:
+                records = self._selected(records)
+                if not records:  # nothing here for this sink: the range is done
+                    spool.ack_range(self.name, first, last)
+                    self._on_ack()
+                    continue
             await self._slots.acquire()
-            task = asyncio.create_task(self._deliver(records))
+            task = asyncio.create_task(self._deliver(records, first, last))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-    async def _deliver(self, records: Sequence[Record]) -> None:
+    def _selected(self, records: Sequence[Record]) -> list[Record]:
+        select = self._select
+        assert select is not None
+        out: list[Record] = []
+        for record in records:
+            payload = select(record.payload)
+            if payload is not None:
+                out.append(record if payload is record.payload else Record(record.seq, payload))
+        return out
+
+    async def _deliver(self, records: Sequence[Record], first: int, last: int) -> None:
+        """Send ``records`` (this sink's part of the spool records ``first..last``) until settled, then ack the
+        whole range."""
+        self.instruments.batch_records.observe(len(records))
         try:
             pending = records
             attempt = 0
             while True:
                 self.stats.sends += 1
+                sent_at = time.monotonic()
                 try:
                     pending = await self.sender.send(pending)
                 except SinkError as exc:
@@ -142,7 +171,10 @@ class SinkWorker:
                     if not pending:
                         break
                     self.last_error = SinkError(f"{self.name}: {len(pending)} events not settled", retriable=True)
+                finally:
+                    self.instruments.send_seconds.observe(time.monotonic() - sent_at)
                 self.stats.failures += 1
+                self.instruments.send_failed(len(pending), retryable=self.last_error.retriable)
                 delay = self._retry.delay(attempt, self._rng)
                 log.warning(
                     "sink_send_incomplete",
@@ -155,8 +187,9 @@ class SinkWorker:
                 attempt += 1
                 await asyncio.sleep(delay)
             self.last_error = None
-            self._spool.ack_range(self.name, records[0].seq, records[-1].seq)
+            self._spool.ack_range(self.name, first, last)
             self.stats.delivered += len(records)
+            self.instruments.settled(records)
             self._on_ack()
         finally:
             self._slots.release()

@@ -1,0 +1,153 @@
+"""Liveness (``/healthz``) and readiness (``/readyz``).
+
+Both are answered on the HTTP server's own thread, so they keep answering when the event loop does not:
+
+- liveness = the process answers and the event loop ran its heartbeat within ``health_loop_stall_s``. A wedged
+  loop (a blocking call, a CPU-bound bug) stops the heartbeat and fails it, which is what a container health
+  check must restart;
+- readiness = liveness, plus the FPolicy listener is bound, the pipeline can still make events durable, no
+  sink is failing and the spool is under its hard limit. A load balancer or an operator reads which check
+  failed from the JSON body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import orjson
+
+from fpolicyd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fpolicyd.server.pipeline import EventPipeline
+
+
+class Stage(Protocol):
+    """The processing stage as readiness sees it (``fpolicyd.server.processor.Processor``)."""
+
+    @property
+    def last_error(self) -> BaseException | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    @property
+    def status(self) -> int:
+        """The HTTP status to answer with: 200 or 503."""
+        return 200 if self.ok else 503
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "status": "ok" if self.ok else "fail",
+                "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+            }
+        )
+
+
+class Heartbeat:
+    """The event loop stamps the time every ``interval_s``; any thread can ask how old the stamp is."""
+
+    def __init__(self, *, interval_s: float, stall_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if stall_s <= interval_s:
+            raise ConfigError(
+                f"health_loop_stall_s ({stall_s}) must exceed health_heartbeat_interval_s ({interval_s}): "
+                "otherwise a healthy loop fails /healthz between two beats"
+            )
+        self.interval_s = interval_s
+        self.stall_s = stall_s
+        self._clock = clock
+        self._last = clock()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._beat_on(loop)
+
+    def _beat_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._last = self._clock()
+        self._handle = loop.call_later(self.interval_s, self._beat_on, loop)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    @property
+    def age_s(self) -> float:
+        return max(0.0, self._clock() - self._last)
+
+    def check(self) -> Check:
+        age = self.age_s
+        if age > self.stall_s:
+            return Check("event_loop", False, f"no heartbeat for {age:.1f} s (limit {self.stall_s:g} s): loop stalled")
+        return Check("event_loop", True, f"heartbeat {age:.2f} s ago")
+
+    def liveness(self) -> HealthReport:
+        return HealthReport((self.check(),))
+
+
+def readiness(
+    heartbeat: Heartbeat,
+    *,
+    listening: str | None,
+    pipeline: EventPipeline | None,
+    spool_limit_bytes: int,
+    stage: Stage | None = None,
+) -> HealthReport:
+    """``listening``: where the FPolicy listener is bound, or None while it is not (starting, stopping);
+    ``stage``: the processing stage (route, settle, dedup) when it runs."""
+    checks: list[Check] = [heartbeat.check()]
+    checks.append(
+        Check("listener", True, f"listening on {listening}")
+        if listening is not None
+        else Check("listener", False, "the FPolicy listener is not bound (starting or stopping)")
+    )
+    if pipeline is None:
+        checks.append(Check("pipeline", False, "the spool and sinks are not open yet"))
+    else:
+        checks.extend(_pipeline_checks(pipeline, spool_limit_bytes))
+    if stage is not None:
+        error = stage.last_error
+        checks.append(
+            Check("processor", True, "routing, settle and dedup proceed")
+            if error is None
+            else Check("processor", False, f"blocked (a fail-closed dedup store does not answer): {error}")
+        )
+    return HealthReport(tuple(checks))
+
+
+def _pipeline_checks(pipeline: EventPipeline, spool_limit_bytes: int) -> Sequence[Check]:
+    checks: list[Check] = []
+    fatal = pipeline.fatal
+    checks.append(
+        Check("pipeline", True, "events are made durable")
+        if fatal is None
+        else Check("pipeline", False, f"the spool failed and the daemon is stopping: {fatal}")
+    )
+    size = pipeline.spool.size_bytes
+    checks.append(Check("spool", size < spool_limit_bytes, f"{size} of {spool_limit_bytes} bytes (spool_max_bytes)"))
+    for worker in pipeline.workers:
+        error = worker.last_error
+        checks.append(
+            Check(f"sink:{worker.name}", True, f"{worker.lag} events pending")
+            if error is None
+            else Check(f"sink:{worker.name}", False, str(error))
+        )
+    return checks

@@ -1,0 +1,663 @@
+"""Prometheus metrics: one registry per :class:`~fpolicyd.app.Daemon`, read at scrape time.
+
+Most figures already exist as plain counters on the objects that own them (the server context, the pipeline,
+the spool, the sink workers and senders); :class:`FpolicydCollector` reads them when ``/metrics`` is scraped,
+so the reader's per-event loop pays nothing for metrics except one dict increment per event (events by
+operation). Distributions that need a per-event observation (end-to-end and ingestion latency) are observed
+by the sink worker once per acknowledged batch, with :class:`Histogram.observe_many` (one lock per batch).
+
+Conventions (DESIGN.md): names start with ``fpolicyd_``, base units (seconds, bytes), counters end in
+``_total``, and no label ever carries a path, user, client address or session: labels are closed sets
+(operation, frame type, parse-error reason, sink URI from the configuration, retryable true/false).
+
+The scrape runs on the HTTP server's thread while the event loop mutates these objects: the collector only
+reads ints and copies dicts/sets with one C-level call (``dict(d)``, ``list(s)``) before iterating them.
+
+Figures owned by other subsystems (replay tracking, dedup, settle) are read through the hooks of
+:class:`Metrics` (``replay_source``, ``watch_processor``/``dedup_hits_source``, ``settle_pending_source``).
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Final, Protocol
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from fpolicyd import __version__
+from fpolicyd.pipeline.backpressure import Pressure
+from fpolicyd.pipeline.spool import Record
+from fpolicyd.protocol.messages import NotfType
+from fpolicyd.protocol.req_types import Operation
+from fpolicyd.protocol.session import NoticeKind
+
+if TYPE_CHECKING:
+    from fpolicyd.server.connection import ServerContext
+    from fpolicyd.server.pipeline import EventPipeline
+    from fpolicyd.server.processor import Processor
+    from fpolicyd.sinks.runner import SinkWorker
+
+PREFIX: Final = "fpolicyd_"
+
+#: End-to-end and ingestion latency (seconds). 5 s is the reference ingestion SLO; the tail reaches an hour
+#: because replayed events (held by ONTAP's persistent store during an outage) are legitimately that old.
+LATENCY_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)  # fmt: skip
+#: One sink request or send (seconds).
+REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Records per sink batch.
+BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5000.0, 25000.0, 100000.0)
+#: The reference pipeline's success SLO (reference-pipeline.md "Replay and SLO figures"); the time targets are
+#: settings (slo_ingestion_latency_s, slo_reconnect_s, slo_replay_completion_s).
+SLO_SUCCESS_RATIO: Final = 0.995
+
+#: Session notices that are exactly one received frame of a type (``frames by type`` is derived from them).
+_FRAME_NOTICES: Final[dict[str, str]] = {
+    NoticeKind.HANDSHAKE: NotfType.NEGO_REQ,
+    NoticeKind.KEEP_ALIVE: NotfType.KEEP_ALIVE,
+    NoticeKind.ALERT: NotfType.ALERT_MSG,
+    NoticeKind.CANCEL: NotfType.SCREEN_CANCEL,
+    NoticeKind.STATUS_QUERY: NotfType.STATUS_QUERY_REQ,
+    NoticeKind.VOLUME: NotfType.VOL_NOTFICATION,
+    NoticeKind.OUTAGE: NotfType.OUTAGE_MSG,
+    NoticeKind.UNKNOWN_TYPE: "unknown",
+    NoticeKind.UNEXPECTED_DIRECTION: "unexpected",
+}
+#: Frame types ONTAP sends to a server (always exported, zero until seen, so that rate() works from the start).
+_INBOUND_FRAME_TYPES: Final = (NotfType.SCREEN_REQ, *dict.fromkeys(_FRAME_NOTICES.values()))
+#: Close reasons that are timers, not malformed input.
+_TIMEOUT_REASONS: Final = frozenset({"handshake_timeout", "idle_timeout"})
+
+
+class Histogram:
+    """A cumulative histogram that is cheap to feed from the event loop and safe to read from another thread.
+
+    ``observe_many`` takes one lock per batch; bucket bounds are upper bounds (``le``), as in Prometheus."""
+
+    __slots__ = ("_counts", "_lock", "_sum", "bounds")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        if list(bounds) != sorted(set(bounds)) or not bounds:
+            raise ValueError(f"histogram bounds must be strictly increasing and not empty, got {bounds!r}")
+        self.bounds = tuple(float(b) for b in bounds)
+        self._counts = [0] * (len(self.bounds) + 1)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        index = bisect_left(self.bounds, value)
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += value
+
+    def observe_many(self, values: Sequence[float], weights: Sequence[int] | None = None) -> None:
+        """Observe ``values``; with ``weights``, value ``i`` stands for ``weights[i]`` observations."""
+        if not values:
+            return
+        bounds = self.bounds
+        indexes = [bisect_left(bounds, v) for v in values]
+        if weights is None:
+            total = sum(values)
+            with self._lock:
+                counts = self._counts
+                for index in indexes:
+                    counts[index] += 1
+                self._sum += total
+            return
+        total = sum(v * w for v, w in zip(values, weights, strict=True))
+        with self._lock:
+            counts = self._counts
+            for index, weight in zip(indexes, weights, strict=True):
+                counts[index] += weight
+            self._sum += total
+
+    def snapshot(self) -> tuple[list[tuple[str, float]], float, int]:
+        """Cumulative ``(le, count)`` pairs ending with ``+Inf``, the sum, the count."""
+        with self._lock:
+            counts = list(self._counts)
+            total = self._sum
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
+            running += count
+            cumulative.append(("+Inf" if bound == float("inf") else _float_text(bound), float(running)))
+        return cumulative, total, running
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return sum(self._counts)
+
+
+def _float_text(value: float) -> str:
+    return repr(float(value))
+
+
+# ------------------------------------------------------------------------------------ event timestamps
+
+_RECEIVED_KEY: Final = b'"received_at":"'
+_GENERATION_KEY: Final = b'"generation_time":'
+_SECOND_CACHE_MAX: Final = 4096
+_DIGITS: Final = re.compile(rb"[0-9]+")
+_US: Final = 1_000_000
+
+
+class EventClock:
+    """Reads ``metadata.received_at`` (RFC 3339, µs) and ``metadata.generation_time`` (epoch µs) straight from
+    an event's JSON bytes, without parsing the document (a full ``orjson.loads`` costs several µs per event).
+
+    The keys are searched with their quotes: a path or user name containing the same text is JSON-escaped
+    (``\\"``), so only the real key matches. ``received_at`` is searched from the end (metadata is the last
+    member), ``generation_time`` right after it (normalize writes it a few members later), so both reads scan a
+    few hundred bytes. Seconds prefixes are cached (the events of one second share one)."""
+
+    __slots__ = ("_seconds",)
+
+    def __init__(self) -> None:
+        self._seconds: dict[bytes, int] = {}
+
+    def times_us(self, payload: bytes) -> tuple[int, int | None] | None:
+        """``(received_at, generation_time or None)`` in epoch µs, or None when ``received_at`` is unreadable."""
+        start = payload.rfind(_RECEIVED_KEY)
+        if start < 0:
+            return None
+        start += len(_RECEIVED_KEY)
+        received = self._parse_stamp(payload, start)
+        if received is None:
+            return None
+        return received, self._generation_after(payload, start)
+
+    def received_at_us(self, payload: bytes) -> int | None:
+        start = payload.rfind(_RECEIVED_KEY)
+        return None if start < 0 else self._parse_stamp(payload, start + len(_RECEIVED_KEY))
+
+    @staticmethod
+    def generation_time_us(payload: bytes) -> int | None:
+        return EventClock._generation_after(payload, 0)
+
+    def _parse_stamp(self, payload: bytes, start: int) -> int | None:
+        # 2024-02-09T15:28:52.045224Z: the seconds prefix, then the fraction.
+        end = payload.find(b'"', start)
+        stamp = payload[start:end]
+        if len(stamp) < 20 or stamp[-1:] != b"Z":
+            return None
+        prefix = stamp[:19]
+        seconds = self._seconds.get(prefix)
+        if seconds is None:
+            try:
+                seconds = int(datetime.fromisoformat(prefix.decode()).replace(tzinfo=UTC).timestamp())
+            except ValueError:
+                return None
+            if len(self._seconds) >= _SECOND_CACHE_MAX:
+                self._seconds.clear()
+            self._seconds[prefix] = seconds
+        fraction = stamp[20:-1]
+        if not fraction.isdigit():
+            return seconds * _US
+        return seconds * _US + int(fraction[:6].ljust(6, b"0"))
+
+    @staticmethod
+    def _generation_after(payload: bytes, start: int) -> int | None:
+        found = payload.find(_GENERATION_KEY, start)
+        if found < 0:
+            found = payload.find(_GENERATION_KEY)
+            if found < 0:
+                return None
+        digits = _DIGITS.match(payload, found + len(_GENERATION_KEY))
+        return int(digits.group()) if digits is not None else None
+
+
+# ------------------------------------------------------------------------------------------- sinks
+
+
+#: Records of one acknowledged batch whose latency is read (the rest are represented by them, see ``settled``).
+#: Reading the two timestamps costs ~1-3 µs per record on this project's machine; at 32 per batch it vanishes
+#: at high rates (batches of hundreds) and every record is read at low rates (benchmarks/bench_metrics.py).
+LATENCY_SAMPLES: Final = 32
+
+
+class SinkInstruments:
+    """What a sink worker measures per batch; the collector reads it at scrape time.
+
+    ``settled`` is called once per acknowledged batch (delivered or dead-lettered): it observes end-to-end
+    latency (``received_at`` → now) and ingestion latency (ONTAP's GenerationTime → now, ``received_at`` when
+    the event has no GenerationTime) and counts ingestion-SLO breaches — of every record in batches of up to
+    ``LATENCY_SAMPLES`` records, of evenly spaced records weighted by the records they stand for above that."""
+
+    __slots__ = (
+        "_clock",
+        "batch_records",
+        "end_to_end_seconds",
+        "entries_failed_permanent",
+        "entries_failed_retryable",
+        "ingestion_seconds",
+        "ingestion_slo_breaches",
+        "ingestion_slo_s",
+        "retries",
+        "send_seconds",
+        "wall_clock_us",
+    )
+
+    def __init__(
+        self, *, ingestion_slo_s: float = 5.0, wall_clock_us: Callable[[], int] = lambda: time.time_ns() // 1000
+    ) -> None:
+        self.batch_records = Histogram(BATCH_BUCKETS)
+        self.send_seconds = Histogram(REQUEST_BUCKETS)
+        self.end_to_end_seconds = Histogram(LATENCY_BUCKETS)
+        self.ingestion_seconds = Histogram(LATENCY_BUCKETS)
+        self.ingestion_slo_s = ingestion_slo_s
+        self.ingestion_slo_breaches = 0
+        self.entries_failed_retryable = 0
+        self.entries_failed_permanent = 0
+        self.retries = 0
+        self.wall_clock_us = wall_clock_us
+        self._clock = EventClock()
+
+    def send_failed(self, entries: int, *, retryable: bool) -> None:
+        """A send left ``entries`` unsettled; the worker will retry them."""
+        self.retries += 1
+        if retryable:
+            self.entries_failed_retryable += entries
+        else:
+            self.entries_failed_permanent += entries
+
+    def settled(self, records: Sequence[Record]) -> None:
+        now_us = self.wall_clock_us()
+        count = len(records)
+        weights: list[int] | None = None
+        if count > LATENCY_SAMPLES:
+            # Stratified: evenly spaced records, each standing for the records up to the next one. Neighbours
+            # in a batch were read and acked together, so their latencies differ little; counts stay exact.
+            picks = [index * count // LATENCY_SAMPLES for index in range(LATENCY_SAMPLES)]
+            weights = [after - index for index, after in zip(picks, [*picks[1:], count], strict=True)]
+            records = [records[index] for index in picks]
+        times_us = self._clock.times_us
+        end_to_end: list[float] = []
+        ingestion: list[float] = []
+        kept: list[int] = []
+        for position, record in enumerate(records):
+            times = times_us(record.payload)
+            if times is None:
+                continue
+            received, generated = times
+            end_to_end.append(max(0, now_us - received) / _US)
+            ingestion.append(max(0, now_us - (received if generated is None else generated)) / _US)
+            kept.append(position)
+        limit = self.ingestion_slo_s
+        if weights is None:
+            self.end_to_end_seconds.observe_many(end_to_end)
+            self.ingestion_seconds.observe_many(ingestion)
+            self.ingestion_slo_breaches += sum(1 for value in ingestion if value > limit)
+            return
+        kept_weights = [weights[position] for position in kept]
+        self.end_to_end_seconds.observe_many(end_to_end, kept_weights)
+        self.ingestion_seconds.observe_many(ingestion, kept_weights)
+        self.ingestion_slo_breaches += sum(w for value, w in zip(ingestion, kept_weights, strict=True) if value > limit)
+
+
+# --------------------------------------------------------------------------------- daemon-wide figures
+
+
+class ReplayFigures(Protocol):
+    """What the collector reads from the replay tracker (``fpolicyd.pipeline.replay.ReplayStats`` has these)."""
+
+    @property
+    def reconnects(self) -> int: ...
+    @property
+    def last_reconnect_s(self) -> float: ...
+    @property
+    def max_reconnect_s(self) -> float: ...
+    @property
+    def total_reconnect_s(self) -> float: ...
+    @property
+    def replayed_events(self) -> int: ...
+    @property
+    def out_of_order_events(self) -> int: ...
+    @property
+    def max_out_of_order_lag_us(self) -> int: ...
+    @property
+    def duplicates(self) -> int: ...
+    @property
+    def replay_active(self) -> bool: ...
+    @property
+    def replay_episodes(self) -> int: ...
+    @property
+    def replay_duration_s(self) -> float: ...
+    @property
+    def replay_episode_events(self) -> int: ...
+    @property
+    def replay_throughput_eps(self) -> float: ...
+    @property
+    def max_replay_duration_s(self) -> float: ...
+
+
+class Metrics:
+    """A daemon's registry, and the hooks through which subsystems outside the server and sinks feed it.
+
+    - replay tracking: ``replay_source = lambda: tracker.stats()`` (a :class:`ReplayFigures`, read at scrape
+      time, on the HTTP thread: it must only read attributes);
+    - dedup: :meth:`watch_processor` (the processing stage's suppressed duplicates), or ``count_dedup_hits(n)``;
+    - settle: ``settle_pending_source = lambda: <events waiting to settle>``.
+    """
+
+    def __init__(
+        self,
+        *,
+        ingestion_slo_s: float = 5.0,
+        reconnect_slo_s: float = 30.0,
+        replay_slo_s: float = 300.0,
+        process_metrics: bool = True,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.ingestion_slo_s = ingestion_slo_s
+        self.reconnect_slo_s = reconnect_slo_s
+        self.replay_slo_s = replay_slo_s
+        self._dedup_hits = 0
+        self.dedup_hits_source: Callable[[], int] = lambda: self._dedup_hits
+        self.settle_pending_source: Callable[[], int] = lambda: 0
+        self.replay_source: Callable[[], ReplayFigures] | None = None
+        self.context: ServerContext | None = None
+        self.pipeline: EventPipeline | None = None
+        self.registry.register(FpolicydCollector(self))
+        if process_metrics:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+
+    def attach(self, context: ServerContext, pipeline: EventPipeline) -> None:
+        """Start reading the server's and the pipeline's counters; give every sink worker the SLO target."""
+        self.context = context
+        self.pipeline = pipeline
+        for worker in pipeline.workers:
+            worker.instruments.ingestion_slo_s = self.ingestion_slo_s
+
+    def count_dedup_hits(self, n: int = 1) -> None:
+        self._dedup_hits += n
+
+    def watch_processor(self, processor: Processor) -> None:
+        """Read dedup hits (suppressed duplicates) from the processing stage at scrape time."""
+        stats = processor.stats
+        self.dedup_hits_source = lambda: stats.duplicates
+
+
+# ------------------------------------------------------------------------------------------ collector
+
+
+def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, doc, labels=list(labels))
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, labels=list(labels))
+
+
+def _histogram(name: str, doc: str, labels: Sequence[str] = ()) -> HistogramMetricFamily:
+    return HistogramMetricFamily(PREFIX + name, doc, labels=list(labels))
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: Sequence[str], histogram: Histogram) -> None:
+    buckets, total, _count = histogram.snapshot()
+    family.add_metric(list(labels), buckets, total)
+
+
+class FpolicydCollector(Collector):
+    """Every ``fpolicyd_`` family, read from the live objects at scrape time. Families are always present
+    (with zero or no samples before ``attach``), so dashboards and alarms never see a metric vanish."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only (the registry checks for clashes); no live object is read.
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def _families(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        yield from self._build_info()
+        yield from self._server(metrics.context)
+        yield from self._pipeline(metrics.pipeline)
+        yield from self._sinks(metrics.pipeline)
+        yield from self._replay(metrics)
+        yield from self._slo(metrics)
+
+    @staticmethod
+    def _build_info() -> Iterator[Metric]:
+        info = _gauge("build_info", "Build information (value 1).", ["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+
+    @staticmethod
+    def _server(ctx: ServerContext | None) -> Iterator[Metric]:
+        sessions = _gauge("sessions", "ONTAP connections open now.")
+        opened = _counter("sessions_opened", "ONTAP connections accepted.")
+        rejected = _counter("connections_rejected", "Connections closed at once (limits, allowlist).")
+        frames = _counter("frames_received", "Frames received from ONTAP, by NotfType.", ["type"])
+        events = _counter("events_received", "Notifications turned into events, by operation_type.", ["operation"])
+        parse_errors = _counter("parse_errors", "Malformed input that closed a connection, by reason.", ["reason"])
+        timeouts = _counter("session_timeouts", "Connections closed by a session timer, by reason.", ["reason"])
+        if ctx is not None:
+            sessions.add_metric([], len(ctx.connections))
+            opened.add_metric([], ctx.sessions_opened)
+            rejected.add_metric([], ctx.rejected_connections)
+            notices = dict(ctx.notices)
+            by_type: dict[str, int] = dict.fromkeys(_INBOUND_FRAME_TYPES, 0)
+            by_type[NotfType.SCREEN_REQ] = ctx.events
+            for kind, count in notices.items():
+                frame_type = _FRAME_NOTICES.get(kind)
+                if frame_type is not None:
+                    by_type[frame_type] += count
+            for frame_type, count in by_type.items():
+                frames.add_metric([str(frame_type)], count)
+            operations = dict(ctx.operations)
+            for operation in Operation:
+                events.add_metric([operation.value], operations.pop(operation.value, 0))
+            for operation_name, count in sorted(operations.items()):
+                events.add_metric([operation_name], count)
+            for reason, count in sorted(dict(ctx.protocol_errors).items()):
+                (timeouts if reason in _TIMEOUT_REASONS else parse_errors).add_metric([reason], count)
+        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts)
+
+    @staticmethod
+    def _pipeline(pipeline: EventPipeline | None) -> Iterator[Metric]:
+        spool_bytes = _gauge("spool_size_bytes", "Bytes the spool holds (segments plus write buffer).")
+        spool_limit = _gauge("spool_limit_bytes", "The spool's hard size limit (spool_max_bytes).")
+        spool_records = _gauge("spool_records", "Records in the spool that some sink has not acknowledged yet.")
+        appended = _counter(
+            "spool_appended_records",
+            "Records appended to the spool (raw events; processed ones too when routing/dedup/settle run).",
+        )
+        state = _gauge(
+            "backpressure_state", "Back-pressure state (1 for the current one): normal, applied, paused.", ["state"]
+        )
+        paused = _gauge("reading_paused", "1 while the sockets are not read (spool at its pause watermark or full).")
+        pauses = _counter("reader_pauses", "Times a connection's reading was paused by the pipeline.")
+        held = _counter("spool_full_held_events", "Events held in memory because the spool was full.")
+        fatal = _gauge("pipeline_fatal", "1 once the spool can no longer make events durable (the daemon stops).")
+        if pipeline is not None:
+            spool = pipeline.spool
+            spool_bytes.add_metric([], spool.size_bytes)
+            spool_limit.add_metric([], spool.settings.max_bytes)
+            spool_records.add_metric([], max((spool.records_pending(name) for name in spool.sinks), default=0))
+            appended.add_metric([], pipeline.accepted)
+            current = pipeline.pressure.state
+            for value in Pressure:
+                state.add_metric([value.value], 1.0 if value is current else 0.0)
+            paused.add_metric([], 1.0 if pipeline.reading_paused else 0.0)
+            pauses.add_metric([], pipeline.pauses)
+            held.add_metric([], pipeline.held_total)
+            fatal.add_metric([], 0.0 if pipeline.fatal is None else 1.0)
+        yield from (spool_bytes, spool_limit, spool_records, appended, state, paused, pauses, held, fatal)
+
+    @staticmethod
+    def _sinks(pipeline: EventPipeline | None) -> Iterator[Metric]:
+        labels = ["sink"]
+        lag = _gauge("sink_lag_records", "Records appended to the spool and not yet acknowledged by the sink.", labels)
+        up = _gauge("sink_up", "0 while the sink's last send failed (readiness), 1 otherwise.", labels)
+        settled = _counter(
+            "sink_settled_events", "Events acknowledged by the sink (delivered or dead-lettered).", labels
+        )
+        sends = _counter("sink_sends", "Send calls (batches handed to the sink, retries included).", labels)
+        requests = _counter("sink_requests", "AWS API requests (SendMessageBatch, PutEvents).", labels)
+        retries = _counter("sink_retries", "Sends and requests repeated after a retriable failure.", labels)
+        failed = _counter("sink_entries_failed", "Entry failures, by whether they are retried.", [*labels, "retryable"])
+        dead = _counter("sink_dead_lettered", "Events written to the dead-letter file instead of the sink.", labels)
+        batch = _histogram("sink_batch_records", "Records per batch read from the spool for the sink.", labels)
+        send_time = _histogram("sink_send_duration_seconds", "Duration of one send call (write, fsync, HTTP).", labels)
+        request_time = _histogram("sink_request_duration_seconds", "Duration of one AWS API request.", labels)
+        end_to_end = _histogram(
+            "end_to_end_latency_seconds", "Event received by fpolicyd → acknowledged by the sink.", labels
+        )
+        ingestion = _histogram(
+            "ingestion_latency_seconds",
+            "ONTAP GenerationTime → acknowledged by the sink (SLO: p99 < slo_ingestion_latency_s).",
+            labels,
+        )
+        breaches = _counter(
+            "ingestion_latency_slo_breaches",
+            "Acknowledged events whose ingestion latency exceeded slo_ingestion_latency_s.",
+            labels,
+        )
+        success = _gauge(
+            "processing_success_ratio",
+            "Share of settled events delivered rather than dead-lettered, since start (SLO > 0.995).",
+            labels,
+        )
+        for worker in pipeline.workers if pipeline is not None else ():
+            name = [worker.name]
+            inst = worker.instruments
+            sent = _sender_figures(worker)
+            lag.add_metric(name, worker.lag)
+            up.add_metric(name, 1.0 if worker.last_error is None else 0.0)
+            settled.add_metric(name, worker.stats.delivered)
+            sends.add_metric(name, worker.stats.sends)
+            requests.add_metric(name, sent.requests)
+            retries.add_metric(name, inst.retries + sent.retries)
+            # A cloud sender classifies every entry itself (what it hands back was already counted there).
+            source = sent if sent.request_seconds is not None else inst
+            failed.add_metric([*name, "true"], source.entries_failed_retryable)
+            failed.add_metric([*name, "false"], source.entries_failed_permanent)
+            dead.add_metric(name, sent.dead_lettered)
+            _add_histogram(batch, name, inst.batch_records)
+            _add_histogram(send_time, name, inst.send_seconds)
+            if sent.request_seconds is not None:
+                _add_histogram(request_time, name, sent.request_seconds)
+            _add_histogram(end_to_end, name, inst.end_to_end_seconds)
+            _add_histogram(ingestion, name, inst.ingestion_seconds)
+            breaches.add_metric(name, inst.ingestion_slo_breaches)
+            total = worker.stats.delivered
+            success.add_metric(name, 1.0 if total == 0 else max(0, total - sent.dead_lettered) / total)
+        yield from (lag, up, settled, sends, requests, retries, failed, dead, batch, send_time, request_time)
+        yield from (end_to_end, ingestion, breaches, success)
+
+    @staticmethod
+    def _replay(metrics: Metrics) -> Iterator[Metric]:
+        dedup = _counter("dedup_hits", "Events suppressed as duplicates by dedup.")
+        dedup.add_metric([], metrics.dedup_hits_source())
+        settle = _gauge("settle_pending", "Events waiting for their file to settle before emission.")
+        settle.add_metric([], metrics.settle_pending_source())
+        reconnects = _counter("reconnects", "Handshakes of a node/policy that had lost its previous session.")
+        reconnect_time = SummaryMetricFamily(
+            PREFIX + "reconnect_duration_seconds", "Session lost → next NEGO_REQ of the same node and policy."
+        )
+        last_reconnect = _gauge(
+            "reconnect_last_duration_seconds", "The most recent reconnect time (SLO: slo_reconnect_s)."
+        )
+        max_reconnect = _gauge("reconnect_max_duration_seconds", "The longest reconnect time since start.")
+        replayed = _counter("replayed_events", "Events generated while their node had no session (persistent store).")
+        out_of_order = _counter("out_of_order_events", "Events older than what their node/policy already delivered.")
+        displacement = _gauge(
+            "out_of_order_max_displacement_seconds",
+            "Largest out-of-order distance since start (GenerationTime behind the newest already seen).",
+        )
+        duplicates = _counter("duplicate_events", "Notifications received again (an event_id seen recently).")
+        active = _gauge("replay_active", "1 while a replay episode is running.")
+        episodes = _counter("replay_episodes", "Replay episodes that ended.")
+        duration = _gauge(
+            "replay_duration_seconds",
+            "First → last replayed event of the current replay (so far), else of the last one "
+            "(SLO: slo_replay_completion_s).",
+        )
+        max_duration = _gauge("replay_max_duration_seconds", "The longest replay since start.")
+        episode_events = _gauge("replay_episode_events", "Replayed events of the current, else the last, replay.")
+        throughput = _gauge("replay_throughput_events_per_second", "Replayed events per second of that replay.")
+        source = metrics.replay_source
+        if source is not None:
+            figures = source()
+            reconnects.add_metric([], figures.reconnects)
+            reconnect_time.add_metric([], figures.reconnects, figures.total_reconnect_s)
+            last_reconnect.add_metric([], figures.last_reconnect_s)
+            max_reconnect.add_metric([], figures.max_reconnect_s)
+            replayed.add_metric([], figures.replayed_events)
+            out_of_order.add_metric([], figures.out_of_order_events)
+            displacement.add_metric([], figures.max_out_of_order_lag_us / _US)
+            duplicates.add_metric([], figures.duplicates)
+            active.add_metric([], 1.0 if figures.replay_active else 0.0)
+            episodes.add_metric([], figures.replay_episodes)
+            duration.add_metric([], figures.replay_duration_s)
+            max_duration.add_metric([], figures.max_replay_duration_s)
+            episode_events.add_metric([], figures.replay_episode_events)
+            throughput.add_metric([], figures.replay_throughput_eps)
+        yield from (dedup, settle, reconnects, reconnect_time, last_reconnect, max_reconnect, replayed)
+        yield from (out_of_order, displacement, duplicates, active, episodes, duration, max_duration)
+        yield from (episode_events, throughput)
+
+    @staticmethod
+    def _slo(metrics: Metrics) -> Iterator[Metric]:
+        targets = _gauge("slo_target", "The reference pipeline's SLO targets (seconds; a ratio for success).", ["slo"])
+        targets.add_metric(["ingestion_latency_seconds"], metrics.ingestion_slo_s)
+        targets.add_metric(["processing_success_ratio"], SLO_SUCCESS_RATIO)
+        targets.add_metric(["reconnect_seconds"], metrics.reconnect_slo_s)
+        targets.add_metric(["replay_completion_seconds"], metrics.replay_slo_s)
+        yield targets
+
+
+class _SenderFigures:
+    __slots__ = (
+        "dead_lettered",
+        "entries_failed_permanent",
+        "entries_failed_retryable",
+        "request_seconds",
+        "requests",
+        "retries",
+    )
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.retries = 0
+        self.entries_failed_retryable = 0
+        self.entries_failed_permanent = 0
+        self.dead_lettered = 0
+        self.request_seconds: Histogram | None = None
+
+
+def _sender_figures(worker: SinkWorker) -> _SenderFigures:
+    """What a cloud sender counts inside one send (per-request retries, dead letters); zeros for local sinks."""
+    from fpolicyd.sinks.cloud import AwsSender  # noqa: PLC0415 - sinks import this module
+
+    figures = _SenderFigures()
+    sender = worker.sender
+    if isinstance(sender, AwsSender):
+        figures.requests = sender.requests
+        figures.retries = sender.retry_requests
+        figures.entries_failed_retryable = sender.entries_failed_retryable
+        figures.entries_failed_permanent = sender.entries_failed_permanent
+        figures.dead_lettered = sender.dead_lettered
+        figures.request_seconds = sender.request_seconds
+    return figures

@@ -1,0 +1,147 @@
+"""``fpolicyd ontap plan | apply | repoint | status``: configure ONTAP's FPolicy side over its REST API.
+
+Exit codes: 0 done (or nothing to do), 1 ONTAP refused or could not be reached (the message says what ONTAP
+said and in which state the policy is), 2 bad settings (raised as ConfigError, handled by ``fpolicyd.cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import orjson
+import uvloop
+
+from fpolicyd.cli import _add_settings_flags, _settings
+from fpolicyd.config import Settings
+from fpolicyd.obs.log import configure_logging
+from fpolicyd.ontap.client import OntapClient, OntapError, execute_plan
+from fpolicyd.ontap.ops import connection_from_settings, make_plan, protocols_of
+from fpolicyd.ontap.plan import Plan, event_name_for
+
+__all__ = ["add_ontap_parser", "run_ontap"]
+
+_ACTIONS = {
+    "plan": "show what `apply` would change (dry run)",
+    "apply": "create or update the engine, events, policy and persistent store, then enable the policy",
+    "repoint": "point the engine's primary_servers at this server (disable -> update engine -> enable)",
+    "status": "show the engine, events, policy, persistent store and the FPolicy server connections",
+}
+
+
+def add_ontap_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "ontap",
+        help="configure ONTAP's FPolicy side (engine, event, policy, persistent store) over the REST API",
+        description="Talk to the ONTAP REST API (https, certificate verified) with ontap_* settings. Password: "
+        "FPOLICYD_ONTAP_PASSWORD or ontap_secret_id (AWS Secrets Manager). Exit 1 when ONTAP refuses.",
+    )
+    actions = parser.add_subparsers(dest="ontap_action", required=True)
+    for name, help_text in _ACTIONS.items():
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        if name != "status":
+            action.add_argument(
+                "--address",
+                help="IP address ONTAP connects to (overrides ontap_server_address; default: detected)",
+            )
+        action.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+        _add_settings_flags(action)
+    parser.set_defaults(func=run_ontap)
+    return parser
+
+
+def _write(data: dict[str, Any], fmt: str, lines: list[str]) -> None:
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write("".join(line + "\n" for line in lines))
+
+
+def _plan_lines(plan: Plan, verb: str) -> list[str]:
+    if plan.empty:
+        return [f"policy {plan.policy}: up to date, nothing to change"]
+    return [f"{verb} {i}. {action.describe()}" for i, action in enumerate(plan.actions, 1)]
+
+
+async def _status(client: OntapClient, settings: Settings, svm: str, svm_uuid: str, fmt: str) -> int:
+    event_names = tuple(event_name_for(settings.ontap_event_name, p) for p in protocols_of(settings))
+    state = await client.read_state(
+        svm_uuid,
+        engine=settings.ontap_engine_name,
+        policy=settings.ontap_policy_name,
+        events=event_names,
+        store=settings.ontap_persistent_store,
+    )
+    connections = await client.connections(svm_uuid, settings.ontap_policy_name)
+    data: dict[str, Any] = {
+        "svm": {"name": svm, "uuid": svm_uuid},
+        "engine": state.engine,
+        "events": dict(state.events),
+        "policy": state.policy,
+        "policy_enabled": state.policy_enabled,
+        "persistent_store": state.store,
+        "connections": connections,
+    }
+    engine = state.engine or {}
+    lines = [
+        f"svm {svm} ({svm_uuid})",
+        f"engine {settings.ontap_engine_name}: "
+        + (
+            f"primary_servers={engine.get('primary_servers')} port={engine.get('port')} type={engine.get('type')} "
+            f"format={engine.get('format')} ssl_option={engine.get('ssl_option')}"
+            if state.engine
+            else "missing"
+        ),
+        *(f"event {name}: {'present' if record else 'missing'}" for name, record in state.events.items()),
+        f"policy {settings.ontap_policy_name}: "
+        + (("enabled" if state.policy_enabled else "DISABLED") if state.policy else "missing"),
+    ]
+    if settings.ontap_persistent_store:
+        lines.append(f"persistent store {settings.ontap_persistent_store}: {'present' if state.store else 'missing'}")
+    if connections is None:
+        lines.append("connections: not available on this ONTAP (9.10+)")
+    else:
+        lines.extend(
+            f"connection {c.get('node', {}).get('name', '?')} -> {c.get('server')}: {c.get('state')}"
+            + (f" ({c['disconnected_reason'].get('message')})" if c.get("disconnected_reason") else "")
+            for c in connections
+        )
+    _write(data, fmt, lines)
+    return 0
+
+
+async def _run(ns: argparse.Namespace, settings: Settings) -> int:
+    connection = await connection_from_settings(settings)
+    svm = settings.ontap_svm or ""
+    async with OntapClient(connection) as client:
+        svm_uuid = await client.svm_uuid(svm)
+        if ns.ontap_action == "status":
+            return await _status(client, settings, svm, svm_uuid, ns.format)
+        address, plan = await make_plan(
+            ns.ontap_action, settings, client, connection, svm_uuid, address_override=ns.address
+        )
+        report: dict[str, Any] = {"svm": svm, "address": address, **plan.to_dict()}
+        if ns.ontap_action == "plan":
+            _write(report, ns.format, _plan_lines(plan, "would"))
+            return 0
+        execution = await execute_plan(
+            client,
+            plan,
+            svm_name=svm,
+            enable_attempts=settings.ontap_enable_attempts,
+            retry_delay_s=settings.ontap_retry_delay_s,
+        )
+        report["done"] = [a.describe() for a in execution.done]
+        _write(report, ns.format, _plan_lines(plan, "done"))
+        return 0
+
+
+def run_ontap(ns: argparse.Namespace) -> int:
+    settings = _settings(ns)
+    configure_logging(settings.log_level, settings.log_format.value)
+    try:
+        return uvloop.run(_run(ns, settings))
+    except OntapError as exc:
+        sys.stderr.write(f"fpolicyd ontap {ns.ontap_action}: {exc}\n")
+        return 1

@@ -1,0 +1,291 @@
+"""The processing stage behind the spool: route → settle → (dedup, by the caller) → processed record.
+
+Sans-IO: the caller (``server/processor.py``) reads raw records from the spool with the stage's own cursor, hands
+them here, asks the dedup store about the candidates, appends what is to be delivered back to the same spool as
+*processed* records and, once those are durable, tells the stage, which then says how far the stage's cursor
+may be acknowledged.
+
+Spool records are of two kinds, told apart by their first byte:
+
+- a raw event, as the reader stored it: a JSON object, ``{...``;
+- a processed event: ``0x1E`` + the destination header + ``\\n`` + the event JSON. The header is ``*`` (every sink)
+  or a comma-separated list of sink keys (8 hex digits of SHA-256 of the sink URI, stable across restarts and
+  configuration changes). Sink workers deliver only processed records addressed to them.
+
+Restart safety. An event held by settle is still only in the spool, so the stage's cursor is never acknowledged
+past the oldest held record (:meth:`Stage.floor`); after a restart the records from there on are read again and
+the settle state is derived again from them (settle is deterministic and keyed on each event's own receive
+time). Outputs that had already been appended durably before the restart are recognised by the sequence number
+of the last input they cover (unique per output) and not appended twice; that set is persisted with the floor
+(:class:`StageState`). What was appended but not yet recorded there is appended again after a crash: at least
+once, never lost.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from fpolicyd.events import FileEvent
+from fpolicyd.pipeline.router import Router
+from fpolicyd.pipeline.settle import SettleInputError, SettleOutput, Settler
+from fpolicyd.pipeline.spool import Record
+
+PROCESSED_TAG: Final = 0x1E
+_PROCESSED_PREFIX: Final = bytes([PROCESSED_TAG])
+ALL_SINKS: Final = b"*"
+#: Route name recorded for dedup and audit when an event matched no route.
+UNROUTED: Final = ""
+
+
+def sink_key(uri: str) -> bytes:
+    """A short, stable name of a sink for the destination header."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:8].encode()
+
+
+def encode_processed(event_json: bytes, keys: Sequence[bytes] | None) -> bytes:
+    """A processed record: ``keys`` None means every sink."""
+    head = ALL_SINKS if keys is None else b",".join(keys)
+    return _PROCESSED_PREFIX + head + b"\n" + event_json
+
+
+def processed_payload(payload: bytes, key: bytes) -> bytes | None:
+    """The event JSON a sink with ``key`` delivers from a spool record, or None (raw, or addressed elsewhere)."""
+    if not payload or payload[0] != PROCESSED_TAG:
+        return None
+    end = payload.find(b"\n")
+    if end < 0:
+        return None
+    head = payload[1:end]
+    if head == ALL_SINKS or key in head.split(b","):
+        return payload[end + 1 :]
+    return None
+
+
+def sink_selector(sink: str, *, processing: bool) -> Callable[[bytes], bytes | None]:
+    """What the sink worker of ``sink`` sends of each spool record. With the stage on: only processed records
+    addressed to it. Without: raw records as they are, and processed ones left from a run with the stage on
+    (addressed to it) — switching the stage off never strands a backlog."""
+    key = sink_key(sink)
+    if processing:
+        return lambda payload: processed_payload(payload, key)
+
+    def select(payload: bytes) -> bytes | None:
+        if payload and payload[0] == PROCESSED_TAG:
+            return processed_payload(payload, key)
+        return payload
+
+    return select
+
+
+@dataclass(frozen=True, slots=True)
+class Destinations:
+    """Which sinks receive an event, from the routes it matched.
+
+    A route with sinks of its own sends there; a route without sends to the default sinks; an event that matched
+    no route goes to the default sinks, or only to ``unrouted_sinks`` when those are set (the audit file)."""
+
+    default_sinks: tuple[str, ...]
+    route_sinks: Mapping[str, tuple[str, ...]]
+    unrouted_sinks: tuple[str, ...] | None = None
+    all_sinks: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        every: dict[str, None] = dict.fromkeys(self.default_sinks)
+        for sinks in self.route_sinks.values():
+            every.update(dict.fromkeys(sinks))
+        every.update(dict.fromkeys(self.unrouted_sinks or ()))
+        object.__setattr__(self, "all_sinks", tuple(every))
+
+    def sinks_for(self, routes: Sequence[str]) -> tuple[str, ...]:
+        if not routes:
+            return self.unrouted_sinks if self.unrouted_sinks is not None else self.default_sinks
+        chosen: dict[str, None] = {}
+        for route in routes:
+            chosen.update(dict.fromkeys(self.route_sinks.get(route) or self.default_sinks))
+        return tuple(chosen)
+
+    def keys_for(self, routes: Sequence[str]) -> tuple[bytes, ...] | None:
+        """The destination header's keys, or None when the event goes to every sink."""
+        sinks = self.sinks_for(routes)
+        if len(sinks) == len(self.all_sinks):
+            return None
+        return tuple(sink_key(sink) for sink in sinks)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An event ready to leave the stage, pending the dedup verdict."""
+
+    event: FileEvent
+    #: Sequence numbers of the first and last spool records it covers (one, or a settled burst).
+    first_seq: int
+    last_seq: int
+    coalesced: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StageState:
+    """What survives a restart: the floor and the outputs above it already appended durably."""
+
+    floor: int = 0
+    emitted: tuple[int, ...] = ()
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"version": 1, "floor": self.floor, "emitted": list(self.emitted)})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> StageState:
+        """Raises ValueError on anything but a well-formed state (the caller then starts from the spool cursor)."""
+        try:
+            raw: Any = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(raw, dict) or raw.get("version") != 1:
+            raise ValueError("unknown stage state version")
+        floor, emitted = raw.get("floor"), raw.get("emitted")
+        if not isinstance(floor, int) or floor < 0 or not isinstance(emitted, list):
+            raise ValueError("malformed stage state")
+        if not all(isinstance(seq, int) and seq > floor for seq in emitted):
+            raise ValueError("malformed stage state: emitted entries must be above the floor")
+        return cls(floor, tuple(sorted(set(emitted))))
+
+
+@dataclass(slots=True)
+class StageStats:
+    events_in: int = 0
+    candidates: int = 0
+    #: Outputs found already appended before a restart and not appended again.
+    already_emitted: int = 0
+    #: Raw records that are not a well-formed event: passed on unchanged, never dropped.
+    undecodable: int = 0
+    #: Events settle could not place in time (no receive time): passed on at once.
+    unsettleable: int = 0
+
+
+class Stage:
+    def __init__(
+        self,
+        *,
+        router: Router | None,
+        settler: Settler | None,
+        state: StageState,
+        received_at_s: Callable[[FileEvent], float],
+    ) -> None:
+        self._router = router
+        self._settler = settler
+        self._received_at_s = received_at_s
+        self._floor = state.floor
+        self._emitted: list[int] = list(state.emitted)
+        self._read_through = state.floor
+        self.stats = StageStats()
+        #: Latest receive time offered to settle (epoch seconds): the watermark while working through a backlog.
+        self.offered_through = float("-inf")
+        #: Raw lines that could not be decoded as events, to pass on unchanged (drained by the caller).
+        self.passthrough: list[tuple[int, bytes]] = []
+
+    # ------------------------------------------------------------------------------------------ input
+
+    def take(self, records: Iterable[Record]) -> list[Candidate]:
+        """Route and settle the raw records (processed ones are skipped); returns what is ready now."""
+        out: list[Candidate] = []
+        router = self._router
+        settler = self._settler
+        for record in records:
+            self._read_through = record.seq
+            payload = record.payload
+            if not payload or payload[0] == PROCESSED_TAG:
+                continue
+            self.stats.events_in += 1
+            try:
+                event = FileEvent.from_dict(orjson.loads(payload))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                self.stats.undecodable += 1
+                if record.seq not in self:
+                    self.passthrough.append((record.seq, payload))
+                continue
+            if router is not None:
+                event = event.with_routes(router.match(event.file_path, event.operation_type))
+            if settler is None:
+                self._offer(out, Candidate(event, record.seq, record.seq))
+            else:
+                try:
+                    t = self._received_at_s(event)
+                    outputs = settler.offer(event, record.seq, t)
+                except SettleInputError:
+                    self.stats.unsettleable += 1  # no usable receive time: delivered at once rather than held
+                    self._offer(out, Candidate(event, record.seq, record.seq))
+                    continue
+                self.offered_through = max(self.offered_through, t)
+                for output in outputs:
+                    self._offer(out, _candidate(output))
+        return out
+
+    def due(self, now: float) -> list[Candidate]:
+        """Settled events whose quiet period ended by ``now`` (epoch seconds, like ``received_at``). ``now`` is a
+        watermark: no event received before it may be taken afterwards (see :class:`Settler`)."""
+        out: list[Candidate] = []
+        if self._settler is not None:
+            for output in self._settler.due(now):
+                self._offer(out, _candidate(output))
+        return out
+
+    def next_deadline(self) -> float | None:
+        return None if self._settler is None else self._settler.next_deadline()
+
+    def _offer(self, out: list[Candidate], candidate: Candidate) -> None:
+        if candidate.last_seq in self:
+            self.stats.already_emitted += 1
+            return
+        self.stats.candidates += 1
+        out.append(candidate)
+
+    def __contains__(self, last_seq: int) -> bool:
+        """Whether the output ending at ``last_seq`` was already appended (before a restart, or just now). At or
+        below the floor everything was handled: the spool cursor may trail the persisted floor after a crash."""
+        if last_seq <= self._floor:
+            return True
+        i = bisect.bisect_left(self._emitted, last_seq)
+        return i < len(self._emitted) and self._emitted[i] == last_seq
+
+    # ------------------------------------------------------------------------------------------ output
+
+    def emitted(self, last_seqs: Iterable[int]) -> None:
+        """These outputs (delivered or suppressed as duplicates) are durable: never append them again."""
+        emitted = self._emitted
+        for seq in last_seqs:
+            if seq <= self._floor:
+                continue
+            if not emitted or seq > emitted[-1]:
+                emitted.append(seq)
+            else:
+                i = bisect.bisect_left(emitted, seq)
+                if i == len(emitted) or emitted[i] != seq:
+                    emitted.insert(i, seq)
+
+    def floor(self) -> int:
+        """How far the stage's spool cursor may be acknowledged now: every record at or below it is handled
+        and no settle still holds it. Call after :meth:`emitted` for everything handed out so far."""
+        oldest = None if self._settler is None else self._settler.oldest_pending_seq()
+        floor = self._read_through if oldest is None else min(self._read_through, oldest - 1)
+        if floor > self._floor:
+            self._floor = floor
+            del self._emitted[: bisect.bisect_right(self._emitted, floor)]
+        return self._floor
+
+    def state(self) -> StageState:
+        return StageState(self._floor, tuple(self._emitted))
+
+    @property
+    def pending(self) -> int:
+        return 0 if self._settler is None else self._settler.pending_count
+
+
+def _candidate(output: SettleOutput) -> Candidate:
+    first, last = output.seqs
+    return Candidate(output.event, first, last, output.coalesced)

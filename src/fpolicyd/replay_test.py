@@ -1,0 +1,955 @@
+"""``fpolicyd replay-test``: a persistent-store replay storm against a daemon, verified at its JSON Lines sink.
+
+K simulated ONTAP nodes (one connection and session each, the simulator's handshake and frames) go through:
+
+1. **live**: notifications generated now and sent at once;
+2. **outage**: the node closes its connection and keeps generating into a per-node backlog for ``outage_s``,
+   as ONTAP's persistent store holds notifications while no server is connected;
+3. **replay**: the node reconnects and sends the backlog interleaved with new live notifications, live first
+   (ONTAP prioritises live events), optionally shuffled (``shuffle``) and with some backlog notifications sent
+   twice (``duplicates``).
+
+Optionally the in-process daemon is stopped gracefully half-way through the replay and started again on the
+same data directory (``restart_daemon``); the nodes see the disconnect, reconnect and carry on.
+
+Every notification's ``event_id`` is computed by the generator (:meth:`fpolicyd.simulator.NodeStream.event_id`,
+the recipe of ``fpolicyd.events.normalize``), so the verifier only needs a set of ids (kept as 128-bit ints) to
+say what was delivered, lost or delivered twice; the backlog is held as small specs and rendered when sent, so
+memory stays bounded at a million events. The sink is tailed while the storm runs (progress, arrival latency).
+
+What the daemon should flag (``metadata.replayed`` / ``out_of_order`` / ``duplicate``) is mirrored on the
+sending side from what each node sent (a node's own source address on loopback is its node key in the daemon,
+see ``fpolicyd.pipeline.replay``) and compared with what the sink holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+from typing import IO, Any, Final, NamedTuple
+
+import orjson
+
+from fpolicyd.errors import ConfigError, RemoteProtocolError
+from fpolicyd.protocol.framing import XmlFrameReader
+from fpolicyd.protocol.messages import BackPressure, HandshakeResp
+from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake
+from fpolicyd.simulator import DEFAULT_VS_UUID, MAX_NODES, NodeStream, NotificationSpec, handshake
+
+__all__ = ["ReplayTestConfig", "ReplayTestError", "SinkTail", "max_displacement", "run_replay_test"]
+
+#: Frames per socket write.
+_CHUNK: Final = 64
+#: How far (in the node's own frames) after its original a duplicate is sent, at most.
+_DUPLICATE_SPREAD: Final = 200
+#: Steps in which an outage's backlog is generated.
+_OUTAGE_STEPS: Final = 20
+_RECONNECT_PAUSE_S: Final = 0.05
+_SINK_POLL_S: Final = 0.25
+_READ_SIZE: Final = 1 << 16
+_SINK_GLOB: Final = "fpolicy_events_*.jsonl"
+#: Bytes read from one sink file per poll (the rest on the next one).
+_MAX_READ: Final = 8 << 20
+
+
+class ReplayTestError(Exception):
+    """The storm could not be run (the daemon or a node failed, a bound ran out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayTestConfig:
+    #: Notifications generated in all (split evenly over the nodes).
+    events: int = 10_000
+    nodes: int = 3
+    seed: int = 0
+    #: Share of each node's notifications generated during the outage (the backlog replayed afterwards).
+    outage_fraction: float = 0.3
+    #: Share sent live before the outage; the rest is live traffic during the replay.
+    before_fraction: float = 0.4
+    #: How long the nodes stay disconnected while generating their backlog.
+    outage_s: float = 2.0
+    #: Share of backlog notifications sent a second time (shortly after the first).
+    duplicates: float = 0.0
+    #: Replay the backlog in a random order (else in generation order, still behind live traffic).
+    shuffle: bool = False
+    #: In-process daemon only: stop it gracefully half-way through the replay and start it again.
+    restart_daemon: bool = False
+    #: ``(host, port)`` of a running daemon; None runs one in-process.
+    target: tuple[str, int] | None = None
+    #: The JSON Lines directory to verify (required with ``target``; default: the in-process daemon's).
+    sink_dir: Path | None = None
+    #: In-process daemon's data directory (default: a temporary one, removed afterwards).
+    data_dir: Path | None = None
+    #: The daemon's ``replay_clock_tolerance_s`` (only for the expected flags with ``target``).
+    clock_tolerance_s: float = 0.0
+    policy_name: str = "fpolicyd-replay"
+    vs_uuid: str = DEFAULT_VS_UUID
+    #: Progress line on stderr every this many seconds (0: none).
+    progress_s: float = 5.0
+    #: After the last node is done, how long to wait for the sink to hold every notification.
+    settle_timeout_s: float = 60.0
+    #: Hard bound on the whole run.
+    timeout_s: float = 1800.0
+    #: In-process daemon's settings overrides (Settings field → value).
+    daemon_settings: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"replay-test {name}: {why} (got {getattr(self, name)!r})")
+
+        if self.events < 1:
+            raise bad("events", "must be >= 1")
+        if not 1 <= self.nodes <= min(MAX_NODES, 60_000):
+            raise bad("nodes", f"must be in 1..{MAX_NODES}")
+        for name in ("outage_fraction", "before_fraction", "duplicates"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value <= 1):
+                raise bad(name, "must be a fraction in 0..1")
+        if self.outage_fraction + self.before_fraction > 1:
+            raise bad("before_fraction", "plus outage_fraction must not exceed 1")
+        for name in ("outage_s", "progress_s", "clock_tolerance_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise bad(name, "must be a finite number >= 0")
+        for name in ("settle_timeout_s", "timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise bad(name, "must be a finite number > 0")
+        if self.target is not None:
+            if self.sink_dir is None:
+                raise ConfigError("replay-test: --target needs --sink-dir (the daemon's JSON Lines directory)")
+            if self.restart_daemon or self.daemon_settings:
+                raise ConfigError(
+                    "replay-test: --restart-daemon and --daemon-setting need the in-process daemon (no --target)"
+                )
+        if self.nodes > self.events:
+            raise bad("nodes", "must not exceed events")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _id_int(event_id: str) -> int:
+    """The id's first 64 bits (60 random ones: a collision among 10**6 ids has odds ~1e-6): a small int."""
+    return int(event_id[:18].replace("-", ""), 16)
+
+
+def _percentiles(values: array[int]) -> dict[str, float | int]:
+    """p50/p95/p99/max in milliseconds (nearest rank) of µs values."""
+    n = len(values)
+    if not n:
+        return {"count": 0}
+    ordered = sorted(values)
+
+    def rank(p: float) -> float:
+        return round(ordered[min(n - 1, max(0, math.ceil(p * n) - 1))] / 1000, 3)
+
+    return {"count": n, "p50_ms": rank(0.50), "p95_ms": rank(0.95), "p99_ms": rank(0.99), "max_ms": rank(1.0)}
+
+
+def _source_address(host: str, node: int) -> str | None:
+    """On loopback each node connects from its own address (127.1.x.y), as real nodes do from their own LIFs;
+    the daemon keys replay state by node address."""
+    if not host.startswith("127."):
+        return None
+    return f"127.1.{node // 250}.{node % 250 + 2}"
+
+
+# ------------------------------------------------------------------------------------------------ sink
+
+
+_second_cache: dict[str, int] = {}
+
+
+def _rfc3339_us(text: str) -> int:
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (as fpolicyd writes it) → epoch µs; seconds cached."""
+    head = text[:19]
+    secs = _second_cache.get(head)
+    if secs is None:
+        secs = int(datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp())
+        if len(_second_cache) > 100_000:
+            _second_cache.clear()
+        _second_cache[head] = secs
+    return secs * 1_000_000 + int(text[20:26])
+
+
+@dataclass(slots=True)
+class _NodeArrivals:
+    """GenerationTimes of one node key in sink order (first delivery of each id only)."""
+
+    times: array[int] = field(default_factory=lambda: array("q"))
+
+
+class SinkTail:
+    """Reads a JSON Lines directory as it grows (complete lines only) and keeps what verification needs."""
+
+    def __init__(self, directory: Path, skip: dict[Path, int] | None = None) -> None:
+        """``skip``: bytes at the start of each file not to read (default: what is there now, which belongs to
+        an earlier run)."""
+        self.directory = directory
+        if skip is None:
+            skip = {}
+            if directory.is_dir():
+                for path in directory.glob(_SINK_GLOB):
+                    skip[path] = path.stat().st_size
+        self.skipped = dict(skip)
+        self._offsets = dict(skip)
+        self.lines = 0
+        self.bad_lines = 0
+        self.delivered: set[int] = set()
+        self._distinct_lines: set[int] = set()
+        self.flagged_replayed = 0
+        self.flagged_out_of_order = 0
+        self.flagged_duplicate = 0
+        self.max_lag_us = 0
+        self.arrivals: dict[str, _NodeArrivals] = {}
+        self.ingest_latency_us: array[int] = array("q")
+        self.sink_latency_us: array[int] = array("q")
+
+    def forget_ids(self) -> None:
+        """Free the id sets (keeps the counters and latencies)."""
+        self.delivered = set()
+        self._distinct_lines = set()
+        self.arrivals = {}
+
+    @property
+    def distinct_lines(self) -> int:
+        return len(self._distinct_lines)
+
+    def poll(self) -> int:
+        """Read what was appended since the last poll; returns the number of new lines."""
+        if not self.directory.is_dir():
+            return 0
+        seen_at = _now_us()
+        new = 0
+        for path in sorted(self.directory.glob(_SINK_GLOB)):
+            offset = self._offsets.get(path, 0)
+            try:
+                with path.open("rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read(_MAX_READ)
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1
+            if not end:
+                continue
+            self._offsets[path] = offset + end
+            for line in data[:end].splitlines():
+                self._line(line, seen_at)
+                new += 1
+        return new
+
+    def _line(self, line: bytes, seen_at_us: int) -> None:
+        self.lines += 1
+        try:
+            doc = orjson.loads(line)
+            event_id = _id_int(doc["event_id"])
+            meta = doc["metadata"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            self.bad_lines += 1
+            return
+        digest = hash(line)
+        if digest in self._distinct_lines:
+            return  # the same line again: the spool re-sent what the sink had not acknowledged (at least once)
+        self._distinct_lines.add(digest)
+        replayed = meta.get("replayed", False)
+        if replayed:
+            self.flagged_replayed += 1
+        if meta.get("out_of_order", False):
+            self.flagged_out_of_order += 1
+            self.max_lag_us = max(self.max_lag_us, int(meta.get("ooo_lag_us", 0)))
+        if meta.get("duplicate", False):
+            self.flagged_duplicate += 1
+        if event_id in self.delivered:
+            return
+        self.delivered.add(event_id)
+        generation = meta.get("generation_time")
+        if not isinstance(generation, int):
+            return
+        node = str(meta.get("node", "")).rpartition(":")[0]
+        arrivals = self.arrivals.get(node)
+        if arrivals is None:
+            arrivals = self.arrivals[node] = _NodeArrivals()
+        arrivals.times.append(generation)
+        if not replayed:
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                self.ingest_latency_us.append(_rfc3339_us(meta["received_at"]) - generation)
+            self.sink_latency_us.append(seen_at_us - generation)
+
+    def max_displacement(self) -> int:
+        """Largest out-of-order displacement over the nodes (:func:`max_displacement`)."""
+        return max((max_displacement(a.times) for a in self.arrivals.values()), default=0)
+
+
+def max_displacement(times: Sequence[int]) -> int:
+    """How many places later than its GenerationTime rank a notification arrived, at most (0: in order).
+
+    ``times`` are GenerationTimes in arrival order; ranks are stable (equal times keep their arrival order)."""
+    order = sorted(range(len(times)), key=times.__getitem__)
+    return max((index - rank for rank, index in enumerate(order)), default=0)
+
+
+# ----------------------------------------------------------------------------------------------- nodes
+
+
+@dataclass(slots=True)
+class _SourceState:
+    """Mirror of the daemon's per-key highest GenerationTime (reset when the daemon restarts)."""
+
+    epoch: int = -1
+    highest: int = -1
+
+
+@dataclass(slots=True)
+class _Expected:
+    replayed: int = 0
+    out_of_order: int = 0
+    duplicate: int = 0
+    max_lag_us: int = 0
+
+    def plus(self, other: _Expected) -> _Expected:
+        return _Expected(
+            self.replayed + other.replayed,
+            self.out_of_order + other.out_of_order,
+            self.duplicate + other.duplicate,
+            max(self.max_lag_us, other.max_lag_us),
+        )
+
+
+@dataclass(slots=True)
+class _Shared:
+    """What the nodes, the progress line and the coordinator share."""
+
+    expected: set[int] = field(default_factory=set)
+    generated: int = 0
+    sent_frames: int = 0
+    backlog_planned: int = 0
+    backlog_sent: int = 0
+    duplicates_sent: int = 0
+    #: Flags the daemon should set on first sends (live and backlog) and on the injected duplicates, apart:
+    #: a daemon that suppresses duplicates (dedup_mode = exact) delivers only the first.
+    expect_first: _Expected = field(default_factory=_Expected)
+    expect_duplicates: _Expected = field(default_factory=_Expected)
+    first_backlog_at: float | None = None
+    last_backlog_at: float | None = None
+    reconnect_s: list[float] = field(default_factory=list)
+    daemon_epoch: int = 0
+    phase: str = "live"
+    nodes_done: int = 0
+    #: Set once half the planned backlog has been sent (the restart point).
+    half_replayed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Cleared at the restart point so that no node writes until the daemon is back: the stop then lands
+    #: mid-replay whatever the size of the run (nodes still see the BACK_PRESSURE_APPLY and the close).
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    restart_begun: bool = False
+    restart_at_half: bool = False
+    #: Set by the sink tail once every generated notification is in the sink (checked after the drive only).
+    all_delivered: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Kind(Enum):
+    LIVE = "live"
+    BACKLOG = "backlog"
+    DUPLICATE = "duplicate"
+
+
+class _Item(NamedTuple):
+    """One frame to send: the notification, why it is sent, and (duplicates) the daemon run of the original."""
+
+    spec: NotificationSpec
+    kind: _Kind
+    epoch: int = -1
+
+
+class _DisconnectedError(Exception):
+    """The daemon closed the connection (or it broke); the node reconnects."""
+
+
+class _Node:
+    """One simulated node across its sessions."""
+
+    def __init__(
+        self,
+        *,
+        cfg: ReplayTestConfig,
+        node: int,
+        count: int,
+        shared: _Shared,
+        address: Callable[[], tuple[str, int]],
+        source: _SourceState,
+    ) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.shared = shared
+        self.address = address
+        self.source = source
+        self.stream = NodeStream(seed=cfg.seed, node=node, count=count, vs_uuid=cfg.vs_uuid)
+        self.hello = handshake(seed=cfg.seed, node=node, policy_name=cfg.policy_name, vs_uuid=cfg.vs_uuid)
+        self.rng = random.Random(f"replay-test:{cfg.seed}:{node}")
+        self.before = round(count * cfg.before_fraction)
+        self.outage = round(count * cfg.outage_fraction)
+        self.after = count - self.before - self.outage
+        self.live_left = self.before
+        self.backlog: list[NotificationSpec] = []
+        self.pending_duplicates: list[tuple[int, _Item]] = []  # (due after this many frames, the copy)
+        self.frames_sent = 0
+        self.last_generation_us = 0
+        self.session_start_us = 0
+        self.writer: asyncio.StreamWriter | None = None
+        self.reader_task: asyncio.Task[None] | None = None
+        self.resume = asyncio.Event()
+        self.lost = asyncio.Event()
+
+    # -- generation
+
+    def _generate(self) -> NotificationSpec:
+        stamp = max(_now_us(), self.last_generation_us + 1)
+        self.last_generation_us = stamp
+        spec = self.stream.next(stamp)
+        self.shared.expected.add(_id_int(self.stream.event_id(spec)))
+        self.shared.generated += 1
+        return spec
+
+    # -- connection
+
+    async def _connect(self, deadline: float) -> None:
+        while True:
+            host, port = self.address()
+            source = _source_address(host, self.node)
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, local_addr=(source, 0) if source else None), 5.0
+                )
+                break
+            except (OSError, TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise ReplayTestError(f"node {self.node}: cannot connect to {host}:{port}: {exc}") from exc
+                await asyncio.sleep(_RECONNECT_PAUSE_S)
+        self.session_start_us = _now_us()
+        frames = XmlFrameReader()
+        writer.write(encode_handshake(self.hello))
+        pending: list[bytes] = []
+        try:
+            async with asyncio.timeout(10.0):
+                while not pending:
+                    data = await reader.read(_READ_SIZE)
+                    if not data:
+                        raise _DisconnectedError("closed before NEGO_RESP")
+                    pending.extend(frames.feed(data))
+            if not isinstance(decode_payload(pending.pop(0)).message, HandshakeResp):
+                raise ReplayTestError(f"node {self.node}: the first reply was not NEGO_RESP")
+        except (OSError, TimeoutError, RemoteProtocolError) as exc:
+            writer.close()
+            raise _DisconnectedError(f"handshake failed: {exc}") from exc
+        except BaseException:
+            writer.close()
+            raise
+        self.writer = writer
+        self.resume.set()
+        self.lost.clear()
+        for payload in pending:
+            self._server_message(payload)
+        self.reader_task = asyncio.create_task(self._read(reader, frames))
+
+    def _server_message(self, payload: bytes) -> None:
+        msg = decode_payload(payload).message
+        if isinstance(msg, BackPressure):
+            if msg.apply:
+                self.resume.clear()
+            else:
+                self.resume.set()
+
+    async def _read(self, reader: asyncio.StreamReader, frames: XmlFrameReader) -> None:
+        try:
+            while data := await reader.read(_READ_SIZE):
+                for payload in frames.feed(data):
+                    self._server_message(payload)
+        except (OSError, RemoteProtocolError):
+            pass
+        finally:
+            self.lost.set()
+
+    async def _close(self) -> None:
+        """Half-close and wait until the daemon closes too: then it has read everything this node sent."""
+        writer = self.writer
+        self.writer = None
+        if writer is None:
+            return
+        with contextlib.suppress(OSError):
+            writer.write_eof()
+        if self.reader_task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.reader_task), 30.0)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+    async def _reconnect(self, *, first: bool = False) -> None:
+        """Connect and handshake, retrying for up to ``settle_timeout_s``; the time it took is a reconnect time
+        (from the moment the session was found gone, or the planned outage ended) unless ``first``."""
+        lost_at = time.monotonic()
+        deadline = lost_at + self.cfg.settle_timeout_s
+        await self._close()
+        while True:
+            try:
+                await self._connect(deadline)
+                break
+            except _DisconnectedError as exc:
+                if time.monotonic() > deadline:
+                    raise ReplayTestError(f"node {self.node}: no session within settle_timeout_s: {exc}") from exc
+                await asyncio.sleep(_RECONNECT_PAUSE_S)
+        if not first:
+            self.shared.reconnect_s.append(time.monotonic() - lost_at)
+
+    # -- sending
+
+    async def _send(self, chunk: list[_Item]) -> None:
+        """Write one chunk; raises _DisconnectedError if the session is gone (the chunk is then sent again)."""
+        while not self.resume.is_set():
+            if self.lost.is_set():
+                raise _DisconnectedError("lost while paused")
+            waiter = asyncio.create_task(self.resume.wait())
+            lost = asyncio.create_task(self.lost.wait())
+            await asyncio.wait((waiter, lost), return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            lost.cancel()
+        await self.shared.gate.wait()
+        writer = self.writer
+        if writer is None or self.lost.is_set():
+            raise _DisconnectedError("connection closed")
+        writer.write(b"".join([self.stream.frame(item.spec) for item in chunk]))
+        try:
+            await writer.drain()
+        except OSError as exc:
+            raise _DisconnectedError(str(exc)) from exc
+        self._account(chunk)
+
+    def _account(self, chunk: list[_Item]) -> None:
+        """What the daemon should flag for a chunk it has read, mirrored from its rules; duplicates scheduled."""
+        shared, source, cfg = self.shared, self.source, self.cfg
+        epoch = shared.daemon_epoch
+        if source.epoch != epoch:
+            source.epoch, source.highest = epoch, -1
+        replay_before = self.session_start_us - round(cfg.clock_tolerance_s * 1_000_000)
+        now = time.monotonic()
+        for position, item in enumerate(chunk, self.frames_sent + 1):
+            generation = item.spec.time_us
+            expect = shared.expect_duplicates if item.kind is _Kind.DUPLICATE else shared.expect_first
+            if generation < source.highest:
+                expect.out_of_order += 1
+                expect.max_lag_us = max(expect.max_lag_us, source.highest - generation)
+            else:
+                source.highest = generation
+            if generation < replay_before:
+                expect.replayed += 1
+            if item.kind is _Kind.LIVE:
+                continue
+            if item.kind is _Kind.DUPLICATE:
+                shared.duplicates_sent += 1
+                # The daemon remembers ids per run (a bounded window): a duplicate of a notification sent to the
+                # daemon before it restarted is not recognisable as one.
+                if item.epoch == epoch:
+                    expect.duplicate += 1
+            elif cfg.duplicates and self.rng.random() < cfg.duplicates:
+                due = position + self.rng.randrange(1, _DUPLICATE_SPREAD)
+                self.pending_duplicates.append((due, _Item(item.spec, _Kind.DUPLICATE, epoch)))
+            shared.backlog_sent += 1
+            if shared.backlog_sent * 2 >= shared.backlog_planned and not shared.half_replayed.is_set():
+                shared.half_replayed.set()
+                if shared.restart_at_half:
+                    shared.gate.clear()
+            if shared.first_backlog_at is None:
+                shared.first_backlog_at = now
+            shared.last_backlog_at = now
+        self.frames_sent += len(chunk)
+        shared.sent_frames += len(chunk)
+
+    def _due_duplicates(self, room: int, *, all_now: bool = False) -> list[_Item]:
+        due = [entry for entry in self.pending_duplicates if all_now or entry[0] <= self.frames_sent][:room]
+        for entry in due:
+            self.pending_duplicates.remove(entry)
+        return [item for _due, item in due]
+
+    def _next_chunk(self) -> list[_Item]:
+        """Live first: this chunk's share of new notifications, then backlog, then duplicates that are due."""
+        live_total, backlog_left = self.live_left, len(self.backlog)
+        if backlog_left:
+            live_n = min(live_total, max(1, round(_CHUNK * live_total / (live_total + backlog_left))))
+        else:
+            live_n = min(live_total, _CHUNK)
+        chunk = [_Item(self._generate(), _Kind.LIVE) for _ in range(live_n)]
+        self.live_left -= live_n
+        while self.backlog and len(chunk) < _CHUNK:
+            chunk.append(_Item(self.backlog.pop(), _Kind.BACKLOG))
+        chunk.extend(self._due_duplicates(max(1, _CHUNK - len(chunk))))
+        return chunk or self._due_duplicates(_CHUNK, all_now=True)  # only duplicates not yet due are left
+
+    async def _pump(self, chunk: list[_Item]) -> None:
+        """Send a chunk, reconnecting as often as needed."""
+        while True:
+            try:
+                await self._send(chunk)
+                return
+            except _DisconnectedError:
+                await self._reconnect()
+
+    async def _drain_work(self) -> None:
+        while self.live_left or self.backlog or self.pending_duplicates:
+            await self._pump(self._next_chunk())
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        await self._reconnect(first=True)
+        await self._drain_work()  # phase 1: live
+        await self._close()
+        # phase 2: outage; the backlog is generated while no connection exists
+        step_s = cfg.outage_s / _OUTAGE_STEPS
+        made = 0
+        for step in range(1, _OUTAGE_STEPS + 1):
+            target = self.outage * step // _OUTAGE_STEPS
+            self.backlog.extend(self._generate() for _ in range(target - made))
+            made = target
+            await asyncio.sleep(step_s)
+        if cfg.shuffle:
+            self.rng.shuffle(self.backlog)
+        self.backlog.reverse()  # popped from the end: oldest (or first shuffled) first
+        self.shared.phase = "replay"
+        # phase 3: reconnect, replay the backlog behind live traffic
+        self.live_left = self.after
+        await self._reconnect()
+        await self._drain_work()
+        await self._close()
+        self.shared.nodes_done += 1
+
+
+# ---------------------------------------------------------------------------------------------- daemon
+
+
+class _InProcessDaemon:
+    """fpolicyd.app.Daemon on 127.0.0.1 with its data in ``data_dir``; restartable on the same port."""
+
+    def __init__(self, data_dir: Path, overrides: dict[str, Any]) -> None:
+        from fpolicyd.config import Settings, load_settings  # noqa: PLC0415 - only the in-process mode needs it
+
+        values: dict[str, Any] = {
+            "listen_host": "127.0.0.1",
+            "listen_port": 0,
+            "data_dir": str(data_dir),
+            "sinks": f"jsonl:{data_dir / 'events'}",
+            "log_level": "warning",
+        }
+        if "http_enabled" in Settings.model_fields:
+            values["http_enabled"] = False
+        values.update(overrides)
+        self.settings = load_settings(overrides=values, search_default_paths=False)
+        self.sink_dir = data_dir / "events"
+        self.port = 0
+        self.instances: list[dict[str, Any]] = []
+        self._daemon: Any = None
+
+    async def start(self) -> None:
+        from fpolicyd.app import Daemon  # noqa: PLC0415
+
+        settings = self.settings
+        if self.port:
+            settings = settings.model_copy(update={"listen_port": self.port})
+        daemon = Daemon(settings)
+        try:
+            await daemon.start()
+        except BaseException:
+            await daemon.stop()
+            raise
+        self._daemon = daemon
+        self.port = daemon.port
+
+    async def stop(self) -> None:
+        daemon, self._daemon = self._daemon, None
+        if daemon is None:
+            return
+        replay = daemon.context.replay
+        report = await daemon.stop()
+        # Close an episode still open at the stop (as if the idle time had passed) to report its figures.
+        stats = replay.stats(asyncio.get_running_loop().time() + replay.episode_idle_s)
+        self.instances.append(
+            {
+                "stop": {"events": report.events, "undelivered": report.undelivered, "failure": report.failure},
+                "replay": stats.to_dict(),
+            }
+        )
+        if report.failure is not None:
+            raise ReplayTestError(f"the daemon failed: {report.failure}")
+
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+def _all_delivered(expected: set[int], delivered: set[int]) -> bool:
+    return len(delivered) >= len(expected) and expected <= delivered
+
+
+def _split(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+async def _progress(shared: _Shared, sink: SinkTail, every_s: float, out: IO[str], started: float) -> None:
+    last_lines, last_at = 0, started
+    while True:
+        await asyncio.sleep(every_s)
+        now = time.monotonic()
+        rate = (sink.lines - last_lines) / max(now - last_at, 1e-9)
+        last_lines, last_at = sink.lines, now
+        out.write(
+            f"replay-test {now - started:7.1f}s phase={shared.phase} generated={shared.generated:,} "
+            f"sent={shared.sent_frames:,} backlog_sent={shared.backlog_sent:,}/{shared.backlog_planned:,} "
+            f"delivered={len(sink.delivered):,} sink_rate={rate:,.0f}/s\n"
+        )
+        out.flush()
+
+
+async def _tail(sink: SinkTail, shared: _Shared, stop: asyncio.Event) -> None:
+    """Poll the sink on a thread (the GIL is shared, but the event loop keeps its turns) until ``stop``."""
+    while not stop.is_set():
+        await asyncio.to_thread(sink.poll)
+        if shared.phase == "verify" and _all_delivered(shared.expected, sink.delivered):
+            shared.all_delivered.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), _SINK_POLL_S)
+
+
+async def _restart_when_half_replayed(shared: _Shared, daemon: _InProcessDaemon, log: IO[str]) -> None:
+    await shared.half_replayed.wait()
+    shared.restart_begun = True
+    log.write("replay-test: stopping the daemon mid-replay (graceful) and starting it again\n")
+    await daemon.stop()
+    shared.daemon_epoch += 1
+    await daemon.start()
+    shared.gate.set()
+
+
+async def run_replay_test(
+    cfg: ReplayTestConfig,
+    *,
+    progress: IO[str] | None = None,
+    before_verify: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Run the storm and return the report (``report["lost"] == 0`` is success).
+
+    ``before_verify`` is called with the sink directory once the run is over and before the final read of the
+    sink: a seam to check the checker (delete a line, see the loss reported)."""
+    log = progress if progress is not None else sys.stderr
+    started = time.monotonic()
+    temp: Path | None = None
+    daemon: _InProcessDaemon | None = None
+    if cfg.target is None:
+        data_dir = cfg.data_dir
+        if data_dir is None:
+            data_dir = temp = Path(tempfile.mkdtemp(prefix="fpolicyd-replay-test-"))
+        daemon = _InProcessDaemon(data_dir, dict(cfg.daemon_settings))
+        sink_dir = cfg.sink_dir or daemon.sink_dir
+        address: Callable[[], tuple[str, int]] = daemon.address
+        cfg = replace(cfg, clock_tolerance_s=daemon.settings.replay_clock_tolerance_s)
+    else:
+        assert cfg.sink_dir is not None
+        sink_dir = cfg.sink_dir
+        target = cfg.target
+
+        def address() -> tuple[str, int]:
+            return target
+
+    sink = SinkTail(sink_dir)
+    shared = _Shared()
+    shared.gate.set()
+    shared.restart_at_half = cfg.restart_daemon and daemon is not None
+    sources: dict[str | None, _SourceState] = {}
+    nodes: list[_Node] = []
+    host = address()[0] if daemon is None else "127.0.0.1"
+    for node, count in enumerate(_split(cfg.events, cfg.nodes)):
+        key = _source_address(host, node)
+        source = sources.setdefault(key, _SourceState())
+        nodes.append(_Node(cfg=cfg, node=node, count=count, shared=shared, address=address, source=source))
+    shared.backlog_planned = sum(n.outage for n in nodes)
+    helpers: list[asyncio.Task[None]] = []
+    stop_tail = asyncio.Event()
+    tail = asyncio.create_task(_tail(sink, shared, stop_tail))
+    try:
+        async with asyncio.timeout(cfg.timeout_s):
+            if daemon is not None:
+                await daemon.start()
+            if cfg.progress_s > 0:
+                helpers.append(asyncio.create_task(_progress(shared, sink, cfg.progress_s, log, started)))
+            restart: asyncio.Task[None] | None = None
+            if cfg.restart_daemon and daemon is not None:
+                restart = asyncio.create_task(_restart_when_half_replayed(shared, daemon, log))
+            await asyncio.gather(*(n.run() for n in nodes))
+            if restart is not None:
+                if not shared.restart_begun:  # no backlog to replay: no restart point
+                    restart.cancel()
+                    log.write("replay-test: no backlog was replayed, so no restart was done\n")
+                with contextlib.suppress(asyncio.CancelledError):
+                    await restart
+            drove_s = time.monotonic() - started
+            shared.phase = "verify"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(shared.all_delivered.wait(), cfg.settle_timeout_s)
+            if daemon is not None:
+                await daemon.stop()
+    except TimeoutError:
+        raise ReplayTestError(f"the run did not finish within timeout_s={cfg.timeout_s:g} s") from None
+    finally:
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        stop_tail.set()
+        await tail  # never cancelled mid-read: the final read below must not race with it
+        if daemon is not None:
+            await daemon.stop()
+    if before_verify is not None:
+        before_verify(sink_dir)
+    # Verification reads the sink afresh (what the tail saw while the storm ran only fed the progress line and
+    # the arrival latency): it checks the files as they are now, not as they were.
+    live_sink, sink = sink, SinkTail(sink_dir, sink.skipped)
+    live_sink.forget_ids()
+    while sink.poll():
+        pass
+    report = _report(
+        cfg=cfg,
+        shared=shared,
+        sink=sink,
+        live_sink=live_sink,
+        daemon=daemon,
+        drove_s=drove_s,
+        elapsed_s=time.monotonic() - started,
+    )
+    if temp is not None:
+        shutil.rmtree(temp, ignore_errors=True)
+    return report
+
+
+def _daemon_totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The daemon's own replay figures over its runs (one per start): what its metrics would show."""
+    replay_s = sum(r["replay_duration_s"] for r in runs)
+    replayed = sum(r["replay_episode_events"] for r in runs)
+    return {
+        "events": sum(r["events"] for r in runs),
+        "replayed_events": sum(r["replayed_events"] for r in runs),
+        "out_of_order_events": sum(r["out_of_order_events"] for r in runs),
+        "duplicates": sum(r["duplicates"] for r in runs),
+        "max_out_of_order_lag_us": max((r["max_out_of_order_lag_us"] for r in runs), default=0),
+        "reconnects": sum(r["reconnects"] for r in runs),
+        "max_reconnect_s": round(max((r["max_reconnect_s"] for r in runs), default=0.0), 3),
+        "replay_duration_s": round(replay_s, 3),
+        "replay_throughput_eps": round(replayed / replay_s, 1) if replay_s > 0 else 0.0,
+    }
+
+
+def _report(
+    *,
+    cfg: ReplayTestConfig,
+    shared: _Shared,
+    sink: SinkTail,
+    live_sink: SinkTail,
+    daemon: _InProcessDaemon | None,
+    drove_s: float,
+    elapsed_s: float,
+) -> dict[str, Any]:
+    expected = shared.expected
+    delivered = len(expected & sink.delivered)
+    unexpected = len(sink.delivered - expected)
+    lost = len(expected) - delivered
+    replay_s = (shared.last_backlog_at or 0.0) - (shared.first_backlog_at or 0.0) if shared.first_backlog_at else 0.0
+    reconnects = shared.reconnect_s
+    duplicates_delivered = sink.distinct_lines - len(sink.delivered)
+    # Exact only if each node is its own key in the daemon (loopback sources) and the sink holds either every
+    # injected duplicate or none of them (a daemon deduplicating by event_id delivers only first sends).
+    exact = (cfg.target is None or cfg.target[0].startswith("127.")) and duplicates_delivered in (
+        0,
+        shared.duplicates_sent,
+    )
+    expect = shared.expect_first
+    if shared.duplicates_sent and duplicates_delivered == shared.duplicates_sent:
+        expect = expect.plus(shared.expect_duplicates)
+    report: dict[str, Any] = {
+        "ok": lost == 0,
+        "config": {
+            "events": cfg.events,
+            "nodes": cfg.nodes,
+            "seed": cfg.seed,
+            "outage_fraction": cfg.outage_fraction,
+            "before_fraction": cfg.before_fraction,
+            "outage_s": cfg.outage_s,
+            "duplicates": cfg.duplicates,
+            "shuffle": cfg.shuffle,
+            "restart_daemon": cfg.restart_daemon,
+            "target": None if cfg.target is None else f"{cfg.target[0]}:{cfg.target[1]}",
+            "sink_dir": str(sink.directory),
+            "daemon_settings": dict(cfg.daemon_settings),
+        },
+        "generated": shared.generated,
+        "sent_frames": shared.sent_frames,
+        "backlog_events": shared.backlog_planned,
+        "duplicates_injected": shared.duplicates_sent,
+        "delivered": delivered,
+        "lost": lost,
+        "unexpected": unexpected,
+        "sink_lines": sink.lines,
+        "sink_bad_lines": sink.bad_lines,
+        # Lines the spool sent again after a restart (at least once), byte-identical to the first copy.
+        "redelivered_lines": sink.lines - sink.bad_lines - sink.distinct_lines,
+        # Distinct deliveries of an id already delivered: the injected duplicates that reached the sink.
+        "duplicates_delivered": duplicates_delivered,
+        "max_out_of_order_displacement": sink.max_displacement(),
+        "flags": {
+            "exact_expectation": exact,
+            "replayed": {"sink": sink.flagged_replayed, "expected": expect.replayed},
+            "out_of_order": {"sink": sink.flagged_out_of_order, "expected": expect.out_of_order},
+            "max_ooo_lag_us": {"sink": sink.max_lag_us, "expected": expect.max_lag_us},
+            "duplicate": {"sink": sink.flagged_duplicate, "expected": expect.duplicate},
+        },
+        "replay": {
+            "duration_s": round(replay_s, 3),
+            "events": shared.backlog_sent,
+            "throughput_eps": round(shared.backlog_sent / replay_s, 1) if replay_s > 0 else 0.0,
+        },
+        "reconnect_s": {
+            "count": len(reconnects),
+            "max": round(max(reconnects), 3) if reconnects else 0.0,
+            "mean": round(sum(reconnects) / len(reconnects), 3) if reconnects else 0.0,
+        },
+        "latency": {
+            "ingest": _percentiles(sink.ingest_latency_us),
+            "sink": _percentiles(live_sink.sink_latency_us),
+        },
+        "drive_s": round(drove_s, 3),
+        "elapsed_s": round(elapsed_s, 3),
+        "events_per_s": round(shared.sent_frames / drove_s, 1) if drove_s > 0 else 0.0,
+    }
+    report["flags"]["match"] = all(
+        v["sink"] == v["expected"] for k, v in report["flags"].items() if isinstance(v, dict)
+    )
+    if daemon is not None:
+        report["daemon"] = {
+            "restarts": max(0, len(daemon.instances) - 1),
+            "totals": _daemon_totals([i["replay"] for i in daemon.instances]),
+            "instances": daemon.instances,
+        }
+    return report

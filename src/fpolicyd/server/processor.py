@@ -1,0 +1,440 @@
+"""The processing stage's asyncio edge: spool (raw) → route → settle → dedup → spool (processed) → sinks.
+
+One task. Each round it reads a batch of durable raw records with its own spool cursor (``processor``), takes
+the settled events that came due, asks the dedup store about the candidates (embedded: on a thread; DynamoDB:
+awaited), writes every suppressed duplicate to the audit ledger, appends the rest as processed records, waits
+until they are durable, and only then acknowledges its cursor up to the stage's floor. Rounds are sequential,
+so the floor never passes an event whose output is not on disk (see pipeline/stage.py for the restart rules).
+
+A fail-closed dedup store that cannot answer stops the stage (nothing is delivered or dropped) and it retries
+with capped backoff; the spool keeps taking events meanwhile and back-pressure does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from fpolicyd.config import Settings
+from fpolicyd.errors import SinkError
+from fpolicyd.events import FileEvent
+from fpolicyd.obs.classification import Redactor
+from fpolicyd.obs.log import get_logger
+from fpolicyd.pipeline.dedup import (
+    AsyncDedupStore,
+    Decision,
+    DedupBackend,
+    DedupMode,
+    DedupPolicy,
+    DedupRequest,
+    DedupResult,
+    DedupStore,
+    EmbeddedDedupStore,
+)
+from fpolicyd.pipeline.ledger import AuditLedger
+from fpolicyd.pipeline.router import Router, RouteTable, UnroutedAction
+from fpolicyd.pipeline.settle import SettleConfig, Settler, received_at_s
+from fpolicyd.pipeline.spool import Spool
+from fpolicyd.pipeline.stage import Candidate, Destinations, Stage, StageState, encode_processed, sink_selector
+from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.dedup_dynamodb import DynamoDbDedupStore
+from fpolicyd.sinks.runner import RetryPolicy
+
+log = get_logger("fpolicyd.processor")
+
+#: The stage's spool cursor.
+CURSOR: Final = "processor"
+STATE_FILE: Final = "processor-state.json"
+INSTANCE_FILE: Final = "instance-id"
+#: How far settle's clock trails the wall clock when the stage is idle: longer than an event takes from the
+#: socket to a durable spool record (group commit is 5 ms by default), so none arrives "in the past".
+SETTLE_WATERMARK_LAG_S: Final = 0.5
+
+
+@dataclass(slots=True)
+class ProcessorStats:
+    rounds: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    dedup_errors_open: int = 0
+    dedup_errors_closed: int = 0
+    #: Route matches by route name (a bounded set: the routes file).
+    routes: dict[str, int] | None = None
+    unrouted: int = 0
+
+
+def instance_id(directory: Path) -> str:
+    """A stable id of this spool (and so of this daemon's records), kept next to the spool; part of every dedup
+    claimant so that re-processing our own record after a crash is never taken for a duplicate."""
+    path = directory / INSTANCE_FILE
+    with contextlib.suppress(FileNotFoundError):
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    value = str(uuid.uuid4())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(value + "\n")
+    os.replace(tmp, path)
+    return value
+
+
+def load_state(directory: Path) -> StageState:
+    path = directory / STATE_FILE
+    try:
+        return StageState.from_json(path.read_bytes())
+    except FileNotFoundError:
+        return StageState()
+    except ValueError as exc:
+        log.error("processor_state_unreadable", path=str(path), error=str(exc), detail="starting from the cursor")
+        return StageState()
+
+
+def save_state(directory: Path, state: StageState) -> None:
+    path = directory / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(state.to_json())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class Processor:
+    def __init__(
+        self,
+        *,
+        stage: Stage,
+        spool: Spool,
+        pipeline: EventPipeline,
+        destinations: Destinations,
+        dedup_policy: DedupPolicy,
+        dedup: DedupStore | None = None,
+        dedup_async: AsyncDedupStore | None = None,
+        ledger: AuditLedger | None,
+        redact: Callable[[FileEvent], FileEvent],
+        instance: str,
+        state_dir: Path,
+        batch_records: int,
+        checkpoint_interval_s: float,
+        retry: RetryPolicy | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.stage = stage
+        self._spool = spool
+        self._pipeline = pipeline
+        self._destinations = destinations
+        self._policy = dedup_policy
+        self._dedup = dedup
+        self._dedup_async = dedup_async
+        self._rng = random.Random()
+        self._ledger = ledger
+        self._redact = redact
+        self._instance = instance
+        self._state_dir = state_dir
+        self._batch_records = batch_records
+        self._checkpoint_interval_s = checkpoint_interval_s
+        self._retry = retry or RetryPolicy(base_s=0.1, cap_s=10.0)
+        self._clock = wall_clock
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._saved_at = 0.0
+        self._saved: StageState | None = None
+        self.stats = ProcessorStats(routes={})
+        #: Last dedup failure (fail-closed), for readiness; None once the store answers again.
+        self.last_error: SinkError | None = None
+
+    async def close(self) -> None:
+        """Release the dedup store and the ledger (after :meth:`stop`)."""
+        if isinstance(self._dedup, EmbeddedDedupStore):
+            await asyncio.to_thread(self._dedup.close)
+        if self._ledger is not None:
+            await asyncio.to_thread(self._ledger.close)
+
+    @property
+    def lag(self) -> int:
+        """Records not yet handled (settle-held ones included)."""
+        return self._spool.records_pending(CURSOR)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="processor")
+
+    def wake(self) -> None:
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    async def stop(self, timeout_s: float) -> None:
+        """Handle what is durable within ``timeout_s``; settle-held events stay in the spool for the next start."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline and self._spool.read_seq(CURSOR) <= self._spool.durable_seq:
+            self.wake()
+            await asyncio.sleep(0.01)
+        self._stopping = True
+        self.wake()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._task), max(0.1, deadline - loop.time()))
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.to_thread(save_state, self._state_dir, self.stage.state())
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            records = self._spool.read(CURSOR, self._batch_records)
+            candidates = self.stage.take(records)
+            candidates.extend(self.stage.due(self._watermark(caught_up=len(records) < self._batch_records)))
+            passthrough = self.stage.passthrough
+            if passthrough:
+                self.stage.passthrough = []
+            if not records and not candidates and not passthrough:
+                self._wakeup.clear()
+                deadline = self.stage.next_deadline()
+                timeout = None if deadline is None else max(0.0, deadline + SETTLE_WATERMARK_LAG_S - self._clock())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+                continue
+            await self._emit(candidates, passthrough)
+            floor = self.stage.floor()
+            if floor > self._spool.acked_seq(CURSOR):
+                self._spool.ack(CURSOR, floor)
+                self._pipeline.after_ack()
+            self.stats.rounds += 1
+            if loop.time() - self._saved_at >= self._checkpoint_interval_s:
+                self._saved_at = loop.time()
+                state = self.stage.state()
+                if state != self._saved:
+                    await asyncio.to_thread(save_state, self._state_dir, state)
+                    self._saved = state
+
+    def _watermark(self, *, caught_up: bool) -> float:
+        """Settle's clock: behind the wall clock by :data:`SETTLE_WATERMARK_LAG_S` once the stage has caught up
+        with the spool (an event read from the socket a moment ago may not be durable yet), and the latest
+        receive time taken while it works through a backlog (so a backlog settles as it would have live)."""
+        if caught_up:
+            return max(self._clock() - SETTLE_WATERMARK_LAG_S, self.stage.offered_through)
+        return self.stage.offered_through
+
+    async def _emit(self, candidates: Sequence[Candidate], passthrough: Sequence[tuple[int, bytes]]) -> None:
+        now = self._clock()
+        requests = [self._policy.requests_for_event(c.event, f"{self._instance}:{c.last_seq}", now) for c in candidates]
+        results = await self._judge([request for batch in requests for request in batch], now)
+        lines: list[bytes] = []
+        decisions: list[tuple[DedupRequest, DedupResult]] = []
+        position = 0
+        for candidate, batch in zip(candidates, requests, strict=True):
+            verdicts = results[position : position + len(batch)]
+            position += len(batch)
+            decisions.extend(zip(batch, verdicts, strict=True))
+            event = self._admitted(candidate.event, batch, verdicts)
+            if event is None:
+                self.stats.duplicates += 1
+                continue
+            routes = tuple(event.metadata.get("routes") or ())
+            self._count_routes(routes)
+            keys = self._destinations.keys_for(routes)
+            lines.append(encode_processed(self._redact(event).to_json(), keys))
+        # A raw line that is not an event (it never should be) goes on unchanged to every sink.
+        lines.extend(encode_processed(payload, None) for _, payload in passthrough)
+        if self._ledger is not None and decisions:
+            await asyncio.to_thread(self._ledger.write, decisions, now)  # fsyncs: off the loop
+        if lines:
+            await self._durable(lines)
+            self.stats.delivered += len(lines)
+        self.stage.emitted([c.last_seq for c in candidates])
+        self.stage.emitted([seq for seq, _ in passthrough])
+
+    def _admitted(
+        self, event: FileEvent, requests: Sequence[DedupRequest], results: Sequence[DedupResult]
+    ) -> FileEvent | None:
+        """The event as it is to be delivered, or None when every claim says duplicate. In window mode an event
+        that is a duplicate for some use cases only keeps the others in ``metadata.routes``."""
+        if not requests:
+            return event
+        for result in results:
+            if result.decision is Decision.error_open:
+                self.stats.dedup_errors_open += 1
+        kept = [request.use_case for request, result in zip(requests, results, strict=True) if result.deliver]
+        if not kept:
+            return None
+        if len(kept) == len(requests) or requests[0].use_case is None:
+            return event
+        return event.with_routes([route for route in event.metadata.get("routes") or () if route in kept])
+
+    async def _judge(self, requests: list[DedupRequest], now: float) -> list[DedupResult]:
+        """Dedup verdicts; while a fail-closed store cannot answer, wait and ask again (nothing moves meanwhile)."""
+        if not requests or (self._dedup is None and self._dedup_async is None):
+            return []
+        attempt = 0
+        while True:
+            if self._dedup_async is not None:
+                results = await self._dedup_async.check_many(requests, now)
+            else:
+                assert self._dedup is not None
+                results = await asyncio.to_thread(self._dedup.check_many, requests, now)
+            closed = sum(1 for result in results if result.decision is Decision.error_closed)
+            if not closed:
+                if self.last_error is not None:
+                    log.info("dedup_recovered", attempts=attempt)
+                self.last_error = None
+                return results
+            self.stats.dedup_errors_closed += closed
+            self.last_error = SinkError(f"dedup store unavailable for {closed} events (fail-closed)", retriable=True)
+            delay = self._retry.delay(attempt, self._rng)
+            log.warning("dedup_unavailable", events=closed, retry_in_s=round(delay, 3), attempt=attempt + 1)
+            attempt += 1
+            await asyncio.sleep(delay)
+            now = self._clock()
+
+    async def _durable(self, lines: list[bytes]) -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        def durable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self._pipeline.submit_many(lines, [(len(lines) - 1, durable)])
+        await done
+
+    def _count_routes(self, routes: Sequence[str]) -> None:
+        if not routes:
+            self.stats.unrouted += 1
+            return
+        counts = self.stats.routes
+        assert counts is not None
+        for route in routes:
+            counts[route] = counts.get(route, 0) + 1
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessingPlan:
+    """What the settings ask of the stage, decided before any sink or the spool exists."""
+
+    enabled: bool
+    #: Every sink URI to build: the default sinks, the routes' own sinks and the unrouted-audit file.
+    uris: tuple[str, ...]
+    table: RouteTable | None
+    default_sinks: tuple[str, ...]
+    unrouted_sinks: tuple[str, ...] | None
+
+    def destinations(self, names: Mapping[str, str]) -> Destinations:
+        """Destinations by sender name (``names``: URI → the sender's normalised name)."""
+        routes = self.table.routes if self.table is not None else ()
+        return Destinations(
+            default_sinks=tuple(names[uri] for uri in self.default_sinks),
+            route_sinks={route.name: tuple(names[uri] for uri in route.sinks) for route in routes},
+            unrouted_sinks=None if self.unrouted_sinks is None else tuple(names[u] for u in self.unrouted_sinks),
+        )
+
+    def selector(self, sink: str) -> Callable[[bytes], bytes | None]:
+        return sink_selector(sink, processing=self.enabled)
+
+
+def plan_processing(settings: Settings) -> ProcessingPlan:
+    table = RouteTable.load(settings.routes_file) if settings.routing_enabled else None
+    default_sinks = settings.effective_sinks
+    unrouted = (
+        (f"jsonl:{settings.data_dir / 'unrouted'}",)
+        if table is not None and settings.unrouted_action is UnroutedAction.AUDIT
+        else None
+    )
+    enabled = (
+        table is not None or settings.dedup_mode is not DedupMode.off or SettleConfig.from_settings(settings).enabled
+    )
+    uris: dict[str, None] = dict.fromkeys(default_sinks)
+    if enabled:
+        for route in table.routes if table is not None else ():
+            uris.update(dict.fromkeys(route.sinks))
+        uris.update(dict.fromkeys(unrouted or ()))
+    return ProcessingPlan(enabled, tuple(uris), table, default_sinks, unrouted)
+
+
+async def start_processor(
+    settings: Settings,
+    *,
+    plan: ProcessingPlan,
+    names: Mapping[str, str],
+    spool: Spool,
+    pipeline: EventPipeline,
+    clients: AwsClients,
+    redactor: Redactor,
+) -> Processor:
+    """Build the stage from the settings, restore its state, start it. Raises ConfigError/SinkError."""
+    state_dir = settings.effective_spool_dir
+    state = await asyncio.to_thread(load_state, state_dir)
+    state = StageState(
+        max(state.floor, spool.acked_seq(CURSOR)),
+        tuple(seq for seq in state.emitted if seq > max(state.floor, spool.acked_seq(CURSOR))),
+    )
+    instance = await asyncio.to_thread(instance_id, state_dir)
+    router = Router(plan.table, strict=settings.routes_strict) if plan.table is not None else None
+    settle = SettleConfig.from_settings(settings)
+    settler = Settler(settle.policy_for, max_pending=settings.settle_max_pending) if settle.enabled else None
+    stage = Stage(router=router, settler=settler, state=state, received_at_s=received_at_s)
+    dedup: EmbeddedDedupStore | None = None
+    dedup_async: DynamoDbDedupStore | None = None
+    ledger: AuditLedger | None = None
+    if settings.dedup_mode is not DedupMode.off:
+        now = time.time()
+        if settings.dedup_backend is DedupBackend.dynamodb:
+            dedup_async = DynamoDbDedupStore.from_settings(settings, clients)
+            try:
+                await dedup_async.check_table()  # a missing table stops the start with the table named
+            except SinkError as exc:
+                if not exc.retriable:
+                    raise
+                log.error("dedup_store_unreachable", error=str(exc), failure_mode=settings.dedup_failure_mode.value)
+        else:
+            dedup = await asyncio.to_thread(EmbeddedDedupStore.from_settings(settings).open, now)
+            if dedup.rebuilds:
+                log.error(
+                    "dedup_store_rebuilt",
+                    moved_aside=str(dedup.last_rebuild),
+                    detail="the dedup store was unreadable: earlier claims are forgotten (duplicates may pass once)",
+                )
+        ledger = AuditLedger.from_settings(settings, redact=redactor.redact_record)
+        await asyncio.to_thread(ledger.open, now)
+    processor = Processor(
+        stage=stage,
+        spool=spool,
+        pipeline=pipeline,
+        destinations=plan.destinations(names),
+        dedup_policy=DedupPolicy.from_settings(settings),
+        dedup=dedup,
+        dedup_async=dedup_async,
+        ledger=ledger,
+        redact=redactor.redact_event,
+        instance=instance,
+        state_dir=state_dir,
+        batch_records=settings.processor_batch_records,
+        checkpoint_interval_s=settings.checkpoint_interval_s,
+    )
+    log.info(
+        "processor_started",
+        routes=len(plan.table.routes) if plan.table is not None else 0,
+        routes_strict=settings.routes_strict,
+        dedup=settings.dedup_mode.value,
+        dedup_backend=settings.dedup_backend.value if settings.dedup_mode is not DedupMode.off else None,
+        settle=settler is not None,
+        settle_window_s=settings.write_complete_delay_s,
+        floor=state.floor,
+        pending=spool.records_pending(CURSOR),
+    )
+    pipeline.processor = processor
+    processor.start()
+    return processor

@@ -1,0 +1,242 @@
+"""The dedup store on DynamoDB: several fpolicyd instances share one claim table.
+
+One conditional ``PutItem`` per request (BatchWriteItem cannot carry conditions; TransactWriteItems would fail a
+whole batch for one duplicate), at most ``max_in_flight`` at a time; requests with the same key are sent one
+after the other in batch order, so the earlier spool record wins, as in the embedded store. The condition is the
+``write`` side of :func:`fpolicyd.pipeline.dedup.judge`::
+
+    attribute_not_exists(pk) OR #ttl <= :now OR claimant = :claimant OR expires_at <= :at
+
+``#ttl <= :now`` accepts a claim whose retention has passed but which DynamoDB's TTL sweeper has not deleted yet
+(it lags by up to days); ``claimant = :claimant`` is our own earlier claim for the same spool record;
+``:at`` is ``now`` in exact mode and the event's time in window mode. ``ConditionalCheckFailedException`` comes
+with the current item (``ReturnValuesOnConditionCheckFailure=ALL_OLD``; a ``GetItem`` if a service does not
+return it), which :func:`judge` turns into ``duplicate`` with its first-seen id (or, in window mode, ``first``
+without a write for a late event a window or more before the claim).
+
+Item: ``pk``, ``sk`` (strings: the table's hash and range keys), ``event_id`` (first seen), ``claimant``,
+``event_time``, ``expires_at`` (numbers, epoch seconds), ``ttl`` (whole epoch seconds, rounded up: the table's
+TTL attribute).
+
+Failures: throttling, 5xx and connection errors are retried (``retries`` times, capped full-jitter backoff);
+then, or at once for a non-retriable error (access denied, missing table), the request gets ``error_open`` or
+``error_closed`` per ``failure_mode``. Counters (plain ints): ``checks``, ``duplicates``, ``errors``,
+``fail_open``, ``fail_closed``, ``retries``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import ClientError as AiohttpClientError
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fpolicyd.errors import SinkError
+from fpolicyd.pipeline.dedup import (
+    Claim,
+    Decision,
+    DedupFailureMode,
+    DedupKey,
+    DedupRequest,
+    DedupResult,
+    error_result,
+    judge,
+    result_of,
+)
+from fpolicyd.sinks.aws import AwsClients, ErrorKind, error_kind
+from fpolicyd.sinks.runner import RetryPolicy
+
+if TYPE_CHECKING:
+    from fpolicyd.config import Settings
+
+__all__ = ["CONDITION", "DEDUP_RETRY", "DynamoDbDedupStore", "claim_from_item", "item_of"]
+
+CONDITION: Final = "attribute_not_exists(pk) OR #ttl <= :now OR claimant = :claimant OR expires_at <= :at"
+#: Backoff of a dedup request: short, a spool batch waits on it.
+DEDUP_RETRY: Final = RetryPolicy(base_s=0.05, cap_s=2.0)
+_CONDITION_FAILED: Final = "ConditionalCheckFailedException"
+_FAILURES: Final = (ClientError, BotoCoreError, AiohttpClientError, OSError, TimeoutError, SinkError)
+
+
+def _number(value: float) -> dict[str, str]:
+    return {"N": repr(float(value))}
+
+
+def item_of(request: DedupRequest) -> dict[str, Any]:
+    """The claim item a request writes (DynamoDB wire format)."""
+    return {
+        "pk": {"S": request.key.pk},
+        "sk": {"S": request.key.sk},
+        "event_id": {"S": request.event_id},
+        "claimant": {"S": request.claimant},
+        "event_time": _number(request.event_time),
+        "expires_at": _number(request.expires_at),
+        "ttl": {"N": str(math.ceil(request.retention))},
+    }
+
+
+def claim_from_item(item: Mapping[str, Any]) -> Claim:
+    """A stored item (wire format) as a :class:`Claim`; its retention is the ``ttl`` attribute."""
+    return Claim(
+        event_id=str(item["event_id"]["S"]),
+        claimant=str(item["claimant"]["S"]),
+        event_time=float(item["event_time"]["N"]),
+        expires_at=float(item["expires_at"]["N"]),
+        retain_until=float(item["ttl"]["N"]),
+    )
+
+
+class DynamoDbDedupStore:
+    """``async check_many(requests, now)`` against table ``table`` (module docstring)."""
+
+    def __init__(
+        self,
+        clients: AwsClients,
+        table: str,
+        *,
+        max_in_flight: int = 16,
+        retries: int = 3,
+        failure_mode: DedupFailureMode = DedupFailureMode.open,
+        retry_policy: RetryPolicy = DEDUP_RETRY,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not table:
+            raise ValueError("table: must not be empty")
+        if max_in_flight < 1 or retries < 0:
+            raise ValueError("max_in_flight must be >= 1 and retries >= 0")
+        self.clients = clients
+        self.table = table
+        self.max_in_flight = max_in_flight
+        self.retries = retries
+        self.failure_mode = DedupFailureMode(failure_mode)
+        self.retry_policy = retry_policy
+        self._rng = rng or random.Random()
+        self.checks = 0
+        self.duplicates = 0
+        self.errors = 0
+        self.fail_open = 0
+        self.fail_closed = 0
+        self.retries_done = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clients: AwsClients) -> DynamoDbDedupStore:
+        if not settings.dedup_dynamodb_table:
+            raise SinkError("dedup_dynamodb_table is not set", retriable=False)
+        return cls(
+            clients,
+            settings.dedup_dynamodb_table,
+            max_in_flight=settings.dedup_dynamodb_max_in_flight,
+            retries=settings.dedup_dynamodb_retries,
+            failure_mode=settings.dedup_failure_mode,
+        )
+
+    async def check_table(self) -> None:
+        """Start-up check: the table exists with string keys ``pk`` (hash) and ``sk`` (range). Raises
+        ``SinkError``: not retriable for a missing or misshapen table or denied access, retriable when the
+        endpoint cannot be reached."""
+        try:
+            client = await self.clients.client("dynamodb")
+            table = (await client.describe_table(TableName=self.table))["Table"]
+        except ClientError as exc:
+            code = str((exc.response.get("Error") or {}).get("Code", ""))
+            if code == "ResourceNotFoundException":
+                raise SinkError(f"dedup table {self.table!r} does not exist", retriable=False) from exc
+            raise SinkError(
+                f"dedup table {self.table!r}: {code}", retriable=error_kind(exc) is ErrorKind.RETRY
+            ) from exc
+        except (BotoCoreError, AiohttpClientError, OSError, TimeoutError) as exc:
+            raise SinkError(
+                f"dedup table {self.table!r}: {type(exc).__name__}: {exc}",
+                retriable=error_kind(exc) is ErrorKind.RETRY,
+            ) from exc
+        keys = {k["AttributeName"]: k["KeyType"] for k in table.get("KeySchema", ())}
+        types = {a["AttributeName"]: a["AttributeType"] for a in table.get("AttributeDefinitions", ())}
+        if keys != {"pk": "HASH", "sk": "RANGE"} or types.get("pk") != "S" or types.get("sk") != "S":
+            raise SinkError(
+                f"dedup table {self.table!r} must have string keys pk (HASH) and sk (RANGE), has {keys}",
+                retriable=False,
+            )
+
+    async def check_many(self, requests: Sequence[DedupRequest], now: float) -> list[DedupResult]:
+        """Results in request order. Never raises for a service failure (that is the failure mode's job)."""
+        if not requests:
+            return []
+        self.checks += len(requests)
+        results: list[DedupResult | None] = [None] * len(requests)
+        by_key: dict[DedupKey, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_key.setdefault(request.key, []).append(i)
+        limit = asyncio.Semaphore(self.max_in_flight)
+
+        async def run_key(indices: list[int]) -> None:
+            for i in indices:
+                async with limit:
+                    results[i] = await self._check_one(requests[i], now)
+
+        await asyncio.gather(*(run_key(indices) for indices in by_key.values()))
+        done = [r for r in results if r is not None]
+        assert len(done) == len(requests)
+        self.duplicates += sum(1 for r in done if r.decision is Decision.duplicate)
+        return done
+
+    async def _check_one(self, request: DedupRequest, now: float) -> DedupResult:
+        params = {
+            "TableName": self.table,
+            "Item": item_of(request),
+            "ConditionExpression": CONDITION,
+            "ExpressionAttributeNames": {"#ttl": "ttl"},
+            "ExpressionAttributeValues": {
+                ":now": _number(now),
+                ":claimant": {"S": request.claimant},
+                ":at": _number(request.judged_at(now)),
+            },
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        }
+        attempt = 0
+        while True:
+            try:
+                client = await self.clients.client("dynamodb")
+                try:
+                    await client.put_item(**params)
+                except ClientError as exc:
+                    if str((exc.response.get("Error") or {}).get("Code", "")) != _CONDITION_FAILED:
+                        raise
+                    item = exc.response.get("Item") or await self._current_item(client, request)
+                    if item is not None:
+                        existing = claim_from_item(item)
+                        judgement = judge(existing, request, now)
+                        if not judgement.write:
+                            return result_of(request, judgement, existing)
+                    # The claim changed between the put and the read: judge again with a new put.
+                    failure: BaseException | None = None
+                else:
+                    return result_of(request, judge(None, request, now), None)
+            except _FAILURES as exc:
+                failure = exc
+            retriable = failure is None or error_kind(failure) is ErrorKind.RETRY
+            if not retriable or attempt >= self.retries:
+                return self._failed(request)
+            await asyncio.sleep(self.retry_policy.delay(attempt, self._rng))
+            attempt += 1
+            self.retries_done += 1
+
+    async def _current_item(self, client: Any, request: DedupRequest) -> Mapping[str, Any] | None:
+        response = await client.get_item(
+            TableName=self.table,
+            Key={"pk": {"S": request.key.pk}, "sk": {"S": request.key.sk}},
+            ConsistentRead=True,
+        )
+        item = response.get("Item")
+        return item if isinstance(item, Mapping) else None
+
+    def _failed(self, request: DedupRequest) -> DedupResult:
+        self.errors += 1
+        if self.failure_mode is DedupFailureMode.open:
+            self.fail_open += 1
+        else:
+            self.fail_closed += 1
+        return error_result(request, self.failure_mode)

@@ -1,0 +1,258 @@
+"""/metrics, /healthz and /readyz of an in-process daemon over loopback HTTP, driven by the ONTAP simulator.
+
+Metric values are compared with independent counts: what the simulator says it sent, the requests it generated
+(operations), frames written by hand; the replay figures with the tracker's own snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from fpolicyd.app import Daemon
+from fpolicyd.config import Settings, load_settings
+from fpolicyd.protocol.req_types import parse_req_type
+from fpolicyd.simulator import SimulatorConfig, expected_requests, run
+from support.metric_names import REQUIRED_FAMILIES
+from support.moto_server import isolate_aws_env
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "listen_host": "127.0.0.1",
+        "listen_port": 0,
+        "http_port": 0,
+        "data_dir": str(tmp_path),
+        "jsonl_fsync": "never",
+        "drain_timeout_s": 2.0,
+    }
+    base.update(overrides)
+    return load_settings(overrides=base, search_default_paths=False)
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
+    marker = request.node.get_closest_marker("settings")
+    d = Daemon(make_settings(tmp_path, **(marker.kwargs if marker else {})))
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.stop()
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def get(daemon: Daemon, path: str) -> tuple[int, bytes]:
+    assert daemon.http_port is not None
+    return await asyncio.to_thread(http_get, daemon.http_port, path)
+
+
+async def scrape(daemon: Daemon) -> dict[str, list[Sample]]:
+    status, body = await get(daemon, "/metrics")
+    assert status == 200
+    return {family.name: family.samples for family in text_string_to_metric_families(body.decode())}
+
+
+def one(samples: dict[str, list[Sample]], family: str, name: str | None = None, **labels: str) -> float:
+    wanted = name or family
+    found = [s.value for s in samples[family] if s.name == wanted and s.labels == labels]
+    assert len(found) == 1, (wanted, labels, samples[family])
+    return found[0]
+
+
+async def settle(daemon: Daemon, events: int, within: float = 20.0) -> None:
+    """Until every connection closed and every sink acknowledged ``events`` (bounded)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        workers = daemon.pipeline.workers
+        if not daemon.context.connections and all(w.stats.delivered >= events and not w.lag for w in workers):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not settled: {daemon.pipeline.sink_stats()}, {len(daemon.context.connections)} open")
+
+
+async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daemon: Daemon, tmp_path: Path) -> None:
+    before = await scrape(daemon)
+    assert set(before) >= REQUIRED_FAMILIES, sorted(REQUIRED_FAMILIES - set(before))
+    assert one(before, "fpolicyd_sessions_opened", "fpolicyd_sessions_opened_total") == 0
+    assert sum(s.value for s in before["fpolicyd_events_received"]) == 0
+    sink = f"jsonl:{tmp_path / 'events'}"
+    assert one(before, "fpolicyd_sink_up", sink=sink) == 1
+
+    config = SimulatorConfig(port=daemon.port, nodes=2, events=300, seed=11, keep_alive_interval_s=0.005, rate=3000.0)
+    report = await run(config)
+    assert report.completed
+    # A node that comes back: the replay tracker sees a reconnect of the same node/policy.
+    again = await run(SimulatorConfig(port=daemon.port, nodes=1, events=20, seed=12, keep_alive_interval_s=0))
+    sent = report.sent + again.sent
+    # A malformed frame (bad marker byte) closes its connection and is counted by reason.
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.write(b"X\x00\x00\x00\x05hello")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    await writer.wait_closed()
+    await settle(daemon, sent)
+
+    after = await scrape(daemon)
+    frames = "fpolicyd_frames_received"
+    assert one(after, frames, f"{frames}_total", type="SCREEN_REQ") == sent
+    assert one(after, frames, f"{frames}_total", type="NEGO_REQ") == 3
+    assert one(after, frames, f"{frames}_total", type="KEEP_ALIVE") == report.keep_alives + again.keep_alives
+    operations = Counter(
+        parse_req_type(request.req_type).operation.value
+        for cfg in (config, SimulatorConfig(port=daemon.port, nodes=1, events=20, seed=12))
+        for _node, request in expected_requests(cfg)
+    )
+    events = {s.labels["operation"]: s.value for s in after["fpolicyd_events_received"]}
+    assert events == {op: float(operations.get(op, 0)) for op in events}
+    assert sum(events.values()) == sent
+    assert one(after, "fpolicyd_parse_errors", "fpolicyd_parse_errors_total", reason="bad_marker") == 1
+    assert one(after, "fpolicyd_sessions_opened", "fpolicyd_sessions_opened_total") == 4
+    assert one(after, "fpolicyd_sessions") == 0
+    # Every event once as a raw record, and once more as a processed one when the processing stage runs.
+    appended = one(after, "fpolicyd_spool_appended_records", "fpolicyd_spool_appended_records_total")
+    assert appended == daemon.pipeline.spool.last_seq
+    assert appended == sent * (2 if daemon.pipeline.processor is not None else 1)
+    assert one(after, "fpolicyd_spool_size_bytes") > 0
+    assert one(after, "fpolicyd_spool_records") == 0
+    assert one(after, "fpolicyd_backpressure_state", state="normal") == 1
+
+    assert one(after, "fpolicyd_sink_settled_events", "fpolicyd_sink_settled_events_total", sink=sink) == sent
+    assert one(after, "fpolicyd_sink_lag_records", sink=sink) == 0
+    batches = "fpolicyd_sink_batch_records"
+    sends = one(after, "fpolicyd_sink_sends", "fpolicyd_sink_sends_total", sink=sink)
+    assert one(after, batches, f"{batches}_sum", sink=sink) == sent
+    assert one(after, batches, f"{batches}_count", sink=sink) == sends > 0
+    send_time = "fpolicyd_sink_send_duration_seconds"
+    assert one(after, send_time, f"{send_time}_count", sink=sink) == sends
+    for latency in ("fpolicyd_end_to_end_latency_seconds", "fpolicyd_ingestion_latency_seconds"):
+        assert one(after, latency, f"{latency}_count", sink=sink) == sent
+        assert one(after, latency, f"{latency}_bucket", sink=sink, le="+Inf") == sent
+    # The simulator's GenerationTimes start in November 2023: every event is far older than the 5 s target.
+    breaches = "fpolicyd_ingestion_latency_slo_breaches"
+    assert one(after, breaches, f"{breaches}_total", sink=sink) == sent
+    assert one(after, "fpolicyd_processing_success_ratio", sink=sink) == 1.0
+
+    stats = daemon.context.replay.stats()
+    assert stats.reconnects > 0
+    assert stats.replayed_events > 0
+    assert one(after, "fpolicyd_reconnects", "fpolicyd_reconnects_total") == stats.reconnects
+    reconnect = "fpolicyd_reconnect_duration_seconds"
+    assert one(after, reconnect, f"{reconnect}_count") == stats.reconnects
+    assert one(after, reconnect, f"{reconnect}_sum") == pytest.approx(stats.total_reconnect_s)
+    assert one(after, "fpolicyd_replayed_events", "fpolicyd_replayed_events_total") == stats.replayed_events
+    assert one(after, "fpolicyd_out_of_order_events", "fpolicyd_out_of_order_events_total") == (
+        stats.out_of_order_events
+    )
+    assert one(after, "fpolicyd_duplicate_events", "fpolicyd_duplicate_events_total") == stats.duplicates
+    assert one(after, "fpolicyd_replay_episode_events") == stats.replay_episode_events
+
+
+@pytest.mark.settings(health_heartbeat_interval_s=0.05, health_loop_stall_s=0.5)
+async def test_healthz_fails_while_the_event_loop_is_wedged(daemon: Daemon) -> None:
+    status, body = await get(daemon, "/healthz")
+    assert status == 200
+    assert orjson.loads(body)["status"] == "ok"
+    port = daemon.http_port
+    assert port is not None
+    seen: dict[str, tuple[int, bytes]] = {}
+    unwedge = threading.Event()
+
+    def probe() -> None:
+        """From another thread, while the loop is blocked: poll until /healthz fails (bounded)."""
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                status, body = http_get(port, "/healthz")
+                if status != 200:
+                    seen["healthz"] = (status, body)
+                    seen["readyz"] = http_get(port, "/readyz")
+                    return
+                time.sleep(0.05)
+        finally:
+            unwedge.set()
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    # A callback that blocks the event loop (as a blocking call or a CPU-bound bug would) until the probe is done.
+    asyncio.get_running_loop().call_soon(unwedge.wait, 30)
+    await asyncio.sleep(0.01)
+    await asyncio.to_thread(prober.join)
+
+    status, body = seen["healthz"]
+    assert status == 503
+    report = orjson.loads(body)
+    assert report["status"] == "fail"
+    assert report["checks"][0]["name"] == "event_loop"
+    assert not report["checks"][0]["ok"]
+    assert seen["readyz"][0] == 503
+    # The loop runs again: the next heartbeat makes the process healthy again.
+    for _ in range(200):
+        status, _body = await get(daemon, "/healthz")
+        if status == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert status == 200
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_readyz_fails_while_a_sink_is_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    isolate_aws_env(monkeypatch, tmp_path)
+    port = closed_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    queue = f"sqs:http://127.0.0.1:{port}/123456789012/fpolicy-events"
+    daemon = Daemon(make_settings(tmp_path, sinks=f"jsonl:{tmp_path / 'events'},{queue}"))
+    await daemon.start()
+    try:
+        status, body = await get(daemon, "/readyz")
+        assert status == 503
+        checks = {c["name"]: c for c in orjson.loads(body)["checks"]}
+        assert not checks[f"sink:{queue}"]["ok"]
+        assert checks[f"sink:{queue}"]["detail"]
+        failing = {name for name, check in checks.items() if not check["ok"]}
+        assert failing == {f"sink:{queue}"}
+        assert {"event_loop", "listener", "pipeline", "spool", f"sink:jsonl:{tmp_path / 'events'}"} <= set(checks)
+        assert (await get(daemon, "/healthz"))[0] == 200  # alive, just not ready
+        metrics = await scrape(daemon)
+        assert one(metrics, "fpolicyd_sink_up", sink=queue) == 0
+        assert one(metrics, "fpolicyd_sink_up", sink=f"jsonl:{tmp_path / 'events'}") == 1
+    finally:
+        await daemon.stop()
+
+
+async def test_readyz_is_ok_when_everything_is(daemon: Daemon) -> None:
+    status, body = await get(daemon, "/readyz")
+    assert status == 200
+    assert all(check["ok"] for check in orjson.loads(body)["checks"])
+    assert (await get(daemon, "/nowhere"))[0] == 404
+
+
+@pytest.mark.settings(http_enabled=False)
+async def test_http_can_be_disabled(daemon: Daemon) -> None:
+    assert daemon.http_port is None

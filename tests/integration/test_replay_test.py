@@ -1,0 +1,257 @@
+"""``fpolicyd replay-test`` end to end: the in-process daemon, a restart mid-storm, and a lossy server it must catch.
+
+Every figure of the report is checked against counts made here, independently, from the sink's files: the
+event ids are recomputed from each event (tests/support/event_ids.py), completeness is checked per node by
+ReqId (each node numbers its notifications 1..n), displacement is recomputed by its definition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from fpolicyd.config import Settings
+from fpolicyd.events import NameMaps, normalize
+from fpolicyd.protocol.framing import XmlFrameReader
+from fpolicyd.protocol.session import FileNotification, Reply, Session, SessionConfig
+from fpolicyd.replay_test import ReplayTestConfig, run_replay_test
+from support.event_ids import recompute_event_id
+
+pytestmark = pytest.mark.slow
+
+SIZE = 2000
+NODES = 3
+
+
+def sink_lines(directory: Path) -> list[bytes]:
+    lines: list[bytes] = []
+    for path in sorted(directory.glob("fpolicy_events_*.jsonl")):
+        data = path.read_bytes()
+        assert data.endswith(b"\n"), f"{path} ends with a torn line"
+        lines.extend(data.splitlines())
+    return lines
+
+
+def independent_counts(lines: list[bytes]) -> dict[str, Any]:
+    events = [orjson.loads(line) for line in lines]
+    distinct = set(lines)
+    distinct_events = [orjson.loads(line) for line in distinct]
+    ids = [e["event_id"] for e in events]
+    req_ids: dict[str, set[int]] = defaultdict(set)
+    arrivals: dict[str, list[int]] = defaultdict(list)
+    first_seen: set[str] = set()
+    for event in events:
+        assert recompute_event_id(event) == event["event_id"]
+        meta = event["metadata"]
+        node = meta["node"].rpartition(":")[0]
+        req_ids[node].add(meta["req_id"])
+        if event["event_id"] not in first_seen:
+            first_seen.add(event["event_id"])
+            arrivals[node].append(meta["generation_time"])
+    displacement = 0
+    for times in arrivals.values():
+        ranked = sorted(range(len(times)), key=lambda i: (times[i], i))
+        displacement = max([displacement, *(index - rank for rank, index in enumerate(ranked))])
+    return {
+        "lines": len(lines),
+        "distinct_lines": len(distinct),
+        "unique_ids": len(set(ids)),
+        "req_ids": req_ids,
+        "replayed": sum(1 for e in distinct_events if e["metadata"].get("replayed")),
+        "out_of_order": sum(1 for e in distinct_events if e["metadata"].get("out_of_order")),
+        "duplicate": sum(1 for e in distinct_events if e["metadata"].get("duplicate")),
+        "max_lag_us": max((e["metadata"].get("ooo_lag_us", 0) for e in distinct_events), default=0),
+        "displacement": displacement,
+        "plain_events": [e for e in distinct_events if not set(e["metadata"]) & {"replayed", "out_of_order"}],
+    }
+
+
+def assert_every_notification_once_per_node(counts: dict[str, Any], nodes: int, size: int) -> None:
+    per_node = [size // nodes + (1 if i < size % nodes else 0) for i in range(nodes)]
+    assert sorted(len(r) for r in counts["req_ids"].values()) == sorted(per_node)
+    for node_req_ids in counts["req_ids"].values():
+        assert node_req_ids == set(range(1, len(node_req_ids) + 1))
+
+
+def config(tmp_path: Path, **kw: Any) -> ReplayTestConfig:
+    base: dict[str, Any] = {
+        "events": SIZE,
+        "nodes": NODES,
+        "seed": 7,
+        "outage_s": 0.4,
+        "progress_s": 0.0,
+        "data_dir": tmp_path / "data",
+        "daemon_settings": (("jsonl_fsync", "never"),),
+    }
+    base.update(kw)
+    return ReplayTestConfig(**base)
+
+
+#: The daemon's own duplicate suppression (exact dedup on event_id), when this build has it: switched off here so
+#: that the injected duplicates reach the sink and their flags can be counted.
+NO_DEDUP = (("dedup_mode", "off"),) if "dedup_mode" in Settings.model_fields else ()
+
+
+async def test_a_storm_with_duplicates_and_shuffle_loses_nothing_and_reports_true_figures(tmp_path: Path) -> None:
+    storm = config(tmp_path, duplicates=0.1, shuffle=True, daemon_settings=(("jsonl_fsync", "never"), *NO_DEDUP))
+    report = await run_replay_test(storm, progress=io.StringIO())
+    counts = independent_counts(sink_lines(tmp_path / "data" / "events"))
+
+    assert report["ok"]
+    assert (report["generated"], report["delivered"], report["lost"], report["unexpected"]) == (SIZE, SIZE, 0, 0)
+    assert counts["unique_ids"] == SIZE
+    assert_every_notification_once_per_node(counts, NODES, SIZE)
+    assert report["sink_lines"] == counts["lines"] == report["sent_frames"]
+    assert report["duplicates_injected"] > 0
+    assert report["duplicates_delivered"] == counts["lines"] - counts["unique_ids"] == report["duplicates_injected"]
+    assert report["redelivered_lines"] == 0
+    assert report["backlog_events"] == sum(round(n * 0.3) for n in (667, 667, 666))
+    assert report["max_out_of_order_displacement"] == counts["displacement"] > 0
+
+    flags = report["flags"]
+    assert flags["match"]
+    assert flags["replayed"]["sink"] == counts["replayed"] == report["backlog_events"] + report["duplicates_injected"]
+    assert flags["out_of_order"]["sink"] == counts["out_of_order"]
+    assert flags["duplicate"]["sink"] == counts["duplicate"] == report["duplicates_injected"]
+    assert flags["max_ooo_lag_us"]["sink"] == counts["max_lag_us"] > 0
+    assert all("replayed" not in e["metadata"] for e in counts["plain_events"])
+
+    (instance,) = report["daemon"]["instances"]
+    daemon = instance["replay"]
+    assert daemon["events"] == counts["lines"]
+    assert daemon["replayed_events"] == counts["replayed"]
+    assert daemon["out_of_order_events"] == counts["out_of_order"]
+    assert daemon["duplicates"] == counts["duplicate"]
+    assert daemon["max_out_of_order_lag_us"] == counts["max_lag_us"]
+    assert daemon["reconnects"] == report["reconnect_s"]["count"] == NODES
+    assert daemon["max_reconnect_s"] >= 0.4  # the outage itself
+    assert daemon["replay_episode_events"] == counts["replayed"]
+    assert report["daemon"]["totals"]["replayed_events"] == counts["replayed"]
+    assert report["latency"]["ingest"]["count"] == SIZE - report["backlog_events"]
+    assert report["replay"]["events"] == counts["replayed"]
+
+
+async def test_a_daemon_restart_in_the_middle_of_the_replay_loses_nothing(tmp_path: Path) -> None:
+    progress = io.StringIO()
+    report = await run_replay_test(config(tmp_path, restart_daemon=True, duplicates=0.05), progress=progress)
+    lines = sink_lines(tmp_path / "data" / "events")
+    counts = independent_counts(lines)
+
+    assert "stopping the daemon mid-replay" in progress.getvalue()
+    assert report["daemon"]["restarts"] == 1
+    first, second = report["daemon"]["instances"]
+    assert first["replay"]["replayed_events"] > 0
+    assert second["replay"]["replayed_events"] > 0  # the rest of the backlog went to the restarted daemon
+    assert report["ok"]
+    assert (report["delivered"], report["lost"]) == (SIZE, 0)
+    assert counts["unique_ids"] == SIZE
+    assert_every_notification_once_per_node(counts, NODES, SIZE)
+    assert report["sink_lines"] == counts["lines"]
+    assert report["redelivered_lines"] == counts["lines"] - counts["distinct_lines"]
+    assert report["duplicates_delivered"] == counts["distinct_lines"] - counts["unique_ids"]
+    assert report["flags"]["exact_expectation"]
+    assert report["flags"]["match"]
+    assert report["flags"]["replayed"]["sink"] == counts["replayed"]
+    # Every frame sent was read by one of the two daemons (a graceful stop reads what is in flight).
+    assert first["stop"]["events"] + second["stop"]["events"] == report["sent_frames"]
+    assert counts["distinct_lines"] <= report["sent_frames"]
+
+
+class LossyServer:
+    """A fake FPolicy server: real handshake, every SCREEN_REQ normalized to a JSON Lines file, except that
+    every ``drop_every``-th notification is silently dropped."""
+
+    def __init__(self, sink_dir: Path, drop_every: int) -> None:
+        self.sink_dir = sink_dir
+        self.drop_every = drop_every
+        self.received = 0
+        self.dropped = 0
+        sink_dir.mkdir(parents=True)
+        self._out = (sink_dir / "fpolicy_events_fake.jsonl").open("ab")
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        peer = writer.get_extra_info("peername")
+        session = Session(SessionConfig(), peer=f"{peer[0]}:{peer[1]}", now=loop.time())
+        frames = XmlFrameReader()
+        while data := await reader.read(65536):
+            for payload in frames.feed(data):
+                for out in session.receive(payload, loop.time()):
+                    if isinstance(out, Reply):
+                        writer.write(out.data)
+                    elif isinstance(out, FileNotification):
+                        assert session.context is not None
+                        self.received += 1
+                        if self.received % self.drop_every == 0:
+                            self.dropped += 1
+                            continue
+                        event = normalize(out.request, session.context, NameMaps(), 0)
+                        self._out.write(event.to_json() + b"\n")
+            self._out.flush()
+        writer.close()
+
+    def close(self) -> None:
+        self._out.close()
+
+
+async def test_a_lossy_server_makes_replay_test_exit_non_zero_and_count_the_loss(tmp_path: Path) -> None:
+    lossy = LossyServer(tmp_path / "sink", drop_every=97)
+    server = await asyncio.start_server(lossy.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    report_path = tmp_path / "report.json"
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fpolicyd",
+            "replay-test",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--sink-dir",
+            str(tmp_path / "sink"),
+            "--events",
+            "600",
+            "--nodes",
+            "2",
+            "--outage-s",
+            "0.2",
+            "--settle-timeout-s",
+            "1",
+            "--progress-s",
+            "0",
+            "--report",
+            str(report_path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        server.close()
+        await server.wait_closed()
+        lossy.close()
+    assert process.returncode == 1, stderr.decode()
+    report = orjson.loads(report_path.read_bytes())
+    assert lossy.dropped > 0
+    assert not report["ok"]
+    assert report["lost"] == lossy.dropped
+    assert report["delivered"] == 600 - lossy.dropped
+    assert f"{lossy.dropped} of 600 notifications lost" in stderr.decode()
+
+
+async def test_deleting_one_line_of_the_sink_is_reported_as_one_loss(tmp_path: Path) -> None:
+    def delete_one_line(sink_dir: Path) -> None:
+        path = sorted(sink_dir.glob("fpolicy_events_*.jsonl"))[0]
+        lines = path.read_bytes().splitlines(keepends=True)
+        path.write_bytes(b"".join(lines[:-1]))
+
+    small = config(tmp_path, events=300, nodes=2, outage_s=0.1)
+    report = await run_replay_test(small, progress=io.StringIO(), before_verify=delete_one_line)
+    assert not report["ok"]
+    assert report["lost"] == 1

@@ -212,11 +212,16 @@ class Daemon:
             capture=capture_recorder(settings, mask=redactor.log_path),
             # With the processing stage on, events are redacted as they leave it (routing needs the clear path).
             redact_event=redactor.redact_event if redactor.redacts_events and not plan.enabled else None,
+            route=plan.router.match if plan.router is not None else None,
             replay=ReplayTracker(replay_config(settings)),
         )
         self._pipeline.on_fatal = self._on_fatal
         self.metrics.attach(self._context, self._pipeline)
-        self.metrics.replay_source = self._context.replay.stats
+        replay, loop = self._context.replay, asyncio.get_running_loop()
+        # Ticked on the loop thread (an episode that went quiet ends without waiting for traffic), read on the
+        # HTTP thread.
+        self.heartbeat.on_beat.append(lambda: replay.tick(loop.time()))
+        self.metrics.replay_source = replay.stats
         await self._pipeline.start()
         if plan.enabled:
             self._processor = await start_processor(

@@ -21,7 +21,7 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file (default ./fpolicyd.toml, /etc/fpolicyd/)")
     group = parser.add_argument_group("settings (each also FPOLICYD_<NAME> in the environment or NAME in TOML)")
     for name, info in Settings.model_fields.items():
@@ -39,7 +39,7 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _settings(ns: argparse.Namespace) -> Settings:
+def settings_from_args(ns: argparse.Namespace) -> Settings:
     try:
         overrides = _overrides(ns)
     except json.JSONDecodeError as exc:
@@ -50,14 +50,14 @@ def _settings(ns: argparse.Namespace) -> Settings:
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from fpolicyd.app import run_daemon  # noqa: PLC0415 - keeps `fpolicyd --help` fast
 
-    settings = _settings(ns)
+    settings = settings_from_args(ns)
     configure_logging(settings.log_level, settings.log_format.value, redactor=settings.redactor())
     report = run_daemon(settings)  # what a sink could not take within the drain budget stays in the spool
     return 0 if report.failure is None else 1
 
 
 def _cmd_config(ns: argparse.Namespace) -> int:
-    settings = _settings(ns)
+    settings = settings_from_args(ns)
     if ns.action == "example":
         sys.stdout.write(example_toml())
         return 0
@@ -83,12 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the FPolicy server")
-    _add_settings_flags(serve)
+    add_settings_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
     config = sub.add_parser("config", help="validate or print the effective settings")
     config.add_argument("action", choices=("check", "show", "example"))
-    _add_settings_flags(config)
+    add_settings_flags(config)
     config.set_defaults(func=_cmd_config)
 
     from fpolicyd.simulate_cli import add_simulate_parser  # noqa: PLC0415
@@ -122,8 +122,8 @@ def _add_healthcheck(sub: Any) -> None:
     from fpolicyd.healthcheck_cli import add_healthcheck_parser, run_healthcheck  # noqa: PLC0415
 
     healthcheck = add_healthcheck_parser(sub)
-    _add_settings_flags(healthcheck)
-    healthcheck.set_defaults(func=lambda ns: run_healthcheck(ns, lambda: _settings(ns)))
+    add_settings_flags(healthcheck)
+    healthcheck.set_defaults(func=lambda ns: run_healthcheck(ns, lambda: settings_from_args(ns)))
 
 
 def _healthcheck_parser() -> argparse.ArgumentParser:

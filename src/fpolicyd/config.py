@@ -477,7 +477,7 @@ class Settings(BaseSettings):
     unrouted_action: UnroutedAction = Field(
         UnroutedAction.DEFAULT_SINKS,
         description="An event no route matches: default_sinks (delivered to the default sinks) or audit "
-        "(written to <data_dir>/audit/unrouted.jsonl instead of the sinks).",
+        "(written to the JSON Lines directory <data_dir>/unrouted instead of the sinks).",
     )
 
     # --- data classification ----------------------------------------------------------------------------
@@ -655,10 +655,10 @@ class Settings(BaseSettings):
         "takes the most patient policy. Environment: a JSON object.",
     )
     settle_max_pending: int = Field(
-        500_000,
+        200_000,
         ge=1,
-        description="Most paths held at once (memory: about one event each); beyond it the oldest held path is "
-        "emitted early and counted, never dropped.",
+        description="Most paths held at once (memory: the last event of each plus ~0.6 KB, so ~2-3 KB a path); "
+        "beyond it the oldest held path is emitted early and counted, never dropped.",
     )
 
     @field_validator("settle_marker_names", "settle_operations", mode="before")

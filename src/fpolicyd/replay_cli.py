@@ -130,6 +130,8 @@ def run_replay_test_command(ns: argparse.Namespace) -> int:
             raise ConfigError(f"--report {ns.report}: {exc}") from exc
     sys.stdout.write(text)
     if report["lost"]:
-        sys.stderr.write(f"fpolicyd replay-test: {report['lost']} of {report['generated']} notifications lost\n")
+        pending = report.get("undelivered_in_spool", 0)
+        note = f" ({pending} still in the daemon's spool at the end)" if pending else ""
+        sys.stderr.write(f"fpolicyd replay-test: {report['lost']} of {report['generated']} notifications lost{note}\n")
         return 1
     return 0

@@ -214,6 +214,10 @@ def _rule_description(route: Route) -> str:
 
 
 def _check(context: _Context, path: str, operation: str, *, as_json: bool) -> int:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"PATH {path!r} is not valid UTF-8 (an event's file_path always is)") from None
     router = Router(context.table, strict=context.strict)
     matched = router.match(path, operation)
     explanations = router.explain(path, operation)

@@ -20,6 +20,7 @@ from fpolicyd.events import (
     load_reference_schema,
     normalize,
 )
+from fpolicyd.pipeline.router import Router, RouteTable
 from fpolicyd.simulator import SimulatorConfig, SimulatorError, expected_requests, handshake, run
 from support.serve import VOLUME_NAMES, Served, read_events, start_serve, stop
 
@@ -96,6 +97,11 @@ async def test_every_notification_arrives_exactly_once_with_the_right_fields(ser
     operations = {event["operation_type"] for event in received}
     assert {"create", "write", "delete", "rename", "read", "open", "close", "setattr", "getattr"} <= operations
     assert {"lookup", "link", "symlink"} <= operations
+    # Routing is on by default: every event carries the packaged routes' verdict, fan-out included.
+    router = Router(RouteTable.load(None))
+    for event in received:
+        assert event["metadata"]["routes"] == list(router.match(event["file_path"], event["operation_type"]))
+    assert any(len(event["metadata"]["routes"]) > 1 for event in received), "no fan-out was exercised"
     stopped = [line for line in served.log_lines if line.get("event") == "stopped"]
     assert stopped == [stopped[0]]
     assert stopped[0]["events"] == 6000

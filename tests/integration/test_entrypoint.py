@@ -1,5 +1,6 @@
-"""What the container runs, without a container engine: the wheel built from this tree, installed into a fresh
-venv with its dependencies from PyPI (as the Dockerfile's builder stage does), then the image's ENTRYPOINT + CMD
+"""What the container runs, without a container engine: the wheel built from the Docker build context (what
+.dockerignore lets through), installed into a fresh venv with its dependencies from PyPI (as the Dockerfile's
+builder stage does), then the image's ENTRYPOINT + CMD
 and HEALTHCHECK, parsed from the Dockerfile, run with the image's ENV (data dir and ports redirected to temporary
 ones). SIGTERM must end it cleanly with exit 0."""
 
@@ -26,11 +27,28 @@ IMAGE_VENV_BIN = "/opt/fpolicyd/bin"
 READINESS_ATTEMPTS = 100
 
 
+def _build_context(tmp_path: Path) -> Path:
+    """What `docker build` sends: only the paths .dockerignore re-includes (it starts by excluding everything)."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("!"):
+            continue
+        source = ROOT / line[1:].rstrip("/")
+        if source.is_dir():
+            shutil.copytree(source, context / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.py[co]"))
+        else:
+            shutil.copy2(source, context / source.name)
+    return context
+
+
 def _install_fresh(tmp_path: Path) -> Path:
-    """Build the wheel from this tree and install it (with its dependencies, from PyPI) into a new venv."""
+    """Build the wheel from the Docker build context and install it (with its dependencies, from PyPI) into a new
+    venv, as the builder stage does."""
     wheels = tmp_path / "wheels"
+    context = _build_context(tmp_path)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(context)],
         check=True,
         timeout=300,
     )

@@ -9,37 +9,20 @@ import asyncio
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from fpolicyd.app import Daemon
-from fpolicyd.config import Settings, load_settings
 from fpolicyd.protocol.req_types import parse_req_type
+from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
+from fpolicyd.server.processor import Processor
 from fpolicyd.simulator import SimulatorConfig, expected_requests, run
-from support.metric_names import REQUIRED_FAMILIES
 from support.moto_server import isolate_aws_env
-
-
-def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "listen_host": "127.0.0.1",
-        "listen_port": 0,
-        "http_port": 0,
-        "data_dir": str(tmp_path),
-        "jsonl_fsync": "never",
-        "drain_timeout_s": 2.0,
-    }
-    base.update(overrides)
-    return load_settings(overrides=base, search_default_paths=False)
+from support.observability import REQUIRED_FAMILIES, get, http_get, make_settings, one, scrape
 
 
 @pytest.fixture
@@ -51,32 +34,6 @@ async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
         yield d
     finally:
         await d.stop()
-
-
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-async def get(daemon: Daemon, path: str) -> tuple[int, bytes]:
-    assert daemon.http_port is not None
-    return await asyncio.to_thread(http_get, daemon.http_port, path)
-
-
-async def scrape(daemon: Daemon) -> dict[str, list[Sample]]:
-    status, body = await get(daemon, "/metrics")
-    assert status == 200
-    return {family.name: family.samples for family in text_string_to_metric_families(body.decode())}
-
-
-def one(samples: dict[str, list[Sample]], family: str, name: str | None = None, **labels: str) -> float:
-    wanted = name or family
-    found = [s.value for s in samples[family] if s.name == wanted and s.labels == labels]
-    assert len(found) == 1, (wanted, labels, samples[family])
-    return found[0]
 
 
 async def settle(daemon: Daemon, events: int, within: float = 20.0) -> None:
@@ -102,8 +59,13 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     report = await run(config)
     assert report.completed
     # A node that comes back: the replay tracker sees a reconnect of the same node/policy.
-    again = await run(SimulatorConfig(port=daemon.port, nodes=1, events=20, seed=12, keep_alive_interval_s=0))
-    sent = report.sent + again.sent
+    comeback = SimulatorConfig(port=daemon.port, nodes=1, events=20, seed=12, keep_alive_interval_s=0)
+    again = await run(comeback)
+    # The same 20 notifications once more (as ONTAP retries after a LIF migration): dedup suppresses them.
+    duplicated = await run(comeback)
+    sent = report.sent + again.sent + duplicated.sent
+    delivered = sent - duplicated.sent
+    assert daemon.pipeline.processor is not None, "dedup (exact) is on by default"
     # A malformed frame (bad marker byte) closes its connection and is counted by reason.
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     writer.write(b"X\x00\x00\x00\x05hello")
@@ -111,46 +73,48 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
     await writer.wait_closed()
-    await settle(daemon, sent)
+    await settle(daemon, delivered)
 
     after = await scrape(daemon)
     frames = "fpolicyd_frames_received"
     assert one(after, frames, f"{frames}_total", type="SCREEN_REQ") == sent
-    assert one(after, frames, f"{frames}_total", type="NEGO_REQ") == 3
-    assert one(after, frames, f"{frames}_total", type="KEEP_ALIVE") == report.keep_alives + again.keep_alives
+    assert one(after, frames, f"{frames}_total", type="NEGO_REQ") == 4
+    keep_alives = report.keep_alives + again.keep_alives + duplicated.keep_alives
+    assert one(after, frames, f"{frames}_total", type="KEEP_ALIVE") == keep_alives
     operations = Counter(
         parse_req_type(request.req_type).operation.value
-        for cfg in (config, SimulatorConfig(port=daemon.port, nodes=1, events=20, seed=12))
+        for cfg in (config, comeback, comeback)
         for _node, request in expected_requests(cfg)
     )
     events = {s.labels["operation"]: s.value for s in after["fpolicyd_events_received"]}
     assert events == {op: float(operations.get(op, 0)) for op in events}
     assert sum(events.values()) == sent
     assert one(after, "fpolicyd_parse_errors", "fpolicyd_parse_errors_total", reason="bad_marker") == 1
-    assert one(after, "fpolicyd_sessions_opened", "fpolicyd_sessions_opened_total") == 4
+    assert one(after, "fpolicyd_sessions_opened", "fpolicyd_sessions_opened_total") == 5
     assert one(after, "fpolicyd_sessions") == 0
-    # Every event once as a raw record, and once more as a processed one when the processing stage runs.
+    # Every event once as a raw record, and the ones dedup let through once more as processed records.
     appended = one(after, "fpolicyd_spool_appended_records", "fpolicyd_spool_appended_records_total")
-    assert appended == daemon.pipeline.spool.last_seq
-    assert appended == sent * (2 if daemon.pipeline.processor is not None else 1)
+    assert appended == daemon.pipeline.spool.last_seq == sent + delivered
+    assert one(after, "fpolicyd_dedup_hits", "fpolicyd_dedup_hits_total") == duplicated.sent
+    assert one(after, "fpolicyd_settle_pending") == 0
     assert one(after, "fpolicyd_spool_size_bytes") > 0
     assert one(after, "fpolicyd_spool_records") == 0
     assert one(after, "fpolicyd_backpressure_state", state="normal") == 1
 
-    assert one(after, "fpolicyd_sink_settled_events", "fpolicyd_sink_settled_events_total", sink=sink) == sent
+    assert one(after, "fpolicyd_sink_settled_events", "fpolicyd_sink_settled_events_total", sink=sink) == delivered
     assert one(after, "fpolicyd_sink_lag_records", sink=sink) == 0
     batches = "fpolicyd_sink_batch_records"
     sends = one(after, "fpolicyd_sink_sends", "fpolicyd_sink_sends_total", sink=sink)
-    assert one(after, batches, f"{batches}_sum", sink=sink) == sent
+    assert one(after, batches, f"{batches}_sum", sink=sink) == delivered
     assert one(after, batches, f"{batches}_count", sink=sink) == sends > 0
     send_time = "fpolicyd_sink_send_duration_seconds"
     assert one(after, send_time, f"{send_time}_count", sink=sink) == sends
     for latency in ("fpolicyd_end_to_end_latency_seconds", "fpolicyd_ingestion_latency_seconds"):
-        assert one(after, latency, f"{latency}_count", sink=sink) == sent
-        assert one(after, latency, f"{latency}_bucket", sink=sink, le="+Inf") == sent
+        assert one(after, latency, f"{latency}_count", sink=sink) == delivered
+        assert one(after, latency, f"{latency}_bucket", sink=sink, le="+Inf") == delivered
     # The simulator's GenerationTimes start in November 2023: every event is far older than the 5 s target.
     breaches = "fpolicyd_ingestion_latency_slo_breaches"
-    assert one(after, breaches, f"{breaches}_total", sink=sink) == sent
+    assert one(after, breaches, f"{breaches}_total", sink=sink) == delivered
     assert one(after, "fpolicyd_processing_success_ratio", sink=sink) == 1.0
 
     stats = daemon.context.replay.stats()
@@ -165,7 +129,24 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
         stats.out_of_order_events
     )
     assert one(after, "fpolicyd_duplicate_events", "fpolicyd_duplicate_events_total") == stats.duplicates
+    assert stats.duplicates == duplicated.sent
     assert one(after, "fpolicyd_replay_episode_events") == stats.replay_episode_events
+
+
+@pytest.mark.settings(write_complete_delay_s=60.0)
+async def test_settle_pending_shows_what_settle_holds(daemon: Daemon) -> None:
+    report = await run(SimulatorConfig(port=daemon.port, nodes=1, events=50, seed=5, keep_alive_interval_s=0))
+    processor = daemon.pipeline.processor
+    assert isinstance(processor, Processor)
+    spool = daemon.pipeline.spool
+    for _ in range(400):  # until the stage has read every record (its own processed ones too); bounded: ~20 s
+        if spool.read_seq(PROCESSOR_CURSOR) > spool.last_seq:
+            break
+        await asyncio.sleep(0.05)
+    metrics = await scrape(daemon)
+    held = one(metrics, "fpolicyd_settle_pending")
+    assert 0 < held <= report.sent
+    assert held == processor.stage.pending
 
 
 @pytest.mark.settings(health_heartbeat_interval_s=0.05, health_loop_stall_s=0.5)

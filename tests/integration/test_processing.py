@@ -188,3 +188,22 @@ async def test_a_pending_settle_survives_a_restart(tmp_path: Path) -> None:
         [event] = await wait_for(tmp_path / "events", 1)
     assert event["operation_type"] == "create"
     assert event["metadata"]["settle"]["coalesced"] == 2
+
+
+async def test_rename_commit_emits_the_final_path_routed_as_a_create(tmp_path: Path) -> None:
+    overrides = {
+        "routes_file": str(routes_file(tmp_path)),
+        "write_complete_delay_s": 30,
+        "settle_strategy": "rename_commit",
+    }
+    async with running(tmp_path, **overrides) as (_, peer):
+        await peer.send(
+            frame(1, "SMB_CREAT", "/in/x.part"),
+            frame(2, "SMB_WR", "/in/x.part"),
+            frame(3, "SMB_REN", "/in/x.part", target="/in/x.pdf"),
+        )
+        [event] = await wait_for(tmp_path / "events", 1)
+    assert (event["operation_type"], event["file_path"]) == ("create", "/in/x.pdf")
+    assert event["metadata"]["settle"]["coalesced"] == 3
+    # Neither the temp file nor the rename alone is a create of a .pdf: the coalesced event is routed anew.
+    assert event["metadata"]["routes"] == ["legal", "finance"]

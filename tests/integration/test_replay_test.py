@@ -14,11 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import orjson
 import pytest
 
 from fpolicyd.config import Settings
-from fpolicyd.events import NameMaps, normalize
+from fpolicyd.events import CORE_OPERATIONS, NameMaps, load_event_schema, load_reference_schema, normalize
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import FileNotification, Reply, Session, SessionConfig
 from fpolicyd.replay_test import ReplayTestConfig, run_replay_test
@@ -102,7 +103,8 @@ NO_DEDUP = (("dedup_mode", "off"),) if "dedup_mode" in Settings.model_fields els
 async def test_a_storm_with_duplicates_and_shuffle_loses_nothing_and_reports_true_figures(tmp_path: Path) -> None:
     storm = config(tmp_path, duplicates=0.1, shuffle=True, daemon_settings=(("jsonl_fsync", "never"), *NO_DEDUP))
     report = await run_replay_test(storm, progress=io.StringIO())
-    counts = independent_counts(sink_lines(tmp_path / "data" / "events"))
+    lines = sink_lines(tmp_path / "data" / "events")
+    counts = independent_counts(lines)
 
     assert report["ok"]
     assert (report["generated"], report["delivered"], report["lost"], report["unexpected"]) == (SIZE, SIZE, 0, 0)
@@ -122,6 +124,15 @@ async def test_a_storm_with_duplicates_and_shuffle_loses_nothing_and_reports_tru
     assert flags["duplicate"]["sink"] == counts["duplicate"] == report["duplicates_injected"]
     assert flags["max_ooo_lag_us"]["sink"] == counts["max_lag_us"] > 0
     assert all("replayed" not in e["metadata"] for e in counts["plain_events"])
+    flagged = [orjson.loads(line) for line in lines if b'"replayed":true' in line or b'"duplicate":true' in line]
+    assert flagged
+    checker = jsonschema.FormatChecker()
+    own = jsonschema.Draft202012Validator(load_event_schema(), format_checker=checker)
+    reference = jsonschema.Draft7Validator(load_reference_schema(), format_checker=checker)
+    for event in flagged:
+        own.validate(event)
+        if event["operation_type"] in CORE_OPERATIONS:
+            reference.validate(event)
 
     (instance,) = report["daemon"]["instances"]
     daemon = instance["replay"]

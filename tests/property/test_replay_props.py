@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fpolicyd.events import SessionContext
+from fpolicyd.events import NameMaps, SessionContext, normalize
 from fpolicyd.pipeline.replay import ReplayConfig, ReplayTracker
+from fpolicyd.protocol.messages import ScreenRequest
+from fpolicyd.protocol.xml_codec import decode_payload
 from fpolicyd.replay_test import max_displacement
+from fpolicyd.simulator import NodeStream
 
 VS = "5e1f0c2a-6292-11ee-b5d1-000c29f00d01"
 T0 = 1_700_000_000_000_000
@@ -127,3 +130,20 @@ def test_max_displacement_equals_the_brute_force_one(times: list[int]) -> None:
     expected = max((i - rank(i) for i in range(len(times))), default=0)
     assert max_displacement(times) == expected
     assert (max_displacement(times) == 0) == (times == sorted(times))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32), st.integers(0, 50), st.integers(0, 10**6))
+def test_node_stream_event_ids_equal_the_daemons(seed: int, node: int, step_us: int) -> None:
+    """replay-test's expected ids (computed from the spec, no decoding) are the ones the daemon would give."""
+    stream = NodeStream(seed=seed, node=node, count=60)
+    context = SessionContext(stream.vs_uuid, "p", "s", "1.2", "127.0.0.1:1")
+    stamp = T0
+    for _ in range(60):
+        stamp += 1 + step_us
+        spec = stream.next(stamp)
+        frame = stream.frame(spec)
+        request = decode_payload(frame[6:]).message
+        assert isinstance(request, ScreenRequest)
+        assert request == stream.request(spec)
+        assert normalize(request, context, NameMaps(), 0).event_id == stream.event_id(spec)

@@ -69,15 +69,16 @@ def paths_for(table: RouteTable) -> st.SearchStrategy[str]:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(table=route_tables(), strict=st.booleans(), data=st.data())
 def test_match_equals_the_brute_force_oracle(table: RouteTable, strict: bool, data: st.DataObject) -> None:
     router = Router(table, strict=strict)
     events = data.draw(
         st.lists(st.tuples(paths_for(table), st.sampled_from([*OPERATIONS, "nope"])), min_size=1, max_size=25)
     )
-    for path, operation in events:
-        assert router.match(path, operation) == oracle(table, path, operation, strict=strict), (path, operation)
+    for _ in range(2):  # the second pass answers merged fan-outs from the router's cache
+        for path, operation in events:
+            assert router.match(path, operation) == oracle(table, path, operation, strict=strict), (path, operation)
 
 
 @settings(max_examples=60, deadline=None)

@@ -37,7 +37,7 @@ def histories(draw: st.DrawFn) -> tuple[list[tuple[FileEvent, bool]], int, Settl
 def new_stage(strategy: SettleStrategy, state: StageState) -> Stage:
     policy = SettlePolicy(window_s=5.0, max_hold_s=1e6, strategy=strategy)
     settler = Settler(lambda event: policy if policy.holds(event.operation_type) else None, max_pending=10_000)
-    return Stage(router=None, settler=settler, state=state, received_at_s=received_at_s)
+    return Stage(settler=settler, state=state, received_at_s=received_at_s)
 
 
 def run(stage: Stage, history: list[tuple[FileEvent, bool]], first_seq: int, last_seq: int) -> list[Candidate]:
@@ -55,7 +55,7 @@ def run(stage: Stage, history: list[tuple[FileEvent, bool]], first_seq: int, las
 
 
 def identities(candidates: list[Candidate]) -> Counter[tuple[int, str, int]]:
-    return Counter((c.last_seq, c.event.event_id, c.coalesced) for c in candidates)
+    return Counter((c.last_seq, c.event_id, c.coalesced) for c in candidates)
 
 
 @settings(max_examples=300, deadline=None)

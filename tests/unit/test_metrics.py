@@ -37,7 +37,7 @@ from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter, SqsTarget
 from fpolicyd.sinks.cloud import AwsSender
 from fpolicyd.sinks.runner import RetryPolicy
-from support.metric_names import REQUIRED_FAMILIES
+from support.observability import REQUIRED_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "fpolicyd-dashboard.json"

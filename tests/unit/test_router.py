@@ -186,6 +186,24 @@ def test_overlapping_prefixes_and_suffixes_of_different_lengths() -> None:
     assert Router(RouteTable.from_toml(text), strict=True).match("/x.tiff", "write") == ()
 
 
+def test_a_deep_chain_of_nested_prefixes() -> None:
+    # Each prefix extends the previous one: the index is a chain as deep as the longest prefix is long.
+    depth = 1500
+    routes = tuple(
+        Route(name=f"r{k}", id=f"R{k}", prefixes=("/" + "a" * k,), suffixes=(), operations=("write",), target="T")
+        for k in range(depth)
+    )
+    router = Router(RouteTable(routes))
+    assert router.match("/" + "a" * (depth + 5), "write") == tuple(f"r{k}" for k in range(depth))
+    assert router.match("/" + "a" * 10 + "b", "write") == tuple(f"r{k}" for k in range(11))
+
+
+def test_routes_by_name_finds_what_match_names(router: Router) -> None:
+    names = router.match("/legal/audit/report.pdf", "create")
+    assert [router.routes_by_name[name].id for name in names] == ["UC1", "UC2", "UC6", "UC9", "UC14", "UC16"]
+    assert router.routes_by_name["defense-satellite"].target == "DiscoveryFunction (Lambda)"
+
+
 def test_strict_mode_counts_prefixes_only(strict_router: Router) -> None:
     assert strict_router.match("/legal/audit/report.pdf", "create") == ("legal-compliance",)
     assert strict_router.match("/tmp/report.pdf", "create") == ()
@@ -498,6 +516,9 @@ def test_a_bad_routes_file_exits_2_with_the_route_named(clean_env: Path, capsys:
             err
             == f"fpolicyd: {routes}: route #2 'second': prefixes: 'b/' must start with '/' (file_path is absolute)\n"
         )
+    code, _, err = run_cli(capsys, "check", "/x\udcff", "--op", "create", "--json")  # undecodable argv byte
+    assert code == 2
+    assert "is not valid UTF-8" in err
     code, _, err = run_cli(capsys, "check", "/x", "--op", "create", "--routes", str(clean_env / "nope.toml"))
     assert code == 2
     assert "nope.toml" in err

@@ -182,6 +182,17 @@ def test_routes_of_a_burst_are_merged() -> None:
     assert out.event.metadata["routes"] == ["r1", "r2"]
 
 
+def test_a_burst_follows_the_policy_of_its_latest_event() -> None:
+    config = SettleConfig(SettlePolicy(window_s=5.0), {("*", "create"): SettleOverride(window_s=50.0)})
+    f = Feed(Settler(config.policy_for, max_pending=100))
+    f(0.0, "create", "/a")
+    assert f.settler.next_deadline() == 50.0
+    f(1.0, "write", "/a")  # the write's policy has a 5 s window: the deadline comes earlier
+    assert f.settler.next_deadline() == 6.0
+    assert summary(f.settler.due(6.0)) == [("id-2", "create", "/a", (1, 2), 2, "quiet")]
+    assert f.settler.due(100.0) == []
+
+
 # ----------------------------------------------------------------------------------------- pass-through
 
 

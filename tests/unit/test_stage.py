@@ -1,11 +1,11 @@
-"""The processing stage's sans-IO core: record kinds, destinations, routing, settle hold-back and the floor."""
+"""The processing stage's sans-IO core: record kinds, destinations, the no-parse fast path, settle hold-back, floor."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from fpolicyd.events import FileEvent
-from fpolicyd.pipeline.router import Route, Router, RouteTable
 from fpolicyd.pipeline.settle import SettlePolicy, Settler, received_at_s
 from fpolicyd.pipeline.spool import Record
 from fpolicyd.pipeline.stage import (
@@ -17,6 +17,7 @@ from fpolicyd.pipeline.stage import (
     processed_payload,
     sink_key,
     sink_selector,
+    stored_event_id,
 )
 from support.stage_events import BASE, make_event
 
@@ -27,12 +28,12 @@ def record(seq: int, event: FileEvent) -> Record:
     return Record(seq, event.to_json())
 
 
-def stage(*, router: Router | None = None, settle_window_s: float = 0.0, state: StageState | None = None) -> Stage:
+def stage(*, settle_window_s: float = 0.0, state: StageState | None = None, decode: bool = True) -> Stage:
     settler = None
     if settle_window_s:
         policy = SettlePolicy(window_s=settle_window_s, max_hold_s=60.0)
         settler = Settler(lambda event: policy if policy.holds(event.operation_type) else None, max_pending=1000)
-    return Stage(router=router, settler=settler, state=state or StageState(), received_at_s=received_at_s)
+    return Stage(settler=settler, state=state or StageState(), received_at_s=received_at_s, decode=decode)
 
 
 def test_processed_records_reach_only_the_sinks_they_name() -> None:
@@ -67,18 +68,34 @@ def test_destinations() -> None:
     assert own.keys_for(["legal"]) == (sink_key(B),)
 
 
-def test_routes_are_added_and_processed_records_skipped() -> None:
-    table = RouteTable(
-        (Route(name="legal", id="UC1", prefixes=("/legal/",), suffixes=(), operations=("create",), target="T"),)
-    )
-    s = stage(router=Router(table))
-    legal = make_event(1, "/legal/a.pdf", "create", 0.0)
-    other = make_event(2, "/tmp/x", "create", 0.0)
-    out = s.take([record(1, legal), Record(2, encode_processed(b"{}", None)), record(3, other)])
-    assert [c.event.metadata["routes"] for c in out] == [["legal"], []]
+def test_processed_records_are_skipped_and_events_decoded() -> None:
+    s = stage()
+    first = make_event(1, "/legal/a.pdf", "create", 0.0).with_routes(["legal"])
+    second = make_event(2, "/tmp/x", "create", 0.0)
+    out = s.take([record(1, first), Record(2, encode_processed(b"{}", None)), record(3, second)])
+    assert [c.event for c in out] == [first, second]
     assert [(c.first_seq, c.last_seq) for c in out] == [(1, 1), (3, 3)]
     s.emitted(c.last_seq for c in out)
     assert s.floor() == 3
+
+
+def test_fast_path_hands_records_on_as_stored() -> None:
+    s = stage(decode=False)
+    event = make_event(1, "/data/a.csv", "write", 0.0)
+    [candidate] = s.take([record(1, event)])
+    assert candidate.event is None
+    assert candidate.line == event.to_json()
+    assert candidate.event_id == event.event_id
+    assert stored_event_id(event.to_json()) == event.event_id
+    assert stored_event_id(b'{"operation_type":"x"}') is None
+
+
+def test_fast_path_falls_back_to_parsing_an_unusual_record() -> None:
+    s = stage(decode=False)
+    event = make_event(1, "/data/a.csv", "write", 0.0)
+    reordered = orjson.dumps({"operation_type": "write", **event.to_dict()})
+    [candidate] = s.take([Record(1, reordered)])
+    assert candidate.event == event
 
 
 def test_an_undecodable_raw_record_is_passed_on_not_dropped() -> None:
@@ -104,6 +121,7 @@ def test_settle_holds_the_floor_until_the_burst_is_out() -> None:
     assert s.due(BASE + 105.9) == []
     [burst] = s.due(BASE + 106.0)
     assert (burst.first_seq, burst.last_seq, burst.coalesced) == (1, 2, 2)
+    assert burst.event is not None
     assert burst.event.operation_type == "create"
     s.emitted([2])
     assert s.floor() == 3

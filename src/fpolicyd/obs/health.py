@@ -76,12 +76,16 @@ class Heartbeat:
         self._clock = clock
         self._last = clock()
         self._handle: asyncio.TimerHandle | None = None
+        #: Housekeeping that must run on the loop thread once per beat (e.g. closing a quiet replay episode).
+        self.on_beat: list[Callable[[], None]] = []
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._beat_on(loop)
 
     def _beat_on(self, loop: asyncio.AbstractEventLoop) -> None:
         self._last = self._clock()
+        for task in self.on_beat:
+            task()
         self._handle = loop.call_later(self.interval_s, self._beat_on, loop)
 
     def stop(self) -> None:

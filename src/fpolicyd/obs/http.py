@@ -89,6 +89,8 @@ def _handler(
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "fpolicyd"
+        #: Seconds a client may take to send its request: a stuck probe cannot pin a thread for ever.
+        timeout = 10
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]

@@ -4,7 +4,8 @@ Most figures already exist as plain counters on the objects that own them (the s
 the spool, the sink workers and senders); :class:`FpolicydCollector` reads them when ``/metrics`` is scraped,
 so the reader's per-event loop pays nothing for metrics except one dict increment per event (events by
 operation). Distributions that need a per-event observation (end-to-end and ingestion latency) are observed
-by the sink worker once per acknowledged batch, with :class:`Histogram.observe_many` (one lock per batch).
+by the sink worker once per acknowledged batch (:meth:`SinkInstruments.settled`: one lock per batch, at most
+``LATENCY_SAMPLES`` records read per batch), never in the reader.
 
 Conventions (DESIGN.md): names start with ``fpolicyd_``, base units (seconds, bytes), counters end in
 ``_total``, and no label ever carries a path, user, client address or session: labels are closed sets
@@ -389,9 +390,12 @@ class Metrics:
         self._dedup_hits += n
 
     def watch_processor(self, processor: Processor) -> None:
-        """Read dedup hits (suppressed duplicates) from the processing stage at scrape time."""
+        """Read dedup hits (suppressed duplicates) and settle's held events from the processing stage at scrape
+        time."""
         stats = processor.stats
+        stage = processor.stage
         self.dedup_hits_source = lambda: stats.duplicates
+        self.settle_pending_source = lambda: stage.pending
 
 
 # ------------------------------------------------------------------------------------------ collector

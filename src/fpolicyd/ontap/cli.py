@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import uvloop
 
-from fpolicyd.cli import _add_settings_flags, _settings
-from fpolicyd.config import Settings
+from fpolicyd.cli import add_settings_flags, settings_from_args
 from fpolicyd.obs.log import configure_logging
-from fpolicyd.ontap.client import OntapClient, OntapError, execute_plan
-from fpolicyd.ontap.ops import connection_from_settings, make_plan, protocols_of
-from fpolicyd.ontap.plan import Plan, event_name_for
+
+if TYPE_CHECKING:
+    from fpolicyd.config import Settings
+    from fpolicyd.ontap.client import OntapClient
+    from fpolicyd.ontap.plan import Plan
+
+# The REST client (aiohttp, AWS) is imported when an ontap command runs, not when any fpolicyd command builds
+# its parser: that import alone cost every command ~0.5-1.5 s on a loaded box.
 
 __all__ = ["add_ontap_parser", "run_ontap"]
 
@@ -46,7 +49,7 @@ def add_ontap_parser(sub: Any) -> argparse.ArgumentParser:
                 help="IP address ONTAP connects to (overrides ontap_server_address; default: detected)",
             )
         action.add_argument("--format", choices=("text", "json"), default="text", help="output format")
-        _add_settings_flags(action)
+        add_settings_flags(action)
     parser.set_defaults(func=run_ontap)
     return parser
 
@@ -65,6 +68,9 @@ def _plan_lines(plan: Plan, verb: str) -> list[str]:
 
 
 async def _status(client: OntapClient, settings: Settings, svm: str, svm_uuid: str, fmt: str) -> int:
+    from fpolicyd.ontap.ops import protocols_of  # noqa: PLC0415
+    from fpolicyd.ontap.plan import event_name_for  # noqa: PLC0415
+
     event_names = tuple(event_name_for(settings.ontap_event_name, p) for p in protocols_of(settings))
     state = await client.read_state(
         svm_uuid,
@@ -112,6 +118,9 @@ async def _status(client: OntapClient, settings: Settings, svm: str, svm_uuid: s
 
 
 async def _run(ns: argparse.Namespace, settings: Settings) -> int:
+    from fpolicyd.ontap.client import OntapClient, execute_plan  # noqa: PLC0415
+    from fpolicyd.ontap.ops import connection_from_settings, make_plan  # noqa: PLC0415
+
     connection = await connection_from_settings(settings)
     svm = settings.ontap_svm or ""
     async with OntapClient(connection) as client:
@@ -138,7 +147,11 @@ async def _run(ns: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_ontap(ns: argparse.Namespace) -> int:
-    settings = _settings(ns)
+    import uvloop  # noqa: PLC0415
+
+    from fpolicyd.ontap.client import OntapError  # noqa: PLC0415
+
+    settings = settings_from_args(ns)
     configure_logging(settings.log_level, settings.log_format.value)
     try:
         return uvloop.run(_run(ns, settings))

@@ -10,12 +10,12 @@ is a plain, case-sensitive string prefix/suffix of it (not path-component based:
 every route that matches, in the order of the file. Strict ownership mode counts prefixes only (the reference
 project's advice: the prefix is the ownership boundary, suffixes are hints that fan out).
 
-Matching does not loop over the routes. Per operation, the prefixes are indexed by string
-(``{prefix: routes bitmask}``, one dict per distinct length, looked up with ``path[:L]``), and those dicts are
-grouped by the prefixes' first ``S`` characters (``S`` = the shortest prefix's length), so one lookup of
-``path[:S]`` selects the few lengths worth trying; suffixes likewise on ``path[-L:]``. The cost is bounded by
-the number of distinct lengths within a group, which is bounded by the longest prefix/suffix, not by the number
-of routes (``benchmarks/bench_router.py``: 17, 1,000 and 10,000 routes).
+Matching does not loop over the routes. Per operation, the prefixes form a tree keyed by string slices: the
+root maps ``path[:S]`` (``S`` = the shortest prefix's length) to the routes of the prefix exactly that long, if
+any, and to a node of the longer prefixes that start with it, keyed the same way on their own shortest length;
+suffixes likewise on ``path[-S:]``. A match walks down while the path keeps matching, one dict lookup per step,
+so its cost is the number of nested prefixes/suffixes the path actually has (plus one) and the size of the
+fan-out, not the number of routes (``benchmarks/bench_router.py``: 17, 1,000 and 10,000 routes).
 
 The packaged ``fpolicyd/data/routes.toml`` (the 17 use cases of ``reference-pipeline.md``) is the source of
 truth; ``config/routes.toml`` is the copy users edit, and ``fpolicyd routes export`` turns either into
@@ -25,13 +25,14 @@ EventBridge patterns or a CloudFormation template, so rules and in-process routi
 from __future__ import annotations
 
 import importlib.resources
+import itertools
 import re
-import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
 from fpolicyd.errors import ConfigError
@@ -47,6 +48,7 @@ __all__ = [
     "Router",
     "UnroutedAction",
     "event_pattern",
+    "packaged_routes_text",
 ]
 
 
@@ -73,9 +75,8 @@ _NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: EventBridge's default quota on the size of one event pattern (adjustable to 4096 on request).
 EVENTBRIDGE_PATTERN_QUOTA_CHARS: Final = 2048
 
-#: Bound of the bitmask → names cache of a :class:`Router` (distinct fan-out sets; peer-independent, but a
-#: table of thousands of routes could in principle produce many).
-_NAMES_CACHE_MAX: Final = 4096
+#: Bound of a :class:`Router`'s cache of merged fan-outs (one per distinct set of prefix/suffix hits).
+_MERGED_CACHE_MAX: Final = 4096
 
 _PACKAGED: Final = "packaged fpolicyd/data/routes.toml"
 
@@ -161,12 +162,6 @@ class RouteTable:
                 else:
                     lines.append(f"{key} = {_toml_string(value)}")
         return "\n".join(lines) + "\n"
-
-    def by_name(self, name: str) -> Route:
-        for route in self.routes:
-            if route.name == name:
-                return route
-        raise KeyError(name)
 
 
 def packaged_routes_text() -> str:
@@ -348,69 +343,91 @@ class RouteExplanation:
         }
 
 
-#: One index level: (string length, {prefix or suffix of that length: routes bitmask}).
-_Level = tuple[int, dict[str, int]]
-#: A group: (bitmask of the entries exactly ``stem`` long, the longer entries' levels by ascending length).
-_Group = tuple[int, tuple[_Level, ...]]
-#: ``stem`` of a side without entries: no path is that long.
-_NO_ENTRIES: Final = sys.maxsize
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """The routes that one prefix (or suffix) string selects, for one operation."""
+
+    #: Unique within a :class:`Router`; several hits are cached under the tuple of their ids.
+    key: int
+    #: Positions of the routes in the table, ascending.
+    positions: tuple[int, ...]
+    #: Their names, in the same order (the answer when this entry is the only hit).
+    names: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class _Side:
-    """The prefixes (or suffixes) of the routes that list one operation, grouped by their first (last) ``stem``
-    characters, ``stem`` being the length of the shortest one; within a group, by length. One dict lookup picks
-    the group, then one lookup per distinct length inside it."""
+class _Node:
+    """One step of the prefix (or suffix) index: the strings below it, keyed by their first (last) ``stem``
+    characters, ``stem`` being the length of the shortest one. A branch holds the entry of the string exactly
+    that long, if any, and the node of the longer strings that start (end) with it, if any."""
 
     stem: int
-    groups: dict[str, _Group]
-
-
-def _side(entries: list[tuple[str, int]], *, suffixes: bool) -> _Side:
-    if not entries:
-        return _Side(_NO_ENTRIES, {})
-    stem = min(len(text) for text, _ in entries)
-    grouped: dict[str, dict[int, dict[str, int]]] = {}
-    for text, bit in entries:
-        by_length = grouped.setdefault(text[-stem:] if suffixes else text[:stem], {})
-        level = by_length.setdefault(len(text), {})
-        level[text] = level.get(text, 0) | bit
-    groups: dict[str, _Group] = {}
-    for key, by_length in grouped.items():
-        exact = by_length.pop(stem, {}).get(key, 0)
-        groups[key] = (exact, tuple(sorted(by_length.items())))
-    return _Side(stem, groups)
+    branches: dict[str, tuple[_Entry | None, _Node | None]]
 
 
 @dataclass(frozen=True, slots=True)
 class _OperationIndex:
-    prefixes: _Side
-    suffixes: _Side
+    prefixes: _Node | None
+    suffixes: _Node | None
 
 
 class Router:
     """Matches (file_path, operation) against a :class:`RouteTable` as EventBridge would (module docstring).
 
-    Route ``i`` of the table is bit ``i`` of a mask; a match ORs the masks found for the path's prefixes and
-    suffixes (:class:`_Side`), and the names of the set bits, in file order, are the result (cached per mask).
+    Each prefix/suffix string of an operation's routes maps to an :class:`_Entry` (the routes it selects),
+    reached through a :class:`_Node` tree. A match collects the entries that hit; one hit is its own answer,
+    several are merged in table order and the result is cached under the hits' keys.
     """
 
-    __slots__ = ("_by_operation", "_names", "_names_cache", "strict", "table")
+    __slots__ = ("_by_operation", "_entry_keys", "_merged", "_names", "routes_by_name", "strict", "table")
 
     def __init__(self, table: RouteTable, *, strict: bool = False) -> None:
         self.table = table
         self.strict = strict
         self._names = tuple(route.name for route in table.routes)
-        self._names_cache: dict[int, tuple[str, ...]] = {}
+        #: Name → route, to find what :meth:`match` names (e.g. a route's own ``sinks``).
+        self.routes_by_name: Mapping[str, Route] = MappingProxyType({route.name: route for route in table.routes})
+        self._merged: dict[tuple[int, ...], tuple[str, ...]] = {}
+        self._entry_keys = itertools.count()
         by_operation: dict[str, _OperationIndex] = {}
         for operation in sorted(KNOWN_OPERATIONS):
-            members = [(1 << i, route) for i, route in enumerate(table.routes) if operation in route.operations]
+            members = [(i, route) for i, route in enumerate(table.routes) if operation in route.operations]
             if not members:
                 continue
-            prefixes = [(prefix, bit) for bit, route in members for prefix in route.prefixes]
-            suffixes = [] if strict else [(suffix, bit) for bit, route in members for suffix in route.suffixes]
-            by_operation[operation] = _OperationIndex(_side(prefixes, suffixes=False), _side(suffixes, suffixes=True))
+            prefixes = [(prefix, i) for i, route in members for prefix in route.prefixes]
+            suffixes = [] if strict else [(suffix, i) for i, route in members for suffix in route.suffixes]
+            by_operation[operation] = _OperationIndex(
+                self._tree(prefixes, suffixes=False), self._tree(suffixes, suffixes=True)
+            )
         self._by_operation: Mapping[str, _OperationIndex] = by_operation
+
+    def _tree(self, entries: list[tuple[str, int]], *, suffixes: bool) -> _Node | None:
+        """Index (text, route position) pairs, given in ascending position order (built without recursion:
+        a chain of nested prefixes can be as deep as the longest prefix is long)."""
+        positions: dict[str, list[int]] = {}
+        for text, position in entries:
+            positions.setdefault(text, []).append(position)
+        if not positions:
+            return None
+        root = _Node(min(map(len, positions)), {})
+        pending = [(root, list(positions))]
+        while pending:
+            node, texts = pending.pop()
+            grouped: dict[str, list[str]] = {}
+            for text in texts:
+                grouped.setdefault(text[-node.stem :] if suffixes else text[: node.stem], []).append(text)
+            for key, members in grouped.items():
+                longer = [text for text in members if len(text) > node.stem]
+                exact = self._entry(positions[key]) if len(longer) < len(members) else None
+                child = None
+                if longer:
+                    child = _Node(min(map(len, longer)), {})
+                    pending.append((child, longer))
+                node.branches[key] = (exact, child)
+        return root
+
+    def _entry(self, positions: list[int]) -> _Entry:
+        return _Entry(next(self._entry_keys), tuple(positions), tuple(self._names[i] for i in positions))
 
     def match(self, file_path: str, operation: str) -> tuple[str, ...]:
         """Names of the routes that take this event, in the table's order; () when none does."""
@@ -418,41 +435,38 @@ class Router:
         if index is None:
             return ()
         size = len(file_path)
-        found = 0
-        side = index.prefixes
-        if size >= side.stem:
-            group = side.groups.get(file_path[: side.stem])
-            if group is not None:
-                found = group[0]
-                for length, prefixes in group[1]:
-                    if length > size:
-                        break
-                    found |= prefixes.get(file_path[:length], 0)
-        side = index.suffixes
-        if size >= side.stem:
-            group = side.groups.get(file_path[-side.stem :])
-            if group is not None:
-                found |= group[0]
-                for length, suffixes in group[1]:
-                    if length > size:
-                        break
-                    found |= suffixes.get(file_path[-length:], 0)
-        if not found:
+        hits: list[_Entry] = []
+        node = index.prefixes
+        while node is not None and size >= node.stem:
+            branch = node.branches.get(file_path[: node.stem])
+            if branch is None:
+                break
+            entry, node = branch
+            if entry is not None:
+                hits.append(entry)
+        node = index.suffixes
+        while node is not None and size >= node.stem:
+            branch = node.branches.get(file_path[-node.stem :])
+            if branch is None:
+                break
+            entry, node = branch
+            if entry is not None:
+                hits.append(entry)
+        if not hits:
             return ()
-        return self._names_of(found)
+        if len(hits) == 1:
+            return hits[0].names
+        return self._merge(hits)
 
-    def _names_of(self, mask: int) -> tuple[str, ...]:
-        names = self._names_cache.get(mask)
+    def _merge(self, hits: list[_Entry]) -> tuple[str, ...]:
+        """Several entries hit: their routes, each once, in table order (cached per set of entries)."""
+        key = tuple([entry.key for entry in hits])
+        names = self._merged.get(key)
         if names is None:
-            collected = []
-            rest = mask
-            while rest:
-                lowest = rest & -rest
-                collected.append(self._names[lowest.bit_length() - 1])
-                rest ^= lowest
-            names = tuple(collected)
-            if len(self._names_cache) < _NAMES_CACHE_MAX:
-                self._names_cache[mask] = names
+            positions = sorted({position for entry in hits for position in entry.positions})
+            names = tuple(self._names[i] for i in positions)
+            if len(self._merged) < _MERGED_CACHE_MAX:
+                self._merged[key] = names
         return names
 
     def explain(self, file_path: str, operation: str) -> list[RouteExplanation]:

@@ -20,14 +20,15 @@ event (the one that completed the file), with ``metadata["routes"]`` the union o
 time, the first :data:`SETTLE_MAX_IDS` ids). The last event's id rather than the first's: after a restart,
 :meth:`Settler.oldest_pending_seq` can fall inside a burst that was already emitted (one that started before it
 and closed after it); replaying from there rebuilds that burst's tail, which ends at the same last event and
-therefore carries the same id, so exact-mode dedup downstream recognises it as the duplicate it is.
+therefore carries the same id and the same last seq (its count and first-event fields differ), so the stage
+and exact-mode dedup recognise it as the duplicate it is.
 
 Other events:
 - ``delete`` of a held path: with ``cancel_on_delete`` the burst is dropped and only the delete goes out, its
   ``metadata["settle"]`` listing what it cancelled (count, operation, ids, first receive time); nothing is lost
   from view, but consumers are not told to process a file that no longer exists. Without it the burst goes out
   first (reason ``superseded``), then the delete.
-- ``rename`` never is held; it releases what is held for its new path (``superseded``) and, unless it commits
+- a ``rename`` is never held; it releases what is held for its new path (``superseded``) and, unless it commits
   it, for its old path, so each path's content events keep their spool order.
 - Any other event that is not held releases its path's burst first (``superseded``), unless it leaves the
   file unchanged (``read``, ``open``, ``close``, ``getattr``, ``lookup``), so each path's changes keep their
@@ -46,10 +47,12 @@ the only clock of :meth:`Settler.offer`, which first releases everything due at 
 the reader has caught up with the spool, the last offered ``t`` while it works through a backlog).
 
 Scale: bursts are found by path in a dict; deadlines sit in a heap of ``(deadline, generation, burst)`` whose
-entries are only ever early (a new event moves a burst's deadline without touching the heap; the entry is
-re-pushed with the real deadline when it comes up), closed bursts are skipped lazily, and the heap is rebuilt
-when dead entries outnumber live ones. Bursts start in seq order, so a FIFO gives the oldest pending seq.
-Offer is O(log n), :meth:`Settler.due` with nothing due is O(1).
+live entry is never late (a new event moves a burst's deadline later without touching the heap; the entry is
+re-pushed with the real deadline when it comes up; only a policy change that brings it earlier pushes a new
+entry), closed bursts and superseded entries are skipped lazily, and the heap is rebuilt when dead entries
+outnumber live ones. Bursts start in seq order, so a FIFO gives the oldest pending seq. Offer is O(log n)
+(plus the directories of a marker-held path, and what a marker releases); :meth:`Settler.due` with nothing
+due is O(1) (``benchmarks/bench_settle.py``).
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ _POLICY_CACHE_MAX: Final = 4096
 _COMPACT_SLACK: Final = 1024
 _ANY: Final = "*"
 #: Operations that do not change the file: when not held themselves they leave a held burst alone.
+#: Plain strings on the hot path: reading ``Enum.value`` costs about a microsecond on CPython 3.11.
+_CREATE: Final = Operation.CREATE.value
+_WRITE: Final = Operation.WRITE.value
 _READ_ONLY: Final = frozenset(
     op.value for op in (Operation.READ, Operation.OPEN, Operation.CLOSE, Operation.GETATTR, Operation.LOOKUP)
 )
@@ -135,6 +141,10 @@ class SettleReason(StrEnum):
     #: Released early because more than ``max_pending`` paths were held.
     MAX_PENDING = "max_pending"
     FLUSH = "flush"
+
+
+_REASON_TEXT: Final = {reason: reason.value for reason in SettleReason}
+_STRATEGY_TEXT: Final = {strategy: strategy.value for strategy in SettleStrategy}
 
 
 # ------------------------------------------------------------------------------------------------ policy
@@ -397,8 +407,10 @@ class _Burst:
         "policy",
         "quiet",
         "routes",
+        "routes_owned",
         "same_op",
         "scheduled",
+        "strategy_name",
         "window",
     )
 
@@ -419,15 +431,18 @@ class _Burst:
         self.first_received_at = event.metadata.get("received_at")
         self.same_op = True
         self.last_event = event
-        self.ids = [event.event_id]
-        routes = event.metadata.get("routes")
-        self.routes: list[str] | None = None if routes is None else list(routes)
+        #: Ids from the second event on (None while there is one): fewer allocations per held path.
+        self.ids: list[str] | None = None
+        #: The first event's routes list itself until another event adds a route (then a copy): never mutated.
+        self.routes: list[str] | None = event.metadata.get("routes")
+        self.routes_owned = False
         self.marker_dirs: tuple[_PathKey, ...] = ()
 
     def set_policy(self, policy: SettlePolicy) -> None:
         """A burst follows the policy of its latest event (so a replay that starts inside it agrees from there)."""
         self.policy = policy
         self.quiet = policy.strategy is SettleStrategy.QUIET
+        self.strategy_name = _STRATEGY_TEXT[policy.strategy]
         self.window = policy.window_s
         self.hold_until = self.first_t + policy.max_hold_s
 
@@ -444,23 +459,28 @@ class _Burst:
         if event.operation_type != self.first_op:
             self.same_op = False
         self.last_event = event
+        if self.ids is None:
+            self.ids = [self.first_id]
         if len(self.ids) < max_ids:
             self.ids.append(event.event_id)
         routes = event.metadata.get("routes")
         if routes is not None and routes != self.routes:
             if self.routes is None:
-                self.routes = list(routes)
-            else:
+                self.routes = routes
+            elif any(route not in self.routes for route in routes):
+                if not self.routes_owned:
+                    self.routes = list(self.routes)
+                    self.routes_owned = True
                 for route in routes:
                     if route not in self.routes:
                         self.routes.append(route)
 
     def operation(self, extra_op: str | None = None) -> str:
-        if self.first_op == Operation.CREATE.value:
-            return self.first_op
+        if self.first_op == _CREATE:
+            return _CREATE
         if self.same_op and (extra_op is None or extra_op == self.first_op):
             return self.first_op
-        return Operation.WRITE.value
+        return _WRITE
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -576,7 +596,11 @@ class Settler:
                     self.stats.superseded += 1
                     self._close(burst, SettleReason.SUPERSEDED, out)
                 self._pass(event, seq, out)
-        self._compact()
+        if (
+            len(self._heap) > 2 * len(self._pending) + _COMPACT_SLACK
+            or len(self._by_age) > 2 * len(self._pending) + _COMPACT_SLACK
+        ):
+            self._compact()
         return out
 
     def due(self, now: float) -> list[SettleOutput]:
@@ -693,7 +717,7 @@ class Settler:
     ) -> SettleOutput:
         last = commit if commit is not None else burst.last_event
         count = burst.count
-        ids = list(burst.ids)
+        ids = [burst.first_id] if burst.ids is None else list(burst.ids)
         routes = burst.routes
         if commit is not None:
             count += 1
@@ -704,8 +728,8 @@ class Settler:
                 routes = list(dict.fromkeys([*(routes or ()), *commit_routes]))
         settle: dict[str, Any] = {
             "coalesced": count,
-            "strategy": burst.policy.strategy.value,
-            "reason": reason.value,
+            "strategy": burst.strategy_name,
+            "reason": _REASON_TEXT[reason],
             "first_event_id": burst.first_id,
             "first_received_at": burst.first_received_at,
             "ids": ids,
@@ -751,13 +775,13 @@ class Settler:
         self.stats.emitted += 1
         metadata = dict(event.metadata)
         metadata["settle"] = {
-            "reason": SettleReason.CANCELLED.value,
-            "strategy": burst.policy.strategy.value,
+            "reason": _REASON_TEXT[SettleReason.CANCELLED],
+            "strategy": burst.strategy_name,
             "cancelled": burst.count,
             "cancelled_operation": burst.operation(),
             "cancelled_first_event_id": burst.first_id,
             "cancelled_first_received_at": burst.first_received_at,
-            "cancelled_ids": list(burst.ids),
+            "cancelled_ids": [burst.first_id] if burst.ids is None else list(burst.ids),
             "cancelled_routes": list(burst.routes or ()),
         }
         out.append(

@@ -1,4 +1,8 @@
-"""The processing stage behind the spool: route → settle → (dedup, by the caller) → processed record.
+"""The processing stage behind the spool: settle → (dedup, by the caller) → processed record.
+
+Routing is not done here: the reader matches the routes as it stores an event (a pure function of the event, a
+microsecond or two), so the stored event already carries ``metadata.routes`` — the verdict of the routes it was
+received under — and this stage need not parse a record that only has to be deduplicated (the fast path).
 
 Sans-IO: the caller (``server/processor.py``) reads raw records from the spool with the stage's own cursor, hands
 them here, asks the dedup store about the candidates, appends what is to be delivered back to the same spool as
@@ -32,7 +36,6 @@ from typing import Any, Final
 import orjson
 
 from fpolicyd.events import FileEvent
-from fpolicyd.pipeline.router import Router
 from fpolicyd.pipeline.settle import SettleInputError, SettleOutput, Settler
 from fpolicyd.pipeline.spool import Record
 
@@ -110,6 +113,11 @@ class Destinations:
             chosen.update(dict.fromkeys(self.route_sinks.get(route) or self.default_sinks))
         return tuple(chosen)
 
+    @property
+    def everything_everywhere(self) -> bool:
+        """Every event goes to every sink whatever its routes (no route has sinks of its own, no audit file)."""
+        return self.unrouted_sinks is None and not any(self.route_sinks.values())
+
     def keys_for(self, routes: Sequence[str]) -> tuple[bytes, ...] | None:
         """The destination header's keys, or None when the event goes to every sink."""
         sinks = self.sinks_for(routes)
@@ -120,13 +128,20 @@ class Destinations:
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """An event ready to leave the stage, pending the dedup verdict."""
+    """An event ready to leave the stage, pending the dedup verdict: decoded (``event``), or — on the fast path,
+    when nothing downstream needs more than the id — the stored JSON as it is (``line``)."""
 
-    event: FileEvent
+    event_id: str
     #: Sequence numbers of the first and last spool records it covers (one, or a settled burst).
     first_seq: int
     last_seq: int
     coalesced: int = 1
+    event: FileEvent | None = None
+    line: bytes | None = None
+
+    @classmethod
+    def of(cls, event: FileEvent, first_seq: int, last_seq: int, coalesced: int = 1) -> Candidate:
+        return cls(event.event_id, first_seq, last_seq, coalesced, event=event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +187,19 @@ class Stage:
     def __init__(
         self,
         *,
-        router: Router | None,
         settler: Settler | None,
         state: StageState,
         received_at_s: Callable[[FileEvent], float],
+        decode: bool = True,
+        route: Callable[[str, str], tuple[str, ...]] | None = None,
     ) -> None:
-        self._router = router
+        """``decode`` False is the fast path (no settle, exact or no dedup, every event to every sink, events not
+        redacted): a record is handed on as stored, with its id read from the first field."""
         self._settler = settler
+        self._decode = decode or settler is not None
+        #: Routes a coalesced event anew: its path and operation are those of the burst (a rename commit's
+        #: create of the final path, say), which no single stored event had.
+        self._route = route
         self._received_at_s = received_at_s
         self._floor = state.floor
         self._emitted: list[int] = list(state.emitted)
@@ -192,9 +213,8 @@ class Stage:
     # ------------------------------------------------------------------------------------------ input
 
     def take(self, records: Iterable[Record]) -> list[Candidate]:
-        """Route and settle the raw records (processed ones are skipped); returns what is ready now."""
+        """Settle the raw records (processed ones are skipped); returns what is ready now."""
         out: list[Candidate] = []
-        router = self._router
         settler = self._settler
         for record in records:
             self._read_through = record.seq
@@ -202,6 +222,11 @@ class Stage:
             if not payload or payload[0] == PROCESSED_TAG:
                 continue
             self.stats.events_in += 1
+            if not self._decode:
+                event_id = stored_event_id(payload)
+                if event_id is not None:
+                    self._offer(out, Candidate(event_id, record.seq, record.seq, line=payload))
+                    continue
             try:
                 event = FileEvent.from_dict(orjson.loads(payload))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -209,21 +234,19 @@ class Stage:
                 if record.seq not in self:
                     self.passthrough.append((record.seq, payload))
                 continue
-            if router is not None:
-                event = event.with_routes(router.match(event.file_path, event.operation_type))
             if settler is None:
-                self._offer(out, Candidate(event, record.seq, record.seq))
+                self._offer(out, Candidate.of(event, record.seq, record.seq))
             else:
                 try:
                     t = self._received_at_s(event)
                     outputs = settler.offer(event, record.seq, t)
                 except SettleInputError:
                     self.stats.unsettleable += 1  # no usable receive time: delivered at once rather than held
-                    self._offer(out, Candidate(event, record.seq, record.seq))
+                    self._offer(out, Candidate.of(event, record.seq, record.seq))
                     continue
                 self.offered_through = max(self.offered_through, t)
                 for output in outputs:
-                    self._offer(out, _candidate(output))
+                    self._offer(out, self._candidate(output))
         return out
 
     def due(self, now: float) -> list[Candidate]:
@@ -232,11 +255,18 @@ class Stage:
         out: list[Candidate] = []
         if self._settler is not None:
             for output in self._settler.due(now):
-                self._offer(out, _candidate(output))
+                self._offer(out, self._candidate(output))
         return out
 
     def next_deadline(self) -> float | None:
         return None if self._settler is None else self._settler.next_deadline()
+
+    def _candidate(self, output: SettleOutput) -> Candidate:
+        first, last = output.seqs
+        event = output.event
+        if self._route is not None and output.coalesced > 1:
+            event = event.with_routes(self._route(event.file_path, event.operation_type))
+        return Candidate.of(event, first, last, output.coalesced)
 
     def _offer(self, out: list[Candidate], candidate: Candidate) -> None:
         if candidate.last_seq in self:
@@ -286,6 +316,13 @@ class Stage:
         return 0 if self._settler is None else self._settler.pending_count
 
 
-def _candidate(output: SettleOutput) -> Candidate:
-    first, last = output.seqs
-    return Candidate(output.event, first, last, output.coalesced)
+_ID_PREFIX: Final = b'{"event_id":"'
+_ID_END: Final = len(_ID_PREFIX) + 36
+
+
+def stored_event_id(payload: bytes) -> str | None:
+    """The ``event_id`` of a stored event without parsing it: it is the first field and a 36-character UUID
+    (:meth:`FileEvent.to_dict`); None when the record does not look like that (then it is parsed)."""
+    if payload.startswith(_ID_PREFIX) and payload[_ID_END : _ID_END + 1] == b'"':
+        return payload[len(_ID_PREFIX) : _ID_END].decode("ascii", "replace")
+    return None

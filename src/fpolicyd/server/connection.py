@@ -61,6 +61,7 @@ class ServerContext:
         frame_reader: str = ReaderName.XML,
         capture: CaptureRecorder | None = None,
         redact_event: Callable[[FileEvent], FileEvent] | None = None,
+        route: Callable[[str, str], tuple[str, ...]] | None = None,
         replay: ReplayTracker | None = None,
     ) -> None:
         self.session_config = session_config
@@ -75,6 +76,11 @@ class ServerContext:
         self.connections: set[FPolicyConnection] = set()
         #: Data classification applied to each event before it is stored (None: events leave unredacted).
         self.redact_event = redact_event
+        #: The use-case router (file_path, operation_type) → route names; None: routing is off.
+        self.route = route
+        #: Events by matched route (a route can count an event with others: fan-out); and events no route took.
+        self.route_matches: dict[str, int] = {}
+        self.unrouted = 0
         #: Peers that may connect (empty = any).
         self.allowlist = allowlist if allowlist is not None else PeerAllowlist()
         #: The listener's frame reader (:class:`ReaderName`: xml, protobuf-*, auto) and the optional wire capture.
@@ -173,6 +179,8 @@ class FPolicyConnection(asyncio.Protocol):
         pipeline = ctx.pipeline
         names = ctx.names
         redact = ctx.redact_event
+        route = ctx.route
+        route_matches = ctx.route_matches
         operations = ctx.operations
         replies: list[bytes] = []
         lines: list[bytes] = []
@@ -194,6 +202,14 @@ class FPolicyConnection(asyncio.Protocol):
                     flags = replay.observe(out.request.common.generation_time, event.event_id, now)
                     if flags is not None:
                         event.metadata.update(flags)
+                    if route is not None:
+                        routes = route(event.file_path, operation)
+                        event.metadata["routes"] = list(routes)  # stored with the event: see pipeline/stage.py
+                        if routes:
+                            for name in routes:
+                                route_matches[name] = route_matches.get(name, 0) + 1
+                        else:
+                            ctx.unrouted += 1
                     if redact is not None:
                         event = redact(event)
                     lines.append(event.to_json())

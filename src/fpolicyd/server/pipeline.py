@@ -38,6 +38,7 @@ class StageWorker(Protocol):
 
     async def stop(self, timeout_s: float) -> None: ...
 
+
 #: After a failed flush (disk full), how long before trying again.
 FLUSH_RETRY_S = 0.1
 

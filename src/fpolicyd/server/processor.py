@@ -67,9 +67,6 @@ class ProcessorStats:
     duplicates: int = 0
     dedup_errors_open: int = 0
     dedup_errors_closed: int = 0
-    #: Route matches by route name (a bounded set: the routes file).
-    routes: dict[str, int] | None = None
-    unrouted: int = 0
 
 
 def instance_id(directory: Path) -> str:
@@ -149,7 +146,7 @@ class Processor:
         self._stopping = False
         self._saved_at = 0.0
         self._saved: StageState | None = None
-        self.stats = ProcessorStats(routes={})
+        self.stats = ProcessorStats()
         #: Last dedup failure (fail-closed), for readiness; None once the store answers again.
         self.last_error: SinkError | None = None
 
@@ -229,7 +226,7 @@ class Processor:
 
     async def _emit(self, candidates: Sequence[Candidate], passthrough: Sequence[tuple[int, bytes]]) -> None:
         now = self._clock()
-        requests = [self._policy.requests_for_event(c.event, f"{self._instance}:{c.last_seq}", now) for c in candidates]
+        requests = [self._requests(c, now) for c in candidates]
         results = await self._judge([request for batch in requests for request in batch], now)
         lines: list[bytes] = []
         decisions: list[tuple[DedupRequest, DedupResult]] = []
@@ -238,13 +235,15 @@ class Processor:
             verdicts = results[position : position + len(batch)]
             position += len(batch)
             decisions.extend(zip(batch, verdicts, strict=True))
-            event = self._admitted(candidate.event, batch, verdicts)
-            if event is None:
+            if not self._admitted(batch, verdicts):
                 self.stats.duplicates += 1
                 continue
-            routes = tuple(event.metadata.get("routes") or ())
-            self._count_routes(routes)
-            keys = self._destinations.keys_for(routes)
+            if candidate.line is not None:  # the fast path: as stored, to every sink
+                lines.append(encode_processed(candidate.line, None))
+                continue
+            assert candidate.event is not None
+            event = self._narrowed(candidate.event, batch, verdicts)
+            keys = self._destinations.keys_for(event.metadata.get("routes") or ())
             lines.append(encode_processed(self._redact(event).to_json(), keys))
         # A raw line that is not an event (it never should be) goes on unchanged to every sink.
         lines.extend(encode_processed(payload, None) for _, payload in passthrough)
@@ -256,20 +255,27 @@ class Processor:
         self.stage.emitted([c.last_seq for c in candidates])
         self.stage.emitted([seq for seq, _ in passthrough])
 
-    def _admitted(
-        self, event: FileEvent, requests: Sequence[DedupRequest], results: Sequence[DedupResult]
-    ) -> FileEvent | None:
-        """The event as it is to be delivered, or None when every claim says duplicate. In window mode an event
-        that is a duplicate for some use cases only keeps the others in ``metadata.routes``."""
+    def _requests(self, candidate: Candidate, now: float) -> list[DedupRequest]:
+        claimant = f"{self._instance}:{candidate.last_seq}"
+        if candidate.event is not None:
+            return self._policy.requests_for_event(candidate.event, claimant, now)
+        if self._policy.mode is DedupMode.off:
+            return []
+        # Fast path (exact mode only, see Stage): the id is all the claim needs.
+        return [self._policy.exact_request(candidate.event_id, claimant, now, now)]
+
+    def _admitted(self, requests: Sequence[DedupRequest], results: Sequence[DedupResult]) -> bool:
+        """Whether the event goes out: some claim is ours (or the store failed open), or it made none."""
         if not requests:
-            return event
-        for result in results:
-            if result.decision is Decision.error_open:
-                self.stats.dedup_errors_open += 1
+            return True
+        self.stats.dedup_errors_open += sum(1 for result in results if result.decision is Decision.error_open)
+        return any(result.deliver for result in results)
+
+    @staticmethod
+    def _narrowed(event: FileEvent, requests: Sequence[DedupRequest], results: Sequence[DedupResult]) -> FileEvent:
+        """In window mode an event that is a duplicate for some use cases only keeps the others' routes."""
         kept = [request.use_case for request, result in zip(requests, results, strict=True) if result.deliver]
-        if not kept:
-            return None
-        if len(kept) == len(requests) or requests[0].use_case is None:
+        if len(kept) == len(requests) or not requests or requests[0].use_case is None:
             return event
         return event.with_routes([route for route in event.metadata.get("routes") or () if route in kept])
 
@@ -308,15 +314,6 @@ class Processor:
         self._pipeline.submit_many(lines, [(len(lines) - 1, durable)])
         await done
 
-    def _count_routes(self, routes: Sequence[str]) -> None:
-        if not routes:
-            self.stats.unrouted += 1
-            return
-        counts = self.stats.routes
-        assert counts is not None
-        for route in routes:
-            counts[route] = counts.get(route, 0) + 1
-
 
 # ---------------------------------------------------------------------------------------------- wiring
 
@@ -329,6 +326,9 @@ class ProcessingPlan:
     #: Every sink URI to build: the default sinks, the routes' own sinks and the unrouted-audit file.
     uris: tuple[str, ...]
     table: RouteTable | None
+    #: The router over ``table`` (None: routing off): the reader routes each event, the stage re-routes a
+    #: coalesced one.
+    router: Router | None
     default_sinks: tuple[str, ...]
     unrouted_sinks: tuple[str, ...] | None
 
@@ -361,7 +361,8 @@ def plan_processing(settings: Settings) -> ProcessingPlan:
         for route in table.routes if table is not None else ():
             uris.update(dict.fromkeys(route.sinks))
         uris.update(dict.fromkeys(unrouted or ()))
-    return ProcessingPlan(enabled, tuple(uris), table, default_sinks, unrouted)
+    router = Router(table, strict=settings.routes_strict) if table is not None else None
+    return ProcessingPlan(enabled, tuple(uris), table, router, default_sinks, unrouted)
 
 
 async def start_processor(
@@ -382,10 +383,23 @@ async def start_processor(
         tuple(seq for seq in state.emitted if seq > max(state.floor, spool.acked_seq(CURSOR))),
     )
     instance = await asyncio.to_thread(instance_id, state_dir)
-    router = Router(plan.table, strict=settings.routes_strict) if plan.table is not None else None
     settle = SettleConfig.from_settings(settings)
     settler = Settler(settle.policy_for, max_pending=settings.settle_max_pending) if settle.enabled else None
-    stage = Stage(router=router, settler=settler, state=state, received_at_s=received_at_s)
+    destinations = plan.destinations(names)
+    decode = (
+        settler is not None
+        or settings.dedup_mode is DedupMode.window
+        or redactor.redacts_events
+        or not destinations.everything_everywhere
+    )
+    router = plan.router
+    stage = Stage(
+        settler=settler,
+        state=state,
+        received_at_s=received_at_s,
+        decode=decode,
+        route=router.match if router is not None else None,
+    )
     dedup: EmbeddedDedupStore | None = None
     dedup_async: DynamoDbDedupStore | None = None
     ledger: AuditLedger | None = None
@@ -413,7 +427,7 @@ async def start_processor(
         stage=stage,
         spool=spool,
         pipeline=pipeline,
-        destinations=plan.destinations(names),
+        destinations=destinations,
         dedup_policy=DedupPolicy.from_settings(settings),
         dedup=dedup,
         dedup_async=dedup_async,
@@ -431,6 +445,7 @@ async def start_processor(
         dedup=settings.dedup_mode.value,
         dedup_backend=settings.dedup_backend.value if settings.dedup_mode is not DedupMode.off else None,
         settle=settler is not None,
+        fast_path=not decode,
         settle_window_s=settings.write_complete_delay_s,
         floor=state.floor,
         pending=spool.records_pending(CURSOR),

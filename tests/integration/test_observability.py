@@ -17,12 +17,17 @@ import orjson
 import pytest
 
 from fpolicyd.app import Daemon
+from fpolicyd.events import NameMaps, SessionContext, normalize
+from fpolicyd.pipeline.router import Router, RouteTable
 from fpolicyd.protocol.req_types import parse_req_type
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor
 from fpolicyd.simulator import SimulatorConfig, expected_requests, run
 from support.moto_server import isolate_aws_env
 from support.observability import REQUIRED_FAMILIES, get, http_get, make_settings, one, scrape
+
+#: Any session: an event's path and operation, all routing looks at, do not depend on it.
+SESSION = SessionContext(vs_uuid="vs", policy_name="p", session_id="s", protocol_version="1.2", peer="127.0.0.1:1")
 
 
 @pytest.fixture
@@ -96,6 +101,24 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     appended = one(after, "fpolicyd_spool_appended_records", "fpolicyd_spool_appended_records_total")
     assert appended == daemon.pipeline.spool.last_seq == sent + delivered
     assert one(after, "fpolicyd_dedup_hits", "fpolicyd_dedup_hits_total") == duplicated.sent
+    assert one(after, "fpolicyd_dedup_errors", "fpolicyd_dedup_errors_total", mode="open") == 0
+    assert one(after, "fpolicyd_processor_lag_records") == 0
+    assert one(after, "fpolicyd_connections_rejected", "fpolicyd_connections_rejected_total", reason="not_allowed") == 0
+    # Routing, counted independently: the packaged routes over what the simulator sent (duplicates included,
+    # since the reader routes every notification it stores).
+    router = Router(RouteTable.load(None))
+    expected_routes: Counter[str] = Counter()
+    unrouted = 0
+    for run_config, times in ((config, 1), (comeback, 2)):
+        for _, request in expected_requests(run_config):
+            for _ in range(times):
+                event = normalize(request, SESSION, NameMaps(), 0)
+                matched = router.match(event.file_path, event.operation_type)
+                expected_routes.update(matched)
+                unrouted += not matched
+    routed = {s.labels["route"]: s.value for s in after["fpolicyd_events_routed"] if s.name.endswith("_total")}
+    assert routed == expected_routes
+    assert one(after, "fpolicyd_events_unrouted", "fpolicyd_events_unrouted_total") == unrouted
     assert one(after, "fpolicyd_settle_pending") == 0
     assert one(after, "fpolicyd_spool_size_bytes") > 0
     assert one(after, "fpolicyd_spool_records") == 0

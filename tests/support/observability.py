@@ -25,7 +25,8 @@ REQUIRED_FAMILIES: frozenset[str] = frozenset({
     "fpolicyd_replay_duration_seconds", "fpolicyd_reconnect_duration_seconds", "fpolicyd_end_to_end_latency_seconds",
     "fpolicyd_build_info", "fpolicyd_ingestion_latency_seconds", "fpolicyd_ingestion_latency_slo_breaches",
     "fpolicyd_processing_success_ratio", "fpolicyd_reconnect_last_duration_seconds", "fpolicyd_replay_active",
-    "fpolicyd_slo_target",
+    "fpolicyd_slo_target", "fpolicyd_events_routed", "fpolicyd_events_unrouted", "fpolicyd_dedup_errors",
+    "fpolicyd_processor_lag_records", "fpolicyd_connections_rejected",
 })  # fmt: skip
 
 

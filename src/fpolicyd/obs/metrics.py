@@ -371,6 +371,8 @@ class Metrics:
         self._dedup_hits = 0
         self.dedup_hits_source: Callable[[], int] = lambda: self._dedup_hits
         self.settle_pending_source: Callable[[], int] = lambda: 0
+        #: The processing stage, when it runs (dedup failures, its backlog).
+        self.processor: Processor | None = None
         self.replay_source: Callable[[], ReplayFigures] | None = None
         self.context: ServerContext | None = None
         self.pipeline: EventPipeline | None = None
@@ -396,6 +398,7 @@ class Metrics:
         stage = processor.stage
         self.dedup_hits_source = lambda: stats.duplicates
         self.settle_pending_source = lambda: stage.pending
+        self.processor = processor
 
 
 # ------------------------------------------------------------------------------------------ collector
@@ -439,6 +442,7 @@ class FpolicydCollector(Collector):
         yield from self._pipeline(metrics.pipeline)
         yield from self._sinks(metrics.pipeline)
         yield from self._replay(metrics)
+        yield from self._routing(metrics)
         yield from self._slo(metrics)
 
     @staticmethod
@@ -451,7 +455,9 @@ class FpolicydCollector(Collector):
     def _server(ctx: ServerContext | None) -> Iterator[Metric]:
         sessions = _gauge("sessions", "ONTAP connections open now.")
         opened = _counter("sessions_opened", "ONTAP connections accepted.")
-        rejected = _counter("connections_rejected", "Connections closed at once (limits, allowlist).")
+        rejected = _counter(
+            "connections_rejected", "Connections closed at once, by reason (not_allowed, max_connections).", ["reason"]
+        )
         frames = _counter("frames_received", "Frames received from ONTAP, by NotfType.", ["type"])
         events = _counter("events_received", "Notifications turned into events, by operation_type.", ["operation"])
         parse_errors = _counter("parse_errors", "Malformed input that closed a connection, by reason.", ["reason"])
@@ -459,7 +465,8 @@ class FpolicydCollector(Collector):
         if ctx is not None:
             sessions.add_metric([], len(ctx.connections))
             opened.add_metric([], ctx.sessions_opened)
-            rejected.add_metric([], ctx.rejected_connections)
+            for reason in ("not_allowed", "max_connections"):
+                rejected.add_metric([reason], ctx.rejections.get(reason, 0))
             notices = dict(ctx.notices)
             by_type: dict[str, int] = dict.fromkeys(_INBOUND_FRAME_TYPES, 0)
             by_type[NotfType.SCREEN_REQ] = ctx.events
@@ -569,6 +576,26 @@ class FpolicydCollector(Collector):
             success.add_metric(name, 1.0 if total == 0 else max(0, total - sent.dead_lettered) / total)
         yield from (lag, up, settled, sends, requests, retries, failed, dead, batch, send_time, request_time)
         yield from (end_to_end, ingestion, breaches, success)
+
+    @staticmethod
+    def _routing(metrics: Metrics) -> Iterator[Metric]:
+        routed = _counter("events_routed", "Events a use-case route took, by route (fan-out counts each).", ["route"])
+        unrouted = _counter("events_unrouted", "Events no route took (routing on).")
+        errors = _counter(
+            "dedup_errors", "Events the dedup store could not judge, by failure mode (open: delivered).", ["mode"]
+        )
+        backlog = _gauge("processor_lag_records", "Spool records the processing stage has not handled yet.")
+        ctx = metrics.context
+        if ctx is not None:
+            for route, count in sorted(dict(ctx.route_matches).items()):
+                routed.add_metric([route], count)
+            unrouted.add_metric([], ctx.unrouted)
+        processor = metrics.processor
+        if processor is not None:
+            errors.add_metric(["open"], processor.stats.dedup_errors_open)
+            errors.add_metric(["closed"], processor.stats.dedup_errors_closed)
+            backlog.add_metric([], processor.lag)
+        yield from (routed, unrouted, errors, backlog)
 
     @staticmethod
     def _replay(metrics: Metrics) -> Iterator[Metric]:

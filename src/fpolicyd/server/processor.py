@@ -353,8 +353,14 @@ def plan_processing(settings: Settings) -> ProcessingPlan:
         if table is not None and settings.unrouted_action is UnroutedAction.AUDIT
         else None
     )
+    # Routing alone needs no stage (the reader stores each event with its routes); the stage runs for dedup,
+    # for settle, and to address events to a route's own sinks or to the unrouted audit file.
+    routes_with_sinks = table is not None and any(route.sinks for route in table.routes)
     enabled = (
-        table is not None or settings.dedup_mode is not DedupMode.off or SettleConfig.from_settings(settings).enabled
+        settings.dedup_mode is not DedupMode.off
+        or SettleConfig.from_settings(settings).enabled
+        or routes_with_sinks
+        or unrouted is not None
     )
     uris: dict[str, None] = dict.fromkeys(default_sinks)
     if enabled:

@@ -34,6 +34,10 @@ from fpolicyd.protocol.session import MIN_IDLE_FACTOR, EngineMode, SessionConfig
 from fpolicyd.sinks.jsonl import FsyncPolicy
 
 ENV_PREFIX: Final = "FPOLICYD_"
+#: A whole settings file in one environment variable (TOML text), merged over the file: any setting can be
+#: passed where only environment variables can (an ECS task definition, from an SSM parameter). Individual
+#: ``FPOLICYD_<KEY>`` variables and flags still win over it.
+SETTINGS_TOML_ENV: Final = "FPOLICYD_SETTINGS_TOML"
 #: Where the settings file is looked for when ``--config`` is not given, in order.
 DEFAULT_CONFIG_PATHS: Final = (Path("fpolicyd.toml"), Path("/etc/fpolicyd/fpolicyd.toml"))
 
@@ -838,10 +842,18 @@ def load_settings(
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
+    inline = os.environ.get(SETTINGS_TOML_ENV)
+    if inline:
+        try:
+            data.update(tomllib.loads(inline))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{SETTINGS_TOML_ENV}: {exc}") from None
     unknown_env = sorted(
         name
         for name in os.environ
-        if name.upper().startswith(ENV_PREFIX) and name.upper()[len(ENV_PREFIX) :].lower() not in Settings.model_fields
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() != SETTINGS_TOML_ENV
+        and name.upper()[len(ENV_PREFIX) :].lower() not in Settings.model_fields
     )
     if unknown_env:
         raise ConfigError(f"unknown environment variable(s): {', '.join(unknown_env)}")

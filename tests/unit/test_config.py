@@ -148,3 +148,23 @@ def test_committed_example_is_generated_from_the_settings() -> None:
 def test_example_file_loads_and_equals_the_defaults() -> None:
     from_file = load_settings(REPO / "config" / "fpolicyd.example.toml")
     assert from_file == load_settings(search_default_paths=False)
+
+
+def test_a_whole_settings_file_can_come_from_one_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FPOLICYD_SETTINGS_TOML", 'max_connections = 7\nallowed_networks = ["10.0.0.0/8"]\n')
+    monkeypatch.setenv("FPOLICYD_LOG_LEVEL", "debug")
+    settings = load_settings(search_default_paths=False)
+    assert settings.max_connections == 7
+    assert settings.allowed_networks == ("10.0.0.0/8",)
+    assert settings.log_level == "debug"
+    monkeypatch.setenv("FPOLICYD_MAX_CONNECTIONS", "9")  # an individual variable wins over it
+    assert load_settings(search_default_paths=False).max_connections == 9
+
+
+def test_a_bad_inline_settings_file_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FPOLICYD_SETTINGS_TOML", "max_connections = ")
+    with pytest.raises(ConfigError, match="FPOLICYD_SETTINGS_TOML"):
+        load_settings(search_default_paths=False)
+    monkeypatch.setenv("FPOLICYD_SETTINGS_TOML", "no_such_key = 1")
+    with pytest.raises(ConfigError, match="no_such_key"):
+        load_settings(search_default_paths=False)

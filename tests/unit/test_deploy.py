@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fpolicyd.config import ENV_PREFIX, REFERENCE_ENV, Settings, load_settings
+from fpolicyd.config import ENV_PREFIX, REFERENCE_ENV, SETTINGS_TOML_ENV, Settings, load_settings
 from fpolicyd.healthcheck_cli import DEFAULT_TIMEOUT_S
 from support.deploy_files import (
     CFN_TEMPLATE,
@@ -53,9 +53,11 @@ def _default(name: str) -> Any:
 
 
 def known_environment_names() -> set[str]:
-    """Every variable fpolicyd reads: FPOLICYD_<FIELD> for each setting, and the reference aliases."""
+    """Every variable fpolicyd reads: FPOLICYD_<FIELD> for each setting, the reference aliases and the one that
+    carries a whole settings file."""
     names = {f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields}
     names.update(alias for aliases in REFERENCE_ENV.values() for alias in aliases)
+    names.add(SETTINGS_TOML_ENV)
     return names
 
 

@@ -48,7 +48,6 @@ from support.moto_server import (
     create_queue,
     drain_queue,
     isolate_aws_env,
-    moto_server,
     unique,
 )
 
@@ -79,13 +78,6 @@ def batches(items: list[Item], target: SqsTarget | EventBridgeTarget) -> list[Ba
     out = [b for b in plan if isinstance(b, Batch)]
     assert len(out) == len(plan)
     return out
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoEndpoint]:
-    """One moto server for this module (each test names its own queues and buses)."""
-    with moto_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from fpolicyd.pipeline.dedup import (
 from fpolicyd.sinks.aws import AwsClients
 from fpolicyd.sinks.dedup_dynamodb import CONDITION, DynamoDbDedupStore, item_of
 from fpolicyd.sinks.runner import RetryPolicy
-from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env, moto_server
+from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env
 
 T0 = 1_714_557_600.0
 DAY = 86400.0
@@ -54,12 +54,6 @@ def windowed(event_id: str, claimant: str, event_time: float, now: float | None 
         retain_until=now + 7 * DAY,
         use_case="UC1",
     )
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoEndpoint]:
-    with moto_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -15,17 +14,11 @@ from aiohttp import web
 from fpolicyd.app import Daemon
 from fpolicyd.simulator import SimulatorConfig, run
 from fpolicyd.sinks.aws import AwsClients
-from support.moto_server import MotoEndpoint, create_queue, isolate_aws_env, moto_server
+from support.moto_server import MotoEndpoint, create_queue, isolate_aws_env
 from support.observability import make_settings, one, scrape
 from support.sqs_faults import SqsFaults
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoEndpoint]:
-    with moto_server() as endpoint:
-        yield endpoint
 
 
 class CountingFaults(SqsFaults):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -15,13 +15,7 @@ from fpolicyd.errors import ConfigError
 from fpolicyd.ontap.credentials import Credentials, resolve_credentials
 from fpolicyd.sinks.aws import AwsClients
 from support.fake_ontap import running_fake_ontap
-from support.moto_server import MotoEndpoint, isolate_aws_env, moto_server, unique
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoEndpoint]:
-    with moto_server() as endpoint:
-        yield endpoint
+from support.moto_server import MotoEndpoint, isolate_aws_env, unique
 
 
 @pytest.fixture

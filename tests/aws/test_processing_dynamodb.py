@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +16,9 @@ from fpolicyd.app import Daemon
 from fpolicyd.errors import SinkError
 from fpolicyd.sinks.aws import AwsClients
 from support.captures import NEGO_REQ, NEGO_RESP
-from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env, moto_server
+from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env
 from support.notifications import frame
 from support.peer import Peer, make_settings
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoEndpoint]:
-    with moto_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture

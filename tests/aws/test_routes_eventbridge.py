@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,12 @@ from fpolicyd.cli import main
 from fpolicyd.config import Settings
 from fpolicyd.pipeline.router import KNOWN_OPERATIONS, Router, RouteTable
 from fpolicyd.sinks.aws import AwsClients
-from support.moto_server import MotoEndpoint, create_queue, drain_queue, isolate_aws_env, moto_server, unique
+from support.moto_server import MotoEndpoint, create_queue, drain_queue, isolate_aws_env, unique
 
 SOURCE: str = Settings.model_fields["eventbridge_source"].default
 DETAIL_TYPE: str = Settings.model_fields["eventbridge_detail_type"].default
 EVENTS = 400
 PUT_EVENTS_MAX_ENTRIES = 10
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoEndpoint]:
-    with moto_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture

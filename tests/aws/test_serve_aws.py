@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,12 @@ from support.moto_server import (
     create_queue,
     drain_queue,
     isolate_aws_env,
-    moto_server,
 )
 from support.serve import read_events, start_serve, stop
 from support.sqs_faults import SqsFaults
 from support.tcp_proxy import Proxy
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoEndpoint]:
-    with moto_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture

@@ -9,8 +9,10 @@ Cases, each at every batch size (wall and CPU µs per event on the calling threa
 - ``new at cap``: every event is new and the store is at ``max_entries`` (each batch also evicts the oldest);
 - ``new FULL``: as ``new`` with ``synchronous=FULL`` (an fsync per transaction), to show why NORMAL is the default.
 
-Then the on-disk size per claim and the time ``open`` takes on a store of that size (it counts the claims and
-purges expired ones). Each case runs ``--events`` events or ``--seconds``, whichever ends first.
+Then the cost of building one exact request the way the processing stage does (``DedupPolicy.exact_request``,
+not part of the cases above), the on-disk size per claim and the time ``open`` takes on a store of that size (it
+counts the claims and purges expired ones). Each case runs ``--events`` events or ``--seconds``, whichever ends
+first.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fpolicyd.pipeline.dedup import DB_FILE_NAME, DedupRequest, EmbeddedDedupStore, exact_key
+from fpolicyd.pipeline.dedup import DB_FILE_NAME, DedupPolicy, DedupRequest, EmbeddedDedupStore, exact_key
 
 T0 = 1_714_557_600.0
 TTL = 7 * 86400.0
@@ -116,6 +118,13 @@ def main() -> None:
                 print(run("new FULL", batch, store, fresh("f", batch), args).render())
 
         print()
+        policy = DedupPolicy(exact_ttl_s=TTL)
+        ids = [f"r-{n:012d}-5a1e-4c0f-9d3b-6f2e8a7c1b90" for n in range(args.events)]
+        c0 = time.thread_time()
+        for n, event_id in enumerate(ids):
+            policy.exact_request(event_id, f"i-0abc:{n}", T0, T0)
+        built_s = time.thread_time() - c0
+        print(f"request (DedupPolicy.exact_request): {built_s / len(ids) * 1e6:.2f} µs CPU per event")
         big = root / "size"
         count = 200_000
         with EmbeddedDedupStore(big, max_entries=10_000_000).open(T0) as store:

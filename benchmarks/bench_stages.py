@@ -80,7 +80,7 @@ def in_process(count: int) -> dict[str, float]:
     out["settle offer + emit"] = per_event_us(count, settle)
     with tempfile.TemporaryDirectory() as tmp:
         store = EmbeddedDedupStore(Path(tmp), max_entries=10_000_000).open(time.time())
-        requests = [r for i, e in enumerate(routed) for r in dedup_policy.requests_for_event(e, f"b:{i}", 0.0)]
+        requests = [r for i, e in enumerate(routed) for r in dedup_policy.requests_for_event(e, f"b:{i}", time.time())]
 
         def dedup() -> None:
             now = time.time()

@@ -12,7 +12,8 @@ import uvloop
 
 from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import configure_logging
-from fpolicyd.replay_test import ReplayTestConfig, ReplayTestError, run_replay_test
+from fpolicyd.protocol.session import EngineMode
+from fpolicyd.replay_test import ReplayTestConfig, ReplayTestError, RestartMode, run_replay_test
 
 
 def _fraction(raw: str) -> float:
@@ -42,8 +43,9 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
         help="persistent-store replay storm: simulated nodes, outage, replay; verify zero loss at the sink",
         description="Drives K simulated ONTAP nodes through live traffic, an outage (each node keeps generating "
         "into a backlog, as ONTAP's persistent store does) and a reconnect that replays the backlog behind live "
-        "traffic; then checks by event_id that every notification reached the JSON Lines sink. Runs a daemon "
-        "in-process unless --target is given. Progress on stderr, the JSON report on stdout (and --report). "
+        "traffic; then checks by event_id that every notification reached the sink (the JSON Lines directory, or "
+        "an SQS queue with --sink). Runs a daemon in-process (or as a subprocess) unless --target is given. "
+        "Progress on stderr, the JSON report on stdout (and --report). "
         "Exit 0: nothing lost; 1: something lost or the run failed; 2: bad arguments.",
     )
     parser.add_argument("--events", type=int, default=10_000, help="notifications in all (default 10000)")
@@ -63,7 +65,41 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--restart-daemon",
         action="store_true",
-        help="in-process daemon: stop it gracefully half-way through the replay and start it again",
+        help="restart the daemon half-way through the replay on the same data directory (see --restart-mode)",
+    )
+    parser.add_argument(
+        "--restart-mode",
+        choices=[m.value for m in RestartMode],
+        help="graceful (default): stop (drain, checkpoint) and start again; kill: run the daemon as a subprocess, "
+        "SIGKILL it and start it again (implies --restart-daemon and the sync engine mode)",
+    )
+    parser.add_argument(
+        "--subprocess",
+        action="store_true",
+        help="run the daemon as `python -m fpolicyd serve` (127.0.0.1, port 0) instead of in-process",
+    )
+    parser.add_argument(
+        "--engine-mode",
+        choices=[m.value for m in EngineMode],
+        help="engine type the nodes play and the daemon is set to: async (default) or sync (SCREEN_RESP once "
+        "durable; unanswered requests are sent again after a reconnect); default sync with --restart-mode kill",
+    )
+    parser.add_argument(
+        "--sync-window",
+        type=int,
+        default=500,
+        help="sync engine: unanswered requests per node at most (ONTAP max-server-reqs; default 500)",
+    )
+    parser.add_argument(
+        "--sink",
+        metavar="sqs:QUEUE_URL|eventbridge:BUS",
+        help="deliver there instead of JSON Lines and verify by draining the queue (AWS from the standard "
+        "environment, e.g. AWS_ENDPOINT_URL); with --target: the sink that daemon delivers to",
+    )
+    parser.add_argument(
+        "--verify-queue",
+        metavar="QUEUE_URL",
+        help="the SQS queue to drain: required with --sink eventbridge:BUS (the target of a rule on the bus)",
     )
     parser.add_argument("--target", type=_target, metavar="HOST:PORT", help="a running fpolicyd instead")
     parser.add_argument("--sink-dir", type=Path, help="JSON Lines directory to verify (required with --target)")
@@ -101,7 +137,13 @@ def config_from_args(ns: argparse.Namespace) -> ReplayTestConfig:
         outage_s=ns.outage_s,
         duplicates=ns.duplicates,
         shuffle=ns.shuffle,
-        restart_daemon=ns.restart_daemon,
+        restart_daemon=ns.restart_daemon or ns.restart_mode is not None,
+        restart_mode=RestartMode(ns.restart_mode or RestartMode.GRACEFUL.value),
+        subprocess=ns.subprocess,
+        engine_mode=None if ns.engine_mode is None else EngineMode(ns.engine_mode),
+        sync_window=ns.sync_window,
+        sink=ns.sink,
+        verify_queue=ns.verify_queue,
         target=ns.target,
         sink_dir=ns.sink_dir,
         data_dir=ns.data_dir,

@@ -9,8 +9,21 @@ K simulated ONTAP nodes (one connection and session each, the simulator's handsh
    (ONTAP prioritises live events), optionally shuffled (``shuffle``) and with some backlog notifications sent
    twice (``duplicates``).
 
-Optionally the in-process daemon is stopped gracefully half-way through the replay and started again on the
-same data directory (``restart_daemon``); the nodes see the disconnect, reconnect and carry on.
+Optionally the daemon is restarted half-way through the replay on the same data directory (``restart_daemon``):
+gracefully (``restart_mode`` graceful: drain, checkpoint), or, with the daemon running as a ``python -m fpolicyd
+serve`` subprocess, killed with SIGKILL (``restart_mode`` kill: no drain, no checkpoint). The nodes see the
+disconnect, reconnect and carry on.
+
+A SIGKILL is only survivable without loss if "delivered" means "durable". In ONTAP's asynchronous mode a
+notification counts as delivered once the socket accepted it, so what sat in the daemon's kernel buffer or memory
+at the kill is gone. The kill mode therefore plays a **synchronous** engine: the daemon answers a SCREEN_REQ with
+SCREEN_RESP only once the event is in its spool (``engine_mode`` sync), each node keeps at most ``sync_window``
+requests unanswered (ONTAP's max-server-reqs), and after a reconnect it sends again every request the lost
+session had not answered, as ONTAP retries a request whose server went away.
+
+The sink verified is the daemon's JSON Lines directory, or an SQS queue (``sink`` ``sqs:URL``, or ``eventbridge:BUS``
+checked through a rule that targets the queue ``verify_queue``): the queue is drained (ReceiveMessage with
+WaitTimeSeconds, DeleteMessageBatch) while the storm runs and afterwards, bounded in time.
 
 Every notification's ``event_id`` is computed by the generator (:meth:`fpolicyd.simulator.NodeStream.event_id`,
 the recipe of ``fpolicyd.events.normalize``), so the verifier only needs a set of ids (kept as 128-bit ints) to
@@ -27,8 +40,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -36,7 +51,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import IO, Any, Final, NamedTuple
 
@@ -44,11 +59,20 @@ import orjson
 
 from fpolicyd.errors import ConfigError, RemoteProtocolError
 from fpolicyd.protocol.framing import XmlFrameReader
-from fpolicyd.protocol.messages import BackPressure, HandshakeResp
+from fpolicyd.protocol.messages import BackPressure, HandshakeResp, ScreenResponse
+from fpolicyd.protocol.session import EngineMode
 from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake
 from fpolicyd.simulator import DEFAULT_VS_UUID, MAX_NODES, NodeStream, NotificationSpec, handshake
 
-__all__ = ["ReplayTestConfig", "ReplayTestError", "SinkTail", "max_displacement", "run_replay_test"]
+__all__ = [
+    "QueueTail",
+    "ReplayTestConfig",
+    "ReplayTestError",
+    "RestartMode",
+    "SinkTail",
+    "max_displacement",
+    "run_replay_test",
+]
 
 #: Frames per socket write.
 _CHUNK: Final = 64
@@ -68,6 +92,19 @@ class ReplayTestError(Exception):
     """The storm could not be run (the daemon or a node failed, a bound ran out)."""
 
 
+class RestartMode(StrEnum):
+    """How ``restart_daemon`` restarts the daemon half-way through the replay."""
+
+    #: Stop it (drain the sessions, flush the sinks, checkpoint) and start it again.
+    GRACEFUL = "graceful"
+    #: SIGKILL the daemon subprocess (nothing drained or checkpointed) and start it again.
+    KILL = "kill"
+
+
+#: Sink URI schemes verified by draining an SQS queue.
+_QUEUE_SINKS: Final = ("sqs:", "eventbridge:")
+
+
 @dataclass(frozen=True, slots=True)
 class ReplayTestConfig:
     #: Notifications generated in all (split evenly over the nodes).
@@ -84,8 +121,21 @@ class ReplayTestConfig:
     duplicates: float = 0.0
     #: Replay the backlog in a random order (else in generation order, still behind live traffic).
     shuffle: bool = False
-    #: In-process daemon only: stop it gracefully half-way through the replay and start it again.
+    #: Restart the local daemon half-way through the replay (how: ``restart_mode``).
     restart_daemon: bool = False
+    restart_mode: RestartMode = RestartMode.GRACEFUL
+    #: Run the local daemon as a ``python -m fpolicyd serve`` subprocess (implied by restart_mode kill).
+    subprocess: bool = False
+    #: The engine type the nodes play (and the local daemon is configured for); None: sync with restart_mode
+    #: kill, else async.
+    engine_mode: EngineMode | None = None
+    #: Sync engine: requests a node keeps unanswered at most (ONTAP's max-server-reqs, 500 by default).
+    sync_window: int = 500
+    #: ``sqs:QUEUE_URL`` or ``eventbridge:BUS``: the local daemon delivers there (instead of JSON Lines) and the
+    #: verification drains a queue; None verifies the JSON Lines directory.
+    sink: str | None = None
+    #: The queue to drain: default the ``sqs:`` sink's own; required for ``eventbridge:`` (a rule's target).
+    verify_queue: str | None = None
     #: ``(host, port)`` of a running daemon; None runs one in-process.
     target: tuple[str, int] | None = None
     #: The JSON Lines directory to verify (required with ``target``; default: the in-process daemon's).
@@ -128,14 +178,54 @@ class ReplayTestConfig:
             if not (math.isfinite(value) and value > 0):
                 raise bad(name, "must be a finite number > 0")
         if self.target is not None:
-            if self.sink_dir is None:
-                raise ConfigError("replay-test: --target needs --sink-dir (the daemon's JSON Lines directory)")
-            if self.restart_daemon or self.daemon_settings:
+            if self.sink_dir is None and self.sink is None:
                 raise ConfigError(
-                    "replay-test: --restart-daemon and --daemon-setting need the in-process daemon (no --target)"
+                    "replay-test: --target needs --sink-dir (the daemon's JSON Lines directory) or --sink"
+                )
+            if self.restart_daemon or self.daemon_settings or self.subprocess:
+                raise ConfigError(
+                    "replay-test: --restart-daemon, --restart-mode, --subprocess and --daemon-setting need a daemon "
+                    "run by replay-test (no --target)"
                 )
         if self.nodes > self.events:
             raise bad("nodes", "must not exceed events")
+        if self.sync_window < 1:
+            raise bad("sync_window", "must be >= 1")
+        if self.restart_mode is RestartMode.KILL and self.engine_mode is EngineMode.ASYNC:
+            raise ConfigError(
+                "replay-test: --restart-mode kill needs the sync engine mode: in async mode ONTAP counts a "
+                "notification as delivered once the socket accepted it, so a SIGKILL loses what was in the daemon's "
+                "socket buffer and not yet in its spool, and nothing would send it again"
+            )
+        if self.sink is not None:
+            if not self.sink.startswith(_QUEUE_SINKS) or not self.sink.partition(":")[2]:
+                raise bad("sink", "must be sqs:QUEUE_URL or eventbridge:BUS")
+            if self.sink.startswith("eventbridge:") and self.verify_queue is None:
+                raise ConfigError(
+                    "replay-test: --sink eventbridge:BUS needs --verify-queue (the SQS queue a rule on the bus targets)"
+                )
+        elif self.verify_queue is not None:
+            raise ConfigError("replay-test: --verify-queue needs --sink (sqs:QUEUE_URL or eventbridge:BUS)")
+
+    @property
+    def kill(self) -> bool:
+        return self.restart_daemon and self.restart_mode is RestartMode.KILL
+
+    @property
+    def sync(self) -> bool:
+        """The nodes play a synchronous engine (wait for SCREEN_RESP, send unanswered requests again)."""
+        return self.engine_mode is EngineMode.SYNC or (self.engine_mode is None and self.kill)
+
+    @property
+    def in_subprocess(self) -> bool:
+        return self.target is None and (self.subprocess or self.kill)
+
+    @property
+    def queue_url(self) -> str | None:
+        """The SQS queue the verification drains, if it drains one."""
+        if self.sink is None:
+            return None
+        return self.verify_queue or self.sink.partition(":")[2]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -199,15 +289,18 @@ class _NodeArrivals:
 class SinkTail:
     """Reads a JSON Lines directory as it grows (complete lines only) and keeps what verification needs."""
 
-    def __init__(self, directory: Path, skip: dict[Path, int] | None = None, *, live: bool = False) -> None:
+    def __init__(self, directory: Path | None, skip: dict[Path, int] | None = None, *, live: bool = False) -> None:
         """``skip``: bytes at the start of each file not to read (default: what is there now, which belongs to
         an earlier run). ``live``: while the storm runs, keep only the delivered ids (for progress and the end
-        of the run) and the arrival latency; the verification proper is a second, full read at the end."""
+        of the run) and the arrival latency; the verification proper is a second, full read at the end.
+        ``directory`` None: lines are handed in by a subclass (:class:`QueueTail`)."""
         self.directory = directory
         self.live = live
+        #: Also record the arrival latency in the full (not live) mode: a queue is read only once.
+        self.track_sink_latency = False
         if skip is None:
             skip = {}
-            if directory.is_dir():
+            if directory is not None and directory.is_dir():
                 for path in directory.glob(_SINK_GLOB):
                     skip[path] = path.stat().st_size
         self.skipped = dict(skip)
@@ -236,7 +329,7 @@ class SinkTail:
 
     def poll(self) -> int:
         """Read what was appended since the last poll; returns the number of new lines."""
-        if not self.directory.is_dir():
+        if self.directory is None or not self.directory.is_dir():
             return 0
         seen_at = _now_us()
         new = 0
@@ -291,6 +384,8 @@ class SinkTail:
         generation = meta.get("generation_time")
         if not isinstance(generation, int):
             return
+        if self.track_sink_latency and not replayed:
+            self.sink_latency_us.append(seen_at_us - generation)
         node = str(meta.get("node", "")).rpartition(":")[0]
         arrivals = self.arrivals.get(node)
         if arrivals is None:
@@ -303,6 +398,59 @@ class SinkTail:
     def max_displacement(self) -> int:
         """Largest out-of-order displacement over the nodes (:func:`max_displacement`)."""
         return max((max_displacement(a.times) for a in self.arrivals.values()), default=0)
+
+
+class QueueTail(SinkTail):
+    """Drains an SQS queue (the ``sqs:`` sink's, or the target of a rule on an ``eventbridge:`` bus) and keeps
+    what verification needs, as :class:`SinkTail` does for files. A message is read once (it is deleted after
+    it was counted), so there is no second read: everything is counted as it arrives."""
+
+    def __init__(self, clients: Any, queue_url: str, *, envelope: bool) -> None:
+        """``envelope``: messages are EventBridge events (the fpolicyd event is their ``detail``)."""
+        super().__init__(None, {})
+        self.track_sink_latency = True
+        self.clients = clients
+        self.queue_url = queue_url
+        self.envelope = envelope
+        self.receives = 0
+        self.delete_failures = 0
+
+    async def check(self) -> None:
+        """The queue exists and is readable: a wrong URL fails the run before the storm, not after it."""
+        sqs = await self.clients.sqs()
+        try:
+            await sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])
+        except Exception as exc:  # botocore's ClientError and connection errors alike: the run cannot verify
+            raise ReplayTestError(f"cannot read the verification queue {self.queue_url}: {exc}") from exc
+
+    async def receive(self, wait_s: int) -> int:
+        """One ReceiveMessage (up to 10, long poll ``wait_s``), counted, then one DeleteMessageBatch."""
+        sqs = await self.clients.sqs()
+        response = await sqs.receive_message(
+            QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_s, VisibilityTimeout=60
+        )
+        self.receives += 1
+        messages = response.get("Messages", [])
+        if not messages:
+            return 0
+        seen_at = _now_us()
+        for message in messages:
+            body = message.get("Body", "").encode()
+            if self.envelope:
+                try:
+                    body = orjson.dumps(orjson.loads(body)["detail"])
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    self.lines += 1
+                    self.bad_lines += 1
+                    continue
+            self._line(body, seen_at)
+        deleted = await sqs.delete_message_batch(
+            QueueUrl=self.queue_url,
+            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+        )
+        # Not deleted: it comes back after the visibility timeout and is then counted as a redelivered line.
+        self.delete_failures += len(deleted.get("Failed", []))
+        return len(messages)
 
 
 def max_displacement(times: Sequence[int]) -> int:
@@ -367,6 +515,13 @@ class _Shared:
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     restart_begun: bool = False
     restart_at_half: bool = False
+    #: Sync engine: requests sent again after a session was lost with them unanswered.
+    resent: int = 0
+    #: Sync engine: SCREEN_RESPs answered (and unmatched: for a ReqId not outstanding).
+    answered: int = 0
+    unmatched_responses: int = 0
+    #: Set whenever a node wrote a chunk (the kill mode waits for one after freezing the daemon).
+    wrote: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set by the sink tail once every generated notification is in the sink (checked after the drive only).
     all_delivered: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -375,6 +530,8 @@ class _Kind(Enum):
     LIVE = "live"
     BACKLOG = "backlog"
     DUPLICATE = "duplicate"
+    #: Sync engine: sent again because the session that carried it was lost before it was answered.
+    RESEND = "resend"
 
 
 class _Item(NamedTuple):
@@ -423,6 +580,12 @@ class _Node:
         self.reader_task: asyncio.Task[None] | None = None
         self.resume = asyncio.Event()
         self.lost = asyncio.Event()
+        #: Sync engine: requests sent and not answered yet (ReqId → copies in flight, oldest first), and those
+        #: a lost session left unanswered, to be sent again first.
+        self.outstanding: dict[int, list[_Item]] = {}
+        self.outstanding_count = 0
+        self.resend: list[_Item] = []
+        self.answer = asyncio.Event()
 
     # -- generation
 
@@ -477,7 +640,18 @@ class _Node:
 
     def _server_message(self, payload: bytes) -> None:
         msg = decode_payload(payload).message
-        if isinstance(msg, BackPressure):
+        if isinstance(msg, ScreenResponse):
+            copies = self.outstanding.get(msg.req_id)
+            if not copies:
+                self.shared.unmatched_responses += 1
+                return
+            copies.pop(0)
+            if not copies:
+                del self.outstanding[msg.req_id]
+            self.outstanding_count -= 1
+            self.shared.answered += 1
+            self.answer.set()
+        elif isinstance(msg, BackPressure):
             if msg.apply:
                 self.resume.clear()
             else:
@@ -499,8 +673,10 @@ class _Node:
         self.writer = None
         if writer is None:
             return
-        with contextlib.suppress(OSError):
-            writer.write_eof()
+        # A reset connection's transport is already closed (uvloop then raises RuntimeError, not OSError).
+        if not writer.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write_eof()
         if self.reader_task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.reader_task), 30.0)
@@ -524,6 +700,14 @@ class _Node:
                 await asyncio.sleep(_RECONNECT_PAUSE_S)
         if not first:
             self.shared.reconnect_s.append(time.monotonic() - lost_at)
+        if self.outstanding:
+            # The lost session never answered these: send them again first, as ONTAP retries a request whose
+            # server went away (whether the daemon made them durable before it went is unknown here).
+            unanswered = [_Item(item.spec, _Kind.RESEND, item.epoch) for c in self.outstanding.values() for item in c]
+            unanswered.sort(key=lambda item: item.spec.req_id)
+            self.resend[:0] = unanswered
+            self.outstanding.clear()
+            self.outstanding_count = 0
 
     # -- sending
 
@@ -542,6 +726,15 @@ class _Node:
         if writer is None or self.lost.is_set():
             raise _DisconnectedError("connection closed")
         writer.write(b"".join([self.stream.frame(item.spec) for item in chunk]))
+        if self.cfg.sync:
+            # Written: from now on the chunk is outstanding, and a lost session sends it again (not the pump).
+            for item in chunk:
+                self.outstanding.setdefault(item.spec.req_id, []).append(item)
+            self.outstanding_count += len(chunk)
+            self._account(chunk)
+            with contextlib.suppress(OSError):
+                await writer.drain()
+            return
         try:
             await writer.drain()
         except OSError as exc:
@@ -557,6 +750,9 @@ class _Node:
         replay_before = self.session_start_us - round(cfg.clock_tolerance_s * 1_000_000)
         now = time.monotonic()
         for position, item in enumerate(chunk, self.frames_sent + 1):
+            if item.kind is _Kind.RESEND:
+                shared.resent += 1  # not mirrored: whether the daemon saw the first copy is unknown
+                continue
             generation = item.spec.time_us
             expect = shared.expect_duplicates if item.kind is _Kind.DUPLICATE else shared.expect_first
             if generation < source.highest:
@@ -587,6 +783,7 @@ class _Node:
             shared.last_backlog_at = now
         self.frames_sent += len(chunk)
         shared.sent_frames += len(chunk)
+        shared.wrote.set()
 
     def _due_duplicates(self, room: int, *, all_now: bool = False) -> list[_Item]:
         due = [entry for entry in self.pending_duplicates if all_now or entry[0] <= self.frames_sent][:room]
@@ -594,19 +791,23 @@ class _Node:
             self.pending_duplicates.remove(entry)
         return [item for _due, item in due]
 
-    def _next_chunk(self) -> list[_Item]:
-        """Live first: this chunk's share of new notifications, then backlog, then duplicates that are due."""
+    def _next_chunk(self, size: int = _CHUNK) -> list[_Item]:
+        """Requests a lost session left unanswered first (sync engine), then live: this chunk's share of new
+        notifications, then backlog, then duplicates that are due; at most ``size``."""
+        if self.resend:
+            chunk, self.resend = self.resend[:size], self.resend[size:]
+            return chunk
         live_total, backlog_left = self.live_left, len(self.backlog)
         if backlog_left:
-            live_n = min(live_total, max(1, round(_CHUNK * live_total / (live_total + backlog_left))))
+            live_n = min(live_total, max(1, round(size * live_total / (live_total + backlog_left))))
         else:
-            live_n = min(live_total, _CHUNK)
+            live_n = min(live_total, size)
         chunk = [_Item(self._generate(), _Kind.LIVE) for _ in range(live_n)]
         self.live_left -= live_n
-        while self.backlog and len(chunk) < _CHUNK:
+        while self.backlog and len(chunk) < size:
             chunk.append(_Item(self.backlog.pop(), _Kind.BACKLOG))
-        chunk.extend(self._due_duplicates(max(1, _CHUNK - len(chunk))))
-        return chunk or self._due_duplicates(_CHUNK, all_now=True)  # only duplicates not yet due are left
+        chunk.extend(self._due_duplicates(max(1, size - len(chunk))) if len(chunk) < size else [])
+        return chunk or self._due_duplicates(size, all_now=True)  # only duplicates not yet due are left
 
     async def _pump(self, chunk: list[_Item]) -> None:
         """Send a chunk, reconnecting as often as needed."""
@@ -617,9 +818,30 @@ class _Node:
             except _DisconnectedError:
                 await self._reconnect()
 
+    def _has_work(self) -> bool:
+        return bool(self.resend or self.live_left or self.backlog or self.pending_duplicates)
+
     async def _drain_work(self) -> None:
-        while self.live_left or self.backlog or self.pending_duplicates:
-            await self._pump(self._next_chunk())
+        if not self.cfg.sync:
+            while self._has_work():
+                await self._pump(self._next_chunk())
+            return
+        # Sync engine: at most sync_window requests unanswered; done when everything was answered.
+        window = self.cfg.sync_window
+        while self._has_work() or self.outstanding_count:
+            room = window - self.outstanding_count
+            if room > 0 and self._has_work():
+                await self._pump(self._next_chunk(min(_CHUNK, room)))
+                continue
+            if self.lost.is_set():
+                await self._reconnect()
+                continue
+            self.answer.clear()
+            answer = asyncio.create_task(self.answer.wait())
+            lost = asyncio.create_task(self.lost.wait())
+            await asyncio.wait((answer, lost), return_when=asyncio.FIRST_COMPLETED)
+            answer.cancel()
+            lost.cancel()
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -706,6 +928,162 @@ class _InProcessDaemon:
     def address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
 
+    def undelivered(self) -> int:
+        return int(self.instances[-1]["stop"]["undelivered"]) if self.instances else 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "process": "in-process",
+            "restarts": max(0, len(self.instances) - 1),
+            "totals": _daemon_totals([i["replay"] for i in self.instances]),
+            "instances": self.instances,
+        }
+
+
+#: How long a daemon subprocess has to log "listening", and to exit after SIGTERM (it drains its sinks first).
+_START_TIMEOUT_S: Final = 60.0
+_STOP_TIMEOUT_S: Final = 600.0
+#: Kill mode: how long the frozen daemon waits for the nodes to write more before the SIGKILL, at most (nodes with
+#: a full sync window or no work left write nothing more).
+_FREEZE_S: Final = 2.0
+#: Log lines of a daemon subprocess kept for error messages.
+_LOG_TAIL: Final = 20
+
+
+class _SubprocessDaemon:
+    """``python -m fpolicyd serve`` on 127.0.0.1 (port 0, read from its "listening" log line; HTTP port 0) with
+    its data in ``data_dir``; stopped with SIGTERM (graceful) or SIGKILL, and started again on the same data.
+    Settings other than the listener, data directory and sinks go in as ``FPOLICYD_<NAME>`` variables."""
+
+    def __init__(self, data_dir: Path, overrides: dict[str, Any]) -> None:
+        self.data_dir = data_dir
+        self.sink_dir = data_dir / "events"
+        self.overrides = dict(overrides)
+        self.sinks = str(self.overrides.pop("sinks", f"jsonl:{self.sink_dir}"))
+        self.port = 0
+        self.instances: list[dict[str, Any]] = []
+        self._process: asyncio.subprocess.Process | None = None
+        self._log_task: asyncio.Task[None] | None = None
+        self._log: list[dict[str, Any]] = []
+        self._stopped: dict[str, Any] | None = None
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for key, value in self.overrides.items():
+            env[f"FPOLICYD_{key.upper()}"] = value.value if isinstance(value, Enum) else str(value)
+        return env
+
+    async def _read_log(self, stream: asyncio.StreamReader, ready: asyncio.Future[int]) -> None:
+        while line := await stream.readline():
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                record = {"event": "raw", "line": line.decode(errors="replace").rstrip()}
+            if not isinstance(record, dict):
+                continue
+            self._log.append(record)
+            del self._log[:-_LOG_TAIL]
+            event = record.get("event")
+            if event == "listening" and not ready.done():
+                ready.set_result(int(record["port"]))
+            elif event == "stopped":
+                self._stopped = record
+        if not ready.done():
+            ready.set_exception(ReplayTestError(f"the daemon exited before listening; its last log: {self._log}"))
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._log, self._stopped = [], None
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fpolicyd",
+            "serve",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            "0",
+            "--http-port",
+            "0",
+            "--data-dir",
+            str(self.data_dir),
+            "--sinks",
+            self.sinks,
+            cwd=self.data_dir,  # no fpolicyd.toml of the caller's working directory
+            env=self._env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            limit=1 << 20,
+        )
+        assert process.stderr is not None
+        self._process = process
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._log_task = asyncio.create_task(self._read_log(process.stderr, ready))
+        try:
+            self.port = await asyncio.wait_for(ready, _START_TIMEOUT_S)
+        except BaseException as exc:
+            await self._end(signal.SIGKILL)
+            if isinstance(exc, TimeoutError):
+                raise ReplayTestError(f"the daemon did not listen within {_START_TIMEOUT_S:g} s: {self._log}") from None
+            raise
+
+    async def _end(self, how: signal.Signals) -> int | None:
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        if process.returncode is None:
+            process.send_signal(how)
+        try:
+            code = await asyncio.wait_for(process.wait(), _STOP_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            code = await process.wait()
+        if self._log_task is not None:
+            await self._log_task
+        return code
+
+    async def stop(self) -> None:
+        """SIGTERM: the daemon drains and checkpoints, like a graceful in-process stop."""
+        if self._process is None:
+            return
+        code = await self._end(signal.SIGTERM)
+        stopped = self._stopped or {}
+        self.instances.append(
+            {
+                "signal": "SIGTERM",
+                "exit_code": code,
+                "stop": {k: stopped.get(k) for k in ("events", "undelivered", "failure")},
+            }
+        )
+        if code != 0 or stopped.get("failure"):
+            raise ReplayTestError(f"the daemon failed (exit {code}); its last log: {self._log}")
+
+    def freeze(self) -> None:
+        """SIGSTOP: the daemon reads and answers nothing more, while the nodes can still write to its sockets."""
+        if self._process is not None and self._process.returncode is None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    async def kill(self) -> None:
+        """SIGKILL: no drain, no checkpoint, nothing flushed; what the spool holds is all that is left."""
+        code = await self._end(signal.SIGKILL)
+        self.instances.append({"signal": "SIGKILL", "exit_code": code})
+
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def undelivered(self) -> int:
+        last = self.instances[-1] if self.instances else {}
+        return int(last.get("stop", {}).get("undelivered") or 0)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "process": "subprocess",
+            "restarts": max(0, len(self.instances) - 1),
+            "kills": sum(1 for i in self.instances if i["signal"] == "SIGKILL"),
+            "instances": self.instances,
+        }
+
 
 # ---------------------------------------------------------------------------------------------- engine
 
@@ -744,11 +1122,59 @@ async def _tail(sink: SinkTail, shared: _Shared, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), _SINK_POLL_S)
 
 
-async def _restart_when_half_replayed(shared: _Shared, daemon: _InProcessDaemon, log: IO[str]) -> None:
+#: Concurrent ReceiveMessage loops draining the verification queue (10 messages per call at most).
+_QUEUE_RECEIVERS: Final = 4
+#: Long-poll wait of each ReceiveMessage (whole seconds, the API's unit).
+_QUEUE_WAIT_S: Final = 1
+#: Empty long polls in a row (per receiver) that end the final drain once the daemon has stopped.
+_QUEUE_QUIET_POLLS: Final = 2
+
+
+async def _drain_queue(queue: QueueTail, shared: _Shared, stop: asyncio.Event) -> None:
+    """Receive and delete while the storm runs (so the queue never piles up), until ``stop``."""
+
+    async def receiver() -> None:
+        while not stop.is_set():
+            await queue.receive(_QUEUE_WAIT_S)
+            if shared.phase == "verify" and _all_delivered(shared.expected, queue.delivered):
+                shared.all_delivered.set()
+
+    await asyncio.gather(*(receiver() for _ in range(_QUEUE_RECEIVERS)))
+
+
+async def _final_drain(queue: QueueTail, bound_s: float) -> None:
+    """After the daemon stopped: drain what is left (late deliveries, duplicates) until every receiver saw the
+    queue empty ``_QUEUE_QUIET_POLLS`` times in a row, or ``bound_s`` passed."""
+
+    async def receiver() -> None:
+        quiet = 0
+        while quiet < _QUEUE_QUIET_POLLS:
+            quiet = 0 if await queue.receive(_QUEUE_WAIT_S) else quiet + 1
+
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(bound_s):
+            await asyncio.gather(*(receiver() for _ in range(_QUEUE_RECEIVERS)))
+
+
+async def _restart_when_half_replayed(
+    shared: _Shared, daemon: _InProcessDaemon | _SubprocessDaemon, mode: RestartMode, log: IO[str]
+) -> None:
     await shared.half_replayed.wait()
     shared.restart_begun = True
-    log.write("replay-test: stopping the daemon mid-replay (graceful) and starting it again\n")
-    await daemon.stop()
+    if mode is RestartMode.KILL:
+        assert isinstance(daemon, _SubprocessDaemon)
+        log.write("replay-test: killing the daemon mid-replay (SIGSTOP, then SIGKILL) and starting it again\n")
+        # Frozen until the nodes wrote more (unread and unanswered for sure), then killed: the kill lands with
+        # requests in flight at any size and any machine speed, not only when the timing happens to allow it.
+        daemon.freeze()
+        shared.wrote.clear()
+        shared.gate.set()  # the nodes held their writes at the restart point: now they write into the frozen daemon
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(shared.wrote.wait(), _FREEZE_S)
+        await daemon.kill()
+    else:
+        log.write("replay-test: stopping the daemon mid-replay (graceful) and starting it again\n")
+        await daemon.stop()
     shared.daemon_epoch += 1
     await daemon.start()
     shared.gate.set()
@@ -767,29 +1193,65 @@ async def run_replay_test(
     log = progress if progress is not None else sys.stderr
     started = time.monotonic()
     temp: Path | None = None
-    daemon: _InProcessDaemon | None = None
+    daemon: _InProcessDaemon | _SubprocessDaemon | None = None
+    sink_dir: Path | None = cfg.sink_dir
     if cfg.target is None:
         data_dir = cfg.data_dir
         if data_dir is None:
             data_dir = temp = Path(tempfile.mkdtemp(prefix="fpolicyd-replay-test-"))
+        overrides: dict[str, Any] = {}
+        if cfg.sync:
+            overrides["engine_mode"] = EngineMode.SYNC.value
+        if cfg.sink is not None:
+            overrides["sinks"] = cfg.sink
+        overrides.update(cfg.daemon_settings)
         try:
-            daemon = _InProcessDaemon(data_dir, dict(cfg.daemon_settings))
+            if cfg.in_subprocess:
+                daemon = _SubprocessDaemon(data_dir, overrides)
+            else:
+                daemon = _InProcessDaemon(data_dir, overrides)
+                cfg = replace(cfg, clock_tolerance_s=daemon.settings.replay_clock_tolerance_s)
         except BaseException:
             if temp is not None:
                 shutil.rmtree(temp, ignore_errors=True)
             raise
-        sink_dir = cfg.sink_dir or daemon.sink_dir
+        if cfg.sink is None:
+            sink_dir = sink_dir or daemon.sink_dir
         address: Callable[[], tuple[str, int]] = daemon.address
-        cfg = replace(cfg, clock_tolerance_s=daemon.settings.replay_clock_tolerance_s)
     else:
-        assert cfg.sink_dir is not None
-        sink_dir = cfg.sink_dir
         target = cfg.target
 
         def address() -> tuple[str, int]:
             return target
 
-    sink = SinkTail(sink_dir, live=True)
+    cleanup = contextlib.AsyncExitStack()
+    if temp is not None:
+        cleanup.callback(shutil.rmtree, temp, ignore_errors=True)
+    async with cleanup:
+        sink: SinkTail
+        if cfg.queue_url is not None:
+            from fpolicyd.sinks.aws import AwsClients  # noqa: PLC0415 - only queue verification needs botocore
+
+            clients = await cleanup.enter_async_context(AwsClients())
+            queue = QueueTail(clients, cfg.queue_url, envelope=bool(cfg.sink and cfg.sink.startswith("eventbridge:")))
+            await queue.check()
+            sink = queue
+        else:
+            assert sink_dir is not None
+            sink = SinkTail(sink_dir, live=True)
+        return await _run(cfg, sink, daemon, address, log=log, started=started, before_verify=before_verify)
+
+
+async def _run(
+    cfg: ReplayTestConfig,
+    sink: SinkTail,
+    daemon: _InProcessDaemon | _SubprocessDaemon | None,
+    address: Callable[[], tuple[str, int]],
+    *,
+    log: IO[str],
+    started: float,
+    before_verify: Callable[[Path], None] | None,
+) -> dict[str, Any]:
     shared = _Shared()
     shared.gate.set()
     shared.restart_at_half = cfg.restart_daemon and daemon is not None
@@ -802,23 +1264,22 @@ async def run_replay_test(
         nodes.append(_Node(cfg=cfg, node=node, count=count, shared=shared, address=address, source=source))
     shared.backlog_planned = sum(n.outage for n in nodes)
     stop_tail = asyncio.Event()
-    tail = asyncio.create_task(_tail(sink, shared, stop_tail))
-    cleanup = contextlib.ExitStack()
-    if temp is not None:
-        cleanup.callback(shutil.rmtree, temp, ignore_errors=True)
-    with cleanup:
-        return await _drive_and_verify(
-            cfg=cfg,
-            shared=shared,
-            nodes=nodes,
-            sink=sink,
-            daemon=daemon,
-            tail=tail,
-            stop_tail=stop_tail,
-            log=log,
-            started=started,
-            before_verify=before_verify,
-        )
+    if isinstance(sink, QueueTail):
+        tail = asyncio.create_task(_drain_queue(sink, shared, stop_tail))
+    else:
+        tail = asyncio.create_task(_tail(sink, shared, stop_tail))
+    return await _drive_and_verify(
+        cfg=cfg,
+        shared=shared,
+        nodes=nodes,
+        sink=sink,
+        daemon=daemon,
+        tail=tail,
+        stop_tail=stop_tail,
+        log=log,
+        started=started,
+        before_verify=before_verify,
+    )
 
 
 async def _settle(shared: _Shared, sink: SinkTail, idle_timeout_s: float) -> None:
@@ -838,14 +1299,13 @@ async def _drive_and_verify(
     shared: _Shared,
     nodes: list[_Node],
     sink: SinkTail,
-    daemon: _InProcessDaemon | None,
+    daemon: _InProcessDaemon | _SubprocessDaemon | None,
     tail: asyncio.Task[None],
     stop_tail: asyncio.Event,
     log: IO[str],
     started: float,
     before_verify: Callable[[Path], None] | None,
 ) -> dict[str, Any]:
-    sink_dir = sink.directory
     helpers: list[asyncio.Task[None]] = []
     try:
         async with asyncio.timeout(cfg.timeout_s):
@@ -855,7 +1315,7 @@ async def _drive_and_verify(
                 helpers.append(asyncio.create_task(_progress(shared, sink, cfg.progress_s, log, started)))
             restart: asyncio.Task[None] | None = None
             if cfg.restart_daemon and daemon is not None:
-                restart = asyncio.create_task(_restart_when_half_replayed(shared, daemon, log))
+                restart = asyncio.create_task(_restart_when_half_replayed(shared, daemon, cfg.restart_mode, log))
             await asyncio.gather(*(n.run() for n in nodes))
             if restart is not None:
                 if not shared.restart_begun:  # no backlog to replay: no restart point
@@ -878,14 +1338,20 @@ async def _drive_and_verify(
         await tail  # never cancelled mid-read: the final read below must not race with it
         if daemon is not None:
             await daemon.stop()
-    if before_verify is not None:
-        before_verify(sink_dir)
-    # Verification reads the sink afresh (what the tail saw while the storm ran only fed the progress line and
-    # the arrival latency): it checks the files as they are now, not as they were.
-    live_sink, sink = sink, SinkTail(sink_dir, sink.skipped)
-    live_sink.forget_ids()
-    while sink.poll():
-        pass
+    live_sink: SinkTail = sink
+    if isinstance(sink, QueueTail):
+        # A queue is read once: what was received while the storm ran is the verification; drain the rest.
+        await _final_drain(sink, cfg.settle_timeout_s)
+    else:
+        assert sink.directory is not None
+        if before_verify is not None:
+            before_verify(sink.directory)
+        # Verification reads the sink afresh (what the tail saw while the storm ran only fed the progress line
+        # and the arrival latency): it checks the files as they are now, not as they were.
+        sink = SinkTail(sink.directory, live_sink.skipped)
+        live_sink.forget_ids()
+        while sink.poll():
+            pass
     report = _report(
         cfg=cfg,
         shared=shared,
@@ -921,7 +1387,7 @@ def _report(
     shared: _Shared,
     sink: SinkTail,
     live_sink: SinkTail,
-    daemon: _InProcessDaemon | None,
+    daemon: _InProcessDaemon | _SubprocessDaemon | None,
     drove_s: float,
     elapsed_s: float,
 ) -> dict[str, Any]:
@@ -934,9 +1400,13 @@ def _report(
     duplicates_delivered = sink.distinct_lines - len(sink.delivered)
     # Exact only if each node is its own key in the daemon (loopback sources) and the sink holds either every
     # injected duplicate or none of them (a daemon deduplicating by event_id delivers only first sends).
-    exact = (cfg.target is None or cfg.target[0].startswith("127.")) and duplicates_delivered in (
-        0,
-        shared.duplicates_sent,
+    # A killed daemon never read what was in its socket buffer, and a request sent again may or may not have been
+    # seen before: the mirror cannot know, so it is not exact after a kill or a resend.
+    exact = (
+        (cfg.target is None or cfg.target[0].startswith("127."))
+        and duplicates_delivered in (0, shared.duplicates_sent)
+        and not cfg.kill
+        and not shared.resent
     )
     expect = shared.expect_first
     if shared.duplicates_sent and duplicates_delivered == shared.duplicates_sent:
@@ -953,8 +1423,13 @@ def _report(
             "duplicates": cfg.duplicates,
             "shuffle": cfg.shuffle,
             "restart_daemon": cfg.restart_daemon,
+            "restart_mode": cfg.restart_mode.value if cfg.restart_daemon else None,
+            "daemon": "target" if cfg.target is not None else ("subprocess" if cfg.in_subprocess else "in-process"),
+            "engine_mode": (EngineMode.SYNC if cfg.sync else EngineMode.ASYNC).value,
+            "sync_window": cfg.sync_window if cfg.sync else None,
             "target": None if cfg.target is None else f"{cfg.target[0]}:{cfg.target[1]}",
-            "sink_dir": str(sink.directory),
+            "sink": cfg.sink,
+            "verified_at": f"sqs:{cfg.queue_url}" if cfg.queue_url else f"jsonl:{sink.directory}",
             "daemon_settings": dict(cfg.daemon_settings),
         },
         "generated": shared.generated,
@@ -970,6 +1445,9 @@ def _report(
         "redelivered_lines": sink.lines - sink.bad_lines - sink.distinct_lines,
         # Distinct deliveries of an id already delivered: the injected duplicates that reached the sink.
         "duplicates_delivered": duplicates_delivered,
+        # Sync engine: requests sent again because the session carrying them was lost before it answered them.
+        "resent": shared.resent,
+        "answered": shared.answered,
         "max_out_of_order_displacement": sink.max_displacement(),
         "flags": {
             "exact_expectation": exact,
@@ -999,13 +1477,11 @@ def _report(
     report["flags"]["match"] = all(
         v["sink"] == v["expected"] for k, v in report["flags"].items() if isinstance(v, dict)
     )
+    if isinstance(sink, QueueTail):
+        report["queue"] = {"receives": sink.receives, "delete_failures": sink.delete_failures}
     if daemon is not None:
-        # Not at the sink when the in-process daemon stopped (kept in its spool, so not lost by the daemon, but
-        # not delivered within the run either).
-        report["undelivered_in_spool"] = daemon.instances[-1]["stop"]["undelivered"] if daemon.instances else 0
-        report["daemon"] = {
-            "restarts": max(0, len(daemon.instances) - 1),
-            "totals": _daemon_totals([i["replay"] for i in daemon.instances]),
-            "instances": daemon.instances,
-        }
+        # Not at the sink when the daemon stopped (kept in its spool, so not lost by the daemon, but not delivered
+        # within the run either).
+        report["undelivered_in_spool"] = daemon.undelivered()
+        report["daemon"] = daemon.summary()
     return report

@@ -18,11 +18,14 @@ import jsonschema
 import orjson
 import pytest
 
+from fpolicyd.cli import build_parser
 from fpolicyd.config import Settings
+from fpolicyd.errors import ConfigError
 from fpolicyd.events import CORE_OPERATIONS, NameMaps, load_event_schema, load_reference_schema, normalize
 from fpolicyd.protocol.framing import XmlFrameReader
-from fpolicyd.protocol.session import FileNotification, Reply, Session, SessionConfig
-from fpolicyd.replay_test import ReplayTestConfig, run_replay_test
+from fpolicyd.protocol.session import EngineMode, FileNotification, Reply, Session, SessionConfig
+from fpolicyd.replay_cli import config_from_args
+from fpolicyd.replay_test import ReplayTestConfig, RestartMode, run_replay_test
 from support.event_ids import recompute_event_id
 
 pytestmark = pytest.mark.slow
@@ -266,3 +269,77 @@ async def test_deleting_one_line_of_the_sink_is_reported_as_one_loss(tmp_path: P
     report = await run_replay_test(small, progress=io.StringIO(), before_verify=delete_one_line)
     assert not report["ok"]
     assert report["lost"] == 1
+
+
+async def test_a_sigkill_in_the_middle_of_the_replay_loses_nothing_in_sync_mode(tmp_path: Path) -> None:
+    progress = io.StringIO()
+    storm = config(tmp_path, restart_daemon=True, restart_mode=RestartMode.KILL, duplicates=0.05, shuffle=True)
+    report = await run_replay_test(storm, progress=progress)
+    lines = sink_lines(tmp_path / "data" / "events")
+    counts = independent_counts(lines)
+
+    assert "killing the daemon mid-replay (SIGSTOP, then SIGKILL)" in progress.getvalue()
+    assert report["config"]["daemon"] == "subprocess"
+    assert report["config"]["engine_mode"] == "sync"
+    killed, restarted = report["daemon"]["instances"]
+    assert (killed["signal"], killed["exit_code"]) == ("SIGKILL", -9)
+    assert (restarted["signal"], restarted["exit_code"]) == ("SIGTERM", 0)
+    assert restarted["stop"]["undelivered"] == 0
+    # The kill landed with requests in flight: the nodes sent again what the dead daemon had not answered.
+    assert report["resent"] > 0
+    assert report["answered"] == SIZE + report["duplicates_injected"]
+    assert report["sent_frames"] == SIZE + report["duplicates_injected"] + report["resent"]
+    assert report["ok"]
+    assert (report["generated"], report["delivered"], report["lost"], report["unexpected"]) == (SIZE, SIZE, 0, 0)
+    assert counts["unique_ids"] == SIZE
+    assert_every_notification_once_per_node(counts, NODES, SIZE)
+    assert report["sink_lines"] == counts["lines"]
+    assert report["redelivered_lines"] == counts["lines"] - counts["distinct_lines"]
+    assert report["duplicates_delivered"] == counts["distinct_lines"] - counts["unique_ids"]
+    assert report["max_out_of_order_displacement"] == counts["displacement"]
+    assert not report["flags"]["exact_expectation"]  # what the killed daemon had read is unknowable here
+    assert report["flags"]["replayed"]["sink"] == counts["replayed"]
+
+
+async def test_sync_mode_without_a_restart_is_answered_in_full_and_exact(tmp_path: Path) -> None:
+    report = await run_replay_test(
+        config(tmp_path, engine_mode=EngineMode.SYNC, sync_window=50), progress=io.StringIO()
+    )
+    counts = independent_counts(sink_lines(tmp_path / "data" / "events"))
+    assert report["ok"]
+    assert report["config"]["daemon"] == "in-process"
+    assert (report["lost"], report["resent"], report["answered"]) == (0, 0, SIZE)
+    assert counts["unique_ids"] == counts["lines"] == SIZE
+    assert report["flags"]["exact_expectation"]
+    assert report["flags"]["match"]
+
+
+def test_a_kill_restart_in_async_mode_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match="needs the sync engine mode"):
+        ReplayTestConfig(restart_daemon=True, restart_mode=RestartMode.KILL, engine_mode=EngineMode.ASYNC)
+    assert ReplayTestConfig(restart_daemon=True, restart_mode=RestartMode.KILL).sync
+    assert ReplayTestConfig(restart_daemon=True, restart_mode=RestartMode.KILL).in_subprocess
+    with pytest.raises(ConfigError, match="need a daemon run by replay-test"):
+        ReplayTestConfig(target=("127.0.0.1", 9), sink_dir=Path("x"), restart_daemon=True)
+    with pytest.raises(ConfigError, match="needs --verify-queue"):
+        ReplayTestConfig(sink="eventbridge:bus")
+    with pytest.raises(ConfigError, match="sqs:QUEUE_URL or eventbridge:BUS"):
+        ReplayTestConfig(sink="jsonl:/tmp/x")
+
+
+def test_the_command_line_maps_restart_mode_kill_and_the_queue_sinks() -> None:
+    parse = build_parser().parse_args
+    kill = config_from_args(parse(["replay-test", "--restart-mode", "kill", "--sink", "sqs:http://q/1/a"]))
+    assert (kill.restart_daemon, kill.restart_mode, kill.sync, kill.in_subprocess) == (
+        True,
+        RestartMode.KILL,
+        True,
+        True,
+    )
+    assert kill.queue_url == "http://q/1/a"
+    graceful = config_from_args(parse(["replay-test", "--restart-daemon"]))
+    assert (graceful.restart_mode, graceful.sync, graceful.in_subprocess) == (RestartMode.GRACEFUL, False, False)
+    bus = config_from_args(parse(["replay-test", "--sink", "eventbridge:b", "--verify-queue", "http://q/1/t"]))
+    assert bus.queue_url == "http://q/1/t"
+    sync = config_from_args(parse(["replay-test", "--engine-mode", "sync", "--sync-window", "7", "--subprocess"]))
+    assert (sync.sync, sync.sync_window, sync.in_subprocess, sync.restart_daemon) == (True, 7, True, False)

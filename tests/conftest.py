@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import pytest
 import uvloop
+
+if TYPE_CHECKING:
+    from support.moto_server import MotoEndpoint
 
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoEndpoint]:
+    """One moto server per test module (each test names its own queues, buses and tables), on 127.0.0.1."""
+    from support.moto_server import moto_server  # imported here: only the AWS tests pay for moto
+
+    with moto_server() as endpoint:
+        yield endpoint

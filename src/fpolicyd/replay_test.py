@@ -414,6 +414,9 @@ class QueueTail(SinkTail):
         self.envelope = envelope
         self.receives = 0
         self.delete_failures = 0
+        #: Calls that failed (throttling, a dropped connection): retried after a pause; an undeleted message
+        #: comes back after its visibility timeout.
+        self.errors = 0
 
     async def check(self) -> None:
         """The queue exists and is readable: a wrong URL fails the run before the storm, not after it."""
@@ -423,8 +426,17 @@ class QueueTail(SinkTail):
         except Exception as exc:  # botocore's ClientError and connection errors alike: the run cannot verify
             raise ReplayTestError(f"cannot read the verification queue {self.queue_url}: {exc}") from exc
 
-    async def receive(self, wait_s: int) -> int:
-        """One ReceiveMessage (up to 10, long poll ``wait_s``), counted, then one DeleteMessageBatch."""
+    async def receive(self, wait_s: int) -> int | None:
+        """One ReceiveMessage (up to 10, long poll ``wait_s``), counted, then one DeleteMessageBatch; the number
+        of messages, or None if a call failed (after a pause)."""
+        try:
+            return await self._receive(wait_s)
+        except Exception:  # botocore/aiohttp errors of one call: the next call tries again
+            self.errors += 1
+            await asyncio.sleep(_QUEUE_ERROR_PAUSE_S)
+            return None
+
+    async def _receive(self, wait_s: int) -> int:
         sqs = await self.clients.sqs()
         response = await sqs.receive_message(
             QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_s, VisibilityTimeout=60
@@ -522,6 +534,8 @@ class _Shared:
     unmatched_responses: int = 0
     #: Set whenever a node wrote a chunk (the kill mode waits for one after freezing the daemon).
     wrote: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Kill mode: freezes the daemon (SIGSTOP) the moment half the backlog was written.
+    freeze_at_half: Callable[[], None] | None = None
     #: Set by the sink tail once every generated notification is in the sink (checked after the drive only).
     all_delivered: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -690,6 +704,14 @@ class _Node:
         lost_at = time.monotonic()
         deadline = lost_at + self.cfg.settle_timeout_s
         await self._close()
+        if self.outstanding:
+            # The lost session never answered these: send them again first, as ONTAP retries a request whose
+            # server went away (whether the daemon made them durable before it went is unknown here).
+            unanswered = [_Item(item.spec, _Kind.RESEND, item.epoch) for c in self.outstanding.values() for item in c]
+            unanswered.sort(key=lambda item: item.spec.req_id)
+            self.resend[:0] = unanswered
+            self.outstanding.clear()
+            self.outstanding_count = 0
         while True:
             try:
                 await self._connect(deadline)
@@ -700,14 +722,6 @@ class _Node:
                 await asyncio.sleep(_RECONNECT_PAUSE_S)
         if not first:
             self.shared.reconnect_s.append(time.monotonic() - lost_at)
-        if self.outstanding:
-            # The lost session never answered these: send them again first, as ONTAP retries a request whose
-            # server went away (whether the daemon made them durable before it went is unknown here).
-            unanswered = [_Item(item.spec, _Kind.RESEND, item.epoch) for c in self.outstanding.values() for item in c]
-            unanswered.sort(key=lambda item: item.spec.req_id)
-            self.resend[:0] = unanswered
-            self.outstanding.clear()
-            self.outstanding_count = 0
 
     # -- sending
 
@@ -723,9 +737,12 @@ class _Node:
             lost.cancel()
         await self.shared.gate.wait()
         writer = self.writer
-        if writer is None or self.lost.is_set():
+        if writer is None or self.lost.is_set() or writer.is_closing():
             raise _DisconnectedError("connection closed")
-        writer.write(b"".join([self.stream.frame(item.spec) for item in chunk]))
+        try:
+            writer.write(b"".join([self.stream.frame(item.spec) for item in chunk]))
+        except (OSError, RuntimeError) as exc:  # uvloop: RuntimeError once the transport is closed by a reset
+            raise _DisconnectedError(str(exc)) from exc
         if self.cfg.sync:
             # Written: from now on the chunk is outstanding, and a lost session sends it again (not the pump).
             for item in chunk:
@@ -749,6 +766,7 @@ class _Node:
             source.epoch, source.highest = epoch, -1
         replay_before = self.session_start_us - round(cfg.clock_tolerance_s * 1_000_000)
         now = time.monotonic()
+        crossed_half = False
         for position, item in enumerate(chunk, self.frames_sent + 1):
             if item.kind is _Kind.RESEND:
                 shared.resent += 1  # not mirrored: whether the daemon saw the first copy is unknown
@@ -776,6 +794,7 @@ class _Node:
             shared.backlog_sent += 1
             if shared.backlog_sent * 2 >= shared.backlog_planned and not shared.half_replayed.is_set():
                 shared.half_replayed.set()
+                crossed_half = True
                 if shared.restart_at_half:
                     shared.gate.clear()
             if shared.first_backlog_at is None:
@@ -784,6 +803,10 @@ class _Node:
         self.frames_sent += len(chunk)
         shared.sent_frames += len(chunk)
         shared.wrote.set()
+        if crossed_half and shared.freeze_at_half is not None:
+            # Right now, not when the restart task gets its turn: the nodes keep writing into the frozen daemon.
+            shared.freeze_at_half()
+            shared.wrote.clear()
 
     def _due_duplicates(self, room: int, *, all_now: bool = False) -> list[_Item]:
         due = [entry for entry in self.pending_duplicates if all_now or entry[0] <= self.frames_sent][:room]
@@ -1126,6 +1149,8 @@ async def _tail(sink: SinkTail, shared: _Shared, stop: asyncio.Event) -> None:
 _QUEUE_RECEIVERS: Final = 4
 #: Long-poll wait of each ReceiveMessage (whole seconds, the API's unit).
 _QUEUE_WAIT_S: Final = 1
+#: Pause after a failed ReceiveMessage / DeleteMessageBatch.
+_QUEUE_ERROR_PAUSE_S: Final = 0.5
 #: Empty long polls in a row (per receiver) that end the final drain once the daemon has stopped.
 _QUEUE_QUIET_POLLS: Final = 2
 
@@ -1149,7 +1174,8 @@ async def _final_drain(queue: QueueTail, bound_s: float) -> None:
     async def receiver() -> None:
         quiet = 0
         while quiet < _QUEUE_QUIET_POLLS:
-            quiet = 0 if await queue.receive(_QUEUE_WAIT_S) else quiet + 1
+            got = await queue.receive(_QUEUE_WAIT_S)
+            quiet = quiet + 1 if got == 0 else 0  # a failed call (None) says nothing about the queue
 
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(bound_s):
@@ -1164,11 +1190,9 @@ async def _restart_when_half_replayed(
     if mode is RestartMode.KILL:
         assert isinstance(daemon, _SubprocessDaemon)
         log.write("replay-test: killing the daemon mid-replay (SIGSTOP, then SIGKILL) and starting it again\n")
-        # Frozen until the nodes wrote more (unread and unanswered for sure), then killed: the kill lands with
-        # requests in flight at any size and any machine speed, not only when the timing happens to allow it.
-        daemon.freeze()
-        shared.wrote.clear()
-        shared.gate.set()  # the nodes held their writes at the restart point: now they write into the frozen daemon
+        # Frozen when half the backlog was written (by the node that wrote it) and killed once the nodes wrote
+        # more (unread and unanswered for sure): the kill lands with requests in flight at any size and machine
+        # speed — some in the spool and not answered yet, some unread in its socket buffers.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(shared.wrote.wait(), _FREEZE_S)
         await daemon.kill()
@@ -1254,7 +1278,9 @@ async def _run(
 ) -> dict[str, Any]:
     shared = _Shared()
     shared.gate.set()
-    shared.restart_at_half = cfg.restart_daemon and daemon is not None
+    shared.restart_at_half = cfg.restart_daemon and daemon is not None and not cfg.kill
+    if cfg.kill and isinstance(daemon, _SubprocessDaemon):
+        shared.freeze_at_half = daemon.freeze
     sources: dict[str | None, _SourceState] = {}
     nodes: list[_Node] = []
     host = address()[0] if daemon is None else "127.0.0.1"
@@ -1478,7 +1504,7 @@ def _report(
         v["sink"] == v["expected"] for k, v in report["flags"].items() if isinstance(v, dict)
     )
     if isinstance(sink, QueueTail):
-        report["queue"] = {"receives": sink.receives, "delete_failures": sink.delete_failures}
+        report["queue"] = {"receives": sink.receives, "delete_failures": sink.delete_failures, "errors": sink.errors}
     if daemon is not None:
         # Not at the sink when the daemon stopped (kept in its spool, so not lost by the daemon, but not delivered
         # within the run either).

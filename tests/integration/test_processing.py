@@ -207,3 +207,26 @@ async def test_rename_commit_emits_the_final_path_routed_as_a_create(tmp_path: P
     assert event["metadata"]["settle"]["coalesced"] == 3
     # Neither the temp file nor the rename alone is a create of a .pdf: the coalesced event is routed anew.
     assert event["metadata"]["routes"] == ["legal", "finance"]
+
+
+async def test_a_crashed_stage_stops_the_daemon_instead_of_starving_the_sinks(tmp_path: Path) -> None:
+    daemon = Daemon(make_settings(tmp_path, dedup_mode="exact"))
+    await daemon.start()
+    stopped = asyncio.Event()
+    daemon.pipeline.on_fatal = lambda exc: stopped.set()
+    processor = daemon.processor
+    assert processor is not None
+
+    def broken(requests: object, now: float) -> list[Any]:
+        raise RuntimeError("the store's file system went away")
+
+    processor._dedup.check_many = broken  # type: ignore[union-attr,method-assign]
+    peer = await Peer.connect(daemon.port)
+    await peer.send(NEGO_REQ.frame)
+    await peer.receive()
+    await peer.send(frame(1, "SMB_WR", "/data/a.csv"))
+    await asyncio.wait_for(stopped.wait(), 10)
+    await peer.close()
+    report = await daemon.stop()
+    assert report.failure is not None
+    assert "file system went away" in report.failure

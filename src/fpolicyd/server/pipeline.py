@@ -92,7 +92,7 @@ class EventPipeline:
                     raise
                 log.error("sink_unavailable_at_start", sink=worker.name, error=str(exc), detail="events are spooled")
                 worker.last_error = exc  # not ready until a send succeeds
-            worker.start()
+            self.supervise(worker.start(), f"sink {worker.name}")
         self._tasks = [
             asyncio.create_task(self._commit_loop(), name="spool-commit"),
             asyncio.create_task(self._checkpoint_loop(), name="spool-checkpoint"),
@@ -257,6 +257,22 @@ class EventPipeline:
             self.fatal = exc
             log.critical("spool_failed", error=str(exc), detail="stopping; the spool is recovered at the next start")
             self.on_fatal(exc)
+
+    def supervise(self, task: asyncio.Task[None], name: str) -> None:
+        """A consumer task (a sink worker, the processing stage) that dies of an unexpected exception stops the
+        daemon with exit 1 — its events wait in the spool for the next start — rather than leaving them
+        undelivered in silence while ONTAP keeps sending."""
+
+        def finished(done: asyncio.Task[None]) -> None:
+            if done.cancelled() or done.exception() is None or self.fatal is not None:
+                return
+            exc = done.exception()
+            assert exc is not None
+            self.fatal = exc
+            log.critical("task_failed", task=name, error=repr(exc), detail="stopping; its events stay in the spool")
+            self.on_fatal(exc)
+
+        task.add_done_callback(finished)
 
     async def _commit_now(self) -> None:
         if self.spool.sync_pending and self.fatal is None:

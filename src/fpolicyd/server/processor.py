@@ -164,6 +164,7 @@ class Processor:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="processor")
+        self._pipeline.supervise(self._task, "processor")
 
     def wake(self) -> None:
         if not self._wakeup.is_set():
@@ -173,16 +174,22 @@ class Processor:
         """Handle what is durable within ``timeout_s``; settle-held events stay in the spool for the next start."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while loop.time() < deadline and self._spool.read_seq(CURSOR) <= self._spool.durable_seq:
+        task = self._task
+        while (
+            task is not None
+            and not task.done()
+            and loop.time() < deadline
+            and self._spool.read_seq(CURSOR) <= self._spool.durable_seq
+        ):
             self.wake()
             await asyncio.sleep(0.01)
         self._stopping = True
         self.wake()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._task), max(0.1, deadline - loop.time()))
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if task is not None:
+            # A task that crashed was reported by the pipeline's supervision already; just collect it.
+            await asyncio.wait({task}, timeout=max(0.1, deadline - loop.time()))
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await asyncio.to_thread(save_state, self._state_dir, self.stage.state())
 
     # ------------------------------------------------------------------------------------------ loop

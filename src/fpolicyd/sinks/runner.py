@@ -110,8 +110,14 @@ class SinkWorker:
         """Durable records not yet read by this sink (approximate across segment gaps; only sizes a linger)."""
         return max(0, self._spool.durable_seq - self._spool.read_seq(self.name) + 1)
 
-    def start(self) -> None:
+    def start(self) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}")
+        return self._task
+
+    @property
+    def _alive(self) -> bool:
+        """Whether the worker's task still runs (a crashed one delivers nothing more)."""
+        return self._task is not None and not self._task.done()
 
     def wake(self) -> None:
         """New durable records exist."""
@@ -198,7 +204,7 @@ class SinkWorker:
         """Deliver what is durable within ``timeout_s``, then stop; the rest stays in the spool."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while loop.time() < deadline and (self.lag or self._in_flight):
+        while self._alive and loop.time() < deadline and (self.lag or self._in_flight):
             self.wake()
             await asyncio.sleep(0.01)
         self._stopping = True

@@ -42,8 +42,6 @@ from fpolicyd.pipeline.spool import Record
 PROCESSED_TAG: Final = 0x1E
 _PROCESSED_PREFIX: Final = bytes([PROCESSED_TAG])
 ALL_SINKS: Final = b"*"
-#: Route name recorded for dedup and audit when an event matched no route.
-UNROUTED: Final = ""
 
 
 def sink_key(uri: str) -> bytes:

@@ -79,8 +79,10 @@ async def test_every_event_is_verified_at_sqs_and_foreign_messages_are_not_count
     assert (report["generated"], report["delivered"], report["lost"]) == (SIZE, SIZE, 0)
     assert report["unexpected"] == 1
     assert report["sink_bad_lines"] == 1
-    assert report["sink_lines"] == SIZE + 2
-    assert (report["redelivered_lines"], report["duplicates_delivered"]) == (0, 0)
+    # A standard queue delivers at least once: a message may be received again before its delete lands (seen once
+    # in CI with the foreign message). Events are counted by id above; raw lines can only be more, never fewer.
+    assert report["sink_lines"] >= SIZE + 2
+    assert report["duplicates_delivered"] == 0  # no event twice with different bytes (a re-receipt is identical)
     assert (report["queue"]["delete_failures"], report["queue"]["errors"]) == (0, 0)
     assert report["flags"]["match"]
     assert report["flags"]["replayed"]["sink"] == report["backlog_events"]

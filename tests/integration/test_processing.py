@@ -178,7 +178,7 @@ async def test_a_pending_settle_survives_a_restart(tmp_path: Path) -> None:
         await peer.send(frame(1, "SMB_CREAT", "/scans/b.tiff"), frame(2, "SMB_WR", "/scans/b.tiff"))
         processor = daemon.processor
         assert processor is not None
-        for _ in range(100):
+        for _ in range(500):  # up to 10 s on a loaded machine
             if processor.stage.pending:
                 break
             await asyncio.sleep(0.02)

@@ -438,13 +438,6 @@ class Settings(BaseSettings):
         "(`fpolicyd ontap repoint`); a failure is logged as an error and the daemon keeps running.",
     )
 
-    @field_validator("ontap_protocols", "ontap_file_operations", "ontap_volumes", mode="before")
-    @classmethod
-    def _split_ontap_lists(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
     # --- replay awareness (persistent-store replay, out-of-order, duplicates) ------------------------------
     replay_duplicate_window: int = Field(
         65_536,
@@ -665,13 +658,6 @@ class Settings(BaseSettings):
         "beyond it the oldest held path is emitted early and counted, never dropped.",
     )
 
-    @field_validator("settle_marker_names", "settle_operations", mode="before")
-    @classmethod
-    def _split_settle_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
     @model_validator(mode="after")
     def _check_settle(self) -> Settings:
         try:
@@ -691,9 +677,20 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug | info | warning | error")
     log_format: LogFormat = Field(LogFormat.JSON, description="json (default) or console")
 
-    @field_validator("preferred_versions", "sinks", "allowed_networks", mode="before")
+    @field_validator(
+        "preferred_versions",
+        "sinks",
+        "allowed_networks",
+        "ontap_protocols",
+        "ontap_file_operations",
+        "ontap_volumes",
+        "settle_marker_names",
+        "settle_operations",
+        mode="before",
+    )
     @classmethod
     def _split_list(cls, value: object) -> object:
+        """A list setting given as one string (environment, flag) is comma-separated."""
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value

@@ -86,7 +86,6 @@ class ServerContext:
         #: The listener's frame reader (:class:`ReaderName`: xml, protobuf-*, auto) and the optional wire capture.
         self.frame_reader = ReaderName(frame_reader)
         self.capture = capture
-        self.rejected_connections = 0
         #: Connections closed at once, by reason (``not_allowed``, ``max_connections``).
         self.rejections: dict[str, int] = {}
         self.protocol_errors: dict[str, int] = {}
@@ -99,8 +98,11 @@ class ServerContext:
         self.replay = replay if replay is not None else ReplayTracker()
 
     def reject(self, reason: str) -> None:
-        self.rejected_connections += 1
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+    @property
+    def rejected_connections(self) -> int:
+        return sum(self.rejections.values())
 
     def broadcast_back_pressure(self, apply: bool) -> None:
         """BACK_PRESSURE_APPLY (or _REM) to every negotiated session."""

@@ -338,6 +338,8 @@ class ProcessingPlan:
     router: Router | None
     default_sinks: tuple[str, ...]
     unrouted_sinks: tuple[str, ...] | None
+    #: Settle policies by route and operation (enabled: some event can be held).
+    settle: SettleConfig
 
     def destinations(self, names: Mapping[str, str]) -> Destinations:
         """Destinations by sender name (``names``: URI → the sender's normalised name)."""
@@ -362,20 +364,16 @@ def plan_processing(settings: Settings) -> ProcessingPlan:
     )
     # Routing alone needs no stage (the reader stores each event with its routes); the stage runs for dedup,
     # for settle, and to address events to a route's own sinks or to the unrouted audit file.
+    settle = SettleConfig.from_settings(settings)
     routes_with_sinks = table is not None and any(route.sinks for route in table.routes)
-    enabled = (
-        settings.dedup_mode is not DedupMode.off
-        or SettleConfig.from_settings(settings).enabled
-        or routes_with_sinks
-        or unrouted is not None
-    )
+    enabled = settings.dedup_mode is not DedupMode.off or settle.enabled or routes_with_sinks or unrouted is not None
     uris: dict[str, None] = dict.fromkeys(default_sinks)
     if enabled:
         for route in table.routes if table is not None else ():
             uris.update(dict.fromkeys(route.sinks))
         uris.update(dict.fromkeys(unrouted or ()))
     router = Router(table, strict=settings.routes_strict) if table is not None else None
-    return ProcessingPlan(enabled, tuple(uris), table, router, default_sinks, unrouted)
+    return ProcessingPlan(enabled, tuple(uris), table, router, default_sinks, unrouted, settle)
 
 
 async def start_processor(
@@ -396,7 +394,7 @@ async def start_processor(
         tuple(seq for seq in state.emitted if seq > max(state.floor, spool.acked_seq(CURSOR))),
     )
     instance = await asyncio.to_thread(instance_id, state_dir)
-    settle = SettleConfig.from_settings(settings)
+    settle = plan.settle
     settler = Settler(settle.policy_for, max_pending=settings.settle_max_pending) if settle.enabled else None
     destinations = plan.destinations(names)
     decode = (

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import gc
 import signal
+import time
 from dataclasses import dataclass
+from functools import partial
 
 from fpolicyd.capture import capture_recorder
 from fpolicyd.config import Settings
@@ -19,21 +21,69 @@ from fpolicyd.obs.log import get_logger
 from fpolicyd.obs.metrics import Metrics
 from fpolicyd.obs.systemd import SystemdNotifier
 from fpolicyd.pipeline.backpressure import Watermarks
+from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_event_id
+from fpolicyd.pipeline.ingest import Ingest, IngestCounters
+from fpolicyd.pipeline.ledger import AuditLedger
+from fpolicyd.pipeline.records import stored_event_id
 from fpolicyd.pipeline.replay import ReplayTracker, replay_config
 from fpolicyd.pipeline.spool import Spool, SpoolSettings
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
-from fpolicyd.server.processor import Processor, plan_processing, start_processor
+from fpolicyd.server.processor import Processor, instance_id, plan_processing, start_processor
 from fpolicyd.server.tls import ReloadableTls, TlsFiles
 from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
+from fpolicyd.sinks.ledger import LEDGER_CURSOR, LedgerSender, ledger_select
+from fpolicyd.sinks.runner import Sender
+from fpolicyd.storage.dedup_journal import DedupJournal
 
 log = get_logger("fpolicyd.app")
 
 #: A connection that received nothing for this long during shutdown is taken to have nothing more in flight.
 SHUTDOWN_QUIET_S = 0.2
+#: Spool records read per step while rebuilding the dedup window at start.
+_REBUILD_BATCH = 10_000
+
+
+def open_reader_dedup(settings: Settings, spool: Spool, now: float) -> tuple[DedupWindow, DedupJournal, int]:
+    """The reader's exact-dedup window, rebuilt from its journal and from the spool records after the journal's
+    last claim (those claims are written to the journal before anything else happens). Blocking: run it on a
+    thread. Returns the window, the journal and the number of claims recovered."""
+    window = DedupWindow(max_entries=settings.dedup_embedded_max_entries, ttl_s=settings.dedup_exact_ttl_s)
+    journal, recovery = DedupJournal.open(
+        settings.effective_dedup_dir / "journal",
+        segment_claims=settings.dedup_journal_segment_claims,
+        max_entries=settings.dedup_embedded_max_entries,
+        ttl_s=settings.dedup_exact_ttl_s,
+    )
+    last = spool.last_seq
+    # A claim whose record did not survive (a torn spool tail) is dropped: its notification was never stored.
+    claims = [claim for claim in recovery.claims if claim[0] <= last]
+    window.load(((key, at) for _, key, at in claims), now)
+    journaled = max((seq for seq, _, _ in claims), default=0)
+    spool.retain_above(journaled)
+    tail: list[tuple[int, int]] = []
+    after = journaled
+    while records := spool.scan(after, _REBUILD_BATCH, 16 << 20):
+        for record in records:
+            payload = record.payload
+            if payload[:1] != b"{":
+                continue  # processed records repeat raw ones; duplicates claimed nothing
+            event_id = stored_event_id(payload)
+            if event_id is None:
+                continue
+            key = key_of_event_id(event_id)
+            if window.claim(key, now):
+                tail.append((record.seq, key))
+        after = records[-1].seq
+    if tail:
+        journal.append(now, tail)
+        journal.flush()
+        journal.sync()
+    spool.retain_above(journal.durable_seq)
+    return window, journal, len(claims) + len(tail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +110,7 @@ class Daemon:
         self._dead_letter: DeadLetterWriter | None = None
         self.tls: ReloadableTls | None = None
         self._processor: Processor | None = None
+        self._journal: DedupJournal | None = None
         #: READY/STATUS/STOPPING/WATCHDOG to systemd (Type=notify); a no-op without $NOTIFY_SOCKET.
         self.notifier = SystemdNotifier.from_environment()
         #: This daemon's Prometheus registry (one per daemon: several may run in one test process).
@@ -151,9 +202,11 @@ class Daemon:
         )
         self._dead_letter = DeadLetterWriter(settings.effective_dead_letter_dir / "dead-letter.jsonl")
         plan = plan_processing(settings)
-        senders = build_senders(settings, self._clients, self._dead_letter, plan.uris)
+        senders: list[Sender] = list(build_senders(settings, self._clients, self._dead_letter, plan.uris))
         names = {uri: sender.name for uri, sender in zip(plan.uris, senders, strict=True)}
-        cursors = [sender.name for sender in senders] + ([PROCESSOR_CURSOR] if plan.enabled else [])
+        cursors = [sender.name for sender in senders]
+        cursors += [PROCESSOR_CURSOR] if plan.enabled else []
+        cursors += [LEDGER_CURSOR] if settings.reader_dedup else []
         spool = await asyncio.to_thread(Spool.open, spool_settings, cursors)
         self._spool = spool
         report = spool.recovery
@@ -185,6 +238,21 @@ class Daemon:
                 sinks=list(report.dropped_sinks),
                 detail="no longer configured: their cursors were removed and their backlog no longer holds segments",
             )
+        window: DedupWindow | None = None
+        if settings.reader_dedup:
+            # Duplicates the reader suppresses are kept in the spool; the ledger is the sink that reports them.
+            instance = await asyncio.to_thread(instance_id, settings.effective_spool_dir)
+            ledger = AuditLedger.from_settings(settings, redact=redactor.redact_record)
+            senders.append(LedgerSender(ledger, instance=instance))
+            opened, self._journal, recovered = await asyncio.to_thread(open_reader_dedup, settings, spool, time.time())
+            log.info(
+                "dedup_window_opened",
+                claims_recovered=recovered,
+                held=len(opened),
+                max_entries=opened.max_entries,
+                ttl_s=opened.ttl_s,
+            )
+            window = opened
         self._pipeline = EventPipeline(
             spool,
             senders,
@@ -194,16 +262,26 @@ class Daemon:
                 hard_bytes=settings.backpressure_pause_bytes,
             ),
             checkpoint_interval_s=settings.checkpoint_interval_s,
-            select=plan.selector,
+            select=lambda name: ledger_select if name == LEDGER_CURSOR else plan.selector(name),
+            journal=self._journal,
         )
-        self._context = ServerContext(
-            session_config=settings.session_config(),
+        ingest = Ingest(
             names=NameMaps(
                 volumes=settings.volume_names,
                 svms=settings.svm_names,
                 default_volume=settings.volume_name,
                 default_svm=settings.svm_name,
             ),
+            counters=IngestCounters(),
+            replay=ReplayTracker(replay_config(settings)),
+            route=plan.router.match if plan.router is not None else None,
+            window=window,
+            # With the processing stage on, events are redacted as they leave it (routing needs the clear path).
+            redact=redactor.redact_event if redactor.redacts_events and not plan.enabled else None,
+        )
+        self._context = ServerContext(
+            session_config=settings.session_config(),
+            ingest=ingest,
             pipeline=self._pipeline,
             max_frame_bytes=settings.max_frame_bytes,
             max_connections=settings.max_connections,
@@ -211,17 +289,16 @@ class Daemon:
             allowlist=PeerAllowlist.parse(settings.allowed_networks),
             frame_reader=settings.frame_reader,
             capture=capture_recorder(settings, mask=redactor.log_path),
-            # With the processing stage on, events are redacted as they leave it (routing needs the clear path).
-            redact_event=redactor.redact_event if redactor.redacts_events and not plan.enabled else None,
-            route=plan.router.match if plan.router is not None else None,
-            replay=ReplayTracker(replay_config(settings)),
         )
         self._pipeline.on_fatal = self._on_fatal
         self.metrics.attach(self._context, self._pipeline)
-        replay, loop = self._context.replay, asyncio.get_running_loop()
+        replay, loop = ingest.replay, asyncio.get_running_loop()
         # Ticked on the loop thread (an episode that went quiet ends without waiting for traffic), read on the
         # HTTP thread.
         self.heartbeat.on_beat.append(lambda: replay.tick(loop.time()))
+        journal = self._journal
+        if window is not None and journal is not None:
+            self.heartbeat.on_beat.append(partial(_age_dedup, window, journal))
         self.metrics.replay_source = replay.stats
         await self._pipeline.start()
         if plan.enabled:
@@ -289,7 +366,9 @@ class Daemon:
         await self._close_resources()
         fatal = self.pipeline.fatal
         report = StopReport(
-            events=self.context.events, undelivered=undelivered, failure=str(fatal) if fatal is not None else None
+            events=self.context.ingest.counters.events,
+            undelivered=undelivered,
+            failure=str(fatal) if fatal is not None else None,
         )
         log.info("stopped", events=report.events, undelivered=report.undelivered, failure=report.failure)
         return report
@@ -304,6 +383,8 @@ class Daemon:
             await self._clients.close()
         if self._dead_letter is not None:
             self._dead_letter.close()
+        if self._journal is not None:
+            self._journal.close()
         if self._spool is not None:
             await asyncio.to_thread(self._spool.close)
 
@@ -371,6 +452,13 @@ class Daemon:
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("signal", signal=sig.name)
         self._stop.set()
+
+
+def _age_dedup(window: DedupWindow, journal: DedupJournal) -> None:
+    """Claims past their time to live leave the window; journal files with nothing left in it go."""
+    now = time.time()
+    window.expire(now)
+    journal.retire(now)
 
 
 def tune_garbage_collector(young_threshold: int) -> None:

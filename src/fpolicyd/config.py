@@ -513,14 +513,24 @@ class Settings(BaseSettings):
     )
     dedup_backend: DedupBackend = Field(
         DedupBackend.embedded,
-        description="embedded (local SQLite file, one instance) | dynamodb (shared by several instances).",
+        description="embedded (one instance: exact mode is checked by the reader against an in-memory window "
+        "kept on disk in a journal; window mode uses a local SQLite file) | dynamodb (shared by several instances).",
     )
-    dedup_dir: Path | None = Field(None, description="Embedded dedup store directory; default <data_dir>/dedup.")
+    dedup_dir: Path | None = Field(
+        None, description="Embedded dedup directory (journal of the exact window, SQLite store); <data_dir>/dedup."
+    )
     dedup_embedded_max_entries: int = Field(
         1_000_000,
         ge=1,
-        description="Claims the embedded store keeps (~210 B on disk each); expired ones are evicted first, "
-        "then the least recently written.",
+        description="Claims the embedded backend keeps. Exact mode: keys held in memory by the reader (~110 B "
+        "each; 1,000,000 ≈ 110 MiB) and 24 B each in the journal; the oldest go first. Window mode: rows of the "
+        "SQLite store (~210 B on disk each); expired ones are evicted first, then the least recently written.",
+    )
+    dedup_journal_segment_claims: int = Field(
+        262_144,
+        ge=1024,
+        description="Claims per file of the exact window's journal (24 B each); a file is removed once none of "
+        "its claims can still be in the window.",
     )
     dedup_dynamodb_table: str | None = Field(
         None, description="DynamoDB table (keys pk, sk: strings; TTL attribute ttl) of the dynamodb backend."
@@ -555,6 +565,11 @@ class Settings(BaseSettings):
     @property
     def effective_dedup_dir(self) -> Path:
         return self.dedup_dir if self.dedup_dir is not None else self.data_dir / "dedup"
+
+    @property
+    def reader_dedup(self) -> bool:
+        """Exact dedup with the embedded backend is checked by the reader (pipeline/ingest.py), not the stage."""
+        return self.dedup_mode is DedupMode.exact and self.dedup_backend is DedupBackend.embedded
 
     @property
     def effective_dedup_ledger_dir(self) -> Path:

@@ -935,7 +935,7 @@ class _InProcessDaemon:
         daemon, self._daemon = self._daemon, None
         if daemon is None:
             return
-        replay = daemon.context.replay
+        replay = daemon.context.ingest.replay
         report = await daemon.stop()
         # Close an episode still open at the stop (as if the idle time had passed) to report its figures.
         stats = replay.stats(asyncio.get_running_loop().time() + replay.episode_idle_s)

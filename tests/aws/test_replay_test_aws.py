@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
-from fpolicyd.events import NameMaps, normalize
+from fpolicyd.events import EventBuilder, NameMaps
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import FileNotification, Reply, Session, SessionConfig
 from fpolicyd.replay_test import ReplayTestConfig, RestartMode, run_replay_test
@@ -169,7 +170,8 @@ class LossyForwarder:
                         if self.received % self.drop_every == 0:
                             self.dropped += 1
                             continue
-                        bodies.append(normalize(out.request, session.context, NameMaps(), 0).to_json().decode())
+                        event, _ = EventBuilder(session.context, NameMaps()).build(out.fields, 0)
+                        bodies.append(orjson.dumps(event).decode())
             for start in range(0, len(bodies), 10):
                 entries = [{"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start : start + 10])]
                 response = await sqs.send_message_batch(QueueUrl=self.queue_url, Entries=entries)

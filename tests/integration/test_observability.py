@@ -23,6 +23,7 @@ from fpolicyd.protocol.req_types import parse_req_type
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor
 from fpolicyd.simulator import SimulatorConfig, expected_requests, run
+from fpolicyd.sinks.ledger import LEDGER_CURSOR
 from support.moto_server import isolate_aws_env
 from support.observability import REQUIRED_FAMILIES, get, http_get, make_settings, one, scrape
 
@@ -46,7 +47,8 @@ async def settle(daemon: Daemon, events: int, within: float = 20.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         workers = daemon.pipeline.workers
-        if not daemon.context.connections and all(w.stats.delivered >= events and not w.lag for w in workers):
+        delivered = [w.stats.delivered for w in workers if w.name != LEDGER_CURSOR]
+        if not daemon.context.connections and all(d >= events for d in delivered) and not any(w.lag for w in workers):
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"not settled: {daemon.pipeline.sink_stats()}, {len(daemon.context.connections)} open")
@@ -70,7 +72,9 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     duplicated = await run(comeback)
     sent = report.sent + again.sent + duplicated.sent
     delivered = sent - duplicated.sent
-    assert daemon.pipeline.processor is not None, "dedup (exact) is on by default"
+    # Exact dedup is on by default, checked by the reader: no processing stage runs.
+    assert daemon.pipeline.processor is None
+    assert daemon.context.ingest.window is not None
     # A malformed frame (bad marker byte) closes its connection and is counted by reason.
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     writer.write(b"X\x00\x00\x00\x05hello")
@@ -97,9 +101,11 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     assert one(after, "fpolicyd_parse_errors", "fpolicyd_parse_errors_total", reason="bad_marker") == 1
     assert one(after, "fpolicyd_sessions_opened", "fpolicyd_sessions_opened_total") == 5
     assert one(after, "fpolicyd_sessions") == 0
-    # Every event once as a raw record, and the ones dedup let through once more as processed records.
+    # Every notification once: as an event, or as a duplicate the reader's window suppressed (kept for the ledger).
     appended = one(after, "fpolicyd_spool_appended_records", "fpolicyd_spool_appended_records_total")
-    assert appended == daemon.pipeline.spool.last_seq == sent + delivered
+    assert appended == daemon.pipeline.spool.last_seq == sent
+    ledger = [w for w in daemon.pipeline.workers if w.name == LEDGER_CURSOR]
+    assert [w.stats.delivered for w in ledger] == [duplicated.sent]
     assert one(after, "fpolicyd_dedup_hits", "fpolicyd_dedup_hits_total") == duplicated.sent
     assert one(after, "fpolicyd_dedup_errors", "fpolicyd_dedup_errors_total", mode="open") == 0
     assert one(after, "fpolicyd_processor_lag_records") == 0
@@ -140,7 +146,7 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     assert one(after, breaches, f"{breaches}_total", sink=sink) == delivered
     assert one(after, "fpolicyd_processing_success_ratio", sink=sink) == 1.0
 
-    stats = daemon.context.replay.stats()
+    stats = daemon.context.ingest.replay.stats()
     assert stats.reconnects > 0
     assert stats.replayed_events > 0
     assert one(after, "fpolicyd_reconnects", "fpolicyd_reconnects_total") == stats.reconnects

@@ -21,7 +21,7 @@ import pytest
 from fpolicyd.cli import build_parser
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError
-from fpolicyd.events import CORE_OPERATIONS, NameMaps, load_event_schema, load_reference_schema, normalize
+from fpolicyd.events import CORE_OPERATIONS, EventBuilder, NameMaps, load_event_schema, load_reference_schema
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import EngineMode, FileNotification, Reply, Session, SessionConfig
 from fpolicyd.replay_cli import config_from_args
@@ -206,8 +206,8 @@ class LossyServer:
                         if self.received % self.drop_every == 0:
                             self.dropped += 1
                             continue
-                        event = normalize(out.request, session.context, NameMaps(), 0)
-                        self._out.write(event.to_json() + b"\n")
+                        event, _ = EventBuilder(session.context, NameMaps()).build(out.fields, 0)
+                        self._out.write(orjson.dumps(event) + b"\n")
             self._out.flush()
         writer.close()
 

@@ -14,6 +14,8 @@ import pytest
 from fpolicyd.app import Daemon
 from fpolicyd.events import NameMaps
 from fpolicyd.pipeline.backpressure import Watermarks
+from fpolicyd.pipeline.ingest import Ingest, IngestCounters
+from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.spool import Record, Spool, SpoolSettings
 from fpolicyd.protocol.messages import (
     BackPressure,
@@ -209,7 +211,7 @@ async def test_a_slow_sink_applies_back_pressure_pauses_reading_and_loses_nothin
     )
     context = ServerContext(
         session_config=SessionConfig(),
-        names=NameMaps(volumes={}, svms={}, default_volume=None, default_svm=None),
+        ingest=Ingest(names=NameMaps(), counters=IngestCounters(), replay=ReplayTracker()),
         pipeline=pipeline,
         max_frame_bytes=1 << 20,
         max_connections=4,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Any
 
 import jsonschema
@@ -15,13 +16,16 @@ from fpolicyd.events import (
     KNOWN_REQ_TYPES,
     MAX_EPOCH_US,
     MIN_PLAUSIBLE_GENERATION_US,
+    EventBuilder,
     NameMaps,
     SessionContext,
     load_event_schema,
     load_reference_schema,
     normalize,
 )
+from fpolicyd.pipeline.dedup_window import key_of_digest, key_of_event_id
 from fpolicyd.protocol.messages import PathName, ProtCommonInfo, ScreenRequest, UserContext
+from fpolicyd.protocol.xml_fast import fields_of
 from support.event_ids import recompute_event_id
 
 _FORMATS = jsonschema.FormatChecker()
@@ -170,3 +174,18 @@ def test_event_id_moves_with_the_path(req: ScreenRequest, ctx: SessionContext, r
         target_paths=(),
     )
     assert normalize(moved, ctx, NameMaps(), received_at_us).event_id != base.event_id
+
+
+@PROPS
+@given(reqs=st.lists(requests, min_size=1, max_size=4), ctx=contexts, names=name_maps, received_at_us=received)
+def test_event_builder_matches_normalize_byte_for_byte(
+    reqs: list[ScreenRequest], ctx: SessionContext, names: NameMaps, received_at_us: int
+) -> None:
+    """The hot-path builder (flat fields, session constants and volume names cached) against the reference: the
+    same JSON bytes, key order included, for every request a session sees; its digest gives the id's key."""
+    builder = EventBuilder(ctx, names)
+    for req in reqs:
+        event, digest = builder.build(fields_of(req), received_at_us)
+        reference = normalize(req, ctx, names, received_at_us)
+        assert orjson.dumps(event) == reference.to_json()
+        assert key_of_digest(digest) == key_of_event_id(reference.event_id) == uuid.UUID(reference.event_id).int

@@ -29,6 +29,8 @@ from fpolicyd.obs.metrics import (
     SinkInstruments,
 )
 from fpolicyd.pipeline.backpressure import Watermarks
+from fpolicyd.pipeline.ingest import Ingest, IngestCounters
+from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.spool import Record, Spool, SpoolFsync, SpoolSettings
 from fpolicyd.protocol.req_types import Operation
 from fpolicyd.protocol.session import NoticeKind, SessionConfig
@@ -114,7 +116,7 @@ def build(spool: Spool, tmp_path: Path) -> tuple[Metrics, ServerContext, EventPi
     )
     ctx = ServerContext(
         session_config=SessionConfig(),
-        names=NameMaps(),
+        ingest=Ingest(names=NameMaps(), counters=IngestCounters(), replay=ReplayTracker()),
         pipeline=pipeline,
         max_frame_bytes=1 << 20,
         max_connections=8,
@@ -259,10 +261,10 @@ def test_send_failures_are_counted_by_retryability() -> None:
 
 def test_collector_reads_hand_set_counters(spool: Spool, tmp_path: Path) -> None:
     metrics, ctx, pipeline, sqs = build(spool, tmp_path)
-    ctx.events = 10
+    ctx.ingest.counters.events = 10
     ctx.sessions_opened = 3
     ctx.notices = {NoticeKind.HANDSHAKE: 3, NoticeKind.KEEP_ALIVE: 5, NoticeKind.STATE: 3, NoticeKind.ALERT: 1}
-    ctx.operations = {"create": 6, "rename": 4}
+    ctx.ingest.counters.operations = {"create": 6, "rename": 4}
     ctx.protocol_errors = {"bad_marker": 2, "idle_timeout": 1}
     jsonl, cloud = pipeline.workers
     jsonl.stats.delivered = 10

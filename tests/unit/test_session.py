@@ -148,7 +148,7 @@ def test_async_mode_sends_nothing_for_screen_requests() -> None:
     notification = outputs[0]
     assert isinstance(notification, FileNotification)
     assert notification.response is None
-    assert notification.request.req_type == "SMB_REN"
+    assert notification.fields.req_type == "SMB_REN"
     assert only(session.receive(encode_message(StatusQuery(4996, "SMB_REN"))[6:], 1.0), Reply) == []
 
 

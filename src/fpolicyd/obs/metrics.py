@@ -352,7 +352,8 @@ class Metrics:
 
     - replay tracking: ``replay_source = lambda: tracker.stats()`` (a :class:`ReplayFigures`, read at scrape
       time, on the HTTP thread: it must only read attributes);
-    - dedup: :meth:`watch_processor` (the processing stage's suppressed duplicates), or ``count_dedup_hits(n)``;
+    - dedup: the reader's exact-dedup window is read from the server context; the processing stage's suppressed
+      duplicates through :meth:`watch_processor`, or ``count_dedup_hits(n)``;
     - settle: ``settle_pending_source = lambda: <events waiting to settle>``.
     """
 
@@ -469,14 +470,15 @@ class FpolicydCollector(Collector):
                 rejected.add_metric([reason], ctx.rejections.get(reason, 0))
             notices = dict(ctx.notices)
             by_type: dict[str, int] = dict.fromkeys(_INBOUND_FRAME_TYPES, 0)
-            by_type[NotfType.SCREEN_REQ] = ctx.events
+            counters = ctx.ingest.counters
+            by_type[NotfType.SCREEN_REQ] = counters.events
             for kind, count in notices.items():
                 frame_type = _FRAME_NOTICES.get(kind)
                 if frame_type is not None:
                     by_type[frame_type] += count
             for frame_type, count in by_type.items():
                 frames.add_metric([str(frame_type)], count)
-            operations = dict(ctx.operations)
+            operations = dict(counters.operations)
             for operation in Operation:
                 events.add_metric([operation.value], operations.pop(operation.value, 0))
             for operation_name, count in sorted(operations.items()):
@@ -587,20 +589,22 @@ class FpolicydCollector(Collector):
         backlog = _gauge("processor_lag_records", "Spool records the processing stage has not handled yet.")
         ctx = metrics.context
         if ctx is not None:
-            for route, count in sorted(dict(ctx.route_matches).items()):
+            counters = ctx.ingest.counters
+            for route, count in sorted(dict(counters.route_matches).items()):
                 routed.add_metric([route], count)
-            unrouted.add_metric([], ctx.unrouted)
+            unrouted.add_metric([], counters.unrouted)
         processor = metrics.processor
-        if processor is not None:
-            errors.add_metric(["open"], processor.stats.dedup_errors_open)
-            errors.add_metric(["closed"], processor.stats.dedup_errors_closed)
-            backlog.add_metric([], processor.lag)
+        # Without a stage (the reader's exact dedup cannot fail open or closed: it is in memory) the series are 0.
+        errors.add_metric(["open"], processor.stats.dedup_errors_open if processor is not None else 0)
+        errors.add_metric(["closed"], processor.stats.dedup_errors_closed if processor is not None else 0)
+        backlog.add_metric([], processor.lag if processor is not None else 0)
         yield from (routed, unrouted, errors, backlog)
 
     @staticmethod
     def _replay(metrics: Metrics) -> Iterator[Metric]:
         dedup = _counter("dedup_hits", "Events suppressed as duplicates by dedup.")
-        dedup.add_metric([], metrics.dedup_hits_source())
+        reader_hits = metrics.context.ingest.counters.duplicates if metrics.context is not None else 0
+        dedup.add_metric([], reader_hits + metrics.dedup_hits_source())
         settle = _gauge("settle_pending", "Events waiting for their file to settle before emission.")
         settle.add_metric([], metrics.settle_pending_source())
         reconnects = _counter("reconnects", "Handshakes of a node/policy that had lost its previous session.")

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import orjson
 
 from fpolicyd.events import format_rfc3339_us
-from fpolicyd.pipeline.dedup import Decision, DedupRequest, DedupResult
+from fpolicyd.pipeline.dedup import Decision, DedupMode, DedupRequest, DedupResult, exact_key
 from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter
 
 if TYPE_CHECKING:
     from fpolicyd.config import Settings
 
-__all__ = ["LEDGER_PREFIX", "RECORDED_DECISIONS", "AuditLedger", "Redact", "ledger_record"]
+__all__ = ["LEDGER_PREFIX", "RECORDED_DECISIONS", "AuditLedger", "Redact", "ledger_record", "reader_duplicate_record"]
 
 LEDGER_PREFIX: Final = "dedup_ledger"
 RECORDED_DECISIONS: Final = frozenset({Decision.duplicate, Decision.error_open})
@@ -72,6 +72,21 @@ def ledger_record(request: DedupRequest, result: DedupResult, now: float) -> dic
             del record["key"]
             record["file_path"] = request.key.pk[len(prefix) :]
     return record
+
+
+def reader_duplicate_record(event_id: str, claimant: str, now: float) -> dict[str, Any]:
+    """The record of a duplicate the reader's exact-dedup window suppressed: the same fields as a stage decision
+    in exact mode (key ``<event_id>|<EXACT_SORT_KEY>``), except ``first_claimant``, which the window does not
+    keep (it holds keys only: the first event is the one with the same ``event_id``)."""
+    return {
+        "time": format_rfc3339_us(int(now * 1_000_000)),
+        "event_id": event_id,
+        "key": str(exact_key(event_id)),
+        "decision": Decision.duplicate.value,
+        "first_seen_id": event_id,
+        "claimant": claimant,
+        "mode": DedupMode.exact.value,
+    }
 
 
 def _finish(record: dict[str, Any], request: DedupRequest) -> dict[str, Any]:
@@ -144,6 +159,18 @@ class AuditLedger:
     def close(self) -> None:
         with self._lock:
             self._writer.close()
+
+    def write_duplicates(self, records: Sequence[dict[str, Any]], now: float) -> int:
+        """Record duplicates the reader's exact-dedup window suppressed (:func:`reader_duplicate_record`);
+        same guarantees as :meth:`write`."""
+        if not records:
+            return 0
+        lines = [orjson.dumps(self.redact(record)) for record in records]
+        with self._lock:
+            self._writer.write_batch(lines, now)
+            self.records_written += len(lines)
+            self.duplicates_recorded += len(lines)
+        return len(lines)
 
     def write(self, decisions: Sequence[tuple[DedupRequest, DedupResult]], now: float) -> int:
         """Record every duplicate and error_open decision of ``decisions``; returns the records written.

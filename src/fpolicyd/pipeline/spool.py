@@ -338,6 +338,8 @@ class Spool:
         self._sync_lock = threading.Lock()
         self._ckpt_lock = threading.Lock()
         self._failed: SpoolIOError | None = None
+        #: Records above this seq stay whatever the sinks acked (:meth:`retain_above`).
+        self._retain_floor: int | None = None
         self._closed = True
         self.recovery: RecoveryReport | None = None
 
@@ -602,7 +604,20 @@ class Spool:
         of payload (but at least one record when one is available). Moves the read position, not the ack."""
         if max_records < 1 or max_bytes < 1:
             raise ValueError(f"max_records and max_bytes must be positive, got {max_records} and {max_bytes}")
-        c = self._cursor(sink)
+        return self._read(self._cursor(sink), max_records, max_bytes)
+
+    def scan(self, after_seq: int, max_records: int = 1000, max_bytes: int = 1 * _MIB) -> list[Record]:
+        """Durable records after ``after_seq`` (at most ``max_records``/``max_bytes``, at least one), read without
+        any sink's cursor: for rebuilding state from what the spool holds at start (the dedup window)."""
+        if max_records < 1 or max_bytes < 1:
+            raise ValueError(f"max_records and max_bytes must be positive, got {max_records} and {max_bytes}")
+        if after_seq >= self._durable_seq or not self._segments:
+            return []
+        seg, offset, next_seq = self._locate(max(after_seq + 1, self._segments[0].first_seq))
+        cursor = _Cursor(after_seq, 0, seg, offset, next_seq, after_seq)
+        return self._read(cursor, max_records, max_bytes)
+
+    def _read(self, c: _Cursor, max_records: int, max_bytes: int) -> list[Record]:
         limit = self._durable_seq
         out: list[Record] = []
         total = 0
@@ -939,8 +954,16 @@ class Spool:
         self._collect()
         return before - len(self._segments)
 
+    def retain_above(self, seq: int | None) -> None:
+        """Keep every record above ``seq`` whatever the sinks acked (None: no such floor). The dedup journal
+        sets it to the last record whose claim it holds durably, so that a record leaves the spool only once
+        its claim can be rebuilt from the journal. Takes effect at the next :meth:`collect`."""
+        self._retain_floor = seq
+
     def _collect(self) -> None:
         floor = min(min((c.acked for c in self._cursors.values()), default=self.last_seq), self._durable_seq - 1)
+        if self._retain_floor is not None:
+            floor = min(floor, self._retain_floor)
         segs = self._segments
         n = 0
         while n < len(segs) - 1 and segs[n].last_seq <= floor:

@@ -9,12 +9,9 @@ them here, asks the dedup store about the candidates, appends what is to be deli
 *processed* records and, once those are durable, tells the stage, which then says how far the stage's cursor
 may be acknowledged.
 
-Spool records are of two kinds, told apart by their first byte:
-
-- a raw event, as the reader stored it: a JSON object, ``{...``;
-- a processed event: ``0x1E`` + the destination header + ``\\n`` + the event JSON. The header is ``*`` (every sink)
-  or a comma-separated list of sink keys (8 hex digits of SHA-256 of the sink URI, stable across restarts and
-  configuration changes). Sink workers deliver only processed records addressed to them.
+Spool records are of three kinds, told apart by their first byte (``pipeline/records.py``): raw events as the
+reader stored them, duplicates the reader's dedup window suppressed (skipped here), and processed events
+(addressed to sinks), which this stage appends.
 
 Restart safety. An event held by settle is still only in the spool, so the stage's cursor is never acknowledged
 past the oldest held record (:meth:`Stage.floor`); after a restart the records from there on are read again and
@@ -28,60 +25,39 @@ once, never lost.
 from __future__ import annotations
 
 import bisect
-import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import orjson
 
 from fpolicyd.events import FileEvent
+from fpolicyd.pipeline.records import (
+    ALL_SINKS,
+    DUPLICATE_TAG,
+    PROCESSED_TAG,
+    encode_processed,
+    processed_payload,
+    sink_key,
+    sink_selector,
+    stored_event_id,
+)
 from fpolicyd.pipeline.settle import SettleInputError, SettleOutput, Settler
 from fpolicyd.pipeline.spool import Record
 
-PROCESSED_TAG: Final = 0x1E
-_PROCESSED_PREFIX: Final = bytes([PROCESSED_TAG])
-ALL_SINKS: Final = b"*"
-
-
-def sink_key(uri: str) -> bytes:
-    """A short, stable name of a sink for the destination header."""
-    return hashlib.sha256(uri.encode()).hexdigest()[:8].encode()
-
-
-def encode_processed(event_json: bytes, keys: Sequence[bytes] | None) -> bytes:
-    """A processed record: ``keys`` None means every sink."""
-    head = ALL_SINKS if keys is None else b",".join(keys)
-    return _PROCESSED_PREFIX + head + b"\n" + event_json
-
-
-def processed_payload(payload: bytes, key: bytes) -> bytes | None:
-    """The event JSON a sink with ``key`` delivers from a spool record, or None (raw, or addressed elsewhere)."""
-    if not payload or payload[0] != PROCESSED_TAG:
-        return None
-    end = payload.find(b"\n")
-    if end < 0:
-        return None
-    head = payload[1:end]
-    if head == ALL_SINKS or key in head.split(b","):
-        return payload[end + 1 :]
-    return None
-
-
-def sink_selector(sink: str, *, processing: bool) -> Callable[[bytes], bytes | None]:
-    """What the sink worker of ``sink`` sends of each spool record. With the stage on: only processed records
-    addressed to it. Without: raw records as they are, and processed ones left from a run with the stage on
-    (addressed to it) — switching the stage off never strands a backlog."""
-    key = sink_key(sink)
-    if processing:
-        return lambda payload: processed_payload(payload, key)
-
-    def select(payload: bytes) -> bytes | None:
-        if payload and payload[0] == PROCESSED_TAG:
-            return processed_payload(payload, key)
-        return payload
-
-    return select
+__all__ = [
+    "ALL_SINKS",
+    "Candidate",
+    "Destinations",
+    "Stage",
+    "StageState",
+    "StageStats",
+    "encode_processed",
+    "processed_payload",
+    "sink_key",
+    "sink_selector",
+    "stored_event_id",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +193,8 @@ class Stage:
         for record in records:
             self._read_through = record.seq
             payload = record.payload
-            if not payload or payload[0] == PROCESSED_TAG:
-                continue
+            if not payload or payload[0] == PROCESSED_TAG or payload[0] == DUPLICATE_TAG:
+                continue  # a processed record is output; a duplicate the reader suppressed is never delivered
             self.stats.events_in += 1
             if not self._decode:
                 event_id = stored_event_id(payload)
@@ -312,15 +288,3 @@ class Stage:
     @property
     def pending(self) -> int:
         return 0 if self._settler is None else self._settler.pending_count
-
-
-_ID_PREFIX: Final = b'{"event_id":"'
-_ID_END: Final = len(_ID_PREFIX) + 36
-
-
-def stored_event_id(payload: bytes) -> str | None:
-    """The ``event_id`` of a stored event without parsing it: it is the first field and a 36-character UUID
-    (:meth:`FileEvent.to_dict`); None when the record does not look like that (then it is parsed)."""
-    if payload.startswith(_ID_PREFIX) and payload[_ID_END : _ID_END + 1] == b'"':
-        return payload[len(_ID_PREFIX) : _ID_END].decode("ascii", "replace")
-    return None

@@ -38,6 +38,7 @@ from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.protocol import proto_codec, xml_codec
 from fpolicyd.protocol.framing import DEFAULT_MAX_FRAME_BYTES, MARKER, FrameReader, XmlFrameReader
 from fpolicyd.protocol.messages import Message
+from fpolicyd.protocol.xml_fast import ScreenFields
 
 
 class ReaderName(StrEnum):
@@ -345,3 +346,20 @@ def codec_for(reader: FrameReader) -> tuple[Callable[[bytes], xml_codec.Decoded]
     """(decode, encode) for a session on a connection read by ``reader``."""
     codec = ConnectionCodec(reader)
     return codec.decode, codec.encode
+
+
+def fast_screen_for(reader: FrameReader) -> xml_codec.FastScreen | None:
+    """The session's fast SCREEN_REQ reader for a connection read by ``reader`` (XML only; None for protobuf).
+    With ``auto`` the format is checked at each call, as :meth:`ConnectionCodec.decode` does."""
+    if isinstance(reader, XmlFrameReader):
+        return xml_codec.fast_screen
+    if isinstance(reader, AutoReader):
+        codec = ConnectionCodec(reader)
+
+        def fast(payload: bytes) -> ScreenFields | None:
+            if resolved_reader(codec.reader) is not ReaderName.XML:
+                return None
+            return xml_codec.fast_screen(payload)
+
+        return fast
+    return None

@@ -41,7 +41,8 @@ from fpolicyd.protocol.messages import (
     UnknownMessage,
     VolumeNotification,
 )
-from fpolicyd.protocol.xml_codec import Decoded, decode_payload, encode_message
+from fpolicyd.protocol.xml_codec import Decoded, FastScreen, decode_payload, encode_message
+from fpolicyd.protocol.xml_fast import ScreenFields, fields_of
 
 #: The idle timeout must exceed the keep-alive interval by this factor: a timeout equal to the interval
 #: closes the connection just before each KEEP_ALIVE (a public server's "handshake works, no events" bug).
@@ -119,9 +120,10 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class FileNotification:
-    """A SCREEN_REQ to hand on. ``response`` (sync engines only) is to be written once the event is safe."""
+    """A SCREEN_REQ to hand on, as the decoder's flat fields (whichever decoder read it). ``response`` (sync
+    engines only) is to be written once the event is safe."""
 
-    request: ScreenRequest
+    fields: ScreenFields
     response: bytes | None
 
 
@@ -142,6 +144,7 @@ class Session:
         "_deadline_base",
         "_decode",
         "_encode",
+        "_fast",
         "_sync",
         "context",
         "fatal_alert",
@@ -158,12 +161,15 @@ class Session:
         now: float,
         decode: Callable[[bytes], Decoded] = decode_payload,
         encode: Callable[[Message], bytes] = encode_message,
+        fast: FastScreen | None = None,
     ) -> None:
         """``decode``/``encode`` are the connection's wire format (XML by default; protobuf mode passes
-        :func:`fpolicyd.protocol.readers.codec_for`): payload → message, and message → framed bytes."""
+        :func:`fpolicyd.protocol.readers.codec_for`): payload → message, and message → framed bytes. ``fast``
+        (XML mode) reads a SCREEN_REQ in ONTAP's canonical layout without the full decoder; see :meth:`screen`."""
         self._config = config
         self._decode = decode
         self._encode = encode
+        self._fast = fast
         self._sync = config.engine_mode is EngineMode.SYNC
         self.peer = peer
         self.state = SessionState.AWAITING_NEGO
@@ -198,6 +204,22 @@ class Session:
 
     # ------------------------------------------------------------------------------------------ input
 
+    def screen(self, payload: bytes, now: float) -> FileNotification | None:
+        """The common case in one call: a SCREEN_REQ in ONTAP's canonical layout on an active session becomes a
+        :class:`FileNotification` exactly as :meth:`receive` would make it. None means "not that case, nothing
+        happened": hand the payload to :meth:`receive`. Only when ``ContentLen`` agrees with the body; a mismatch
+        takes the general path, which reports it."""
+        fast = self._fast
+        if fast is None or self.state is not SessionState.ACTIVE:
+            return None
+        fields = fast(payload)
+        if fields is None:
+            return None
+        self.last_received = now
+        if self._sync:
+            return FileNotification(fields, self._encode(ScreenResponse(fields.req_id, fields.req_type, ALLOW)))
+        return FileNotification(fields, None)
+
     def receive(self, payload: bytes, now: float) -> Sequence[Output]:
         """Handle one framed payload. A :class:`RemoteProtocolError` becomes a :class:`Close`."""
         if self.state is SessionState.CLOSED:
@@ -213,7 +235,7 @@ class Session:
     def _handle(self, decoded: Decoded) -> Sequence[Output]:
         msg = decoded.message
         if type(msg) is ScreenRequest and self.state is SessionState.ACTIVE:
-            out = FileNotification(msg, self._screen_response(msg) if self._sync else None)
+            out = FileNotification(fields_of(msg), self._screen_response(msg) if self._sync else None)
             if decoded.header.content_len != decoded.body_length:
                 return (out, self._length_mismatch(decoded))
             return (out,)

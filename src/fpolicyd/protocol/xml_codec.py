@@ -16,7 +16,7 @@ Every failure to decode raises :class:`~fpolicyd.errors.RemoteProtocolError`; no
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -47,6 +47,7 @@ from fpolicyd.protocol.messages import (
     UserKind,
     VolumeNotification,
 )
+from fpolicyd.protocol.xml_fast import ScreenFields, scan_screen_request
 
 XML_PROLOG: Final = b'<?xml version="1.0"?>'
 
@@ -453,6 +454,28 @@ def decode_payload(payload: bytes) -> Decoded:
     if body_xml is None:
         raise RemoteProtocolError("missing_body", f"{notf_type} without a body")
     return Decoded(header, _decode_body(notf_type, _parse(body_xml, "body")), len(body_xml))
+
+
+#: A payload → the fields of a canonical SCREEN_REQ, or None (the session's fast entry point, :func:`fast_screen`).
+FastScreen = Callable[[bytes], ScreenFields | None]
+
+_SCREEN_HEADER_HEAD: Final = _HEADER_HEAD + b"SCREEN_REQ" + _HEADER_MID
+
+
+def fast_screen(payload: bytes) -> ScreenFields | None:
+    """A SCREEN_REQ in ONTAP's canonical layout (canonical header whose ``ContentLen`` equals the body's length,
+    canonical body: :func:`~fpolicyd.protocol.xml_fast.scan_screen_request`) → its fields; anything else → None,
+    to be decoded by :func:`decode_payload`. For every payload it accepts, the fields are those of the
+    ``ScreenRequest`` that :func:`decode_payload` returns (tests/property/test_xml_fast.py)."""
+    if not payload.startswith(_SCREEN_HEADER_HEAD):
+        return None
+    header_xml, body_xml = split_payload(payload)
+    if body_xml is None:
+        return None
+    header = _decode_canonical_header(header_xml)
+    if header is None or header.notf_type != NotfType.SCREEN_REQ or header.content_len != len(body_xml):
+        return None
+    return scan_screen_request(body_xml)
 
 
 # --------------------------------------------------------------------------------------------------- encode

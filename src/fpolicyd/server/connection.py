@@ -1,7 +1,8 @@
-"""One ONTAP connection: asyncio Protocol glue around the sans-IO framer and session.
+"""One ONTAP connection: asyncio Protocol glue around the sans-IO framer and the ingest step.
 
-Per read the work is: split frames, decode, answer, normalize, append the encoded event to the spool. Nothing
-here awaits; replies produced by one read are written with one ``writelines`` (a synchronous engine's
+Per read: split frames (the reader), hand the payloads to the pure ingest step (``pipeline/ingest.py``: session,
+decode, event, replay flags, routes, dedup claim, JSON), append its records to the spool, write its replies.
+Nothing here awaits; replies produced by one read are written with one ``writelines`` (a synchronous engine's
 SCREEN_RESP waits until its event is durable). While the pipeline asks for it (spool over its pause
 watermark), the transport stops reading and TCP pushes back to ONTAP.
 """
@@ -17,19 +18,10 @@ from typing import Any, cast
 
 from fpolicyd.capture import CaptureRecorder, ConnectionCapture
 from fpolicyd.errors import RemoteProtocolError
-from fpolicyd.events import FileEvent, NameMaps, normalize
 from fpolicyd.obs.log import get_logger
-from fpolicyd.pipeline.replay import ReplaySession, ReplayTracker
-from fpolicyd.protocol.readers import ReaderName, codec_for, make_reader
-from fpolicyd.protocol.session import (
-    Close,
-    FileNotification,
-    Notice,
-    NoticeKind,
-    Reply,
-    Session,
-    SessionConfig,
-)
+from fpolicyd.pipeline.ingest import Ingest, IngestSession
+from fpolicyd.protocol.readers import ReaderName, codec_for, fast_screen_for, make_reader
+from fpolicyd.protocol.session import Notice, NoticeKind, Session, SessionConfig
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.tls import peer_certificate_subject
@@ -51,7 +43,7 @@ class ServerContext:
         self,
         *,
         session_config: SessionConfig,
-        names: NameMaps,
+        ingest: Ingest,
         pipeline: EventPipeline,
         max_frame_bytes: int,
         max_connections: int,
@@ -60,12 +52,10 @@ class ServerContext:
         allowlist: PeerAllowlist | None = None,
         frame_reader: str = ReaderName.XML,
         capture: CaptureRecorder | None = None,
-        redact_event: Callable[[FileEvent], FileEvent] | None = None,
-        route: Callable[[str, str], tuple[str, ...]] | None = None,
-        replay: ReplayTracker | None = None,
     ) -> None:
         self.session_config = session_config
-        self.names = names
+        #: The per-event work every session shares (names, routes, dedup window, redaction, counters).
+        self.ingest = ingest
         self.pipeline = pipeline
         pipeline.broadcast_back_pressure = self.broadcast_back_pressure
         self.max_frame_bytes = max_frame_bytes
@@ -74,13 +64,6 @@ class ServerContext:
         #: Where a payload that broke the protocol goes (the dead-letter file), with the reason.
         self.quarantine = quarantine
         self.connections: set[FPolicyConnection] = set()
-        #: Data classification applied to each event before it is stored (None: events leave unredacted).
-        self.redact_event = redact_event
-        #: The use-case router (file_path, operation_type) → route names; None: routing is off.
-        self.route = route
-        #: Events by matched route (a route can count an event with others: fan-out); and events no route took.
-        self.route_matches: dict[str, int] = {}
-        self.unrouted = 0
         #: Peers that may connect (empty = any).
         self.allowlist = allowlist if allowlist is not None else PeerAllowlist()
         #: The listener's frame reader (:class:`ReaderName`: xml, protobuf-*, auto) and the optional wire capture.
@@ -90,12 +73,7 @@ class ServerContext:
         self.rejections: dict[str, int] = {}
         self.protocol_errors: dict[str, int] = {}
         self.notices: dict[str, int] = {}
-        self.events = 0
-        #: Events by ``operation_type`` (a closed set), read by the metrics collector at scrape time.
-        self.operations: dict[str, int] = {}
         self.sessions_opened = 0
-        #: Reconnects, persistent-store replay, out-of-order and duplicate notifications (all sessions).
-        self.replay = replay if replay is not None else ReplayTracker()
 
     def reject(self, reason: str) -> None:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
@@ -118,6 +96,7 @@ class FPolicyConnection(asyncio.Protocol):
         self._reader = make_reader(ctx.frame_reader, ctx.max_frame_bytes)
         self._capture: ConnectionCapture | None = None
         self._session: Session | None = None
+        self._ingest: IngestSession | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._paused = False
@@ -126,7 +105,6 @@ class FPolicyConnection(asyncio.Protocol):
         self.last_data_at = self._loop.time()
         self.stats = ConnectionStats()
         self.closed = asyncio.Event()
-        self._replay: ReplaySession | None = None
 
     # ------------------------------------------------------------------------------------ asyncio
 
@@ -151,7 +129,15 @@ class FPolicyConnection(asyncio.Protocol):
         ctx.connections.add(self)
         ctx.sessions_opened += 1
         decode, encode = codec_for(self._reader)
-        self._session = Session(ctx.session_config, peer=self.peer, now=self._loop.time(), decode=decode, encode=encode)
+        self._session = Session(
+            ctx.session_config,
+            peer=self.peer,
+            now=self._loop.time(),
+            decode=decode,
+            encode=encode,
+            fast=fast_screen_for(self._reader),
+        )
+        self._ingest = ctx.ingest.session(self._session)
         if ctx.capture is not None:
             self._capture = ctx.capture.open(self.peer, ctx.frame_reader.value)
         subject = peer_certificate_subject(transport.get_extra_info("peercert"))
@@ -160,9 +146,9 @@ class FPolicyConnection(asyncio.Protocol):
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
-        session = self._session
+        ingest = self._ingest
         transport = self._transport
-        if session is None or transport is None or transport.is_closing():
+        if ingest is None or transport is None or transport.is_closing():
             return
         self.stats.bytes_received += len(data)
         if self._capture is not None:
@@ -175,72 +161,33 @@ class FPolicyConnection(asyncio.Protocol):
             return
         if not payloads:
             return
-        now = self._loop.time()
-        received_at_us = self._ctx.wall_clock_us()
         ctx = self._ctx
+        received_at_us = ctx.wall_clock_us()
+        batch = ingest.feed(payloads, self._loop.time(), received_at_us, received_at_us / 1_000_000)
         pipeline = ctx.pipeline
-        names = ctx.names
-        redact = ctx.redact_event
-        route = ctx.route
-        route_matches = ctx.route_matches
-        operations = ctx.operations
-        replies: list[bytes] = []
-        lines: list[bytes] = []
-        responses: list[tuple[int, Callable[[], None]]] = []
-        events = 0
-        for payload in payloads:
-            for out in session.receive(payload, now):
-                if type(out) is FileNotification:
-                    context = session.context
-                    assert context is not None  # a FileNotification only exists after the handshake
-                    if out.response is not None:
-                        # A synchronous engine is answered only once the event is durable.
-                        responses.append((len(lines), partial(self._write, out.response)))
-                    event = normalize(out.request, context, names, received_at_us)
-                    operation = event.operation_type
-                    operations[operation] = operations.get(operation, 0) + 1
-                    replay = self._replay
-                    assert replay is not None  # set by the handshake, like the context
-                    flags = replay.observe(out.request.common.generation_time, event.event_id, now)
-                    if flags is not None:
-                        event.metadata.update(flags)
-                    if route is not None:
-                        routes = route(event.file_path, operation)
-                        event.metadata["routes"] = list(routes)  # stored with the event: see pipeline/stage.py
-                        if routes:
-                            for name in routes:
-                                route_matches[name] = route_matches.get(name, 0) + 1
-                        else:
-                            ctx.unrouted += 1
-                    if redact is not None:
-                        event = redact(event)
-                    lines.append(event.to_json())
-                    events += 1
-                elif type(out) is Reply:
-                    replies.append(out.data)
-                elif type(out) is Notice:
-                    if out.kind is NoticeKind.HANDSHAKE and session.context is not None:
-                        self._replay = ctx.replay.session_started(session.context, now, received_at_us, self._replay)
-                    self._notice(out)
-                elif type(out) is Close:
-                    pipeline.submit_many(lines, responses)
-                    if replies:
-                        transport.writelines(replies)
-                    self._count_events(events, len(payloads))
-                    # Keep the frame that could not be decoded (raw, base64 in the dead-letter file): an
-                    # undecodable notification is still a notification ONTAP considers delivered.
-                    ctx.quarantine(payload, f"{out.reason}: {out.detail}")
-                    self._close(out.reason, out.detail)
-                    return
-        pipeline.submit_many(lines, responses)
-        if replies:
-            transport.writelines(replies)
-        self._count_events(events, len(payloads))
+        write = self._write
+        pipeline.submit_many(
+            batch.records, [(index, partial(write, reply)) for index, reply in batch.durable_replies], batch.claims
+        )
+        if batch.replies:
+            transport.writelines(batch.replies)
+        for notice in batch.notices:
+            self._notice(notice)
+        self.stats.events += batch.events
+        self.stats.frames += batch.frames
+        close = batch.close
+        if close is not None:
+            if batch.rejected is not None:
+                # Keep the frame that could not be decoded (raw, base64 in the dead-letter file): an
+                # undecodable notification is still a notification ONTAP considers delivered.
+                ctx.quarantine(batch.rejected, f"{close.reason}: {close.detail}")
+            self._close(close.reason, close.detail)
+            return
         if pipeline.reading_paused and not self._paused:
             self._pause()
         elif not self._paused:
             self._yield()
-        deadline = session.deadline()
+        deadline = ingest.session.deadline()
         if deadline is not None and deadline < self._timer_at:
             self._arm_timer()
 
@@ -251,8 +198,8 @@ class FPolicyConnection(asyncio.Protocol):
         self._ctx.pipeline.forget(id(self))
         if self._timer is not None:
             self._timer.cancel()
-        if self._replay is not None:
-            self._ctx.replay.session_ended(self._replay, self._loop.time())
+        if self._ingest is not None:
+            self._ingest.closed(self._loop.time())
         session = self._session
         if session is not None:
             session.closed()
@@ -272,11 +219,6 @@ class FPolicyConnection(asyncio.Protocol):
         log.warning("peer_not_reading", peer=self.peer)
 
     # ------------------------------------------------------------------------------------ helpers
-
-    def _count_events(self, events: int, frames: int) -> None:
-        self.stats.events += events
-        self.stats.frames += frames
-        self._ctx.events += events
 
     def _yield(self) -> None:
         """Stop reading until the next loop iteration.

@@ -15,6 +15,7 @@ reader stops, and the held events go in first as soon as space frees up: an even
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
 from fpolicyd.pipeline.spool import Spool, SpoolFullError, SpoolIOError
 from fpolicyd.sinks.runner import RetryPolicy, Sender, SinkWorker
+from fpolicyd.storage.dedup_journal import DedupJournal, JournalError
 
 log = get_logger("fpolicyd.pipeline")
 
@@ -53,8 +55,13 @@ class EventPipeline:
         checkpoint_interval_s: float,
         retry: RetryPolicy | None = None,
         select: Callable[[str], Callable[[bytes], bytes | None] | None] = lambda sink: None,
+        journal: DedupJournal | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
+        #: Claims of the reader's dedup window, written and fsynced with the spool (see storage/dedup_journal.py).
+        self.journal = journal
+        self._wall_clock = wall_clock
         self.workers = [
             SinkWorker(sender, spool, on_ack=self._after_ack, retry=retry, select=select(sender.name))
             for sender in senders
@@ -64,7 +71,8 @@ class EventPipeline:
         self.pressure = BackPressure(watermarks)
         self._checkpoint_interval_s = checkpoint_interval_s
         self._waiters: deque[tuple[int, OnDurable]] = deque()
-        self._held: deque[tuple[bytes, OnDurable | None]] = deque()
+        #: Events read while the spool was full: (record, what to run once durable, dedup key or None).
+        self._held: deque[tuple[bytes, OnDurable | None, int | None]] = deque()
         self._parked: dict[int, Callable[[], None]] = {}
         self._flush_scheduled = False
         self._commit_wakeup = asyncio.Event()
@@ -76,7 +84,7 @@ class EventPipeline:
         #: must stop so that recovery rebuilds the spool from disk at the next start.
         self.on_fatal: Callable[[BaseException], None] = lambda exc: None
         self.fatal: BaseException | None = None
-        self._flush_error: SpoolIOError | None = None
+        self._flush_error: SpoolIOError | JournalError | None = None
         self.accepted = 0
         self.held_total = 0
         self.pauses = 0
@@ -149,48 +157,68 @@ class EventPipeline:
 
     # ------------------------------------------------------------------------------------------ readers
 
-    def submit(self, line: bytes, on_durable: OnDurable | None = None) -> None:
-        """Take one encoded event; ``on_durable`` runs once it is safe on disk (per the fsync policy)."""
+    def submit(self, line: bytes, on_durable: OnDurable | None = None, key: int | None = None) -> None:
+        """Take one encoded event; ``on_durable`` runs once it is safe on disk (per the fsync policy); ``key``:
+        the dedup window's claim for it (journaled with the record's seq)."""
         self.accepted += 1
         if self._held:
-            self._held.append((line, on_durable))
+            self._held.append((line, on_durable, key))
         else:
             try:
                 seq = self.spool.append(line)
             except SpoolFullError as exc:
-                self._hold(line, on_durable, exc)
+                self._hold(line, on_durable, key, exc)
             else:
                 if on_durable is not None:
                     self._waiters.append((seq, on_durable))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+                if key is not None:
+                    self._journal(((seq, key),))
+        self._schedule_flush()
 
-    def submit_many(self, lines: list[bytes], on_durable: list[tuple[int, OnDurable]]) -> None:
+    def submit_many(
+        self,
+        lines: list[bytes],
+        on_durable: Sequence[tuple[int, OnDurable]],
+        claims: Sequence[tuple[int, int]] = (),
+    ) -> None:
         """Take the events of one socket read in one spool append (half the per-event cost of :meth:`submit`).
-        ``on_durable`` pairs an index into ``lines`` with what to run once that event is durable."""
+        ``on_durable`` pairs an index into ``lines`` with what to run once that event is durable; ``claims`` pairs
+        an index with the dedup key the reader claimed for that event."""
         if not lines:
             return
         if self._held:
-            self._submit_each(lines, on_durable)
+            self._submit_each(lines, on_durable, claims)
             return
         try:
             seqs = self.spool.append_many(lines)
         except SpoolFullError:
-            self._submit_each(lines, on_durable)  # as many as fit go in; the rest is held
+            self._submit_each(lines, on_durable, claims)  # as many as fit go in; the rest is held
             return
         self.accepted += len(lines)
         waiters = self._waiters
         for index, callback in on_durable:
             waiters.append((seqs[index], callback))
+        if claims:
+            self._journal([(seqs[index], key) for index, key in claims])
+        self._schedule_flush()
+
+    def _journal(self, claims: Sequence[tuple[int, int]]) -> None:
+        journal = self.journal
+        if journal is not None:
+            journal.append(self._wall_clock(), claims)
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _submit_each(self, lines: list[bytes], on_durable: list[tuple[int, OnDurable]]) -> None:
+    def _submit_each(
+        self, lines: list[bytes], on_durable: Sequence[tuple[int, OnDurable]], claims: Sequence[tuple[int, int]]
+    ) -> None:
         callbacks = dict(on_durable)
+        keys = dict(claims)
         for index, line in enumerate(lines):
-            self.submit(line, callbacks.get(index))
+            self.submit(line, callbacks.get(index), keys.get(index))
 
     @property
     def reading_paused(self) -> bool:
@@ -216,31 +244,35 @@ class EventPipeline:
 
     # ------------------------------------------------------------------------------------------ internals
 
-    def _hold(self, line: bytes, on_durable: OnDurable | None, exc: SpoolFullError) -> None:
+    def _hold(self, line: bytes, on_durable: OnDurable | None, key: int | None, exc: SpoolFullError) -> None:
         if not self._held:
             log.error("spool_full", error=str(exc), detail="reading paused; events held in memory until space frees")
         self.held_total += 1
-        self._held.append((line, on_durable))
+        self._held.append((line, on_durable, key))
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         spool = self.spool
-        if spool.buffered_bytes and self.fatal is None:
+        journal = self.journal
+        if (spool.buffered_bytes or (journal is not None and journal.buffered)) and self.fatal is None:
             try:
                 spool.flush()
-            except SpoolIOError as exc:
+                if journal is not None:
+                    journal.flush()
+            except (SpoolIOError, JournalError) as exc:
                 self._flush_failed(exc)
                 return
             if self._flush_error is not None:
                 log.info("spool_flush_recovered")
                 self._flush_error = None
         if spool.commit_delay is None:
+            # fsync "never": handed to the kernel is as durable as it gets (the journal too, so no floor).
             self._durable()
-        elif spool.sync_pending:
+        elif spool.sync_pending or (journal is not None and journal.sync_pending):
             self._commit_wakeup.set()
         self._update_pressure()
 
-    def _flush_failed(self, exc: SpoolIOError) -> None:
+    def _flush_failed(self, exc: SpoolIOError | JournalError) -> None:
         """The buffer stays in memory (nothing is lost); readers stop until a flush succeeds again."""
         if not exc.retriable:
             self._fail(exc)
@@ -275,13 +307,22 @@ class EventPipeline:
         task.add_done_callback(finished)
 
     async def _commit_now(self) -> None:
-        if self.spool.sync_pending and self.fatal is None:
+        journal = self.journal
+        if (self.spool.sync_pending or (journal is not None and journal.sync_pending)) and self.fatal is None:
             try:
-                await asyncio.get_running_loop().run_in_executor(self._executor, self.spool.sync)
-            except SpoolIOError as exc:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._sync)
+            except (SpoolIOError, JournalError) as exc:
                 self._fail(exc)
                 return
+        if journal is not None:
+            self.spool.retain_above(journal.durable_seq)
         self._durable()
+
+    def _sync(self) -> None:
+        """On the commit thread: the spool, then the dedup journal (a claim is durable no later than its record)."""
+        self.spool.sync()
+        if self.journal is not None:
+            self.journal.sync()
 
     async def _commit_loop(self) -> None:
         while True:
@@ -321,7 +362,7 @@ class EventPipeline:
 
     def _take_back_held(self) -> None:
         while self._held:
-            line, on_durable = self._held[0]
+            line, on_durable, key = self._held[0]
             try:
                 seq = self.spool.append(line)
             except SpoolFullError:
@@ -329,6 +370,8 @@ class EventPipeline:
             self._held.popleft()
             if on_durable is not None:
                 self._waiters.append((seq, on_durable))
+            if key is not None:
+                self._journal(((seq, key),))
         log.info("spool_space_recovered", held_total=self.held_total)
         if not self._flush_scheduled:
             self._flush_scheduled = True

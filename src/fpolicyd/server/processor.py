@@ -40,10 +40,11 @@ from fpolicyd.pipeline.dedup import (
     EmbeddedDedupStore,
 )
 from fpolicyd.pipeline.ledger import AuditLedger
+from fpolicyd.pipeline.records import encode_processed, sink_selector
 from fpolicyd.pipeline.router import Router, RouteTable, UnroutedAction
 from fpolicyd.pipeline.settle import SettleConfig, Settler, received_at_s
 from fpolicyd.pipeline.spool import Spool
-from fpolicyd.pipeline.stage import Candidate, Destinations, Stage, StageState, encode_processed, sink_selector
+from fpolicyd.pipeline.stage import Candidate, Destinations, Stage, StageState
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.sinks.aws import AwsClients
 from fpolicyd.sinks.dedup_dynamodb import DynamoDbDedupStore
@@ -340,6 +341,8 @@ class ProcessingPlan:
     unrouted_sinks: tuple[str, ...] | None
     #: Settle policies by route and operation (enabled: some event can be held).
     settle: SettleConfig
+    #: Whether the stage dedups (window mode, or the DynamoDB backend); exact + embedded is the reader's job.
+    dedup: bool = False
 
     def destinations(self, names: Mapping[str, str]) -> Destinations:
         """Destinations by sender name (``names``: URI → the sender's normalised name)."""
@@ -366,14 +369,17 @@ def plan_processing(settings: Settings) -> ProcessingPlan:
     # for settle, and to address events to a route's own sinks or to the unrouted audit file.
     settle = SettleConfig.from_settings(settings)
     routes_with_sinks = table is not None and any(route.sinks for route in table.routes)
-    enabled = settings.dedup_mode is not DedupMode.off or settle.enabled or routes_with_sinks or unrouted is not None
+    # Exact dedup with the embedded backend is done by the reader (pipeline/ingest.py); the stage dedups only in
+    # window mode or against DynamoDB.
+    stage_dedup = settings.dedup_mode is not DedupMode.off and not settings.reader_dedup
+    enabled = stage_dedup or settle.enabled or routes_with_sinks or unrouted is not None
     uris: dict[str, None] = dict.fromkeys(default_sinks)
     if enabled:
         for route in table.routes if table is not None else ():
             uris.update(dict.fromkeys(route.sinks))
         uris.update(dict.fromkeys(unrouted or ()))
     router = Router(table, strict=settings.routes_strict) if table is not None else None
-    return ProcessingPlan(enabled, tuple(uris), table, router, default_sinks, unrouted, settle)
+    return ProcessingPlan(enabled, tuple(uris), table, router, default_sinks, unrouted, settle, stage_dedup)
 
 
 async def start_processor(
@@ -414,7 +420,7 @@ async def start_processor(
     dedup: EmbeddedDedupStore | None = None
     dedup_async: DynamoDbDedupStore | None = None
     ledger: AuditLedger | None = None
-    if settings.dedup_mode is not DedupMode.off:
+    if plan.dedup:
         now = time.time()
         if settings.dedup_backend is DedupBackend.dynamodb:
             dedup_async = DynamoDbDedupStore.from_settings(settings, clients)
@@ -439,7 +445,7 @@ async def start_processor(
         spool=spool,
         pipeline=pipeline,
         destinations=destinations,
-        dedup_policy=DedupPolicy.from_settings(settings),
+        dedup_policy=DedupPolicy.from_settings(settings) if plan.dedup else DedupPolicy(mode=DedupMode.off),
         dedup=dedup,
         dedup_async=dedup_async,
         ledger=ledger,
@@ -453,8 +459,8 @@ async def start_processor(
         "processor_started",
         routes=len(plan.table.routes) if plan.table is not None else 0,
         routes_strict=settings.routes_strict,
-        dedup=settings.dedup_mode.value,
-        dedup_backend=settings.dedup_backend.value if settings.dedup_mode is not DedupMode.off else None,
+        dedup=settings.dedup_mode.value if plan.dedup else "off",
+        dedup_backend=settings.dedup_backend.value if plan.dedup else None,
         settle=settler is not None,
         fast_path=not decode,
         settle_window_s=settings.write_complete_delay_s,

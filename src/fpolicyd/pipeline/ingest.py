@@ -1,0 +1,184 @@
+"""The reader's per-event work as one pure step: payloads of one socket read → spool records and replies.
+
+For each framed payload of a connection, :meth:`IngestSession.feed` runs the session state machine (the fast
+canonical SCREEN_REQ path first, :meth:`~fpolicyd.protocol.session.Session.screen`, else the full decoder),
+builds the event straight from the decoder's flat fields (:class:`~fpolicyd.events.EventBuilder`), flags replays,
+matches the routes, claims the event's key in the exact-dedup window, redacts, and encodes the spool record.
+It touches no socket, reads no clock (``now`` and ``received_at_us`` are arguments) and awaits nothing; the
+asyncio connection only feeds bytes, appends :attr:`IngestBatch.records` to the spool and writes replies.
+
+Records are raw events (``{…}``), or duplicates the window suppressed, kept with the duplicate tag so that what
+was read is never lost and the audit ledger can say what was suppressed (``pipeline/records.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from fpolicyd.events import EventBuilder, FileEvent, NameMaps
+from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_digest
+from fpolicyd.pipeline.records import encode_duplicate
+from fpolicyd.pipeline.replay import ReplaySession, ReplayTracker
+from fpolicyd.protocol.session import Close, FileNotification, Notice, NoticeKind, Reply, Session
+
+__all__ = ["Ingest", "IngestBatch", "IngestCounters", "IngestSession"]
+
+
+@dataclass(slots=True)
+class IngestCounters:
+    """Figures of every session, read by the metrics collector at scrape time (plain ints and dicts)."""
+
+    events: int = 0
+    #: Events by ``operation_type`` (a closed set).
+    operations: dict[str, int] = field(default_factory=dict)
+    #: Events by matched route (fan-out counts an event once per route), and events no route took.
+    route_matches: dict[str, int] = field(default_factory=dict)
+    unrouted: int = 0
+    #: Notifications the exact-dedup window suppressed.
+    duplicates: int = 0
+    #: SCREEN_REQs read by the canonical fast path, and by the full decoder (a layout ONTAP never sends, or a
+    #: format fpolicyd does not know yet: a rising count is worth a look).
+    fast_decoded: int = 0
+    full_decoded: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ingest:
+    """What every session's ingest step shares: names, the router, the dedup window, redaction, the counters."""
+
+    names: NameMaps
+    counters: IngestCounters
+    replay: ReplayTracker
+    #: The use-case router (file_path, operation_type) → route names; None: routing is off.
+    route: Callable[[str, str], tuple[str, ...]] | None = None
+    #: Exact dedup in the reader; None: off (or done behind the spool by the processing stage).
+    window: DedupWindow | None = None
+    #: Data classification applied to each event before it is stored; None: events are stored as built.
+    redact: Callable[[FileEvent], FileEvent] | None = None
+
+    def session(self, session: Session) -> IngestSession:
+        return IngestSession(self, session)
+
+
+class IngestBatch:
+    """What one :meth:`IngestSession.feed` produced, in order."""
+
+    __slots__ = ("claims", "close", "durable_replies", "events", "frames", "notices", "records", "rejected", "replies")
+
+    def __init__(self) -> None:
+        #: Spool records, in arrival order.
+        self.records: list[bytes] = []
+        #: ``(index into records, key)`` of each event the dedup window claimed (for the dedup journal).
+        self.claims: list[tuple[int, int]] = []
+        #: ``(index into records, reply)``: a synchronous engine's SCREEN_RESP, to write once that record is durable.
+        self.durable_replies: list[tuple[int, bytes]] = []
+        #: Replies to write now (NEGO_RESP, STATUS_QUERY_RESP).
+        self.replies: list[bytes] = []
+        self.notices: list[Notice] = []
+        #: Set when the session must close; ``rejected`` is the payload that broke it (kept in the dead-letter file).
+        self.close: Close | None = None
+        self.rejected: bytes | None = None
+        self.events = 0
+        self.frames = 0
+
+
+class IngestSession:
+    """The ingest step of one connection: owns its :class:`Session` and the event builder of its handshake."""
+
+    __slots__ = ("_builder", "_ingest", "_replay", "session")
+
+    def __init__(self, ingest: Ingest, session: Session) -> None:
+        self._ingest = ingest
+        self.session = session
+        self._builder: EventBuilder | None = None
+        self._replay: ReplaySession | None = None
+
+    def feed(self, payloads: Sequence[bytes], now: float, received_at_us: int, wall_s: float) -> IngestBatch:
+        """Handle the payloads of one read. ``now``: monotonic seconds (timers, replay episodes);
+        ``received_at_us``: wall clock in epoch µs stamped on the events; ``wall_s``: the same in seconds (dedup
+        window ages)."""
+        batch = IngestBatch()
+        session = self.session
+        screen = session.screen
+        for payload in payloads:
+            batch.frames += 1
+            out = screen(payload, now)
+            if out is not None:
+                self._ingest.counters.fast_decoded += 1
+                self._event(out, batch, now, received_at_us, wall_s)
+                continue
+            for output in session.receive(payload, now):
+                if type(output) is FileNotification:
+                    self._ingest.counters.full_decoded += 1
+                    self._event(output, batch, now, received_at_us, wall_s)
+                elif type(output) is Reply:
+                    batch.replies.append(output.data)
+                elif type(output) is Notice:
+                    if output.kind is NoticeKind.HANDSHAKE and session.context is not None:
+                        self._handshake(now, received_at_us)
+                    batch.notices.append(output)
+                elif type(output) is Close:
+                    batch.close = output
+                    batch.rejected = payload
+                    return batch
+        return batch
+
+    def closed(self, now: float) -> None:
+        """The connection is gone (replay tracking ends the session)."""
+        if self._replay is not None:
+            self._ingest.replay.session_ended(self._replay, now)
+
+    def _handshake(self, now: float, received_at_us: int) -> None:
+        context = self.session.context
+        assert context is not None
+        self._builder = EventBuilder(context, self._ingest.names)
+        self._replay = self._ingest.replay.session_started(context, now, received_at_us, self._replay)
+
+    def _event(self, out: FileNotification, batch: IngestBatch, now: float, received_at_us: int, wall_s: float) -> None:
+        builder = self._builder
+        replay = self._replay
+        # A FileNotification only exists on an active session, i.e. after the handshake that set both.
+        assert builder is not None
+        assert replay is not None
+        ingest = self._ingest
+        counters = ingest.counters
+        fields = out.fields
+        event, digest = builder.build(fields, received_at_us)
+        operation: str = event["operation_type"]
+        operations = counters.operations
+        operations[operation] = operations.get(operation, 0) + 1
+        metadata: dict[str, Any] = event["metadata"]
+        flags = replay.observe(fields.generation_time, event["event_id"], now)
+        if flags is not None:
+            metadata.update(flags)
+        route = ingest.route
+        if route is not None:
+            routes = route(event["file_path"], operation)
+            metadata["routes"] = list(routes)  # stored with the event: see pipeline/stage.py
+            if routes:
+                matches = counters.route_matches
+                for name in routes:
+                    matches[name] = matches.get(name, 0) + 1
+            else:
+                counters.unrouted += 1
+        window = ingest.window
+        first = True
+        if window is not None:
+            key = key_of_digest(digest)
+            first = window.claim(key, wall_s)
+            if first:
+                batch.claims.append((len(batch.records), key))
+            else:
+                counters.duplicates += 1
+        redact = ingest.redact
+        line = orjson.dumps(event) if redact is None else redact(FileEvent.from_dict(event)).to_json()
+        if out.response is not None:
+            # A synchronous engine is answered only once the record is durable (a duplicate's too: it is kept).
+            batch.durable_replies.append((len(batch.records), out.response))
+        batch.records.append(line if first else encode_duplicate(line))
+        batch.events += 1
+        counters.events += 1

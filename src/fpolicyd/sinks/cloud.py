@@ -76,12 +76,13 @@ class AwsSender:
 
     async def start(self) -> None:
         self._dead_letter_writer.open()
+        # The health check is a control call (SDK client); batches go through the data-path client.
         if isinstance(self.target, SqsTarget):
-            self._client = await self._clients.sqs()
-            await check_sqs(self._client, self.target)
+            await check_sqs(await self._clients.sqs(), self.target)
+            self._client = await self._clients.sqs_data()
         else:
-            self._client = await self._clients.events()
-            await check_eventbridge(self._client, self.target)
+            await check_eventbridge(await self._clients.events(), self.target)
+            self._client = await self._clients.events_data()
 
     def _send_function(self) -> Callable[[Batch], Awaitable[Outcome]]:
         client = self._client

@@ -10,8 +10,10 @@ reading the answer. Variants:
 (a) ``sdk``: ``AwsClients`` + ``send_sqs_batch`` / ``send_eventbridge_batch`` on aiobotocore, as before;
 (b) ``botocore-ser+aiohttp``: botocore's serializer, botocore's SigV4Auth, aiohttp keep-alive pool;
 (c) ``orjson+aiohttp``: the same with the body by orjson;
-    ``lean``: what fpolicyd now uses (``fpolicyd.sinks.aws_transport.LeanAwsClient``): orjson body, SigV4Auth,
-    its own HTTP/1.1 keep-alive pool, MD5OfMessageBody checked; ``lean x16``: the same with 16 in flight;
+    ``lean``: what fpolicyd now uses (``fpolicyd.sinks.aws_transport.LeanAwsClient``): orjson body, botocore's
+    SigV4Auth on a plain-dict request, its own HTTP/1.1 keep-alive pool, MD5OfMessageBody checked;
+    ``lean, stock AWSRequest``: the same signing an unmodified ``AWSRequest`` (botocore's email-based
+    headers); ``lean x16``: the same as ``lean`` with 16 requests in flight;
     ``lean, unsigned``: the lean transport and body without SigV4 (not a usable client: the floor, so the
     signer's share is visible).
 
@@ -182,6 +184,22 @@ class SignedAiohttp:
         return model
 
 
+class StockSignerLean(LeanAwsClient):
+    """The lean client signing with an unmodified ``AWSRequest`` + ``SigV4Auth`` (what :class:`LeanAwsClient`
+    does with a plain-dict request instead): the cost of botocore's email-based header containers."""
+
+    def sign(self, frozen: Any, operation: Any, body: bytes) -> list[tuple[str, str]]:
+        request = AWSRequest(method="POST", url=operation.url, headers=dict(operation.headers), data=body)
+        SigV4Auth(frozen, *self.signing).add_auth(request)
+        return list(request.headers.items())
+
+
+def stock_signer_copy(lean: LeanAwsClient) -> StockSignerLean:
+    copy = StockSignerLean.__new__(StockSignerLean)
+    copy.__dict__.update(lean.__dict__)
+    return copy
+
+
 def unsigned_sender(lean: LeanAwsClient, params: dict[str, Any]) -> Callable[[], Awaitable[None]]:
     """The lean transport and body with a constant, unsigned head: what the request costs without SigV4."""
     operation = next(iter(lean._operations.values()))
@@ -240,6 +258,12 @@ async def bench_service(service: str, endpoint: EndpointProcess, args: argparse.
                     expect_all_ok(await signed.call(params))
 
                 rows.append(await measure(name, send_signed, args.requests, args.in_flight, args.max_seconds))
+        stock = stock_signer_copy(lean)
+        rows.append(
+            await measure(
+                "(c) lean, stock AWSRequest", lambda: via(stock), args.requests, args.in_flight, args.max_seconds
+            )
+        )
         rows.append(await measure("(c) lean", lambda: via(lean), args.requests, args.in_flight, args.max_seconds))
         rows.append(await measure("(c) lean x16", lambda: via(lean), args.requests, 16, args.max_seconds))
         rows.append(

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 import orjson
 from botocore import exceptions as bx
-from botocore.auth import SigV4Auth
+from botocore.auth import SIGNED_HEADERS_BLACKLIST, SigV4Auth
 from botocore.awsrequest import AWSRequest, prepare_request_dict
 from botocore.parsers import create_parser
 from botocore.serialize import create_serializer
@@ -574,7 +574,8 @@ def encode_body(params: Mapping[str, Any]) -> bytes:
     datetimes as epoch seconds; ``None`` members are left out, as botocore does), UTF-8 instead of ``\\u``
     escapes. Raises botocore's ``ParamValidationError`` for anything else (bytes, objects)."""
     try:
-        return orjson.dumps(params, default=_json_default)
+        # PASSTHROUGH_DATETIME: datetimes go to _json_default (orjson would write RFC 3339 text on its own).
+        return orjson.dumps(params, default=_json_default, option=orjson.OPT_PASSTHROUGH_DATETIME)
     except orjson.JSONEncodeError as exc:
         if _has_none(params):
             return encode_body(_without_none(params))
@@ -613,9 +614,60 @@ class FrozenCredentialSource(Protocol):
 class _Operation:
     name: str
     url: str
-    #: Request line + the signed static headers (X-Amz-Target, Content-Type, query mode, endpoint headers).
+    #: ``POST <path> HTTP/1.1``.
+    request_line: str
+    #: The static headers, all signed: Host, X-Amz-Target, Content-Type, query mode, endpoint headers.
     headers: tuple[tuple[str, str], ...]
     output_shape: Any
+
+
+class _SignedHeaders(dict[str, str]):
+    """The header map SigV4Auth signs, as a dict: lower-case names, one value each (our requests have no
+    repeated header). botocore builds an ``email.message``-based ``HTTPHeaders`` here, twice per request."""
+
+    def get_all(self, name: str, failobj: Any = None) -> Any:
+        value = self.get(name)
+        return failobj if value is None else [value]
+
+
+#: botocore's own list of headers left out of the signature (User-Agent, Expect...), lower-case.
+_UNSIGNED_HEADERS: Final = frozenset(h.lower() for h in SIGNED_HEADERS_BLACKLIST)
+
+
+class _SigV4Auth(SigV4Auth):  # type: ignore[misc] # botocore ships no type hints: SigV4Auth is Any
+    """botocore's SigV4Auth, unchanged but for the container of the headers to sign.
+
+    Canonical request, string to sign, signing key, signature and the headers it adds are all botocore's code.
+    Its ``HTTPHeaders`` (``email.message``) and ``AWSRequest`` cost ~60% of a signature; with a plain dict and
+    :class:`_SigningRequest` one SendMessageBatch signs in ~1/3 of the time (benchmarks/bench_aws_client.py).
+    tests/unit/test_aws_transport.py proves the Authorization header byte-identical to stock ``SigV4Auth`` on
+    an ``AWSRequest`` (Hypothesis over URLs, headers, bodies, credentials, regions)."""
+
+    def headers_to_sign(self, request: Any) -> _SignedHeaders:
+        headers = _SignedHeaders()
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower not in _UNSIGNED_HEADERS:
+                headers[lower] = value
+        if "host" not in headers:
+            headers["host"] = super().headers_to_sign(request)["host"]
+        return headers
+
+
+class _SigningRequest:
+    """What SigV4Auth reads and writes of a request (``AWSRequest``'s attributes), with a plain dict of
+    headers. Every header name we set is spelled the way botocore looks it up, so the dict's exact-case
+    lookups find what ``AWSRequest``'s case-insensitive ones would."""
+
+    __slots__ = ("body", "context", "headers", "method", "params", "url")
+
+    def __init__(self, url: str, headers: dict[str, str], body: bytes) -> None:
+        self.method = "POST"
+        self.url = url
+        self.headers = headers
+        self.body = body
+        self.params: dict[str, str] = {}
+        self.context: dict[str, Any] = {}
 
 
 class LeanAwsClient:
@@ -662,18 +714,20 @@ class LeanAwsClient:
     async def put_events(self, *, Entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:  # noqa: N803 - the SDK's parameter names
         return await self._call("PutEvents", {"Entries": Entries})
 
+    def sign(self, frozen: Any, operation: _Operation, body: bytes) -> list[tuple[str, str]]:
+        """The request's headers, signed by botocore's SigV4Auth (see :class:`_SigV4Auth`)."""
+        request = _SigningRequest(operation.url, dict(operation.headers), body)
+        _SigV4Auth(frozen, self._signing_name, self._signing_region).add_auth(request)
+        return list(request.headers.items())
+
     async def _call(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         operation = self._operations[name]
         body = encode_body(params)
         if self._credentials is None:
             raise bx.NoCredentialsError()
         frozen = await self._credentials.get_frozen_credentials()
-        request = AWSRequest(method="POST", url=operation.url, headers=dict(operation.headers), data=body)
-        SigV4Auth(frozen, self._signing_name, self._signing_region).add_auth(request)
-        split = urlsplit(operation.url)
-        target = split.path or "/"
-        lines = [f"POST {target} HTTP/1.1"]
-        lines.extend(f"{key}: {value}" for key, value in request.headers.items())
+        lines = [operation.request_line]
+        lines.extend(f"{key}: {value}" for key, value in self.sign(frozen, operation, body))
         lines.append(f"User-Agent: {self._user_agent}")
         lines.append(f"Content-Length: {len(body)}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -802,7 +856,9 @@ async def build_lean_client(
         full_url = request_dict["url"]
         host = SigV4Auth(None, signing_name, region).headers_to_sign(AWSRequest(method="POST", url=full_url))["host"]
         headers = (("Host", host), *((str(k), str(v)) for k, v in request_dict["headers"].items()))
-        operations[name] = _Operation(name, full_url, headers, model.output_shape)
+        target = urlsplit(full_url)
+        request_line = f"POST {target.path or '/'}{'?' + target.query if target.query else ''} HTTP/1.1"
+        operations[name] = _Operation(name, full_url, request_line, headers, model.output_shape)
     assert signing is not None
     first = next(iter(operations.values())).url
     parts = urlsplit(first)

@@ -1,0 +1,212 @@
+"""benchmarks/aws_endpoint.py, the local SQS/EventBridge endpoint of the throughput benchmarks, driven by the
+project's real aiobotocore path (``AwsClients``, ``check_sqs``, ``send_sqs_batch``, ``check_eventbridge``,
+``send_eventbridge_batch``) and by the lean client: botocore accepts its answers, it counts and records every
+acknowledged entry, its errors and injected faults classify as the real services' do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+from botocore.exceptions import ClientError
+
+from aws_endpoint import AwsEndpoint, Faults, endpoint_process
+from fpolicyd.config import AwsDataPath
+from fpolicyd.errors import SinkError
+from fpolicyd.events import FileEvent
+from fpolicyd.sinks.aws import (
+    AwsClients,
+    Batch,
+    DeadLetterWriter,
+    ErrorKind,
+    EventBridgeTarget,
+    Item,
+    Outcome,
+    RetryPolicy,
+    SqsTarget,
+    check_eventbridge,
+    check_sqs,
+    deliver,
+    error_kind,
+    plan_batches,
+    send_eventbridge_batch,
+    send_sqs_batch,
+)
+from fpolicyd.sinks.aws_transport import LeanAwsClient
+from support.moto_server import isolate_aws_env
+
+FAST = RetryPolicy(base_s=0.001, cap_s=0.005)
+
+
+def make_items(count: int, *, svms: tuple[str, ...] = ("svm-a",)) -> list[Item]:
+    return [
+        Item(
+            FileEvent(
+                event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"fpolicyd-endpoint-test-{n}")),
+                operation_type=("create", "write", "delete", "rename")[n % 4],
+                file_path=f"/legal/report-{n}-é.pdf",
+                previous_path=None,
+                volume_name="vol1",
+                svm_name=svms[n % len(svms)],
+                timestamp=f"2024-05-01T10:00:{n % 60:02d}.{n:06d}Z",
+                file_size=n,
+                client_ip="10.0.0.5",
+                metadata={"routes": ["UC1"] if n % 2 else []},
+            ).to_json(),
+            ref=n,
+        )
+        for n in range(count)
+    ]
+
+
+def batches(items: list[Item], target: SqsTarget | EventBridgeTarget) -> list[Batch]:
+    plan = plan_batches(items, target)
+    assert all(isinstance(b, Batch) for b in plan)
+    return [b for b in plan if isinstance(b, Batch)]
+
+
+@pytest.fixture
+async def endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[AwsEndpoint]:
+    isolate_aws_env(monkeypatch, tmp_path)
+    async with AwsEndpoint(queues=("q", "q.fifo"), buses=("bus",), record=tmp_path / "record.jsonl") as made:
+        yield made
+
+
+def event_ids(lines: list[bytes]) -> list[str]:
+    return [orjson.loads(line)["event_id"] for line in lines]
+
+
+@pytest.mark.parametrize("data_path", list(AwsDataPath))
+async def test_botocore_accepts_every_answer(endpoint: AwsEndpoint, tmp_path: Path, data_path: AwsDataPath) -> None:
+    async with AwsClients(endpoint_url=endpoint.url, region_name="us-east-1", data_path=data_path) as clients:
+        sqs, events = await clients.sqs(), await clients.events()
+        sqs_data, events_data = await clients.sqs_data(), await clients.events_data()
+        assert isinstance(sqs_data, LeanAwsClient) is (data_path is AwsDataPath.LEAN)
+        items = make_items(25, svms=("svm-a", "svm-b"))
+        for name, fifo in (("q", False), ("q.fifo", True)):
+            target = SqsTarget(endpoint.queue_url(name))
+            info = await check_sqs(sqs, target)
+            assert info.fifo is fifo
+            assert info.arn == f"arn:aws:sqs:us-east-1:123456789012:{name}"
+            assert info.max_message_bytes == 1024 * 1024
+            for batch in batches(items, target):
+                outcome = await send_sqs_batch(sqs_data, target, batch)
+                assert len(outcome.succeeded) == len(batch)
+                assert outcome.retry == outcome.dead == outcome.blocked == ()
+        bus = EventBridgeTarget("bus")
+        assert await check_eventbridge(events, bus) == "arn:aws:events:us-east-1:123456789012:event-bus/bus"
+        for batch in batches(items, bus):
+            outcome = await send_eventbridge_batch(events_data, bus, batch)
+            assert len(outcome.succeeded) == len(batch)
+        # The raw SDK answer has what botocore models: MessageId, MD5OfMessageBody (the body's), SequenceNumber.
+        (first, *_) = batches(items[:2], SqsTarget(endpoint.queue_url("q.fifo")))
+        raw = await sqs.send_message_batch(
+            QueueUrl=endpoint.queue_url("q.fifo"), Entries=[e.request for e in first.entries]
+        )
+        for ok, entry in zip(raw["Successful"], first.entries, strict=True):
+            body = entry.request["MessageBody"].encode()
+            assert ok["MD5OfMessageBody"] == hashlib.md5(body, usedforsecurity=False).hexdigest()
+            assert ok["MessageId"]
+            assert ok["SequenceNumber"].isdigit()
+    assert endpoint.stats.messages == {"q": 25, "q.fifo": 27}
+    assert endpoint.stats.events == {"bus": 25}
+    await endpoint.close()
+    lines = (tmp_path / "record.jsonl").read_bytes().splitlines()
+    sent = event_ids([i.event_json for i in items])
+    assert sorted(event_ids(lines)) == sorted(sent * 3 + sent[:2])
+
+
+async def test_errors_are_aws_errors(endpoint: AwsEndpoint) -> None:
+    async with AwsClients(endpoint_url=endpoint.url, region_name="us-east-1") as clients:
+        sqs, events = await clients.sqs(), await clients.events()
+        with pytest.raises(SinkError, match="queue does not exist") as missing:
+            await check_sqs(sqs, SqsTarget(endpoint.queue_url("nope")))
+        assert not missing.value.retriable
+        with pytest.raises(SinkError, match="event bus does not exist"):
+            await check_eventbridge(events, EventBridgeTarget("nope"))
+        with pytest.raises(ClientError) as unknown:
+            await sqs.list_queues()
+        assert unknown.value.response["Error"]["Code"] == "UnknownOperationException"
+        assert error_kind(unknown.value) is ErrorKind.REQUEST
+        (batch,) = batches(make_items(3), SqsTarget(endpoint.queue_url("nope")))
+        for client in (sqs, await clients.sqs_data()):
+            with pytest.raises(ClientError) as sent:
+                await send_sqs_batch(client, SqsTarget(endpoint.queue_url("nope")), batch)
+            assert type(sent.value).__name__ == "QueueDoesNotExist"
+            assert sent.value.response["Error"]["Code"] == "AWS.SimpleQueueService.NonExistentQueue"
+            assert error_kind(sent.value) is ErrorKind.SINK
+        too_many = [{"Id": str(i), "MessageBody": "x"} for i in range(11)]
+        with pytest.raises(ClientError) as refused:
+            await sqs.send_message_batch(QueueUrl=endpoint.queue_url("q"), Entries=too_many)
+        assert refused.value.response["Error"]["Code"] == "AWS.SimpleQueueService.TooManyEntriesInBatchRequest"
+        assert error_kind(refused.value) is ErrorKind.REQUEST
+
+
+@pytest.mark.parametrize("data_path", list(AwsDataPath))
+async def test_injected_faults_are_retried_and_nothing_is_lost(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_path: AwsDataPath
+) -> None:
+    isolate_aws_env(monkeypatch, tmp_path)
+    faults = Faults(request_every=3, entry_every=7, md5_every=5 if data_path is AwsDataPath.LEAN else 0)
+    items = make_items(40)
+    async with (
+        AwsEndpoint(queues=("q",), faults=faults, record=tmp_path / "record.jsonl") as endpoint,
+        AwsClients(endpoint_url=endpoint.url, region_name="us-east-1", data_path=data_path) as clients,
+    ):
+        target = SqsTarget(endpoint.queue_url("q"))
+        data = await clients.sqs_data()
+
+        async def send(batch: Batch) -> Outcome:
+            return await send_sqs_batch(data, target, batch)
+
+        with DeadLetterWriter(tmp_path / "dead.jsonl") as dead:
+            reports = [
+                await deliver(b, send, FAST, random.Random(3), dead.for_sink(target.name))
+                for b in batches(items, target)
+            ]
+        assert all(r.settled for r in reports)
+        assert sum(len(r.delivered) for r in reports) == 40
+        assert sum(r.retried_entries for r in reports) > 0
+        assert endpoint.stats.errors["ThrottlingException"] > 0
+        assert endpoint.stats.failed_entries > 0
+        assert (endpoint.stats.bad_md5 > 0) is (data_path is AwsDataPath.LEAN)
+    # At least once: every event recorded; an entry whose MD5 came back wrong was enqueued and is sent again.
+    recorded = event_ids((tmp_path / "record.jsonl").read_bytes().splitlines())
+    assert set(recorded) == set(event_ids([i.event_json for i in items]))
+    assert len(recorded) == 40 + endpoint.stats.bad_md5
+
+
+async def test_http_500_fault_is_retriable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    isolate_aws_env(monkeypatch, tmp_path)
+    async with (
+        AwsEndpoint(buses=("bus",), faults=Faults(request_every=1, request_error="500")) as endpoint,
+        AwsClients(endpoint_url=endpoint.url, region_name="us-east-1") as clients,
+    ):
+        (batch,) = batches(make_items(2), EventBridgeTarget("bus"))
+        with pytest.raises(ClientError) as failed:
+            await send_eventbridge_batch(await clients.events_data(), EventBridgeTarget("bus"), batch)
+        assert failed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+        assert error_kind(failed.value) is ErrorKind.RETRY
+
+
+async def test_endpoint_as_a_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``python benchmarks/aws_endpoint.py`` prints its URL, serves, flushes the record on /_stats, stops on
+    SIGTERM."""
+    isolate_aws_env(monkeypatch, tmp_path)
+    record = tmp_path / "record.jsonl"
+    with endpoint_process(queues=("q",), buses=("bus",), record=record) as endpoint:
+        assert endpoint.url.startswith("http://127.0.0.1:")
+        async with AwsClients(endpoint_url=endpoint.url, region_name=endpoint.region) as clients:
+            target = SqsTarget(endpoint.queues["q"])
+            await check_sqs(await clients.sqs(), target)
+            for batch in batches(make_items(12), target):
+                await send_sqs_batch(await clients.sqs_data(), target, batch)
+        stats = endpoint.stats()
+        assert stats["messages"] == {"q": 12}
+        assert len(record.read_bytes().splitlines()) == 12

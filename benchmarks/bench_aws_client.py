@@ -18,7 +18,8 @@ reading the answer. Variants:
     signer's share is visible).
 
 One table per service: requests/s (wall clock, both processes share this box's cores), client CPU µs per
-request and per event, and both as ratios to (a). Every answer is checked (all entries succeeded) and the
+request (and the kernel's part of it: on loopback the sender's ``send()`` also runs the receiver's TCP stack)
+and per event, and both as ratios to (a). Every answer is checked (all entries succeeded) and the
 endpoint's counts must equal what was sent. Bounded: ``--requests`` per variant (``--sdk-requests`` for the
 slow SDK row), each variant stopped after ``--max-seconds``.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import sys
 import time
 import uuid
@@ -106,6 +108,8 @@ class Row:
     requests: int
     wall_s: float
     cpu_s: float
+    #: Of cpu_s, the kernel's share (on loopback the sender's send() also runs the receiving TCP stack).
+    sys_s: float
 
     @property
     def per_second(self) -> float:
@@ -132,9 +136,10 @@ async def measure(
             await send()
             done += 1
 
-    started, cpu = time.perf_counter(), time.process_time()
+    started, cpu, before = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     await asyncio.gather(*(worker() for _ in range(in_flight)))
-    return Row(name, done, time.perf_counter() - started, time.process_time() - cpu)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return Row(name, done, time.perf_counter() - started, time.process_time() - cpu, after.ru_stime - before.ru_stime)
 
 
 def expect_all_ok(response: dict[str, Any]) -> None:
@@ -292,14 +297,15 @@ async def credentials_cost(rounds: int = 20_000) -> float:
 def print_table(rows: list[Row]) -> None:
     base = rows[0]
     header = (
-        f"{'variant':28s} {'requests':>8s} {'req/s':>8s} {'CPU µs/req':>11s} {'µs/event':>9s}"
+        f"{'variant':28s} {'requests':>8s} {'req/s':>8s} {'CPU µs/req':>11s} {'of it sys':>10s} {'µs/event':>9s}"
         f" {'req/s ×':>8s} {'CPU ×':>7s}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
-            f"{row.name:28s} {row.requests:8d} {row.per_second:8.0f} {row.cpu_us:11.1f} {row.cpu_us / ENTRIES:9.1f}"
+            f"{row.name:28s} {row.requests:8d} {row.per_second:8.0f} {row.cpu_us:11.1f}"
+            f" {row.sys_s / row.requests * 1e6:10.1f} {row.cpu_us / ENTRIES:9.1f}"
             f" {row.per_second / base.per_second:8.2f} {row.cpu_us / base.cpu_us:7.3f}"
         )
 

@@ -99,7 +99,7 @@ def test_timestamps_are_botocores(values: list[datetime]) -> None:
     assert [type(e["Time"]) for e in mine["Entries"]] == [type(e["Time"]) for e in theirs["Entries"]]
 
 
-def test_none_members_are_left_out_and_other_types_refused() -> None:
+def test_none_members_are_botocores_and_other_types_refused() -> None:
     params = {"Entries": [{"Source": "s", "DetailType": None, "Detail": "{}", "Resources": ["a"]}]}
     assert orjson.loads(encode_body(params)) == botocore_body(params, PUT_EVENTS)
     with pytest.raises(ParamValidationError):

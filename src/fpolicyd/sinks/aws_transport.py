@@ -432,7 +432,8 @@ IDLE_CONNECTION_S: Final = 12.0
 
 
 class ConnectionPool:
-    """At most ``max_connections`` keep-alive connections to one host; requests beyond wait for one (FIFO).
+    """At most ``max_connections`` keep-alive connections to one host; requests beyond wait, in arrival order,
+    until one is released (a new request may take a just-released connection first; the waiter then waits on).
 
     :meth:`request` writes one serialized request and returns the response. It raises ``OSError`` (connect
     refused, unreachable), ``TimeoutError`` (connect), ``_ReadTimeoutError``, ``_ConnectionClosedError`` or
@@ -570,34 +571,14 @@ def _json_default(value: object) -> object:
 
 def encode_body(params: Mapping[str, Any]) -> bytes:
     """The AWS JSON request body of ``params`` (SendMessageBatch / PutEvents parameters as given to the SDK):
-    the same JSON value as botocore's serializer produces for them (strings, numbers, booleans, lists, maps,
-    datetimes as epoch seconds; ``None`` members are left out, as botocore does), UTF-8 instead of ``\\u``
-    escapes. Raises botocore's ``ParamValidationError`` for anything else (bytes, objects)."""
+    the same JSON value as botocore's serializer produces for them (strings, numbers, booleans, null, lists,
+    maps; datetimes as epoch seconds), UTF-8 instead of ``\\u`` escapes. Raises botocore's
+    ``ParamValidationError`` for anything else (bytes, objects), before anything is sent."""
     try:
         # PASSTHROUGH_DATETIME: datetimes go to _json_default (orjson would write RFC 3339 text on its own).
         return orjson.dumps(params, default=_json_default, option=orjson.OPT_PASSTHROUGH_DATETIME)
     except orjson.JSONEncodeError as exc:
-        if _has_none(params):
-            return encode_body(_without_none(params))
         raise bx.ParamValidationError(report=str(exc)) from exc
-
-
-def _has_none(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, Mapping):
-        return any(_has_none(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(_has_none(v) for v in value)
-    return False
-
-
-def _without_none(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list | tuple):
-        return [_without_none(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------------------------------------ client

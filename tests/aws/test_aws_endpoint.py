@@ -20,6 +20,8 @@ from aws_endpoint import AwsEndpoint, Faults, endpoint_process
 from fpolicyd.config import AwsDataPath
 from fpolicyd.errors import SinkError
 from fpolicyd.events import FileEvent
+from fpolicyd.pipeline.spool import Record
+from fpolicyd.sinks import cloud
 from fpolicyd.sinks.aws import (
     AwsClients,
     Batch,
@@ -39,6 +41,7 @@ from fpolicyd.sinks.aws import (
     send_sqs_batch,
 )
 from fpolicyd.sinks.aws_transport import LeanAwsClient
+from fpolicyd.sinks.cloud import AwsSender
 from support.moto_server import isolate_aws_env
 
 FAST = RetryPolicy(base_s=0.001, cap_s=0.005)
@@ -210,3 +213,28 @@ async def test_endpoint_as_a_process(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         stats = endpoint.stats()
         assert stats["messages"] == {"q": 12}
         assert len(record.read_bytes().splitlines()) == 12
+
+
+async def test_sender_sends_after_a_retriable_health_check_failure(
+    endpoint: AwsEndpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon keeps a sink whose health check failed retriably (endpoint down at start) and sends to it
+    later: the sender must have its data-path client even then."""
+
+    async def unreachable(client: object, target: SqsTarget) -> None:
+        raise SinkError("GetQueueAttributes failed: endpoint unreachable (injected)", retriable=True)
+
+    monkeypatch.setattr(cloud, "check_sqs", unreachable)
+    async with (
+        AwsClients(endpoint_url=endpoint.url, region_name="us-east-1") as clients,
+    ):
+        with DeadLetterWriter(tmp_path / "dead.jsonl") as dead:
+            sender = AwsSender(
+                SqsTarget(endpoint.queue_url("q")), clients, dead, max_in_flight=1, retry=FAST, linger_s=0.0
+            )
+            with pytest.raises(SinkError) as failed:
+                await sender.start()
+            assert failed.value.retriable
+            records = [Record(n, item.event_json) for n, item in enumerate(make_items(12))]
+            assert await sender.send(records) == []
+    assert endpoint.stats.messages == {"q": 12}

@@ -44,6 +44,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -161,8 +162,7 @@ def _name_of(reference: object, marker: str) -> str:
     return text.rsplit(marker, 1)[-1] if marker in text else text
 
 
-def _one_line(body: str) -> bytes:
-    data = body.encode("utf-8")
+def _one_line(data: bytes) -> bytes:
     if b"\n" in data or b"\r" in data:
         data = data.replace(b"\r", b" ").replace(b"\n", b" ")
     return data + b"\n"
@@ -184,8 +184,11 @@ class AwsEndpoint:
         faults: Faults = Faults(),
         region: str = REGION,
         account_id: str = ACCOUNT_ID,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.queues = frozenset(queues)
+        #: Serve HTTPS with this context (tests of TLS clients); plain HTTP when None.
+        self.ssl_context = ssl_context
         self.buses = frozenset(buses) | {"default"}
         self.faults = faults
         self.region = region
@@ -217,9 +220,11 @@ class AwsEndpoint:
         if self._record_path is not None and self._record is None:
             self._record = open(self._record_path, "ab", buffering=RECORD_BUFFER_BYTES)  # noqa: ASYNC230, SIM115 - once, at start; closed in close()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _HttpConnection(self), host, port, backlog=1024)
+        self._server = await loop.create_server(
+            lambda: _HttpConnection(self), host, port, backlog=1024, ssl=self.ssl_context
+        )
         bound = self._server.sockets[0].getsockname()
-        self.url = f"http://{bound[0]}:{bound[1]}"
+        self.url = f"{'https' if self.ssl_context else 'http'}://{bound[0]}:{bound[1]}"
         return self.url
 
     async def close(self) -> None:
@@ -393,7 +398,7 @@ class AwsEndpoint:
                 ok["SequenceNumber"] = f"{next(self._ids):020d}"
             successful.append(ok)
             if record is not None:
-                record.write(_one_line(body.decode("utf-8")))
+                record.write(_one_line(body))
         self.stats.messages[name] += len(successful)
         self.stats.failed_entries += len(failed)
         return {"Successful": successful, "Failed": failed}
@@ -441,7 +446,7 @@ class AwsEndpoint:
             answers.append({"EventId": self._new_id()})
             self.stats.events[bus] += 1
             if record is not None:
-                record.write(_one_line(str(detail)))
+                record.write(_one_line(str(detail).encode("utf-8")))
         self.stats.failed_entries += failed
         return {"FailedEntryCount": failed, "Entries": answers}
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import random
+import ssl
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
 import pytest
-from botocore.exceptions import ClientError
+import trustme
+from botocore.exceptions import ClientError, SSLError
 
 from aws_endpoint import AwsEndpoint, Faults, endpoint_process
 from fpolicyd.config import AwsDataPath
@@ -238,3 +240,37 @@ async def test_sender_sends_after_a_retriable_health_check_failure(
             records = [Record(n, item.event_json) for n, item in enumerate(make_items(12))]
             assert await sender.send(records) == []
     assert endpoint.stats.messages == {"q": 12}
+
+
+async def test_tls_endpoint_with_the_session_ca_bundle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """HTTPS, as with real AWS: the lean client verifies the server with the SDK's own TLS settings
+    (``AWS_CA_BUNDLE`` here), over the same keep-alive pool, and refuses a server it cannot verify."""
+    isolate_aws_env(monkeypatch, tmp_path)
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    async with AwsEndpoint(queues=("q",), buses=("bus",), ssl_context=server_context) as endpoint:
+        assert endpoint.url.startswith("https://127.0.0.1:")
+        async with AwsClients(endpoint_url=endpoint.url, region_name="us-east-1") as untrusted:
+            lean = await untrusted.sqs_data()
+            (batch,) = batches(make_items(3), SqsTarget(endpoint.queue_url("q")))
+            with pytest.raises(SSLError) as refused:
+                await send_sqs_batch(lean, SqsTarget(endpoint.queue_url("q")), batch)
+            assert error_kind(refused.value) is ErrorKind.RETRY
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+        async with AwsClients(endpoint_url=endpoint.url, region_name="us-east-1") as clients:
+            target = SqsTarget(endpoint.queue_url("q"))
+            await check_sqs(await clients.sqs(), target)
+            lean = await clients.sqs_data()
+            assert isinstance(lean, LeanAwsClient)
+            for batch in batches(make_items(30), target):
+                assert len((await send_sqs_batch(lean, target, batch)).succeeded) == len(batch)
+            bus = EventBridgeTarget("bus")
+            for batch in batches(make_items(10), bus):
+                outcome = await send_eventbridge_batch(await clients.events_data(), bus, batch)
+                assert len(outcome.succeeded) == len(batch)
+            assert lean.pool.opened == 1
+        assert endpoint.stats.messages == {"q": 30}
+        assert endpoint.stats.events == {"bus": 10}

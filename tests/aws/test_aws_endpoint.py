@@ -6,6 +6,7 @@ acknowledged entry, its errors and injected faults classify as the real services
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import ssl
@@ -274,3 +275,21 @@ async def test_tls_endpoint_with_the_session_ca_bundle(monkeypatch: pytest.Monke
             assert lean.pool.opened == 1
         assert endpoint.stats.messages == {"q": 30}
         assert endpoint.stats.events == {"bus": 10}
+
+
+async def test_lean_pool_is_bounded_and_keeps_connections_alive(endpoint: AwsEndpoint) -> None:
+    async with AwsClients(endpoint_url=endpoint.url, region_name="us-east-1", max_pool_connections=2) as clients:
+        lean = await clients.sqs_data()
+        assert isinstance(lean, LeanAwsClient)
+        target = SqsTarget(endpoint.queue_url("q"))
+        planned = batches(make_items(80), target)
+        outcomes = await asyncio.gather(*(send_sqs_batch(lean, target, b) for b in planned))
+        assert [len(o.succeeded) for o in outcomes] == [len(b) for b in planned]
+        assert lean.pool.opened == 2  # 8 requests at once, never more than 2 connections, each reused
+        assert endpoint.stats.connections == 2
+        # Closing while a request is in flight: it completes or fails, and no connection is left open.
+        in_flight = asyncio.ensure_future(send_sqs_batch(lean, target, planned[0]))
+        await asyncio.sleep(0)
+        await lean.close()
+        await asyncio.gather(in_flight, return_exceptions=True)
+    assert endpoint.stats.messages["q"] >= 80

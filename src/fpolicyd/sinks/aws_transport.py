@@ -525,8 +525,11 @@ class ConnectionPool:
 
     def _release(self, connection: _Connection | None) -> None:
         self._busy -= 1
-        if connection is not None and not self._closed:
-            self._idle.append(connection)
+        if connection is not None:
+            if self._closed:  # a request that finished after close(): its connection goes too
+                connection.close()
+            else:
+                self._idle.append(connection)
         self._wake()
 
     def _wake(self) -> None:

@@ -302,7 +302,7 @@ class Settings(BaseSettings):
     aws_data_path: AwsDataPath = Field(
         AwsDataPath.LEAN,
         description="How SQS/EventBridge batches are sent: lean (botocore's endpoint resolution, credentials and "
-        "SigV4 signer over fpolicyd's own keep-alive HTTP pool; ~10x less CPU per request) | sdk (aiobotocore, "
+        "SigV4 signer over fpolicyd's own keep-alive HTTP pool; 6-8x less CPU per request) | sdk (aiobotocore, "
         "the fallback). Health checks use aiobotocore either way.",
     )
     sink_linger_s: float = Field(

@@ -811,7 +811,7 @@ class AwsClients:
 
     :meth:`data_client` hands out the client for the data path (SendMessageBatch, PutEvents): with ``data_path``
     lean (the default) a :class:`~fpolicyd.sinks.aws_transport.LeanAwsClient` built from the SDK client (same
-    endpoint, credentials, timeouts, pool size; ~10x less CPU per request), with ``sdk`` the SDK client itself.
+    endpoint, credentials, timeouts, pool size; 6-8x less CPU per request), with ``sdk`` the SDK client itself.
     If the lean path cannot serve this set-up (a proxy, SigV4a...) the SDK client is used and a warning logged.
     Control calls (:meth:`client`) are always the SDK's.
     """

@@ -198,7 +198,9 @@ class Daemon:
             checkpoint_interval_s=settings.checkpoint_interval_s,
         )
         self._clients = AwsClients(
-            region_name=settings.aws_region, max_pool_connections=max(10, settings.sink_max_in_flight * 2)
+            region_name=settings.aws_region,
+            max_pool_connections=max(10, settings.sink_max_in_flight * 2),
+            data_path=settings.aws_data_path,
         )
         self._dead_letter = DeadLetterWriter(settings.effective_dead_letter_dir / "dead-letter.jsonl")
         plan = plan_processing(settings)

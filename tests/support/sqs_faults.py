@@ -27,6 +27,8 @@ EntryRule = Callable[[str], str | None]
 class SqsFaults:
     target: str
     entry_rule: EntryRule = lambda body: None
+    #: Acknowledged entries whose body matches get a wrong MD5OfMessageBody (the message is still enqueued).
+    md5_rule: Callable[[str], bool] = lambda body: False
     #: Whole SendMessageBatch requests to fail first, in order: "500" or "throttle".
     request_failures: list[str] = field(default_factory=list)
     batches: int = 0
@@ -108,6 +110,10 @@ class SqsFaults:
             assert isinstance(response.body, bytes)
             result = json.loads(response.body)
             successful = result.get("Successful", [])
+            bodies = {entry["Id"]: entry["MessageBody"] for entry in keep}
+            for ok in successful:
+                if self.md5_rule(bodies[ok["Id"]]):
+                    ok["MD5OfMessageBody"] = "0" * 32
             failed += result.get("Failed", [])
         return web.json_response(
             {"Successful": successful, "Failed": failed}, content_type="application/x-amz-json-1.0"

@@ -76,12 +76,14 @@ class AwsSender:
 
     async def start(self) -> None:
         self._dead_letter_writer.open()
+        # Batches go through the data-path client, the health check is a control call (SDK client). The data
+        # client is set first: when the check fails retriably (endpoint down at start) sending goes on anyway.
         if isinstance(self.target, SqsTarget):
-            self._client = await self._clients.sqs()
-            await check_sqs(self._client, self.target)
+            self._client = await self._clients.sqs_data()
+            await check_sqs(await self._clients.sqs(), self.target)
         else:
-            self._client = await self._clients.events()
-            await check_eventbridge(self._client, self.target)
+            self._client = await self._clients.events_data()
+            await check_eventbridge(await self._clients.events(), self.target)
 
     def _send_function(self) -> Callable[[Batch], Awaitable[Outcome]]:
         client = self._client

@@ -115,8 +115,8 @@ DEFAULT_EVENTBRIDGE_DETAIL_TYPE: Final = "FPolicy File Operation"
 #: Backoff for AWS requests (the runner's RetryPolicy shape; AWS guidance is a longer cap than a local file's).
 AWS_RETRY: Final = RetryPolicy(base_s=0.1, cap_s=20.0)
 #: zlib level of gzip-packed SQS messages. Measured on simulator events (benchmarks/bench_sqs_pack.py): level 1
-#: costs ~4 µs of CPU per event and gives ~165 bytes of base64 per ~1 KB event (≈ 0.0025 billed requests per
-#: event), level 6 ~10 µs for ~120 bytes (≈ 0.0018): both far under the 0.01 goal, so the CPU decides.
+#: gives ~180 bytes of base64 per ~1 KB event, ~0.0026 billed requests per event; level 6 ~0.0019 for ~8 µs
+#: more CPU per event. Both are far under the 0.01 goal, so the CPU decides.
 PACK_GZIP_LEVEL: Final = 1
 #: First guess, per packing plan, of base64-of-gzip bytes per byte of event JSON; each message then sizes the
 #: next by what it measured. Level 1 measures ~0.17 on simulator events; the guess is pessimistic, so a first
@@ -551,8 +551,13 @@ def batch_entries(steps: Iterable[Entry | Oversize], target: AwsTarget) -> list[
 _PACK_FRAME: Final = 2
 
 
+#: What a packed message's attributes count, but for the digits of fpolicyd-count (computed once: this is
+#: asked for every event added to a message).
+_PACK_ATTRIBUTES_BYTES: Final = {c: _attributes_size(pack_attributes(0, c)) - 1 for c in PackCompression}
+
+
 def _pack_attributes_size(count: int, compression: PackCompression) -> int:
-    return _attributes_size(pack_attributes(count, compression))
+    return _PACK_ATTRIBUTES_BYTES[compression] + len(str(count))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ Everything above the "async" section is pure (no I/O, no clock) and tested witho
   :meth:`FileEvent.to_json`) into one request entry, and :func:`sqs_entry_size` / :func:`eventbridge_entry_size`
   measure an entry the way the service does (rules and sources next to each function).
 - :func:`plan_batches` cuts a run of :class:`Item` into :class:`Batch` es within the service limits, and sets
-  aside as :class:`Oversize` what can never be sent.
+  aside as :class:`Oversize` what can never be sent; with ``SqsTarget.pack_bytes`` it first packs many events
+  into each SQS message (:func:`pack_sqs_entries`, envelope in :mod:`fpolicyd.sinks.sqs_envelope`).
 - :func:`classify_sqs` / :func:`classify_eventbridge` split a response into an :class:`Outcome`;
   :func:`error_kind` / :func:`classify_exception` classify a whole-call exception.
 
@@ -115,11 +116,11 @@ DEFAULT_EVENTBRIDGE_DETAIL_TYPE: Final = "FPolicy File Operation"
 #: Backoff for AWS requests (the runner's RetryPolicy shape; AWS guidance is a longer cap than a local file's).
 AWS_RETRY: Final = RetryPolicy(base_s=0.1, cap_s=20.0)
 #: zlib level of gzip-packed SQS messages. Measured on simulator events (benchmarks/bench_sqs_pack.py): level 1
-#: gives ~180 bytes of base64 per ~1 KB event, ~0.0026 billed requests per event; level 6 ~0.0019 for ~8 µs
+#: gives ~180 bytes of base64 per ~1 KB event, ~0.0027 billed requests per event; level 6 ~0.0020 for ~7 µs
 #: more CPU per event. Both are far under the 0.01 goal, so the CPU decides.
 PACK_GZIP_LEVEL: Final = 1
 #: First guess, per packing plan, of base64-of-gzip bytes per byte of event JSON; each message then sizes the
-#: next by what it measured. Level 1 measures ~0.17 on simulator events; the guess is pessimistic, so a first
+#: next by what it measured. Level 1 measures ~0.18 on simulator events; the guess is pessimistic, so a first
 #: message that compresses as expected is refilled once (``PACK_GZIP_REFILL``) rather than found too big.
 PACK_GZIP_FIRST_RATIO: Final = 0.25
 #: Share of the pack limit a gzip message is planned to fill from that estimate: the ratio varies a few percent

@@ -50,13 +50,14 @@ log = get_logger("fpolicyd.sink")
 SEND_DEADLINE_S = 10.0
 #: Events one send reads from the spool without packing: one SendMessageBatch / PutEvents.
 SINGLE_READ_RECORDS: Final = 10
-#: Packed SQS messages: one send reads up to this much event JSON (and ``PACK_READ_RECORDS`` events), ~4,000
-#: ONTAP events of ~1 KB. Gzip-packed (~6:1 with base64, measured) that is ~700 KB of messages, about one
-#: SendMessageBatch; uncompressed, about four. A read stays in memory until it is settled, up to
-#: ``sink_max_in_flight`` of them; a bigger one would save at most part of one billed 64 KiB chunk per request.
-PACK_READ_BYTES: Final = 4 * 1024 * 1024
-#: The event-count cap of a packed read (events of ~500 bytes or less reach it before ``PACK_READ_BYTES``).
-PACK_READ_RECORDS: Final = 8192
+#: Packed SQS messages: one send reads up to ``PACK_READ_RECORDS`` events, ~4 MB of ~1 KB ONTAP events:
+#: gzip-packed (~5.5:1 with base64, measured) that is ~700 KB of messages, about one SendMessageBatch;
+#: uncompressed, about four. The worker lingers (``sink_linger_s``) until that many events are available, so at
+#: high rates every read is full. A read stays in memory until it is settled, up to ``sink_max_in_flight`` of
+#: them; a bigger one would save at most part of one billed 64 KiB chunk per request.
+PACK_READ_RECORDS: Final = 4096
+#: The byte cap of a packed read, for events much bigger than usual (long paths, many routes).
+PACK_READ_BYTES: Final = 8 * 1024 * 1024
 
 
 class AwsSender:

@@ -318,7 +318,7 @@ class Settings(BaseSettings):
     sqs_pack_compression: PackCompression = Field(
         PackCompression.GZIP,
         description="Packed SQS messages: gzip (body = base64 of the gzip-compressed JSON array of events, about "
-        "6x smaller; needed for 0.01 billed requests per event) | none (body = the JSON array itself).",
+        "5.5x smaller; needed for 0.01 billed requests per event) | none (body = the JSON array itself).",
     )
     eventbridge_source: str = Field("fsxn.fpolicy", description="PutEvents Source.")
     eventbridge_detail_type: str = Field("FPolicy File Operation", description="PutEvents DetailType.")

@@ -23,6 +23,7 @@ from support.moto_server import (
     drain_queue,
     isolate_aws_env,
 )
+from support.readme_lambda import load_lambda_consumer, record_of_received
 from support.serve import read_events, start_serve, stop
 from support.sqs_faults import SqsFaults
 from support.tcp_proxy import Proxy
@@ -64,6 +65,54 @@ async def test_every_event_reaches_sqs_exactly_once(clients: AwsClients, tmp_pat
     assert {"operation", "svm"} <= set(attributes)
     stopped = next(line for line in daemon.log_lines if line.get("event") == "stopped")
     assert stopped["undelivered"] == 0
+
+
+@pytest.mark.parametrize("fifo", [False, True], ids=["standard", "fifo"])
+async def test_packed_messages_carry_every_event_exactly_once(clients: AwsClients, tmp_path: Path, fifo: bool) -> None:
+    sqs = await clients.sqs()
+    queue_url = await create_queue(sqs, fifo=fifo)
+    daemon, log_reader = await start_serve(
+        tmp_path,
+        "--sinks",
+        f"sqs:{queue_url},jsonl:{tmp_path / 'events'}",
+        "--sqs-pack-bytes",
+        "16384",
+        "--sink-linger-s",
+        "0.2",
+    )
+    assert (await run(SimulatorConfig(port=daemon.port, nodes=2, events=300, seed=26))).completed
+    assert await stop(daemon) == 0
+    await log_reader
+    stopped = next(line for line in daemon.log_lines if line.get("event") == "stopped")
+    assert stopped["undelivered"] == 0
+    attributes = await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages"])
+    count = int(attributes["Attributes"]["ApproximateNumberOfMessages"])
+    messages = await drain_queue(sqs, queue_url, count, within=30)
+    assert len(messages) == count
+    packed = [m for m in messages if "fpolicyd-format" in m.get("MessageAttributes", {})]
+    assert packed
+    assert count < 600 / 10  # 600 events; a 16 KiB gzip message holds about a hundred
+    assert {m["MessageAttributes"]["content-encoding"]["StringValue"] for m in packed} == {"gzip"}
+    # The README's Lambda consumer unpacks them: every event exactly once, each a valid event.
+    handled: list[dict[str, Any]] = []
+    handler = load_lambda_consumer(handled.append)
+    arn = f"arn:aws:sqs:us-east-1:123456789012:{queue_url.rsplit('/', 1)[1]}"
+    for start in range(0, len(messages), 10):  # an SQS trigger's batch: at most 10 messages
+        records = [record_of_received(m, queue_arn=arn) for m in messages[start : start + 10]]
+        assert handler({"Records": records}, None) == {"batchItemFailures": []}
+    for event in handled:
+        jsonschema.validate(event, load_event_schema())
+    ids = [event["event_id"] for event in handled]
+    stored = [event["event_id"] for event in read_events(tmp_path)]
+    assert len(ids) == len(set(ids)) == 600
+    assert set(ids) == set(stored)
+    if fifo:  # one message group per SVM, and each group's events in the order they were spooled
+        groups = {m["Attributes"]["MessageGroupId"] for m in messages}
+        assert groups == {event["svm_name"] for event in handled}
+        for group in groups:
+            assert [e["event_id"] for e in handled if e["svm_name"] == group] == [
+                e["event_id"] for e in read_events(tmp_path) if e["svm_name"] == group
+            ]
 
 
 async def test_eventbridge_rule_routes_every_event_to_its_target(clients: AwsClients, tmp_path: Path) -> None:

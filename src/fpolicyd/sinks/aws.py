@@ -6,7 +6,8 @@ Everything above the "async" section is pure (no I/O, no clock) and tested witho
   :meth:`FileEvent.to_json`) into one request entry, and :func:`sqs_entry_size` / :func:`eventbridge_entry_size`
   measure an entry the way the service does (rules and sources next to each function).
 - :func:`plan_batches` cuts a run of :class:`Item` into :class:`Batch` es within the service limits, and sets
-  aside as :class:`Oversize` what can never be sent.
+  aside as :class:`Oversize` what can never be sent; with ``SqsTarget.pack_bytes`` it first packs many events
+  into each SQS message (:func:`pack_sqs_entries`, envelope in :mod:`fpolicyd.sinks.sqs_envelope`).
 - :func:`classify_sqs` / :func:`classify_eventbridge` split a response into an :class:`Outcome`;
   :func:`error_kind` / :func:`classify_exception` classify a whole-call exception.
 
@@ -32,15 +33,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import contextlib
 import hashlib
+import itertools
 import os
 import random
 import re
 import threading
 import time
+import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -60,12 +64,14 @@ from fpolicyd.events import format_rfc3339_us
 from fpolicyd.obs.log import get_logger
 from fpolicyd.sinks.aws_transport import LeanUnsupportedError, build_lean_client
 from fpolicyd.sinks.runner import RetryPolicy
+from fpolicyd.sinks.sqs_envelope import PackCompression, pack_attributes
 
 __all__ = [
     "AWS_RETRY",
     "DEFAULT_EVENTBRIDGE_DETAIL_TYPE",
     "DEFAULT_EVENTBRIDGE_SOURCE",
     "MAX_BATCH_ENTRIES",
+    "PACK_GZIP_LEVEL",
     "AwsClients",
     "AwsTarget",
     "Batch",
@@ -82,6 +88,7 @@ __all__ = [
     "SendBatch",
     "SqsQueueInfo",
     "SqsTarget",
+    "batch_entries",
     "check_eventbridge",
     "check_sqs",
     "classify_eventbridge",
@@ -93,6 +100,7 @@ __all__ = [
     "error_kind",
     "eventbridge_entry_size",
     "items_of",
+    "pack_sqs_entries",
     "plan_batches",
     "send_eventbridge_batch",
     "send_sqs_batch",
@@ -109,6 +117,27 @@ DEFAULT_EVENTBRIDGE_SOURCE: Final = "fsxn.fpolicy"
 DEFAULT_EVENTBRIDGE_DETAIL_TYPE: Final = "FPolicy File Operation"
 #: Backoff for AWS requests (the runner's RetryPolicy shape; AWS guidance is a longer cap than a local file's).
 AWS_RETRY: Final = RetryPolicy(base_s=0.1, cap_s=20.0)
+#: zlib level of gzip-packed SQS messages. Measured on simulator events (benchmarks/bench_sqs_pack.py): level 1
+#: gives ~180 bytes of base64 per ~1 KB event, ~0.0027 billed requests per event; level 6 ~0.0020 for ~7 µs
+#: more CPU per event. Both are far under the 0.01 goal, so the CPU decides.
+PACK_GZIP_LEVEL: Final = 1
+#: First guess, per packing plan, of base64-of-gzip bytes per byte of event JSON; each message then sizes the
+#: next by what it measured. Level 1 measures ~0.18 on simulator events; the guess is pessimistic, so a first
+#: message that compresses as expected is refilled once (``PACK_GZIP_REFILL``) rather than found too big.
+PACK_GZIP_FIRST_RATIO: Final = 0.25
+#: Share of the pack limit a gzip message is planned to fill from that estimate: the ratio varies a few percent
+#: between messages; a message found over the limit costs a second compression, an unused 5 % costs nothing
+#: (billing rounds whole requests, not messages, up to 64 KiB).
+PACK_GZIP_FILL: Final = 0.95
+#: A gzip message that fits but fills less than this share of the limit, with more events waiting, is planned
+#: once more with the measured ratio (at most once per message, so a message costs at most ~2 compressions
+#: unless it overflows).
+PACK_GZIP_REFILL: Final = 0.8
+#: Compressions tried for one message by ratio estimates before falling back to halving the candidate (which
+#: bounds the work on data whose compression varies wildly).
+PACK_GZIP_ESTIMATES: Final = 4
+#: zlib's wbits for a gzip stream (header and CRC-32 trailer) with a 32 KiB window: 16 + MAX_WBITS.
+_GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
 
 # ------------------------------------------------------------------------------------------ targets
 
@@ -130,6 +159,10 @@ class SqsTarget:
     ``group_id_field``: the event field whose value is a FIFO message's MessageGroupId (a dotted path such as
     ``metadata.vs_uuid`` reaches into objects); missing or empty falls back to ``svm_name``. Ordering is per
     group, so the default keeps one SVM's events in order while SVMs proceed in parallel.
+
+    ``pack_bytes``: 0 = one event per message; otherwise several events go into one packed message (see
+    :mod:`fpolicyd.sinks.sqs_envelope`) of at most :attr:`pack_limit` bytes, its array carried as
+    ``pack_compression`` says, gzip at ``pack_gzip_level``.
     """
 
     queue_url: str
@@ -137,6 +170,9 @@ class SqsTarget:
     max_batch_bytes: int = MIB
     max_message_bytes: int = MIB
     max_entries: int = MAX_BATCH_ENTRIES
+    pack_bytes: int = 0
+    pack_compression: PackCompression = PackCompression.GZIP
+    pack_gzip_level: int = PACK_GZIP_LEVEL
 
     def __post_init__(self) -> None:
         if not self.queue_url or not self.queue_url.strip():
@@ -146,6 +182,12 @@ class SqsTarget:
         _positive("max_batch_bytes", self.max_batch_bytes)
         _positive("max_message_bytes", self.max_message_bytes)
         _entries_limit(self.max_entries)
+        if self.pack_bytes:
+            _positive("pack_bytes", self.pack_bytes)
+        if not isinstance(self.pack_compression, PackCompression):
+            raise ValueError(f"pack_compression: expected one of {[c.value for c in PackCompression]}")
+        if not 1 <= self.pack_gzip_level <= 9:  # zlib's levels
+            raise ValueError(f"pack_gzip_level: must be 1..9, got {self.pack_gzip_level!r}")
 
     @property
     def fifo(self) -> bool:
@@ -159,6 +201,15 @@ class SqsTarget:
     def entry_limit(self) -> int:
         """The largest entry that can be sent: one message alone must also fit a batch."""
         return min(self.max_message_bytes, self.max_batch_bytes)
+
+    @property
+    def packing(self) -> bool:
+        return self.pack_bytes > 0
+
+    @property
+    def pack_limit(self) -> int:
+        """The largest packed message: ``pack_bytes``, within what any message may be."""
+        return min(self.pack_bytes, self.entry_limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,11 +266,19 @@ class Item:
 @dataclass(frozen=True, slots=True, eq=False)
 class Entry:
     """An item encoded for one service: ``request`` is the SendMessageBatchRequestEntry (with its batch-local
-    ``Id``) or the PutEventsRequestEntry; ``size`` is what the service counts against its limits."""
+    ``Id``) or the PutEventsRequestEntry; ``size`` is what the service counts against its limits.
+
+    A packed SQS message carries several items: ``packed`` holds them all, in order (``item`` is the first);
+    it is empty for a one-event entry. :attr:`items` is what the entry carries either way."""
 
     item: Item
     request: dict[str, Any]
     size: int
+    packed: tuple[Item, ...] = ()
+
+    @property
+    def items(self) -> tuple[Item, ...]:
+        return self.packed or (self.item,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,11 +490,21 @@ def eventbridge_entry_size(entry: Mapping[str, Any]) -> int:
     return size
 
 
-def _encode(target: AwsTarget, item: Item, entry_id: str) -> tuple[dict[str, Any], int]:
-    event = _load_event(item.event_json)
-    if isinstance(target, SqsTarget):
-        return _encode_sqs(target, item.event_json, event, entry_id)
-    return _encode_eventbridge(target, item.event_json, event)
+def _single(target: AwsTarget, item: Item, event: dict[str, Any] | None = None) -> Entry | Oversize:
+    """``item`` as a one-event entry, or :class:`Oversize` when it is not a JSON object or over the entry limit."""
+    try:
+        if event is None:
+            event = _load_event(item.event_json)
+        if isinstance(target, SqsTarget):
+            request, size = _encode_sqs(target, item.event_json, event, "0")
+        else:
+            request, size = _encode_eventbridge(target, item.event_json, event)
+    except ValueError as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return Oversize(item, f"not an event JSON object: {exc}", len(item.event_json))
+    limit = target.entry_limit
+    if size > limit:
+        return Oversize(item, f"entry is {size} bytes, over the {limit}-byte limit of {target.name}", size)
+    return Entry(item, request, size)
 
 
 def plan_batches(items: Iterable[Item], target: AwsTarget) -> list[Batch | Oversize]:
@@ -444,39 +513,214 @@ def plan_batches(items: Iterable[Item], target: AwsTarget) -> list[Batch | Overs
     back in its place as :class:`Oversize` and is never sent. Strictly order-preserving (the plan, flattened, is
     ``items``): greedy, a batch is closed when the next entry would not fit or an :class:`Oversize` comes
     between. SQS entry ids are the position in the batch (unique within it, as SendMessageBatch requires, even
-    if one event repeats)."""
+    if one event repeats).
+
+    An SQS target with ``pack_bytes`` first packs the items into messages (:func:`pack_sqs_entries`); then the
+    flattened plan is ``items`` on a standard queue, and on a FIFO queue each message group's items in order."""
+    if isinstance(target, SqsTarget) and target.packing:
+        return batch_entries(pack_sqs_entries(items, target), target)
+    return batch_entries((_single(target, item) for item in items), target)
+
+
+def batch_entries(steps: Iterable[Entry | Oversize], target: AwsTarget) -> list[Batch | Oversize]:
+    """Greedy batching of already encoded entries, in order (see :func:`plan_batches`); an :class:`Oversize`
+    closes the batch before it and stays in its place. Sets each SQS entry's ``Id`` to its batch position."""
     plan: list[Batch | Oversize] = []
     current: list[Entry] = []
     current_bytes = 0
-    entry_limit = target.entry_limit
-
-    def close() -> None:
-        nonlocal current, current_bytes
-        if current:
+    sqs = isinstance(target, SqsTarget)
+    for step in steps:
+        if isinstance(step, Oversize):
+            if current:
+                plan.append(Batch(tuple(current)))
+                current, current_bytes = [], 0
+            plan.append(step)
+            continue
+        if current and (len(current) >= target.max_entries or current_bytes + step.size > target.max_batch_bytes):
             plan.append(Batch(tuple(current)))
             current, current_bytes = [], 0
+        if sqs:
+            step.request["Id"] = str(len(current))
+        current.append(step)
+        current_bytes += step.size
+    if current:
+        plan.append(Batch(tuple(current)))
+    return plan
 
+
+# ----------------------------------------------------------------------------------- packed SQS messages
+
+#: The array's "[" and "]".
+_PACK_FRAME: Final = 2
+
+
+#: What a packed message's attributes count, but for the digits of fpolicyd-count (computed once: this is
+#: asked for every event added to a message).
+_PACK_ATTRIBUTES_BYTES: Final = {c: _attributes_size(pack_attributes(0, c)) - 1 for c in PackCompression}
+
+
+def _pack_attributes_size(count: int, compression: PackCompression) -> int:
+    return _PACK_ATTRIBUTES_BYTES[compression] + len(str(count))
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """An event that may share a message: its item, its message group (FIFO queues; "" otherwise) and what it
+    adds to the array, without the comma: ``size`` bytes, the SQS-safe JSON ``text`` for an uncompressed array,
+    the event JSON itself for gzip. The parsed event is not kept: holding thousands of parsed events alive made
+    the garbage collector's passes cost more than the parse (measured: 4 µs per event parsed, 10 µs kept)."""
+
+    item: Item
+    group: str
+    text: str
+    size: int
+
+
+def pack_sqs_entries(items: Iterable[Item], target: SqsTarget) -> Iterator[Entry | Oversize]:
+    """The SQS entries of ``items`` with several events per message (``target.pack_bytes`` > 0).
+
+    Consecutive events share a message while it stays within ``target.pack_limit`` (body plus attributes, as
+    :func:`sqs_entry_size` counts). An event is never split: one whose JSON alone does not fit a packed message
+    is sent alone as a one-event message (:class:`Oversize` if even that is over ``entry_limit``), and so is an
+    event that ends up alone in a message. On a FIFO queue a message holds events of one message group only:
+    the items are taken group by group (groups in order of first appearance, each group's events in order).
+    The envelope is described in :mod:`fpolicyd.sinks.sqs_envelope`; a packed FIFO message's
+    MessageDeduplicationId is the SHA-256 of its uncompressed array, so a resend of the same message is
+    deduplicated by SQS.
+    """
+    compression = target.pack_compression
+    gzip = compression is PackCompression.GZIP
+    # The largest event that still fits a packed message with no other event.
+    room = target.pack_limit - _PACK_FRAME - _pack_attributes_size(1, compression)
+    runs: dict[str | None, list[_Piece | Entry | Oversize]] = {}
     for item in items:
         try:
-            request, size = _encode(target, item, "0")
-        except ValueError as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
-            close()
-            plan.append(Oversize(item, f"not an event JSON object: {exc}", len(item.event_json)))
+            event = _load_event(item.event_json)
+            text, size = ("", len(item.event_json)) if gzip else _sqs_body(item.event_json)
+        except ValueError as exc:
+            key = None if target.fifo else ""
+            runs.setdefault(key, []).append(Oversize(item, f"not an event JSON object: {exc}", len(item.event_json)))
             continue
-        if size > entry_limit:
-            close()
-            plan.append(
-                Oversize(item, f"entry is {size} bytes, over the {entry_limit}-byte limit of {target.name}", size)
-            )
-            continue
-        if len(current) >= target.max_entries or current_bytes + size > target.max_batch_bytes:
-            close()
-        if isinstance(target, SqsTarget):
-            request["Id"] = str(len(current))
-        current.append(Entry(item, request, size))
-        current_bytes += size
-    close()
-    return plan
+        key = _group_id(event, target.group_id_field) if target.fifo else ""
+        step = _Piece(item, key, text, size) if size <= room else _single(target, item, event)
+        runs.setdefault(key, []).append(step)
+    packer = _GzipPacker(target) if gzip else None
+    for run in runs.values():
+        segment: list[_Piece] = []
+        for step in run:
+            if isinstance(step, _Piece):
+                segment.append(step)
+                continue
+            if segment:
+                yield from packer.pack(segment) if packer else _pack_plain(segment, target)
+                segment = []
+            yield step
+        if segment:
+            yield from packer.pack(segment) if packer else _pack_plain(segment, target)
+
+
+def _packed_entry(target: SqsTarget, pieces: Sequence[_Piece], body: str, body_size: int, array: bytes) -> Entry:
+    attributes = pack_attributes(len(pieces), target.pack_compression)
+    request: dict[str, Any] = {"Id": "0", "MessageBody": body, "MessageAttributes": attributes}
+    if target.fifo:
+        request["MessageGroupId"] = pieces[0].group
+        request["MessageDeduplicationId"] = hashlib.sha256(array).hexdigest()
+    size = body_size + _attributes_size(attributes)
+    return Entry(pieces[0].item, request, size, packed=tuple(p.item for p in pieces))
+
+
+def _raw_array(pieces: Sequence[_Piece]) -> bytes:
+    return b"[" + b",".join(p.item.event_json for p in pieces) + b"]"
+
+
+def _pack_plain(segment: Sequence[_Piece], target: SqsTarget) -> Iterator[Entry | Oversize]:
+    """Uncompressed: the body is the array itself, so its size is known exactly as events are added."""
+    limit = target.pack_limit
+    start = 0
+    size = _PACK_FRAME + segment[0].size
+    for index in range(1, len(segment)):
+        grown = size + 1 + segment[index].size
+        if grown + _pack_attributes_size(index - start + 1, PackCompression.NONE) > limit:
+            yield _close_plain(segment[start:index], target, size)
+            start, grown = index, _PACK_FRAME + segment[index].size
+        size = grown
+    yield _close_plain(segment[start:], target, size)
+
+
+def _close_plain(pieces: Sequence[_Piece], target: SqsTarget, body_size: int) -> Entry | Oversize:
+    if len(pieces) == 1:
+        return _single(target, pieces[0].item)
+    body = "[" + ",".join(p.text for p in pieces) + "]"
+    return _packed_entry(target, pieces, body, body_size, _raw_array(pieces) if target.fifo else b"")
+
+
+class _GzipPacker:
+    """gzip packing for one plan. The compressed size of a set of events is only known by compressing it, so
+    each message is sized from the ratio the previous one measured (``PACK_GZIP_*``), compressed once, and
+    re-planned only when it came out over the limit or well under it; the limit is always checked on the real
+    body. Keeps the ratio from message to message: the only state, which is why this is a class."""
+
+    def __init__(self, target: SqsTarget) -> None:
+        self.target = target
+        self.limit = target.pack_limit
+        self.ratio = PACK_GZIP_FIRST_RATIO
+
+    def pack(self, segment: Sequence[_Piece]) -> Iterator[Entry | Oversize]:
+        raws = [p.item.event_json for p in segment]
+        # ends[k] = bytes of the first k events, each with its separator: the array of events i..j-1 is
+        # 1 + ends[j] - ends[i] bytes ("[" + events and commas + "]").
+        ends = list(itertools.accumulate((len(raw) + 1 for raw in raws), initial=0))
+        start = 0
+        while start < len(segment):
+            end, array, body = self._fit(raws, ends, start)
+            if end - start == 1:
+                yield _single(self.target, segment[start].item)
+            else:
+                pieces = segment[start:end]
+                yield _packed_entry(self.target, pieces, body, len(body), array)
+            start = end
+
+    def _estimate(self, ends: Sequence[int], start: int) -> int:
+        """The end of the longest run from ``start`` whose body the current ratio puts within the fill target."""
+        count_bound = len(ends) - 1 - start
+        budget = (self.limit - _pack_attributes_size(count_bound, PackCompression.GZIP)) * PACK_GZIP_FILL
+        raw_budget = budget / self.ratio
+        end = bisect.bisect_right(ends, raw_budget - 1 + ends[start], lo=start + 1) - 1
+        # At least two events when there are two: a pessimistic ratio must be able to learn better.
+        return max(end, min(start + 2, len(ends) - 1))
+
+    def _fit(self, raws: Sequence[bytes], ends: Sequence[int], start: int) -> tuple[int, bytes, str]:
+        """(end, array, body) of the message that starts at ``start``: events start..end-1, ``body`` their
+        gzip+base64 array within the limit; a lone event (end = start + 1) comes back uncompressed."""
+        total = len(raws)
+        best: tuple[int, bytes, str] | None = None
+        over = total + 1  # the smallest end known to be too big
+        refilled = False
+        tries = 0
+        end = self._estimate(ends, start)
+        while True:
+            array = b"[" + b",".join(raws[start:end]) + b"]"
+            if end - start == 1:
+                return end, array, ""
+            body = base64.b64encode(zlib.compress(array, self.target.pack_gzip_level, wbits=_GZIP_WBITS)).decode()
+            tries += 1
+            self.ratio = len(body) / len(array)
+            size = len(body) + _pack_attributes_size(end - start, PackCompression.GZIP)
+            if size <= self.limit:
+                best = (end, array, body)
+                if refilled or end >= total or end + 1 >= over or size >= self.limit * PACK_GZIP_REFILL:
+                    return best
+                refilled = True
+                following = min(self._estimate(ends, start), over - 1)
+                if following <= end:
+                    return best
+            else:
+                over = end
+                following = self._estimate(ends, start) if tries < PACK_GZIP_ESTIMATES else (start + end) // 2
+                following = max(start + 1, min(following, end - 1))
+                if best is not None and following <= best[0]:
+                    return best
+            end = following
 
 
 # ------------------------------------------------------------------------------------ classification
@@ -1053,8 +1297,16 @@ class _Delivery:
     error: SinkError | None = None
 
     def bury(self, entry: Entry, reason: str) -> None:
+        """Dead-letter what ``entry`` carries: every event of a packed message gets its own record, its reason
+        saying which message it was in. If the file fails midway the whole entry stays pending (the events
+        already written may then be written again: at least once, never lost)."""
+        items = entry.items
         try:
-            self.dead_letter(entry.item, reason)
+            if len(items) == 1:
+                self.dead_letter(items[0], reason)
+            else:
+                for index, item in enumerate(items, 1):
+                    self.dead_letter(item, f"{reason} (packed message, event {index} of {len(items)})")
         except (SinkError, OSError) as exc:
             # The dead-letter file could not take it: keep the entry pending rather than lose it.
             self.parked.append(entry)
@@ -1162,5 +1414,6 @@ async def deliver(
 
 
 def items_of(entries: Sequence[Entry]) -> list[Item]:
-    """The items behind ``entries`` (e.g. a report's ``pending``, to plan them again later)."""
-    return [e.item for e in entries]
+    """The items behind ``entries``, every event of a packed message included (e.g. a report's ``pending``, to
+    plan them again later)."""
+    return [item for e in entries for item in e.items]

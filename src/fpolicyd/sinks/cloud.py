@@ -3,6 +3,11 @@
 Only entries that failed retriably are sent again (by ``deliver`` within one call, and by the worker across
 calls); permanent rejections and oversize events go to the dead-letter file with their reason. A FIFO queue
 gets one batch in flight at a time, so a retried entry cannot overtake a later one of its group.
+
+With packed SQS messages (``SqsTarget.pack_bytes``) a send reads many more events (``PACK_READ_*``), the pack
+limit is lowered to the queue's MaximumMessageSize once the queue has been checked, and a packed message that is
+still unsettled when its records come back from the worker is sent again as the same message (same body, same
+FIFO deduplication id), not packed anew.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, Final
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
@@ -21,11 +27,14 @@ from fpolicyd.sinks.aws import (
     AwsTarget,
     Batch,
     DeadLetterWriter,
+    Entry,
     EventBridgeTarget,
     Item,
     Outcome,
     Oversize,
+    SqsQueueInfo,
     SqsTarget,
+    batch_entries,
     check_eventbridge,
     check_sqs,
     deliver,
@@ -39,6 +48,16 @@ log = get_logger("fpolicyd.sink")
 
 #: How long one ``send`` keeps retrying inside ``deliver`` before handing the rest back to the worker.
 SEND_DEADLINE_S = 10.0
+#: Events one send reads from the spool without packing: one SendMessageBatch / PutEvents.
+SINGLE_READ_RECORDS: Final = 10
+#: Packed SQS messages: one send reads up to ``PACK_READ_RECORDS`` events, ~4 MB of ~1 KB ONTAP events:
+#: gzip-packed (~5.5:1 with base64, measured) that is ~700 KB of messages, about one SendMessageBatch;
+#: uncompressed, about four. The worker lingers (``sink_linger_s``) until that many events are available, so at
+#: high rates every read is full. A read stays in memory until it is settled, up to ``sink_max_in_flight`` of
+#: them; a bigger one would save at most part of one billed 64 KiB chunk per request.
+PACK_READ_RECORDS: Final = 4096
+#: The byte cap of a packed read, for events much bigger than usual (long paths, many routes).
+PACK_READ_BYTES: Final = 8 * 1024 * 1024
 
 
 class AwsSender:
@@ -61,10 +80,16 @@ class AwsSender:
         self._rng = random.Random()
         fifo = isinstance(target, SqsTarget) and target.fifo
         self.max_in_flight = 1 if fifo else max_in_flight
-        self.max_records = 10
+        self.packing = isinstance(target, SqsTarget) and target.packing
+        self.max_records = PACK_READ_RECORDS if self.packing else SINGLE_READ_RECORDS
         self.linger_s = linger_s
-        self.max_bytes = target.max_batch_bytes
+        self.max_bytes = PACK_READ_BYTES if self.packing else target.max_batch_bytes
         self._client: Any = None
+        #: Packing: whether the queue's MaximumMessageSize has been read (and the pack limit fitted to it).
+        self._queue_checked = False
+        #: Packing: unsettled packed messages by the spool seq of each record they carry, kept so that the
+        #: worker's next send of those records sends the very same messages.
+        self._unsettled: dict[int, Entry] = {}
         self.last_error: SinkError | None = None
         self.dead_lettered = 0
         self.requests = 0
@@ -80,10 +105,47 @@ class AwsSender:
         # client is set first: when the check fails retriably (endpoint down at start) sending goes on anyway.
         if isinstance(self.target, SqsTarget):
             self._client = await self._clients.sqs_data()
-            await check_sqs(await self._clients.sqs(), self.target)
+            self._fit_to_queue(await check_sqs(await self._clients.sqs(), self.target))
         else:
             self._client = await self._clients.events_data()
             await check_eventbridge(await self._clients.events(), self.target)
+
+    def _fit_to_queue(self, info: SqsQueueInfo) -> None:
+        """Packed messages must fit the queue's MaximumMessageSize, which may be below ``sqs_pack_bytes``."""
+        self._queue_checked = True
+        target = self.target
+        if isinstance(target, SqsTarget) and target.packing and target.pack_bytes > info.max_message_bytes:
+            log.warning(
+                "sqs_pack_bytes_reduced",
+                sink=self.name,
+                pack_bytes=target.pack_bytes,
+                queue_max_message_bytes=info.max_message_bytes,
+                detail="packed messages are limited to the queue's MaximumMessageSize",
+            )
+            self.target = replace(target, pack_bytes=info.max_message_bytes)
+
+    async def _check_queue_before_packing(self) -> None:
+        """A queue that could not be checked at start (endpoint unreachable) is checked before the first packed
+        message goes out: a message over its MaximumMessageSize would be rejected and dead-lettered."""
+        if self._queue_checked or not isinstance(self.target, SqsTarget):
+            return
+        self._fit_to_queue(await check_sqs(await self._clients.sqs(), self.target))
+
+    def _plan(self, records: Sequence[Record]) -> list[Batch | Oversize]:
+        if not self.packing:
+            return plan_batches((Item(r.payload, ref=r) for r in records), self.target)
+        # Records of a packed message that is still unsettled come back together (the worker sends exactly
+        # what a send left pending); that message goes out again as it was. Any other record is packed anew.
+        wanted = {r.seq for r in records}
+        again: dict[int, Entry] = {}
+        fresh: list[Item] = []
+        for record in records:
+            entry = self._unsettled.pop(record.seq, None)
+            if entry is not None and all(_record(item).seq in wanted for item in entry.items):
+                again.setdefault(id(entry), entry)
+            else:
+                fresh.append(Item(record.payload, ref=record))
+        return batch_entries(again.values(), self.target) + plan_batches(fresh, self.target)
 
     def _send_function(self) -> Callable[[Batch], Awaitable[Outcome]]:
         client = self._client
@@ -117,18 +179,18 @@ class AwsSender:
     async def send(self, records: Sequence[Record]) -> Sequence[Record]:
         if self._client is None:
             raise SinkError(f"{self.name}: not started", retriable=True)
+        if self.packing:
+            await self._check_queue_before_packing()
         send = self._timed(self._send_function())
         pending: list[Record] = []
         deadline = time.monotonic() + SEND_DEADLINE_S
-        for planned in plan_batches((Item(r.payload, ref=r) for r in records), self.target):
+        for planned in self._plan(records):
             if isinstance(planned, Oversize):
                 try:
                     self._dead_letter(planned.item, planned.reason)
                 except (SinkError, OSError) as exc:
                     log.error("dead_letter_failed", sink=self.name, reason=planned.reason, error=str(exc))
-                    ref = planned.item.ref
-                    assert isinstance(ref, Record)
-                    pending.append(ref)
+                    pending.append(_record(planned.item))
                 else:
                     self.dead_lettered += 1
                     self.entries_failed_permanent += 1
@@ -137,16 +199,18 @@ class AwsSender:
                 planned, send, self._retry, self._rng, self._dead_letter, deadline=deadline, name=self.name
             )
             self.requests += report.requests
-            self.dead_lettered += len(report.dead)
+            self.dead_lettered += sum(len(entry.items) for entry, _ in report.dead)
             self.retry_requests += report.retry_requests
             self.entries_failed_retryable += report.retried_entries
             self.entries_failed_permanent += len(report.dead)
             if report.error is not None and not report.error.retriable:
                 self.entries_failed_permanent += len(report.pending)
             for entry in report.pending:
-                ref = entry.item.ref
-                assert isinstance(ref, Record)
-                pending.append(ref)
+                for item in entry.items:
+                    record = _record(item)
+                    pending.append(record)
+                    if self.packing and entry.packed:
+                        self._unsettled[record.seq] = entry
             if report.error is not None:
                 self.last_error = report.error
         # Never raise after partial progress: what was delivered must not be sent again, so the worker gets
@@ -155,3 +219,10 @@ class AwsSender:
 
     async def close(self) -> None:
         return None
+
+
+def _record(item: Item) -> Record:
+    """The spool record an item was made from (its ``ref``)."""
+    ref = item.ref
+    assert isinstance(ref, Record)
+    return ref

@@ -43,6 +43,8 @@ def build_senders(
                 queue_url=target,
                 group_id_field=settings.sqs_group_id_field,
                 max_batch_bytes=settings.sqs_max_batch_bytes,
+                pack_bytes=settings.sqs_pack_bytes,
+                pack_compression=settings.sqs_pack_compression,
             )
             senders.append(_aws_sender(sqs, settings, clients, dead_letter))
         elif scheme == "eventbridge":

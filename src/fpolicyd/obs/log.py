@@ -13,6 +13,18 @@ from fpolicyd.obs.classification import Redactor
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is when a line is written, not to the object it was when logging was
+    configured: a replaced and closed stderr (a test runner's capture, an embedding program) must not break
+    every later log line with "I/O operation on closed file"."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(
     level: str = "info", fmt: str = "json", stream: Any = None, redactor: Redactor | None = None
 ) -> None:
@@ -31,7 +43,7 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or _CurrentStderr()),
         cache_logger_on_first_use=False,
     )
 

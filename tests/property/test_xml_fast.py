@@ -177,6 +177,7 @@ _REN: bytes = SMB_REN.body
         (b"<IsDense>0</IsDense>", b""),
         (b"<DisplayPath>\\\\NLABNASC9003\\test123\\renamed6.txt</DisplayPath>", b""),
         (b"<FileOwner><WinSid>", b"<FileOwner><WinSid> "),
+        (b"<FileOwner><WinSid>", b"<FileOwner><WinSid>S-1" + b"-1234567890" * 30),  # too long to be cached
         (b"</ProtCommonInfo>", b"<NewField>x</NewField><Other></Other></ProtCommonInfo>"),
         (b"<ProtVer><MajorNum>3</MajorNum><MinorNum>1</MinorNum></ProtVer>", b"<ProtVer></ProtVer>"),
         (
@@ -221,6 +222,11 @@ def test_every_character_xml_allows_is_read(char: str) -> None:
         (b"<ReqId>4996</ReqId>", b"<ReqId>18446744073709551616</ReqId>"),
         (b"<IsDense>0</IsDense>", b"<IsDense>2</IsDense>"),
         (b"</SmbRenReq>", b"</SmbRenreq>"),
+        (b"</ProtCommonInfo>", b"<New>x</Old></ProtCommonInfo>"),
+        (b"</SmbRenReq>", b"<A>1</B></SmbRenReq>"),
+        (b"</SmbRenReq>", b"<A><B>1</C></A></SmbRenReq>"),
+        (b"</SmbRenReq>", b"<A><B>1</B></C></SmbRenReq>"),
+        (b"</Path></TargetAccessPath>", b"</Path></AccessPath>"),
         (b"<ProtCommonInfo>", b"<ProtCommonInfo><UsrContext><Nobody>1</Nobody></UsrContext>"),
     ],
 )

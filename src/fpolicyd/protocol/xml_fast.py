@@ -11,8 +11,8 @@ The invariant, proven by ``tests/property/test_xml_fast.py`` against lxml: for e
 ``scan_screen_request(b)`` is None or equals :func:`fields_of` of the ``ScreenRequest`` that ``decode_payload``
 makes of a SCREEN_REQ with body ``b``. In particular it accepts nothing lxml rejects: the text of every element
 is restricted to XML characters other than CR (which XML normalises), ``]]>`` is refused, only the five standard
-entities are decoded, integers are ASCII digits in 0..2**64-1, and the decoder's strip/last-one-wins/default
-rules are reproduced for the one shape that is accepted.
+entities are decoded, integers are at most 19 ASCII digits (so within 0..2**64-1), and the decoder's
+strip/last-one-wins/default rules are reproduced for the one shape that is accepted.
 
 The regex is linear: every repetition and optional element is possessive (``*+``, ``?+``, Python ≥ 3.11), each
 starts with a literal ``<`` or ``&`` that text cannot contain, and the body is capped at
@@ -30,6 +30,7 @@ from fpolicyd.protocol.messages import PathName, ScreenRequest, UserContext
 __all__ = [
     "MAX_FAST_BODY_BYTES",
     "PROT_VER_CACHE_SIZE",
+    "USER_CACHE_MAX_CHARS",
     "USER_CACHE_SIZE",
     "PathTuple",
     "ScreenFields",
@@ -75,10 +76,14 @@ class ScreenFields(NamedTuple):
 #: the scan's cost and keeps every accepted document far below libxml2's own limits (names, text, depth).
 MAX_FAST_BODY_BYTES: Final = 64 * 1024
 
-#: Distinct ``UsrContext``/``FileOwner`` and ``ProtVer`` contents remembered, already read. A node's users and
-#: clients repeat from event to event, so most reads are cache hits; the bound caps the memory a peer that
-#: sends a new user every time can make us hold (each entry is one short string and one small tuple).
+#: How many ``UsrContext``/``FileOwner`` contents are kept already read. A node's users repeat from event to
+#: event, so most reads are hits; the bound (and the one on a content's length below) caps the memory a peer
+#: that sends a new user every time can make us hold to about 1 MiB.
 USER_CACHE_SIZE: Final = 4096
+#: Longer contents are read every time, not kept. A Windows SID is under 200 characters; a mapped user with
+#: one is under 250 with its tags.
+USER_CACHE_MAX_CHARS: Final = 256
+#: How many ``ProtVer`` contents are kept already read (each is two short numbers).
 PROT_VER_CACHE_SIZE: Final = 64
 
 # One character of element text: any XML character except '<' and '&' (markup), CR (XML turns CR and CRLF into
@@ -140,20 +145,18 @@ _SCREEN_REQ: Final = re.compile(
     + rf"(?:<UserGids>(?:((?:<Gid>{_TEXT}</Gid>)++)|({_TEXT}))</UserGids>)?+"
     + r"</CommonInfo>"
     + _paths_element("TargetAccessPath")
-    # Operation fields: leaves, or elements of leaves (SetAttrMtime/Secs); flattened (and their tags matched) below.
-    + rf"((?:<{_NAME}>(?:{_TEXT}|(?:<{_NAME}>{_TEXT}</{_NAME}>)++)</{_NAME}>)*+)"
+    # Operation fields: leaves, or elements of leaves (SetAttrMtime/Secs), flattened when read.
+    + rf"((?:<(?P<f>{_NAME})>(?:{_TEXT}|(?:<(?P<g>{_NAME})>{_TEXT}</(?P=g)>)++)</(?P=f)>)*+)"
     + r"</(?P=op)></NotfInfo></FscreenReq>"
 ).fullmatch
 
 # Reading regions the regex above has already validated, character by character: these only split them up
-# (and check that closing tags match, which the regex above leaves to them).
+# (and check that the closing tags of extras match, which the regex above leaves to them).
 _PATH_ITEMS: Final = re.compile(r"<PathNameType>([^<]*)</PathNameType><PathName>([^<]*)</PathName>").findall
 _GID_ITEMS: Final = re.compile(r"<Gid>([^<]*)</Gid>").findall
 _LEAVES_OK: Final = re.compile(r"(?:<([A-Za-z0-9]++)>[^<]*+</\1>)*+").fullmatch
 _LEAF_ITEMS: Final = re.compile(r"<([A-Za-z0-9]++)>([^<]*+)</").findall
-_OP_FIELDS_OK: Final = re.compile(
-    r"(?:<([A-Za-z0-9]++)>(?:[^<]*+|(?:<([A-Za-z0-9]++)>[^<]*+</\2>)++)</\1>)*+"
-).fullmatch
+_OP_LEAVES: Final = re.compile(r"<([A-Za-z0-9]++)>([^<]*+)</\1>").findall
 # One op field: a leaf (text in group 2) or an element of leaves (children in group 3).
 _OP_ITEMS: Final = re.compile(
     r"<([A-Za-z0-9]++)>(?:([^<]*+)</\1>|((?:<[A-Za-z0-9]++>[^<]*+</[A-Za-z0-9]++>)++)</\1>)"
@@ -184,8 +187,6 @@ _PCI_TAGS: Final = frozenset(
         "IsDense",
     }
 )
-#: Operation children the decoder reads by name instead of flattening them.
-_OP_RESERVED: Final = frozenset({"CommonInfo", "TargetAccessPath"})
 _BOOLS: Final = {"0": False, "false": False, "1": True, "true": True}
 
 
@@ -197,8 +198,7 @@ def _unescape(text: str) -> str:
     return _ENTITY.sub(_entity, text) if "&" in text else text
 
 
-@lru_cache(maxsize=USER_CACHE_SIZE)
-def _user(content: str) -> UserTuple | None:
+def _read_user(content: str) -> UserTuple | None:
     """A validated ``UsrContext``/``FileOwner`` content, read as ``xml_codec._decode_user`` reads it."""
     m = _USER_CHOICE(content)
     if m is None:  # the empty element: no choice, no user
@@ -209,6 +209,9 @@ def _user(content: str) -> UserTuple | None:
     if win_sid is not None:
         return ("WinSid", None, _unescape(win_sid).strip())
     return ("MappedId", None if uid is None else int(uid), None if sid is None else _unescape(sid).strip())
+
+
+_cached_user: Final = lru_cache(maxsize=USER_CACHE_SIZE)(_read_user)
 
 
 @lru_cache(maxsize=PROT_VER_CACHE_SIZE)
@@ -255,12 +258,14 @@ def _extra(region: str, amp: bool) -> tuple[tuple[str, str], ...] | None:
 
 
 def _op_fields(region: str, amp: bool) -> tuple[tuple[str, str], ...] | None:
-    if _OP_FIELDS_OK(region) is None:
+    # The decoder reads these by name instead of flattening them; nested or not, such a body goes to lxml.
+    if "<CommonInfo>" in region or "<TargetAccessPath>" in region:
         return None
+    leaves = _OP_LEAVES(region)
+    if len(leaves) * 2 == region.count("<"):  # no element of elements: the (tag, text) pairs are the fields
+        return tuple([(tag, _unescape(text)) for tag, text in leaves]) if amp else tuple(leaves)
     out: list[tuple[str, str]] = []
     for tag, text, children in _OP_ITEMS(region):
-        if tag in _OP_RESERVED:
-            return None
         if children:
             out.extend((f"{tag}/{child}", _unescape(value) if amp else value) for child, value in _LEAF_ITEMS(children))
         else:
@@ -327,6 +332,8 @@ def scan_screen_request(body_xml: bytes) -> ScreenFields | None:
         t_name2,
         t_more,
         op_region,
+        _op_tag,
+        _op_child_tag,
     ) = m.groups()
     # Entities can only be in element text (no tag contains "&"), so without "&" nothing needs decoding.
     amp = "&" in text
@@ -353,8 +360,16 @@ def scan_screen_request(body_xml: bytes) -> ScreenFields | None:
             None if client_ip is None else client_ip.strip(),
             None if generation_time is None else int(generation_time),
             None if usr_id_type is None else usr_id_type.strip(),
-            None if usr_context is None else _user(usr_context),
-            None if file_owner is None else _user(file_owner),
+            None
+            if usr_context is None
+            else _cached_user(usr_context)
+            if len(usr_context) <= USER_CACHE_MAX_CHARS
+            else _read_user(usr_context),
+            None
+            if file_owner is None
+            else _cached_user(file_owner)
+            if len(file_owner) <= USER_CACHE_MAX_CHARS
+            else _read_user(file_owner),
             # The common shape (two paths, no entity) is built here rather than in a call.
             ((a_type1, a_name1), (a_type2, a_name2))
             if a_more == "" and not amp

@@ -241,7 +241,7 @@ async def test_readyz_fails_while_a_sink_is_unreachable(tmp_path: Path, monkeypa
     await daemon.start()
     try:
         status, body = await get(daemon, "/readyz")
-        assert status == 503
+        assert status == 503, body
         checks = {c["name"]: c for c in orjson.loads(body)["checks"]}
         assert not checks[f"sink:{queue}"]["ok"]
         assert checks[f"sink:{queue}"]["detail"]

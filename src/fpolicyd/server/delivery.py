@@ -10,7 +10,7 @@ the daemon announces. The two talk over a socketpair (``server/channel.py``):
 message               direction               meaning
 ====================  ======================  ==========================================================
 ``hello``             daemon → delivery       settings, sinks, where each sink resumes, the durable seq
-``ready``             delivery → daemon       every sink started (an unreachable one is retried later)
+``ready``             delivery → daemon       every sink started (an unreachable one is retried later), figures
 ``start_failed``      delivery → daemon       a sink cannot exist (missing queue/bus): the start fails
 ``durable``           daemon → delivery       records up to ``seq`` are durable: deliver them
 ``ack``               delivery → daemon       ``sink`` delivered everything up to ``seq`` (cumulative)
@@ -263,6 +263,7 @@ class ProcessDelivery:
         elif kind == "stats":
             self._figures(message)
         elif kind == "ready":
+            self._figures(message)
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         elif kind == "start_failed":

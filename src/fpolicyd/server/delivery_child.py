@@ -129,7 +129,8 @@ class DeliveryChild:
         self._workers = workers
         for worker in workers:
             worker.start().add_done_callback(self._watch)
-        channel.send({"t": "ready"})
+        # With every sink's figures: one that could not be reached at start is not ready from the first moment.
+        channel.send({"t": "ready", "sinks": self._figures()})
         ticker = asyncio.create_task(self._stats_loop())
         try:
             timeout_s = await stop

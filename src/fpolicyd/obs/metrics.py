@@ -486,7 +486,15 @@ class FpolicydCollector(Collector):
         events = _counter("events_received", "Notifications turned into events, by operation_type.", ["operation"])
         parse_errors = _counter("parse_errors", "Malformed input that closed a connection, by reason.", ["reason"])
         timeouts = _counter("session_timeouts", "Connections closed by a session timer, by reason.", ["reason"])
+        decoded = _counter(
+            "notifications_decoded",
+            "SCREEN_REQs by decoder: fast (ONTAP's canonical layout) or full (the hardened XML parser, or "
+            "protobuf); a rising full count means a layout the fast path does not know.",
+            ["decoder"],
+        )
         if ctx is not None:
+            decoded.add_metric(["fast"], ctx.ingest.counters.fast_decoded)
+            decoded.add_metric(["full"], ctx.ingest.counters.full_decoded)
             sessions.add_metric([], len(ctx.connections))
             opened.add_metric([], ctx.sessions_opened)
             for reason in ("not_allowed", "max_connections"):
@@ -508,7 +516,7 @@ class FpolicydCollector(Collector):
                 events.add_metric([operation_name], count)
             for reason, count in sorted(dict(ctx.protocol_errors).items()):
                 (timeouts if reason in _TIMEOUT_REASONS else parse_errors).add_metric([reason], count)
-        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts)
+        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, decoded)
 
     @staticmethod
     def _pipeline(pipeline: EventPipeline | None) -> Iterator[Metric]:

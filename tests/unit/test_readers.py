@@ -141,7 +141,8 @@ def test_every_real_xml_capture_is_classified_xml() -> None:
 
 
 def test_the_public_wire_observation_is_not_xml() -> None:
-    """``22 03 31 2E 30`` (field 4 = "1.0", docs/protocol.md §9) is no XML prefix: 0x03 as a length byte leads to no '"' at 5."""
+    """``22 03 31 2E 30`` (field 4 = "1.0", docs/protocol.md §9) is no XML prefix: 0x03 as a length byte leads
+    to no '"' at 5."""
     with pytest.raises(RemoteProtocolError, match="unknown_framing"):
         classify(b"\x22\x03\x31\x2e\x30" + b"\x00" * 6)
 

@@ -7,7 +7,7 @@ operation). Distributions that need a per-event observation (end-to-end and inge
 by the sink worker once per acknowledged batch (:meth:`SinkInstruments.settled`: one lock per batch, at most
 ``LATENCY_SAMPLES`` records read per batch), never in the reader.
 
-Conventions (DESIGN.md): names start with ``fpolicyd_``, base units (seconds, bytes), counters end in
+Conventions: names start with ``fpolicyd_``, base units (seconds, bytes), counters end in
 ``_total``, and no label ever carries a path, user, client address or session: labels are closed sets
 (operation, frame type, parse-error reason, sink URI from the configuration, retryable true/false).
 
@@ -63,7 +63,7 @@ LATENCY_BUCKETS: Final = (
 REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: Records per sink batch.
 BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5000.0, 25000.0, 100000.0)
-#: The reference pipeline's success SLO (reference-pipeline.md "Replay and SLO figures"); the time targets are
+#: The reference pipeline's success SLO (``docs/reference-pipeline.md`` §7); the time targets are
 #: settings (slo_ingestion_latency_s, slo_reconnect_s, slo_replay_completion_s).
 SLO_SUCCESS_RATIO: Final = 0.995
 

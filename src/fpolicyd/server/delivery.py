@@ -55,8 +55,12 @@ __all__ = ["DeliverySpec", "ProcessDelivery", "RemoteWorker", "use_delivery_proc
 
 #: The delivery process's module (run as ``python -m``).
 CHILD_MODULE: Final = "fpolicyd.server.delivery_child"
-#: After the drain budget, how long to wait for the delivery process's last message and exit before killing it.
-STOP_MARGIN_S: Final = 5.0
+#: Of the drain budget, what is kept for the delivery process's goodbye and exit after its sinks' share.
+STOP_MARGIN_S: Final = 1.0
+#: How long a delivery process that failed its start may take to exit before it is killed.
+EXIT_WAIT_S: Final = 5.0
+#: The least time a delivery process that said goodbye gets to exit (it is already on its way out).
+EXIT_MIN_WAIT_S: Final = 0.2
 
 
 def use_delivery_process(mode: str, cpus: int | None = None) -> bool:
@@ -204,7 +208,7 @@ class ProcessDelivery:
                 f"the delivery process did not start within {self._start_timeout_s:g} s", retriable=False
             ) from None
         except SinkError:
-            await self._reap(STOP_MARGIN_S)
+            await self._reap(EXIT_WAIT_S)
             raise
         log.info("delivery_process_started", pid=self.pid, sinks=[worker.name for worker in self.workers])
 
@@ -222,20 +226,25 @@ class ProcessDelivery:
             self._channel.send({"t": "durable", "seq": durable})
 
     async def stop(self, timeout_s: float) -> None:
-        """Let the delivery process deliver what is durable within ``timeout_s``, record its last acks, reap it."""
+        """Let the delivery process deliver what is durable, record its last acks and reap it — all within
+        ``timeout_s`` (the drain budget, which must fit Fargate's stopTimeout / systemd's TimeoutStopSec): the
+        delivery process gets the budget less :data:`STOP_MARGIN_S` for its sinks, the margin is for its goodbye
+        and its exit; if it does not make it, it is killed (its unacked events stay in the spool)."""
         self._stopping = True
         channel, stopped = self._channel, self._stopped
         if channel is None or stopped is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         if channel.is_open:
             self._send_durable()
-            channel.send({"t": "stop", "timeout_s": timeout_s})
+            channel.send({"t": "stop", "timeout_s": max(0.0, timeout_s - STOP_MARGIN_S)})
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(stopped), timeout_s + STOP_MARGIN_S)
+                await asyncio.wait_for(asyncio.shield(stopped), max(0.0, deadline - loop.time()))
             if not stopped.done():
                 log.error("delivery_process_stop_timeout", pid=self.pid, detail="killed; its unacked events are kept")
         channel.close()
-        await self._reap(STOP_MARGIN_S)
+        await self._reap(max(EXIT_MIN_WAIT_S, deadline - loop.time()))
 
     async def _reap(self, within_s: float) -> None:
         proc = self._proc

@@ -1,0 +1,97 @@
+"""benchmarks/bench_throughput.py (``make bench``) keeps working: a ``--quick`` run with a few hundred events
+through every row (bare splitter, JSON Lines, SQS, packed SQS, EventBridge) and both latency probes. Nothing here
+asserts a speed: only that every figure was measured, every event arrived and the accounting adds up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import bench_throughput
+from proctree import tree, tree_cpu_seconds
+
+pytestmark = pytest.mark.slow
+
+EVENTS = 300
+
+
+def test_quick_run_measures_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    code = bench_throughput.main(
+        ["--quick", "--events", str(EVENTS), "--no-dedup-off", "--latency-seconds", "0.02", "--json", str(out)]
+    )
+    printed = capsys.readouterr().out
+    document = json.loads(out.read_text())
+    failed = {key: [r.get("error") for r in runs] for key, runs in document["rows"].items()}
+    assert code == 0, (failed, [r.get("error") for r in document["latency"]])
+    assert set(document["rows"]) == {"splitter", "jsonl", "sqs", "sqs-packed", "eventbridge"}
+    for key, runs in document["rows"].items():
+        (row,) = runs
+        assert row["events"] == EVENTS
+        assert row["events_per_s"] > 0
+        assert row["server_cpu_us_per_event"] >= 0
+        assert row["peak_rss_mib"] > 0
+        assert row["loadgen"]["sent"] == EVENTS
+        assert row["loadgen"]["completed"]
+        if key in ("sqs", "sqs-packed", "eventbridge"):
+            assert row["requests_per_event"] > 0
+            assert "endpoint_cpu_us_per_event" in row
+            assert row["daemon_stop"]["exit_code"] == 0
+    assert document["rows"]["sqs"][0]["requests_per_event"] >= 0.1  # at most 10 messages per SendMessageBatch
+    assert document["rows"]["sqs"][0]["billed_per_event"] >= document["rows"]["sqs"][0]["requests_per_event"]
+    packed = document["rows"]["sqs-packed"][0]
+    assert packed["messages"] < EVENTS  # many events per message
+    durable, sqs = document["latency"]
+    count = max(4, round(20_000 * 0.02))
+    assert durable["latency_ms"]["count"] == count  # every SCREEN_RESP timed
+    assert sqs["latency_ms"]["count"] == count  # every entry matched to its frame by event id
+    assert document["machine"]["accelerator"]
+    # One table, with the header describing the machine and the goals under it.
+    assert "compiled accelerator" in printed
+    assert "| bare frame splitter (ceiling) |" in printed
+    assert "| goal (issue 11) |" in printed
+
+
+def test_process_tree_cpu_counts_children_that_already_exited(tmp_path: Path) -> None:
+    """The server's CPU is its whole tree's: a child that burned CPU and was reaped is still counted."""
+    burn_s = 0.2
+    script = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c",
+            "import time\\nwhile time.process_time() < {burn_s}: pass"])
+        child.wait()
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        print("ready", sleeper.pid, flush=True)
+        sys.stdin.readline()
+        sleeper.kill()
+        sleeper.wait()
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        assert parent.stdin is not None
+        line = parent.stdout.readline().split()
+        assert line[0] == "ready"
+        sleeper = int(line[1])
+        deadline = time.monotonic() + 10
+        while sleeper not in tree(parent.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sleeper in tree(parent.pid)
+        # The reaped child's CPU is in the parent's cutime (clock ticks: allow one tick of rounding).
+        assert tree_cpu_seconds(parent.pid) >= burn_s - 0.02
+        parent.stdin.write("\n")
+        parent.stdin.flush()
+    finally:
+        parent.wait(30)
+        for stream in (parent.stdin, parent.stdout):
+            if stream is not None:
+                stream.close()

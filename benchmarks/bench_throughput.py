@@ -22,7 +22,9 @@ children, from /proc) over the same span; its memory, the tree's peak RSS, sampl
 every row, then run 2, ...) so that a noisy minute hits all alike, and each figure is printed as the range over
 the runs.
 
-Latency and memory (``--no-latency`` skips them), paced at ``--latency-rate`` (20,000 events/s):
+Latency and memory (``--no-latency`` skips them), paced at ``--latency-rate`` (20,000 events/s, the goal's rate)
+and again at half the rate the same configuration's throughput row reached in this run (``--no-half-rate`` skips
+these): at a rate the server cannot sustain, latency only measures how long the queue grew.
 
 - frame -> durable: the synchronous engine, JSON Lines, defaults; the load generator takes each SCREEN_RESP's
   arrival minus its request's write time (fpolicyd answers a synchronous engine once the event is durable);
@@ -186,6 +188,9 @@ def machine() -> dict[str, Any]:
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 
+
+#: A latency probe: (events, connections, rate, timeout_s) -> its figures.
+Probe = Callable[[int, int, float, float], dict[str, Any]]
 
 # -------------------------------------------------------------------------------------------- processes
 
@@ -694,17 +699,17 @@ COLUMNS: Final = (
 
 
 def table(rows: dict[str, list[dict[str, Any]]], labels: dict[str, str]) -> list[str]:
-    splitter = [r["events_per_s"] for r in rows.get("splitter", []) if "error" not in r]
-    ceiling = max(splitter) if splitter else None
+    # A row's ratio is to the splitter of the same run (the same minute of this box).
+    ceiling = {r["run"]: r["events_per_s"] for r in rows.get("splitter", []) if "error" not in r}
     lines = [
         "| target | " + " | ".join(c[0] for c in COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),
     ]
     for key, runs in rows.items():
         good = [r for r in runs if "error" not in r]
-        if ceiling:
-            for r in good:
-                r["ratio"] = r["events_per_s"] / ceiling
+        for r in good:
+            if r["run"] in ceiling:
+                r["ratio"] = r["events_per_s"] / ceiling[r["run"]]
         cells = [span([r[field] for r in good if field in r], fmt) for _, field, fmt in COLUMNS]
         failed = [r["error"] for r in runs if "error" in r]
         label = labels[key] + (f" — **{len(failed)} of {len(runs)} runs failed**: {failed[0]}" if failed else "")
@@ -735,6 +740,8 @@ def goals(
         ("EventBridge, events/s", best("eventbridge", "events_per_s"), GOAL_EB_EPS, True, "{:,.0f}"),
     ]  # fmt: skip
     for row in latency:
+        if row.get("basis") != "goal":
+            continue
         p99 = row.get("latency_ms", {}).get("p99")
         if row["target"] == "latency/durable":
             checks.append(("p99 frame → durable ms", p99, GOAL_DURABLE_P99_MS, False, "{:.1f}"))
@@ -765,7 +772,7 @@ def latency_lines(latency: list[dict[str, Any]]) -> list[str]:
         "latency/sqs": "frame → acknowledged by SQS (async engine, 1 event/message, defaults)",
     }
     for row in latency:
-        name = names[row["target"]]
+        name = names[row["target"]] + (f", {row['basis']}" if row.get("basis") != "goal" else "")
         if "error" in row:
             lines.append(f"| {name} — **failed**: {row['error']} | {row['rate']:,.0f} | | | | | | |")
             continue
@@ -795,6 +802,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-dedup-off", action="store_true", help="only the defaults of each sink")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency runs")
     parser.add_argument("--latency-rate", type=float, default=20_000.0, help="events/s of the latency runs")
+    parser.add_argument(
+        "--no-half-rate", action="store_true", help="skip the latency runs at half the rate the rows reached"
+    )
     parser.add_argument("--latency-seconds", type=float, help="length of each latency run (default 5; --quick 0.1)")
     parser.add_argument("--row-timeout-s", type=float, default=300.0, help="bound on each row and latency run")
     parser.add_argument("--replay", action="store_true", help="also run issue 11's replay storm (~2 min)")
@@ -848,9 +858,18 @@ def main(argv: list[str] | None = None) -> int:
                 state = row.get("error") or f"{row['events_per_s']:,.0f} events/s"
                 print(f"  run {run + 1}/{runs} {target.label}: {state}", file=sys.stderr, flush=True)
         if not args.no_latency:
-            count = max(args.connections, round(args.latency_rate * latency_s))
-            for probe in (latency_durable, latency_sqs):
-                result = probe(count, args.connections, args.latency_rate, args.row_timeout_s)
+            # At the goal's rate; and, where this run measured the configuration, at half the rate it reached
+            # (latency below saturation: at a rate the server cannot sustain, latency is the queue's length).
+            kinds: tuple[tuple[str, Probe], ...] = (("jsonl", latency_durable), ("sqs", latency_sqs))
+            probes: list[tuple[Probe, float, str]] = [(probe, args.latency_rate, "goal") for _, probe in kinds]
+            for key, probe in kinds:
+                reached = [r["events_per_s"] for r in rows.get(key, []) if "error" not in r]
+                if reached and not args.no_half_rate:
+                    probes.append((probe, round(max(reached) / 2), f"½ of the best {labels[key]} row above"))
+            for probe, rate, basis in probes:
+                count = max(args.connections, round(rate * latency_s))
+                result = probe(count, args.connections, rate, args.row_timeout_s)
+                result["basis"] = basis
                 latency.append(result)
                 print(f"  {result['target']}: {result.get('error') or result['latency_ms']}", file=sys.stderr,
                       flush=True)  # fmt: skip

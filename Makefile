@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run test lint typecheck unit bench bench-replay bench-parts clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,20 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/property
 
-## Ingest throughput: simulator -> fpolicyd serve -> JSON Lines, next to a bare frame splitter (the ceiling).
+## Issue 11's speed goals, one table from one run (~6 min on 2 cores): events/s, server CPU per event (whole process
+## tree), requests and billed chunks per event, peak RSS for JSON Lines, SQS, packed SQS and EventBridge (defaults and
+## dedup off) against a bare frame splitter; p50/p95/p99 frame -> durable and frame -> SQS at 20,000 events/s.
+## `--quick` for a smoke run, `--json FILE` for the figures: $(BIN)/python benchmarks/bench_throughput.py --help
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_throughput.py
+
+## Issue 11's replay storm (~2 min): fpolicyd replay-test --events 1000000 --nodes 4 --duplicates 0.01 --shuffle
+## --subprocess; wall time and events lost.
+bench-replay: $(STAMP)
+	$(BIN)/python benchmarks/bench_throughput.py --replay-only
+
+## Where the time goes, in process: codec steps per event, what SQS packing bills.
+bench-parts: $(STAMP)
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_sqs_pack.py
 

@@ -1,6 +1,6 @@
 """A local SQS + EventBridge endpoint for throughput work: answers like AWS, costs almost nothing per request.
 
-    python benchmarks/aws_endpoint.py [--port 0] [--record FILE] [--queue NAME]... [--bus NAME]...
+    python benchmarks/aws_endpoint.py [--port 0] [--record FILE [--record-times]] [--queue NAME]... [--bus NAME]...
 
 prints one JSON line (``{"url": ..., "queues": {name: url}, "buses": [...], "region": ..., "pid": ...}``) on
 stdout, then serves until SIGTERM/SIGINT and prints the final counts as one more JSON line. moto (the test AWS)
@@ -23,7 +23,14 @@ dispatched on ``X-Amz-Target``:
 Queues and buses exist when named at start (``default`` bus always). Every acknowledged entry is counted per
 queue/bus; with ``record`` each acknowledged MessageBody / Detail is also appended to a file, one per line, so
 a benchmark can check event ids end to end (a raw line break inside a body, which in JSON can only be
-whitespace between tokens, is written as a space).
+whitespace between tokens, is written as a space). With ``record_times`` each line starts with the moment its
+request was handled, ``time.monotonic_ns()`` (CLOCK_MONOTONIC: comparable across processes on one host), and a
+space: a benchmark matches it to the time the event's frame was sent.
+
+What SQS carries and bills is counted per queue too (``sqs_events``, ``sqs_billed``): a message holds one event,
+or the ``fpolicyd-count`` of a packed one (fpolicyd's packed envelope, ``fpolicyd.sinks.sqs_envelope``); a
+SendMessageBatch is billed one request per started 64 KiB of its payload, the messages' bodies plus their
+attributes' names, types and values (``BILLED_CHUNK_BYTES``, from the SQS pricing page).
 
 Fault injection (:class:`Faults`), all by counters (deterministic, O(1)): every Nth data request refused whole
 (throttled or HTTP 500), every Nth entry failed transiently, every Nth SQS entry answered with a wrong
@@ -74,6 +81,10 @@ MAX_SQS_BATCH_BYTES: Final = 1024 * 1024
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
 #: Buffered bytes of the record file before a write reaches the kernel (flushed on /_stats and at stop).
 RECORD_BUFFER_BYTES: Final = 1024 * 1024
+#: "Each 64 KB chunk of a payload is billed as 1 request" (https://aws.amazon.com/sqs/pricing/); 256 KB = 4.
+BILLED_CHUNK_BYTES: Final = 64 * 1024
+#: The message attribute of a packed message that says how many events it holds (fpolicyd.sinks.sqs_envelope).
+COUNT_ATTRIBUTE: Final = "fpolicyd-count"
 
 SQS_JSON: Final = b"application/x-amz-json-1.0"
 EVENTS_JSON: Final = b"application/x-amz-json-1.1"
@@ -119,6 +130,10 @@ class Stats:
     #: Acknowledged messages per queue name / events per bus name.
     messages: Counter[str] = field(default_factory=Counter)
     events: Counter[str] = field(default_factory=Counter)
+    #: Events the acknowledged SQS messages carry per queue (1 per message, ``fpolicyd-count`` when packed), and
+    #: the requests SQS would bill for them (one per started 64 KiB of each SendMessageBatch's payload).
+    sqs_events: Counter[str] = field(default_factory=Counter)
+    sqs_billed: Counter[str] = field(default_factory=Counter)
     #: Requests per operation (``AmazonSQS.SendMessageBatch``...), answered errors per AWS error code.
     requests: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
@@ -131,6 +146,8 @@ class Stats:
         return {
             "messages": dict(self.messages),
             "events": dict(self.events),
+            "sqs_events": dict(self.sqs_events),
+            "sqs_billed": dict(self.sqs_billed),
             "requests": dict(self.requests),
             "errors": dict(self.errors),
             "failed_entries": self.failed_entries,
@@ -162,6 +179,30 @@ def _name_of(reference: object, marker: str) -> str:
     return text.rsplit(marker, 1)[-1] if marker in text else text
 
 
+def _attributes_size(entry: object) -> int:
+    """What a SendMessageBatch entry's MessageAttributes add to its size: every name, DataType and value."""
+    attributes = entry.get("MessageAttributes") if isinstance(entry, dict) else None
+    if not isinstance(attributes, dict):
+        return 0
+    size = 0
+    for name, value in attributes.items():
+        size += len(str(name).encode("utf-8"))
+        if isinstance(value, dict):
+            size += len(str(value.get("DataType", "")).encode("utf-8"))
+            size += len(str(value.get("StringValue") or value.get("BinaryValue") or "").encode("utf-8"))
+    return size
+
+
+def _events_in(entry: object) -> int:
+    """Events one SQS message carries: its ``fpolicyd-count`` attribute when packed, else 1."""
+    attributes = entry.get("MessageAttributes") if isinstance(entry, dict) else None
+    count = attributes.get(COUNT_ATTRIBUTE) if isinstance(attributes, dict) else None
+    if isinstance(count, dict):
+        with contextlib.suppress(TypeError, ValueError):
+            return max(1, int(str(count.get("StringValue"))))
+    return 1
+
+
 def _one_line(data: bytes) -> bytes:
     if b"\n" in data or b"\r" in data:
         data = data.replace(b"\r", b" ").replace(b"\n", b" ")
@@ -181,6 +222,7 @@ class AwsEndpoint:
         queues: Sequence[str] = DEFAULT_QUEUES,
         buses: Sequence[str] = DEFAULT_BUSES,
         record: Path | None = None,
+        record_times: bool = False,
         faults: Faults = Faults(),
         region: str = REGION,
         account_id: str = ACCOUNT_ID,
@@ -196,6 +238,7 @@ class AwsEndpoint:
         self.stats = Stats()
         self.url = ""
         self._record_path = record
+        self.record_times = record_times
         self._record: IO[bytes] | None = None
         self._server: asyncio.Server | None = None
         self.open_connections: set[_HttpConnection] = set()
@@ -378,7 +421,11 @@ class AwsEndpoint:
         successful: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         record = self._record
-        for entry_id, body in zip(ids, bodies, strict=True):
+        stamp = b"%d " % time.monotonic_ns() if self.record_times else b""
+        payload = total + sum(_attributes_size(e) for e in entries)
+        self.stats.sqs_billed[name] += max(1, -(-payload // BILLED_CHUNK_BYTES))
+        carried = 0
+        for entry, entry_id, body in zip(entries, ids, bodies, strict=True):
             if not body:
                 failed.append(
                     {"Id": entry_id, "SenderFault": True, "Code": "InvalidParameterValue", "Message": "empty body"}
@@ -397,9 +444,11 @@ class AwsEndpoint:
             if fifo:
                 ok["SequenceNumber"] = f"{next(self._ids):020d}"
             successful.append(ok)
+            carried += _events_in(entry)
             if record is not None:
-                record.write(_one_line(body))
+                record.write(stamp + _one_line(body))
         self.stats.messages[name] += len(successful)
+        self.stats.sqs_events[name] += carried
         self.stats.failed_entries += len(failed)
         return {"Successful": successful, "Failed": failed}
 
@@ -429,6 +478,7 @@ class AwsEndpoint:
         answers: list[dict[str, Any]] = []
         failed = 0
         record = self._record
+        stamp = b"%d " % time.monotonic_ns() if self.record_times else b""
         for entry, bus in zip(entries, buses, strict=True):
             if not isinstance(entry, dict) or not (entry.get("Source") and entry.get("DetailType")):
                 answers.append({"ErrorCode": "InvalidArgument", "ErrorMessage": "Source and DetailType are required."})
@@ -446,7 +496,7 @@ class AwsEndpoint:
             answers.append({"EventId": self._new_id()})
             self.stats.events[bus] += 1
             if record is not None:
-                record.write(_one_line(str(detail).encode("utf-8")))
+                record.write(stamp + _one_line(str(detail).encode("utf-8")))
         self.stats.failed_entries += failed
         return {"FailedEntryCount": failed, "Entries": answers}
 
@@ -590,6 +640,7 @@ def endpoint_process(
     queues: Sequence[str] = DEFAULT_QUEUES,
     buses: Sequence[str] = DEFAULT_BUSES,
     record: Path | None = None,
+    record_times: bool = False,
     faults: Faults = Faults(),
     env: dict[str, str] | None = None,
 ) -> Iterator[EndpointProcess]:
@@ -602,6 +653,8 @@ def endpoint_process(
         command += ["--bus", name]
     if record is not None:
         command += ["--record", str(record)]
+        if record_times:
+            command.append("--record-times")
     command += [
         "--request-fault-every",
         str(faults.request_every),
@@ -672,6 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--record", type=Path, help="append every acknowledged body/detail to this file")
+    parser.add_argument(
+        "--record-times", action="store_true", help="start each recorded line with its arrival, monotonic ns"
+    )
     parser.add_argument("--queue", action="append", help=f"a queue that exists (default: {DEFAULT_QUEUES})")
     parser.add_argument("--bus", action="append", help=f"an event bus that exists (default: {DEFAULT_BUSES})")
     parser.add_argument("--request-fault-every", type=int, default=0, help="refuse every Nth data request")
@@ -686,7 +742,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         md5_every=args.md5_fault_every,
     )
     endpoint = AwsEndpoint(
-        queues=args.queue or DEFAULT_QUEUES, buses=args.bus or DEFAULT_BUSES, record=args.record, faults=faults
+        queues=args.queue or DEFAULT_QUEUES,
+        buses=args.bus or DEFAULT_BUSES,
+        record=args.record,
+        record_times=args.record_times,
+        faults=faults,
     )
     loop = _new_loop()
     try:

@@ -3,15 +3,19 @@
 It does what every FPolicy server must do at minimum (read, split frames, reply to the handshake) and nothing
 else, so ``fpolicyd serve`` / this = the share of the box's capacity fpolicyd's real work leaves.
 
-    python benchmarks/bare_splitter.py PORT_FILE
-writes the bound port to PORT_FILE, prints the number of frames seen when stopped with SIGTERM.
+    python benchmarks/bare_splitter.py PORT_FILE [--expect N --done-file FILE]
+writes the bound port to PORT_FILE, prints the number of frames seen when stopped with SIGTERM. With
+``--expect N``: once N frames other than NEGO_REQs have been split, writes that moment (``time.monotonic()``,
+CLOCK_MONOTONIC: comparable across processes) to ``--done-file``, so a benchmark can stop its clock exactly when
+the splitter has read everything.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
-import sys
+import time
 from pathlib import Path
 
 import uvloop
@@ -23,6 +27,9 @@ from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake_resp
 
 class Splitter(asyncio.Protocol):
     frames = 0
+    negotiations = 0
+    expect = 0
+    done_file: Path | None = None
 
     def __init__(self) -> None:
         self.reader = XmlFrameReader()
@@ -42,6 +49,10 @@ class Splitter(asyncio.Protocol):
                 encode_handshake_resp(HandshakeResp(hello.vs_uuid, hello.policy_name, hello.session_id, "1.2"))
             )
             self.negotiated = True
+            Splitter.negotiations += 1
+        if Splitter.done_file is not None and Splitter.frames - Splitter.negotiations >= Splitter.expect:
+            Splitter.done_file.write_text(repr(time.monotonic()))
+            Splitter.done_file = None
 
 
 async def main(port_file: Path) -> None:
@@ -56,4 +67,11 @@ async def main(port_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(main(Path(sys.argv[1])))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("port_file", type=Path)
+    parser.add_argument("--expect", type=int, default=0, help="frames (not counting NEGO_REQs) to wait for")
+    parser.add_argument("--done-file", type=Path, help="where to write the moment --expect frames were split")
+    args = parser.parse_args()
+    if args.done_file is not None:
+        Splitter.expect, Splitter.done_file = args.expect, args.done_file
+    uvloop.run(main(args.port_file))

@@ -63,9 +63,18 @@ class Daemon:
         self._listening.set()
 
     def stop(self, timeout: float = 120) -> list[dict[str, Any]]:
+        """SIGTERM, then wait ``timeout`` for the exit (SIGKILL and ``subprocess.TimeoutExpired`` after it)."""
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout)
-        self._reader.join(10)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        finally:
+            self._reader.join(10)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
         return self.log
 
 

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import random
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -293,3 +294,36 @@ async def test_lean_pool_is_bounded_and_keeps_connections_alive(endpoint: AwsEnd
         await lean.close()
         await asyncio.gather(in_flight, return_exceptions=True)
     assert endpoint.stats.messages["q"] >= 80
+
+
+async def test_counts_packed_events_billed_chunks_and_records_arrival_times(tmp_path: Path) -> None:
+    """What the throughput benchmark reads: events carried (a packed message counts its ``fpolicyd-count``), the
+    64 KiB chunks SQS bills per SendMessageBatch (bodies plus attribute names, types and values), and with
+    ``record_times`` each recorded entry's arrival (``time.monotonic_ns()``) before its body."""
+    record = tmp_path / "record"
+    single = '{"event_id":"e-1"}'
+    packed = "x" * (64 * 1024)  # alone a full chunk: with its attributes, the batch needs a second one
+    count = {"DataType": "Number", "StringValue": "7"}
+    async with AwsEndpoint(queues=("q",), record=record, record_times=True) as endpoint:
+        body = orjson.dumps(
+            {
+                "QueueUrl": endpoint.queue_url("q"),
+                "Entries": [
+                    {"Id": "a", "MessageBody": single},
+                    {"Id": "b", "MessageBody": packed, "MessageAttributes": {"fpolicyd-count": count}},
+                ],
+            }
+        )
+        before = time.monotonic_ns()
+        status, _, _ = endpoint.handle(b"POST", b"/", "AmazonSQS.SendMessageBatch", body)
+        after = time.monotonic_ns()
+        small = orjson.dumps({"QueueUrl": endpoint.queue_url("q"), "Entries": [{"Id": "c", "MessageBody": single}]})
+        assert endpoint.handle(b"POST", b"/", "AmazonSQS.SendMessageBatch", small)[0] == 200
+    assert status == 200
+    assert endpoint.stats.messages == {"q": 3}
+    assert endpoint.stats.sqs_events == {"q": 1 + 7 + 1}
+    assert endpoint.stats.sqs_billed == {"q": 2 + 1}  # a request under 64 KiB is still one billed request
+    lines = record.read_bytes().splitlines()
+    stamps = [int(line.split(b" ", 1)[0]) for line in lines]
+    assert [line.split(b" ", 1)[1] for line in lines] == [single.encode(), packed.encode(), single.encode()]
+    assert before <= stamps[0] == stamps[1] <= after <= stamps[2]

@@ -103,7 +103,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import NamedTuple, Self
 
 from fpolicyd.errors import ConfigError, FpolicydError
 
@@ -245,9 +245,12 @@ class SpoolSettings:
                 raise ConfigError(f"spool.{name}: must be a non-negative number of seconds, got {value!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One spooled event: its seq (unique, increasing) and its JSON bytes."""
+class Record(NamedTuple):
+    """One spooled event: its seq (unique, increasing) and its JSON bytes.
+
+    Immutable like the frozen dataclass it was, but built in C: every read hands out one per record, and the
+    dataclass's ``__init__`` cost 0.77 µs against 0.35 µs here — a fifth of reading a record back (timeit on the
+    project machine; reading 100,000 1.2 KB records went from 4.2 to 3.5 µs each)."""
 
     seq: int
     payload: bytes

@@ -111,7 +111,7 @@ async def test_a_sigkill_mid_replay_loses_nothing_at_sqs(clients: AwsClients, tm
     # sent again by the nodes (new received_at), nothing else.
     assert report["sink_lines"] == SIZE + report["redelivered_lines"] + report["duplicates_delivered"]
     assert report["undelivered_in_spool"] == 0
-    assert await queue_depth(clients, queue_url) == 0
+    assert await queue_depth(clients, queue_url) == 0, report["queue"]
 
 
 async def test_eventbridge_is_verified_through_a_rule_that_targets_a_queue(clients: AwsClients, tmp_path: Path) -> None:

@@ -1124,7 +1124,11 @@ static void put_gids(buf_t *b, const screen_t *s) {
             }
             if (p > start) {
                 span_t gid = {start, (size_t)(p - start)};
-                PUTS(b, first ? ",\"user_gids\":[" : ",");
+                if (first) {
+                    PUTS(b, ",\"user_gids\":[");
+                } else {
+                    put_char(b, ',');
+                }
                 first = 0;
                 put_json_text(b, gid);
             }

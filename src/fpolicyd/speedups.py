@@ -32,9 +32,16 @@ from fpolicyd.events import (
 )
 
 if TYPE_CHECKING:
-    from fpolicyd._speedups import EncodedEvent, EventEncoder, ReqTypeEntry
+    from fpolicyd._speedups import EventEncoder, ReqTypeEntry
 
-__all__ = ["AcceleratorStatus", "Encode", "accelerator_status", "event_record", "session_encoder"]
+__all__ = [
+    "AcceleratorStatus",
+    "Encode",
+    "EncodedEvent",
+    "accelerator_status",
+    "event_record",
+    "session_encoder",
+]
 
 _Encoder: type[EventEncoder] | None
 try:
@@ -45,8 +52,12 @@ except ImportError as exc:  # no compiler where fpolicyd was installed: the Pyth
 else:
     _IMPORT_ERROR = None
 
+#: What the encoder returns for a payload it read: ``(head, tail, event_id, key, file_path, operation,
+#: generation_time, req_id, req_type)``. ``key`` is the dedup key (``dedup_window.key_of_digest``),
+#: ``generation_time`` the raw GenerationTime (what the replay tracker observes).
+EncodedEvent = tuple[bytes, bytes, str, int, str, str, int | None, int, str]
 #: One session's encoder: ``(payload, received_at_us)`` → the event's parts, or None (take the Python path).
-Encode = Callable[[bytes, int], "EncodedEvent | None"]
+Encode = Callable[[bytes, int], EncodedEvent | None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -463,6 +463,15 @@ class FpolicydCollector(Collector):
         events = _counter("events_received", "Notifications turned into events, by operation_type.", ["operation"])
         parse_errors = _counter("parse_errors", "Malformed input that closed a connection, by reason.", ["reason"])
         timeouts = _counter("session_timeouts", "Connections closed by a session timer, by reason.", ["reason"])
+        screen_requests = _counter(
+            "screen_requests",
+            "SCREEN_REQs turned into events, by the decoder that read them: accelerated (the C accelerator), fast "
+            "(the Python canonical scan), full (the lxml decoder).",
+            ["decoder"],
+        )
+        accelerated = _gauge(
+            "ingest_accelerated", "1 when the readers build events with the C accelerator, 0 on the pure-Python path."
+        )
         if ctx is not None:
             sessions.add_metric([], len(ctx.connections))
             opened.add_metric([], ctx.sessions_opened)
@@ -485,7 +494,11 @@ class FpolicydCollector(Collector):
                 events.add_metric([operation_name], count)
             for reason, count in sorted(dict(ctx.protocol_errors).items()):
                 (timeouts if reason in _TIMEOUT_REASONS else parse_errors).add_metric([reason], count)
-        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts)
+            screen_requests.add_metric(["accelerated"], counters.accelerated)
+            screen_requests.add_metric(["fast"], counters.fast_decoded)
+            screen_requests.add_metric(["full"], counters.full_decoded)
+            accelerated.add_metric([], 1.0 if ctx.ingest.accelerator.path == "c" else 0.0)
+        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, screen_requests, accelerated)
 
     @staticmethod
     def _pipeline(pipeline: EventPipeline | None) -> Iterator[Metric]:

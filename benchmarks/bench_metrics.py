@@ -129,11 +129,11 @@ async def ingest_cpu_per_event(events_sent: int, observe: bool) -> float:
                 await asyncio.wait_for(simulator.wait(), 600)
                 worker = daemon.pipeline.workers[0]
                 for _ in range(24_000):  # at most 2 minutes
-                    if worker.stats.delivered >= events_sent:
+                    if worker.figures().delivered >= events_sent:
                         break
                     await asyncio.sleep(0.005)
                 else:
-                    raise TimeoutError(f"only {worker.stats.delivered} of {events_sent} events delivered")
+                    raise TimeoutError(f"only {worker.figures().delivered} of {events_sent} events delivered")
                 return (time.process_time() - cpu) / events_sent * 1e6
             finally:
                 await daemon.stop()

@@ -29,6 +29,7 @@ from fpolicyd.pipeline.replay import ReplayTracker, replay_config
 from fpolicyd.pipeline.spool import Spool, SpoolSettings
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
+from fpolicyd.server.delivery import DeliverySpec, use_delivery_process
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor, instance_id, plan_processing, start_processor
@@ -240,12 +241,25 @@ class Daemon:
                 sinks=list(report.dropped_sinks),
                 detail="no longer configured: their cursors were removed and their backlog no longer holds segments",
             )
-        window: DedupWindow | None = None
-        if settings.reader_dedup:
+        instance = await asyncio.to_thread(instance_id, settings.effective_spool_dir)
+        remote = use_delivery_process(settings.delivery_process.value)
+        delivery: DeliverySpec | None = None
+        if remote:
+            delivery = DeliverySpec(
+                settings=settings,
+                names=tuple(cursors[: len(senders)]) + ((LEDGER_CURSOR,) if settings.reader_dedup else ()),
+                uris=plan.uris,
+                processing=plan.enabled,
+                ledger=settings.reader_dedup,
+                instance=instance,
+            )
+            senders = []
+        elif settings.reader_dedup:
             # Duplicates the reader suppresses are kept in the spool; the ledger is the sink that reports them.
-            instance = await asyncio.to_thread(instance_id, settings.effective_spool_dir)
             ledger = AuditLedger.from_settings(settings, redact=redactor.redact_record)
             senders.append(LedgerSender(ledger, instance=instance))
+        window: DedupWindow | None = None
+        if settings.reader_dedup:
             opened, self._journal, recovered = await asyncio.to_thread(open_reader_dedup, settings, spool, time.time())
             log.info(
                 "dedup_window_opened",
@@ -266,6 +280,8 @@ class Daemon:
             checkpoint_interval_s=settings.checkpoint_interval_s,
             select=lambda name: ledger_select if name == LEDGER_CURSOR else plan.selector(name),
             journal=self._journal,
+            delivery=delivery,
+            ingestion_slo_s=settings.slo_ingestion_latency_s,
         )
         ingest = Ingest(
             names=NameMaps(

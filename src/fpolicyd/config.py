@@ -107,6 +107,14 @@ class TlsVersion(StrEnum):
     TLS_1_3 = "1.3"
 
 
+class DeliveryProcess(StrEnum):
+    """Where the sinks run: ``auto`` (a process of their own when two or more CPUs are available), ``on``, ``off``."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class AwsDataPath(StrEnum):
     """How SQS SendMessageBatch / EventBridge PutEvents are sent: ``lean`` (fpolicyd.sinks.aws_transport: the
     SDK's endpoint, credentials and signer, without its per-call machinery) or ``sdk`` (aiobotocore for them
@@ -722,6 +730,12 @@ class Settings(BaseSettings):
         return self
 
     # --- runtime ------------------------------------------------------------------------------------------
+    delivery_process: DeliveryProcess = Field(
+        DeliveryProcess.auto,
+        description="auto | on | off: run the sinks in a second process (the daemon then reads, decodes and stores "
+        "on one core while the sinks deliver on another; acks come back to the daemon, which owns the spool). "
+        "auto: on when this process may use two or more CPUs.",
+    )
     gc_young_threshold: int = Field(
         10_000,
         ge=0,

@@ -71,7 +71,7 @@ async def test_sqs_sink_metrics_match_what_the_endpoint_saw(
             report = await run(SimulatorConfig(port=daemon.port, nodes=1, events=200, seed=25))
             worker = next(w for w in daemon.pipeline.workers if w.name == sink)
             for _ in range(600):  # bounded: ~30 s
-                if worker.stats.delivered >= report.sent and not worker.lag:
+                if worker.figures().delivered >= report.sent and not worker.lag:
                     break
                 await asyncio.sleep(0.05)
             metrics = await scrape(daemon)

@@ -48,7 +48,7 @@ async def settle(daemon: Daemon, events: int, within: float = 20.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         workers = daemon.pipeline.workers
-        delivered = [w.stats.delivered for w in workers if w.name != LEDGER_CURSOR]
+        delivered = [w.figures().delivered for w in workers if w.name != LEDGER_CURSOR]
         if not daemon.context.connections and all(d >= events for d in delivered) and not any(w.lag for w in workers):
             return
         await asyncio.sleep(0.02)
@@ -120,7 +120,7 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     appended = one(after, "fpolicyd_spool_appended_records", "fpolicyd_spool_appended_records_total")
     assert appended == daemon.pipeline.spool.last_seq == sent
     ledger = [w for w in daemon.pipeline.workers if w.name == LEDGER_CURSOR]
-    assert [w.stats.delivered for w in ledger] == [duplicated.sent]
+    assert [w.figures().delivered for w in ledger] == [duplicated.sent]
     assert one(after, "fpolicyd_dedup_hits", "fpolicyd_dedup_hits_total") == duplicated.sent
     assert one(after, "fpolicyd_dedup_errors", "fpolicyd_dedup_errors_total", mode="open") == 0
     assert one(after, "fpolicyd_processor_lag_records") == 0
@@ -262,7 +262,7 @@ async def test_readyz_fails_while_a_sink_is_unreachable(tmp_path: Path, monkeypa
     await daemon.start()
     try:
         status, body = await get(daemon, "/readyz")
-        assert status == 503
+        assert status == 503, body
         checks = {c["name"]: c for c in orjson.loads(body)["checks"]}
         assert not checks[f"sink:{queue}"]["ok"]
         assert checks[f"sink:{queue}"]["detail"]

@@ -44,6 +44,8 @@ from support.canonical_payloads import (
     python_event,
 )
 from support.captures import CAPTURES, SMB_REN
+from support.screen_bodies import canonical_bodies as xml_fast_bodies
+from support.screen_bodies import perturbed_bodies
 
 _speedups = pytest.importorskip(
     "fpolicyd._speedups", reason="the C accelerator is not built here (tests/unit/test_speedups_build.py says why)"
@@ -187,6 +189,22 @@ def test_any_session_names_and_receive_time(
     built = check(payload, context=context, names=names, received_at_us=received_at_us)
     if not 0 <= received_at_us < MAX_EPOCH_US:
         assert not built
+
+
+@PROPS
+@given(body=xml_fast_bodies())
+def test_the_xml_fast_suites_canonical_bodies(body: bytes) -> None:
+    """The generator of tests/property/test_xml_fast.py: every ReqType with its op fields, as the encoder writes."""
+    payload = payload_of(body)
+    assert check(payload) == (fast_screen(payload) is not None)
+
+
+@PROPS
+@given(body=perturbed_bodies())
+def test_the_xml_fast_suites_perturbed_bodies(body: bytes) -> None:
+    """Its departures from the layout (whitespace, comments, CDATA, attributes, entities, character references,
+    dropped, repeated, swapped and renamed elements, odd values): None, or what the Python path makes."""
+    check(payload_of(body))
 
 
 @PROPS

@@ -24,6 +24,9 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "http_port": 0,
         # These tests send one capture many times over: identical notifications, which exact dedup would fold.
         "dedup_mode": "off",
+        # In-process tests read the sink workers' state directly; the delivery process (the default on two CPUs)
+        # is exercised through `fpolicyd serve` (tests/support/serve.py) and tests/integration/test_delivery.py.
+        "delivery_process": "off",
     }
     base.update(overrides)
     return load_settings(overrides=base, search_default_paths=False)

@@ -266,7 +266,7 @@ def test_collector_reads_hand_set_counters(spool: Spool, tmp_path: Path) -> None
     ctx.notices = {NoticeKind.HANDSHAKE: 3, NoticeKind.KEEP_ALIVE: 5, NoticeKind.STATE: 3, NoticeKind.ALERT: 1}
     ctx.ingest.counters.operations = {"create": 6, "rename": 4}
     ctx.protocol_errors = {"bad_marker": 2, "idle_timeout": 1}
-    jsonl, cloud = pipeline.workers
+    jsonl, cloud = pipeline.local_workers
     jsonl.stats.delivered = 10
     jsonl.instruments.send_failed(3, retryable=True)
     jsonl.last_error = SinkError("disk full", retriable=True)
@@ -398,7 +398,7 @@ def test_readiness_lists_each_failing_check(spool: Spool, tmp_path: Path) -> Non
         "sink:jsonl:/data/events",
         f"sink:{pipeline.workers[1].name}",
     ]
-    pipeline.workers[1].last_error = SinkError("connection refused", retriable=True)
+    pipeline.local_workers[1].last_error = SinkError("connection refused", retriable=True)
     pipeline.fatal = OSError("fsync failed")
     report = readiness(heartbeat, listening=None, pipeline=pipeline, spool_limit_bytes=spool.size_bytes)
     failing = {c.name: c.detail for c in report.checks if not c.ok}

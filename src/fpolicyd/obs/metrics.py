@@ -25,9 +25,10 @@ import re
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from fpolicyd.server.connection import ServerContext
     from fpolicyd.server.pipeline import EventPipeline
     from fpolicyd.server.processor import Processor
-    from fpolicyd.sinks.runner import SinkWorker
 
 PREFIX: Final = "fpolicyd_"
 
@@ -83,6 +83,10 @@ _FRAME_NOTICES: Final[dict[str, str]] = {
 _INBOUND_FRAME_TYPES: Final = (NotfType.SCREEN_REQ, *dict.fromkeys(_FRAME_NOTICES.values()))
 #: Close reasons that are timers, not malformed input.
 _TIMEOUT_REASONS: Final = frozenset({"handshake_timeout", "idle_timeout"})
+
+
+#: A histogram's per-bucket counts (last: +Inf) and sum, as sent between processes.
+HistogramState = tuple[tuple[int, ...], float]
 
 
 class Histogram:
@@ -126,6 +130,21 @@ class Histogram:
             for index, weight in zip(indexes, weights, strict=True):
                 counts[index] += weight
             self._sum += total
+
+    def state(self) -> HistogramState:
+        """Per-bucket counts (the last one is ``+Inf``) and the sum: what another process needs to rebuild it."""
+        with self._lock:
+            return tuple(self._counts), self._sum
+
+    @classmethod
+    def from_state(cls, bounds: Sequence[float], state: HistogramState) -> Histogram:
+        histogram = cls(bounds)
+        counts, total = state
+        if len(counts) != len(histogram._counts):
+            raise ValueError(f"histogram state has {len(counts)} buckets, the bounds need {len(histogram._counts)}")
+        histogram._counts = [int(c) for c in counts]
+        histogram._sum = float(total)
+        return histogram
 
     def snapshot(self) -> tuple[list[tuple[str, float]], float, int]:
         """Cumulative ``(le, count)`` pairs ending with ``+Inf``, the sum, the count."""
@@ -383,11 +402,10 @@ class Metrics:
             PlatformCollector(registry=self.registry)
 
     def attach(self, context: ServerContext, pipeline: EventPipeline) -> None:
-        """Start reading the server's and the pipeline's counters; give every sink worker the SLO target."""
+        """Start reading the server's and the pipeline's counters (the sink workers count ingestion-SLO breaches
+        against the target their pipeline was built with: ``slo_ingestion_latency_s``)."""
         self.context = context
         self.pipeline = pipeline
-        for worker in pipeline.workers:
-            worker.instruments.ingestion_slo_s = self.ingestion_slo_s
 
     def count_dedup_hits(self, n: int = 1) -> None:
         self._dedup_hits += n
@@ -417,8 +435,13 @@ def _histogram(name: str, doc: str, labels: Sequence[str] = ()) -> HistogramMetr
     return HistogramMetricFamily(PREFIX + name, doc, labels=list(labels))
 
 
-def _add_histogram(family: HistogramMetricFamily, labels: Sequence[str], histogram: Histogram) -> None:
-    buckets, total, _count = histogram.snapshot()
+def _add_histogram(
+    family: HistogramMetricFamily, labels: Sequence[str], bounds: Sequence[float], state: HistogramState
+) -> None:
+    counts, total = state
+    if not counts:
+        counts = (0,) * (len(bounds) + 1)
+    buckets, total, _count = Histogram.from_state(bounds, (counts, total)).snapshot()
     family.add_metric(list(labels), buckets, total)
 
 
@@ -567,28 +590,25 @@ class FpolicydCollector(Collector):
         )
         for worker in pipeline.workers if pipeline is not None else ():
             name = [worker.name]
-            inst = worker.instruments
-            sent = _sender_figures(worker)
+            figures = worker.figures()
             lag.add_metric(name, worker.lag)
-            up.add_metric(name, 1.0 if worker.last_error is None else 0.0)
-            settled.add_metric(name, worker.stats.delivered)
-            sends.add_metric(name, worker.stats.sends)
-            requests.add_metric(name, sent.requests)
-            retries.add_metric(name, inst.retries + sent.retries)
-            # A cloud sender classifies every entry itself (what it hands back was already counted there).
-            source = sent if sent.request_seconds is not None else inst
-            failed.add_metric([*name, "true"], source.entries_failed_retryable)
-            failed.add_metric([*name, "false"], source.entries_failed_permanent)
-            dead.add_metric(name, sent.dead_lettered)
-            _add_histogram(batch, name, inst.batch_records)
-            _add_histogram(send_time, name, inst.send_seconds)
-            if sent.request_seconds is not None:
-                _add_histogram(request_time, name, sent.request_seconds)
-            _add_histogram(end_to_end, name, inst.end_to_end_seconds)
-            _add_histogram(ingestion, name, inst.ingestion_seconds)
-            breaches.add_metric(name, inst.ingestion_slo_breaches)
-            total = worker.stats.delivered
-            success.add_metric(name, 1.0 if total == 0 else max(0, total - sent.dead_lettered) / total)
+            up.add_metric(name, 1.0 if figures.last_error is None else 0.0)
+            settled.add_metric(name, figures.delivered)
+            sends.add_metric(name, figures.sends)
+            requests.add_metric(name, figures.requests)
+            retries.add_metric(name, figures.retries)
+            failed.add_metric([*name, "true"], figures.entries_failed_retryable)
+            failed.add_metric([*name, "false"], figures.entries_failed_permanent)
+            dead.add_metric(name, figures.dead_lettered)
+            _add_histogram(batch, name, BATCH_BUCKETS, figures.batch_records)
+            _add_histogram(send_time, name, REQUEST_BUCKETS, figures.send_seconds)
+            if figures.request_seconds is not None:
+                _add_histogram(request_time, name, REQUEST_BUCKETS, figures.request_seconds)
+            _add_histogram(end_to_end, name, LATENCY_BUCKETS, figures.end_to_end_seconds)
+            _add_histogram(ingestion, name, LATENCY_BUCKETS, figures.ingestion_seconds)
+            breaches.add_metric(name, figures.ingestion_slo_breaches)
+            total = figures.delivered
+            success.add_metric(name, 1.0 if total == 0 else max(0, total - figures.dead_lettered) / total)
         yield from (lag, up, settled, sends, requests, retries, failed, dead, batch, send_time, request_time)
         yield from (end_to_end, ingestion, breaches, success)
 
@@ -676,36 +696,45 @@ class FpolicydCollector(Collector):
         yield targets
 
 
-class _SenderFigures:
-    __slots__ = (
-        "dead_lettered",
-        "entries_failed_permanent",
-        "entries_failed_retryable",
-        "request_seconds",
-        "requests",
-        "retries",
-    )
+@dataclass(frozen=True, slots=True)
+class SinkFigures:
+    """One sink's figures at one moment: what the collector and the readiness check read, whether the sink's worker
+    runs in this process (:meth:`fpolicyd.sinks.runner.SinkWorker.figures`) or in the delivery process (sent over
+    as :meth:`to_dict`)."""
 
-    def __init__(self) -> None:
-        self.requests = 0
-        self.retries = 0
-        self.entries_failed_retryable = 0
-        self.entries_failed_permanent = 0
-        self.dead_lettered = 0
-        self.request_seconds: Histogram | None = None
+    name: str
+    delivered: int = 0
+    sends: int = 0
+    failures: int = 0
+    #: The last send's error while the sink is failing (readiness), None once a send succeeds again.
+    last_error: str | None = None
+    last_error_retriable: bool = True
+    requests: int = 0
+    retries: int = 0
+    entries_failed_retryable: int = 0
+    entries_failed_permanent: int = 0
+    dead_lettered: int = 0
+    ingestion_slo_breaches: int = 0
+    batch_records: HistogramState = ((), 0.0)
+    send_seconds: HistogramState = ((), 0.0)
+    end_to_end_seconds: HistogramState = ((), 0.0)
+    ingestion_seconds: HistogramState = ((), 0.0)
+    #: Per AWS request (None: the sink makes no API requests).
+    request_seconds: HistogramState | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
-def _sender_figures(worker: SinkWorker) -> _SenderFigures:
-    """What a cloud sender counts inside one send (per-request retries, dead letters); zeros for local sinks."""
-    from fpolicyd.sinks.cloud import AwsSender  # noqa: PLC0415 - sinks import this module
-
-    figures = _SenderFigures()
-    sender = worker.sender
-    if isinstance(sender, AwsSender):
-        figures.requests = sender.requests
-        figures.retries = sender.retry_requests
-        figures.entries_failed_retryable = sender.entries_failed_retryable
-        figures.entries_failed_permanent = sender.entries_failed_permanent
-        figures.dead_lettered = sender.dead_lettered
-        figures.request_seconds = sender.request_seconds
-    return figures
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SinkFigures:
+        """Inverse of :meth:`to_dict` after a JSON round trip (lists back to tuples). Raises ValueError."""
+        try:
+            values = dict(data)
+            for key in ("batch_records", "send_seconds", "end_to_end_seconds", "ingestion_seconds", "request_seconds"):
+                state = values.get(key)
+                if state is not None:
+                    counts, total = state
+                    values[key] = (tuple(int(c) for c in counts), float(total))
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed sink figures: {exc}") from None

@@ -108,6 +108,7 @@ from typing import Self
 from fpolicyd.errors import ConfigError, FpolicydError
 
 __all__ = [
+    "ReadPosition",
     "Record",
     "RecoveryReport",
     "Spool",
@@ -117,6 +118,7 @@ __all__ = [
     "SpoolFullError",
     "SpoolIOError",
     "SpoolSettings",
+    "SpoolTail",
 ]
 
 _KIB = 1024
@@ -689,6 +691,22 @@ class Spool:
         else:
             c.pending[first] = max(last, c.pending.get(first, last))
 
+    def position(self, sink: str) -> ReadPosition:
+        """Where the sink resumes: just after its acked position (for a reader in another process)."""
+        c = self._cursor(sink)
+        seg, offset, seq = self._locate(c.acked + 1)
+        return ReadPosition(seg.first_seq, offset, seq)
+
+    def ack_delivered(self, sink: str, up_to_seq: int) -> None:
+        """Cumulative ack of records read by another process (:class:`SpoolTail`), which can only have read durable
+        records. Idempotent; an ack beyond the durable seq is a caller bug."""
+        c = self._cursor(sink)
+        if up_to_seq > self._durable_seq:
+            raise ValueError(f"sink {sink!r}: cannot ack {up_to_seq}, only {self._durable_seq} is durable")
+        c.hi_read = max(c.hi_read, up_to_seq)
+        if up_to_seq > c.acked:
+            self._advance(c, up_to_seq)
+
     def rewind(self, sink: str) -> None:
         """Move the sink's read position back to just after its acked position (a sink restart): everything
         not acked is read again. Held out-of-order acks are kept."""
@@ -1154,3 +1172,167 @@ def _open_fd(path: Path, flags: int, mode: int = 0o777) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPosition:
+    """Where a sink resumes reading: the first seq it has not acked, the segment that holds it (by the segment's
+    first seq, i.e. its file name) and the byte offset of that record (or of the end of the flushed data)."""
+
+    segment_first_seq: int
+    offset: int
+    next_seq: int
+
+
+@dataclass(slots=True, eq=False)
+class _TailCursor:
+    segment_first_seq: int
+    offset: int
+    next_seq: int
+    fd: int = -1
+    #: Ranges handed out by ``read``, in order, and which of them are acknowledged (see ``ack_range``).
+    batches: list[list[int]] = field(default_factory=list)
+    acked: int = 0
+
+
+class SpoolTail:
+    """Read-only delivery view of a spool owned by another process (the delivery process of ``fpolicyd serve``).
+
+    It reads segment files from given positions up to the durable seq the owner announces (:meth:`advance`) —
+    never beyond, so it sees exactly what an in-process sink would — and tracks acknowledgements per sink like
+    :meth:`Spool.ack_range`, reporting the cumulative position (:meth:`acked_seq`) for the owner to record. It
+    never writes, truncates or removes anything: recovery, retention and cursor persistence stay with the owner.
+    Records are checked like :meth:`Spool.read` does (seq, length, CRC). Single-threaded."""
+
+    def __init__(self, directory: Path, positions: Mapping[str, tuple[int, ReadPosition]], durable_seq: int) -> None:
+        """``positions``: per sink, its acked seq and where to read next."""
+        self._dir = Path(directory)
+        self._durable_seq = durable_seq
+        self._cursors = {
+            name: _TailCursor(pos.segment_first_seq, pos.offset, pos.next_seq, acked=acked)
+            for name, (acked, pos) in positions.items()
+        }
+
+    @property
+    def durable_seq(self) -> int:
+        return self._durable_seq
+
+    def advance(self, durable_seq: int) -> None:
+        """The owner made everything up to ``durable_seq`` durable."""
+        self._durable_seq = max(self._durable_seq, durable_seq)
+
+    def read_seq(self, sink: str) -> int:
+        return self._cursor(sink).next_seq
+
+    def acked_seq(self, sink: str) -> int:
+        return self._cursor(sink).acked
+
+    def records_pending(self, sink: str) -> int:
+        """Durable records after the sink's acked position (approximate across seq gaps between segments)."""
+        return max(0, self._durable_seq - self._cursor(sink).acked)
+
+    def read(self, sink: str, max_records: int = 1000, max_bytes: int = 1 * _MIB) -> list[Record]:
+        if max_records < 1 or max_bytes < 1:
+            raise ValueError(f"max_records and max_bytes must be positive, got {max_records} and {max_bytes}")
+        c = self._cursor(sink)
+        out: list[Record] = []
+        total = 0
+        limit = self._durable_seq
+        while len(out) < max_records and c.next_seq <= limit:
+            if c.fd < 0:
+                path = self._dir / f"spool-{c.segment_first_seq:020d}.seg"
+                try:
+                    c.fd = os.open(path, _READ_OPEN)
+                except OSError as exc:
+                    raise _io_error("open", path, exc) from exc
+            path = self._dir / f"spool-{c.segment_first_seq:020d}.seg"
+            buf = _pread(c.fd, _READ_CHUNK, c.offset, path)
+            if len(buf) < _REC_HDR:
+                if not self._next_segment(c):
+                    raise SpoolCorruptError(f"spool: record {c.next_seq} is durable but in no segment file")
+                continue
+            pos = 0
+            while len(out) < max_records and c.next_seq <= limit and pos + _REC_HDR <= len(buf):
+                length, crc, seq = _REC_HEADER.unpack_from(buf, pos)
+                if seq != c.next_seq or length == 0:
+                    raise SpoolCorruptError(f"spool: {path} offset {c.offset}: expected record {c.next_seq}")
+                stop = pos + _REC_HDR + length
+                if stop > len(buf):
+                    if pos > 0:
+                        break
+                    buf = _pread(c.fd, _REC_HDR + length, c.offset, path)  # one record bigger than a chunk
+                    if len(buf) < _REC_HDR + length:
+                        raise SpoolCorruptError(f"spool: {path} ends inside record {c.next_seq}")
+                    continue
+                if out and total + length > max_bytes:
+                    return self._handed_out(c, out)
+                payload = buf[pos + _REC_HDR : stop]
+                if _crc32(payload) != crc:
+                    raise SpoolCorruptError(f"spool: {path} offset {c.offset}: record {seq} fails its checksum")
+                out.append(Record(seq, payload))
+                total += length
+                c.offset += stop - pos
+                c.next_seq = seq + 1
+                pos = stop
+            if out and total >= max_bytes:
+                break
+        return self._handed_out(c, out)
+
+    def _next_segment(self, c: _TailCursor) -> bool:
+        """Move to the segment after the current one (seqs may skip between segments); False if there is none."""
+        try:
+            firsts = sorted(
+                int(m.group(1)) for name in os.listdir(self._dir) if (m := _SEG_RE.fullmatch(name)) is not None
+            )
+        except OSError as exc:
+            raise _io_error("list", self._dir, exc) from exc
+        later = [first for first in firsts if first > c.segment_first_seq]
+        if not later:
+            return False
+        self._close(c)
+        c.segment_first_seq = later[0]
+        c.offset = _SEG_HDR
+        c.next_seq = max(c.next_seq, later[0])
+        return True
+
+    @staticmethod
+    def _handed_out(c: _TailCursor, out: list[Record]) -> list[Record]:
+        if out:
+            c.batches.append([out[0].seq, out[-1].seq, 0])
+        return out
+
+    def ack_range(self, sink: str, first: int, last: int) -> None:
+        """One batch handed out by :meth:`read` is delivered; the cumulative position moves over every leading
+        batch that is delivered (batches may complete out of order)."""
+        c = self._cursor(sink)
+        for batch in c.batches:
+            if batch[0] == first and batch[1] == last:
+                batch[2] = 1
+                break
+        else:
+            raise ValueError(f"sink {sink!r}: {first}..{last} is not a batch that was read")
+        while c.batches and c.batches[0][2]:
+            c.acked = max(c.acked, c.batches.pop(0)[1])
+
+    def ack(self, sink: str, up_to_seq: int) -> None:
+        """Every batch read up to ``up_to_seq`` is delivered."""
+        c = self._cursor(sink)
+        while c.batches and c.batches[0][1] <= up_to_seq:
+            c.acked = max(c.acked, c.batches.pop(0)[1])
+
+    def _cursor(self, sink: str) -> _TailCursor:
+        try:
+            return self._cursors[sink]
+        except KeyError:
+            raise ValueError(f"unknown sink {sink!r}; configured: {list(self._cursors)}") from None
+
+    @staticmethod
+    def _close(c: _TailCursor) -> None:
+        if c.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(c.fd)
+            c.fd = -1
+
+    def close(self) -> None:
+        for c in self._cursors.values():
+            self._close(c)

@@ -25,7 +25,8 @@ from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
 from fpolicyd.pipeline.spool import Spool, SpoolFullError, SpoolIOError
-from fpolicyd.sinks.runner import RetryPolicy, Sender, SinkWorker
+from fpolicyd.server.delivery import DeliverySpec, ProcessDelivery
+from fpolicyd.sinks.runner import RetryPolicy, Sender, SinkHandle, SinkWorker
 from fpolicyd.storage.dedup_journal import DedupJournal, JournalError
 
 log = get_logger("fpolicyd.pipeline")
@@ -57,15 +58,36 @@ class EventPipeline:
         select: Callable[[str], Callable[[bytes], bytes | None] | None] = lambda sink: None,
         journal: DedupJournal | None = None,
         wall_clock: Callable[[], float] = time.time,
+        delivery: DeliverySpec | None = None,
+        ingestion_slo_s: float = 5.0,
     ) -> None:
+        """``senders`` run here, in the daemon's process; with ``delivery`` (and no ``senders``) the sinks run in
+        the delivery process instead (``server/delivery.py``)."""
+        if delivery is not None and senders:
+            raise ValueError("sinks run either here (senders) or in the delivery process, not both")
         self.spool = spool
         #: Claims of the reader's dedup window, written and fsynced with the spool (see storage/dedup_journal.py).
         self.journal = journal
         self._wall_clock = wall_clock
-        self.workers = [
-            SinkWorker(sender, spool, on_ack=self._after_ack, retry=retry, select=select(sender.name))
+        #: The sink workers that run in this process (none when the delivery process runs them).
+        self.local_workers = [
+            SinkWorker(
+                sender,
+                spool,
+                on_ack=self._after_ack,
+                retry=retry,
+                select=select(sender.name),
+                ingestion_slo_s=ingestion_slo_s,
+            )
             for sender in senders
         ]
+        self.delivery = (
+            None if delivery is None else ProcessDelivery(spool, delivery, on_ack=self._after_ack, on_fatal=self._fail)
+        )
+        #: Every sink, wherever it runs.
+        self.workers: list[SinkHandle] = (
+            list(self.local_workers) if self.delivery is None else list(self.delivery.workers)
+        )
         #: The processing stage (route, settle, dedup) between the raw and the processed records, if any.
         self.processor: StageWorker | None = None
         self.pressure = BackPressure(watermarks)
@@ -92,7 +114,9 @@ class EventPipeline:
     # ------------------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        for worker in self.workers:
+        if self.delivery is not None:
+            await self.delivery.start()
+        for worker in self.local_workers:
             try:
                 await worker.sender.start()
             except SinkError as exc:
@@ -128,8 +152,10 @@ class EventPipeline:
             await self.processor.stop(max(0.0, deadline - loop.time()))
             self._flush()
             await self._commit_now()
-        for worker in self.workers:
-            await worker.stop(max(0.0, deadline - loop.time()))
+        for local in self.local_workers:
+            await local.stop(max(0.0, deadline - loop.time()))
+        if self.delivery is not None:
+            await self.delivery.stop(max(0.0, deadline - loop.time()))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -142,16 +168,16 @@ class EventPipeline:
         """Per sink: events delivered, sends, failed sends, lag; AWS sinks add requests and dead-lettered."""
         out: dict[str, dict[str, int]] = {}
         for worker in self.workers:
+            figures = worker.figures()
             stats = {
-                "delivered": worker.stats.delivered,
-                "sends": worker.stats.sends,
-                "failed_sends": worker.stats.failures,
+                "delivered": figures.delivered,
+                "sends": figures.sends,
+                "failed_sends": figures.failures,
                 "lag": worker.lag,
             }
-            for extra in ("requests", "dead_lettered"):
-                value = getattr(worker.sender, extra, None)
-                if isinstance(value, int):
-                    stats[extra] = value
+            if figures.request_seconds is not None:
+                stats["requests"] = figures.requests
+                stats["dead_lettered"] = figures.dead_lettered
             out[worker.name] = stats
         return out
 

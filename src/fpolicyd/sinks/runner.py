@@ -20,12 +20,12 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
-from fpolicyd.obs.metrics import SinkInstruments
-from fpolicyd.pipeline.spool import Record, Spool
+from fpolicyd.obs.metrics import Histogram, SinkFigures, SinkInstruments
+from fpolicyd.pipeline.spool import Record
 
 log = get_logger("fpolicyd.sink")
 
@@ -38,6 +38,52 @@ class RetryPolicy:
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
         return rng.uniform(0.0, min(self.cap_s, self.base_s * (2**attempt)))
+
+
+class SpoolView(Protocol):
+    """What a sink worker needs of the spool: :class:`~fpolicyd.pipeline.spool.Spool` in the daemon's own process,
+    :class:`~fpolicyd.pipeline.spool.SpoolTail` in the delivery process."""
+
+    @property
+    def durable_seq(self) -> int: ...
+
+    def read(self, sink: str, max_records: int = ..., max_bytes: int = ...) -> list[Record]: ...
+
+    def ack_range(self, sink: str, first: int, last: int) -> None: ...
+
+    def read_seq(self, sink: str) -> int: ...
+
+    def records_pending(self, sink: str) -> int: ...
+
+
+@runtime_checkable
+class CountsRequests(Protocol):
+    """A sender that makes API requests and classifies every entry itself (SQS, EventBridge)."""
+
+    requests: int
+    retry_requests: int
+    entries_failed_retryable: int
+    entries_failed_permanent: int
+    dead_lettered: int
+    request_seconds: Histogram
+
+
+class SinkHandle(Protocol):
+    """A sink as the daemon sees it — a :class:`SinkWorker` here, or one of the delivery process
+    (``server/delivery.py``): what metrics, readiness and the pipeline read of it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def lag(self) -> int: ...
+
+    @property
+    def last_error(self) -> SinkError | None: ...
+
+    def figures(self) -> SinkFigures: ...
+
+    def wake(self) -> None: ...
 
 
 class Sender(Protocol):
@@ -72,11 +118,12 @@ class SinkWorker:
     def __init__(
         self,
         sender: Sender,
-        spool: Spool,
+        spool: SpoolView,
         *,
         on_ack: Callable[[], None],
         retry: RetryPolicy | None = None,
         select: Callable[[bytes], bytes | None] | None = None,
+        ingestion_slo_s: float = 5.0,
     ) -> None:
         self.sender = sender
         #: Which spool records are this sink's and what of them to send (processed records carry a destination
@@ -95,7 +142,7 @@ class SinkWorker:
         #: Last send error, for readiness; None once a send succeeds again.
         self.last_error: SinkError | None = None
         #: Batch sizes, send times, failures and event latencies, read by the metrics collector.
-        self.instruments = SinkInstruments()
+        self.instruments = SinkInstruments(ingestion_slo_s=ingestion_slo_s)
 
     @property
     def name(self) -> str:
@@ -105,6 +152,33 @@ class SinkWorker:
     def lag(self) -> int:
         """Records appended and not yet acked by this sink."""
         return self._spool.records_pending(self.name)
+
+    def figures(self) -> SinkFigures:
+        """This sink's figures now (for the metrics collector and readiness; cheap, called at scrape time)."""
+        inst = self.instruments
+        sender = self.sender
+        error = self.last_error
+        # A cloud sender classifies every entry itself (what it hands back was already counted there).
+        cloud = sender if isinstance(sender, CountsRequests) else None
+        return SinkFigures(
+            name=self.name,
+            delivered=self.stats.delivered,
+            sends=self.stats.sends,
+            failures=self.stats.failures,
+            last_error=None if error is None else str(error),
+            last_error_retriable=True if error is None else error.retriable,
+            requests=0 if cloud is None else cloud.requests,
+            retries=inst.retries + (0 if cloud is None else cloud.retry_requests),
+            entries_failed_retryable=(inst if cloud is None else cloud).entries_failed_retryable,
+            entries_failed_permanent=(inst if cloud is None else cloud).entries_failed_permanent,
+            dead_lettered=0 if cloud is None else cloud.dead_lettered,
+            ingestion_slo_breaches=inst.ingestion_slo_breaches,
+            batch_records=inst.batch_records.state(),
+            send_seconds=inst.send_seconds.state(),
+            end_to_end_seconds=inst.end_to_end_seconds.state(),
+            ingestion_seconds=inst.ingestion_seconds.state(),
+            request_seconds=None if cloud is None else cloud.request_seconds.state(),
+        )
 
     def _available(self) -> int:
         """Durable records not yet read by this sink (approximate across segment gaps; only sizes a linger)."""

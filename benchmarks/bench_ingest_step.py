@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -118,8 +117,8 @@ def main() -> int:
     args = parser.parse_args()
     status = speedups.accelerator_status()
     if status.path != "c":
-        print(f"the C accelerator is not available: {status.reason}", file=sys.stderr)
-        return 1
+        print(f"nothing to compare: {status.reason}")
+        return 0
 
     frames = corpus(args.events)
     n = len(frames)

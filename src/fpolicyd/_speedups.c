@@ -1261,6 +1261,10 @@ static PyObject *Encoder_encode(EncoderObject *self, PyObject *const *args, Py_s
         PyErr_SetString(PyExc_TypeError, "encode(payload, received_at_us) takes 2 arguments");
         return NULL;
     }
+    if (self->namespace_sha1 == NULL) {
+        PyErr_SetString(PyExc_TypeError, "EventEncoder.__init__ was not called");
+        return NULL;
+    }
     payload = args[0];
     if (!PyBytes_Check(payload)) {
         PyErr_SetString(PyExc_TypeError, "payload must be bytes");
@@ -1647,8 +1651,14 @@ static PyObject *mod_element_text(PyObject *module, PyObject *const *args, Py_ss
     if (!scan_text(&c, &text) || c.p != c.end) {
         Py_RETURN_NONE;
     }
-    if (PyObject_IsTrue(args[1])) {
+    switch (PyObject_IsTrue(args[1])) {
+    case -1:
+        return NULL;
+    case 1:
         text = strip(text);
+        break;
+    default:
+        break;
     }
     buf_init(&b, storage, sizeof storage);
     put_unescaped(&b, text.p, text.n, 0);

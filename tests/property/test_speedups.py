@@ -350,6 +350,12 @@ def _run(encode: speedups.Encode, payloads: list[bytes], rounds: int) -> None:
             encode(payload, RECEIVED_US)
 
 
+def test_an_encoder_that_was_not_initialised_refuses_to_encode() -> None:
+    encoder_object = _speedups.EventEncoder.__new__(_speedups.EventEncoder)
+    with pytest.raises(TypeError, match="__init__"):
+        encoder_object.encode(SMB_REN.payload, RECEIVED_US)
+
+
 def test_no_reference_or_memory_is_kept_across_calls() -> None:
     encode = encoder()
     payloads = [SMB_REN.payload, SMB_REN.payload[:-40] + b"x" * 40, SMB_REN.payload.replace(b"10.202", b"\xff")]

@@ -84,3 +84,23 @@ def memory_mib(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live children of a process (all its threads'), from /proc."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out.extend(int(child) for child in text)
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and of its live children (the daemon's delivery process)."""
+    total = cpu_seconds(pid)
+    for child in child_pids(pid):
+        try:
+            total += cpu_seconds(child)
+        except FileNotFoundError:  # exited meanwhile
+            continue
+    return total

@@ -1,7 +1,7 @@
 """Wire capture: the first bytes/frames of each connection as JSON Lines, and a decoder for such files.
 
 Off by default (``capture_enabled``). It exists so that a user on ONTAP 9.15.1+ can hand over what ONTAP really
-sends in protobuf mode, whose framing and schema are unpublished (``fpolicy-protocol.md`` §6), and so that any
+sends in protobuf mode, whose framing and schema are unpublished (``docs/protocol.md`` §9), and so that any
 connection problem can be looked at byte by byte. Every limit is a named setting: bytes and frames per
 connection, and total bytes written by the process; once a limit is reached that connection (or all of them)
 stops recording and an ``end`` record says why.

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 
-#: The operations the reference pipeline's schema allows (``reference-pipeline.md``).
+#: The operations the reference pipeline's schema allows (``docs/reference-pipeline.md`` §3).
 CORE_OPERATIONS: frozenset[str] = frozenset({Operation.CREATE, Operation.WRITE, Operation.DELETE, Operation.RENAME})
 
 #: Every ReqType ONTAP's notification schema defines (27), read-only. The table itself lives in
@@ -216,7 +216,7 @@ class NameMaps:
 
 @dataclass(frozen=True, slots=True)
 class FileEvent:
-    """The normalized event (DESIGN.md "User-facing contracts" → Event; ``schemas/event.schema.json``).
+    """The normalized event (README "Events", ``docs/reference-pipeline.md`` §3; ``schemas/event.schema.json``).
 
     Frozen, but ``metadata`` is a plain dict for speed: treat it as read-only and use :meth:`with_routes`.
     """

@@ -9,7 +9,7 @@ which stays the reference (``tests/property/test_speedups.py`` checks byte equal
 The extension is built where a C compiler is available (``setup.py``, ``Extension(optional=True)``); without
 one, fpolicyd installs and runs on the Python path. ``pure_python = true`` (``FPOLICYD_PURE_PYTHON=1``) forces
 the Python path; the daemon logs which path runs (``ingest_path``) and counts SCREEN_REQs by path
-(``fpolicyd_screen_requests_total{path}``).
+(``fpolicyd_notifications_decoded_total{decoder}``).
 """
 
 from __future__ import annotations

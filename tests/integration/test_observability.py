@@ -55,8 +55,9 @@ async def settle(daemon: Daemon, events: int, within: float = 20.0) -> None:
     raise AssertionError(f"not settled: {daemon.pipeline.sink_stats()}, {len(daemon.context.connections)} open")
 
 
-def screen_requests(families: dict[str, list[Sample]]) -> dict[str, float]:
-    return {s.labels["decoder"]: s.value for s in families["fpolicyd_screen_requests"] if s.name.endswith("_total")}
+def decoders(families: dict[str, list[Sample]]) -> dict[str, float]:
+    family = families["fpolicyd_notifications_decoded"]
+    return {s.labels["decoder"]: s.value for s in family if s.name.endswith("_total")}
 
 
 @pytest.mark.settings(pure_python=True)
@@ -66,7 +67,7 @@ async def test_pure_python_runs_when_asked(daemon: Daemon) -> None:
     await settle(daemon, report.sent)
     after = await scrape(daemon)
     assert one(after, "fpolicyd_ingest_accelerated") == 0
-    assert screen_requests(after) == {"accelerated": 0, "fast": report.sent, "full": 0}
+    assert decoders(after) == {"accelerated": 0, "fast": report.sent, "full": 0}
 
 
 async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daemon: Daemon, tmp_path: Path) -> None:
@@ -141,11 +142,11 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     assert routed == expected_routes
     assert one(after, "fpolicyd_events_unrouted", "fpolicyd_events_unrouted_total") == unrouted
     # Every notification of the simulator is canonical: the accelerator reads all of them where it is built.
-    decoders = screen_requests(after)
-    assert sum(decoders.values()) == sent
+    decoded = decoders(after)
+    assert sum(decoded.values()) == sent
     accelerated = one(after, "fpolicyd_ingest_accelerated")
     assert accelerated == (daemon.context.ingest.accelerator.path == "c")
-    assert decoders["accelerated"] == (sent if accelerated else 0)
+    assert decoded["accelerated"] == (sent if accelerated else 0)
     assert one(after, "fpolicyd_settle_pending") == 0
     assert one(after, "fpolicyd_spool_size_bytes") > 0
     assert one(after, "fpolicyd_spool_records") == 0

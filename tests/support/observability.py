@@ -14,7 +14,7 @@ from prometheus_client.samples import Sample
 from fpolicyd.app import Daemon
 from fpolicyd.config import Settings, load_settings
 
-#: Item 3 of issue 5 (metrics) and the four SLO figures of reference-pipeline.md.
+#: Item 3 of issue 5 (metrics) and the four SLO figures of docs/reference-pipeline.md §7.
 REQUIRED_FAMILIES: frozenset[str] = frozenset({
     "fpolicyd_sessions", "fpolicyd_sessions_opened", "fpolicyd_frames_received", "fpolicyd_events_received",
     "fpolicyd_parse_errors", "fpolicyd_spool_size_bytes", "fpolicyd_spool_records", "fpolicyd_sink_lag_records",

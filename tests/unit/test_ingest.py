@@ -190,10 +190,11 @@ def test_a_bad_payload_closes_the_session_and_is_handed_back_whole(accelerate: b
     handshake(step)
     bad = SMB_REN.payload.replace(b"<ReqId>4996</ReqId>", b"<ReqId>x</ReqId>")
     batch = step.feed([SMB_OPEN.payload, bad, SMB_REN.payload], 1.0, RECEIVED_US, WALL_S)
-    assert batch.events == 1  # what came before stays; nothing after the bad frame is read
+    assert batch.events == 1  # what came before stays
     assert batch.close is not None
     assert batch.close.reason == "bad_value"
     assert batch.rejected == bad
+    assert batch.abandoned == [SMB_REN.payload]  # read from ONTAP but not decoded: handed back to be kept
 
 
 @pytest.mark.parametrize("accelerate", MODES)

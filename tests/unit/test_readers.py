@@ -28,8 +28,9 @@ from fpolicyd.protocol.readers import (
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from support.captures import CAPTURES, NEGO_REQ, SMB_OPEN, SMB_REN
 
-#: The project's shared folder sits beside the repository (also in CI); tests/data holds copies of its captures.
-SHARED_CAPTURES = Path(__file__).resolve().parents[3] / "shared" / "captures"
+#: Every capture file in tests/data (the repository's own copies of the public captures, docs/protocol.md §13),
+#: including any added later that ``support.captures`` does not load by name.
+DATA_CAPTURES = Path(__file__).resolve().parents[1] / "data"
 
 HANDSHAKE = Handshake(
     "11111111-2222-11ee-8888-000c29000001", "policy-test", "aaaaaaaa-bbbb-11ee-8888-000c29000002", ("1.0", "1.2")
@@ -128,7 +129,7 @@ def test_unknown_reader_name() -> None:
 
 def test_every_real_xml_capture_is_classified_xml() -> None:
     frames = [c.frame for c in CAPTURES]
-    for item in sorted(SHARED_CAPTURES.glob("*.json")) if SHARED_CAPTURES.is_dir() else []:
+    for item in sorted(DATA_CAPTURES.glob("*.json")):
         for record in json.loads(item.read_text(encoding="utf-8")):
             body = record["body"].encode() if record["body"] is not None else None
             frames.append(encode_frame(record["header"].encode(), body))
@@ -140,7 +141,8 @@ def test_every_real_xml_capture_is_classified_xml() -> None:
 
 
 def test_the_public_wire_observation_is_not_xml() -> None:
-    """``22 03 31 2E 30`` (field 4 = "1.0", §6) is no XML prefix: 0x03 as a length byte leads to no '"' at 5."""
+    """``22 03 31 2E 30`` (field 4 = "1.0", docs/protocol.md §9) is no XML prefix: 0x03 as a length byte leads
+    to no '"' at 5."""
     with pytest.raises(RemoteProtocolError, match="unknown_framing"):
         classify(b"\x22\x03\x31\x2e\x30" + b"\x00" * 6)
 

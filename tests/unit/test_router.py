@@ -36,7 +36,7 @@ PDF_ROUTES = (
     "government-archives",
 )
 
-# The table of reference-pipeline.md ("The 17 use-case routes"), restated independently of the TOML file.
+# The table of docs/reference-pipeline.md §5 (the 17 use-case routes), restated independently of the TOML file.
 REFERENCE_TABLE = """
 UC1 | legal-compliance | /legal/ /compliance/ /audit/ | .pdf .docx .xlsx | create write rename delete | ComplianceStateMachine
 UC2 | financial-idp | /finance/ /invoices/ /contracts/ | .pdf .tiff .png .jpg | create write | IdpStateMachine
@@ -118,7 +118,7 @@ def test_to_toml_round_trips_awkward_text() -> None:
 
 
 def test_reference_fan_out_example(router: Router) -> None:
-    # reference-pipeline.md: UC1 by prefix (and by suffix), and every .pdf use case by suffix, in file order.
+    # docs/reference-pipeline.md §5: UC1 by prefix (and by suffix), and every .pdf use case by suffix, in file order.
     assert router.match("/legal/audit/report.pdf", "create") == PDF_ROUTES
     assert router.match("/legal/audit/report.txt", "create") == ("legal-compliance",)
 

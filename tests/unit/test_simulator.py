@@ -42,7 +42,7 @@ def _capture_pci_order(body: bytes | None) -> list[str]:
     return [child.tag for child in root.find("NotfInfo")[0].find("CommonInfo/ProtCommonInfo")]
 
 
-#: ``ProtCommonInfo`` child order of the real captures (fpolicy-protocol.md §4.3), read from them.
+#: ``ProtCommonInfo`` child order of the real captures (docs/protocol.md §4.3), read from them.
 CAPTURE_PCI_ORDER = _capture_pci_order(SMB_OPEN.body)
 
 

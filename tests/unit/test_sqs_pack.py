@@ -463,6 +463,10 @@ class ScriptedClients(AwsClients):
     async def sqs(self) -> Any:
         return self.scripted
 
+    async def sqs_data(self) -> Any:
+        """SendMessageBatch goes through the data-path client (sinks/aws_transport.py): the same script."""
+        return self.scripted
+
 
 def sender(tmp_path: Path, client: ScriptedSqs, **target: Any) -> AwsSender:
     made = AwsSender(

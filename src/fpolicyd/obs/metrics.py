@@ -7,7 +7,7 @@ operation). Distributions that need a per-event observation (end-to-end and inge
 by the sink worker once per acknowledged batch (:meth:`SinkInstruments.settled`: one lock per batch, at most
 ``LATENCY_SAMPLES`` records read per batch), never in the reader.
 
-Conventions (DESIGN.md): names start with ``fpolicyd_``, base units (seconds, bytes), counters end in
+Conventions: names start with ``fpolicyd_``, base units (seconds, bytes), counters end in
 ``_total``, and no label ever carries a path, user, client address or session: labels are closed sets
 (operation, frame type, parse-error reason, sink URI from the configuration, retryable true/false).
 
@@ -63,7 +63,7 @@ LATENCY_BUCKETS: Final = (
 REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: Records per sink batch.
 BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5000.0, 25000.0, 100000.0)
-#: The reference pipeline's success SLO (reference-pipeline.md "Replay and SLO figures"); the time targets are
+#: The reference pipeline's success SLO (``docs/reference-pipeline.md`` §7); the time targets are
 #: settings (slo_ingestion_latency_s, slo_reconnect_s, slo_replay_completion_s).
 SLO_SUCCESS_RATIO: Final = 0.995
 
@@ -486,16 +486,21 @@ class FpolicydCollector(Collector):
         events = _counter("events_received", "Notifications turned into events, by operation_type.", ["operation"])
         parse_errors = _counter("parse_errors", "Malformed input that closed a connection, by reason.", ["reason"])
         timeouts = _counter("session_timeouts", "Connections closed by a session timer, by reason.", ["reason"])
-        screen_requests = _counter(
-            "screen_requests",
-            "SCREEN_REQs turned into events, by the decoder that read them: accelerated (the C accelerator), fast "
-            "(the Python canonical scan), full (the lxml decoder).",
+        decoded = _counter(
+            "notifications_decoded",
+            "SCREEN_REQs by decoder: accelerated (the C accelerator), fast (ONTAP's canonical layout, in Python) or "
+            "full (the hardened XML parser, or protobuf); a rising full count means a layout the fast paths do not "
+            "know.",
             ["decoder"],
         )
         accelerated = _gauge(
             "ingest_accelerated", "1 when the readers build events with the C accelerator, 0 on the pure-Python path."
         )
         if ctx is not None:
+            decoded.add_metric(["accelerated"], ctx.ingest.counters.accelerated)
+            decoded.add_metric(["fast"], ctx.ingest.counters.fast_decoded)
+            decoded.add_metric(["full"], ctx.ingest.counters.full_decoded)
+            accelerated.add_metric([], 1.0 if ctx.ingest.accelerator.path == "c" else 0.0)
             sessions.add_metric([], len(ctx.connections))
             opened.add_metric([], ctx.sessions_opened)
             for reason in ("not_allowed", "max_connections"):
@@ -517,11 +522,7 @@ class FpolicydCollector(Collector):
                 events.add_metric([operation_name], count)
             for reason, count in sorted(dict(ctx.protocol_errors).items()):
                 (timeouts if reason in _TIMEOUT_REASONS else parse_errors).add_metric([reason], count)
-            screen_requests.add_metric(["accelerated"], counters.accelerated)
-            screen_requests.add_metric(["fast"], counters.fast_decoded)
-            screen_requests.add_metric(["full"], counters.full_decoded)
-            accelerated.add_metric([], 1.0 if ctx.ingest.accelerator.path == "c" else 0.0)
-        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, screen_requests, accelerated)
+        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, decoded, accelerated)
 
     @staticmethod
     def _pipeline(pipeline: EventPipeline | None) -> Iterator[Metric]:

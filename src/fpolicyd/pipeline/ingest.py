@@ -83,7 +83,18 @@ class Ingest:
 class IngestBatch:
     """What one :meth:`IngestSession.feed` produced, in order."""
 
-    __slots__ = ("claims", "close", "durable_replies", "events", "frames", "notices", "records", "rejected", "replies")
+    __slots__ = (
+        "abandoned",
+        "claims",
+        "close",
+        "durable_replies",
+        "events",
+        "frames",
+        "notices",
+        "records",
+        "rejected",
+        "replies",
+    )
 
     def __init__(self) -> None:
         #: Spool records, in arrival order.
@@ -95,9 +106,12 @@ class IngestBatch:
         #: Replies to write now (NEGO_RESP, STATUS_QUERY_RESP).
         self.replies: list[bytes] = []
         self.notices: list[Notice] = []
-        #: Set when the session must close; ``rejected`` is the payload that broke it (kept in the dead-letter file).
+        #: Set when the session must close; ``rejected`` is the payload that broke it and ``abandoned`` the framed
+        #: payloads of the same read after it, which the closing session will not handle. Both were read from
+        #: ONTAP (an async engine counts them delivered): the caller keeps them (the dead-letter file).
         self.close: Close | None = None
         self.rejected: bytes | None = None
+        self.abandoned: list[bytes] = []
         self.events = 0
         self.frames = 0
 
@@ -126,7 +140,7 @@ class IngestSession:
         counters = self._ingest.counters
         # Only the general path (receive) changes the session's state, so this holds until the next receive.
         encode = self._encode if self._encode is not None and session.fast_ready() else None
-        for payload in payloads:
+        for position, payload in enumerate(payloads):
             batch.frames += 1
             if encode is not None:
                 encoded = encode(payload, received_at_us)
@@ -152,6 +166,7 @@ class IngestSession:
                 elif type(output) is Close:
                     batch.close = output
                     batch.rejected = payload
+                    batch.abandoned = list(payloads[position + 1 :])
                     return batch
             encode = self._encode if self._encode is not None and session.fast_ready() else None
         return batch

@@ -1,7 +1,7 @@
 """Audit ledger of dedup decisions: one JSON line per suppressed duplicate and per fail-open delivery.
 
 Regulated users asked that a suppressed duplicate leave an audit record, never a silent drop
-(``reference-pipeline.md``). A record::
+(``docs/reference-pipeline.md`` §6). A record::
 
     {"time": "2024-05-01T10:00:00.000000Z", "event_id": "...", "key": "pk|sk", "decision": "duplicate",
      "first_seen_id": "...", "claimant": "i-1:42", "first_claimant": "i-1:17", "mode": "window",

@@ -2,7 +2,7 @@
 
 ONTAP's persistent store keeps notifications while no server is connected and sends them after the next
 handshake as ordinary SCREEN_REQs, *after* live ones and so out of order, sometimes twice
-(``fpolicy-protocol.md`` §7). This module watches the stream the readers decode and says, per notification:
+(``docs/protocol.md`` §7.3–§7.4). This module watches the stream the readers decode and says, per notification:
 
 - **replayed**: its ``GenerationTime`` is older than the handshake of the session that carries it (minus
   ``clock_tolerance_us``, for a node clock running behind this host's), i.e. it was generated while this node

@@ -17,7 +17,7 @@ suffixes likewise on ``path[-S:]``. A match walks down while the path keeps matc
 so its cost is the number of nested prefixes/suffixes the path actually has (plus one) and the size of the
 fan-out, not the number of routes (``benchmarks/bench_router.py``: 17, 1,000 and 10,000 routes).
 
-The packaged ``fpolicyd/data/routes.toml`` (the 17 use cases of ``reference-pipeline.md``) is the source of
+The packaged ``fpolicyd/data/routes.toml`` (the 17 use cases of ``docs/reference-pipeline.md`` §5) is the source of
 truth; ``config/routes.toml`` is the copy users edit, and ``fpolicyd routes export`` turns either into
 EventBridge patterns or a CloudFormation template, so rules and in-process routing cannot drift apart.
 """

@@ -4,7 +4,7 @@ isort:skip_file
 PROVISIONAL schema for ONTAP FPolicy protobuf mode (engine format=protobuf, ONTAP 9.15.1+).
 
 UNCONFIRMED — EVERY MESSAGE AND EVERY FIELD IN THIS FILE. NetApp has published no .proto and no framing.
-Two sources only (fpolicy-protocol.md §6):
+Two sources only (docs/protocol.md §9):
   * "public attempt" (YOS): the fields of a self-declared reverse-engineered schema with which no real
     message was ever decoded. Kept here with the same field numbers and names, so that a real capture
     can be compared against it.

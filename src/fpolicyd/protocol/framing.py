@@ -1,4 +1,4 @@
-"""XML-mode frame reader and writer (``fpolicy-protocol.md`` §1.2–§1.3), sans-IO.
+"""XML-mode frame reader and writer (``docs/protocol.md`` §1), sans-IO.
 
 A frame is ``"`` + u32 big-endian payload length + ``"`` + payload. The payload is the header XML, ``\\n\\n``,
 the body XML and one NUL byte; a header-only message (KEEP_ALIVE) is the header XML and the NUL.

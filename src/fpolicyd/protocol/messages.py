@@ -1,4 +1,4 @@
-"""The FPolicy XML-mode messages as frozen dataclasses (``fpolicy-protocol.md`` §1.4–§5).
+"""The FPolicy XML-mode messages as frozen dataclasses (``docs/protocol.md`` §2–§6).
 
 Everything after the codec works on these types, so a future protobuf codec only has to produce them too.
 Fields mirror the wire elements; every element ONTAP documents as optional is ``None``/empty when absent.

@@ -1,7 +1,7 @@
 """Protobuf-mode codec: payload bytes ⇄ :mod:`fpolicyd.protocol.messages`, on the PROVISIONAL schema.
 
 The schema (``proto/fpolicy.proto``, compiled into :mod:`fpolicyd.protocol.fpolicy_pb2`) is unconfirmed: NetApp
-has published none (``fpolicy-protocol.md`` §6). This codec maps it onto the very dataclasses the XML codec
+has published none (``docs/protocol.md`` §9). This codec maps it onto the very dataclasses the XML codec
 produces, in both directions, so the session, the normalizer and everything after them do not know which
 format a connection speaks. One payload is one ``FPolicyMessage``; framing is the frame reader's job
 (:mod:`fpolicyd.protocol.readers`).

@@ -7,7 +7,7 @@ Four readers behind :class:`~fpolicyd.protocol.framing.FrameReader`:
 - ``protobuf-varint-delimited``: protobuf varint length + payload (Java's ``writeDelimitedTo``);
 - ``auto``: decides from the first bytes of the connection (:func:`classify`), then behaves as that reader.
 
-Neither protobuf framing is confirmed for ONTAP (``fpolicy-protocol.md`` §6); both are what a protobuf peer
+Neither protobuf framing is confirmed for ONTAP (``docs/protocol.md`` §9); both are what a protobuf peer
 would plausibly use. Every reader checks the length against the maximum *before* buffering the frame, refuses a
 zero length (an FPolicy message always says what it is), never scans forward to resynchronise, and is poisoned
 after a peer error (every later ``feed`` raises the same :class:`RemoteProtocolError`).

@@ -1,4 +1,4 @@
-"""The 27 ``ReqType`` values of ``FscreenReq`` and their wire shape (``fpolicy-protocol.md`` §4.2).
+"""The 27 ``ReqType`` values of ``FscreenReq`` and their wire shape (``docs/protocol.md`` §4.2).
 
 One source of truth: the codec, the event normalizer, the simulator and the tests all read this table.
 A ReqType is ``<PROTO>_<OP>[_DIR]``; directory variants reuse the file element (KB-REN: ``SMB_REN_DIR``

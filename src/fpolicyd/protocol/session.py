@@ -1,4 +1,4 @@
-"""One ONTAP control channel as a sans-IO state machine (``fpolicy-protocol.md`` §2–§5).
+"""One ONTAP control channel as a sans-IO state machine (``docs/protocol.md`` §3, §5–§7).
 
 The session never reads a clock or touches a socket: the connection passes ``now`` (monotonic seconds) and
 the payloads it framed, and gets back what to do — replies to write, file notifications to hand on, notices

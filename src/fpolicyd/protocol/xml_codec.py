@@ -1,4 +1,4 @@
-"""XML-mode codec: payload bytes ⇄ :mod:`fpolicyd.protocol.messages` (``fpolicy-protocol.md`` §1.3–§5).
+"""XML-mode codec: payload bytes ⇄ :mod:`fpolicyd.protocol.messages` (``docs/protocol.md`` §1–§6).
 
 Decoding is the hot path (one call per file notification), so it uses lxml, which parses a real ~1.2 KB
 SCREEN_REQ about 2.5x faster than ``xml.etree`` (``benchmarks/bench_codec.py``). The parser is hardened: no
@@ -669,7 +669,7 @@ def screen_request_body(msg: ScreenRequest) -> bytes:
     """The ``FscreenReq`` body XML, element order as in ONTAP's captures.
 
     ``UserGids`` (NFS only) has no public sample; it is written as ``<Gid>`` children and read in either
-    that form or as a whitespace/comma separated list [L].
+    that form or as a whitespace/comma separated list (an inference, ``docs/protocol.md`` §4.3).
     """
     common = "<CommonInfo>" + _prot_common_info_xml(msg.common)
     if msg.display_path is not None:

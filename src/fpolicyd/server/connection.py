@@ -179,8 +179,11 @@ class FPolicyConnection(asyncio.Protocol):
         if close is not None:
             if batch.rejected is not None:
                 # Keep the frame that could not be decoded (raw, base64 in the dead-letter file): an
-                # undecodable notification is still a notification ONTAP considers delivered.
+                # undecodable notification is still a notification ONTAP considers delivered. So are the frames
+                # that came with it in the same read, which the closing session will not decode.
                 ctx.quarantine(batch.rejected, f"{close.reason}: {close.detail}")
+            for abandoned in batch.abandoned:
+                ctx.quarantine(abandoned, f"read after a frame that closed the session ({close.reason}); not decoded")
             self._close(close.reason, close.detail)
             return
         if pipeline.reading_paused and not self._paused:

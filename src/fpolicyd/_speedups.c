@@ -1731,13 +1731,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     if (m == NULL) {
         return NULL;
     }
-    Py_INCREF(&EncoderType);
-    if (PyModule_AddObject(m, "EventEncoder", (PyObject *)&EncoderType) < 0) {
-        Py_DECREF(&EncoderType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    if (PyModule_AddIntConstant(m, "MAX_BODY_BYTES", MAX_BODY_BYTES) < 0 ||
+    if (PyModule_AddObjectRef(m, "EventEncoder", (PyObject *)&EncoderType) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_BODY_BYTES", MAX_BODY_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "MAX_FIELDS", MAX_FIELDS) < 0 ||
         add_int64(m, "MAX_EPOCH_US", MAX_EPOCH_US) < 0 ||
         add_int64(m, "MIN_PLAUSIBLE_GENERATION_US", MIN_PLAUSIBLE_GENERATION_US) < 0 ||

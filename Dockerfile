@@ -3,7 +3,10 @@
 #   docker buildx build --platform linux/arm64,linux/amd64 -t fpolicyd:0.1.0 .
 # Both architectures build from this one file: no arch-specific step, and every compiled dependency (lxml, uvloop,
 # orjson, pydantic-core, aiohttp and its helpers, protobuf) ships CPython 3.12 manylinux wheels for aarch64 and
-# x86_64 (`pip download --only-binary=:all: --platform manylinux_2_28_aarch64 ...`), so nothing is compiled here.
+# x86_64 (`pip download --only-binary=:all: --platform manylinux_2_28_aarch64 ...`). The one thing compiled here is
+# fpolicyd's own C accelerator (src/fpolicyd/_speedups.c, the reader's hot path; plain C99 and the CPython API),
+# by the builder stage's gcc for whichever architecture it runs on; the build fails if it did not compile, and the
+# runtime image carries only the compiled module, no compiler.
 #
 # Signals: the exec-form ENTRYPOINT makes fpolicyd PID 1 (no shell in between), so `docker stop` / ECS deliver
 # SIGTERM to it; it installs its own SIGTERM/SIGINT handlers and drains (read grace, then sinks within
@@ -19,13 +22,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The C compiler for the accelerator, in this stage only. Versions are Debian bookworm's current ones, not
+# pinned: libc6-dev must equal the image's libc6 release, which a pin would break at the next point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY src ./src
-# Build the wheel (hatchling, fetched into pip's isolated build environment), then install it and its
-# dependencies into a self-contained venv; pip itself is not needed at run time.
+# Build the wheel (setuptools, fetched into pip's isolated build environment; it compiles the accelerator), then
+# install it and its dependencies into a self-contained venv; pip itself is not needed at run time. The extension
+# is optional for `pip install` (a machine without a compiler gets the pure-Python path), not for this image.
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/fpolicyd \
  && /opt/fpolicyd/bin/pip install /wheels/fpolicyd-*.whl \
+ && /opt/fpolicyd/bin/python -c "import fpolicyd._speedups" \
  && /opt/fpolicyd/bin/pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE} AS runtime

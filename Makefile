@@ -1,4 +1,5 @@
-# fpolicyd — every target installs what it needs into .venv first (only python3, pip and make required).
+# fpolicyd — every target installs what it needs into .venv first (only python3, pip and make required; a C
+# compiler is optional: with one, the install also builds the C accelerator, src/fpolicyd/_speedups.c).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,8 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install run test lint typecheck unit bench bench-replay bench-parts clean
 
-$(STAMP): pyproject.toml
+# setup.py and the C source too: an edited accelerator is rebuilt (the editable install compiles it in place).
+$(STAMP): pyproject.toml setup.py src/fpolicyd/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
@@ -49,7 +51,8 @@ bench-replay: $(STAMP)
 ## Where the time goes, in process: codec steps per event, what SQS packing bills.
 bench-parts: $(STAMP)
 	$(BIN)/python benchmarks/bench_codec.py
+	$(BIN)/python benchmarks/bench_ingest_step.py
 	$(BIN)/python benchmarks/bench_sqs_pack.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis fpolicyd-data
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis fpolicyd-data build src/fpolicyd/*.so

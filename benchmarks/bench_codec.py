@@ -5,7 +5,9 @@
 Prints µs/event for: the bare frame split, lxml vs xml.etree parse of the body (why lxml), the full decode,
 the regex fast path for ONTAP's canonical body (``xml_fast.scan_screen_request``) next to it, normalize, JSON
 encode (orjson vs json: why orjson), and the whole reader path (split → decode → session → normalize → encode),
-plus the resulting ceiling in events/s for one core.
+plus the resulting ceiling in events/s for one core; where the C accelerator is built, its one call (payload →
+event JSON) next to the Python fast path's three steps (scan, build, JSON). ``bench_ingest_step.py`` compares the
+whole ingest step with and without it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from lxml import etree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from fpolicyd import speedups
 from fpolicyd.events import EventBuilder, NameMaps, normalize
 from fpolicyd.protocol.framing import XmlFrameReader, split_payload
 from fpolicyd.protocol.messages import ScreenRequest
 from fpolicyd.protocol.session import FileNotification, Session, SessionConfig
-from fpolicyd.protocol.xml_codec import decode_header, decode_payload
+from fpolicyd.protocol.xml_codec import decode_header, decode_payload, fast_screen
 from fpolicyd.protocol.xml_fast import fields_of, scan_screen_request
 from support.captures import NEGO_REQ, SMB_REN
 
@@ -88,6 +91,20 @@ def main() -> int:
         ("event JSON: orjson (FileEvent.to_json)", measure(event.to_json, n)),
         ("reader path: split+decode+session+normalize+JSON", measure(reader_path, n // 64) / 64),
     ]
+    fields = scan_screen_request(body)
+    assert fields is not None
+
+    def fast_event() -> bytes:
+        """The Python fast path from payload to event JSON: fast_screen (split, header, scan), build, orjson."""
+        scanned = fast_screen(payload)
+        assert scanned is not None
+        return orjson.dumps(builder.build(scanned, 1)[0])
+
+    rows.append(("fast path: EventBuilder.build (ScreenFields -> event)", measure(lambda: builder.build(fields, 1), n)))
+    rows.append(("fast path: payload -> event JSON (scan+build+orjson)", measure(fast_event, n)))
+    encode = speedups.session_encoder(context, names)
+    if encode is not None:
+        rows.append(("C accelerator: payload -> event JSON (one call)", measure(lambda: encode(payload, 1), n)))
     cost = dict(rows)
     width = max(len(name) for name, _ in rows)
     print(f"{'stage':{width}}  µs/event")
@@ -106,6 +123,10 @@ def main() -> int:
     scan_x = decode / cost["fast path: scan_screen_request (body -> ScreenFields)"]
     payload_x = decode / cost["fast path: split+header+scan (payload -> ScreenFields)"]
     print(f"fast path vs decode_payload: scan {scan_x:.1f}x faster, split+header+scan {payload_x:.1f}x faster")
+    if encode is not None:
+        python_us = cost["fast path: payload -> event JSON (scan+build+orjson)"]
+        c_x = python_us / cost["C accelerator: payload -> event JSON (one call)"]
+        print(f"C accelerator vs the Python fast path (scan + build + JSON): {c_x:.1f}x faster")
     print(orjson.dumps({name: round(us, 3) for name, us in rows}).decode())
     return 0
 

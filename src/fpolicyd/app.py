@@ -296,7 +296,9 @@ class Daemon:
             window=window,
             # With the processing stage on, events are redacted as they leave it (routing needs the clear path).
             redact=redactor.redact_event if redactor.redacts_events and not plan.enabled else None,
+            accelerate=not settings.pure_python,
         )
+        log.info("ingest_path", path=ingest.accelerator.path, reason=ingest.accelerator.reason)
         self._context = ServerContext(
             session_config=settings.session_config(),
             ingest=ingest,

@@ -199,6 +199,11 @@ class Settings(BaseSettings):
         "length) | varint-delimited (protobuf varint length); the reference's AUTO_DETECT and LENGTH_PREFIXED "
         "are accepted.",
     )
+    pure_python: bool = Field(
+        False,
+        description="Build every event on the pure-Python path, even where the C accelerator (fpolicyd._speedups) "
+        "is built; the ingest_path log line at start says which path runs.",
+    )
 
     # --- TLS and peers ----------------------------------------------------------------------------------
     tls_mode: TlsMode = Field(

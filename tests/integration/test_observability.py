@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client.samples import Sample
 
 from fpolicyd.app import Daemon
 from fpolicyd.events import NameMaps, SessionContext, normalize
@@ -52,6 +53,21 @@ async def settle(daemon: Daemon, events: int, within: float = 20.0) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"not settled: {daemon.pipeline.sink_stats()}, {len(daemon.context.connections)} open")
+
+
+def decoders(families: dict[str, list[Sample]]) -> dict[str, float]:
+    family = families["fpolicyd_notifications_decoded"]
+    return {s.labels["decoder"]: s.value for s in family if s.name.endswith("_total")}
+
+
+@pytest.mark.settings(pure_python=True)
+async def test_pure_python_runs_when_asked(daemon: Daemon) -> None:
+    assert daemon.context.ingest.accelerator.path == "python"
+    report = await run(SimulatorConfig(port=daemon.port, nodes=1, events=40, seed=3, keep_alive_interval_s=0))
+    await settle(daemon, report.sent)
+    after = await scrape(daemon)
+    assert one(after, "fpolicyd_ingest_accelerated") == 0
+    assert decoders(after) == {"accelerated": 0, "fast": report.sent, "full": 0}
 
 
 async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daemon: Daemon, tmp_path: Path) -> None:
@@ -125,6 +141,12 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     routed = {s.labels["route"]: s.value for s in after["fpolicyd_events_routed"] if s.name.endswith("_total")}
     assert routed == expected_routes
     assert one(after, "fpolicyd_events_unrouted", "fpolicyd_events_unrouted_total") == unrouted
+    # Every notification of the simulator is canonical: the accelerator reads all of them where it is built.
+    decoded = decoders(after)
+    assert sum(decoded.values()) == sent
+    accelerated = one(after, "fpolicyd_ingest_accelerated")
+    assert accelerated == (daemon.context.ingest.accelerator.path == "c")
+    assert decoded["accelerated"] == (sent if accelerated else 0)
     assert one(after, "fpolicyd_settle_pending") == 0
     assert one(after, "fpolicyd_spool_size_bytes") > 0
     assert one(after, "fpolicyd_spool_records") == 0

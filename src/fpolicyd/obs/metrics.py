@@ -488,13 +488,19 @@ class FpolicydCollector(Collector):
         timeouts = _counter("session_timeouts", "Connections closed by a session timer, by reason.", ["reason"])
         decoded = _counter(
             "notifications_decoded",
-            "SCREEN_REQs by decoder: fast (ONTAP's canonical layout) or full (the hardened XML parser, or "
-            "protobuf); a rising full count means a layout the fast path does not know.",
+            "SCREEN_REQs by decoder: accelerated (the C accelerator), fast (ONTAP's canonical layout, in Python) or "
+            "full (the hardened XML parser, or protobuf); a rising full count means a layout the fast paths do not "
+            "know.",
             ["decoder"],
         )
+        accelerated = _gauge(
+            "ingest_accelerated", "1 when the readers build events with the C accelerator, 0 on the pure-Python path."
+        )
         if ctx is not None:
+            decoded.add_metric(["accelerated"], ctx.ingest.counters.accelerated)
             decoded.add_metric(["fast"], ctx.ingest.counters.fast_decoded)
             decoded.add_metric(["full"], ctx.ingest.counters.full_decoded)
+            accelerated.add_metric([], 1.0 if ctx.ingest.accelerator.path == "c" else 0.0)
             sessions.add_metric([], len(ctx.connections))
             opened.add_metric([], ctx.sessions_opened)
             for reason in ("not_allowed", "max_connections"):
@@ -516,7 +522,7 @@ class FpolicydCollector(Collector):
                 events.add_metric([operation_name], count)
             for reason, count in sorted(dict(ctx.protocol_errors).items()):
                 (timeouts if reason in _TIMEOUT_REASONS else parse_errors).add_metric([reason], count)
-        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, decoded)
+        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, decoded, accelerated)
 
     @staticmethod
     def _pipeline(pipeline: EventPipeline | None) -> Iterator[Metric]:

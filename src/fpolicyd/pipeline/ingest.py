@@ -4,6 +4,12 @@ For each framed payload of a connection, :meth:`IngestSession.feed` runs the ses
 canonical SCREEN_REQ path first, :meth:`~fpolicyd.protocol.session.Session.screen`, else the full decoder),
 builds the event straight from the decoder's flat fields (:class:`~fpolicyd.events.EventBuilder`), flags replays,
 matches the routes, claims the event's key in the exact-dedup window, redacts, and encodes the spool record.
+
+Where the C accelerator is built (:mod:`fpolicyd.speedups`) and nothing redacts, a canonical SCREEN_REQ takes
+one C call instead of the fast path, the builder and the encoder: it returns the record's JSON around
+``metadata["routes"]``, the session takes the request (:meth:`~fpolicyd.protocol.session.Session.screened`),
+and the replay flags, routes and dedup claim are done here as for any event. Whatever it leaves (None) takes the
+Python path, which makes the same bytes (``tests/property/test_speedups.py``).
 It touches no socket, reads no clock (``now`` and ``received_at_us`` are arguments) and awaits nothing; the
 asyncio connection only feeds bytes, appends :attr:`IngestBatch.records` to the spool and writes replies.
 
@@ -19,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from fpolicyd import speedups
 from fpolicyd.events import EventBuilder, FileEvent, NameMaps
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_digest
 from fpolicyd.pipeline.records import encode_duplicate
@@ -40,8 +47,9 @@ class IngestCounters:
     unrouted: int = 0
     #: Notifications the exact-dedup window suppressed.
     duplicates: int = 0
-    #: SCREEN_REQs read by the canonical fast path, and by the full decoder (a layout ONTAP never sends, or a
-    #: format fpolicyd does not know yet: a rising count is worth a look).
+    #: SCREEN_REQs read and built by the C accelerator, by the Python canonical fast path, and by the full decoder
+    #: (a layout ONTAP never sends, or a format fpolicyd does not know yet: a rising count is worth a look).
+    accelerated: int = 0
     fast_decoded: int = 0
     full_decoded: int = 0
 
@@ -59,9 +67,17 @@ class Ingest:
     window: DedupWindow | None = None
     #: Data classification applied to each event before it is stored; None: events are stored as built.
     redact: Callable[[FileEvent], FileEvent] | None = None
+    #: Build events with the C accelerator where it is built and nothing redacts; False: the Python path only
+    #: (the ``pure_python`` setting).
+    accelerate: bool = True
 
     def session(self, session: Session) -> IngestSession:
         return IngestSession(self, session)
+
+    @property
+    def accelerator(self) -> speedups.AcceleratorStatus:
+        """Which path builds the events, and why."""
+        return speedups.accelerator_status(enabled=self.accelerate, redacting=self.redact is not None)
 
 
 class IngestBatch:
@@ -103,13 +119,16 @@ class IngestBatch:
 class IngestSession:
     """The ingest step of one connection: owns its :class:`Session` and the event builder of its handshake."""
 
-    __slots__ = ("_builder", "_ingest", "_replay", "session")
+    __slots__ = ("_accelerate", "_builder", "_encode", "_ingest", "_replay", "session")
 
     def __init__(self, ingest: Ingest, session: Session) -> None:
         self._ingest = ingest
         self.session = session
         self._builder: EventBuilder | None = None
         self._replay: ReplaySession | None = None
+        self._accelerate = ingest.accelerator.path == "c"
+        #: The accelerator's encoder for the negotiated session (None before the handshake or without it).
+        self._encode: speedups.Encode | None = None
 
     def feed(self, payloads: Sequence[bytes], now: float, received_at_us: int, wall_s: float) -> IngestBatch:
         """Handle the payloads of one read. ``now``: monotonic seconds (timers, replay episodes);
@@ -118,16 +137,25 @@ class IngestSession:
         batch = IngestBatch()
         session = self.session
         screen = session.screen
+        counters = self._ingest.counters
+        # Only the general path (receive) changes the session's state, so this holds until the next receive.
+        encode = self._encode if self._encode is not None and session.fast_ready() else None
         for position, payload in enumerate(payloads):
             batch.frames += 1
+            if encode is not None:
+                encoded = encode(payload, received_at_us)
+                if encoded is not None:
+                    counters.accelerated += 1
+                    self._encoded(encoded, batch, now, wall_s)
+                    continue
             out = screen(payload, now)
             if out is not None:
-                self._ingest.counters.fast_decoded += 1
+                counters.fast_decoded += 1
                 self._event(out, batch, now, received_at_us, wall_s)
                 continue
             for output in session.receive(payload, now):
                 if type(output) is FileNotification:
-                    self._ingest.counters.full_decoded += 1
+                    counters.full_decoded += 1
                     self._event(output, batch, now, received_at_us, wall_s)
                 elif type(output) is Reply:
                     batch.replies.append(output.data)
@@ -140,6 +168,7 @@ class IngestSession:
                     batch.rejected = payload
                     batch.abandoned = list(payloads[position + 1 :])
                     return batch
+            encode = self._encode if self._encode is not None and session.fast_ready() else None
         return batch
 
     def closed(self, now: float) -> None:
@@ -151,6 +180,8 @@ class IngestSession:
         context = self.session.context
         assert context is not None
         self._builder = EventBuilder(context, self._ingest.names)
+        if self._accelerate:
+            self._encode = speedups.session_encoder(context, self._ingest.names)
         self._replay = self._ingest.replay.session_started(context, now, received_at_us, self._replay)
 
     def _event(self, out: FileNotification, batch: IngestBatch, now: float, received_at_us: int, wall_s: float) -> None:
@@ -194,6 +225,42 @@ class IngestSession:
         if out.response is not None:
             # A synchronous engine is answered only once the record is durable (a duplicate's too: it is kept).
             batch.durable_replies.append((len(batch.records), out.response))
+        batch.records.append(line if first else encode_duplicate(line))
+        batch.events += 1
+        counters.events += 1
+
+    def _encoded(self, encoded: speedups.EncodedEvent, batch: IngestBatch, now: float, wall_s: float) -> None:
+        """:meth:`_event` for what the accelerator built: the same counters, flags, routes, claim and record."""
+        head, tail, event_id, key, file_path, operation, generation_time, req_id, req_type = encoded
+        replay = self._replay
+        assert replay is not None  # an encoder exists only after the handshake that set it
+        response = self.session.screened(req_id, req_type, now)
+        ingest = self._ingest
+        counters = ingest.counters
+        operations = counters.operations
+        operations[operation] = operations.get(operation, 0) + 1
+        flags = replay.observe(generation_time, event_id, now)
+        route = ingest.route
+        routes: tuple[str, ...] | None = None
+        if route is not None:
+            routes = route(file_path, operation)
+            if routes:
+                matches = counters.route_matches
+                for name in routes:
+                    matches[name] = matches.get(name, 0) + 1
+            else:
+                counters.unrouted += 1
+        window = ingest.window
+        first = True
+        if window is not None:
+            first = window.claim(key, wall_s)
+            if first:
+                batch.claims.append((len(batch.records), key))
+            else:
+                counters.duplicates += 1
+        line = speedups.event_record(head, routes, tail, flags)
+        if response is not None:
+            batch.durable_replies.append((len(batch.records), response))
         batch.records.append(line if first else encode_duplicate(line))
         batch.events += 1
         counters.events += 1

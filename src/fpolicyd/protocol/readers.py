@@ -38,7 +38,6 @@ from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.protocol import proto_codec, xml_codec
 from fpolicyd.protocol.framing import DEFAULT_MAX_FRAME_BYTES, MARKER, FrameReader, XmlFrameReader
 from fpolicyd.protocol.messages import Message
-from fpolicyd.protocol.xml_fast import ScreenFields
 
 
 class ReaderName(StrEnum):
@@ -354,12 +353,5 @@ def fast_screen_for(reader: FrameReader) -> xml_codec.FastScreen | None:
     if isinstance(reader, XmlFrameReader):
         return xml_codec.fast_screen
     if isinstance(reader, AutoReader):
-        codec = ConnectionCodec(reader)
-
-        def fast(payload: bytes) -> ScreenFields | None:
-            if resolved_reader(codec.reader) is not ReaderName.XML:
-                return None
-            return xml_codec.fast_screen(payload)
-
-        return fast
+        return xml_codec.SwitchedFastScreen(lambda: resolved_reader(reader) is ReaderName.XML)
     return None

@@ -41,7 +41,7 @@ from fpolicyd.protocol.messages import (
     UnknownMessage,
     VolumeNotification,
 )
-from fpolicyd.protocol.xml_codec import Decoded, FastScreen, decode_payload, encode_message
+from fpolicyd.protocol.xml_codec import Decoded, FastScreen, decode_payload, encode_message, fast_screen_reads_xml
 from fpolicyd.protocol.xml_fast import ScreenFields, fields_of
 
 #: The idle timeout must exceed the keep-alive interval by this factor: a timeout equal to the interval
@@ -215,10 +215,27 @@ class Session:
         fields = fast(payload)
         if fields is None:
             return None
+        return FileNotification(fields, self._screened(fields.req_id, fields.req_type, now))
+
+    def fast_ready(self) -> bool:
+        """Whether a payload may be read outside the session by a reader of the same canonical SCREEN_REQ layout
+        as :meth:`screen`'s (the C accelerator, :mod:`fpolicyd.speedups`) and handed to :meth:`screened`: the
+        session is active and its fast reader reads XML now (a protobuf connection has none, an auto-detecting
+        one only once it is known to be XML). It stays true until the session closes."""
+        return self.state is SessionState.ACTIVE and fast_screen_reads_xml(self._fast)
+
+    def screened(self, req_id: int, req_type: str, now: float) -> bytes | None:
+        """A SCREEN_REQ that such a reader accepted while :meth:`fast_ready` — canonical header, ``ContentLen``
+        equal to the body's length, canonical body, exactly what :meth:`screen` accepts: the session takes it as
+        :meth:`screen` would. Returns the SCREEN_RESP of a synchronous engine (to write once the event is safe),
+        None for an asynchronous one."""
+        if self.state is not SessionState.ACTIVE:
+            raise LocalProtocolError("screened() on a session that is not active")
+        return self._screened(req_id, req_type, now)
+
+    def _screened(self, req_id: int, req_type: str, now: float) -> bytes | None:
         self.last_received = now
-        if self._sync:
-            return FileNotification(fields, self._encode(ScreenResponse(fields.req_id, fields.req_type, ALLOW)))
-        return FileNotification(fields, None)
+        return self._encode(ScreenResponse(req_id, req_type, ALLOW)) if self._sync else None
 
     def receive(self, payload: bytes, now: float) -> Sequence[Output]:
         """Handle one framed payload. A :class:`RemoteProtocolError` becomes a :class:`Close`."""

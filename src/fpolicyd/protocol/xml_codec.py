@@ -459,6 +459,28 @@ def decode_payload(payload: bytes) -> Decoded:
 #: A payload → the fields of a canonical SCREEN_REQ, or None (the session's fast entry point, :func:`fast_screen`).
 FastScreen = Callable[[bytes], ScreenFields | None]
 
+
+class SwitchedFastScreen:
+    """:func:`fast_screen` while ``reads_xml()`` says the connection's payloads are XML, None otherwise: the fast
+    reader of a connection whose wire format is auto-detected (``readers.fast_screen_for``)."""
+
+    __slots__ = ("reads_xml",)
+
+    def __init__(self, reads_xml: Callable[[], bool]) -> None:
+        self.reads_xml = reads_xml
+
+    def __call__(self, payload: bytes) -> ScreenFields | None:
+        return fast_screen(payload) if self.reads_xml() else None
+
+
+def fast_screen_reads_xml(fast: FastScreen | None) -> bool:
+    """Whether a session's fast reader reads canonical XML SCREEN_REQs now (any reader but a switched-off
+    :class:`SwitchedFastScreen`), so that another reader of the same layout may stand in for it."""
+    if fast is None:
+        return False
+    return fast.reads_xml() if isinstance(fast, SwitchedFastScreen) else True
+
+
 _SCREEN_HEADER_HEAD: Final = _HEADER_HEAD + b"SCREEN_REQ" + _HEADER_MID
 
 

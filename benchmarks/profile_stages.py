@@ -3,9 +3,9 @@ load, bucketed by the function each sample is in.
 
     .venv/bin/python benchmarks/profile_stages.py [--events 100000] [--nodes 4] [--rate 250] [-- SERVE FLAGS...]
 
-The daemon runs with the defaults (plus SERVE FLAGS) in its own process; `fpolicyd simulate` sends the events; py-spy
-(`py-spy record --format raw --subprocesses`) samples every thread of the daemon and its delivery process while
-they work. Each sample is charged to the innermost frame of ours it is in (stage rules below, first match wins),
+The daemon runs with the defaults (plus SERVE FLAGS) in its own process; ``benchmarks/loadgen.py`` sends the
+events; py-spy (`py-spy record --format raw --subprocesses`) samples every thread of the daemon and its delivery
+process while they work. Each sample is charged to the innermost frame of ours it is in (stage rules below, first match wins),
 so the table reads "of the daemon's busy CPU, this share is spent in this stage"; multiplied by the daemon's CPU
 per event (from /proc, whole process tree) it gives µs per event per stage. Idle samples (threads waiting in a
 selector or a queue) are not counted. py-spy needs ptrace rights on the daemon (root, or
@@ -65,27 +65,20 @@ def stage_of(stack: list[str]) -> str | None:
     return "other (interpreter, asyncio, libraries)"
 
 
-def simulate(port: int, events: int, nodes: int) -> dict[str, object]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fpolicyd",
-            "simulate",
-            "--port",
-            str(port),
-            "--nodes",
-            str(nodes),
-            "--events",
-            str(events // nodes),
-            "--keep-alive-interval-s",
-            "0",
-        ],
-        capture_output=True,
-        check=True,
-        timeout=900,
-    )
-    report: dict[str, object] = json.loads(out.stdout)
+def load(port: int, events: int, connections: int) -> dict[str, object]:
+    """``benchmarks/loadgen.py``: frames encoded before its clock starts, written as fast as the daemon reads."""
+    command = [
+        sys.executable,
+        str(HERE / "loadgen.py"),
+        "--port",
+        str(port),
+        "--connections",
+        str(connections),
+        "--events",
+        str(events),
+    ]
+    out = subprocess.run(command, capture_output=True, check=True, timeout=900)
+    report: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
     return report
 
 
@@ -126,7 +119,7 @@ def main() -> int:
                 stderr=subprocess.DEVNULL,
             )
             started = time.monotonic()
-            report = simulate(daemon.port, args.events, args.nodes)
+            report = load(daemon.port, args.events, args.nodes)
             lines = data / "events"
             deadline = time.monotonic() + 300
             while sum(p.read_bytes().count(b"\n") for p in lines.glob("*.jsonl")) < args.events:
@@ -152,7 +145,7 @@ def main() -> int:
     print(f"fpolicyd serve {' '.join(args.serve_flags)} — {args.events:,} events over {args.nodes} connections")
     print(
         f"{args.events / elapsed:,.0f} events/s; daemon process tree CPU {us_per_event:.1f} µs/event; "
-        f"simulator sent at {report.get('events_per_s')} events/s; {busy} busy samples"
+        f"load generator: {report.get('events_per_s')} events/s; {busy} busy samples"
     )
     print(f"\n{'stage':44} {'share':>7} {'µs/event':>9}")
     for stage, count in samples.most_common():

@@ -36,7 +36,7 @@ from fpolicyd.server.processor import Processor, instance_id, plan_processing, s
 from fpolicyd.server.tls import ReloadableTls, TlsFiles
 from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
-from fpolicyd.sinks.ledger import LEDGER_CURSOR, LedgerSender, ledger_select
+from fpolicyd.sinks.ledger import LEDGER_CURSOR, DuplicateLedger
 from fpolicyd.sinks.runner import Sender
 from fpolicyd.storage.dedup_journal import DedupJournal
 
@@ -112,6 +112,7 @@ class Daemon:
         self.tls: ReloadableTls | None = None
         self._processor: Processor | None = None
         self._journal: DedupJournal | None = None
+        self._duplicates: DuplicateLedger | None = None
         #: READY/STATUS/STOPPING/WATCHDOG to systemd (Type=notify); a no-op without $NOTIFY_SOCKET.
         self.notifier = SystemdNotifier.from_environment()
         #: This daemon's Prometheus registry (one per daemon: several may run in one test process).
@@ -241,23 +242,27 @@ class Daemon:
                 sinks=list(report.dropped_sinks),
                 detail="no longer configured: their cursors were removed and their backlog no longer holds segments",
             )
-        instance = await asyncio.to_thread(instance_id, settings.effective_spool_dir)
         remote = use_delivery_process(settings.delivery_process.value)
         delivery: DeliverySpec | None = None
         if remote:
             delivery = DeliverySpec(
                 settings=settings,
-                names=tuple(cursors[: len(senders)]) + ((LEDGER_CURSOR,) if settings.reader_dedup else ()),
+                names=tuple(sender.name for sender in senders),
                 uris=plan.uris,
                 processing=plan.enabled,
-                ledger=settings.reader_dedup,
-                instance=instance,
             )
             senders = []
-        elif settings.reader_dedup:
-            # Duplicates the reader suppresses are kept in the spool; the ledger is the sink that reports them.
+        duplicates: DuplicateLedger | None = None
+        if settings.reader_dedup:
+            # Duplicates the reader suppresses are kept in the spool until their audit record is written.
+            instance = await asyncio.to_thread(instance_id, settings.effective_spool_dir)
             ledger = AuditLedger.from_settings(settings, redact=redactor.redact_record)
-            senders.append(LedgerSender(ledger, instance=instance))
+            duplicates = DuplicateLedger(ledger, spool, instance=instance)
+            await asyncio.to_thread(duplicates.open)
+            requeued = await asyncio.to_thread(duplicates.recover)
+            if requeued:
+                log.info("ledger_requeued", duplicates=requeued, detail="left unrecorded by the last run")
+            self._duplicates = duplicates
         window: DedupWindow | None = None
         if settings.reader_dedup:
             opened, self._journal, recovered = await asyncio.to_thread(open_reader_dedup, settings, spool, time.time())
@@ -278,10 +283,11 @@ class Daemon:
                 hard_bytes=settings.backpressure_pause_bytes,
             ),
             checkpoint_interval_s=settings.checkpoint_interval_s,
-            select=lambda name: ledger_select if name == LEDGER_CURSOR else plan.selector(name),
+            select=plan.selector,
             journal=self._journal,
             delivery=delivery,
             ingestion_slo_s=settings.slo_ingestion_latency_s,
+            duplicates=duplicates,
         )
         ingest = Ingest(
             names=NameMaps(
@@ -405,6 +411,8 @@ class Daemon:
             self._dead_letter.close()
         if self._journal is not None:
             self._journal.close()
+        if self._duplicates is not None:
+            await asyncio.to_thread(self._duplicates.close)
         if self._spool is not None:
             await asyncio.to_thread(self._spool.close)
 

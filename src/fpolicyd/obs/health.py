@@ -147,6 +147,14 @@ def _pipeline_checks(pipeline: EventPipeline, spool_limit_bytes: int) -> Sequenc
     )
     size = pipeline.spool.size_bytes
     checks.append(Check("spool", size < spool_limit_bytes, f"{size} of {spool_limit_bytes} bytes (spool_max_bytes)"))
+    duplicates = pipeline.duplicates
+    if duplicates is not None:
+        ledger_error = duplicates.last_error
+        checks.append(
+            Check("ledger", True, f"{duplicates.pending} suppressed duplicates waiting for their audit record")
+            if ledger_error is None
+            else Check("ledger", False, f"the dedup audit ledger cannot be written: {ledger_error}")
+        )
     for worker in pipeline.workers:
         error = worker.last_error
         checks.append(

@@ -80,15 +80,12 @@ def use_delivery_process(mode: str, cpus: int | None = None) -> bool:
 @dataclass(frozen=True, slots=True)
 class DeliverySpec:
     """What the delivery process must build: the settings, the sinks (URIs in order, and the names their spool
-    cursors have, the ledger's included), whether the processing stage addresses records, and whether the reader's
-    dedup ledger runs (with this instance's id, part of each ledger record)."""
+    cursors have) and whether the processing stage addresses records."""
 
     settings: Settings
     names: tuple[str, ...]
     uris: tuple[str, ...]
     processing: bool
-    ledger: bool
-    instance: str
     start_timeout_s: float = 60.0
 
 
@@ -193,8 +190,6 @@ class ProcessDelivery:
                 "spool_dir": str(spool.settings.directory),
                 "uris": list(self._spec.uris),
                 "processing": self._spec.processing,
-                "ledger": self._spec.ledger,
-                "instance": self._spec.instance,
                 "positions": positions,
                 "durable": spool.durable_seq,
             }

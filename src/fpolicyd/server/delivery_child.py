@@ -22,13 +22,11 @@ from fpolicyd.config import Settings
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.classification import Redactor
 from fpolicyd.obs.log import configure_logging, get_logger
-from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import sink_selector
 from fpolicyd.pipeline.spool import ReadPosition, SpoolTail
 from fpolicyd.server.channel import Channel, Message, open_channel
 from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
-from fpolicyd.sinks.ledger import LedgerSender, ledger_select
 from fpolicyd.sinks.runner import Sender, SinkWorker
 
 log = get_logger("fpolicyd.delivery")
@@ -75,12 +73,6 @@ class DeliveryChild:
         selectors: dict[str, Callable[[bytes], bytes | None]] = {
             sender.name: sink_selector(sender.name, processing=bool(hello["processing"])) for sender in senders
         }
-        if hello["ledger"]:
-            ledger = LedgerSender(
-                AuditLedger.from_settings(settings, redact=redactor.redact_record), instance=str(hello["instance"])
-            )
-            senders.append(ledger)
-            selectors[ledger.name] = ledger_select
         positions: dict[str, tuple[int, ReadPosition]] = {}
         for name, pos in hello["positions"].items():
             positions[name] = (

@@ -24,8 +24,10 @@ from typing import Protocol
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
+from fpolicyd.pipeline.records import DUPLICATE_TAG
 from fpolicyd.pipeline.spool import Spool, SpoolFullError, SpoolIOError
 from fpolicyd.server.delivery import DeliverySpec, ProcessDelivery
+from fpolicyd.sinks.ledger import DuplicateLedger
 from fpolicyd.sinks.runner import RetryPolicy, Sender, SinkHandle, SinkWorker
 from fpolicyd.storage.dedup_journal import DedupJournal, JournalError
 
@@ -60,6 +62,7 @@ class EventPipeline:
         wall_clock: Callable[[], float] = time.time,
         delivery: DeliverySpec | None = None,
         ingestion_slo_s: float = 5.0,
+        duplicates: DuplicateLedger | None = None,
     ) -> None:
         """``senders`` run here, in the daemon's process; with ``delivery`` (and no ``senders``) the sinks run in
         the delivery process instead (``server/delivery.py``)."""
@@ -68,6 +71,8 @@ class EventPipeline:
         self.spool = spool
         #: Claims of the reader's dedup window, written and fsynced with the spool (see storage/dedup_journal.py).
         self.journal = journal
+        #: The audit ledger of the duplicates the reader's window suppressed (kept in the spool until written).
+        self.duplicates = duplicates
         self._wall_clock = wall_clock
         #: The sink workers that run in this process (none when the delivery process runs them).
         self.local_workers = [
@@ -156,6 +161,8 @@ class EventPipeline:
             await local.stop(max(0.0, deadline - loop.time()))
         if self.delivery is not None:
             await self.delivery.stop(max(0.0, deadline - loop.time()))
+        if self.duplicates is not None:
+            await self.duplicates.drain(max(0.0, deadline - loop.time()))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -199,6 +206,7 @@ class EventPipeline:
                     self._waiters.append((seq, on_durable))
                 if key is not None:
                     self._journal(((seq, key),))
+                self._note_duplicate(seq, line)
         self._schedule_flush()
 
     def submit_many(
@@ -226,7 +234,16 @@ class EventPipeline:
             waiters.append((seqs[index], callback))
         if claims:
             self._journal([(seqs[index], key) for index, key in claims])
+        duplicates = self.duplicates
+        if duplicates is not None and len(claims) < len(lines):  # some record is not a claimed event
+            for seq, line in zip(seqs, lines, strict=True):
+                if line[0] == DUPLICATE_TAG:
+                    duplicates.appended(seq, line)
         self._schedule_flush()
+
+    def _note_duplicate(self, seq: int, line: bytes) -> None:
+        if self.duplicates is not None and line[0] == DUPLICATE_TAG:
+            self.duplicates.appended(seq, line)
 
     def _journal(self, claims: Sequence[tuple[int, int]]) -> None:
         journal = self.journal
@@ -367,8 +384,10 @@ class EventPipeline:
                 await loop.run_in_executor(self._executor, self.spool.checkpoint)
 
     def _durable(self) -> None:
-        self.spool.collect()  # segments every sink acked can go once a later record is durable
         durable = self.spool.durable_seq
+        if self.duplicates is not None:
+            self.duplicates.durable(durable)
+        self.spool.collect()  # segments every sink acked can go once a later record is durable
         waiters = self._waiters
         while waiters and waiters[0][0] <= durable:
             waiters.popleft()[1]()
@@ -398,6 +417,7 @@ class EventPipeline:
                 self._waiters.append((seq, on_durable))
             if key is not None:
                 self._journal(((seq, key),))
+            self._note_duplicate(seq, line)
         log.info("spool_space_recovered", held_total=self.held_total)
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -1,64 +1,144 @@
-"""The audit ledger as a sink: duplicates the reader's exact-dedup window suppressed → ledger lines.
+"""The audit ledger of the reader's exact dedup: every suppressed duplicate → one ledger line, never lost.
 
-A suppressed duplicate is kept in the spool (``pipeline/records.py``); this sender, run by an ordinary sink worker
-with its own cursor, turns each into a ledger record (``pipeline/ledger.py``) and acknowledges the records once
-the ledger batch is fsynced. So a duplicate's audit record is as durable as any delivered event: after a crash
-it is written again (at least once), never lost.
+The reader keeps each duplicate it suppresses in the spool (a duplicate record, ``pipeline/records.py``). The
+daemon's pipeline hands this writer the sequence number and event id of each duplicate record it appends
+(:meth:`DuplicateLedger.appended`); once those records are durable (:meth:`DuplicateLedger.durable`, called after
+each commit) the writer appends their ledger lines (``pipeline/ledger.py``) on a thread, waits for the fsync, and
+only then moves its spool cursor (:data:`LEDGER_CURSOR`) past them. With no duplicate waiting, the cursor follows
+the durable seq at no cost — duplicates are rare, so the ledger never reads the spool's other records (a sink worker
+would read every record to find them: measured, that was 3.5 µs per event in the delivery process).
+
+After a crash the records after the cursor are scanned once at start (:meth:`DuplicateLedger.recover`) and their
+lines written again (at least once, as every sink): a suppressed duplicate always leaves an audit record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable
 from typing import Final
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.ledger import AuditLedger, reader_duplicate_record
-from fpolicyd.pipeline.records import duplicate_payload, stored_event_id
-from fpolicyd.pipeline.spool import Record
+from fpolicyd.pipeline.records import DUPLICATE_TAG, duplicate_payload, stored_event_id
+from fpolicyd.pipeline.spool import Spool
 
-log = get_logger("fpolicyd.sink")
+log = get_logger("fpolicyd.ledger")
+
+__all__ = ["LEDGER_CURSOR", "DuplicateLedger"]
 
 #: The ledger's spool cursor.
 LEDGER_CURSOR: Final = "dedup-ledger"
+#: Spool records read per step by the start-up scan.
+_SCAN_BATCH: Final = 10_000
+#: After a failed ledger write, how long before the next attempt (the duplicates wait in the spool meanwhile).
+RETRY_S: Final = 1.0
 
 
-def ledger_select(payload: bytes) -> bytes | None:
-    """The sink worker's selector: only duplicate records, as their event JSON."""
-    return duplicate_payload(payload)
+def _event_id(payload: bytes) -> str:
+    """The event id of a duplicate record's event (the first field; ``<unreadable>`` if it is not)."""
+    event = duplicate_payload(payload)
+    return (stored_event_id(event) if event is not None else None) or "<unreadable>"
 
 
-class LedgerSender:
-    """Writes the ledger records of the duplicates it is handed (``send`` on a thread: the ledger fsyncs)."""
+class DuplicateLedger:
+    """Single owner (the event loop); the ledger file is written on a worker thread."""
 
-    name = LEDGER_CURSOR
-    max_records = 1000
-    max_bytes = 4 << 20
-    max_in_flight = 1
-    linger_s = 0.0
-
-    def __init__(self, ledger: AuditLedger, *, instance: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, ledger: AuditLedger, spool: Spool, *, instance: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self._ledger = ledger
+        self._spool = spool
         self._instance = instance
         self._clock = clock
+        #: Duplicate records appended and not yet in the ledger file: (seq, event id), in seq order.
+        self._pending: deque[tuple[int, str]] = deque()
+        self._writing: asyncio.Task[None] | None = None
+        self._wanted = 0
+        #: The last write's error while the ledger is failing (readiness), None once a write succeeds.
+        self.last_error: SinkError | None = None
+        self.written = 0
 
-    async def start(self) -> None:
-        await asyncio.to_thread(self._ledger.open, self._clock())
+    def open(self) -> None:
+        """Create the ledger's directory and repair a torn tail (blocking: on a thread at start)."""
+        self._ledger.open(self._clock())
 
-    async def send(self, records: Sequence[Record]) -> Sequence[Record]:
-        now = self._clock()
-        rows = []
-        for record in records:
-            event_id = stored_event_id(record.payload) or "<unreadable>"
-            rows.append(reader_duplicate_record(event_id, f"{self._instance}:{record.seq}", now))
+    def recover(self) -> int:
+        """At start (blocking): the duplicate records after the cursor, which a crash may have left out of the
+        ledger file, are queued again. Returns how many."""
+        spool = self._spool
+        after = spool.acked_seq(LEDGER_CURSOR)
+        found = 0
+        while records := spool.scan(after, _SCAN_BATCH, 16 << 20):
+            for record in records:
+                if record.payload[:1] == bytes([DUPLICATE_TAG]):
+                    self._pending.append((record.seq, _event_id(record.payload)))
+                    found += 1
+            after = records[-1].seq
+        return found
+
+    def appended(self, seq: int, payload: bytes) -> None:
+        """A duplicate record was appended (not yet durable)."""
+        self._pending.append((seq, _event_id(payload)))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def durable(self, durable_seq: int) -> None:
+        """After a commit: write what became durable; with nothing waiting, move the cursor along."""
+        self._wanted = max(self._wanted, durable_seq)
+        if self._writing is not None:
+            return
+        pending = self._pending
+        self._ack(durable_seq if not pending else min(durable_seq, pending[0][0] - 1))
+        if pending and pending[0][0] <= durable_seq:
+            self._writing = asyncio.get_running_loop().create_task(self._write(), name="dedup-ledger")
+
+    async def _write(self) -> None:
         try:
-            await asyncio.to_thread(self._ledger.write_duplicates, rows, now)
-        except SinkError as exc:
-            log.error("ledger_write_failed", error=str(exc), records=len(rows))
-            raise
-        return ()
+            while self._pending and self._pending[0][0] <= self._wanted:
+                upto = self._wanted
+                batch = [entry for entry in self._pending if entry[0] <= upto]
+                now = self._clock()
+                rows = [reader_duplicate_record(event_id, f"{self._instance}:{seq}", now) for seq, event_id in batch]
+                try:
+                    await asyncio.to_thread(self._ledger.write_duplicates, rows, now)
+                except SinkError as exc:
+                    if self.last_error is None:
+                        log.error("ledger_write_failed", error=str(exc), duplicates=len(rows), retry_in_s=RETRY_S)
+                    self.last_error = exc
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                if self.last_error is not None:
+                    log.info("ledger_write_recovered", duplicates=len(rows))
+                self.last_error = None
+                self.written += len(batch)
+                for _ in batch:
+                    self._pending.popleft()
+                self._ack(upto if not self._pending else min(upto, self._pending[0][0] - 1))
+        finally:
+            self._writing = None
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self._ledger.close)
+    def _ack(self, seq: int) -> None:
+        spool = self._spool
+        if seq > spool.acked_seq(LEDGER_CURSOR):
+            spool.ack_delivered(LEDGER_CURSOR, min(seq, spool.durable_seq))
+
+    async def drain(self, timeout_s: float) -> None:
+        """At stop: write what is durable within ``timeout_s``; the rest is written at the next start."""
+        self.durable(self._spool.durable_seq)
+        task = self._writing
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout_s)
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._pending:
+            log.warning("ledger_pending_at_stop", duplicates=len(self._pending), detail="written at the next start")
+
+    def close(self) -> None:
+        self._ledger.close()

@@ -3,13 +3,13 @@ load, bucketed by the function each sample is in.
 
     .venv/bin/python benchmarks/profile_stages.py [--events 100000] [--nodes 4] [--rate 250] [-- SERVE FLAGS...]
 
-The daemon runs with the defaults (plus SERVE FLAGS) in its own process; ``benchmarks/loadgen.py`` sends the
-events; py-spy (`py-spy record --format raw --subprocesses`) samples every thread of the daemon and its delivery
-process while they work. Each sample is charged to the innermost frame of ours it is in (stage rules below, first match wins),
-so the table reads "of the daemon's busy CPU, this share is spent in this stage"; multiplied by the daemon's CPU
-per event (from /proc, whole process tree) it gives µs per event per stage. Idle samples (threads waiting in a
-selector or a queue) are not counted. py-spy needs ptrace rights on the daemon (root, or
-kernel.yama.ptrace_scope = 0).
+The daemon runs with the defaults (plus SERVE FLAGS) in its own process; ``benchmarks/loadgen.py`` sends the events;
+py-spy (`py-spy record --format raw --subprocesses`) samples every thread of the daemon and its delivery process
+while they work. Each sample is charged to the innermost frame of ours it is in (stage rules below, first match
+wins), so the table reads "of the daemon's busy CPU, this share is spent in this stage"; multiplied by the daemon's
+CPU per event (from /proc, whole process tree) it gives µs per event per stage. Idle samples (threads waiting in a
+selector or a queue) are not counted. py-spy needs ptrace rights on the daemon (root, or kernel.yama.ptrace_scope =
+0).
 """
 
 from __future__ import annotations

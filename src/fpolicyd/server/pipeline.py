@@ -350,22 +350,26 @@ class EventPipeline:
         task.add_done_callback(finished)
 
     async def _commit_now(self) -> None:
+        """fsync the spool, release what waited for it (a synchronous engine's replies, the sinks), then fsync the
+        dedup journal. The journal's fsync is kept off that path on purpose: a claim matters only after a crash, and
+        until it is durable the spool keeps its record (``retain_above``), from which the claim is rebuilt."""
+        loop = asyncio.get_running_loop()
         journal = self.journal
-        if (self.spool.sync_pending or (journal is not None and journal.sync_pending)) and self.fatal is None:
+        if self.spool.sync_pending and self.fatal is None:
             try:
-                await asyncio.get_running_loop().run_in_executor(self._executor, self._sync)
-            except (SpoolIOError, JournalError) as exc:
+                await loop.run_in_executor(self._executor, self.spool.sync)
+            except SpoolIOError as exc:
+                self._fail(exc)
+                return
+        self._durable()
+        if journal is not None and journal.sync_pending and self.fatal is None:
+            try:
+                await loop.run_in_executor(self._executor, journal.sync)
+            except JournalError as exc:
                 self._fail(exc)
                 return
         if journal is not None:
             self.spool.retain_above(journal.durable_seq)
-        self._durable()
-
-    def _sync(self) -> None:
-        """On the commit thread: the spool, then the dedup journal (a claim is durable no later than its record)."""
-        self.spool.sync()
-        if self.journal is not None:
-            self.journal.sync()
 
     async def _commit_loop(self) -> None:
         while True:

@@ -1,12 +1,16 @@
 # syntax=docker/dockerfile:1
 # fpolicyd: ONTAP FPolicy external server.
 #   docker buildx build --platform linux/arm64,linux/amd64 -t fpolicyd:0.1.0 .
-# Both architectures build from this one file: no arch-specific step, and every compiled dependency (lxml, uvloop,
-# orjson, pydantic-core, aiohttp and its helpers, protobuf) ships CPython 3.12 manylinux wheels for aarch64 and
-# x86_64 (`pip download --only-binary=:all: --platform manylinux_2_28_aarch64 ...`). The one thing compiled here is
-# fpolicyd's own C accelerator (src/fpolicyd/_speedups.c, the reader's hot path; plain C99 and the CPython API),
-# by the builder stage's gcc for whichever architecture it runs on; the build fails if it did not compile, and the
-# runtime image carries only the compiled module, no compiler.
+# Dependencies come from requirements.lock (`make lock`), never from pyproject.toml's ranges: the image does not
+# change when a dependency releases, and pip checks every downloaded file against the lock's hashes.
+# Both architectures build from this one file: no arch-specific step, and every dependency in requirements.lock
+# ships a CPython 3.12 manylinux wheel for aarch64 and x86_64 (the install takes wheels only; check a new lock with
+# `pip download --only-binary=:all: --require-hashes -r requirements.lock --python-version 3.12
+# --platform manylinux2014_aarch64 -d /tmp/wheels`, and again with manylinux2014_x86_64). The one thing compiled
+# here is fpolicyd's own C accelerator (src/fpolicyd/_speedups.c, the reader's hot path; plain C99 and the CPython
+# API), by the builder stage's gcc for whichever architecture it runs on, with the setuptools pinned in
+# requirements-build.lock; the build fails if it did not compile, and the runtime image carries only the compiled
+# module, no compiler and no setuptools.
 #
 # Signals: the exec-form ENTRYPOINT makes fpolicyd PID 1 (no shell in between), so `docker stop` / ECS deliver
 # SIGTERM to it; it installs its own SIGTERM/SIGINT handlers and drains (read grace, then sinks within
@@ -28,14 +32,23 @@ WORKDIR /src
 RUN apt-get update \
  && apt-get install --yes --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
+# The dependencies first, in their own layer (rebuilt only when a lock changes, not at every source edit):
+# the runtime venv /opt/fpolicyd gets exactly requirements.lock, a build venv /opt/build the pinned setuptools.
+COPY requirements.lock requirements-build.lock ./
+RUN python -m venv /opt/fpolicyd \
+ && /opt/fpolicyd/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock \
+ && python -m venv /opt/build \
+ && /opt/build/bin/pip install --require-hashes --only-binary=:all: -r requirements-build.lock
 COPY pyproject.toml setup.py README.md ./
 COPY src ./src
-# Build the wheel (setuptools, fetched into pip's isolated build environment; it compiles the accelerator), then
-# install it and its dependencies into a self-contained venv; pip itself is not needed at run time. The extension
-# is optional for `pip install` (a machine without a compiler gets the pure-Python path), not for this image.
-RUN pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv /opt/fpolicyd \
- && /opt/fpolicyd/bin/pip install /wheels/fpolicyd-*.whl \
+# Build the wheel with the locked setuptools (no build isolation, so nothing unpinned is fetched; it compiles the
+# accelerator), then install it alone into the runtime venv (--no-deps: its dependencies are the lock's), check
+# that they satisfy it (pip check fails if pyproject.toml asks for something the lock does not hold); pip itself
+# is not needed at run time. The extension is optional for `pip install` (a machine without a compiler gets the
+# pure-Python path), not for this image.
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
+ && /opt/fpolicyd/bin/pip install --no-deps /wheels/fpolicyd-*.whl \
+ && /opt/fpolicyd/bin/pip check \
  && /opt/fpolicyd/bin/python -c "import fpolicyd._speedups" \
  && /opt/fpolicyd/bin/pip uninstall --yes pip
 

@@ -1,58 +1,113 @@
 # fpolicyd — every target installs what it needs into .venv first (only python3, pip and make required; a C
 # compiler is optional: with one, the install also builds the C accelerator, src/fpolicyd/_speedups.c).
+#
+# Installs come from the lock files, never from pyproject.toml's ranges, so that CI does not change when a
+# dependency releases; pip checks every file it downloads against the lock's hashes (--require-hashes):
+#   requirements.lock        the runtime dependencies (make run, and the Docker image)
+#   requirements-dev.lock    those + the dev extra (make test and the other targets; the same runtime versions)
+#   requirements-build.lock  the build backend (setuptools), installed into the venv because the project itself is
+#                            installed without build isolation (pip would otherwise fetch an unpinned setuptools)
+# After editing the dependencies of pyproject.toml:  make lock   (the one command that regenerates all three; it
+# keeps the current pins where pyproject.toml still admits them).  make lock UPGRADE=1  moves every pin to the
+# newest release. tests/unit/test_lock.py fails while pyproject.toml and the lock files disagree.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
-
-.PHONY: install run test lint typecheck unit bench bench-replay bench-parts clean
-
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
+# Two stamps, one venv: `make run` installs the runtime lock only, the dev targets the dev lock. The dev lock holds
+# every runtime pin at the same version, so a dev install is a runtime install too (its recipe touches both stamps)
+# and `make run` after `make test` installs nothing; `make test` after `make run` adds the dev packages.
+RUN_STAMP := $(VENV)/.run-stamp
+DEV_STAMP := $(VENV)/.dev-stamp
 # setup.py and the C source too: an edited accelerator is rebuilt (the editable install compiles it in place).
-$(STAMP): pyproject.toml setup.py src/fpolicyd/_speedups.c
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	touch $(STAMP)
+PROJECT := pyproject.toml setup.py src/fpolicyd/_speedups.c requirements-build.lock
 
-install: $(STAMP)
+.PHONY: install install-runtime lock run test lint typecheck unit bench bench-replay bench-parts clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# $(1): the lock file. The build backend and the dependencies, hash-checked; then fpolicyd itself, editable,
+# without dependencies and without build isolation (so with the locked setuptools); then pip check, which fails
+# when pyproject.toml asks for something the lock does not hold.
+define install_locked
+	$(PIP) install --quiet --require-hashes -r requirements-build.lock -r $(1)
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PIP) check || { echo "pyproject.toml and the lock files disagree (make lock), or .venv is stale (make clean)" >&2; exit 1; }
+endef
+
+$(RUN_STAMP): requirements.lock $(PROJECT) | $(BIN)/python
+	$(call install_locked,requirements.lock)
+	touch $@
+
+$(DEV_STAMP): requirements-dev.lock $(PROJECT) | $(BIN)/python
+	$(call install_locked,requirements-dev.lock)
+	touch $@ $(RUN_STAMP)
+
+install: $(DEV_STAMP)
+
+install-runtime: $(RUN_STAMP)
+
+# uv (its pip compile) writes the locks: one universal file per use, for every platform and Python >= 3.11 (CI's
+# 3.11 x86-64, developers' Linux and macOS, the image's 3.12 on arm64 and amd64), with the hashes of every wheel
+# and sdist. The dev lock is resolved first; the runtime and build locks are constrained to it, so a package has
+# one version in all three. uv is a tool of this target only, pinned in its own venv, not a dev dependency: CI and
+# `make test` never run it.
+UV_VERSION := 0.13.9
+UV_VENV    := .venv-uv
+UV         := $(UV_VENV)/bin/uv
+UV_STAMP   := $(UV_VENV)/.uv-$(UV_VERSION)
+LOCK_FLAGS  = --quiet --universal --python-version 3.11 --generate-hashes --custom-compile-command 'make lock'
+
+$(UV_STAMP):
+	$(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	touch $@
+
+lock: $(UV_STAMP)
+	$(UV) pip compile $(LOCK_FLAGS) $(if $(UPGRADE),--upgrade) --extra dev -o requirements-dev.lock pyproject.toml
+	$(UV) pip compile $(LOCK_FLAGS) -c requirements-dev.lock -o requirements.lock pyproject.toml
+	$(PYTHON) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+	  | $(UV) pip compile $(LOCK_FLAGS) -c requirements-dev.lock -o requirements-build.lock -
 
 ## Run the daemon on its embedded default: 0.0.0.0:9898, JSON Lines under ./fpolicyd-data/events.
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/fpolicyd serve
 
 ## The whole suite, exactly what CI runs: lint, format check, mypy --strict, pytest (warnings are errors).
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/property
 
 ## Issue 11's speed goals, one table from one run (~6 min on 2 cores): events/s, server CPU per event (whole process
 ## tree), requests and billed chunks per event, peak RSS for JSON Lines, SQS, packed SQS and EventBridge (defaults and
 ## dedup off) against a bare frame splitter; p50/p95/p99 frame -> durable and frame -> SQS at 20,000 events/s.
 ## `--quick` for a smoke run, `--json FILE` for the figures: $(BIN)/python benchmarks/bench_throughput.py --help
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/bench_throughput.py
 
 ## Issue 11's replay storm (~2 min): fpolicyd replay-test --events 1000000 --nodes 4 --duplicates 0.01 --shuffle
 ## --subprocess; wall time and events lost.
-bench-replay: $(STAMP)
+bench-replay: $(DEV_STAMP)
 	$(BIN)/python benchmarks/bench_throughput.py --replay-only
 
 ## Where the time goes, in process: codec steps per event, what SQS packing bills.
-bench-parts: $(STAMP)
+bench-parts: $(DEV_STAMP)
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_ingest_step.py
 	$(BIN)/python benchmarks/bench_sqs_pack.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis fpolicyd-data build src/fpolicyd/*.so
+	rm -rf $(VENV) $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis fpolicyd-data build src/fpolicyd/*.so

@@ -180,6 +180,69 @@ def test_dockerignore_keeps_the_context_to_what_the_build_copies(dockerfile: lis
     assert sources == included
 
 
+def _builder_stage(instructions: list[Instruction]) -> list[Instruction]:
+    starts = [index for index, instruction in enumerate(instructions) if instruction.keyword == "FROM"]
+    return instructions[starts[0] : starts[1]]
+
+
+def _commands(stage: list[Instruction]) -> list[tuple[int, list[str]]]:
+    """(index of the RUN in the stage, words) of every command the stage's RUN instructions chain with &&."""
+    return [
+        (index, command.split())
+        for index, instruction in enumerate(stage)
+        if instruction.keyword == "RUN"
+        for command in instruction.arguments.split("&&")
+    ]
+
+
+def _option_values(words: list[str], option: str) -> list[str]:
+    return [words[index + 1] for index, word in enumerate(words[:-1]) if word == option]
+
+
+def test_the_image_installs_its_dependencies_from_the_lock_with_hashes(dockerfile: list[Instruction]) -> None:
+    builder = _builder_stage(dockerfile)
+    (venv_copy,) = [instruction for instruction in final_stage(dockerfile) if instruction.keyword == "COPY"]
+    venv = venv_copy.arguments.split()[1]
+    commands = _commands(builder)
+    installs = [(index, words) for index, words in commands if re.search(r"\bpip3? install\b", " ".join(words))]
+    assert installs
+    locks_by_pip: dict[str, list[str]] = {}
+    for _, words in installs:
+        assert words[0].endswith("/bin/pip"), f"{words}: a venv's pip, never the base image's"
+        if "-r" in words:
+            # A lock, every file checked against its hash; wheels only (the same on both architectures).
+            assert "--require-hashes" in words, words
+            assert "--only-binary=:all:" in words, words
+            locks_by_pip.setdefault(words[0], []).extend(_option_values(words, "-r"))
+        else:
+            # The project's own wheel: its dependencies are the lock's, never resolved again from pyproject.toml.
+            assert "--no-deps" in words, words
+            assert [word for word in words if not word.startswith("-")][2:] == ["/wheels/fpolicyd-*.whl"], words
+    # The runtime venv holds requirements.lock and nothing else: no dev lock, no build backend.
+    assert locks_by_pip.pop(f"{venv}/bin/pip") == ["requirements.lock"]
+    # The wheel is built without build isolation (nothing unpinned fetched) by the venv holding the build lock.
+    (build_pip,) = locks_by_pip
+    assert locks_by_pip[build_pip] == ["requirements-build.lock"]
+    (wheel,) = [words for _, words in commands if words[1:2] == ["wheel"]]
+    assert wheel[0] == build_pip
+    assert {"--no-deps", "--no-build-isolation"} <= set(wheel)
+    # pip check after the project is in: pyproject.toml asks for nothing the lock does not hold.
+    project = next(position for position, (_, words) in enumerate(commands) if "/wheels/fpolicyd-*.whl" in words)
+    assert [f"{venv}/bin/pip", "check"] in [words for _, words in commands[project:]]
+    # The locks are copied and installed before the sources: that layer survives an edit of src/.
+    copies = {
+        source: index
+        for index, instruction in enumerate(builder)
+        if instruction.keyword == "COPY"
+        for source in instruction.arguments.split()[:-1]
+    }
+    lock_install = max(index for index, words in installs if "-r" in words)
+    assert copies["requirements.lock"] < lock_install < copies["src"]
+    assert copies["requirements-build.lock"] < lock_install
+    for lock in ("requirements.lock", "requirements-build.lock"):
+        assert (ROOT / lock).is_file()
+
+
 def test_hadolint_finds_nothing(dockerfile: list[Instruction]) -> None:
     hadolint = shutil.which("hadolint", path=str(VENV_BIN)) or shutil.which("hadolint")
     if hadolint is None:

@@ -38,6 +38,7 @@ see ``fpolicyd.pipeline.replay``) and compared with what the sink holds.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import os
@@ -417,6 +418,8 @@ class QueueTail(SinkTail):
         #: Calls that failed (throttling, a dropped connection): retried after a pause; an undeleted message
         #: comes back after its visibility timeout.
         self.errors = 0
+        #: What those failures were: exception type and message (first line, shortened) -> count.
+        self.error_kinds: collections.Counter[str] = collections.Counter()
 
     async def check(self) -> None:
         """The queue exists and is readable: a wrong URL fails the run before the storm, not after it."""
@@ -426,20 +429,41 @@ class QueueTail(SinkTail):
         except Exception as exc:  # botocore's ClientError and connection errors alike: the run cannot verify
             raise ReplayTestError(f"cannot read the verification queue {self.queue_url}: {exc}") from exc
 
+    async def _failed(self, exc: Exception) -> None:
+        self.errors += 1
+        first_line = str(exc).partition("\n")[0]
+        self.error_kinds[f"{type(exc).__name__}: {first_line[:160]}"] += 1
+        await asyncio.sleep(_QUEUE_ERROR_PAUSE_S)
+
+    async def remaining(self) -> int | None:
+        """Messages still in the queue, visible or in flight (received, not deleted); None if the call failed."""
+        try:
+            sqs = await self.clients.sqs()
+            response = await sqs.get_queue_attributes(
+                QueueUrl=self.queue_url,
+                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+            )
+            return sum(int(value) for value in response["Attributes"].values())
+        except Exception as exc:  # as in receive(): counted, and the drain goes on
+            await self._failed(exc)
+            return None
+
     async def receive(self, wait_s: int) -> int | None:
         """One ReceiveMessage (up to 10, long poll ``wait_s``), counted, then one DeleteMessageBatch; the number
         of messages, or None if a call failed (after a pause)."""
         try:
             return await self._receive(wait_s)
-        except Exception:  # botocore/aiohttp errors of one call: the next call tries again
-            self.errors += 1
-            await asyncio.sleep(_QUEUE_ERROR_PAUSE_S)
+        except Exception as exc:  # botocore/aiohttp errors of one call: the next call tries again
+            await self._failed(exc)
             return None
 
     async def _receive(self, wait_s: int) -> int:
         sqs = await self.clients.sqs()
         response = await sqs.receive_message(
-            QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_s, VisibilityTimeout=60
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=wait_s,
+            VisibilityTimeout=_QUEUE_VISIBILITY_S,
         )
         self.receives += 1
         messages = response.get("Messages", [])
@@ -1149,6 +1173,10 @@ async def _tail(sink: SinkTail, shared: _Shared, stop: asyncio.Event) -> None:
 _QUEUE_RECEIVERS: Final = 4
 #: Long-poll wait of each ReceiveMessage (whole seconds, the API's unit).
 _QUEUE_WAIT_S: Final = 1
+#: Visibility timeout of each ReceiveMessage: a message whose receive response was lost (a call that failed after
+#: the queue had handed it out) comes back after this long. Messages are deleted right after they are counted, so
+#: this only has to outlast one DeleteMessageBatch; a re-receipt is counted as a redelivered line, never twice.
+_QUEUE_VISIBILITY_S: Final = 10
 #: Pause after a failed ReceiveMessage / DeleteMessageBatch.
 _QUEUE_ERROR_PAUSE_S: Final = 0.5
 #: Empty long polls in a row (per receiver) that end the final drain once the daemon has stopped.
@@ -1169,7 +1197,12 @@ async def _drain_queue(queue: QueueTail, shared: _Shared, stop: asyncio.Event) -
 
 async def _final_drain(queue: QueueTail, bound_s: float) -> None:
     """After the daemon stopped: drain what is left (late deliveries, duplicates) until every receiver saw the
-    queue empty ``_QUEUE_QUIET_POLLS`` times in a row, or ``bound_s`` passed."""
+    queue empty ``_QUEUE_QUIET_POLLS`` times in a row and the queue holds no message (visible or in flight), or
+    ``bound_s`` passed.
+
+    In flight: a standard queue may hand one message to two concurrent receives; a delete with the older receipt
+    handle may then leave it, invisible, until its visibility timeout. It is received (and counted as a
+    redelivered line) once it is visible again, so a drain that stopped at the first quiet polls would leave it."""
 
     async def receiver() -> None:
         quiet = 0
@@ -1179,7 +1212,10 @@ async def _final_drain(queue: QueueTail, bound_s: float) -> None:
 
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(bound_s):
-            await asyncio.gather(*(receiver() for _ in range(_QUEUE_RECEIVERS)))
+            while True:
+                await asyncio.gather(*(receiver() for _ in range(_QUEUE_RECEIVERS)))
+                if await queue.remaining() == 0:
+                    return
 
 
 async def _restart_when_half_replayed(
@@ -1504,7 +1540,12 @@ def _report(
         v["sink"] == v["expected"] for k, v in report["flags"].items() if isinstance(v, dict)
     )
     if isinstance(sink, QueueTail):
-        report["queue"] = {"receives": sink.receives, "delete_failures": sink.delete_failures, "errors": sink.errors}
+        report["queue"] = {
+            "receives": sink.receives,
+            "delete_failures": sink.delete_failures,
+            "errors": sink.errors,
+            "error_kinds": dict(sink.error_kinds),
+        }
     if daemon is not None:
         # Not at the sink when the daemon stopped (kept in its spool, so not lost by the daemon, but not delivered
         # within the run either).

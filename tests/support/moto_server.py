@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import pytest
 from moto.server import ThreadedMotoServer
+from moto.sqs.models import Queue
 
 from fpolicyd.sinks.aws import AwsClients
 
@@ -61,6 +62,31 @@ class MotoEndpoint:
         request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
         with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
+
+
+_unlocked_delete = Queue.delete_message
+
+
+def _locked_delete(self: Any, receipt_handle: str) -> None:
+    with self._messages_lock:
+        _unlocked_delete(self, receipt_handle)
+
+
+def serialise_sqs_deletes() -> None:
+    """Make moto's SQS ``Queue.delete_message`` hold the queue's lock, as ``add_message`` does.
+
+    moto 5.2's delete rebuilds the queue's message list from a copy and assigns it back without the lock that
+    ``add_message`` takes, and the threaded server runs requests concurrently. A SendMessageBatch (or an
+    EventBridge rule's forward) that appends while a DeleteMessageBatch rebuilds is lost: the sender got its
+    MessageId, the message is gone. Two concurrent deletes resurrect each other's messages, which then stay in
+    flight. Both were seen in this suite: events acknowledged by moto but never received (replay-test over SQS and
+    EventBridge, under load), and 10 messages (one receive batch) left in flight after a drain.
+    ``tests/aws/test_moto_server.py`` shows the race on the unpatched method and proves the patch. The real SQS
+    has no such race; what these tests check is fpolicyd, not moto's thread safety."""
+    Queue.delete_message = _locked_delete  # type: ignore[method-assign]
+
+
+serialise_sqs_deletes()  # on import: every moto server of the tests, whoever starts it
 
 
 @contextlib.contextmanager

@@ -91,7 +91,7 @@ typecheck: $(DEV_STAMP)
 unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/property
 
-## Issue 11's speed goals, one table from one run (~6 min on 2 cores): events/s, server CPU per event (whole process
+## Issue 11's speed goals, one table from one run (~7 min on 2 cores): events/s, server CPU per event (whole process
 ## tree), requests and billed chunks per event, peak RSS for JSON Lines, SQS, packed SQS and EventBridge (defaults and
 ## dedup off) against a bare frame splitter; p50/p95/p99 frame -> durable and frame -> SQS at 20,000 events/s.
 ## `--quick` for a smoke run, `--json FILE` for the figures: $(BIN)/python benchmarks/bench_throughput.py --help

@@ -1,9 +1,10 @@
 """The test harness's moto server: its SQS queue must not lose a message that is sent while others are deleted.
 
-moto 5.2's ``Queue.delete_message`` rebuilds the message list without the lock that ``add_message`` holds (see
-``support.moto_server.serialise_sqs_deletes``); the harness patches it. This drives one queue from two threads
-with the interpreter switching threads as often as it can: two delete a backlog of received messages, a third
-sends new ones. Every new message must stay, every deleted one must go.
+moto 5.2's SQS queue is not thread-safe (see ``support.moto_server.serialise_sqs_queues``); the harness runs each
+queue's operations one at a time. These drive queues from several threads with the interpreter switching threads
+as often as it can: deletes of a backlog racing with sends (every new message must stay, every deleted one must
+go), and senders racing with receivers that delete what they get, as a consumer does (every message is received,
+none is left, no call fails).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from moto.sqs.models import Message, Queue
+from moto.sqs.models import Message, Queue, SQSBackend
 
 from support.moto_server import ACCOUNT_ID, REGION, _locked_delete, _unlocked_delete
 
@@ -82,4 +83,49 @@ def test_the_unpatched_delete_is_the_reason(busy_switching: None) -> None:
         damaged += present != expected
         if damaged:
             break
-    assert damaged, "moto's delete_message no longer races with add_message: remove serialise_sqs_deletes"
+    assert damaged, "moto's delete_message no longer races with add_message: drop that part of serialise_sqs_queues"
+
+
+def test_concurrent_senders_and_consumers_see_every_message_once_received(busy_switching: None) -> None:
+    backend = SQSBackend(REGION, ACCOUNT_ID)
+    backend.create_queue("consumers")
+    senders, per_sender = 4, 400
+    seen: list[str] = []
+    failures: list[BaseException] = []
+    sending_done = threading.Event()
+
+    def sender(k: int) -> None:
+        try:
+            for i in range(per_sender):
+                backend.send_message("consumers", f"{k}-{i}")
+        except BaseException as exc:  # any failure of a call is the finding
+            failures.append(exc)
+
+    def consumer() -> None:
+        try:
+            while True:
+                messages = backend.receive_message("consumers", 10, 0, 30)
+                if not messages:
+                    if sending_done.is_set():
+                        return
+                    continue
+                seen.extend(m.body for m in messages)
+                entries = [{"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(messages)]
+                _, failed = backend.delete_message_batch("consumers", entries)
+                assert not failed
+        except BaseException as exc:  # as above
+            failures.append(exc)
+
+    producers = [threading.Thread(target=sender, args=(k,)) for k in range(senders)]
+    consumers = [threading.Thread(target=consumer) for _ in range(4)]
+    for thread in (*producers, *consumers):
+        thread.start()
+    for thread in producers:
+        thread.join(timeout=60)
+    sending_done.set()
+    for thread in consumers:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in (*producers, *consumers))
+    assert failures == []
+    assert sorted(set(seen)) == sorted(f"{k}-{i}" for k in range(senders) for i in range(per_sender))
+    assert backend.get_queue("consumers")._messages == []

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 from moto.server import ThreadedMotoServer
-from moto.sqs.models import Queue
+from moto.sqs.models import Queue, SQSBackend
 
 from fpolicyd.sinks.aws import AwsClients
 
@@ -72,21 +73,38 @@ def _locked_delete(self: Any, receipt_handle: str) -> None:
         _unlocked_delete(self, receipt_handle)
 
 
-def serialise_sqs_deletes() -> None:
-    """Make moto's SQS ``Queue.delete_message`` hold the queue's lock, as ``add_message`` does.
+def _per_queue(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``SQSBackend.<method>(queue_name, ...)`` run under that queue's own lock (a re-entrant ``Condition``; a long
+    poll's wait releases it, so a receive that waits does not hold sends back)."""
 
-    moto 5.2's delete rebuilds the queue's message list from a copy and assigns it back without the lock that
-    ``add_message`` takes, and the threaded server runs requests concurrently. A SendMessageBatch (or an
-    EventBridge rule's forward) that appends while a DeleteMessageBatch rebuilds is lost: the sender got its
-    MessageId, the message is gone. Two concurrent deletes resurrect each other's messages, which then stay in
-    flight. Both were seen in this suite: events acknowledged by moto but never received (replay-test over SQS and
-    EventBridge, under load), and 10 messages (one receive batch) left in flight after a drain.
-    ``tests/aws/test_moto_server.py`` shows the race on the unpatched method and proves the patch. The real SQS
-    has no such race; what these tests check is fpolicyd, not moto's thread safety."""
+    @functools.wraps(method)
+    def locked(self: Any, queue_name: str, *args: Any, **kwargs: Any) -> Any:
+        with self.get_queue(queue_name)._messages_lock:
+            return method(self, queue_name, *args, **kwargs)
+
+    return locked
+
+
+_SERIALISED = ("send_message", "receive_message", "delete_message", "change_message_visibility")
+_ORIGINALS = {name: getattr(SQSBackend, name) for name in _SERIALISED}
+
+
+def serialise_sqs_queues() -> None:
+    """Run moto's SQS operations on one queue one at a time, as the real service behaves for a client.
+
+    moto 5.2's threaded server runs requests concurrently, and its SQS queue is not thread-safe:
+    ``Queue.delete_message`` rebuilds the message list and assigns it back without the lock ``add_message`` takes
+    (a message sent meanwhile is lost, two concurrent deletes resurrect each other's messages), and
+    ``receive_message`` iterates sets that other requests change ("Set changed size during iteration"). In this
+    suite that lost events moto had acknowledged (replay-test over SQS and EventBridge, under load) and left one
+    receive batch in flight after a drain. ``tests/aws/test_moto_server.py`` shows the delete race on moto's own
+    method and proves this patch. The real SQS has no such races; these tests check fpolicyd, not moto."""
     Queue.delete_message = _locked_delete  # type: ignore[method-assign]
+    for name, method in _ORIGINALS.items():
+        setattr(SQSBackend, name, _per_queue(method))
 
 
-serialise_sqs_deletes()  # on import: every moto server of the tests, whoever starts it
+serialise_sqs_queues()  # on import: every moto server of the tests, whoever starts it
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode
 from fpolicyd.pipeline.router import UnroutedAction
 from fpolicyd.pipeline.settle import SettleConfig, SettleOverride, SettleStrategy
 from fpolicyd.pipeline.spool import SpoolFsync
-from fpolicyd.protocol.session import MIN_IDLE_FACTOR, EngineMode, SessionConfig
+from fpolicyd.protocol.session import DEFAULT_MAX_OUTSTANDING, MIN_IDLE_FACTOR, EngineMode, SessionConfig
 from fpolicyd.sinks.jsonl import FsyncPolicy
 from fpolicyd.sinks.sqs_envelope import SQS_MAX_MESSAGE_BYTES, PackCompression
 
@@ -227,6 +227,14 @@ class Settings(BaseSettings):
     engine_mode: EngineMode = Field(
         EngineMode.ASYNC,
         description="ONTAP external-engine type: async (no reply to SCREEN_REQ) or sync (SCREEN_RESP allow).",
+    )
+    sync_max_outstanding_requests: int = Field(
+        DEFAULT_MAX_OUTSTANDING,
+        ge=1,
+        le=1_000_000,
+        description="Sync engines: requests a session tracks as outstanding (received, not yet answered or "
+        "cancelled) to answer STATUS_QUERY; at least ONTAP's max-server-reqs (500 by default, at most 10000). "
+        "Beyond it the oldest is no longer tracked: a query for it answers 'lost' and ONTAP sends it again.",
     )
     preferred_versions: Annotated[tuple[str, ...], NoDecode] = Field(
         ("1.2", "1.1", "1.0"),
@@ -805,6 +813,7 @@ class Settings(BaseSettings):
     def _check_combinations(self) -> Settings:
         SessionConfig(
             engine_mode=self.engine_mode,
+            max_outstanding=self.sync_max_outstanding_requests,
             preferred_versions=self.preferred_versions,
             handshake_timeout_s=self.handshake_timeout_s,
             keep_alive_interval_s=self.keep_alive_interval_s,
@@ -881,6 +890,7 @@ class Settings(BaseSettings):
     def session_config(self) -> SessionConfig:
         return SessionConfig(
             engine_mode=self.engine_mode,
+            max_outstanding=self.sync_max_outstanding_requests,
             preferred_versions=self.preferred_versions,
             handshake_timeout_s=self.handshake_timeout_s,
             keep_alive_interval_s=self.keep_alive_interval_s,

@@ -21,7 +21,17 @@ from fpolicyd.events import (
     normalize,
 )
 from fpolicyd.pipeline.router import Router, RouteTable
+from fpolicyd.protocol.messages import (
+    STATUS_IN_PROGRESS,
+    STATUS_REQUEST_LOST,
+    ScreenResponse,
+    StatusQuery,
+    StatusQueryResp,
+)
+from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from fpolicyd.simulator import SimulatorConfig, SimulatorError, expected_requests, handshake, run
+from support.captures import NEGO_REQ, NEGO_RESP, SMB_OPEN
+from support.peer import Peer
 from support.serve import VOLUME_NAMES, Served, read_events, start_serve, stop
 
 pytestmark = pytest.mark.slow
@@ -116,6 +126,50 @@ async def test_sync_engine_gets_a_response_for_every_request(served: Served) -> 
     assert report.responses == report.sent == 3000
     assert await stop(served) == 0
     assert_exactly_once(read_events(served.data_dir), expected_events(config))
+
+
+#: A slow spool, for real: every append waits a whole second for its group commit (the setting's maximum), and a
+#: synchronous engine's SCREEN_RESP waits for that.
+SLOW_SPOOL = ("--engine-mode", "sync", "--spool-group-commit-s", "1.0")
+
+
+@pytest.mark.serve_flags(*SLOW_SPOOL)
+async def test_status_queries_are_answered_from_what_the_daemon_holds(served: Served) -> None:
+    peer = await Peer.connect(served.port)
+    try:
+        await peer.send(NEGO_REQ.frame)
+        assert await peer.receive() == NEGO_RESP.payload
+        # One write: the SCREEN_REQ and the two queries are read together, long before the spool's commit.
+        await peer.send(
+            SMB_OPEN.frame,
+            encode_message(StatusQuery(2822, "SMB_OPEN")),
+            encode_message(StatusQuery(8888, "SMB_WR")),
+        )
+        first, second, third = [decode_payload(await peer.receive()).message for _ in range(3)]
+        assert first == StatusQueryResp(2822, "SMB_OPEN", STATUS_IN_PROGRESS)  # waiting on the spool
+        assert second == StatusQueryResp(8888, "SMB_WR", STATUS_REQUEST_LOST)  # never sent
+        assert third == ScreenResponse(2822, "SMB_OPEN", 1)  # once durable
+        await peer.send(encode_message(StatusQuery(2822, "SMB_OPEN")))  # answered: ONTAP would send it again
+        assert decode_payload(await peer.receive()).message == StatusQueryResp(2822, "SMB_OPEN", STATUS_REQUEST_LOST)
+        metrics = await scrape(served)
+        assert 'fpolicyd_status_queries_total{answer="in_progress"} 1.0' in metrics
+        assert 'fpolicyd_status_queries_total{answer="lost"} 2.0' in metrics
+        assert "fpolicyd_sync_outstanding_requests 0.0" in metrics
+    finally:
+        await peer.close()
+    assert await stop(served) == 0
+    assert [event["operation_type"] for event in read_events(served.data_dir)] == ["open"]
+
+
+async def scrape(served: Served) -> str:
+    """The daemon's /metrics page (its HTTP port is in the "http_listening" log line)."""
+    [port] = [line["port"] for line in served.log_lines if line.get("event") == "http_listening"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    page = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    return page.decode()
 
 
 async def test_noti_req_alias_is_ingested(served: Served) -> None:

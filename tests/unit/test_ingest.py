@@ -21,7 +21,7 @@ from fpolicyd.pipeline.records import DUPLICATE_TAG, duplicate_payload
 from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.router import Router, RouteTable
 from fpolicyd.protocol.framing import XmlFrameReader
-from fpolicyd.protocol.messages import Handshake, ScreenRequest, ScreenResponse, StatusQuery
+from fpolicyd.protocol.messages import Handshake, ScreenRequest, ScreenResponse, StatusQuery, StatusQueryResp
 from fpolicyd.protocol.session import EngineMode, NoticeKind, Session, SessionConfig, SessionState
 from fpolicyd.protocol.xml_codec import (
     FastScreen,
@@ -56,6 +56,7 @@ def make(
     redact: Redactor | None = None,
     engine: EngineMode = EngineMode.ASYNC,
     fast: FastScreen | None = fast_screen,
+    max_outstanding: int = 10_000,
 ) -> tuple[IngestSession, IngestCounters]:
     counters = IngestCounters()
     ingest = Ingest(
@@ -67,8 +68,15 @@ def make(
         redact=None if redact is None else redact.redact_event,
         accelerate=accelerate,
     )
-    session = Session(SessionConfig(engine_mode=engine), peer="10.0.0.5:40001", now=0.0, fast=fast)
+    config = SessionConfig(engine_mode=engine, max_outstanding=max_outstanding)
+    session = Session(config, peer="10.0.0.5:40001", now=0.0, fast=fast)
     return ingest.session(session), counters
+
+
+def canonical_screen(req_id: int) -> bytes:
+    """The payload of a canonical SCREEN_REQ (the accelerator's and the fast path's layout) with ``req_id``."""
+    [framed] = generate_frames(seed=1, node=0, count=1, first_req_id=req_id, base_time_us=RECEIVED_US)
+    return payload(framed)
 
 
 def canonical_reads(counters: IngestCounters, accelerate: bool) -> int:
@@ -148,9 +156,37 @@ def test_sync_engines_are_answered_per_record_once_durable_duplicates_included(a
     batch = step.feed([SMB_OPEN.payload, SMB_OPEN.payload], 1.0, RECEIVED_US, WALL_S)
     assert [index for index, _ in batch.durable_replies] == [0, 1]
     for _, reply in batch.durable_replies:
-        assert decode_payload(reply[6:]).message == ScreenResponse(2822, "SMB_OPEN", 1)
-    status = step.feed([encode_message(StatusQuery(2822, "SMB_OPEN"))[6:]], 1.0, RECEIVED_US, WALL_S)
-    assert len(status.replies) == 1  # STATUS_QUERY is answered at once
+        assert decode_payload(reply.data[6:]).message == ScreenResponse(2822, "SMB_OPEN", 1)
+    query = encode_message(StatusQuery(2822, "SMB_OPEN"))[6:]
+    status = step.feed([query], 1.0, RECEIVED_US, WALL_S)
+    # STATUS_QUERY is answered at once, from what is outstanding: the second copy is, until its answer is written.
+    assert [decode_payload(r[6:]).message for r in status.replies] == [StatusQueryResp(2822, "SMB_OPEN", 1)]
+    first, second = (answer for _, answer in batch.durable_replies)
+    step.session.answered(first)
+    [still] = step.feed([query], 1.0, RECEIVED_US, WALL_S).replies
+    assert decode_payload(still[6:]).message == StatusQueryResp(2822, "SMB_OPEN", 1)
+    step.session.answered(second)
+    [lost] = step.feed([query], 1.0, RECEIVED_US, WALL_S).replies
+    assert decode_payload(lost[6:]).message == StatusQueryResp(2822, "SMB_OPEN", 2)
+
+
+@pytest.mark.parametrize("accelerate", MODES)
+def test_requests_beyond_the_outstanding_bound_are_counted_once_logged_once(accelerate: bool) -> None:
+    step, counters = make(accelerate, engine=EngineMode.SYNC, max_outstanding=2)
+    handshake(step)
+    first = step.feed([SMB_OPEN.payload, SMB_REN.payload], 1.0, RECEIVED_US, WALL_S)
+    assert counters.untracked_requests == 0
+    assert not [n for n in first.notices if n.kind is NoticeKind.UNTRACKED]
+    over = step.feed([canonical_screen(req_id) for req_id in (100, 101, 102)], 1.0, RECEIVED_US, WALL_S)
+    assert counters.untracked_requests == 3
+    assert [n.fields for n in over.notices if n.kind is NoticeKind.UNTRACKED] == [{"untracked": 3, "limit": 2}]
+    again = step.feed([canonical_screen(103)], 1.0, RECEIVED_US, WALL_S)
+    assert counters.untracked_requests == 4
+    assert not [n for n in again.notices if n.kind is NoticeKind.UNTRACKED]
+    assert len(step.session.outstanding) == 2
+    assert 102 in step.session.outstanding
+    assert 103 in step.session.outstanding
+    assert 2822 not in step.session.outstanding
 
 
 @pytest.mark.parametrize("accelerate", MODES)

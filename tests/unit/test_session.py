@@ -8,6 +8,8 @@ import pytest
 
 from fpolicyd.errors import ConfigError, LocalProtocolError
 from fpolicyd.protocol.messages import (
+    STATUS_IN_PROGRESS,
+    STATUS_REQUEST_LOST,
     Alert,
     Handshake,
     HandshakeResp,
@@ -29,7 +31,7 @@ from fpolicyd.protocol.session import (
     SessionConfig,
     SessionState,
 )
-from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_message
+from fpolicyd.protocol.xml_codec import FastScreen, decode_payload, encode_message, fast_screen, frame_message
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
 
@@ -42,8 +44,8 @@ def kinds(outputs: object) -> list[str]:
     return [type(o).__name__ if not isinstance(o, Notice) else f"Notice:{o.kind.value}" for o in outputs]
 
 
-def established(config: SessionConfig | None = None, now: float = 0.0) -> Session:
-    session = Session(config or SessionConfig(), peer="10.0.0.5:40000", now=now)
+def established(config: SessionConfig | None = None, now: float = 0.0, fast: FastScreen | None = None) -> Session:
+    session = Session(config or SessionConfig(), peer="10.0.0.5:40000", now=now, fast=fast)
     session.receive(NEGO_REQ.payload, now)
     assert session.state is SessionState.ACTIVE
     return session
@@ -152,17 +154,93 @@ def test_async_mode_sends_nothing_for_screen_requests() -> None:
     assert only(session.receive(encode_message(StatusQuery(4996, "SMB_REN"))[6:], 1.0), Reply) == []
 
 
-def test_sync_mode_answers_allow_and_status_in_progress() -> None:
+def status(session: Session, req_id: int, req_type: str = "SMB_OPEN") -> int:
+    """Ask ``session`` about ``req_id`` as ONTAP does; the ``Resp`` of its one reply."""
+    replies = only(session.receive(encode_message(StatusQuery(req_id, req_type))[6:], 1.0), Reply)
+    assert len(replies) == 1
+    reply = replies[0]
+    assert isinstance(reply, Reply)
+    message = decode_payload(reply.data[6:]).message
+    assert isinstance(message, StatusQueryResp)
+    assert (message.req_id, message.req_type) == (req_id, req_type)
+    return message.resp
+
+
+def test_sync_mode_answers_allow_and_status_in_progress_while_outstanding() -> None:
+    session = established(SessionConfig(engine_mode=EngineMode.SYNC))
+    notification = session.receive(SMB_OPEN.payload, 1.0)[0]
+    assert isinstance(notification, FileNotification)
+    answer = notification.response
+    assert answer is not None
+    assert decode_payload(answer.data[6:]).message == ScreenResponse(2822, "SMB_OPEN", 1)
+    assert status(session, 2822) == STATUS_IN_PROGRESS
+    session.answered(answer)
+    assert status(session, 2822) == STATUS_REQUEST_LOST  # answered: the reply may have been lost, so send it again
+
+
+def test_a_status_query_for_a_request_never_received_answers_lost() -> None:
+    session = established(SessionConfig(engine_mode=EngineMode.SYNC))
+    assert status(session, 8888, "SMB_WR") == STATUS_REQUEST_LOST
+    session.receive(SMB_OPEN.payload, 1.0)
+    assert status(session, 8888, "SMB_WR") == STATUS_REQUEST_LOST
+    [notice] = only(session.receive(encode_message(StatusQuery(8888, "SMB_WR"))[6:], 1.0), Notice)
+    assert isinstance(notice, Notice)
+    assert notice.fields == {"req_id": 8888, "req_type": "SMB_WR", "answer": "lost"}
+
+
+def test_a_cancelled_request_is_no_longer_outstanding_and_its_late_answer_changes_nothing() -> None:
     session = established(SessionConfig(engine_mode=EngineMode.SYNC))
     notification = session.receive(SMB_OPEN.payload, 1.0)[0]
     assert isinstance(notification, FileNotification)
     assert notification.response is not None
-    assert decode_payload(notification.response[6:]).message == ScreenResponse(2822, "SMB_OPEN", 1)
-    replies = only(session.receive(encode_message(StatusQuery(2822, "SMB_OPEN"))[6:], 1.0), Reply)
-    assert len(replies) == 1
-    reply = replies[0]
-    assert isinstance(reply, Reply)
-    assert decode_payload(reply.data[6:]).message == StatusQueryResp(2822, "SMB_OPEN", 1)
+    [notice] = session.receive(encode_message(ScreenCancel(2822, "SMB_OPEN", "2"))[6:], 1.0)
+    assert isinstance(notice, Notice)
+    assert notice.kind is NoticeKind.CANCEL
+    assert notice.fields["outstanding"] is True
+    assert status(session, 2822) == STATUS_REQUEST_LOST
+    again = session.receive(SMB_OPEN.payload, 1.0)[0]  # ONTAP sends it again
+    assert isinstance(again, FileNotification)
+    assert again.response is not None
+    session.answered(notification.response)  # the cancelled copy's answer, written late
+    assert status(session, 2822) == STATUS_IN_PROGRESS
+    session.answered(again.response)
+    assert status(session, 2822) == STATUS_REQUEST_LOST
+
+
+def test_the_fast_path_tracks_requests_like_the_decoder() -> None:
+    session = established(SessionConfig(engine_mode=EngineMode.SYNC), fast=fast_screen)
+    notification = session.screen(SMB_OPEN.payload, 1.0)
+    assert notification is not None
+    assert notification.response is not None
+    assert status(session, 2822) == STATUS_IN_PROGRESS
+    answer = session.screened(77, "SMB_WR", 1.0)
+    assert answer is not None
+    assert status(session, 77, "SMB_WR") == STATUS_IN_PROGRESS
+    session.answered(answer)
+    assert status(session, 77, "SMB_WR") == STATUS_REQUEST_LOST
+    assert status(session, 2822) == STATUS_IN_PROGRESS
+
+
+def test_beyond_the_bound_the_longest_waiting_request_is_forgotten() -> None:
+    session = established(SessionConfig(engine_mode=EngineMode.SYNC, max_outstanding=2))
+    answers = [session.screened(req_id, "SMB_WR", 1.0) for req_id in (1, 2, 3)]
+    assert session.outstanding.untracked == 1
+    assert [status(session, req_id, "SMB_WR") for req_id in (1, 2, 3)] == [2, 1, 1]
+    assert len(session.outstanding) == 2
+    assert all(answer is not None for answer in answers)
+    with pytest.raises(ConfigError):
+        SessionConfig(max_outstanding=0)
+
+
+def test_async_engines_track_nothing_and_answer_no_status_query() -> None:
+    session = established()
+    assert session.screened(77, "SMB_WR", 1.0) is None
+    assert len(session.outstanding) == 0
+    outputs = session.receive(encode_message(StatusQuery(77, "SMB_WR"))[6:], 1.0)
+    assert only(outputs, Reply) == []
+    [notice] = outputs
+    assert isinstance(notice, Notice)
+    assert "answer" not in notice.fields
 
 
 def test_fatal_alert_is_surfaced_and_remembered() -> None:

@@ -45,7 +45,7 @@ from fpolicyd.pipeline.backpressure import Pressure
 from fpolicyd.pipeline.spool import Record
 from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
-from fpolicyd.protocol.session import NoticeKind
+from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind
 
 if TYPE_CHECKING:
     from fpolicyd.server.connection import ServerContext
@@ -478,6 +478,21 @@ class FpolicydCollector(Collector):
     @staticmethod
     def _server(ctx: ServerContext | None) -> Iterator[Metric]:
         sessions = _gauge("sessions", "ONTAP connections open now.")
+        status_answers = _counter(
+            "status_queries",
+            "STATUS_QUERY_REQs answered (synchronous engines), by answer: in_progress (the request is outstanding) "
+            "or lost (never received, already answered or cancelled: ONTAP sends it again at once).",
+            ["answer"],
+        )
+        outstanding = _gauge(
+            "sync_outstanding_requests",
+            "SCREEN_REQs of synchronous engines received and not yet answered or cancelled, over all sessions.",
+        )
+        untracked = _counter(
+            "sync_untracked_requests",
+            "Outstanding requests a session stopped tracking because it held more than "
+            "sync_max_outstanding_requests (a STATUS_QUERY for one answers lost).",
+        )
         opened = _counter("sessions_opened", "ONTAP connections accepted.")
         rejected = _counter(
             "connections_rejected", "Connections closed at once, by reason (not_allowed, max_connections).", ["reason"]
@@ -522,7 +537,12 @@ class FpolicydCollector(Collector):
                 events.add_metric([operation_name], count)
             for reason, count in sorted(dict(ctx.protocol_errors).items()):
                 (timeouts if reason in _TIMEOUT_REASONS else parse_errors).add_metric([reason], count)
+            for answer in STATUS_ANSWERS.values():
+                status_answers.add_metric([answer], ctx.status_answers.get(answer, 0))
+            outstanding.add_metric([], sum(conn.outstanding for conn in list(ctx.connections)))
+            untracked.add_metric([], counters.untracked_requests)
         yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, decoded, accelerated)
+        yield from (status_answers, outstanding, untracked)
 
     @staticmethod
     def _pipeline(pipeline: EventPipeline | None) -> Iterator[Metric]:

@@ -30,7 +30,7 @@ from fpolicyd.events import EventBuilder, FileEvent, NameMaps
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_digest
 from fpolicyd.pipeline.records import encode_duplicate
 from fpolicyd.pipeline.replay import ReplaySession, ReplayTracker
-from fpolicyd.protocol.session import Close, FileNotification, Notice, NoticeKind, Reply, Session
+from fpolicyd.protocol.session import Close, FileNotification, Notice, NoticeKind, PendingAnswer, Reply, Session
 
 __all__ = ["Ingest", "IngestBatch", "IngestCounters", "IngestSession"]
 
@@ -52,6 +52,9 @@ class IngestCounters:
     accelerated: int = 0
     fast_decoded: int = 0
     full_decoded: int = 0
+    #: Synchronous engines: outstanding requests forgotten because a session held more than its bound
+    #: (``sync_max_outstanding_requests``); a STATUS_QUERY for one answers "lost".
+    untracked_requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +104,9 @@ class IngestBatch:
         self.records: list[bytes] = []
         #: ``(index into records, key)`` of each event the dedup window claimed (for the dedup journal).
         self.claims: list[tuple[int, int]] = []
-        #: ``(index into records, reply)``: a synchronous engine's SCREEN_RESP, to write once that record is durable.
-        self.durable_replies: list[tuple[int, bytes]] = []
+        #: ``(index into records, answer)``: a synchronous engine's SCREEN_RESP, to write once that record is durable
+        #: (then :meth:`~fpolicyd.protocol.session.Session.answered`).
+        self.durable_replies: list[tuple[int, PendingAnswer]] = []
         #: Replies to write now (NEGO_RESP, STATUS_QUERY_RESP).
         self.replies: list[bytes] = []
         self.notices: list[Notice] = []
@@ -119,7 +123,7 @@ class IngestBatch:
 class IngestSession:
     """The ingest step of one connection: owns its :class:`Session` and the event builder of its handshake."""
 
-    __slots__ = ("_accelerate", "_builder", "_encode", "_ingest", "_replay", "session")
+    __slots__ = ("_accelerate", "_builder", "_encode", "_ingest", "_replay", "_untracked", "session")
 
     def __init__(self, ingest: Ingest, session: Session) -> None:
         self._ingest = ingest
@@ -129,6 +133,8 @@ class IngestSession:
         self._accelerate = ingest.accelerator.path == "c"
         #: The accelerator's encoder for the negotiated session (None before the handshake or without it).
         self._encode: speedups.Encode | None = None
+        #: ``session.outstanding.untracked`` as last counted.
+        self._untracked = 0
 
     def feed(self, payloads: Sequence[bytes], now: float, received_at_us: int, wall_s: float) -> IngestBatch:
         """Handle the payloads of one read. ``now``: monotonic seconds (timers, replay episodes);
@@ -167,8 +173,21 @@ class IngestSession:
                     batch.close = output
                     batch.rejected = payload
                     batch.abandoned = list(payloads[position + 1 :])
-                    return batch
+                    return self._finish(batch)
             encode = self._encode if self._encode is not None and session.fast_ready() else None
+        return self._finish(batch)
+
+    def _finish(self, batch: IngestBatch) -> IngestBatch:
+        """Count the requests a synchronous session stopped tracking in this read (at its bound); the first time,
+        a notice too (one log line per session; the counter has every one)."""
+        untracked = self.session.outstanding.untracked
+        if untracked == self._untracked:
+            return batch
+        self._ingest.counters.untracked_requests += untracked - self._untracked
+        if not self._untracked:
+            limit = self.session.outstanding.limit
+            batch.notices.append(Notice(NoticeKind.UNTRACKED, {"untracked": untracked, "limit": limit}))
+        self._untracked = untracked
         return batch
 
     def closed(self, now: float) -> None:

@@ -8,8 +8,11 @@ Rules it enforces:
 - the first message must be NEGO_REQ, within ``handshake_timeout_s`` of the connection opening;
 - NEGO_RESP echoes VsUUID, PolicyName and SessionId and picks a version *from the offer*, by preference;
 - liveness: nothing received for ``idle_timeout_s`` (≥ 3 × the keep-alive interval, never equal to it) ⇒ close;
-- synchronous engines get SCREEN_RESP allow for every SCREEN_REQ (the caller decides *when* to send it) and
-  STATUS_QUERY_RESP "in progress"; asynchronous engines get nothing but NEGO_RESP;
+- synchronous engines get SCREEN_RESP allow for every SCREEN_REQ (the caller decides *when* to send it, and says so
+  with :meth:`Session.answered`); a STATUS_QUERY_REQ is answered from the requests still outstanding — received, not
+  yet answered, not cancelled (:class:`OutstandingRequests`): 1 "in progress" for those, 2 "request lost" for any
+  other, so that ONTAP re-sends at once instead of waiting out its cancel timeout; asynchronous engines get nothing
+  but NEGO_RESP;
 - ALERT_MSG is surfaced with its severity (FATAL ⇒ ONTAP is about to close); unknown types are ignored;
 - a protocol error closes this connection only.
 """
@@ -26,6 +29,7 @@ from fpolicyd.events import SessionContext
 from fpolicyd.protocol.messages import (
     ALLOW,
     STATUS_IN_PROGRESS,
+    STATUS_REQUEST_LOST,
     Alert,
     BackPressure,
     Handshake,
@@ -47,6 +51,14 @@ from fpolicyd.protocol.xml_fast import ScreenFields, fields_of
 #: The idle timeout must exceed the keep-alive interval by this factor: a timeout equal to the interval
 #: closes the connection just before each KEEP_ALIVE (a public server's "handshake works, no events" bug).
 MIN_IDLE_FACTOR: Final = 3.0
+
+#: Default bound on a synchronous session's outstanding requests: the top of ONTAP's ``max-server-reqs`` range
+#: (1–10000; its default is 500), so that no ONTAP setting can make the session forget a request it still holds.
+DEFAULT_MAX_OUTSTANDING: Final = 10_000
+
+
+#: How a STATUS_QUERY_RESP ``Resp`` code reads in logs and metrics.
+STATUS_ANSWERS: Final[dict[int, str]] = {STATUS_IN_PROGRESS: "in_progress", STATUS_REQUEST_LOST: "lost"}
 
 
 class EngineMode(StrEnum):
@@ -71,6 +83,8 @@ class SessionConfig:
     handshake_timeout_s: float = 5.0
     keep_alive_interval_s: float = 120.0
     idle_timeout_s: float = 360.0
+    #: Synchronous engines: requests a session tracks as outstanding at most (see :class:`OutstandingRequests`).
+    max_outstanding: int = DEFAULT_MAX_OUTSTANDING
 
     def __post_init__(self) -> None:
         if not self.preferred_versions:
@@ -81,6 +95,8 @@ class SessionConfig:
             raise ConfigError("keep_alive_interval_s must be >= 0 (0: ONTAP keep-alives disabled)")
         if self.idle_timeout_s < 0:
             raise ConfigError("idle_timeout_s must be >= 0 (0: no idle timeout)")
+        if self.max_outstanding < 1:
+            raise ConfigError("max_outstanding must be >= 1")
         if self.idle_timeout_s and self.idle_timeout_s < MIN_IDLE_FACTOR * self.keep_alive_interval_s:
             raise ConfigError(
                 f"idle_timeout_s ({self.idle_timeout_s}) must be at least {MIN_IDLE_FACTOR:g} x "
@@ -98,6 +114,8 @@ class NoticeKind(StrEnum):
     CANCEL = "cancel"
     STATUS_QUERY = "status_query"
     VOLUME = "volume_notification"
+    #: A synchronous session went over ``max_outstanding``: its oldest outstanding request is no longer tracked.
+    UNTRACKED = "untracked_requests"
     OUTAGE = "outage"
     UNKNOWN_TYPE = "unknown_type"
     UNEXPECTED_DIRECTION = "unexpected_direction"
@@ -119,12 +137,23 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingAnswer:
+    """A synchronous engine's SCREEN_RESP (``data``, framed), to write once its event is durable; then
+    :meth:`Session.answered` with it, and the request is no longer outstanding."""
+
+    data: bytes
+    req_id: int
+    #: Which copy of ``req_id`` this answers (ONTAP may send a request again; only the newest copy's answer counts).
+    ticket: int
+
+
+@dataclass(frozen=True, slots=True)
 class FileNotification:
     """A SCREEN_REQ to hand on, as the decoder's flat fields (whichever decoder read it). ``response`` (sync
     engines only) is to be written once the event is safe."""
 
     fields: ScreenFields
-    response: bytes | None
+    response: PendingAnswer | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +163,65 @@ class Close:
 
 
 Output = FileNotification | Reply | Notice | Close
+
+
+class OutstandingRequests:
+    """The requests of a synchronous session that ONTAP is still waiting for: received, not yet answered, not
+    cancelled. Pure bookkeeping (no clock, no I/O); every operation is O(1).
+
+    - :meth:`received` a SCREEN_REQ: outstanding, and gets a ticket (a copy number). ONTAP sends a request again after
+      a "request lost" answer or a cancel; a copy that arrives while an earlier one is outstanding replaces it, and
+      only the newest copy's answer (:meth:`answered` with its ticket) ends it.
+    - :meth:`cancelled` (SCREEN_CANCEL) ends it at once, whatever copy is pending.
+    - Beyond ``limit`` outstanding requests (more than ONTAP's ``max-server-reqs`` allows it to send), the one that
+      has waited longest is forgotten and counted in :attr:`untracked`: a STATUS_QUERY for it answers "lost", ONTAP
+      sends it again, and the exact-dedup window recognises the copy. Memory stays bounded; no event is lost.
+    """
+
+    __slots__ = ("_by_req", "_limit", "_next_ticket", "untracked")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ConfigError("the outstanding-request limit must be >= 1")
+        self._limit = limit
+        #: req_id → ticket of its newest copy, oldest request first (dict order: a new copy moves to the end).
+        self._by_req: dict[int, int] = {}
+        self._next_ticket = 1
+        #: Requests forgotten at the limit, since the session began.
+        self.untracked = 0
+
+    def received(self, req_id: int) -> int:
+        """A SCREEN_REQ arrived: it is outstanding; returns the ticket its answer must carry."""
+        by_req = self._by_req
+        ticket = self._next_ticket
+        self._next_ticket = ticket + 1
+        if req_id in by_req:
+            del by_req[req_id]
+        by_req[req_id] = ticket
+        if len(by_req) > self._limit:
+            del by_req[next(iter(by_req))]
+            self.untracked += 1
+        return ticket
+
+    def answered(self, req_id: int, ticket: int) -> None:
+        """The SCREEN_RESP of copy ``ticket`` went out: the request is no longer outstanding, unless a newer copy
+        of it is (that one still waits for its own answer)."""
+        if self._by_req.get(req_id) == ticket:
+            del self._by_req[req_id]
+
+    def cancelled(self, req_id: int) -> bool:
+        """ONTAP cancelled ``req_id`` (SCREEN_CANCEL); returns whether it was outstanding."""
+        return self._by_req.pop(req_id, None) is not None
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def __contains__(self, req_id: object) -> bool:
+        return req_id in self._by_req
+
+    def __len__(self) -> int:
+        return len(self._by_req)
 
 
 class Session:
@@ -149,6 +237,7 @@ class Session:
         "context",
         "fatal_alert",
         "last_received",
+        "outstanding",
         "peer",
         "state",
     )
@@ -178,6 +267,8 @@ class Session:
         self._deadline_base = now
         #: Set when ONTAP announced a FATAL alert: the close that follows is expected, not a failure.
         self.fatal_alert = False
+        #: Synchronous engines: the requests ONTAP still waits for (what a STATUS_QUERY is answered from).
+        self.outstanding = OutstandingRequests(config.max_outstanding)
 
     # ------------------------------------------------------------------------------------------ timers
 
@@ -224,18 +315,25 @@ class Session:
         one only once it is known to be XML). It stays true until the session closes."""
         return self.state is SessionState.ACTIVE and fast_screen_reads_xml(self._fast)
 
-    def screened(self, req_id: int, req_type: str, now: float) -> bytes | None:
+    def screened(self, req_id: int, req_type: str, now: float) -> PendingAnswer | None:
         """A SCREEN_REQ that such a reader accepted while :meth:`fast_ready` — canonical header, ``ContentLen``
         equal to the body's length, canonical body, exactly what :meth:`screen` accepts: the session takes it as
-        :meth:`screen` would. Returns the SCREEN_RESP of a synchronous engine (to write once the event is safe),
-        None for an asynchronous one."""
+        :meth:`screen` would. Returns the SCREEN_RESP of a synchronous engine (to write once the event is safe, then
+        :meth:`answered`), None for an asynchronous one."""
         if self.state is not SessionState.ACTIVE:
             raise LocalProtocolError("screened() on a session that is not active")
         return self._screened(req_id, req_type, now)
 
-    def _screened(self, req_id: int, req_type: str, now: float) -> bytes | None:
+    def _screened(self, req_id: int, req_type: str, now: float) -> PendingAnswer | None:
         self.last_received = now
-        return self._encode(ScreenResponse(req_id, req_type, ALLOW)) if self._sync else None
+        if not self._sync:
+            return None
+        ticket = self.outstanding.received(req_id)
+        return PendingAnswer(self._encode(ScreenResponse(req_id, req_type, ALLOW)), req_id, ticket)
+
+    def answered(self, answer: PendingAnswer) -> None:
+        """``answer`` (a SCREEN_RESP this session made) was written: its request is no longer outstanding."""
+        self.outstanding.answered(answer.req_id, answer.ticket)
 
     def receive(self, payload: bytes, now: float) -> Sequence[Output]:
         """Handle one framed payload. A :class:`RemoteProtocolError` becomes a :class:`Close`."""
@@ -252,7 +350,7 @@ class Session:
     def _handle(self, decoded: Decoded) -> Sequence[Output]:
         msg = decoded.message
         if type(msg) is ScreenRequest and self.state is SessionState.ACTIVE:
-            out = FileNotification(fields_of(msg), self._screen_response(msg) if self._sync else None)
+            out = FileNotification(fields_of(msg), self._screened(msg.req_id, msg.req_type, self.last_received))
             if decoded.header.content_len != decoded.body_length:
                 return (out, self._length_mismatch(decoded))
             return (out,)
@@ -324,17 +422,25 @@ class Session:
         if isinstance(msg, KeepAlive):
             return [Notice(NoticeKind.KEEP_ALIVE)]
         if isinstance(msg, ScreenCancel):
+            fields: dict[str, Any] = {
+                "req_id": msg.req_id,
+                "req_type": msg.req_type,
+                "cancel_reason": msg.cancel_reason,
+            }
+            if self._sync:
+                fields["outstanding"] = self.outstanding.cancelled(msg.req_id)
+            return [Notice(NoticeKind.CANCEL, fields)]
+        if isinstance(msg, StatusQuery):
+            if not self._sync:
+                return [Notice(NoticeKind.STATUS_QUERY, {"req_id": msg.req_id, "req_type": msg.req_type})]
+            resp = STATUS_IN_PROGRESS if msg.req_id in self.outstanding else STATUS_REQUEST_LOST
             return [
                 Notice(
-                    NoticeKind.CANCEL,
-                    {"req_id": msg.req_id, "req_type": msg.req_type, "cancel_reason": msg.cancel_reason},
-                )
+                    NoticeKind.STATUS_QUERY,
+                    {"req_id": msg.req_id, "req_type": msg.req_type, "answer": STATUS_ANSWERS[resp]},
+                ),
+                Reply(self._encode(StatusQueryResp(msg.req_id, msg.req_type, resp))),
             ]
-        if isinstance(msg, StatusQuery):
-            outputs: list[Output] = [Notice(NoticeKind.STATUS_QUERY, {"req_id": msg.req_id})]
-            if self._sync:
-                outputs.append(Reply(self._encode(StatusQueryResp(msg.req_id, msg.req_type, STATUS_IN_PROGRESS))))
-            return outputs
         if isinstance(msg, Alert):
             self.fatal_alert = self.fatal_alert or msg.is_fatal
             return [
@@ -357,9 +463,6 @@ class Session:
         return [Notice(NoticeKind.UNEXPECTED_DIRECTION, {"notf_type": notf_type})]
 
     # ------------------------------------------------------------------------------------------ output
-
-    def _screen_response(self, msg: ScreenRequest) -> bytes:
-        return self._encode(ScreenResponse(msg.req_id, msg.req_type, ALLOW))
 
     def back_pressure(self, apply: bool) -> bytes:
         """The BACK_PRESSURE_APPLY/REM frame for this session (only once the handshake is done)."""

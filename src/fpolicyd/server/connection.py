@@ -21,7 +21,7 @@ from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.ingest import Ingest, IngestSession
 from fpolicyd.protocol.readers import ReaderName, codec_for, fast_screen_for, make_reader
-from fpolicyd.protocol.session import Notice, NoticeKind, Session, SessionConfig
+from fpolicyd.protocol.session import Notice, NoticeKind, PendingAnswer, Session, SessionConfig
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.tls import peer_certificate_subject
@@ -73,6 +73,8 @@ class ServerContext:
         self.rejections: dict[str, int] = {}
         self.protocol_errors: dict[str, int] = {}
         self.notices: dict[str, int] = {}
+        #: Synchronous engines: STATUS_QUERY_RESP answers sent, by answer (``in_progress``, ``lost``).
+        self.status_answers: dict[str, int] = {}
         self.sessions_opened = 0
 
     def reject(self, reason: str) -> None:
@@ -165,9 +167,9 @@ class FPolicyConnection(asyncio.Protocol):
         received_at_us = ctx.wall_clock_us()
         batch = ingest.feed(payloads, self._loop.time(), received_at_us, received_at_us / 1_000_000)
         pipeline = ctx.pipeline
-        write = self._write
+        answer = self._answer
         pipeline.submit_many(
-            batch.records, [(index, partial(write, reply)) for index, reply in batch.durable_replies], batch.claims
+            batch.records, [(index, partial(answer, reply)) for index, reply in batch.durable_replies], batch.claims
         )
         if batch.replies:
             transport.writelines(batch.replies)
@@ -264,6 +266,23 @@ class FPolicyConnection(asyncio.Protocol):
             severity = str(notice.fields.get("severity", ""))
             emit = log.error if severity.upper() == "FATAL" else log.warning
             emit("ontap_alert", peer=self.peer, **notice.fields)
+        elif kind is NoticeKind.STATUS_QUERY:
+            answer = notice.fields.get("answer")
+            if answer is not None:
+                ctx.status_answers[answer] = ctx.status_answers.get(answer, 0) + 1
+            # "in progress" is the daemon holding the request (a slow spool says why elsewhere); "lost" and a query
+            # to an asynchronous engine are worth a look.
+            emit = log.info if answer == "in_progress" else log.warning
+            emit("session_status_query", peer=self.peer, **notice.fields)
+        elif kind is NoticeKind.UNTRACKED:
+            log.warning(
+                "session_untracked_requests",
+                peer=self.peer,
+                **notice.fields,
+                detail="more requests outstanding than sync_max_outstanding_requests; the oldest are no longer "
+                "tracked (a STATUS_QUERY for one answers 'lost' and ONTAP sends it again): set it to at least "
+                "ONTAP's max-server-reqs",
+            )
         elif kind in (NoticeKind.HANDSHAKE, NoticeKind.STATE, NoticeKind.OUTAGE, NoticeKind.VOLUME):
             log.info(f"session_{kind.value}", peer=self.peer, **notice.fields)
         else:
@@ -310,6 +329,12 @@ class FPolicyConnection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
+    def _answer(self, answer: PendingAnswer) -> None:
+        """A synchronous engine's SCREEN_RESP, once its event is durable: write it; the request is answered."""
+        self._write(answer.data)
+        if self._session is not None:
+            self._session.answered(answer)
+
     def send_back_pressure(self, apply: bool) -> None:
         session = self._session
         if session is not None and session.context is not None:
@@ -326,6 +351,11 @@ class FPolicyConnection(asyncio.Protocol):
             return
         transport.write(session.back_pressure(True))
         log.info("back_pressure_applied", peer=self.peer, reason="shutdown", session_id=session.context.session_id)
+
+    @property
+    def outstanding(self) -> int:
+        """Synchronous engines: this session's requests not yet answered or cancelled."""
+        return 0 if self._session is None else len(self._session.outstanding)
 
     @property
     def quiet_for(self) -> float:

@@ -12,8 +12,11 @@ Two halves:
   :func:`~fpolicyd.protocol.xml_codec.encode_screen_request` (the unit tests check this on long streams).
 * **An asyncio client** (:func:`run`) that plays ``nodes`` ONTAP nodes, one connection each: NEGO_REQ/NEGO_RESP,
   a SCREEN_REQ stream written in pre-encoded chunks with optional rate control, KEEP_ALIVE, BACK_PRESSURE
-  honoured, and an optional synchronous mode with a ``max_outstanding`` window. Everything it sees the server
-  do wrong raises :class:`SimulatorError`; every loop ends by itself (timeouts and ``duration_limit_s``).
+  honoured, and an optional synchronous mode with a ``max_outstanding`` window. In that mode it asks about every
+  request still unanswered after ``status_interval_s`` (STATUS_QUERY_REQ, again every interval, as ONTAP's
+  ``status-req-interval``) and sends a request again at once when the server answers 2 "request lost". Everything
+  it sees the server do wrong raises :class:`SimulatorError`; every loop ends by itself (timeouts and
+  ``duration_limit_s``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from fpolicyd.events import event_id_from_identity
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import (
     ALLOW,
+    STATUS_IN_PROGRESS,
+    STATUS_REQUEST_LOST,
     BackPressure,
     Handshake,
     HandshakeResp,
@@ -48,11 +53,20 @@ from fpolicyd.protocol.messages import (
     ProtCommonInfo,
     ScreenRequest,
     ScreenResponse,
+    StatusQuery,
+    StatusQueryResp,
     UserContext,
     UserKind,
 )
 from fpolicyd.protocol.req_types import REQ_TYPES, Operation, ReqTypeInfo
-from fpolicyd.protocol.xml_codec import XML_PROLOG, decode_payload, encode_handshake, encode_keep_alive, escape
+from fpolicyd.protocol.xml_codec import (
+    XML_PROLOG,
+    decode_payload,
+    encode_handshake,
+    encode_keep_alive,
+    encode_message,
+    escape,
+)
 
 __all__ = [
     "DEFAULT_BASE_TIME_US",
@@ -816,6 +830,9 @@ class SimulatorConfig:
     sync: bool = False
     #: Sync window, like ONTAP's ``max-server-reqs``.
     max_outstanding: int = 500
+    #: Sync mode: a request unanswered this long is asked about (STATUS_QUERY_REQ), and again every interval, like
+    #: ONTAP's ``status-req-interval`` (10 s by default; ONTAP allows 0–50); 0 = never ask.
+    status_interval_s: float = 10.0
     #: 0 disables KEEP_ALIVE (ONTAP's own range is 10–600 s; small values are for tests).
     keep_alive_interval_s: float = 120.0
     versions: tuple[str, ...] = DEFAULT_VERSIONS
@@ -852,6 +869,8 @@ class SimulatorConfig:
             raise bad("sync", "must be a bool")
         if not _is_int(self.max_outstanding) or not 1 <= self.max_outstanding <= 10000:
             raise bad("max_outstanding", "must be an integer in 1..10000 (ONTAP's max-server-reqs range)")
+        if not _finite(self.status_interval_s) or self.status_interval_s < 0:
+            raise bad("status_interval_s", "must be a finite number >= 0 (0 = no STATUS_QUERY)")
         if not _finite(self.keep_alive_interval_s) or self.keep_alive_interval_s < 0:
             raise bad("keep_alive_interval_s", "must be a finite number >= 0 (0 = no KEEP_ALIVE)")
         if (
@@ -908,6 +927,12 @@ class NodeReport:
     responses: int
     keep_alives: int
     back_pressure_applied: int
+    #: Sync mode: STATUS_QUERY_REQs sent, the answers "in progress" and "request lost", and the requests sent again
+    #: because of a "request lost" for a request still unanswered.
+    status_queries: int
+    status_in_progress: int
+    status_lost: int
+    resends: int
     #: Connect to close, seconds.
     elapsed_s: float
     #: Every event sent (and answered, in sync mode) before ``duration_limit_s``.
@@ -922,6 +947,10 @@ class NodeReport:
             "responses": self.responses,
             "keep_alives": self.keep_alives,
             "back_pressure_applied": self.back_pressure_applied,
+            "status_queries": self.status_queries,
+            "status_in_progress": self.status_in_progress,
+            "status_lost": self.status_lost,
+            "resends": self.resends,
             "elapsed_s": round(self.elapsed_s, 6),
             "completed": self.completed,
         }
@@ -947,6 +976,14 @@ class SimulationReport:
         return sum(n.keep_alives for n in self.nodes)
 
     @property
+    def status_queries(self) -> int:
+        return sum(n.status_queries for n in self.nodes)
+
+    @property
+    def resends(self) -> int:
+        return sum(n.resends for n in self.nodes)
+
+    @property
     def completed(self) -> bool:
         return all(n.completed for n in self.nodes)
 
@@ -960,6 +997,8 @@ class SimulationReport:
             "sent": self.sent,
             "responses": self.responses,
             "keep_alives": self.keep_alives,
+            "status_queries": self.status_queries,
+            "resends": self.resends,
             "completed": self.completed,
             "elapsed_s": round(self.elapsed_s, 6),
             "events_per_s": round(self.events_per_s, 1),
@@ -997,6 +1036,11 @@ class _Node:
     frames: XmlFrameReader = field(default_factory=XmlFrameReader)
     pending: list[bytes] = field(default_factory=list)
     outstanding: dict[int, str] = field(default_factory=dict)
+    #: Sync mode with status queries: when to ask next about each unanswered request (earliest first: every entry
+    #: is (re)inserted at now + interval), and its frame, to send again on "request lost".
+    status_due: dict[int, float] = field(default_factory=dict)
+    unanswered_frames: dict[int, bytes] = field(default_factory=dict)
+    status_wake: asyncio.Event = field(default_factory=asyncio.Event)
     progress: asyncio.Event = field(default_factory=asyncio.Event)
     resume: asyncio.Event = field(default_factory=asyncio.Event)
     version: str = ""
@@ -1004,6 +1048,10 @@ class _Node:
     responses: int = 0
     keep_alives: int = 0
     back_pressure_applied: int = 0
+    status_queries: int = 0
+    status_in_progress: int = 0
+    status_lost: int = 0
+    resends: int = 0
 
     def _fail(self, why: str) -> SimulatorError:
         return SimulatorError(f"node {self.node}: {why}")
@@ -1039,6 +1087,10 @@ class _Node:
             responses=self.responses,
             keep_alives=self.keep_alives,
             back_pressure_applied=self.back_pressure_applied,
+            status_queries=self.status_queries,
+            status_in_progress=self.status_in_progress,
+            status_lost=self.status_lost,
+            resends=self.resends,
             elapsed_s=loop.time() - start,
             completed=completed,
         )
@@ -1112,8 +1164,12 @@ class _Node:
                 )
             if msg.notf_resp != ALLOW:
                 raise self._fail(f"SCREEN_RESP for ReqId {msg.req_id} has NotfResp {msg.notf_resp}, expected 1")
+            self.status_due.pop(msg.req_id, None)
+            self.unanswered_frames.pop(msg.req_id, None)
             self.responses += 1
             self.progress.set()
+        elif isinstance(msg, StatusQueryResp):
+            self._status_answer(msg)
         elif isinstance(msg, BackPressure):
             if msg.session_id != self.hs.session_id:
                 raise self._fail(f"{notf_type} for SessionId {msg.session_id!r}, not this session's")
@@ -1124,6 +1180,59 @@ class _Node:
                 self.resume.set()
         else:
             raise self._fail(f"unexpected {notf_type} from the server")
+
+    def _status_answer(self, msg: StatusQueryResp) -> None:
+        """The answer to one of our STATUS_QUERY_REQs. "In progress" is only possible for a request not yet
+        answered (the server answers the query when it reads it, before any later SCREEN_RESP); "request lost" for
+        one still unanswered makes ONTAP send the request again at once, and so do we."""
+        if not (self.config.sync and self.config.status_interval_s > 0):
+            raise self._fail(f"STATUS_QUERY_RESP (ReqId {msg.req_id}) although no status query was sent")
+        req_type = self.outstanding.get(msg.req_id)
+        if req_type is not None and req_type != msg.req_type:
+            raise self._fail(
+                f"STATUS_QUERY_RESP for ReqId {msg.req_id} has ReqType {msg.req_type!r}, the request was {req_type!r}"
+            )
+        if msg.resp == STATUS_IN_PROGRESS:
+            if req_type is None:
+                raise self._fail(f"STATUS_QUERY_RESP 'in progress' for ReqId {msg.req_id}, already answered")
+            self.status_in_progress += 1
+        elif msg.resp == STATUS_REQUEST_LOST:
+            self.status_lost += 1
+            if req_type is not None:
+                self.writer.write(self.unanswered_frames[msg.req_id])
+                self.resends += 1
+                del self.status_due[msg.req_id]
+                self.status_due[msg.req_id] = asyncio.get_running_loop().time() + self.config.status_interval_s
+        else:
+            raise self._fail(f"STATUS_QUERY_RESP for ReqId {msg.req_id} has Resp {msg.resp}, expected 1 or 2")
+
+    async def _status_loop(self) -> None:
+        """ONTAP's status-req-interval: ask about every request unanswered for an interval, again every interval."""
+        loop = asyncio.get_running_loop()
+        interval = self.config.status_interval_s
+        due = self.status_due
+        while True:
+            if not due:
+                self.status_wake.clear()
+                await self.status_wake.wait()
+                continue
+            wait = next(iter(due.values())) - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            now = loop.time()
+            asked: list[int] = []
+            for req_id, at in due.items():
+                if at > now:
+                    break
+                asked.append(req_id)
+            frames = []
+            for req_id in asked:
+                del due[req_id]
+                due[req_id] = now + interval
+                frames.append(encode_message(StatusQuery(req_id, self.outstanding[req_id])))
+            self.status_queries += len(frames)
+            self.writer.write(b"".join(frames))
 
     async def _read_loop(self) -> None:
         while True:
@@ -1180,6 +1289,12 @@ class _Node:
             if cfg.sync:
                 for spec, _frame in batch:
                     self.outstanding[spec.req_id] = spec.kind.req_type
+                if cfg.status_interval_s > 0:
+                    asked_at = loop.time() + cfg.status_interval_s
+                    for spec, frame in batch:
+                        self.status_due[spec.req_id] = asked_at
+                        self.unanswered_frames[spec.req_id] = frame
+                    self.status_wake.set()
             self.writer.write(b"".join([frame for _spec, frame in batch]))
             self.sent += n
             if self.manifest is not None:
@@ -1201,10 +1316,12 @@ class _Node:
             self._handle(payload)
         reader = asyncio.create_task(self._read_loop())
         sender = asyncio.create_task(self._send_all())
-        keep_alive = None
+        keep_alive = status = None
         if self.config.keep_alive_interval_s > 0:
             keep_alive = asyncio.create_task(self._keep_alive_loop())
-        tasks = [t for t in (sender, reader, keep_alive) if t is not None]
+        if self.config.sync and self.config.status_interval_s > 0:
+            status = asyncio.create_task(self._status_loop())
+        tasks = [t for t in (sender, reader, keep_alive, status) if t is not None]
         try:
             done, _ = await asyncio.wait((sender, reader), timeout=remaining(), return_when=asyncio.FIRST_COMPLETED)
             if reader in done:

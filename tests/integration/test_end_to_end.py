@@ -161,6 +161,22 @@ async def test_status_queries_are_answered_from_what_the_daemon_holds(served: Se
     assert [event["operation_type"] for event in read_events(served.data_dir)] == ["open"]
 
 
+@pytest.mark.serve_flags(*SLOW_SPOOL)
+async def test_the_simulator_asks_like_ontap_and_a_slow_spool_answers_in_progress(served: Served) -> None:
+    config = SimulatorConfig(
+        port=served.port, nodes=2, events=100, seed=4, sync=True, max_outstanding=100, status_interval_s=0.2
+    )
+    report = await run(config)
+    assert report.completed
+    assert report.responses == report.sent == 200
+    # Every request waited about a second for the spool: asked about a few times, always "in progress", never lost.
+    assert report.status_queries >= 200
+    assert sum(node.status_in_progress for node in report.nodes) == report.status_queries
+    assert report.resends == sum(node.status_lost for node in report.nodes) == 0
+    assert await stop(served) == 0
+    assert_exactly_once(read_events(served.data_dir), expected_events(config))
+
+
 async def scrape(served: Served) -> str:
     """The daemon's /metrics page (its HTTP port is in the "http_listening" log line)."""
     [port] = [line["port"] for line in served.log_lines if line.get("event") == "http_listening"]

@@ -26,11 +26,14 @@ from fpolicyd.protocol.messages import (
     Message,
     ScreenRequest,
     ScreenResponse,
+    StatusQuery,
+    StatusQueryResp,
 )
 from fpolicyd.protocol.xml_codec import (
     decode_payload,
     encode_back_pressure,
     encode_handshake_resp,
+    encode_message,
     encode_screen_response,
 )
 from fpolicyd.simulator import (
@@ -72,6 +75,12 @@ class Behaviour:
     #: Answer SCREEN_REQ even in async mode (a misbehaving server).
     always_respond: bool = False
     close_after_handshake: bool = False
+    #: Sync: the first copy of these requests is lost (never answered, unknown to a STATUS_QUERY).
+    lose_first: frozenset[int] = frozenset()
+    #: Sync: answer each request only this long after it arrived (a slow server); STATUS_QUERY says "in progress".
+    answer_after_s: float = 0.0
+    #: Answer every STATUS_QUERY with this Resp instead of the truth (a misbehaving server).
+    status_resp: int | None = None
 
 
 @dataclass
@@ -80,6 +89,9 @@ class Conn:
     arrivals: list[float] = field(default_factory=list)
     back_pressure_window: tuple[float, float] = (0.0, 0.0)
     max_pending: int = 0
+    lost: set[int] = field(default_factory=set)
+    #: Requests held by an ``answer_after_s`` server, until their answer is written.
+    held: dict[int, ScreenRequest] = field(default_factory=dict)
 
 
 class FakeServer:
@@ -147,8 +159,17 @@ class FakeServer:
                     if b.back_pressure_s:
                         out.append(encode_back_pressure(BackPressure(msg.session_id, apply=True)))
                         bp_task = asyncio.create_task(self._release(conn, writer, msg.session_id))
+                elif isinstance(msg, ScreenRequest) and b.sync and msg.req_id in b.lose_first - conn.lost:
+                    conn.lost.add(msg.req_id)
+                elif isinstance(msg, ScreenRequest) and b.sync and b.answer_after_s:
+                    conn.held[msg.req_id] = msg
+                    loop.call_later(b.answer_after_s, self._answer_held, conn, writer, msg.req_id)
                 elif isinstance(msg, ScreenRequest) and (b.sync or b.always_respond):
                     pending.append(msg)
+                elif isinstance(msg, StatusQuery):
+                    held = msg.req_id in conn.held or any(r.req_id == msg.req_id for r in pending)
+                    resp = b.status_resp if b.status_resp is not None else 1 if held else 2
+                    out.append(encode_message(StatusQueryResp(msg.req_id, msg.req_type, resp)))
             if b.close_after_handshake and out:
                 writer.write(b"".join(out))
                 await writer.drain()
@@ -162,6 +183,11 @@ class FakeServer:
                 await writer.drain()
         if bp_task is not None:
             await bp_task
+
+    def _answer_held(self, conn: Conn, writer: asyncio.StreamWriter, req_id: int) -> None:
+        request = conn.held.pop(req_id)
+        if not writer.is_closing():
+            writer.write(encode_screen_response(ScreenResponse(request.req_id, request.req_type, 1)))
 
     async def _release(self, conn: Conn, writer: asyncio.StreamWriter, session_id: str) -> None:
         loop = asyncio.get_running_loop()
@@ -336,6 +362,67 @@ def test_sync_window_is_respected() -> None:
     assert conn.max_pending == window  # filled the window, never more
 
 
+def status_queries(conn: Conn) -> list[StatusQuery]:
+    return [m for m in conn.messages if isinstance(m, StatusQuery)]
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_request_the_server_lost_is_asked_about_and_sent_again(loop_name: str) -> None:
+    behaviour = Behaviour(sync=True, lose_first=frozenset({3, 7}))
+    report, fake, config = run_on(
+        loop_name,
+        simulate(behaviour, events=20, sync=True, max_outstanding=20, chunk_events=5, status_interval_s=0.05),
+    )
+    assert report.completed
+    assert report.sent == report.responses == 20
+    (node,) = report.nodes
+    assert node.resends == report.resends == 2
+    assert node.status_lost >= 2
+    (conn,) = fake.conns
+    requests = screen_requests(conn)
+    # Each lost request came again, byte for byte the same request; nothing else was sent twice.
+    assert sorted(r.req_id for r in requests) == sorted([*range(1, 21), 3, 7])
+    assert {r.req_id: r for r in requests} == {r.req_id: r for _n, r in expected_requests(config)}
+    assert {q.req_id for q in status_queries(conn)} <= {3, 7}
+
+
+def test_a_slow_server_is_asked_every_interval_and_nothing_is_sent_again() -> None:
+    interval = 0.05
+    report, fake, _config = run_on(
+        "asyncio",
+        simulate(
+            Behaviour(sync=True, answer_after_s=0.4), events=4, sync=True, chunk_events=4, status_interval_s=interval
+        ),
+    )
+    assert report.completed
+    assert report.responses == 4
+    (node,) = report.nodes
+    assert node.resends == node.status_lost == 0
+    assert node.status_in_progress == node.status_queries >= 4
+    (conn,) = fake.conns
+    sent_at = {m.req_id: t for m, t in zip(conn.messages, conn.arrivals, strict=True) if isinstance(m, ScreenRequest)}
+    asked: dict[int, list[float]] = {}
+    for m, t in zip(conn.messages, conn.arrivals, strict=True):
+        if isinstance(m, StatusQuery):
+            asked.setdefault(m.req_id, []).append(t)
+    assert set(asked) == set(sent_at)
+    for req_id, times in asked.items():
+        # Never sooner than an interval after the request, nor than an interval after the previous query (a little
+        # slack: both arrival times are the server's, each a socket read after the send).
+        gaps = [b - a for a, b in zip([sent_at[req_id], *times], times, strict=False)]
+        assert min(gaps) >= interval - 0.02
+
+
+def test_no_status_query_when_the_interval_is_zero() -> None:
+    report, fake, _config = run_on(
+        "asyncio",
+        simulate(Behaviour(sync=True, answer_after_s=0.2), events=3, sync=True, status_interval_s=0.0),
+    )
+    assert report.completed
+    assert report.status_queries == 0
+    assert not status_queries(fake.conns[0])
+
+
 def test_duration_limit_stops_a_run_whose_server_never_answers() -> None:
     async def scenario() -> SimulationReport:
         async with fake_server(Behaviour(sync=False)) as fake:
@@ -378,11 +465,15 @@ def test_back_pressure_pauses_the_stream() -> None:
         (Behaviour(sync=True, notf_resp=2), r"NotfResp 2"),
         (Behaviour(always_respond=True), r"SCREEN_RESP .* asynchronous mode"),
         (Behaviour(close_after_handshake=True), r"closed the connection|connection error"),
+        (Behaviour(sync=True, answer_after_s=1.0, status_resp=3), r"Resp 3, expected 1 or 2"),
     ],
 )
 def test_server_misbehaviour_raises(behaviour: Behaviour, match: str) -> None:
     sync = behaviour.sync
-    run_on("asyncio", expect_error(behaviour, match, events=2000, sync=sync, versions=("1.0", "1.1", "1.2")))
+    run_on(
+        "asyncio",
+        expect_error(behaviour, match, events=2000, sync=sync, versions=("1.0", "1.1", "1.2"), status_interval_s=0.05),
+    )
 
 
 def test_handshake_timeout() -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from fpolicyd.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from fpolicyd.events import SessionContext
@@ -136,10 +136,10 @@ class Reply:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class PendingAnswer:
+class PendingAnswer(NamedTuple):
     """A synchronous engine's SCREEN_RESP (``data``, framed), to write once its event is durable; then
-    :meth:`Session.answered` with it, and the request is no longer outstanding."""
+    :meth:`Session.answered` with it, and the request is no longer outstanding. (Immutable like the frozen
+    dataclasses here, and made once per synchronous event: a NamedTuple is built in about half the time.)"""
 
     data: bytes
     req_id: int

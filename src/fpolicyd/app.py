@@ -315,6 +315,8 @@ class Daemon:
             allowlist=PeerAllowlist.parse(settings.allowed_networks),
             frame_reader=settings.frame_reader,
             capture=capture_recorder(settings, mask=redactor.log_path),
+            write_buffer_bytes=settings.peer_write_buffer_bytes,
+            write_stall_timeout_s=settings.peer_write_stall_timeout_s,
         )
         self._pipeline.on_fatal = self._on_fatal
         self.metrics.attach(self._context, self._pipeline)

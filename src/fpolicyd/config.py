@@ -241,6 +241,19 @@ class Settings(BaseSettings):
         description="Protocol versions in order of preference; only a version ONTAP offered is answered.",
     )
     handshake_timeout_s: float = Field(5.0, gt=0, description="Time a new connection has to send NEGO_REQ.")
+    peer_write_buffer_bytes: int = Field(
+        256 << 10,
+        ge=4096,
+        le=64 << 20,
+        description="Replies (SCREEN_RESP, STATUS_QUERY_RESP, back pressure) a session may have queued unread by "
+        "ONTAP; above it the session is not read until ONTAP has read them down to a quarter.",
+    )
+    peer_write_stall_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Close a session whose replies stayed above peer_write_buffer_bytes this long (ONTAP not "
+        "reading them); everything read from it is kept.",
+    )
     keep_alive_interval_s: float = Field(
         120.0, ge=0, description="The engine's keep-alive-interval (ONTAP default 120 s; 0 = disabled)."
     )

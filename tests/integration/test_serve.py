@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import orjson
@@ -17,6 +19,7 @@ from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.spool import Record, Spool, SpoolSettings
+from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import (
     BackPressure,
     Handshake,
@@ -29,6 +32,7 @@ from fpolicyd.protocol.session import SessionConfig
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_message
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.simulator import generate_frames
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 from support.notifications import BASE_GENERATION_US
 from support.peer import Peer, jsonl_events, make_settings, wait_for_events
@@ -77,13 +81,93 @@ async def test_sync_mode_answers_every_screen_request(daemon: Daemon) -> None:
     await peer.send(SMB_OPEN.frame, SMB_REN.frame, encode_message(StatusQuery(77, "SMB_WR")))
     answers = [decode_payload(await peer.receive()).message for _ in range(3)]
     # SCREEN_RESPs wait until their event is durable, so the immediate status answer may overtake them; the
-    # SCREEN_RESPs keep the order of their requests.
-    assert StatusQueryResp(77, "SMB_WR", 1) in answers
+    # SCREEN_RESPs keep the order of their requests. ReqId 77 was never sent: "request lost", ONTAP re-sends it.
+    assert StatusQueryResp(77, "SMB_WR", 2) in answers
     assert [a for a in answers if isinstance(a, ScreenResponse)] == [
         ScreenResponse(2822, "SMB_OPEN", 1),
         ScreenResponse(4996, "SMB_REN", 1),
     ]
     await peer.close()
+
+
+@pytest.mark.settings(engine_mode="sync", peer_write_buffer_bytes=4096, peer_write_stall_timeout_s=1.0)
+async def test_a_peer_that_reads_no_replies_is_not_read_and_then_closed(daemon: Daemon, tmp_path: Path) -> None:
+    """Sync mode: every SCREEN_REQ read makes a SCREEN_RESP. A peer that sends and never reads must not make the
+    daemon queue replies without end: it stops being read, then is closed; what was read is kept."""
+    loop = asyncio.get_running_loop()
+    ctx = daemon.context
+    frames = list(generate_frames(seed=9, node=0, count=20_000, base_time_us=BASE_GENERATION_US))
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window for replies
+    stalled.setblocking(False)
+    healthy = None
+    try:
+        await loop.sock_connect(stalled, ("127.0.0.1", daemon.port))
+        await loop.sock_sendall(stalled, NEGO_REQ.frame)
+        assert await eventually(lambda: len(ctx.connections) == 1)
+        [conn] = list(ctx.connections)
+        sent = 0
+        # The daemon stops reading, so our sends block; then it closes the connection.
+        with contextlib.suppress(TimeoutError, ConnectionResetError, BrokenPipeError):
+            for start in range(0, len(frames), 100):
+                await asyncio.wait_for(loop.sock_sendall(stalled, b"".join(frames[start : start + 100])), 2.0)
+                sent += 100
+        assert sent < len(frames), "the daemon kept reading a peer that reads none of its replies"
+        assert await eventually(lambda: ctx.protocol_errors.get("write_stall") == 1)
+        assert ctx.write_stalls == 1
+        assert not ctx.connections
+        read = conn.stats.events
+        assert 0 < read <= sent
+        # Every event read is kept, and another node is served normally.
+        healthy = await Peer.connect(daemon.port)
+        await healthy.send(NEGO_REQ.frame)
+        await healthy.receive()
+        await healthy.send(SMB_OPEN.frame)
+        assert decode_payload(await healthy.receive()).message == ScreenResponse(2822, "SMB_OPEN", 1)
+        events = await wait_for_events(tmp_path, read + 1)
+        assert len(events) == read + 1
+    finally:
+        stalled.close()
+        if healthy is not None:
+            await healthy.close()
+
+
+@pytest.mark.settings(engine_mode="sync", peer_write_buffer_bytes=4096, peer_write_stall_timeout_s=10.0)
+async def test_a_peer_that_reads_its_replies_again_is_read_again(daemon: Daemon, tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    ctx = daemon.context
+    count = 20_000  # replies (~3.4 MB) beyond what the sockets' buffers hold
+    frames = list(generate_frames(seed=10, node=0, count=count, base_time_us=BASE_GENERATION_US))
+    peer = socket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peer.setblocking(False)
+    try:
+        await loop.sock_connect(peer, ("127.0.0.1", daemon.port))
+        await loop.sock_sendall(peer, NEGO_REQ.frame)
+        sender = asyncio.create_task(loop.sock_sendall(peer, b"".join(frames)))
+        assert await eventually(lambda: ctx.write_stalls >= 1)  # we read nothing yet: the daemon stops reading
+        reader, answered = XmlFrameReader(), 0
+        async with asyncio.timeout(30):
+            while answered < count:  # now read every reply; the daemon reads the rest of the requests
+                data = await loop.sock_recv(peer, 65536)
+                assert data, "the daemon closed the connection"
+                answered += sum(type(decode_payload(p).message) is ScreenResponse for p in reader.feed(data))
+            await sender
+        assert "write_stall" not in ctx.protocol_errors
+        assert len(await wait_for_events(tmp_path, count)) == count
+    finally:
+        peer.close()
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> bool:
+    """Whether ``predicate`` holds within ``within`` seconds (polled)."""
+    deadline = time.monotonic() + within
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
 
 
 async def test_a_bad_frame_closes_only_that_connection(daemon: Daemon, tmp_path: Path) -> None:

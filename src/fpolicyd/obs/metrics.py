@@ -82,7 +82,7 @@ _FRAME_NOTICES: Final[dict[str, str]] = {
 #: Frame types ONTAP sends to a server (always exported, zero until seen, so that rate() works from the start).
 _INBOUND_FRAME_TYPES: Final = (NotfType.SCREEN_REQ, *dict.fromkeys(_FRAME_NOTICES.values()))
 #: Close reasons that are timers, not malformed input.
-_TIMEOUT_REASONS: Final = frozenset({"handshake_timeout", "idle_timeout"})
+_TIMEOUT_REASONS: Final = frozenset({"handshake_timeout", "idle_timeout", "write_stall"})
 
 
 #: A histogram's per-bucket counts (last: +Inf) and sum, as sent between processes.
@@ -484,6 +484,11 @@ class FpolicydCollector(Collector):
             "or lost (never received, already answered or cancelled: ONTAP sends it again at once).",
             ["answer"],
         )
+        write_stalls = _counter(
+            "peer_write_stalls",
+            "Times a session stopped being read because ONTAP left more than peer_write_buffer_bytes of our "
+            "replies unread (closed after peer_write_stall_timeout_s: session_timeouts_total{reason=write_stall}).",
+        )
         outstanding = _gauge(
             "sync_outstanding_requests",
             "SCREEN_REQs of synchronous engines received and not yet answered or cancelled, over all sessions.",
@@ -541,8 +546,9 @@ class FpolicydCollector(Collector):
                 status_answers.add_metric([answer], ctx.status_answers.get(answer, 0))
             outstanding.add_metric([], sum(conn.outstanding for conn in list(ctx.connections)))
             untracked.add_metric([], counters.untracked_requests)
+            write_stalls.add_metric([], ctx.write_stalls)
         yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, decoded, accelerated)
-        yield from (status_answers, outstanding, untracked)
+        yield from (status_answers, outstanding, untracked, write_stalls)
 
     @staticmethod
     def _pipeline(pipeline: EventPipeline | None) -> Iterator[Metric]:

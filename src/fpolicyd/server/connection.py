@@ -4,7 +4,9 @@ Per read: split frames (the reader), hand the payloads to the pure ingest step (
 decode, event, replay flags, routes, dedup claim, JSON), append its records to the spool, write its replies.
 Nothing here awaits; replies produced by one read are written with one ``writelines`` (a synchronous engine's
 SCREEN_RESP waits until its event is durable). While the pipeline asks for it (spool over its pause
-watermark), the transport stops reading and TCP pushes back to ONTAP.
+watermark), the transport stops reading and TCP pushes back to ONTAP. So it does while ONTAP does not read our
+replies (the transport's write buffer above ``write_buffer_bytes``): a session that makes us queue replies makes
+no more until it reads them, and one that stays stalled for ``write_stall_timeout_s`` is closed.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class ServerContext:
         allowlist: PeerAllowlist | None = None,
         frame_reader: str = ReaderName.XML,
         capture: CaptureRecorder | None = None,
+        write_buffer_bytes: int = 256 << 10,
+        write_stall_timeout_s: float = 30.0,
     ) -> None:
         self.session_config = session_config
         #: The per-event work every session shares (names, routes, dedup window, redaction, counters).
@@ -69,6 +73,12 @@ class ServerContext:
         #: The listener's frame reader (:class:`ReaderName`: xml, protobuf-*, auto) and the optional wire capture.
         self.frame_reader = ReaderName(frame_reader)
         self.capture = capture
+        #: Replies a session may have queued unread (the transport's high watermark; it resumes at a quarter), and
+        #: how long it may stay above it before it is closed.
+        self.write_buffer_bytes = write_buffer_bytes
+        self.write_stall_timeout_s = write_stall_timeout_s
+        #: Times a session stopped being read because ONTAP did not read our replies.
+        self.write_stalls = 0
         #: Connections closed at once, by reason (``not_allowed``, ``max_connections``).
         self.rejections: dict[str, int] = {}
         self.protocol_errors: dict[str, int] = {}
@@ -103,6 +113,9 @@ class FPolicyConnection(asyncio.Protocol):
         self._timer_at = float("inf")
         self._paused = False
         self._yielding = False
+        #: ONTAP is not reading our replies (above the write buffer's high watermark); the stall timer closes it.
+        self._write_blocked = False
+        self._stall_timer: asyncio.TimerHandle | None = None
         self.peer = "?"
         self.last_data_at = self._loop.time()
         self.stats = ConnectionStats()
@@ -128,6 +141,7 @@ class FPolicyConnection(asyncio.Protocol):
             log.warning("connection_rejected", peer=self.peer, reason="max_connections", limit=ctx.max_connections)
             transport.abort()
             return
+        transport.set_write_buffer_limits(high=ctx.write_buffer_bytes, low=ctx.write_buffer_bytes // 4)
         ctx.connections.add(self)
         ctx.sessions_opened += 1
         decode, encode = codec_for(self._reader)
@@ -203,6 +217,8 @@ class FPolicyConnection(asyncio.Protocol):
         self._ctx.pipeline.forget(id(self))
         if self._timer is not None:
             self._timer.cancel()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
         if self._ingest is not None:
             self._ingest.closed(self._loop.time())
         session = self._session
@@ -220,8 +236,41 @@ class FPolicyConnection(asyncio.Protocol):
         self.closed.set()
 
     def pause_writing(self) -> None:
-        """ONTAP is not reading our replies; nothing to do but note it (replies are tiny)."""
-        log.warning("peer_not_reading", peer=self.peer)
+        """ONTAP is not reading our replies: read nothing more from it (every request read makes another reply),
+        until it does; close it if it does not within ``write_stall_timeout_s``."""
+        ctx = self._ctx
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        self._write_blocked = True
+        ctx.write_stalls += 1
+        transport.pause_reading()
+        self._stall_timer = self._loop.call_later(ctx.write_stall_timeout_s, self._write_stalled)
+        log.warning(
+            "peer_not_reading",
+            peer=self.peer,
+            queued_bytes=transport.get_write_buffer_size(),
+            limit=ctx.write_buffer_bytes,
+            detail=f"reading paused until ONTAP reads our replies; closed after {ctx.write_stall_timeout_s:g} s",
+        )
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        log.info("peer_reading_again", peer=self.peer)
+        self._resume_reading()
+
+    def _write_stalled(self) -> None:
+        self._stall_timer = None
+        transport = self._transport
+        queued = transport.get_write_buffer_size() if transport is not None else 0
+        self._close(
+            "write_stall",
+            f"{queued} bytes of replies still unread by ONTAP after {self._ctx.write_stall_timeout_s:g} s",
+            abort=True,  # close() would wait for ONTAP to read them
+        )
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -240,8 +289,16 @@ class FPolicyConnection(asyncio.Protocol):
 
     def _end_yield(self) -> None:
         self._yielding = False
-        if not self._paused and self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        """Read again, unless something else still holds reading: the pipeline (``_paused``), this loop
+        iteration's yield, or replies ONTAP has not read."""
+        if self._paused or self._yielding or self._write_blocked:
+            return
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     def _pause(self) -> None:
         assert self._transport is not None
@@ -251,8 +308,7 @@ class FPolicyConnection(asyncio.Protocol):
 
     def _resume(self) -> None:
         self._paused = False
-        if not self._yielding and self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
+        self._resume_reading()
 
     def _notice(self, notice: Notice) -> None:
         kind = notice.kind
@@ -315,14 +371,17 @@ class FPolicyConnection(asyncio.Protocol):
         else:
             self._arm_timer()
 
-    def _close(self, reason: str, detail: str) -> None:
+    def _close(self, reason: str, detail: str, *, abort: bool = False) -> None:
         ctx = self._ctx
         ctx.protocol_errors[reason] = ctx.protocol_errors.get(reason, 0) + 1
         log.warning("connection_closing", peer=self.peer, reason=reason, detail=detail)
         if self._session is not None:
             self._session.closed()
         if self._transport is not None:
-            self._transport.close()
+            if abort:
+                self._transport.abort()
+            else:
+                self._transport.close()
 
     def _write(self, data: bytes) -> None:
         transport = self._transport
@@ -363,6 +422,10 @@ class FPolicyConnection(asyncio.Protocol):
         return self._loop.time() - self.last_data_at
 
     def shutdown(self) -> None:
-        """Close on daemon stop (no goodbye exists in the protocol; ONTAP reconnects elsewhere)."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+        """Close on daemon stop (no goodbye exists in the protocol; ONTAP reconnects elsewhere). A session whose
+        replies ONTAP is not reading is aborted: a close would wait for them to be read."""
+        transport = self._transport
+        if transport is not None and self._write_blocked:
+            transport.abort()
+        elif transport is not None and not transport.is_closing():
+            transport.close()

@@ -70,6 +70,8 @@ class Ingest:
     #: Build events with the C accelerator where it is built and nothing redacts; False: the Python path only
     #: (the ``pure_python`` setting).
     accelerate: bool = True
+    #: Paths longer than this many characters are cut as events are built (``path_max_chars``; 0: kept whole).
+    path_max_chars: int = 0
 
     def session(self, session: Session) -> IngestSession:
         return IngestSession(self, session)
@@ -179,9 +181,10 @@ class IngestSession:
     def _handshake(self, now: float, received_at_us: int) -> None:
         context = self.session.context
         assert context is not None
-        self._builder = EventBuilder(context, self._ingest.names)
+        ingest = self._ingest
+        self._builder = EventBuilder(context, ingest.names, path_max_chars=ingest.path_max_chars)
         if self._accelerate:
-            self._encode = speedups.session_encoder(context, self._ingest.names)
+            self._encode = speedups.session_encoder(context, ingest.names, path_max_chars=ingest.path_max_chars)
         self._replay = self._ingest.replay.session_started(context, now, received_at_us, self._replay)
 
     def _event(self, out: FileNotification, batch: IngestBatch, now: float, received_at_us: int, wall_s: float) -> None:

@@ -186,11 +186,15 @@ def truncate_path(path: str, max_chars: int) -> str:
     inside one. ``max_chars`` is 0 or at least :data:`PATH_MAX_CHARS_MIN` (``Settings.path_max_chars``)."""
     if max_chars <= 0 or len(path) <= max_chars:
         return path
+    return _cut(path, max_chars, path_sha256(path))
+
+
+def _cut(path: str, max_chars: int, digest: str) -> str:
+    """:func:`truncate_path` of a path longer than ``max_chars``, whose :func:`path_sha256` is ``digest``."""
     if max_chars < PATH_MAX_CHARS_MIN:
         raise ValueError(f"path_max_chars must be 0 or at least {PATH_MAX_CHARS_MIN}, not {max_chars}")
     head = max_chars - _MARKER_CHARS - PATH_TAIL_CHARS
-    digest = path_sha256(path)[:PATH_HASH_HEX_CHARS]
-    return f"{path[:head]}…[sha256:{digest}]…{path[-PATH_TAIL_CHARS:]}"
+    return f"{path[:head]}…[sha256:{digest[:PATH_HASH_HEX_CHARS]}]…{path[-PATH_TAIL_CHARS:]}"
 
 
 def _cut_paths(
@@ -200,15 +204,16 @@ def _cut_paths(
     ``metadata``: ``path_truncated: true`` and ``truncated_paths[field] = {"chars", "sha256"}`` of the full
     path, for each field that was cut."""
     cut: dict[str, dict[str, Any]] = {}
+    file_path_out = file_path
     if len(file_path) > max_chars:
-        cut["file_path"] = {"chars": len(file_path), "sha256": path_sha256(file_path)}
-        file_path_out = truncate_path(file_path, max_chars)
-    else:
-        file_path_out = file_path
+        digest = path_sha256(file_path)
+        cut["file_path"] = {"chars": len(file_path), "sha256": digest}
+        file_path_out = _cut(file_path, max_chars, digest)
     previous_out = previous_path
     if previous_path is not None and len(previous_path) > max_chars:
-        cut["previous_path"] = {"chars": len(previous_path), "sha256": path_sha256(previous_path)}
-        previous_out = truncate_path(previous_path, max_chars)
+        digest = path_sha256(previous_path) if previous_path != file_path else cut["file_path"]["sha256"]
+        cut["previous_path"] = {"chars": len(previous_path), "sha256": digest}
+        previous_out = _cut(previous_path, max_chars, digest)
     metadata["path_truncated"] = True
     metadata["truncated_paths"] = cut
     return file_path_out, previous_out

@@ -219,6 +219,7 @@ def test_long_paths_are_cut_alike_on_every_path(accelerate: bool, bound: int) ->
         assert expected.event_id == whole.event_id
     cut = [orjson.loads(r)["metadata"].get("path_truncated", False) for r in batch.records]
     assert cut == ([True, True, False, True] if bound else [False] * 4)
+    assert counters.paths_truncated == (3 if bound else 0)
     # Only the short path is the accelerator's when paths are cut; the huge one is always the full decoder's.
     assert counters.full_decoded == 1
     assert counters.accelerated == ((1 if bound else 3) if accelerate and BUILT else 0)

@@ -52,6 +52,8 @@ class IngestCounters:
     accelerated: int = 0
     fast_decoded: int = 0
     full_decoded: int = 0
+    #: Events with a path cut to ``path_max_chars`` (only the Python path cuts: the accelerator leaves them to it).
+    paths_truncated: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +203,8 @@ class IngestSession:
         operations = counters.operations
         operations[operation] = operations.get(operation, 0) + 1
         metadata: dict[str, Any] = event["metadata"]
+        if "path_truncated" in metadata:
+            counters.paths_truncated += 1
         flags = replay.observe(fields.generation_time, event["event_id"], now)
         if flags is not None:
             metadata.update(flags)

@@ -16,7 +16,8 @@
  * with the values the caller needs next (event_id, dedup key, file_path, operation, ...). Anything it does not
  * read exactly as the Python path does returns None, and the caller takes the Python path, which stays the
  * reference: tests/property/test_speedups.py checks byte equality against it on captures, the simulator's
- * corpus and generated bodies.
+ * corpus and generated bodies. A path longer than max_path_chars (the path_max_chars setting) is one of those:
+ * the Python path cuts it (events.truncate_path).
  *
  * Acceptance is a subset of xml_fast's: the same fixed element order, the same character rules for text
  * (XML characters other than CR; only the five standard entities; no "]]>"), integers of at most 19 ASCII
@@ -883,6 +884,9 @@ typedef struct {
     PyObject *fpolicy_version;
     PyObject *node;
     PyObject *svm_name;
+    /* Paths longer than this many characters are cut by the Python path (events.truncate_path): the encoder
+     * declines such a payload. 0: no bound. */
+    Py_ssize_t max_path_chars;
     /* The last ReqType and volume looked up (notifications come in runs of the same ones): the ReqType str,
      * its req_types entry, and the VolMsid with its name. */
     PyObject *last_req_type;
@@ -934,12 +938,19 @@ static int Encoder_init(EncoderObject *self, PyObject *args, PyObject *kwds) {
     PyObject *vs_uuid, *policy_name, *session_id, *fpolicy_version, *node, *svm_name;
     static char *kwlist[] = {"namespace_sha1", "req_types", "req_type_miss", "volumes", "volume_miss",
                              "vs_uuid_json", "policy_name_json", "session_id_json", "fpolicy_version_json",
-                             "node_json", "svm_name_json", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OO!OSSSSSS:EventEncoder", kwlist, &sha1, &PyDict_Type,
+                             "node_json", "svm_name_json", "max_path_chars", NULL};
+    Py_ssize_t max_path_chars = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OO!OSSSSSS|n:EventEncoder", kwlist, &sha1, &PyDict_Type,
                                      &req_types, &req_type_miss, &PyDict_Type, &volumes, &volume_miss, &vs_uuid,
-                                     &policy_name, &session_id, &fpolicy_version, &node, &svm_name)) {
+                                     &policy_name, &session_id, &fpolicy_version, &node, &svm_name,
+                                     &max_path_chars)) {
         return -1;
     }
+    if (max_path_chars < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_path_chars must be at least 0");
+        return -1;
+    }
+    self->max_path_chars = max_path_chars;
     if (!PyCallable_Check(req_type_miss) || !PyCallable_Check(volume_miss)) {
         PyErr_SetString(PyExc_TypeError, "req_type_miss and volume_miss must be callable");
         return -1;
@@ -988,6 +999,22 @@ static int pick_path(const paths_t *paths, pick_t *out) {
         if (paths->has[kind]) {
             out->name = paths->first[kind];
             out->slashes = kind != PATH_UNIX;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* More than max characters (code points) in valid UTF-8 (a decoded path): every byte but continuation bytes
+ * starts one. */
+static int utf8_longer_than(const buf_t *b, Py_ssize_t max) {
+    const uchar *p = (const uchar *)b->p, *end = p + b->len;
+    Py_ssize_t chars = 0;
+    if ((size_t)max >= b->len) {
+        return 0; /* at most one character per byte */
+    }
+    for (; p < end; p++) {
+        if ((*p & 0xC0) != 0x80 && ++chars > max) {
             return 1;
         }
     }
@@ -1346,6 +1373,16 @@ static PyObject *Encoder_encode(EncoderObject *self, PyObject *const *args, Py_s
     has_previous = has_target || needs_previous;
     file_path_buf = has_target ? &target : &source;
     previous_buf = &source;
+    if (source.failed || target.failed) {
+        goto error;
+    }
+    /* A path the Python path would cut (path_max_chars): the source is file_path or previous_path, the target
+     * file_path. */
+    if (self->max_path_chars > 0 && (utf8_longer_than(&source, self->max_path_chars) ||
+                                     (has_target && utf8_longer_than(&target, self->max_path_chars)))) {
+        result = Py_NewRef(Py_None);
+        goto error;
+    }
 
     format_time(received_at_us, received_at);
     from_generation = s->has_generation_time && s->generation_time >= (uint64_t)MIN_PLAUSIBLE_GENERATION_US &&

@@ -34,6 +34,7 @@ class EventEncoder:
         fpolicy_version_json: bytes,
         node_json: bytes,
         svm_name_json: bytes,
+        max_path_chars: int = 0,
     ) -> None: ...
     def encode(self, payload: bytes, received_at_us: int, /) -> EncodedEvent | None: ...
 

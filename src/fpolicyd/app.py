@@ -303,6 +303,7 @@ class Daemon:
             # With the processing stage on, events are redacted as they leave it (routing needs the clear path).
             redact=redactor.redact_event if redactor.redacts_events and not plan.enabled else None,
             accelerate=not settings.pure_python,
+            path_max_chars=settings.path_max_chars,
         )
         log.info("ingest_path", path=ingest.accelerator.path, reason=ingest.accelerator.reason)
         self._context = ServerContext(

@@ -25,6 +25,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fpolicyd.errors import ConfigError
+from fpolicyd.events import PATH_MAX_CHARS_MIN, PATH_TAIL_CHARS
 from fpolicyd.obs.classification import DataClassification, Redactor
 from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode
 from fpolicyd.pipeline.router import UnroutedAction
@@ -203,6 +204,15 @@ class Settings(BaseSettings):
         False,
         description="Build every event on the pure-Python path, even where the C accelerator (fpolicyd._speedups) "
         "is built; the ingest_path log line at start says which path runs.",
+    )
+    path_max_chars: int = Field(
+        0,
+        ge=0,
+        description="Longest file_path/previous_path an event carries, in characters; 0 = keep every path whole "
+        "(only max_frame_bytes bounds it). The reference pipeline's schema allows 4096: set 4096 for its "
+        "consumers. A longer path is cut to its head + '…[sha256:<16 hex>]…' + its last 255 characters, and "
+        "metadata gets path_truncated = true and truncated_paths (full length and SHA-256); event_id and dedup "
+        f"keys stay those of the full path. 0 or at least {PATH_MAX_CHARS_MIN}.",
     )
 
     # --- TLS and peers ----------------------------------------------------------------------------------
@@ -783,6 +793,16 @@ class Settings(BaseSettings):
         """A list setting given as one string (environment, flag) is comma-separated."""
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("path_max_chars")
+    @classmethod
+    def _check_path_max_chars(cls, value: int) -> int:
+        if 0 < value < PATH_MAX_CHARS_MIN:
+            raise ValueError(
+                f"path_max_chars must be 0 (keep paths whole) or at least {PATH_MAX_CHARS_MIN} (room for the "
+                f"head, the '…[sha256:…]…' marker and the last {PATH_TAIL_CHARS} characters)"
+            )
         return value
 
     @field_validator("log_level")

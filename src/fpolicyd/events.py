@@ -28,6 +28,10 @@ __all__ = [
     "CORE_OPERATIONS",
     "EVENT_ID_NAMESPACE",
     "KNOWN_REQ_TYPES",
+    "PATH_HASH_HEX_CHARS",
+    "PATH_MAX_CHARS_MIN",
+    "PATH_TAIL_CHARS",
+    "REFERENCE_PATH_MAX_CHARS",
     "EventBuilder",
     "FileEvent",
     "NameMaps",
@@ -40,6 +44,8 @@ __all__ = [
     "load_reference_schema",
     "normalize",
     "parse_req_type",
+    "path_sha256",
+    "truncate_path",
 ]
 
 
@@ -149,6 +155,68 @@ def event_id_from_identity(identity: Sequence[str | int | None]) -> str:
     h.update(orjson.dumps(identity))
     x = h.hexdigest()
     return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT_NIBBLE[x[16]]}{x[17:20]}-{x[20:32]}"
+
+
+# ------------------------------------------------------------------------------------------ long paths
+
+#: The reference pipeline's bound on ``file_path`` and ``previous_path``, in characters (code points, as JSON
+#: Schema's ``maxLength`` counts): ``schemas/reference-event.schema.json``.
+REFERENCE_PATH_MAX_CHARS: Final = 4096
+#: Characters kept from the end of a cut path: a whole file name (ONTAP names are at most 255 bytes, SMB's at
+#: most 255 UTF-16 units), so suffix routes (``.pdf``) and EventBridge suffix rules still match.
+PATH_TAIL_CHARS: Final = 255
+#: Hex digits of the full path's SHA-256 in the marker (64 bits: two different paths cut to the same text only
+#: by a hash collision); ``metadata.truncated_paths`` holds all 64.
+PATH_HASH_HEX_CHARS: Final = 16
+_MARKER_CHARS: Final = len("…[sha256:]…") + PATH_HASH_HEX_CHARS
+#: Smallest non-zero ``path_max_chars``: the marker, the tail and a head of at least 230 characters.
+PATH_MAX_CHARS_MIN: Final = 512
+
+
+def path_sha256(path: str) -> str:
+    """SHA-256 hex digest of ``path``'s UTF-8 bytes (what the marker and ``metadata.truncated_paths`` carry)."""
+    return hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def truncate_path(path: str, max_chars: int) -> str:
+    """``path`` itself when it has at most ``max_chars`` characters (or ``max_chars`` is 0), else exactly
+    ``max_chars`` characters: ``head + "…[sha256:<16 hex>]…" + tail``, where ``head`` is the path's start (so
+    it keeps the leading ``/`` and any route prefix), ``tail`` its last :data:`PATH_TAIL_CHARS` characters and
+    the hex the first 64 bits of :func:`path_sha256` of the full path. Cut by characters (code points), never
+    inside one. ``max_chars`` is 0 or at least :data:`PATH_MAX_CHARS_MIN` (``Settings.path_max_chars``)."""
+    if max_chars <= 0 or len(path) <= max_chars:
+        return path
+    return _cut(path, max_chars, path_sha256(path))
+
+
+def _cut(path: str, max_chars: int, digest: str) -> str:
+    """:func:`truncate_path` of a path longer than ``max_chars``, whose :func:`path_sha256` is ``digest``."""
+    if max_chars < PATH_MAX_CHARS_MIN:
+        raise ValueError(f"path_max_chars must be 0 or at least {PATH_MAX_CHARS_MIN}, not {max_chars}")
+    head = max_chars - _MARKER_CHARS - PATH_TAIL_CHARS
+    return f"{path[:head]}…[sha256:{digest[:PATH_HASH_HEX_CHARS]}]…{path[-PATH_TAIL_CHARS:]}"
+
+
+def _cut_paths(
+    file_path: str, previous_path: str | None, max_chars: int, metadata: dict[str, Any]
+) -> tuple[str, str | None]:
+    """Both paths cut to ``max_chars`` (the caller checked that one is longer); records what was cut in
+    ``metadata``: ``path_truncated: true`` and ``truncated_paths[field] = {"chars", "sha256"}`` of the full
+    path, for each field that was cut."""
+    cut: dict[str, dict[str, Any]] = {}
+    file_path_out = file_path
+    if len(file_path) > max_chars:
+        digest = path_sha256(file_path)
+        cut["file_path"] = {"chars": len(file_path), "sha256": digest}
+        file_path_out = _cut(file_path, max_chars, digest)
+    previous_out = previous_path
+    if previous_path is not None and len(previous_path) > max_chars:
+        digest = path_sha256(previous_path) if previous_path != file_path else cut["file_path"]["sha256"]
+        cut["previous_path"] = {"chars": len(previous_path), "sha256": digest}
+        previous_out = _cut(previous_path, max_chars, digest)
+    metadata["path_truncated"] = True
+    metadata["truncated_paths"] = cut
+    return file_path_out, previous_out
 
 
 # ---------------------------------------------------------------------------------------- contexts
@@ -392,7 +460,9 @@ def _user(uc: UserContext | None, id_type: str | None) -> dict[str, Any]:
     return out
 
 
-def normalize(req: ScreenRequest, ctx: SessionContext, names: NameMaps, received_at_us: int) -> FileEvent:
+def normalize(
+    req: ScreenRequest, ctx: SessionContext, names: NameMaps, received_at_us: int, *, path_max_chars: int = 0
+) -> FileEvent:
     """Turn one notification into one event. Pure: ``received_at_us`` (epoch µs) is the caller's clock.
 
     Paths: see :func:`_pick_path`. With a ``TargetAccessPath`` (rename/link) ``file_path`` is the **new** path
@@ -415,6 +485,13 @@ def normalize(req: ScreenRequest, ctx: SessionContext, names: NameMaps, received
     ``file_path``, ``target_path`` = ``file_path`` if ``previous_path`` is present and ``target_missing`` is
     not set, else null. So any tool can recompute the id from the event alone; a replayed or redelivered
     notification gets the same id.
+
+    Long paths: with ``path_max_chars`` > 0 (``Settings.path_max_chars``; 0 keeps every path whole), a
+    ``file_path``/``previous_path`` longer than that many characters is cut by :func:`truncate_path` and
+    ``metadata`` gets ``path_truncated: true`` and ``truncated_paths`` (each cut field's full length in
+    characters and full SHA-256). The identity, hence ``event_id`` and the dedup key, is always made of the
+    full paths, so two long paths that share a head never share an id (such an id is recomputed from the
+    event only with the full paths, which the hashes identify).
     """
     req_type = req.req_type
     parsed = _REQ_TYPE_CACHE.get(req_type)
@@ -513,6 +590,10 @@ def normalize(req: ScreenRequest, ctx: SessionContext, names: NameMaps, received
         metadata["user_gids"] = list(req.user_gids)
     if common.extra:
         metadata["extra"] = dict(common.extra)
+    if path_max_chars and (
+        len(file_path) > path_max_chars or (previous_path is not None and len(previous_path) > path_max_chars)
+    ):
+        file_path, previous_path = _cut_paths(file_path, previous_path, path_max_chars, metadata)
 
     size = common.file_size
     return _make_event(
@@ -594,21 +675,29 @@ class EventBuilder:
     volume names cached per MSID. For every input both give the same JSON bytes, key order included
     (``tests/property/test_event_builder.py`` proves it against :func:`normalize`, the readable reference)."""
 
-    __slots__ = ("_ctx", "_names", "_svm_name", "_volumes")
+    __slots__ = ("_ctx", "_names", "_path_max_chars", "_svm_name", "_volumes")
 
     #: Distinct MSIDs remembered per session (an SVM has at most a few thousand volumes; a peer that sends
     #: more only makes the cache restart).
     VOLUME_CACHE_MAX: Final = 4096
 
-    def __init__(self, ctx: SessionContext, names: NameMaps) -> None:
+    def __init__(self, ctx: SessionContext, names: NameMaps, *, path_max_chars: int = 0) -> None:
+        """``path_max_chars``: as :func:`normalize`'s (0: paths are kept whole)."""
+        if path_max_chars and path_max_chars < PATH_MAX_CHARS_MIN:
+            raise ValueError(f"path_max_chars must be 0 or at least {PATH_MAX_CHARS_MIN}, not {path_max_chars}")
         self._ctx = ctx
         self._names = names
+        self._path_max_chars = path_max_chars
         self._svm_name = names.svm_name(ctx.vs_uuid)
         self._volumes: dict[int | None, str] = {}
 
     @property
     def context(self) -> SessionContext:
         return self._ctx
+
+    @property
+    def path_max_chars(self) -> int:
+        return self._path_max_chars
 
     def build(self, f: ScreenFields, received_at_us: int) -> tuple[dict[str, Any], str]:
         """The event as its JSON object (``FileEvent.to_dict`` form) and the SHA-1 hex digest its ``event_id``
@@ -732,6 +821,9 @@ class EventBuilder:
             metadata["user_gids"] = list(f.user_gids)
         if f.extra:
             metadata["extra"] = dict(f.extra)
+        bound = self._path_max_chars
+        if bound and (len(file_path) > bound or (previous_path is not None and len(previous_path) > bound)):
+            file_path, previous_path = _cut_paths(file_path, previous_path, bound, metadata)
 
         volume = self._volumes.get(msid)
         if volume is None:

@@ -108,9 +108,10 @@ def _volume_json(volumes: dict[int | None, bytes], names: NameMaps, msid: int | 
     return name
 
 
-def session_encoder(context: SessionContext, names: NameMaps) -> Encode | None:
+def session_encoder(context: SessionContext, names: NameMaps, *, path_max_chars: int = 0) -> Encode | None:
     """The encoder of one negotiated session, or None when the accelerator is not built (or a session value
-    cannot be serialised, which the Python path then reports as it always has)."""
+    cannot be serialised, which the Python path then reports as it always has). With ``path_max_chars`` > 0 it
+    returns None for a payload with a longer path: the Python path cuts it (:func:`~fpolicyd.events.truncate_path`)."""
     if _Encoder is None:
         return None
     dumps = orjson.dumps
@@ -128,9 +129,21 @@ def session_encoder(context: SessionContext, names: NameMaps) -> Encode | None:
         ]
     except orjson.JSONEncodeError:
         return None
+    vs_uuid, policy_name, session_id, fpolicy_version, node, svm_name = constants
     volumes: dict[int | None, bytes] = {}
     encoder = _Encoder(
-        _NAMESPACE_SHA1, _REQ_TYPES, _req_type_entry, volumes, partial(_volume_json, volumes, names), *constants
+        _NAMESPACE_SHA1,
+        _REQ_TYPES,
+        _req_type_entry,
+        volumes,
+        partial(_volume_json, volumes, names),
+        vs_uuid,
+        policy_name,
+        session_id,
+        fpolicy_version,
+        node,
+        svm_name,
+        path_max_chars,
     )
     return encoder.encode
 

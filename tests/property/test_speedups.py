@@ -95,8 +95,8 @@ received = st.one_of(
 )
 
 
-def encoder(context: SessionContext = CONTEXT, names: NameMaps = NAMES) -> speedups.Encode:
-    encode = speedups.session_encoder(context, names)
+def encoder(context: SessionContext = CONTEXT, names: NameMaps = NAMES, path_max_chars: int = 0) -> speedups.Encode:
+    encode = speedups.session_encoder(context, names, path_max_chars=path_max_chars)
     assert encode is not None
     return encode
 
@@ -109,10 +109,11 @@ def check(
     received_at_us: int = RECEIVED_US,
     route_names: tuple[str, ...] | None = None,
     replay_flags: dict[str, Any] | None = None,
+    path_max_chars: int = 0,
 ) -> bool:
     """Assert the accelerator's result for ``payload`` is None or the Python path's; True when it built one."""
-    encoded = encoder(context, names)(payload, received_at_us)
-    reference = python_event(payload, EventBuilder(context, names), received_at_us)
+    encoded = encoder(context, names, path_max_chars)(payload, received_at_us)
+    reference = python_event(payload, EventBuilder(context, names, path_max_chars=path_max_chars), received_at_us)
     if encoded is None:
         return False
     assert reference is not None, "the accelerator built an event the Python path does not make"
@@ -225,6 +226,49 @@ def test_arbitrary_bodies_under_a_canonical_header(body: bytes, nul: bool) -> No
 @given(payload=st.binary(max_size=200))
 def test_arbitrary_payloads(payload: bytes) -> None:
     check(payload)
+
+
+@st.composite
+def long_path_payloads(draw: st.DrawFn) -> bytes:
+    """Canonical payloads whose path names are their generated text repeated up to 400 times (entities, non-ASCII
+    and astral characters, leading and Windows separators included): paths around and over the bound."""
+    body = draw(canonical_bodies())
+    times = draw(st.integers(1, 400))
+    return payload_of(
+        re.sub(
+            "<PathName>(.*?)</PathName>", lambda m: f"<PathName>{m[1] * times}</PathName>", body, flags=re.S
+        ).encode()
+    )
+
+
+@PROPS
+@given(payload=long_path_payloads(), bound=st.sampled_from([0, 512, 600, 1024, 4096]))
+def test_long_paths_are_left_to_python_which_cuts_them(payload: bytes, bound: int) -> None:
+    """With path_max_chars, a payload with a longer file_path or previous_path is None (the Python path cuts it);
+    every other canonical payload is built, byte for byte as the Python path builds it with the same bound."""
+    built = check(payload, path_max_chars=bound)
+    reference = python_event(payload, EventBuilder(CONTEXT, NAMES, path_max_chars=bound), RECEIVED_US)
+    cut = reference is not None and "path_truncated" in reference[0]["metadata"]
+    assert built == (fast_screen(payload) is not None and not cut)
+    if cut:
+        assert bound > 0
+        assert reference is not None
+        assert max(len(reference[0]["file_path"]), len(reference[0].get("previous_path", ""))) <= bound
+
+
+def test_the_bound_is_counted_in_characters_not_bytes() -> None:
+    """A path of exactly the bound in astral characters (4 UTF-8 bytes each) is built by the accelerator; one
+    character more is left to Python."""
+    body = SMB_REN.body
+    assert body is not None
+    source = re.search(rb"<PathName>(/[^<]*)</PathName>", body)
+    assert source is not None
+    for chars, built in ((4096, True), (4097, False)):
+        path = ("/" + "\U0001f600" * (chars - 1)).encode()
+        long = body.replace(source[1], path)
+        long = re.sub(rb"<TargetAccessPath>.*</TargetAccessPath>", b"", long, flags=re.S)
+        assert check(payload_of(long), path_max_chars=4096) is built
+        assert check(payload_of(long)) is True
 
 
 def test_limits_of_the_scan() -> None:

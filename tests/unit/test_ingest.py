@@ -57,6 +57,7 @@ def make(
     engine: EngineMode = EngineMode.ASYNC,
     fast: FastScreen | None = fast_screen,
     max_outstanding: int = 10_000,
+    path_max_chars: int = 0,
 ) -> tuple[IngestSession, IngestCounters]:
     counters = IngestCounters()
     ingest = Ingest(
@@ -67,6 +68,7 @@ def make(
         window=window,
         redact=None if redact is None else redact.redact_event,
         accelerate=accelerate,
+        path_max_chars=path_max_chars,
     )
     config = SessionConfig(engine_mode=engine, max_outstanding=max_outstanding)
     session = Session(config, peer="10.0.0.5:40001", now=0.0, fast=fast)
@@ -218,6 +220,46 @@ def test_redaction_applies_to_the_stored_event(accelerate: bool) -> None:
     assert "sid" not in event["metadata"]["user"]
     assert step._ingest.accelerator.path == "python"  # redaction needs the event as an object
     assert counters.accelerated == 0
+
+
+@pytest.mark.parametrize("bound", [0, 4096])
+@pytest.mark.parametrize("accelerate", MODES)
+def test_long_paths_are_cut_alike_on_every_path(accelerate: bool, bound: int) -> None:
+    """path_max_chars on the accelerator (which leaves a longer path to Python), the canonical fast path and the
+    full decoder (a body over the fast paths' 64 KiB): the reference normalization with the same bound, routed on
+    the path as emitted (its head and its last 255 characters are the full path's, so prefix and suffix routes
+    match as on the full path)."""
+    step, counters = make(accelerate, route=True, path_max_chars=bound)
+    handshake(step)
+    long = "/legal/" + "d\u00e9/" * 2000 + "report.pdf"  # 6,017 characters, 8,017 UTF-8 bytes
+    huge = "/legal/" + "x" * 70_000 + ".pdf"
+    payloads = [
+        payload(frame(1, "SMB_CREAT", long)),
+        payload(frame(2, "SMB_CREAT", huge)),
+        payload(frame(3, "SMB_CREAT", "/legal/a.pdf")),
+        payload(frame(4, "SMB_REN", long, target=long + ".pdf")),
+    ]
+    batch = step.feed(payloads, 1.0, RECEIVED_US, WALL_S)
+    context = step.session.context
+    assert context is not None
+    router = Router(RouteTable.load(None))
+    for record, framed in zip(batch.records, payloads, strict=True):
+        request = decode_payload(framed).message
+        assert isinstance(request, ScreenRequest)
+        whole = normalize(request, context, NameMaps(), RECEIVED_US)
+        expected = normalize(request, context, NameMaps(), RECEIVED_US, path_max_chars=bound)
+        routes = router.match(expected.file_path, expected.operation_type)
+        assert routes == router.match(whole.file_path, whole.operation_type)
+        assert "legal-compliance" in routes
+        assert record == expected.with_routes(routes).to_json()
+        assert expected.event_id == whole.event_id
+    cut = [orjson.loads(r)["metadata"].get("path_truncated", False) for r in batch.records]
+    assert cut == ([True, True, False, True] if bound else [False] * 4)
+    assert counters.paths_truncated == (3 if bound else 0)
+    # Only the short path is the accelerator's when paths are cut; the huge one is always the full decoder's.
+    assert counters.full_decoded == 1
+    assert counters.accelerated == ((1 if bound else 3) if accelerate and BUILT else 0)
+    assert counters.accelerated + counters.fast_decoded == 3
 
 
 @pytest.mark.parametrize("accelerate", MODES)

@@ -262,6 +262,7 @@ def test_send_failures_are_counted_by_retryability() -> None:
 def test_collector_reads_hand_set_counters(spool: Spool, tmp_path: Path) -> None:
     metrics, ctx, pipeline, sqs = build(spool, tmp_path)
     ctx.ingest.counters.events = 10
+    ctx.ingest.counters.paths_truncated = 7
     ctx.sessions_opened = 3
     ctx.notices = {NoticeKind.HANDSHAKE: 3, NoticeKind.KEEP_ALIVE: 5, NoticeKind.STATE: 3, NoticeKind.ALERT: 1}
     ctx.ingest.counters.operations = {"create": 6, "rename": 4}
@@ -295,6 +296,7 @@ def test_collector_reads_hand_set_counters(spool: Spool, tmp_path: Path) -> None
     assert value(got["fpolicyd_session_timeouts"], reason="idle_timeout") == 1
     assert [s.labels for s in got["fpolicyd_parse_errors"].samples] == [{"reason": "bad_marker"}]
     assert value(got["fpolicyd_sessions_opened"]) == 3
+    assert value(got["fpolicyd_paths_truncated"]) == 7
 
     j, c = "jsonl:/data/events", sqs.name
     assert value(got["fpolicyd_sink_up"], sink=j) == 0

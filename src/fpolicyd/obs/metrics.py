@@ -516,7 +516,13 @@ class FpolicydCollector(Collector):
         accelerated = _gauge(
             "ingest_accelerated", "1 when the readers build events with the C accelerator, 0 on the pure-Python path."
         )
+        truncated = _counter(
+            "paths_truncated",
+            "Events whose file_path or previous_path was longer than path_max_chars and was cut "
+            "(metadata.path_truncated); event_id stays the full path's.",
+        )
         if ctx is not None:
+            truncated.add_metric([], ctx.ingest.counters.paths_truncated)
             decoded.add_metric(["accelerated"], ctx.ingest.counters.accelerated)
             decoded.add_metric(["fast"], ctx.ingest.counters.fast_decoded)
             decoded.add_metric(["full"], ctx.ingest.counters.full_decoded)
@@ -547,7 +553,7 @@ class FpolicydCollector(Collector):
             outstanding.add_metric([], sum(conn.outstanding for conn in list(ctx.connections)))
             untracked.add_metric([], counters.untracked_requests)
             write_stalls.add_metric([], ctx.write_stalls)
-        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, decoded, accelerated)
+        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, decoded, accelerated, truncated)
         yield from (status_answers, outstanding, untracked, write_stalls)
 
     @staticmethod

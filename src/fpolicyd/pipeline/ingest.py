@@ -55,6 +55,8 @@ class IngestCounters:
     #: Synchronous engines: outstanding requests forgotten because a session held more than its bound
     #: (``sync_max_outstanding_requests``); a STATUS_QUERY for one answers "lost".
     untracked_requests: int = 0
+    #: Events with a path cut to ``path_max_chars`` (only the Python path cuts: the accelerator leaves them to it).
+    paths_truncated: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,8 @@ class Ingest:
     #: Build events with the C accelerator where it is built and nothing redacts; False: the Python path only
     #: (the ``pure_python`` setting).
     accelerate: bool = True
+    #: Paths longer than this many characters are cut as events are built (``path_max_chars``; 0: kept whole).
+    path_max_chars: int = 0
 
     def session(self, session: Session) -> IngestSession:
         return IngestSession(self, session)
@@ -198,9 +202,10 @@ class IngestSession:
     def _handshake(self, now: float, received_at_us: int) -> None:
         context = self.session.context
         assert context is not None
-        self._builder = EventBuilder(context, self._ingest.names)
+        ingest = self._ingest
+        self._builder = EventBuilder(context, ingest.names, path_max_chars=ingest.path_max_chars)
         if self._accelerate:
-            self._encode = speedups.session_encoder(context, self._ingest.names)
+            self._encode = speedups.session_encoder(context, ingest.names, path_max_chars=ingest.path_max_chars)
         self._replay = self._ingest.replay.session_started(context, now, received_at_us, self._replay)
 
     def _event(self, out: FileNotification, batch: IngestBatch, now: float, received_at_us: int, wall_s: float) -> None:
@@ -217,6 +222,8 @@ class IngestSession:
         operations = counters.operations
         operations[operation] = operations.get(operation, 0) + 1
         metadata: dict[str, Any] = event["metadata"]
+        if "path_truncated" in metadata:
+            counters.paths_truncated += 1
         flags = replay.observe(fields.generation_time, event["event_id"], now)
         if flags is not None:
             metadata.update(flags)

@@ -46,6 +46,8 @@ from fpolicyd.pipeline.spool import Record
 from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
 from fpolicyd.protocol.session import NoticeKind
+from fpolicyd.server.budget import Refusal
+from fpolicyd.server.tls import TlsFailure
 
 if TYPE_CHECKING:
     from fpolicyd.server.connection import ServerContext
@@ -477,10 +479,26 @@ class FpolicydCollector(Collector):
 
     @staticmethod
     def _server(ctx: ServerContext | None) -> Iterator[Metric]:
-        sessions = _gauge("sessions", "ONTAP connections open now.")
-        opened = _counter("sessions_opened", "ONTAP connections accepted.")
+        sessions = _gauge("sessions", "Negotiated ONTAP sessions open now (NEGO_REQ answered).")
+        pending = _gauge(
+            "pending_connections",
+            "Connections accepted whose NEGO_REQ is not answered yet, TLS handshakes included "
+            "(limit: max_pending_handshakes).",
+        )
+        opened = _counter("sessions_opened", "ONTAP connections accepted (TLS: after a successful handshake).")
         rejected = _counter(
-            "connections_rejected", "Connections closed at once, by reason (not_allowed, max_connections).", ["reason"]
+            "connections_rejected",
+            "Connections closed by the server before or instead of a session, by reason: not_allowed "
+            "(allowed_networks), max_connections (sessions full, at accept or at NEGO), max_per_peer "
+            "(max_connections_per_peer), pending_evicted (the oldest pending connection, closed to make room for a "
+            "new one: max_pending_handshakes).",
+            ["reason"],
+        )
+        tls_failures = _counter(
+            "tls_handshake_failures",
+            "Failed TLS handshakes, by reason: plain_tcp (not TLS), protocol_version (below tls_min_version), "
+            "certificate, handshake_timeout, peer_closed, other.",
+            ["reason"],
         )
         frames = _counter("frames_received", "Frames received from ONTAP, by NotfType.", ["type"])
         events = _counter("events_received", "Notifications turned into events, by operation_type.", ["operation"])
@@ -501,10 +519,15 @@ class FpolicydCollector(Collector):
             decoded.add_metric(["fast"], ctx.ingest.counters.fast_decoded)
             decoded.add_metric(["full"], ctx.ingest.counters.full_decoded)
             accelerated.add_metric([], 1.0 if ctx.ingest.accelerator.path == "c" else 0.0)
-            sessions.add_metric([], len(ctx.connections))
+            sessions.add_metric([], ctx.budget.sessions)
+            pending.add_metric([], ctx.budget.pending)
             opened.add_metric([], ctx.sessions_opened)
-            for reason in ("not_allowed", "max_connections"):
-                rejected.add_metric([reason], ctx.rejections.get(reason, 0))
+            rejections = dict(ctx.rejections)
+            for reason in ("not_allowed", *Refusal):
+                rejected.add_metric([reason], rejections.get(reason, 0))
+            failures = dict(ctx.tls_failures)
+            for failure in TlsFailure:
+                tls_failures.add_metric([failure.value], failures.get(failure, 0))
             notices = dict(ctx.notices)
             by_type: dict[str, int] = dict.fromkeys(_INBOUND_FRAME_TYPES, 0)
             counters = ctx.ingest.counters
@@ -522,7 +545,8 @@ class FpolicydCollector(Collector):
                 events.add_metric([operation_name], count)
             for reason, count in sorted(dict(ctx.protocol_errors).items()):
                 (timeouts if reason in _TIMEOUT_REASONS else parse_errors).add_metric([reason], count)
-        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, decoded, accelerated)
+        yield from (sessions, pending, opened, rejected, tls_failures, frames, events, parse_errors, timeouts)
+        yield from (decoded, accelerated)
 
     @staticmethod
     def _pipeline(pipeline: EventPipeline | None) -> Iterator[Metric]:

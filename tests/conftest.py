@@ -1,4 +1,5 @@
-"""Every async test runs on uvloop, the loop the daemon runs on in production."""
+"""Every async test runs on uvloop, the loop the daemon runs on in production (``both_loops``: and on the standard
+loop, the daemon's fallback)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.get_closest_marker("both_loops") is not None:
+        # Behaviour that differs between the loops' implementations (TLS handshakes): run on both.
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
 
 

@@ -30,6 +30,7 @@ from fpolicyd.pipeline.spool import Spool, SpoolSettings
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.delivery import DeliverySpec, use_delivery_process
+from fpolicyd.server.listener import TlsListener
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor, instance_id, plan_processing, start_processor
@@ -101,7 +102,7 @@ class Daemon:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | TlsListener | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self._spool: Spool | None = None
@@ -318,6 +319,9 @@ class Daemon:
             capture=capture_recorder(settings, mask=redactor.log_path),
             write_buffer_bytes=settings.peer_write_buffer_bytes,
             write_stall_timeout_s=settings.peer_write_stall_timeout_s,
+            max_pending=settings.max_pending_handshakes,
+            max_per_peer=settings.max_connections_per_peer,
+            log_rate_limit_interval_s=settings.log_rate_limit_interval_s,
         )
         self._pipeline.on_fatal = self._on_fatal
         self.metrics.attach(self._context, self._pipeline)
@@ -325,6 +329,7 @@ class Daemon:
         # Ticked on the loop thread (an episode that went quiet ends without waiting for traffic), read on the
         # HTTP thread.
         self.heartbeat.on_beat.append(lambda: replay.tick(loop.time()))
+        self.heartbeat.on_beat.append(self._context.flush_log_summaries)
         journal = self._journal
         if window is not None and journal is not None:
             self.heartbeat.on_beat.append(partial(_age_dedup, window, journal))
@@ -342,15 +347,24 @@ class Daemon:
             )
             self.metrics.watch_processor(self._processor)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: FPolicyConnection(self.context),
-            host=settings.listen_host,
-            port=settings.listen_port,
-            reuse_address=True,
-            backlog=max(128, settings.max_connections),
-            ssl=self.tls.listener if self.tls is not None else None,
-            ssl_handshake_timeout=settings.handshake_timeout_s if self.tls is not None else None,
-        )
+        backlog = max(128, settings.max_connections)
+        if self.tls is not None:
+            self._server = await TlsListener.start(
+                self.context,
+                host=settings.listen_host,
+                port=settings.listen_port,
+                backlog=backlog,
+                ssl_context=self.tls.listener,
+                handshake_timeout_s=settings.handshake_timeout_s,
+            )
+        else:
+            self._server = await loop.create_server(
+                lambda: FPolicyConnection(self.context),
+                host=settings.listen_host,
+                port=settings.listen_port,
+                reuse_address=True,
+                backlog=backlog,
+            )
         log.info(
             "listening",
             host=settings.listen_host,

@@ -180,8 +180,29 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         256,
         ge=1,
-        description="Concurrent ONTAP connections accepted (one per node x policy x IP family); "
-        "connections beyond it are closed at once and counted.",
+        description="Concurrent negotiated ONTAP sessions (one per node x policy x IP family); a connection beyond "
+        "it is closed at accept, or when its NEGO_REQ arrives, and counted. Connections that have not negotiated "
+        "yet never hold one of these (see max_pending_handshakes).",
+    )
+    max_pending_handshakes: int = Field(
+        64,
+        ge=1,
+        description="Connections accepted that have not had their NEGO_REQ answered yet (TLS handshake included). "
+        "When full, the oldest is closed to make room for the new one, so connections that never negotiate "
+        "cannot keep a real node out; open sockets stay under max_connections + this.",
+    )
+    max_connections_per_peer: int = Field(
+        0,
+        ge=0,
+        description="Connections (pending and negotiated) one peer address may hold; more are closed at once and "
+        "counted. 0 = no limit.",
+    )
+    log_rate_limit_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="Refused and evicted connections and failed TLS handshakes write at most one log line per "
+        "reason per interval, carrying the number left out since the previous line (metrics count every one); "
+        "0 = a line for each.",
     )
     max_frame_bytes: int = Field(
         1 << 20,

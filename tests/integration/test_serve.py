@@ -217,15 +217,38 @@ async def test_idle_session_is_closed_and_keep_alives_keep_it_open(daemon: Daemo
 async def test_connection_limit(daemon: Daemon) -> None:
     first = await Peer.connect(daemon.port)
     second = await Peer.connect(daemon.port)
-    await asyncio.sleep(0.05)
-    third = await Peer.connect(daemon.port)
+    for peer in (first, second):
+        await peer.send(NEGO_REQ.frame)
+        assert await peer.receive() == NEGO_RESP.payload
+    third = await Peer.connect(daemon.port)  # both sessions are taken: closed at accept
     assert await third.closed_by_server(within=2.0)
     assert daemon.context.rejected_connections == 1
+    assert daemon.context.rejections == {"max_connections": 1}
     await third.close()
-    await first.send(NEGO_REQ.frame)
-    assert await first.receive() == NEGO_RESP.payload
     await first.close()
     await second.close()
+
+
+@pytest.mark.settings(max_connections=1)
+async def test_connections_that_have_not_negotiated_hold_no_session_slot(daemon: Daemon) -> None:
+    """Pending connections do not take session slots; the one that negotiates second is refused at NEGO."""
+    first = await Peer.connect(daemon.port)
+    second = await Peer.connect(daemon.port)
+    await first.send(NEGO_REQ.frame)
+    assert await first.receive() == NEGO_RESP.payload
+    await second.send(NEGO_REQ.frame)
+    assert await second.closed_by_server(within=2.0)  # no NEGO_RESP: the only session slot is taken
+    assert daemon.context.rejections == {"max_connections": 1}
+    await first.close()
+    await second.close()
+    for _ in range(100):  # the slot is free once the first session's close is seen
+        if daemon.context.budget.sessions == 0:
+            break
+        await asyncio.sleep(0.02)
+    third = await Peer.connect(daemon.port)
+    await third.send(NEGO_REQ.frame)
+    assert await third.receive() == NEGO_RESP.payload
+    await third.close()
 
 
 async def test_many_concurrent_sessions(daemon: Daemon, tmp_path: Path) -> None:

@@ -6,21 +6,26 @@ the openssl command line (a TLS client that is not part of this repository)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import ssl
 import subprocess
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from fpolicyd.app import Daemon
 from fpolicyd.config import TlsMode
 from fpolicyd.errors import ConfigError
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
+from support.observability import http_get
 from support.peer import Peer, make_settings, wait_for_events
 from support.serve import start_serve, stop
 
@@ -263,3 +268,113 @@ async def test_sighup_reloads_in_a_running_server(tmp_path: Path, pki: Pki) -> N
         await peer.close()
     finally:
         assert await stop(served) == 0
+
+
+# ------------------------------------------------------------------------- failed and pending handshakes
+
+
+async def plain_tcp_client(port: int) -> None:
+    """An engine without ssl-option: speaks FPolicy in clear to the TLS port."""
+    peer = await Peer.connect(port)
+    await peer.send(NEGO_REQ.frame)
+    assert await peer.closed_by_server(within=5.0)
+    await peer.close()
+
+
+def tls11_context(pki: Pki) -> ssl.SSLContext | None:
+    """A client that offers nothing above TLS 1.1, or None when the local OpenSSL cannot build one."""
+    context = pki.client_context()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1_1 is deprecated: that is the point
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    except (ValueError, ssl.SSLError):
+        return None
+    return context
+
+
+async def silent_client(port: int, within: float) -> bool:
+    """Connects and never starts the TLS handshake; whether the server closed it ``within`` seconds."""
+    peer = await Peer.connect(port)
+    closed = await peer.closed_by_server(within=within)
+    await peer.close()
+    return closed
+
+
+@pytest.mark.both_loops
+@pytest.mark.settings(handshake_timeout_s=0.3, log_rate_limit_interval_s=60.0)
+async def test_failed_handshakes_are_counted_by_reason_with_one_log_line_each(tls_daemon: Daemon, pki: Pki) -> None:
+    context = tls11_context(pki)
+    expected = {"plain_tcp": 3, "handshake_timeout": 3}
+    with capture_logs() as logs:
+        for _ in range(3):
+            await plain_tcp_client(tls_daemon.port)
+        assert all(await asyncio.gather(*(silent_client(tls_daemon.port, 5.0) for _ in range(3))))
+        if context is not None:
+            expected["protocol_version"] = 3
+            for _ in range(3):
+                assert await refused(tls_daemon.port, context)
+        for _ in range(100):  # the server's side of the last close may lag the client's
+            if tls_daemon.context.tls_failures == expected:
+                break
+            await asyncio.sleep(0.02)
+    assert tls_daemon.context.tls_failures == expected
+    lines = [entry for entry in logs if entry["event"] == "tls_handshake_failed"]
+    assert sorted(line["reason"] for line in lines) == sorted(expected)  # one line per reason
+    assert all(line["suppressed"] == 0 and line["peer"].startswith("127.0.0.1:") for line in lines)
+    assert tls_daemon.context.sessions_opened == 0
+    assert tls_daemon.context.budget.pending == 0
+    # The metric counts every failure, by reason.
+    assert tls_daemon.http_port is not None
+    status, body = await asyncio.to_thread(http_get, tls_daemon.http_port, "/metrics")
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    counted = {s.labels["reason"]: s.value for s in families["fpolicyd_tls_handshake_failures"].samples}
+    assert {reason: counted[reason] for reason in expected} == expected
+    assert status == 200
+    if context is None:
+        pytest.skip("the local OpenSSL cannot build a TLS 1.1 client: protocol_version not exercised")
+
+
+@pytest.mark.both_loops
+@pytest.mark.settings(max_pending_handshakes=4, handshake_timeout_s=30.0)
+async def test_pending_handshakes_beyond_the_budget_are_evicted_and_a_node_gets_in(
+    tls_daemon: Daemon, pki: Pki, tmp_path: Path
+) -> None:
+    opened = 40
+    before = len(os.listdir("/proc/self/fd"))
+    silent = [await Peer.connect(tls_daemon.port) for _ in range(opened)]
+    for _ in range(200):  # until the server has accepted them all
+        if tls_daemon.context.rejections.get("pending_evicted", 0) == opened - 4:
+            break
+        await asyncio.sleep(0.02)
+    assert tls_daemon.context.rejections == {"pending_evicted": opened - 4}
+    assert tls_daemon.context.budget.pending == 4
+    assert tls_daemon.context.tls_failures == {}  # evictions are not handshake failures
+    # This process holds both ends: the clients' 40 sockets and, on the server's side, only the 4 pending ones
+    # (plus whatever the loop briefly holds for connections being closed).
+    assert len(os.listdir("/proc/self/fd")) - before <= opened + 4 + 8
+    node = await Peer.connect(tls_daemon.port, pki.client_context())
+    await handshake(node)
+    await node.send(SMB_OPEN.frame)
+    events = await wait_for_events(tmp_path, 1)
+    assert [event["operation_type"] for event in events] == ["open"]
+    assert tls_daemon.context.budget.sessions == 1
+    await node.close()
+    closed = await asyncio.gather(*(peer.closed_by_server(within=5.0) for peer in silent[: opened - 4]))
+    assert all(closed)  # the evicted ones were closed by the server
+    for peer in silent:
+        await peer.close()
+
+
+@pytest.mark.both_loops
+@pytest.mark.settings(tls_mode="mutual_auth")
+async def test_refused_client_certificates_are_counted_as_certificate_failures(tls_daemon: Daemon, pki: Pki) -> None:
+    assert await refused(tls_daemon.port, pki.client_context())  # none
+    assert await refused(tls_daemon.port, pki.client_context(client_cert_from=trustme.CA()))  # another CA
+    for _ in range(100):
+        if sum(tls_daemon.context.tls_failures.values()) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert tls_daemon.context.tls_failures == {"certificate": 2}

@@ -46,6 +46,8 @@ from fpolicyd.pipeline.spool import Record
 from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
 from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind
+from fpolicyd.server.budget import Refusal
+from fpolicyd.server.tls import TlsFailure
 
 if TYPE_CHECKING:
     from fpolicyd.server.connection import ServerContext
@@ -477,7 +479,13 @@ class FpolicydCollector(Collector):
 
     @staticmethod
     def _server(ctx: ServerContext | None) -> Iterator[Metric]:
-        sessions = _gauge("sessions", "ONTAP connections open now.")
+        sessions = _gauge("sessions", "Negotiated ONTAP sessions open now (NEGO_REQ answered).")
+        pending = _gauge(
+            "pending_connections",
+            "Connections accepted whose NEGO_REQ is not answered yet, TLS handshakes included "
+            "(limit: max_pending_handshakes).",
+        )
+        opened = _counter("sessions_opened", "ONTAP connections accepted (TLS: after a successful handshake).")
         status_answers = _counter(
             "status_queries",
             "STATUS_QUERY_REQs answered (synchronous engines), by answer: in_progress (the request is outstanding) "
@@ -498,9 +506,19 @@ class FpolicydCollector(Collector):
             "Outstanding requests a session stopped tracking because it held more than "
             "sync_max_outstanding_requests (a STATUS_QUERY for one answers lost).",
         )
-        opened = _counter("sessions_opened", "ONTAP connections accepted.")
         rejected = _counter(
-            "connections_rejected", "Connections closed at once, by reason (not_allowed, max_connections).", ["reason"]
+            "connections_rejected",
+            "Connections closed by the server before or instead of a session, by reason: not_allowed "
+            "(allowed_networks), max_connections (sessions full, at accept or at NEGO), max_per_peer "
+            "(max_connections_per_peer), pending_evicted (the oldest pending connection, closed to make room for a "
+            "new one: max_pending_handshakes).",
+            ["reason"],
+        )
+        tls_failures = _counter(
+            "tls_handshake_failures",
+            "Failed TLS handshakes, by reason: plain_tcp (not TLS), protocol_version (below tls_min_version), "
+            "certificate, handshake_timeout, peer_closed, other.",
+            ["reason"],
         )
         frames = _counter("frames_received", "Frames received from ONTAP, by NotfType.", ["type"])
         events = _counter("events_received", "Notifications turned into events, by operation_type.", ["operation"])
@@ -527,10 +545,15 @@ class FpolicydCollector(Collector):
             decoded.add_metric(["fast"], ctx.ingest.counters.fast_decoded)
             decoded.add_metric(["full"], ctx.ingest.counters.full_decoded)
             accelerated.add_metric([], 1.0 if ctx.ingest.accelerator.path == "c" else 0.0)
-            sessions.add_metric([], len(ctx.connections))
+            sessions.add_metric([], ctx.budget.sessions)
+            pending.add_metric([], ctx.budget.pending)
             opened.add_metric([], ctx.sessions_opened)
-            for reason in ("not_allowed", "max_connections"):
-                rejected.add_metric([reason], ctx.rejections.get(reason, 0))
+            rejections = dict(ctx.rejections)
+            for reason in ("not_allowed", *Refusal):
+                rejected.add_metric([reason], rejections.get(reason, 0))
+            failures = dict(ctx.tls_failures)
+            for failure in TlsFailure:
+                tls_failures.add_metric([failure.value], failures.get(failure, 0))
             notices = dict(ctx.notices)
             by_type: dict[str, int] = dict.fromkeys(_INBOUND_FRAME_TYPES, 0)
             counters = ctx.ingest.counters
@@ -553,8 +576,8 @@ class FpolicydCollector(Collector):
             outstanding.add_metric([], sum(conn.outstanding for conn in list(ctx.connections)))
             untracked.add_metric([], counters.untracked_requests)
             write_stalls.add_metric([], ctx.write_stalls)
-        yield from (sessions, opened, rejected, frames, events, parse_errors, timeouts, decoded, accelerated, truncated)
-        yield from (status_answers, outstanding, untracked, write_stalls)
+        yield from (sessions, pending, opened, rejected, tls_failures, frames, events, parse_errors, timeouts)
+        yield from (decoded, accelerated, truncated, status_answers, outstanding, untracked, write_stalls)
 
     @staticmethod
     def _pipeline(pipeline: EventPipeline | None) -> Iterator[Metric]:

@@ -12,21 +12,25 @@ no more until it reads them, and one that stays stalled for ``write_stall_timeou
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from fpolicyd.capture import CaptureRecorder, ConnectionCapture
 from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.obs.log import get_logger
+from fpolicyd.obs.ratelimit import LogRateLimiter
 from fpolicyd.pipeline.ingest import Ingest, IngestSession
 from fpolicyd.protocol.readers import ReaderName, codec_for, fast_screen_for, make_reader
 from fpolicyd.protocol.session import Notice, NoticeKind, PendingAnswer, Session, SessionConfig
 from fpolicyd.server.allowlist import PeerAllowlist
+from fpolicyd.server.budget import BudgetLimits, ConnectionBudget, Refusal
 from fpolicyd.server.pipeline import EventPipeline
-from fpolicyd.server.tls import peer_certificate_subject
+from fpolicyd.server.tls import TlsFailure, classify_handshake_failure, peer_certificate_subject
 
 log = get_logger("fpolicyd.connection")
 
@@ -38,8 +42,13 @@ class ConnectionStats:
     bytes_received: int = 0
 
 
+#: A refusal that is not the budget's: the peer is outside ``allowed_networks``.
+NOT_ALLOWED: Final = "not_allowed"
+
+
 class ServerContext:
-    """What every connection shares: settings, the pipeline, counters, the set of live connections."""
+    """What every connection shares: settings, the pipeline, counters, the set of live connections, the
+    connection budget (pending vs negotiated, ``server/budget.py``) and the rate limiter of their log lines."""
 
     def __init__(
         self,
@@ -56,6 +65,10 @@ class ServerContext:
         capture: CaptureRecorder | None = None,
         write_buffer_bytes: int = 256 << 10,
         write_stall_timeout_s: float = 30.0,
+        max_pending: int = 64,
+        max_per_peer: int = 0,
+        log_rate_limit_interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session_config = session_config
         #: The per-event work every session shares (names, routes, dedup window, redaction, counters).
@@ -79,16 +92,73 @@ class ServerContext:
         self.write_stall_timeout_s = write_stall_timeout_s
         #: Times a session stopped being read because ONTAP did not read our replies.
         self.write_stalls = 0
-        #: Connections closed at once, by reason (``not_allowed``, ``max_connections``).
+        #: Connections closed by the server before or instead of a session, by reason (``not_allowed`` and the
+        #: :class:`~fpolicyd.server.budget.Refusal` values).
         self.rejections: dict[str, int] = {}
+        #: Pending connections (accepted, NEGO_REQ not answered yet) and negotiated sessions.
+        self.budget: ConnectionBudget[FPolicyConnection] = ConnectionBudget(
+            BudgetLimits(max_sessions=max_connections, max_pending=max_pending, max_per_peer=max_per_peer)
+        )
+        #: Failed TLS handshakes, by :class:`~fpolicyd.server.tls.TlsFailure` value.
+        self.tls_failures: dict[str, int] = {}
+        #: One line per (event, reason) per interval for what a hostile peer can repeat at will.
+        self.log_limiter = LogRateLimiter(log_rate_limit_interval_s)
+        self.clock = clock
         self.protocol_errors: dict[str, int] = {}
         self.notices: dict[str, int] = {}
         #: Synchronous engines: STATUS_QUERY_RESP answers sent, by answer (``in_progress``, ``lost``).
         self.status_answers: dict[str, int] = {}
         self.sessions_opened = 0
 
-    def reject(self, reason: str) -> None:
+    def reject(self, reason: str, peer: str, **fields: Any) -> None:
+        """Count a connection closed by the server (every one) and log it (rate-limited)."""
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
+        self.log_limited(log.warning, "connection_rejected", reason, peer=peer, **fields)
+
+    def log_limited(self, emit: Callable[..., Any], event: str, reason: str, **fields: Any) -> None:
+        """Write ``event`` unless a line for (event, reason) was written less than the interval ago; a written
+        line carries ``suppressed``: the lines left out since the previous one."""
+        suppressed = self.log_limiter.admit(f"{event}:{reason}", self.clock())
+        if suppressed is not None:
+            emit(event, reason=reason, suppressed=suppressed, **fields)
+
+    def flush_log_summaries(self) -> None:
+        """One summary line per (event, reason) whose lines were left out and that has been quiet for an
+        interval (called on the heartbeat), so a burst's last count is not lost."""
+        for key, suppressed in self.log_limiter.due(self.clock()):
+            event, _, reason = key.partition(":")
+            log.warning(event, reason=reason, suppressed=suppressed, summary=True)
+
+    def admit(self, conn: FPolicyConnection) -> bool:
+        """A connection was accepted (before any TLS handshake): allowlist, then the budget. Evicts the oldest
+        pending connections the budget names; false when ``conn`` must be closed at once."""
+        if not self.allowlist.allows(conn.host):
+            self.reject(NOT_ALLOWED, conn.peer)
+            return False
+        admission = self.budget.open(conn, conn.host)
+        for evicted in admission.evict:
+            self.reject(
+                Refusal.PENDING_EVICTED,
+                evicted.peer,
+                limit=self.budget.limits.max_pending,
+                pending_for_s=round(evicted.age_s, 3),
+            )
+            evicted.evict()
+        refused = admission.refused
+        if refused is not None:
+            limit = self.max_connections if refused is Refusal.MAX_CONNECTIONS else self.budget.limits.max_per_peer
+            self.reject(refused, conn.peer, limit=limit)
+            return False
+        return True
+
+    def tls_failed(self, conn: FPolicyConnection, exc: BaseException) -> TlsFailure:
+        """A TLS handshake failed: count it by reason and log it (rate-limited)."""
+        reason = classify_handshake_failure(exc)
+        self.tls_failures[reason] = self.tls_failures.get(reason, 0) + 1
+        self.log_limited(
+            log.warning, "tls_handshake_failed", reason, peer=conn.peer, error=str(exc) or type(exc).__name__
+        )
+        return reason
 
     @property
     def rejected_connections(self) -> int:
@@ -117,9 +187,63 @@ class FPolicyConnection(asyncio.Protocol):
         self._write_blocked = False
         self._stall_timer: asyncio.TimerHandle | None = None
         self.peer = "?"
-        self.last_data_at = self._loop.time()
+        #: The peer's address without the port (what the allowlist and the per-peer limit look at).
+        self.host = ""
+        self.accepted_at = self._loop.time()
+        self.last_data_at = self.accepted_at
         self.stats = ConnectionStats()
         self.closed = asyncio.Event()
+        #: Admitted by the budget (at accept: by connection_made, or by the TLS listener before the handshake).
+        self._admitted = False
+        #: Pending: accepted, its NEGO_REQ not answered yet (it holds a pending slot, not a session slot).
+        self._pending = False
+        #: Closed by the server to make room for a newer pending connection.
+        self.evicted = False
+        #: TLS: the accepted socket while its handshake runs (no transport reaches this protocol before).
+        self._socket: socket.socket | None = None
+
+    # ------------------------------------------------------------------------------------ admission
+
+    def admit(self, peername: object) -> bool:
+        """Called once, at accept: the allowlist and the connection budget. False: close the connection."""
+        self.peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        self.host = str(peername[0]) if isinstance(peername, tuple) else ""
+        self._admitted = True
+        self._pending = self._ctx.admit(self)
+        return self._pending
+
+    def attach_socket(self, sock: socket.socket) -> None:
+        """TLS: the socket whose handshake is running, so that an eviction can end it."""
+        self._socket = sock
+
+    def handshake_failed(self, exc: BaseException) -> None:
+        """TLS: the handshake failed (connection_made and connection_lost are never called): release the slot,
+        and count and log the failure unless the server itself ended it."""
+        self._socket = None
+        self._ctx.budget.discard(self)
+        if not self.evicted:
+            self._ctx.tls_failed(self, exc)
+        self.closed.set()
+
+    @property
+    def age_s(self) -> float:
+        """Seconds since the connection was accepted."""
+        return self._loop.time() - self.accepted_at
+
+    def evict(self) -> None:
+        """Close a pending connection to make room for a newer one (already counted and released)."""
+        self.evicted = True
+        self._pending = False
+        transport = self._transport
+        if transport is not None:
+            transport.abort()
+            return
+        sock = self._socket
+        if sock is not None:
+            # The handshake's transport owns the descriptor: end the connection, let the transport close it
+            # (the handshake then fails and handshake_failed runs).
+            with contextlib.suppress(OSError):  # already closed by its transport
+                sock.shutdown(socket.SHUT_RDWR)
 
     # ------------------------------------------------------------------------------------ asyncio
 
@@ -127,18 +251,13 @@ class FPolicyConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        peername: Any = transport.get_extra_info("peername")
-        self.peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        self._socket = None
         ctx = self._ctx
-        host = peername[0] if isinstance(peername, tuple) else ""
-        if not ctx.allowlist.allows(host):
-            ctx.reject("not_allowed")
-            log.warning("connection_rejected", peer=self.peer, reason="not_allowed")
-            transport.abort()
-            return
-        if len(ctx.connections) >= ctx.max_connections:
-            ctx.reject("max_connections")
-            log.warning("connection_rejected", peer=self.peer, reason="max_connections", limit=ctx.max_connections)
+        if not self._admitted:
+            if not self.admit(transport.get_extra_info("peername")):
+                transport.abort()
+                return
+        elif self.evicted:  # evicted while its TLS handshake finished
             transport.abort()
             return
         transport.set_write_buffer_limits(high=ctx.write_buffer_bytes, low=ctx.write_buffer_bytes // 4)
@@ -158,7 +277,17 @@ class FPolicyConnection(asyncio.Protocol):
             self._capture = ctx.capture.open(self.peer, ctx.frame_reader.value)
         subject = peer_certificate_subject(transport.get_extra_info("peercert"))
         tls = {"client_certificate": subject} if subject is not None else {}
-        log.info("connection_opened", peer=self.peer, connections=len(ctx.connections), **tls)
+        # Rate-limited: connections that never negotiate can arrive by the thousand; a node that negotiates
+        # always gets its session_handshake line.
+        ctx.log_limited(
+            log.info,
+            "connection_opened",
+            "accepted",
+            peer=self.peer,
+            pending=ctx.budget.pending,
+            sessions=ctx.budget.sessions,
+            **tls,
+        )
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -182,6 +311,12 @@ class FPolicyConnection(asyncio.Protocol):
         batch = ingest.feed(payloads, self._loop.time(), received_at_us, received_at_us / 1_000_000)
         pipeline = ctx.pipeline
         answer = self._answer
+        if self._pending and batch.notices and not self._negotiated(batch.notices):
+            # Refused at NEGO (max_connections sessions open): NEGO_REQ goes unanswered. Whatever came with it
+            # is still kept (ONTAP sends nothing before NEGO_RESP, so normally nothing).
+            pipeline.submit_many(batch.records, [], batch.claims)
+            self._close_quietly()
+            return
         pipeline.submit_many(
             batch.records, [(index, partial(answer, reply)) for index, reply in batch.durable_replies], batch.claims
         )
@@ -212,6 +347,8 @@ class FPolicyConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ctx.connections.discard(self)
+        self._pending = False
+        self._ctx.budget.discard(self)
         if self._capture is not None:
             self._capture.close()
         self._ctx.pipeline.forget(id(self))
@@ -224,15 +361,22 @@ class FPolicyConnection(asyncio.Protocol):
         session = self._session
         if session is not None:
             session.closed()
-            log.info(
-                "connection_closed",
-                peer=self.peer,
-                error=str(exc) if exc else None,
-                expected=session.fatal_alert,
-                frames=self.stats.frames,
-                events=self.stats.events,
-                session_id=session.context.session_id if session.context else None,
-            )
+            error = str(exc) if exc else None
+            if session.context is None:
+                # Never negotiated: as repeatable by a hostile peer as a refusal, so rate-limited.
+                self._ctx.log_limited(
+                    log.info, "connection_closed", "not_negotiated", peer=self.peer, error=error, evicted=self.evicted
+                )
+            else:
+                log.info(
+                    "connection_closed",
+                    peer=self.peer,
+                    error=error,
+                    expected=session.fatal_alert,
+                    frames=self.stats.frames,
+                    events=self.stats.events,
+                    session_id=session.context.session_id,
+                )
         self.closed.set()
 
     def pause_writing(self) -> None:
@@ -371,10 +515,33 @@ class FPolicyConnection(asyncio.Protocol):
         else:
             self._arm_timer()
 
+    def _negotiated(self, notices: list[Notice]) -> bool:
+        """Whether this read may go on: true unless it completed NEGO and no session slot is free."""
+        if not any(notice.kind is NoticeKind.HANDSHAKE for notice in notices):
+            return True
+        ctx = self._ctx
+        if ctx.budget.promote(self):
+            self._pending = False
+            return True
+        ctx.reject(Refusal.MAX_CONNECTIONS, self.peer, limit=ctx.max_connections, at="nego")
+        return False
+
+    def _close_quietly(self) -> None:
+        """Close a connection the server refused (already counted and logged)."""
+        self._ctx.budget.discard(self)
+        self._pending = False
+        if self._session is not None:
+            self._session.closed()
+        if self._transport is not None:
+            self._transport.abort()
+
     def _close(self, reason: str, detail: str, *, abort: bool = False) -> None:
         ctx = self._ctx
         ctx.protocol_errors[reason] = ctx.protocol_errors.get(reason, 0) + 1
-        log.warning("connection_closing", peer=self.peer, reason=reason, detail=detail)
+        if self._pending:  # before NEGO (e.g. handshake_timeout): as repeatable by a hostile peer as a refusal
+            ctx.log_limited(log.warning, "connection_closing", reason, peer=self.peer, detail=detail)
+        else:
+            log.warning("connection_closing", peer=self.peer, reason=reason, detail=detail)
         if self._session is not None:
             self._session.closed()
         if self._transport is not None:
@@ -429,3 +596,8 @@ class FPolicyConnection(asyncio.Protocol):
             transport.abort()
         elif transport is not None and not transport.is_closing():
             transport.close()
+
+    @property
+    def pending(self) -> bool:
+        """Accepted, NEGO_REQ not answered yet."""
+        return self._pending

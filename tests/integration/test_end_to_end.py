@@ -164,15 +164,19 @@ async def test_status_queries_are_answered_from_what_the_daemon_holds(served: Se
 @pytest.mark.serve_flags(*SLOW_SPOOL)
 async def test_the_simulator_asks_like_ontap_and_a_slow_spool_answers_in_progress(served: Served) -> None:
     config = SimulatorConfig(
-        port=served.port, nodes=2, events=100, seed=4, sync=True, max_outstanding=100, status_interval_s=0.2
+        port=served.port, nodes=2, events=100, seed=4, sync=True, max_outstanding=100, status_interval_s=0.3
     )
     report = await run(config)
     assert report.completed
     assert report.responses == report.sent == 200
-    # Every request waited about a second for the spool: asked about a few times, always "in progress", never lost.
-    assert report.status_queries >= 200
-    assert sum(node.status_in_progress for node in report.nodes) == report.status_queries
-    assert report.resends == sum(node.status_lost for node in report.nodes) == 0
+    # Every request waited about a second for the spool: asked about at 0.3 s (and 0.6 s, 0.9 s) and told "in
+    # progress". The daemon says "lost" only for a request it already answered (a query that crossed its
+    # SCREEN_RESP), so nothing is ever sent again.
+    in_progress = sum(node.status_in_progress for node in report.nodes)
+    lost = sum(node.status_lost for node in report.nodes)
+    assert in_progress >= 200
+    assert in_progress + lost <= report.status_queries  # a query may still be unanswered when the run ends
+    assert report.resends == 0
     assert await stop(served) == 0
     assert_exactly_once(read_events(served.data_dir), expected_events(config))
 

@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_SAMPLE_BYTES",
     "FILE_NAME",
     "MIN_FILE_BYTES",
+    "REASON_MAX_CHARS",
     "DeadLetterLimits",
     "DeadLetterWriter",
     "DropReason",
@@ -81,6 +82,9 @@ DEFAULT_SAMPLE_BYTES: Final = 256
 DEFAULT_LOG_INTERVAL_S: Final = 10.0
 #: The smallest share of the cap one file may have: room for a sample record and its reason.
 MIN_FILE_BYTES: Final = 4096
+#: A decoder's reason is cut to this many characters: its detail may quote the peer's input (an element name of
+#: any length), which must not bring back, through the reason, the bytes a sample leaves out.
+REASON_MAX_CHARS: Final = 512
 
 #: ``{"time":"…","sink":"<source>"`` at the start of every record (orjson keeps the key order).
 _SOURCE: Final = re.compile(rb'\{"time":"[^"]*","sink":"((?:[^"\\]|\\.)*)"')
@@ -433,6 +437,8 @@ class DeadLetterWriter:
         """Keep a payload the reader could not decode (raw, base64): whole from a negotiated session, else its
         first ``pre_handshake_sample_bytes`` only. Never raises: a record the disk refused is counted
         ``write_failed`` (and logged, rate-limited). Returns whether it was written."""
+        if len(reason) > REASON_MAX_CHARS:
+            reason = reason[:REASON_MAX_CHARS] + f"... ({len(reason)} characters)"
         record: dict[str, Any] = {"time": self._now(), "sink": DECODER, "reason": reason}
         kept, sampled = payload, False
         if not negotiated:

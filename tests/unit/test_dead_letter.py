@@ -200,6 +200,20 @@ def test_open_brings_what_an_earlier_run_left_within_the_cap(tmp_path: Path) -> 
     w.close()
 
 
+def test_evicted_records_are_counted_by_their_source_whatever_its_spelling(tmp_path: Path) -> None:
+    directory = tmp_path / "dead-letter"
+    directory.mkdir()
+    odd = 'sqs:we"ird\\name'
+    record = orjson.dumps({"time": "2024-01-01T00:00:00Z", "sink": odd, "reason": "r"}) + b"\n"
+    (directory / "dead-letter.jsonl.3").write_bytes(record * 2 + b"not a record\n" + record + b"torn tail")
+    w = writer(tmp_path)
+    for n in range(40):  # enough to rotate .3 out
+        w.write(event(n, pad=300), sink="s", reason="r")
+    assert dropped(w, odd, DropReason.EVICTED) == 3
+    assert dropped(w, "unknown", DropReason.EVICTED) == 2
+    w.close()
+
+
 def test_writers_of_two_processes_share_the_cap(tmp_path: Path) -> None:
     """Two writers (the daemon's and the delivery process's) append concurrently: each follows the other's
     rotations, the files stay within the cap and hold whole lines, and every record is kept or counted."""

@@ -13,7 +13,7 @@ from functools import partial
 
 from fpolicyd.capture import capture_recorder
 from fpolicyd.config import Settings
-from fpolicyd.errors import ConfigError, SinkError
+from fpolicyd.errors import ConfigError
 from fpolicyd.events import NameMaps
 from fpolicyd.obs.health import HealthReport, Heartbeat, readiness
 from fpolicyd.obs.http import ObservabilityServer
@@ -35,7 +35,8 @@ from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor, instance_id, plan_processing, start_processor
 from fpolicyd.server.tls import ReloadableTls, TlsFiles
-from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter
+from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
 from fpolicyd.sinks.ledger import LEDGER_CURSOR, DuplicateLedger
 from fpolicyd.sinks.runner import Sender
@@ -205,7 +206,8 @@ class Daemon:
             max_pool_connections=max(10, settings.sink_max_in_flight * 2),
             data_path=settings.aws_data_path,
         )
-        self._dead_letter = DeadLetterWriter(settings.effective_dead_letter_dir / "dead-letter.jsonl")
+        self._dead_letter = DeadLetterWriter.from_settings(settings)
+        await asyncio.to_thread(self._open_dead_letter, self._dead_letter)
         plan = plan_processing(settings)
         senders: list[Sender] = list(build_senders(settings, self._clients, self._dead_letter, plan.uris))
         names = {uri: sender.name for uri, sender in zip(plan.uris, senders, strict=True)}
@@ -325,6 +327,13 @@ class Daemon:
         )
         self._pipeline.on_fatal = self._on_fatal
         self.metrics.attach(self._context, self._pipeline)
+        dead_letter = self._dead_letter
+        process = self._pipeline.delivery
+        self.metrics.watch_dead_letter(
+            [dead_letter.figures] if process is None else [dead_letter.figures, process.dead_letter_figures],
+            size=dead_letter.disk_bytes,
+            limit_bytes=dead_letter.limits.max_bytes,
+        )
         replay, loop = ingest.replay, asyncio.get_running_loop()
         # Ticked on the loop thread (an episode that went quiet ends without waiting for traffic), read on the
         # HTTP thread.
@@ -483,13 +492,29 @@ class Daemon:
             return
         log.info("tls_reloaded", cert_file=str(self.tls.files.cert_file), reloads=self.tls.reloads)
 
-    def _quarantine(self, payload: bytes, reason: str) -> None:
-        """Keep a payload that could not be decoded in the dead-letter file (raw, base64), never just a log line."""
-        assert self._dead_letter is not None
+    @staticmethod
+    def _open_dead_letter(writer: DeadLetterWriter) -> None:
+        """Open the dead-letter files at start (bringing what an earlier run left within the cap: blocking, so on a
+        thread). A directory that cannot be opened now is retried at the first record; the daemon runs on."""
         try:
-            self._dead_letter.open().write(payload, sink="decoder", reason=reason)
-        except (SinkError, OSError) as exc:
-            log.error("quarantine_failed", reason=reason, error=str(exc), payload_bytes=len(payload))
+            writer.open()
+        except OSError as exc:
+            log.error("dead_letter_open_failed", error=str(exc), detail="retried at the first record")
+        limits = writer.limits
+        log.info(
+            "dead_letter_opened",
+            directory=str(writer.path.parent),
+            max_bytes=limits.max_bytes,
+            max_files=limits.max_files,
+            file_bytes=limits.file_bytes,
+            pre_handshake_sample_bytes=limits.pre_handshake_sample_bytes,
+        )
+
+    def _quarantine(self, payload: bytes, reason: str, negotiated: bool) -> None:
+        """Keep a payload that could not be decoded in the dead-letter file (raw, base64; only a sample before the
+        handshake), never just a log line. Never raises: what the cap or the disk refused is counted and logged."""
+        assert self._dead_letter is not None
+        self._dead_letter.quarantine(payload, reason=reason, negotiated=negotiated)
 
     def _on_fatal(self, exc: BaseException) -> None:
         self._stop.set()

@@ -32,6 +32,7 @@ from fpolicyd.pipeline.router import UnroutedAction
 from fpolicyd.pipeline.settle import SettleConfig, SettleOverride, SettleStrategy
 from fpolicyd.pipeline.spool import SpoolFsync
 from fpolicyd.protocol.session import DEFAULT_MAX_OUTSTANDING, MIN_IDLE_FACTOR, EngineMode, SessionConfig
+from fpolicyd.sinks.dead_letter import DeadLetterLimits
 from fpolicyd.sinks.jsonl import FsyncPolicy
 from fpolicyd.sinks.sqs_envelope import SQS_MAX_MESSAGE_BYTES, PackCompression
 
@@ -408,6 +409,38 @@ class Settings(BaseSettings):
     )
     dead_letter_dir: Path | None = Field(
         None, description="Where permanently rejected events go (JSON Lines); default <data_dir>/dead-letter."
+    )
+    dead_letter_max_bytes: int = Field(
+        64 << 20,
+        ge=16 << 10,
+        le=1 << 40,
+        description="Cap on the dead-letter files together (dead-letter.jsonl and its rotated .1, .2, ...). The "
+        "active file rotates at dead_letter_max_bytes / dead_letter_max_files; the oldest file is removed to stay "
+        'within the cap, its records counted in fpolicyd_dead_letter_dropped_total{reason="evicted"}. A record '
+        "larger than one file's share is not written (counted too_large): keep the share above the largest "
+        "undecodable frame you want whole (about 1.4 x max_frame_bytes, base64).",
+    )
+    dead_letter_max_files: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description="Dead-letter files kept (the active one and dead_letter_max_files - 1 rotated ones); each "
+        "rotation removes the oldest, so about 1/dead_letter_max_files of the records goes at a time.",
+    )
+    dead_letter_pre_handshake_sample_bytes: int = Field(
+        256,
+        ge=0,
+        le=1 << 20,
+        description="A payload that could not be decoded on a connection that never completed the handshake "
+        "(anyone who can reach the port) is kept as its first this-many bytes only, with its length and "
+        '"sample": true (0 = the reason and length only). A negotiated session\'s payloads are kept whole.',
+    )
+    dead_letter_log_interval_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="At most one error log line per this many seconds per source and reason for dead-letter "
+        "records dropped at the cap or refused by the disk (each line says how many it stands for).",
     )
     shutdown_read_grace_s: float = Field(
         2.0,
@@ -852,6 +885,14 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"{network!r} is not an IP network or address ({exc})") from None
         return value
+
+    @model_validator(mode="after")
+    def _check_dead_letter(self) -> Settings:
+        try:
+            DeadLetterLimits.from_settings(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:

@@ -91,6 +91,11 @@ async def test_sqs_sink_metrics_match_what_the_endpoint_saw(
     request_time = "fpolicyd_sink_request_duration_seconds"
     assert one(metrics, request_time, f"{request_time}_count", sink=sink) == faults.batches
     assert one(metrics, "fpolicyd_sink_dead_lettered", "fpolicyd_sink_dead_lettered_total", sink=sink) == len(permanent)
+    # Written by the sink's own process (the delivery process on two CPUs or more), counted in the daemon's /metrics.
+    records = "fpolicyd_dead_letter_records"
+    assert one(metrics, records, f"{records}_total", source=sink) == len(permanent)
+    assert one(metrics, records, f"{records}_total", source="decoder") == 0
+    assert 0 < one(metrics, "fpolicyd_dead_letter_size_bytes") <= one(metrics, "fpolicyd_dead_letter_limit_bytes")
     failed = "fpolicyd_sink_entries_failed"
     assert one(metrics, failed, f"{failed}_total", sink=sink, retryable="false") == len(permanent)
     assert one(metrics, failed, f"{failed}_total", sink=sink, retryable="true") == (

@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from fpolicyd.server.tls import TlsFailure, classify_handshake_failure
+from fpolicyd.server.tls_failures import TlsFailure, classify_handshake_failure
 
 
 def ssl_error(reason: str) -> ssl.SSLError:

@@ -26,7 +26,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -47,7 +47,7 @@ from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
 from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind
 from fpolicyd.server.budget import Refusal
-from fpolicyd.server.tls import TlsFailure
+from fpolicyd.server.tls_failures import TlsFailure
 
 if TYPE_CHECKING:
     from fpolicyd.server.connection import ServerContext
@@ -398,6 +398,10 @@ class Metrics:
         self.replay_source: Callable[[], ReplayFigures] | None = None
         self.context: ServerContext | None = None
         self.pipeline: EventPipeline | None = None
+        #: The dead-letter writers' figures (this process's, the delivery process's), the files' size, the cap.
+        self.dead_letter_sources: tuple[Callable[[], DeadLetterFigures], ...] = ()
+        self.dead_letter_size: Callable[[], int] | None = None
+        self.dead_letter_limit_bytes: int | None = None
         self.registry.register(FpolicydCollector(self))
         if process_metrics:
             ProcessCollector(registry=self.registry)
@@ -408,6 +412,14 @@ class Metrics:
         against the target their pipeline was built with: ``slo_ingestion_latency_s``)."""
         self.context = context
         self.pipeline = pipeline
+
+    def watch_dead_letter(
+        self, sources: Sequence[Callable[[], DeadLetterFigures]], *, size: Callable[[], int], limit_bytes: int
+    ) -> None:
+        """Read the dead-letter writers' figures (summed), the files' size (``stat``) and the cap at scrape time."""
+        self.dead_letter_sources = tuple(sources)
+        self.dead_letter_size = size
+        self.dead_letter_limit_bytes = limit_bytes
 
     def count_dedup_hits(self, n: int = 1) -> None:
         self._dedup_hits += n
@@ -469,6 +481,7 @@ class FpolicydCollector(Collector):
         yield from self._sinks(metrics.pipeline)
         yield from self._replay(metrics)
         yield from self._routing(metrics)
+        yield from self._dead_letter(metrics)
         yield from self._slo(metrics)
 
     @staticmethod
@@ -743,6 +756,48 @@ class FpolicydCollector(Collector):
         yield from (episode_events, throughput)
 
     @staticmethod
+    def _dead_letter(metrics: Metrics) -> Iterator[Metric]:
+        labels = ["source"]
+        written = _counter(
+            "dead_letter_records", "Records written to the dead-letter files, by source (sink name, decoder).", labels
+        )
+        sampled = _counter(
+            "dead_letter_sampled_records",
+            "Of those, records that keep only the first dead_letter_pre_handshake_sample_bytes of a payload "
+            "(received before the handshake).",
+            labels,
+        )
+        dropped = _counter(
+            "dead_letter_dropped",
+            "Dead-letter records lost to the cap or the disk, by source and reason (evicted: removed with the "
+            "oldest file; too_large: over a file's share of the cap; write_failed: the disk refused it).",
+            [*labels, "reason"],
+        )
+        errors = _counter(
+            "dead_letter_write_errors",
+            "Dead-letter writes the disk refused (no space, I/O error), by source; a sink keeps its event and retries.",
+            labels,
+        )
+        size = _gauge("dead_letter_size_bytes", "Bytes the dead-letter files hold (the active and rotated files).")
+        limit = _gauge("dead_letter_limit_bytes", "The dead-letter files' cap (dead_letter_max_bytes).")
+        figures = DeadLetterFigures.total(source() for source in metrics.dead_letter_sources)
+        if metrics.dead_letter_sources:
+            for source, count in sorted({DECODER_SOURCE: 0, **figures.written}.items()):
+                written.add_metric([source], count)
+            for source, count in sorted({DECODER_SOURCE: 0, **figures.sampled}.items()):
+                sampled.add_metric([source], count)
+            for source, reasons in sorted({DECODER_SOURCE: {}, **figures.dropped}.items()):
+                for reason, count in sorted({**dict.fromkeys(DROP_REASONS, 0), **reasons}.items()):
+                    dropped.add_metric([source, reason], count)
+            for source, count in sorted({DECODER_SOURCE: 0, **figures.write_errors}.items()):
+                errors.add_metric([source], count)
+        if metrics.dead_letter_size is not None:
+            size.add_metric([], metrics.dead_letter_size())
+        if metrics.dead_letter_limit_bytes is not None:
+            limit.add_metric([], metrics.dead_letter_limit_bytes)
+        yield from (written, sampled, dropped, errors, size, limit)
+
+    @staticmethod
     def _slo(metrics: Metrics) -> Iterator[Metric]:
         targets = _gauge("slo_target", "The reference pipeline's SLO targets (seconds; a ratio for success).", ["slo"])
         targets.add_metric(["ingestion_latency_seconds"], metrics.ingestion_slo_s)
@@ -794,3 +849,63 @@ class SinkFigures:
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed sink figures: {exc}") from None
+
+
+#: The dead-letter source of the reader's undecodable payloads, and the reasons a record is dropped
+#: (``fpolicyd.sinks.dead_letter.DropReason``): always exported, zero until they happen.
+DECODER_SOURCE: Final = "decoder"
+DROP_REASONS: Final = ("evicted", "too_large", "write_failed")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFigures:
+    """What a dead-letter writer counted, by source (:meth:`fpolicyd.sinks.dead_letter.DeadLetterWriter.figures`):
+    read here, or sent over by the delivery process as :meth:`to_dict`."""
+
+    #: Records written, and of them, samples.
+    written: dict[str, int] = field(default_factory=dict)
+    sampled: dict[str, int] = field(default_factory=dict)
+    #: Records dropped: source → reason → count.
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Writes the disk refused.
+    write_errors: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "written": self.written,
+            "sampled": self.sampled,
+            "dropped": self.dropped,
+            "write_errors": self.write_errors,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeadLetterFigures:
+        """Inverse of :meth:`to_dict` after a JSON round trip. Raises ValueError."""
+        try:
+            return cls(
+                written={str(k): int(v) for k, v in data["written"].items()},
+                sampled={str(k): int(v) for k, v in data["sampled"].items()},
+                dropped={
+                    str(source): {str(r): int(n) for r, n in reasons.items()}
+                    for source, reasons in data["dropped"].items()
+                },
+                write_errors={str(k): int(v) for k, v in data["write_errors"].items()},
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed dead-letter figures: {exc!r}") from None
+
+    @classmethod
+    def total(cls, parts: Iterable[DeadLetterFigures]) -> DeadLetterFigures:
+        """The sum of several writers' figures (the daemon's and the delivery process's)."""
+        out = cls()
+        for part in parts:
+            for mine, theirs in ((out.written, part.written), (out.sampled, part.sampled)):
+                for key, value in theirs.items():
+                    mine[key] = mine.get(key, 0) + value
+            for key, value in part.write_errors.items():
+                out.write_errors[key] = out.write_errors.get(key, 0) + value
+            for source, reasons in part.dropped.items():
+                into = out.dropped.setdefault(source, {})
+                for reason, count in reasons.items():
+                    into[reason] = into.get(reason, 0) + count
+        return out

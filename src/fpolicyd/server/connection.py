@@ -30,7 +30,8 @@ from fpolicyd.protocol.session import Notice, NoticeKind, PendingAnswer, Session
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.budget import BudgetLimits, ConnectionBudget, Refusal
 from fpolicyd.server.pipeline import EventPipeline
-from fpolicyd.server.tls import TlsFailure, classify_handshake_failure, peer_certificate_subject
+from fpolicyd.server.tls import peer_certificate_subject
+from fpolicyd.server.tls_failures import TlsFailure, classify_handshake_failure
 
 log = get_logger("fpolicyd.connection")
 
@@ -59,7 +60,7 @@ class ServerContext:
         max_frame_bytes: int,
         max_connections: int,
         wall_clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
-        quarantine: Callable[[bytes, str], None] = lambda payload, reason: None,
+        quarantine: Callable[[bytes, str, bool], None] = lambda payload, reason, negotiated: None,
         allowlist: PeerAllowlist | None = None,
         frame_reader: str = ReaderName.XML,
         capture: CaptureRecorder | None = None,
@@ -78,7 +79,8 @@ class ServerContext:
         self.max_frame_bytes = max_frame_bytes
         self.max_connections = max_connections
         self.wall_clock_us = wall_clock_us
-        #: Where a payload that broke the protocol goes (the dead-letter file), with the reason.
+        #: Where a payload that broke the protocol goes (the dead-letter file), with the reason and whether the
+        #: session had completed the handshake (before it, only a sample of the bytes is kept).
         self.quarantine = quarantine
         self.connections: set[FPolicyConnection] = set()
         #: Peers that may connect (empty = any).
@@ -99,7 +101,7 @@ class ServerContext:
         self.budget: ConnectionBudget[FPolicyConnection] = ConnectionBudget(
             BudgetLimits(max_sessions=max_connections, max_pending=max_pending, max_per_peer=max_per_peer)
         )
-        #: Failed TLS handshakes, by :class:`~fpolicyd.server.tls.TlsFailure` value.
+        #: Failed TLS handshakes, by :class:`~fpolicyd.server.tls_failures.TlsFailure` value.
         self.tls_failures: dict[str, int] = {}
         #: One line per (event, reason) per interval for what a hostile peer can repeat at will.
         self.log_limiter = LogRateLimiter(log_rate_limit_interval_s)
@@ -328,13 +330,17 @@ class FPolicyConnection(asyncio.Protocol):
         self.stats.frames += batch.frames
         close = batch.close
         if close is not None:
+            # A session that completed the handshake talks to ONTAP; before it, the peer may be anyone.
+            negotiated = ingest.session.context is not None
             if batch.rejected is not None:
                 # Keep the frame that could not be decoded (raw, base64 in the dead-letter file): an
                 # undecodable notification is still a notification ONTAP considers delivered. So are the frames
                 # that came with it in the same read, which the closing session will not decode.
-                ctx.quarantine(batch.rejected, f"{close.reason}: {close.detail}")
+                ctx.quarantine(batch.rejected, f"{close.reason}: {close.detail}", negotiated)
             for abandoned in batch.abandoned:
-                ctx.quarantine(abandoned, f"read after a frame that closed the session ({close.reason}); not decoded")
+                ctx.quarantine(
+                    abandoned, f"read after a frame that closed the session ({close.reason}); not decoded", negotiated
+                )
             self._close(close.reason, close.detail)
             return
         if pipeline.reading_paused and not self._paused:

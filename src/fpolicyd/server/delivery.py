@@ -44,7 +44,7 @@ from typing import Any, Final
 from fpolicyd.config import Settings
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
-from fpolicyd.obs.metrics import SinkFigures
+from fpolicyd.obs.metrics import DeadLetterFigures, SinkFigures
 from fpolicyd.pipeline.spool import Spool
 from fpolicyd.server.channel import Channel, Message, open_channel
 from fpolicyd.sinks.runner import WorkerStats
@@ -149,6 +149,11 @@ class ProcessDelivery:
         self._stopping = False
         self._sent_durable = -1
         self._wake_scheduled = False
+        #: The delivery process's dead-letter counts, as of its latest figures.
+        self._dead_letter = DeadLetterFigures()
+
+    def dead_letter_figures(self) -> DeadLetterFigures:
+        return self._dead_letter
 
     @property
     def pid(self) -> int | None:
@@ -285,6 +290,12 @@ class ProcessDelivery:
             log.error("delivery_message_unknown", kind=kind)
 
     def _figures(self, message: Message) -> None:
+        dead_letter = message.get("dead_letter")
+        if dead_letter is not None:
+            try:
+                self._dead_letter = DeadLetterFigures.from_dict(dead_letter)
+            except ValueError as exc:
+                log.error("delivery_figures_unreadable", error=str(exc))
         for data in message.get("sinks") or ():
             try:
                 figures = SinkFigures.from_dict(data)

@@ -25,7 +25,8 @@ from fpolicyd.obs.log import configure_logging, get_logger
 from fpolicyd.pipeline.records import sink_selector
 from fpolicyd.pipeline.spool import ReadPosition, SpoolTail
 from fpolicyd.server.channel import Channel, Message, open_channel
-from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter
+from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
 from fpolicyd.sinks.runner import Sender, SinkWorker
 
@@ -47,6 +48,7 @@ class DeliveryChild:
         self._sent_acks: dict[str, int] = {}
         self._acks_scheduled = False
         self._failed = False
+        self._dead_letter: DeadLetterWriter | None = None
 
     async def run(self, sock: socket.socket) -> int:
         loop = asyncio.get_running_loop()
@@ -68,7 +70,8 @@ class DeliveryChild:
             max_pool_connections=max(10, settings.sink_max_in_flight * 2),
             data_path=settings.aws_data_path,
         )
-        dead_letter = DeadLetterWriter(settings.effective_dead_letter_dir / "dead-letter.jsonl")
+        dead_letter = DeadLetterWriter.from_settings(settings)
+        self._dead_letter = dead_letter
         senders: list[Sender] = list(build_senders(settings, clients, dead_letter, hello["uris"]))
         selectors: dict[str, Callable[[bytes], bytes | None]] = {
             sender.name: sink_selector(sender.name, processing=bool(hello["processing"])) for sender in senders
@@ -122,7 +125,7 @@ class DeliveryChild:
         for worker in workers:
             worker.start().add_done_callback(self._watch)
         # With every sink's figures: one that could not be reached at start is not ready from the first moment.
-        channel.send({"t": "ready", "sinks": self._figures()})
+        channel.send({"t": "ready", "sinks": self._figures(), "dead_letter": self._dead_letter_figures()})
         ticker = asyncio.create_task(self._stats_loop())
         try:
             timeout_s = await stop
@@ -138,7 +141,7 @@ class DeliveryChild:
         for worker in workers:
             await worker.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         self._send_acks()
-        channel.send({"t": "stopped", "sinks": self._figures()})
+        channel.send({"t": "stopped", "sinks": self._figures(), "dead_letter": self._dead_letter_figures()})
         return 1 if self._failed else 0
 
     def _watch(self, task: asyncio.Task[None]) -> None:
@@ -158,10 +161,14 @@ class DeliveryChild:
         assert channel is not None
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
-            channel.send({"t": "stats", "sinks": self._figures()})
+            channel.send({"t": "stats", "sinks": self._figures(), "dead_letter": self._dead_letter_figures()})
 
     def _figures(self) -> list[dict[str, Any]]:
         return [worker.figures().to_dict() for worker in self._workers]
+
+    def _dead_letter_figures(self) -> dict[str, Any] | None:
+        """This process's dead-letter counts (the daemon adds them to its own for /metrics)."""
+        return None if self._dead_letter is None else self._dead_letter.figures().to_dict()
 
     def _schedule_acks(self) -> None:
         if not self._acks_scheduled:

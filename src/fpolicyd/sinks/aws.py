@@ -37,10 +37,8 @@ import bisect
 import contextlib
 import hashlib
 import itertools
-import os
 import random
 import re
-import threading
 import time
 import zlib
 from collections import deque
@@ -48,7 +46,6 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Final, Self
 
 import orjson
@@ -60,9 +57,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fpolicyd.config import AwsDataPath
 from fpolicyd.errors import SinkError
-from fpolicyd.events import format_rfc3339_us
 from fpolicyd.obs.log import get_logger
 from fpolicyd.sinks.aws_transport import LeanUnsupportedError, build_lean_client
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.runner import RetryPolicy
 from fpolicyd.sinks.sqs_envelope import PackCompression, pack_attributes
 
@@ -948,93 +945,6 @@ def classify_eventbridge(response: Mapping[str, Any], batch: Batch) -> Outcome:
         else:
             dead.append((entry, reason))
     return Outcome(tuple(succeeded), tuple(retry), tuple(dead), tuple(blocked))
-
-
-# ---------------------------------------------------------------------------------------- dead letter
-
-
-class DeadLetterWriter:
-    """Appends one JSON line per permanently failed event: ``{"time", "sink", "reason", "event"}``.
-
-    ``event`` is the event object itself (or ``event_raw_b64`` when the bytes are not JSON). The file is opened
-    with ``O_APPEND`` and each record goes out in one ``write`` (writers never interleave within a line); a
-    write that fails midway (disk full) is cut back, so the file never holds a torn line (the cut assumes one
-    process per file, as with every fpolicyd data file). Data reaches the kernel
-    before :meth:`write` returns; :meth:`close` fsyncs. Every record is logged (event id and reason, not the
-    path: paths may be confidential) and counted in :attr:`written`. Thread-safe.
-    """
-
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        self.written = 0
-
-    def open(self) -> Self:
-        with self._lock:
-            if self._fd is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        return self
-
-    def __enter__(self) -> Self:
-        return self.open()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def write(self, event_json: bytes, *, sink: str, reason: str) -> None:
-        """Append one record. Raises ``SinkError`` (retriable) when the file cannot take it."""
-        record: dict[str, Any] = {
-            "time": format_rfc3339_us(int(self._clock() * 1_000_000)),
-            "sink": sink,
-            "reason": reason,
-        }
-        event_id: object = None
-        try:
-            event = orjson.loads(event_json)
-            record["event"] = event
-            if isinstance(event, dict):
-                event_id = event.get("event_id")
-        except orjson.JSONDecodeError:
-            record["event_raw_b64"] = base64.b64encode(event_json).decode("ascii")
-        line = orjson.dumps(record) + b"\n"
-        with self._lock:
-            if self._fd is None:
-                raise SinkError(f"dead-letter file {self.path} is not open", retriable=False)
-            self._append(self._fd, line)
-            self.written += 1
-        log.warning("event_dead_lettered", sink=sink, reason=reason, event_id=event_id, file=str(self.path))
-
-    def _append(self, fd: int, line: bytes) -> None:
-        start = os.lseek(fd, 0, os.SEEK_END)
-        view = memoryview(line)
-        try:
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)
-            raise SinkError(f"dead-letter file {self.path}: {exc}", retriable=True) from exc
-
-    def for_sink(self, sink: str) -> Callable[[Item, str], None]:
-        """The ``dead_letter`` callback :func:`deliver` takes, for one sink."""
-
-        def dead_letter(item: Item, reason: str) -> None:
-            self.write(item.event_json, sink=sink, reason=reason)
-
-        return dead_letter
-
-    def close(self) -> None:
-        with self._lock:
-            fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------- async

@@ -361,7 +361,10 @@ class Settings(BaseSettings):
         description="Spool size under which BACK_PRESSURE_REM is sent (must exceed a segment plus one read).",
     )
     backpressure_pause_bytes: int = Field(
-        3 << 30, ge=1, description="Spool size at which fpolicyd stops reading its sockets (TCP back-pressure)."
+        3 << 30,
+        ge=1,
+        description="Spool size at which fpolicyd stops reading its sockets (TCP back-pressure); reading resumes "
+        "under backpressure_high_bytes. The processing stage keeps an eighth of the gap to spool_max_bytes free.",
     )
     checkpoint_interval_s: float = Field(0.2, gt=0, le=60, description="How often sink cursors are persisted.")
 
@@ -926,13 +929,14 @@ class Settings(BaseSettings):
             self.spool_segment_bytes
             <= self.backpressure_low_bytes
             < self.backpressure_high_bytes
-            <= self.backpressure_pause_bytes
+            < self.backpressure_pause_bytes
             < self.spool_max_bytes
         ):
             raise ValueError(
                 "spool sizes must satisfy spool_segment_bytes <= backpressure_low_bytes < backpressure_high_bytes"
-                " <= backpressure_pause_bytes < spool_max_bytes (the active segment is never removed, so a low"
-                " watermark below one segment could never be reached)"
+                " < backpressure_pause_bytes < spool_max_bytes (the active segment is never removed, so a low"
+                " watermark below one segment could never be reached; reading paused at backpressure_pause_bytes"
+                " resumes under backpressure_high_bytes, so they must differ)"
             )
         return self
 

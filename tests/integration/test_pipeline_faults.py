@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.spool import Record, Spool, SpoolIOError, SpoolSettings
 from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings
+from fpolicyd.sinks.local import JsonlSender
+from fpolicyd.sinks.runner import RetryPolicy
 
 
 class Collect:
@@ -137,3 +143,42 @@ async def test_linger_turns_a_trickle_into_full_batches(tmp_path: Path) -> None:
     assert sender.sends == 1  # one request for ten events, not ten
     assert await pipeline.drain(2.0) == 0
     spool.close()
+
+
+async def test_a_json_lines_write_that_fails_is_retried_and_its_os_error_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry log and the worker's last error name the OS error (they used to say only "N events not
+    settled"), and once space is back every event is written, once."""
+    sender = JsonlSender(JsonlSettings(directory=tmp_path / "events", fsync=FsyncPolicy.never), max_bytes=1 << 20)
+    settings = SpoolSettings(directory=tmp_path / "spool", segment_bytes=1 << 16, max_bytes=1 << 24)
+    spool = Spool.open(settings, [sender.name])
+    pipeline = EventPipeline(
+        spool,
+        [sender],
+        Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19),
+        checkpoint_interval_s=0.05,
+        retry=RetryPolicy(base_s=0.01, cap_s=0.05),
+    )
+    await pipeline.start()
+    real_write = os.write
+    full = True
+
+    def write(fd: int, data: Any) -> int:
+        if full and fd == sender.writer._fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    try:
+        for n in range(20):
+            pipeline.submit(b'{"n":%d}' % n)
+        [worker] = pipeline.local_workers
+        await wait_until(lambda: worker.last_error is not None)
+        assert "No space left on device" in str(worker.last_error)
+        full = False
+        await wait_until(lambda: worker.last_error is None and worker.stats.delivered == 20)
+    finally:
+        await pipeline.drain(2.0)
+    lines = [line for path in sorted((tmp_path / "events").glob("*.jsonl")) for line in path.read_bytes().splitlines()]
+    assert lines == [b'{"n":%d}' % n for n in range(20)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,9 +13,23 @@ from typing import Any
 import orjson
 
 from fpolicyd.app import Daemon
+from fpolicyd.pipeline.spool import Record
+from fpolicyd.server.processor import Processor
+from fpolicyd.sinks.local import JsonlSender
 from support.captures import NEGO_REQ, NEGO_RESP
 from support.notifications import frame
 from support.peer import Peer, make_settings
+
+#: A spool small enough to fill in a test, shaped like the defaults (the gap from the pause watermark to the maximum
+#: holds several segments, and less than the raw records reading may leave): reading pauses at 1 MiB, the stage
+#: keeps 64 KiB free under 1.5 MiB.
+SMALL_SPOOL = {
+    "spool_segment_bytes": 64 << 10,
+    "backpressure_low_bytes": 256 << 10,
+    "backpressure_high_bytes": 512 << 10,
+    "backpressure_pause_bytes": 1 << 20,
+    "spool_max_bytes": 3 << 19,
+}
 
 ROUTES = """
 [[route]]
@@ -234,3 +248,62 @@ async def test_a_crashed_stage_stops_the_daemon_instead_of_starving_the_sinks(tm
         report = await daemon.stop()
     assert report.failure is not None
     assert "file system went away" in report.failure
+
+
+async def test_a_stalled_sink_stops_the_stage_before_the_spool_is_full(tmp_path: Path, monkeypatch: Any) -> None:
+    """Reading pauses at the pause watermark, but the stage turns raw records into processed ones, which take
+    space too: a stage working through a backlog while the sink is stalled must stop short of spool_max_bytes (it
+    used to fill the spool, and its appends were then held in memory), and go on once the sink frees space.
+    Nothing is lost."""
+    sink_gate, stage_gate = asyncio.Event(), asyncio.Event()
+    real_send, real_emit = JsonlSender.send, Processor._emit
+
+    async def stalled_send(self: JsonlSender, records: Sequence[Record]) -> Sequence[Record]:
+        await sink_gate.wait()
+        return await real_send(self, records)
+
+    async def stalled_emit(self: Processor, *args: Any) -> None:
+        await stage_gate.wait()
+        await real_emit(self, *args)
+
+    monkeypatch.setattr(JsonlSender, "send", stalled_send)
+    monkeypatch.setattr(Processor, "_emit", stalled_emit)
+    count = 8000
+    stage_gate.set()
+    async with running(tmp_path, dedup_mode="window", **SMALL_SPOOL) as (daemon, peer):
+        pipeline, processor = daemon.pipeline, daemon.processor
+        assert processor is not None
+        frames = [frame(n, "SMB_CREAT", f"/data/dir{n % 7}/file{n}.txt") for n in range(1, count + 1)]
+        # A first event is processed: the sink is stuck at it, so nothing after it can leave the spool.
+        await peer.send(frames[0])
+        assert await eventually(lambda: processor.stats.delivered == 1)
+        stage_gate.clear()
+        # The stage lags (stalled): raw records fill the spool to the pause watermark.
+        sender = asyncio.create_task(peer.send(*frames[1:]))
+        assert await eventually(lambda: pipeline.reading_paused)
+        stage_gate.set()  # the stage works through that backlog; the sink still delivers nothing
+        largest = 0
+        deadline = time.monotonic() + 20
+        while not processor.stats.room_waits and time.monotonic() < deadline:
+            largest = max(largest, pipeline.spool.size_bytes)
+            await asyncio.sleep(0.01)
+        assert processor.stats.room_waits >= 1
+        for _ in range(50):  # a while longer, stalled: the stage stays stopped, the spool under its maximum
+            largest = max(largest, pipeline.spool.size_bytes)
+            await asyncio.sleep(0.01)
+        assert largest < SMALL_SPOOL["spool_max_bytes"]
+        assert pipeline.held_total == 0  # nothing had to be held in memory at a full spool
+        sink_gate.set()
+        await asyncio.wait_for(sender, 60)
+        events = await wait_for(tmp_path / "events", count, within=60)
+    assert sorted(int(e["file_path"].rsplit("file", 1)[1].split(".")[0]) for e in events) == list(range(1, count + 1))
+
+
+async def eventually(predicate: Any, within: float = 20.0) -> bool:
+    deadline = time.monotonic() + within
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)

@@ -689,6 +689,11 @@ class FpolicydCollector(Collector):
             "dedup_errors", "Events the dedup store could not judge, by failure mode (open: delivered).", ["mode"]
         )
         backlog = _gauge("processor_lag_records", "Spool records the processing stage has not handled yet.")
+        room_waits = _counter(
+            "processor_room_waits",
+            "Times the processing stage stopped appending because the spool was within an eighth of "
+            "(spool_max_bytes - backpressure_pause_bytes) of spool_max_bytes (it resumes as the sinks free space).",
+        )
         ctx = metrics.context
         if ctx is not None:
             counters = ctx.ingest.counters
@@ -700,7 +705,8 @@ class FpolicydCollector(Collector):
         errors.add_metric(["open"], processor.stats.dedup_errors_open if processor is not None else 0)
         errors.add_metric(["closed"], processor.stats.dedup_errors_closed if processor is not None else 0)
         backlog.add_metric([], processor.lag if processor is not None else 0)
-        yield from (routed, unrouted, errors, backlog)
+        room_waits.add_metric([], processor.stats.room_waits if processor is not None else 0)
+        yield from (routed, unrouted, errors, backlog, room_waits)
 
     @staticmethod
     def _replay(metrics: Metrics) -> Iterator[Metric]:

@@ -5,8 +5,9 @@ Three thresholds on the bytes fpolicyd holds but has not delivered everywhere:
 - at ``hard`` it also stops reading its sockets (TCP then pushes back, whatever ONTAP does with the request);
 - reading resumes once back under ``high``, and BACK_PRESSURE_REM is sent once under ``low``.
 
-The gap between ``low`` and ``high`` is the hysteresis that keeps a spool hovering near one threshold from
-flapping APPLY/REM at ONTAP on every batch.
+Two gaps are the hysteresis that keeps a spool hovering near one threshold from flapping on every batch: between
+``low`` and ``high`` for APPLY/REM at ONTAP, between ``high`` and ``hard`` for pausing and resuming the sockets (a
+spool that resumed reading as soon as it dipped under ``hard`` flipped 46 times in 9 s).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class Watermarks:
     hard_bytes: int
 
     def __post_init__(self) -> None:
-        if not 0 <= self.low_bytes < self.high_bytes <= self.hard_bytes:
+        if not 0 <= self.low_bytes < self.high_bytes < self.hard_bytes:
             raise ConfigError(
-                "back-pressure watermarks must satisfy 0 <= low < high <= hard "
+                "back-pressure watermarks must satisfy 0 <= low < high < hard "
                 f"(low={self.low_bytes}, high={self.high_bytes}, hard={self.hard_bytes})"
             )
 
@@ -59,11 +60,12 @@ class BackPressure:
         if held_bytes >= w.hard_bytes:
             target = Pressure.PAUSED
         elif held_bytes >= w.high_bytes:
-            target = Pressure.APPLIED
+            # Between high and hard: stay paused if already paused (hysteresis), else applied.
+            target = Pressure.PAUSED if state is Pressure.PAUSED else Pressure.APPLIED
         elif held_bytes <= w.low_bytes:
             target = Pressure.NORMAL
         else:
-            # Between low and high: stay applied if already applied (hysteresis), resume reading if paused.
+            # Between low and high: stay applied if already applied (hysteresis); a paused reader resumes.
             target = Pressure.NORMAL if state is Pressure.NORMAL else Pressure.APPLIED
         if target is state:
             return ()

@@ -467,6 +467,11 @@ class Spool:
         """The next seq :meth:`read` would consider for the sink."""
         return self._cursor(sink).next_seq
 
+    @property
+    def oldest_segment_last_seq(self) -> int:
+        """The last seq of the oldest segment: the records every consumer must be past before any space frees."""
+        return self._segments[0].last_seq if self._segments else self.last_seq
+
     def records_pending(self, sink: str) -> int:
         """Records appended and not yet acked by the sink (its lag), buffered ones included."""
         return self._total_ord - self._cursor(sink).acked_ord

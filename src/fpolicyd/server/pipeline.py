@@ -265,12 +265,38 @@ class EventPipeline:
 
     @property
     def reading_paused(self) -> bool:
+        """Whether readers must stop. The spool's own size is looked at too, not only the pressure state (which
+        changes when a commit completes): readers stop right after the read that crossed the pause watermark, not
+        a group commit's worth of reads later."""
         return (
             bool(self._held)
             or self.pressure.state is Pressure.PAUSED
+            or self.spool.size_bytes >= self.pressure.watermarks.hard_bytes
             or self._flush_error is not None
             or self.fatal is not None
         )
+
+    @property
+    def processing_room_bytes(self) -> int:
+        """What the processing stage may still append: the spool's room under ``spool_max_bytes`` less a reserve of
+        an eighth of the gap between the pause watermark and the maximum, and at least two segments if half the
+        gap allows (for what readers already had in flight when reading paused, and for finishing the oldest
+        segment, whose processing and delivery is what frees space).
+
+        Reading stops at the pause watermark, but the stage turns raw records into processed ones, which the spool
+        holds too until every consumer is past their segment: without a bound it filled the spool to its maximum
+        while reading was paused, and its appends were then held in memory. It is not stopped at the pause
+        watermark itself: a segment is freed only once the stage has processed its raw records and the sinks have
+        passed them, so the stage must be able to work while the spool is over it."""
+        settings = self.spool.settings
+        gap = settings.max_bytes - self.pressure.watermarks.hard_bytes
+        reserve = max(gap // 8, min(2 * settings.segment_bytes, gap // 2))
+        return settings.max_bytes - reserve - self.spool.size_bytes
+
+    @property
+    def processing_blocked(self) -> bool:
+        """The processing stage must not append now (no :attr:`processing_room_bytes` left)."""
+        return self.processing_room_bytes <= 0
 
     @property
     def back_pressure_applied(self) -> bool:
@@ -408,6 +434,8 @@ class EventPipeline:
         if self._held:
             self._take_back_held()
         self._update_pressure()
+        if self.processor is not None and not self.processing_blocked:
+            self.processor.wake()
 
     def _take_back_held(self) -> None:
         while self._held:

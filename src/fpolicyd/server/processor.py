@@ -52,6 +52,10 @@ from fpolicyd.sinks.runner import RetryPolicy
 
 log = get_logger("fpolicyd.processor")
 
+#: Raw record bytes one round reads at most (less when the spool is near its maximum).
+ROUND_MAX_BYTES: Final = 1 << 20
+#: How often a stage waiting for room in the spool looks again, besides being woken by acknowledgements.
+ROOM_POLL_S: Final = 0.1
 #: The stage's spool cursor.
 CURSOR: Final = "processor"
 STATE_FILE: Final = "processor-state.json"
@@ -68,6 +72,8 @@ class ProcessorStats:
     duplicates: int = 0
     dedup_errors_open: int = 0
     dedup_errors_closed: int = 0
+    #: Times the stage waited for room in the spool (it was near spool_max_bytes).
+    room_waits: int = 0
 
 
 def instance_id(directory: Path) -> str:
@@ -198,7 +204,20 @@ class Processor:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            records = self._spool.read(CURSOR, self._batch_records)
+            room = self._pipeline.processing_room_bytes
+            batch_records, batch_bytes = self._batch_records, max(1, min(ROUND_MAX_BYTES, room // 2))
+            if room <= 0:
+                # Near the maximum, only the oldest segment's records: once they are processed and delivered, that
+                # segment goes and space frees (the reserve holds a segment's output). Past it: wait for room.
+                batch_records = min(
+                    batch_records, self._spool.oldest_segment_last_seq - self._spool.read_seq(CURSOR) + 1
+                )
+                batch_bytes = ROUND_MAX_BYTES
+                if batch_records <= 0:
+                    await self._wait_for_room()
+                    continue
+            # A round's output (processed records are the raw ones plus a few bytes) stays within the room left.
+            records = self._spool.read(CURSOR, batch_records, batch_bytes)
             candidates = self.stage.take(records)
             candidates.extend(self.stage.due(self._watermark(caught_up=len(records) < self._batch_records)))
             passthrough = self.stage.passthrough
@@ -223,6 +242,22 @@ class Processor:
                 if state != self._saved:
                     await asyncio.to_thread(save_state, self._state_dir, state)
                     self._saved = state
+
+    async def _wait_for_room(self) -> None:
+        """The spool is near its maximum (:attr:`EventPipeline.processing_room_bytes`): wait until the sinks have
+        freed space (each acknowledgement wakes the stage; a poll every :data:`ROOM_POLL_S` covers the rest)."""
+        self.stats.room_waits += 1
+        log.warning(
+            "processing_paused",
+            spool_bytes=self._spool.size_bytes,
+            room_bytes=self._pipeline.processing_room_bytes,
+            detail="the spool is near spool_max_bytes: processing waits for the sinks to free space",
+        )
+        while self._pipeline.processing_blocked and not self._stopping:
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), ROOM_POLL_S)
+        log.info("processing_resumed", spool_bytes=self._spool.size_bytes)
 
     def _watermark(self, *, caught_up: bool) -> float:
         """Settle's clock: behind the wall clock by :data:`SETTLE_WATERMARK_LAG_S` once the stage has caught up

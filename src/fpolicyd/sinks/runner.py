@@ -250,7 +250,7 @@ class SinkWorker:
                 else:
                     if not pending:
                         break
-                    self.last_error = SinkError(f"{self.name}: {len(pending)} events not settled", retriable=True)
+                    self.last_error = self._unsettled(len(pending))
                 finally:
                     self.instruments.send_seconds.observe(time.monotonic() - sent_at)
                 self.stats.failures += 1
@@ -273,6 +273,13 @@ class SinkWorker:
             self._on_ack()
         finally:
             self._slots.release()
+
+    def _unsettled(self, count: int) -> SinkError:
+        """Why ``count`` records came back from a send that raised nothing: the sender's own last error when it
+        keeps one (a JSON Lines write that failed midway: the OS error, e.g. no space left on device)."""
+        cause = getattr(self.sender, "last_error", None)
+        detail = f": {cause}" if isinstance(cause, SinkError) else ""
+        return SinkError(f"{self.name}: {count} events not settled{detail}", retriable=True)
 
     async def stop(self, timeout_s: float) -> None:
         """Deliver what is durable within ``timeout_s``, then stop; the rest stays in the spool."""

@@ -271,7 +271,10 @@ class Processor:
         return self.stage.offered_through
 
     def _settle_now(self) -> float:
-        return self._settle_clock.now(self._clock(), self._monotonic())
+        """Settle's clock: never behind the latest receive time offered either, so that after a restart that
+        follows a step back (the spool replayed from the floor holds receive times from before the step) it
+        runs on from those, in real time, instead of waiting for the wall clock to catch up with them."""
+        return self._settle_clock.now(max(self._clock(), self.stage.offered_through), self._monotonic())
 
     async def _emit(self, candidates: Sequence[Candidate], passthrough: Sequence[tuple[int, bytes]]) -> None:
         now = self._clock()

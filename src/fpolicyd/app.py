@@ -8,6 +8,7 @@ import contextlib
 import gc
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -101,8 +102,11 @@ class StopReport:
 class Daemon:
     """Owns the spool, the pipeline and the listener; ``run`` returns once stopped and drained."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, wall_clock: Callable[[], float] = time.time) -> None:
+        """``wall_clock``: epoch seconds, for everything that stamps or ages by the wall clock (receive times,
+        settle, dedup claims and their expiry); tests step it to see what a clock jump does."""
         self.settings = settings
+        self._wall_clock = wall_clock
         self._server: asyncio.Server | TlsListener | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
@@ -268,7 +272,9 @@ class Daemon:
             self._duplicates = duplicates
         window: DedupWindow | None = None
         if settings.reader_dedup:
-            opened, self._journal, recovered = await asyncio.to_thread(open_reader_dedup, settings, spool, time.time())
+            opened, self._journal, recovered = await asyncio.to_thread(
+                open_reader_dedup, settings, spool, self._wall_clock()
+            )
             log.info(
                 "dedup_window_opened",
                 claims_recovered=recovered,
@@ -291,6 +297,7 @@ class Daemon:
             delivery=delivery,
             ingestion_slo_s=settings.slo_ingestion_latency_s,
             duplicates=duplicates,
+            wall_clock=self._wall_clock,
         )
         ingest = Ingest(
             names=NameMaps(
@@ -324,6 +331,7 @@ class Daemon:
             max_pending=settings.max_pending_handshakes,
             max_per_peer=settings.max_connections_per_peer,
             log_rate_limit_interval_s=settings.log_rate_limit_interval_s,
+            wall_clock_us=lambda: round(self._wall_clock() * 1_000_000),
         )
         self._pipeline.on_fatal = self._on_fatal
         self.metrics.attach(self._context, self._pipeline)
@@ -341,7 +349,7 @@ class Daemon:
         self.heartbeat.on_beat.append(self._context.flush_log_summaries)
         journal = self._journal
         if window is not None and journal is not None:
-            self.heartbeat.on_beat.append(partial(_age_dedup, window, journal))
+            self.heartbeat.on_beat.append(partial(_age_dedup, window, journal, self._wall_clock))
         self.metrics.replay_source = replay.stats
         await self._pipeline.start()
         if plan.enabled:
@@ -353,6 +361,7 @@ class Daemon:
                 pipeline=self._pipeline,
                 clients=self._clients,
                 redactor=redactor,
+                wall_clock=self._wall_clock,
             )
             self.metrics.watch_processor(self._processor)
         loop = asyncio.get_running_loop()
@@ -524,9 +533,9 @@ class Daemon:
         self._stop.set()
 
 
-def _age_dedup(window: DedupWindow, journal: DedupJournal) -> None:
+def _age_dedup(window: DedupWindow, journal: DedupJournal, wall_clock: Callable[[], float]) -> None:
     """Claims past their time to live leave the window; journal files with nothing left in it go."""
-    now = time.time()
+    now = wall_clock()
     window.expire(now)
     journal.retire(now)
 

@@ -679,8 +679,17 @@ class Settings(BaseSettings):
     )
     dedup_failure_mode: DedupFailureMode = Field(
         DedupFailureMode.open,
-        description="When the dedup store fails: open (deliver; duplicates possible) | closed (hold the event in "
-        "the spool and retry; delivery waits for the store).",
+        description="When the dedup store fails (after dedup_dynamodb_retries): open (deliver unchecked; duplicates "
+        "possible; each one in the audit ledger as error_open) | closed (hold the events in the spool and retry; "
+        "delivery waits for the store, /readyz fails meanwhile; nothing is lost, spool back-pressure applies). "
+        "A request DynamoDB refuses as malformed (ValidationException) can never be judged: delivered in both.",
+    )
+    dedup_closed_retry_max_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Fail-closed: longest wait between two attempts at a batch the dedup store could not judge "
+        "(capped full-jitter backoff from 0.1 s); the longest a recovered store can wait to be asked again.",
     )
     dedup_ledger_dir: Path | None = Field(
         None,

@@ -4,7 +4,9 @@ Proved here: the conditional put gives first/duplicate with the first-seen id (f
 on a failed condition); a claim past its expiry, or past its retention but not yet swept by TTL, is taken over;
 the same claimant is first again; window mode slides and catches the tumbling-boundary case; same-key requests of
 one batch are judged in batch order; an unreachable endpoint gives error_open or error_closed per the failure
-mode, with the counters; and over a random sequence the store decides exactly as the embedded store.
+mode, with the counters (after one request failed its retries the rest of the batch is not sent); a request
+DynamoDB refuses (ValidationException) is delivered whatever the mode; a long path's window key fits; and over a
+random sequence the store decides exactly as the embedded store.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from botocore.exceptions import ClientError
 
 from fpolicyd.errors import SinkError
 from fpolicyd.pipeline.dedup import (
+    MAX_PARTITION_KEY_BYTES,
     Decision,
     DedupFailureMode,
+    DedupKey,
     DedupMode,
     DedupRequest,
     EmbeddedDedupStore,
@@ -202,11 +206,13 @@ async def test_unreachable_endpoint_applies_the_failure_mode(
     async with AwsClients(
         endpoint_url=f"http://127.0.0.1:{closed_port()}", region_name=aws_env.region, connect_timeout_s=2
     ) as unreachable:
-        store = DynamoDbDedupStore(unreachable, "t", retries=2, failure_mode=mode, retry_policy=FAST)
+        store = DynamoDbDedupStore(unreachable, "t", max_in_flight=1, retries=2, failure_mode=mode, retry_policy=FAST)
         results = await store.check_many([exact("e1", "a", T0), exact("e2", "a", T0)], T0)
         assert [r.decision for r in results] == [decision, decision]
         assert [r.first_seen_id for r in results] == [None, None]
-        assert (store.checks, store.errors, store.retries_done, store.duplicates) == (2, 2, 4, 0)
+        # The first request is retried twice; the store is then down for the rest of the batch.
+        assert (store.checks, store.errors, store.retries_done, store.duplicates) == (2, 2, 2, 0)
+        assert store.short_circuited == 1
         assert (store.fail_open, store.fail_closed) == ((2, 0) if mode is DedupFailureMode.open else (0, 2))
         with pytest.raises(SinkError) as caught:
             await store.check_table()
@@ -239,3 +245,51 @@ async def test_decides_like_the_embedded_store(store: DynamoDbDedupStore, tmp_pa
             assert [(r.decision, r.first_seen_id) for r in remote] == [(r.decision, r.first_seen_id) for r in local]
             seen.update(r.decision for r in local)
     assert seen == {Decision.first, Decision.duplicate}
+
+
+def long_window(event_id: str, path: str) -> DedupRequest:
+    return DedupRequest(
+        DedupKey(f"UC1#{path}", "write"),  # built by hand: window_key would shorten it
+        event_id,
+        "i:1",
+        T0,
+        T0 + 300,
+        mode=DedupMode.window,
+        retain_until=T0 + 7 * DAY,
+        use_case="UC1",
+    )
+
+
+async def test_a_request_dynamodb_refuses_is_delivered_even_fail_closed(clients: AwsClients, table: str) -> None:
+    """A key over DynamoDB's 2048-byte limit is refused (ValidationException) on every attempt: fail-closed
+    would hold the whole stage behind it for good. It is delivered (error_open), alone; the batch goes on."""
+    store = DynamoDbDedupStore(clients, table, retries=3, failure_mode=DedupFailureMode.closed, retry_policy=FAST)
+    results = await store.check_many([long_window("e1", "/" + "a" * 3000), exact("e2", "i:1", T0)], T0)
+    assert [r.decision for r in results] == [Decision.error_open, Decision.first]
+    assert (store.unjudgeable, store.retries_done, store.fail_open, store.fail_closed) == (1, 0, 1, 0)
+    assert str(store.last_failure).startswith("ValidationException")
+
+
+async def test_a_long_path_gets_a_window_key_dynamodb_accepts(store: DynamoDbDedupStore) -> None:
+    path = "/" + "é" * 1500  # 3001 UTF-8 bytes
+    key = window_key("UC1", path, "write")
+    assert len(key.pk.encode()) <= MAX_PARTITION_KEY_BYTES
+    assert key == window_key("UC1", path, "write") != window_key("UC1", path + "x", "write")
+    request = DedupRequest(key, "e1", "i:1", T0, T0 + 300, mode=DedupMode.window, use_case="UC1")
+    again = DedupRequest(key, "e2", "i:2", T0 + 1, T0 + 301, mode=DedupMode.window, use_case="UC1")
+    assert await decide(store, [request], T0) == [Decision.first]
+    assert await decide(store, [again], T0 + 1) == [Decision.duplicate]
+
+
+async def test_after_one_request_fails_its_retries_the_rest_of_the_batch_is_not_sent(aws_env: MotoEndpoint) -> None:
+    """Against an endpoint that is down, a fail-open batch costs one request's retries, not every request's."""
+    async with AwsClients(
+        endpoint_url=f"http://127.0.0.1:{closed_port()}", region_name=aws_env.region, connect_timeout_s=2
+    ) as unreachable:
+        store = DynamoDbDedupStore(unreachable, "t", max_in_flight=1, retries=2, retry_policy=FAST)
+        results = await store.check_many([exact(f"e{i}", "a", T0) for i in range(50)], T0)
+        assert {r.decision for r in results} == {Decision.error_open}
+        assert (store.errors, store.retries_done, store.short_circuited) == (50, 2, 49)
+        # The next batch tries again (one request, then the rest at once).
+        await store.check_many([exact("e1", "a", T0), exact("e2", "a", T0)], T0)
+        assert (store.retries_done, store.short_circuited) == (4, 50)

@@ -694,6 +694,22 @@ class FpolicydCollector(Collector):
             "Times the processing stage stopped appending because the spool was within an eighth of "
             "(spool_max_bytes - backpressure_pause_bytes) of spool_max_bytes (it resumes as the sinks free space).",
         )
+        store_up = _gauge(
+            "dedup_store_up",
+            "1 while the dedup store answers (its last batch was judged in full), 0 while it fails (fail-open: "
+            "events go out unchecked; fail-closed: they wait in the spool).",
+        )
+        store_retries = _counter(
+            "dedup_store_retries", "DynamoDB dedup requests sent again after a throttling or transient failure."
+        )
+        store_throttled = _counter(
+            "dedup_store_throttled", "DynamoDB dedup requests answered with a throttling error (before any retry)."
+        )
+        store_skipped = _counter(
+            "dedup_store_short_circuited",
+            "DynamoDB dedup requests not sent because another request of their batch had failed after its retries "
+            "(they took the failure mode at once).",
+        )
         ctx = metrics.context
         if ctx is not None:
             counters = ctx.ingest.counters
@@ -705,8 +721,14 @@ class FpolicydCollector(Collector):
         errors.add_metric(["open"], processor.stats.dedup_errors_open if processor is not None else 0)
         errors.add_metric(["closed"], processor.stats.dedup_errors_closed if processor is not None else 0)
         backlog.add_metric([], processor.lag if processor is not None else 0)
+        figures = processor.dedup_figures() if processor is not None else None
+        store_up.add_metric([], 1.0 if figures is None or figures.up else 0.0)
+        store_retries.add_metric([], figures.retries if figures is not None else 0)
+        store_throttled.add_metric([], figures.throttled if figures is not None else 0)
+        store_skipped.add_metric([], figures.short_circuited if figures is not None else 0)
         room_waits.add_metric([], processor.stats.room_waits if processor is not None else 0)
-        yield from (routed, unrouted, errors, backlog, room_waits)
+        yield from (routed, unrouted, errors, backlog, room_waits, store_up, store_retries, store_throttled)
+        yield from (store_skipped,)
 
     @staticmethod
     def _replay(metrics: Metrics) -> Iterator[Metric]:

@@ -35,6 +35,7 @@ The DynamoDB store (:mod:`fpolicyd.sinks.dedup_dynamodb`) applies the same :func
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import sqlite3
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DB_FILE_NAME",
     "EXACT_SORT_KEY",
+    "MAX_PARTITION_KEY_BYTES",
     "AsyncDedupStore",
     "Claim",
     "Decision",
@@ -137,9 +139,20 @@ def exact_key(event_id: str) -> DedupKey:
     return DedupKey(event_id, EXACT_SORT_KEY)
 
 
+#: DynamoDB's limit on a partition key (UTF-8 bytes); a longer window key names its path by its SHA-256.
+MAX_PARTITION_KEY_BYTES: Final = 2048
+
+
 def window_key(use_case: str, file_path: str, operation: str) -> DedupKey:
-    """The reference pipeline's key without its time bucket: ``{use_case}#{file_path}`` / ``{operation}``."""
-    return DedupKey(f"{use_case}#{file_path}", operation)
+    """The reference pipeline's key without its time bucket: ``{use_case}#{file_path}`` / ``{operation}``.
+
+    A key over :data:`MAX_PARTITION_KEY_BYTES` (a long path: paths are unbounded unless ``path_max_chars`` is
+    set) becomes ``{use_case}#sha256:{hex of the path}``, in both backends, so that DynamoDB can store it."""
+    pk = f"{use_case}#{file_path}"
+    if len(pk) * 4 > MAX_PARTITION_KEY_BYTES and len(pk.encode("utf-8", "surrogatepass")) > MAX_PARTITION_KEY_BYTES:
+        digest = hashlib.sha256(file_path.encode("utf-8", "surrogatepass")).hexdigest()
+        pk = f"{use_case}#sha256:{digest}"
+    return DedupKey(pk, operation)
 
 
 def _finite(name: str, value: float) -> None:

@@ -80,6 +80,7 @@ __all__ = [
     "DEFAULT_MARKER_NAMES",
     "DEFAULT_SETTLE_OPERATIONS",
     "SETTLE_MAX_IDS",
+    "SettleClock",
     "SettleConfig",
     "SettleInputError",
     "SettleOutput",
@@ -347,6 +348,42 @@ def received_at_s(event: FileEvent) -> float:
     if moment is None or moment.tzinfo is None:
         raise SettleInputError(f"event {event.event_id}: metadata.received_at {value!r} is not RFC 3339 with a zone")
     return moment.timestamp()
+
+
+# ------------------------------------------------------------------------------------------------ clock
+
+
+class SettleClock:
+    """Settle's idea of "now" when the stage has caught up: the wall clock (the axis of ``received_at``) made
+    steady by the monotonic clock. Sans-IO: :meth:`now` takes both readings.
+
+    ``now(wall, mono) = max(wall, previous + (mono - previous mono))``: it never goes back and never advances
+    slower than real time. A wall clock stepped *back* (an NTP correction, a VM restore) would otherwise freeze
+    settle's watermark until the wall clock caught up again: every burst held at the step would wait out the
+    step (an hour for an hour's step), far past ``max_hold_s``, holding the spool cursor with it. Stepped
+    *forward*, the value follows the wall clock (events received after the step carry its times): bursts held
+    at the step come due at once, their quiet period cut short (nothing is lost; they go out with reason
+    ``quiet`` or ``max_hold``). After a backward step it stays ahead of the wall clock by the step (until the
+    next start); events received meanwhile are placed at it (:meth:`fpolicyd.pipeline.stage.Stage.take`'s
+    ``not_before``), so they still settle for their window."""
+
+    __slots__ = ("_mono", "_value")
+
+    def __init__(self) -> None:
+        self._value: float | None = None
+        self._mono = 0.0
+
+    def now(self, wall: float, mono: float) -> float:
+        if not (math.isfinite(wall) and math.isfinite(mono)):
+            raise ValueError(f"settle clock: readings must be finite, got wall={wall!r} mono={mono!r}")
+        value = self._value
+        if value is None:
+            value = wall
+        else:
+            steady = value + max(0.0, mono - self._mono)
+            value = wall if wall > steady else steady
+        self._value, self._mono = value, mono
+        return value
 
 
 # ------------------------------------------------------------------------------------------------ settler

@@ -155,6 +155,8 @@ class StageStats:
     undecodable: int = 0
     #: Events settle could not place in time (no receive time): passed on at once.
     unsettleable: int = 0
+    #: Events received before settle's watermark (the wall clock stepped back): settled from the watermark.
+    clamped: int = 0
 
 
 class Stage:
@@ -186,8 +188,13 @@ class Stage:
 
     # ------------------------------------------------------------------------------------------ input
 
-    def take(self, records: Iterable[Record]) -> list[Candidate]:
-        """Settle the raw records (processed ones are skipped); returns what is ready now."""
+    def take(self, records: Iterable[Record], not_before: float = float("-inf")) -> list[Candidate]:
+        """Settle the raw records (processed ones are skipped); returns what is ready now.
+
+        ``not_before``: settle's watermark now (the caller's :class:`~fpolicyd.pipeline.settle.SettleClock`
+        minus its lag, or the latest receive time while it works through a backlog). An event received "before"
+        it (after the wall clock was stepped back) is placed at it: offered at its own older time it would be
+        due at once and skip its quiet window."""
         out: list[Candidate] = []
         settler = self._settler
         for record in records:
@@ -213,6 +220,9 @@ class Stage:
             else:
                 try:
                     t = self._received_at_s(event)
+                    if t < not_before:
+                        t = not_before
+                        self.stats.clamped += 1
                     outputs = settler.offer(event, record.seq, t)
                 except SettleInputError:
                     self.stats.unsettleable += 1  # no usable receive time: delivered at once rather than held

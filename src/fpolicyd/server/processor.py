@@ -7,7 +7,15 @@ until they are durable, and only then acknowledges its cursor up to the stage's 
 so the floor never passes an event whose output is not on disk (see pipeline/stage.py for the restart rules).
 
 A fail-closed dedup store that cannot answer stops the stage (nothing is delivered or dropped) and it retries
-with capped backoff; the spool keeps taking events meanwhile and back-pressure does the rest.
+with capped backoff (``dedup_closed_retry_max_s``); the spool keeps taking events meanwhile and back-pressure
+does the rest. A fail-open store that cannot answer lets the events through unchecked (each one in the audit
+ledger as ``error_open``). Either way the first failed batch logs ``dedup_store_failing`` (warning) and the first
+batch answered in full after it ``dedup_recovered`` (info, with how long and how many events failed open or
+were held); ``fpolicyd_dedup_store_up`` says which state the stage is in.
+
+Clocks: settle runs on the wall clock (events carry their receive time) made steady by the monotonic clock
+(:class:`~fpolicyd.pipeline.settle.SettleClock`); dedup's ``now`` is the wall clock (claims are shared with other
+instances and outlive this process); the idle wait is on the event loop's monotonic clock.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from fpolicyd.pipeline.dedup import (
 from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import encode_processed, sink_selector
 from fpolicyd.pipeline.router import Router, RouteTable, UnroutedAction
-from fpolicyd.pipeline.settle import SettleConfig, Settler, received_at_s
+from fpolicyd.pipeline.settle import SettleClock, SettleConfig, Settler, received_at_s
 from fpolicyd.pipeline.spool import Spool
 from fpolicyd.pipeline.stage import Candidate, Destinations, Stage, StageState
 from fpolicyd.server.pipeline import EventPipeline
@@ -74,6 +82,20 @@ class ProcessorStats:
     dedup_errors_closed: int = 0
     #: Times the stage waited for room in the spool (it was near spool_max_bytes).
     room_waits: int = 0
+    #: Outages of the dedup store: batches it failed after answering the one before in full.
+    dedup_outages: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DedupStoreFigures:
+    """The dedup store's state for metrics: whether the last batch was answered in full, and the DynamoDB
+    store's own counters (0 for the embedded store)."""
+
+    up: bool
+    retries: int = 0
+    throttled: int = 0
+    short_circuited: int = 0
+    unjudgeable: int = 0
 
 
 def instance_id(directory: Path) -> str:
@@ -131,6 +153,7 @@ class Processor:
         checkpoint_interval_s: float,
         retry: RetryPolicy | None = None,
         wall_clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stage = stage
         self._spool = spool
@@ -148,6 +171,12 @@ class Processor:
         self._checkpoint_interval_s = checkpoint_interval_s
         self._retry = retry or RetryPolicy(base_s=0.1, cap_s=10.0)
         self._clock = wall_clock
+        self._monotonic = monotonic
+        self._settle_clock = SettleClock()
+        #: Monotonic time the dedup store started failing (None while it answers), and what failed since.
+        self._failing_since: float | None = None
+        self._failed_open = 0
+        self._failed_closed = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -163,6 +192,14 @@ class Processor:
             await asyncio.to_thread(self._dedup.close)
         if self._ledger is not None:
             await asyncio.to_thread(self._ledger.close)
+
+    def dedup_figures(self) -> DedupStoreFigures:
+        """Read at scrape time (HTTP thread): plain attribute reads."""
+        store = self._dedup_async
+        up = self._failing_since is None
+        if isinstance(store, DynamoDbDedupStore):
+            return DedupStoreFigures(up, store.retries_done, store.throttled, store.short_circuited, store.unjudgeable)
+        return DedupStoreFigures(up)
 
     @property
     def lag(self) -> int:
@@ -218,15 +255,16 @@ class Processor:
                     continue
             # A round's output (processed records are the raw ones plus a few bytes) stays within the room left.
             records = self._spool.read(CURSOR, batch_records, batch_bytes)
-            candidates = self.stage.take(records)
-            candidates.extend(self.stage.due(self._watermark(caught_up=len(records) < self._batch_records)))
+            caught_up = len(records) < batch_records
+            candidates = self.stage.take(records, self._watermark(caught_up=caught_up))
+            candidates.extend(self.stage.due(self._watermark(caught_up=caught_up)))
             passthrough = self.stage.passthrough
             if passthrough:
                 self.stage.passthrough = []
             if not records and not candidates and not passthrough:
                 self._wakeup.clear()
                 deadline = self.stage.next_deadline()
-                timeout = None if deadline is None else max(0.0, deadline + SETTLE_WATERMARK_LAG_S - self._clock())
+                timeout = None if deadline is None else max(0.0, deadline + SETTLE_WATERMARK_LAG_S - self._settle_now())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout)
                 continue
@@ -264,8 +302,14 @@ class Processor:
         with the spool (an event read from the socket a moment ago may not be durable yet), and the latest
         receive time taken while it works through a backlog (so a backlog settles as it would have live)."""
         if caught_up:
-            return max(self._clock() - SETTLE_WATERMARK_LAG_S, self.stage.offered_through)
+            return max(self._settle_now() - SETTLE_WATERMARK_LAG_S, self.stage.offered_through)
         return self.stage.offered_through
+
+    def _settle_now(self) -> float:
+        """Settle's clock: never behind the latest receive time offered either, so that after a restart that
+        follows a step back (the spool replayed from the floor holds receive times from before the step) it
+        runs on from those, in real time, instead of waiting for the wall clock to catch up with them."""
+        return self._settle_clock.now(max(self._clock(), self.stage.offered_through), self._monotonic())
 
     async def _emit(self, candidates: Sequence[Candidate], passthrough: Sequence[tuple[int, bytes]]) -> None:
         now = self._clock()
@@ -334,9 +378,9 @@ class Processor:
                 assert self._dedup is not None
                 results = await asyncio.to_thread(self._dedup.check_many, requests, now)
             closed = sum(1 for result in results if result.decision is Decision.error_closed)
+            failed_open = sum(1 for result in results if result.decision is Decision.error_open)
+            self._note_store(failed_open, closed)
             if not closed:
-                if self.last_error is not None:
-                    log.info("dedup_recovered", attempts=attempt)
                 self.last_error = None
                 return results
             self.stats.dedup_errors_closed += closed
@@ -346,6 +390,35 @@ class Processor:
             attempt += 1
             await asyncio.sleep(delay)
             now = self._clock()
+
+    def _note_store(self, failed_open: int, failed_closed: int) -> None:
+        """Log the dedup store's state changes: the first failed batch, the first one answered in full after."""
+        if failed_open or failed_closed:
+            self._failed_open += failed_open
+            self._failed_closed += failed_closed
+            if self._failing_since is None:
+                self._failing_since = self._monotonic()
+                self.stats.dedup_outages += 1
+                store = self._dedup_async
+                log.warning(
+                    "dedup_store_failing",
+                    failure_mode="closed" if failed_closed else "open",
+                    events=failed_open + failed_closed,
+                    error=store.last_failure if isinstance(store, DynamoDbDedupStore) else None,
+                    detail="events are held in the spool until the store answers"
+                    if failed_closed
+                    else "events are delivered unchecked (duplicates possible)",
+                )
+            return
+        if self._failing_since is not None:
+            log.info(
+                "dedup_recovered",
+                after_s=round(self._monotonic() - self._failing_since, 3),
+                delivered_unchecked=self._failed_open,
+                held_checks=self._failed_closed,
+            )
+            self._failing_since = None
+            self._failed_open = self._failed_closed = 0
 
     async def _durable(self, lines: list[bytes]) -> None:
         done = asyncio.get_running_loop().create_future()
@@ -426,6 +499,7 @@ async def start_processor(
     pipeline: EventPipeline,
     clients: AwsClients,
     redactor: Redactor,
+    wall_clock: Callable[[], float] = time.time,
 ) -> Processor:
     """Build the stage from the settings, restore its state, start it. Raises ConfigError/SinkError."""
     state_dir = settings.effective_spool_dir
@@ -456,7 +530,7 @@ async def start_processor(
     dedup_async: DynamoDbDedupStore | None = None
     ledger: AuditLedger | None = None
     if plan.dedup:
-        now = time.time()
+        now = wall_clock()
         if settings.dedup_backend is DedupBackend.dynamodb:
             dedup_async = DynamoDbDedupStore.from_settings(settings, clients)
             try:
@@ -489,6 +563,8 @@ async def start_processor(
         state_dir=state_dir,
         batch_records=settings.processor_batch_records,
         checkpoint_interval_s=settings.checkpoint_interval_s,
+        retry=RetryPolicy(base_s=min(0.1, settings.dedup_closed_retry_max_s), cap_s=settings.dedup_closed_retry_max_s),
+        wall_clock=wall_clock,
     )
     log.info(
         "processor_started",

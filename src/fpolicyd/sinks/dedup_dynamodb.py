@@ -18,10 +18,20 @@ Item: ``pk``, ``sk`` (strings: the table's hash and range keys), ``event_id`` (f
 ``event_time``, ``expires_at`` (numbers, epoch seconds), ``ttl`` (whole epoch seconds, rounded up: the table's
 TTL attribute).
 
-Failures: throttling, 5xx and connection errors are retried (``retries`` times, capped full-jitter backoff);
-then, or at once for a non-retriable error (access denied, missing table), the request gets ``error_open`` or
-``error_closed`` per ``failure_mode``. Counters (plain ints): ``checks``, ``duplicates``, ``errors``,
-``fail_open``, ``fail_closed``, ``retries``.
+Failures: throttling (``ProvisionedThroughputExceededException`` and the other throttling codes), 5xx and
+connection errors are retried (``retries`` times, capped full-jitter backoff); then, or at once for a
+non-retriable error (access denied, missing table), the request gets ``error_open`` or ``error_closed`` per
+``failure_mode``. Once one request of a batch has failed that way, the store is taken as down for the rest of
+the batch: the requests not answered yet get the failure mode's decision without being sent (a table that
+throttled one request through all its retries is not hammered with the other thousand, and a fail-open batch
+against an endpoint that does not answer costs one request's retries, not every request's connect timeouts);
+the next batch tries again. Counters (plain ints): ``checks``, ``duplicates``, ``errors``, ``fail_open``,
+``fail_closed``, ``retries_done``, ``throttled`` (throttling answers), ``short_circuited`` (requests not sent
+because the store was down), ``unjudgeable``; ``last_failure`` says what the last failed request met.
+
+A request DynamoDB refuses as malformed (``ValidationException``: a key over its size limits, say) is
+``error_open`` whatever ``failure_mode``: it would be refused forever, and fail-closed would hold the whole
+stage behind it (the events after it included) for good. It is counted in ``unjudgeable``.
 """
 
 from __future__ import annotations
@@ -53,12 +63,18 @@ from fpolicyd.sinks.runner import RetryPolicy
 if TYPE_CHECKING:
     from fpolicyd.config import Settings
 
-__all__ = ["CONDITION", "DEDUP_RETRY", "DynamoDbDedupStore", "claim_from_item", "item_of"]
+__all__ = ["CONDITION", "DEDUP_RETRY", "THROTTLING_CODES", "DynamoDbDedupStore", "claim_from_item", "item_of"]
 
 CONDITION: Final = "attribute_not_exists(pk) OR #ttl <= :now OR claimant = :claimant OR expires_at <= :at"
 #: Backoff of a dedup request: short, a spool batch waits on it.
 DEDUP_RETRY: Final = RetryPolicy(base_s=0.05, cap_s=2.0)
 _CONDITION_FAILED: Final = "ConditionalCheckFailedException"
+#: DynamoDB's answer to a request it will never accept (a key over its size limit, a malformed item).
+_VALIDATION: Final = "ValidationException"
+#: DynamoDB's answers to a table (or account) over its capacity: counted as ``throttled``, then retried.
+THROTTLING_CODES: Final = frozenset(
+    {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"}
+)
 _FAILURES: Final = (ClientError, BotoCoreError, AiohttpClientError, OSError, TimeoutError, SinkError)
 
 
@@ -88,6 +104,30 @@ def claim_from_item(item: Mapping[str, Any]) -> Claim:
         expires_at=float(item["expires_at"]["N"]),
         retain_until=float(item["ttl"]["N"]),
     )
+
+
+class _Down:
+    """Whether a request of the current batch failed after its retries (the rest of the batch is not sent)."""
+
+    __slots__ = ("failed",)
+
+    def __init__(self) -> None:
+        self.failed = False
+
+
+def _code(exc: BaseException | None) -> str:
+    return str((exc.response.get("Error") or {}).get("Code", "")) if isinstance(exc, ClientError) else ""
+
+
+def _is_throttling(exc: BaseException) -> bool:
+    return _code(exc) in THROTTLING_CODES
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error") or {}
+        return f"{error.get('Code', 'Unknown')}: {error.get('Message', '')}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class DynamoDbDedupStore:
@@ -121,6 +161,12 @@ class DynamoDbDedupStore:
         self.fail_open = 0
         self.fail_closed = 0
         self.retries_done = 0
+        self.throttled = 0
+        self.short_circuited = 0
+        #: Requests DynamoDB refused as malformed: delivered (``error_open``) whatever the failure mode.
+        self.unjudgeable = 0
+        #: What the last request that failed met (``Code: message`` or the exception), for logs.
+        self.last_failure: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, clients: AwsClients) -> DynamoDbDedupStore:
@@ -171,11 +217,16 @@ class DynamoDbDedupStore:
         for i, request in enumerate(requests):
             by_key.setdefault(request.key, []).append(i)
         limit = asyncio.Semaphore(self.max_in_flight)
+        down = _Down()
 
         async def run_key(indices: list[int]) -> None:
             for i in indices:
                 async with limit:
-                    results[i] = await self._check_one(requests[i], now)
+                    if down.failed:
+                        self.short_circuited += 1
+                        results[i] = self._failed(requests[i])
+                    else:
+                        results[i] = await self._check_one(requests[i], now, down)
 
         await asyncio.gather(*(run_key(indices) for indices in by_key.values()))
         done = [r for r in results if r is not None]
@@ -183,7 +234,7 @@ class DynamoDbDedupStore:
         self.duplicates += sum(1 for r in done if r.decision is Decision.duplicate)
         return done
 
-    async def _check_one(self, request: DedupRequest, now: float) -> DedupResult:
+    async def _check_one(self, request: DedupRequest, now: float, down: _Down) -> DedupResult:
         params = {
             "TableName": self.table,
             "Item": item_of(request),
@@ -217,8 +268,20 @@ class DynamoDbDedupStore:
                     return result_of(request, judge(None, request, now), None)
             except _FAILURES as exc:
                 failure = exc
-            retriable = failure is None or error_kind(failure) is ErrorKind.RETRY
-            if not retriable or attempt >= self.retries:
+            kind = None if failure is None else error_kind(failure)
+            if failure is not None:
+                self.last_failure = _describe(failure)
+                if _is_throttling(failure):
+                    self.throttled += 1
+            if kind is ErrorKind.REQUEST and _code(failure) == _VALIDATION:
+                # DynamoDB refuses this request itself (a ValidationException): it can never be judged, and
+                # holding it (fail-closed) would hold the stage for good. Delivered, counted, the batch goes on.
+                self.unjudgeable += 1
+                return self._failed(request, DedupFailureMode.open)
+            if kind is None and attempt >= self.retries:
+                return self._failed(request)  # the claim kept changing under us: contention, not an outage
+            if kind not in (None, ErrorKind.RETRY) or attempt >= self.retries or down.failed:
+                down.failed = True
                 return self._failed(request)
             await asyncio.sleep(self.retry_policy.delay(attempt, self._rng))
             attempt += 1
@@ -233,10 +296,11 @@ class DynamoDbDedupStore:
         item = response.get("Item")
         return item if isinstance(item, Mapping) else None
 
-    def _failed(self, request: DedupRequest) -> DedupResult:
+    def _failed(self, request: DedupRequest, mode: DedupFailureMode | None = None) -> DedupResult:
+        mode = self.failure_mode if mode is None else mode
         self.errors += 1
-        if self.failure_mode is DedupFailureMode.open:
+        if mode is DedupFailureMode.open:
             self.fail_open += 1
         else:
             self.fail_closed += 1
-        return error_result(request, self.failure_mode)
+        return error_result(request, mode)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from fpolicyd.obs.metrics import Metrics
 from fpolicyd.obs.systemd import SystemdNotifier
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_event_id
+from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV, fsync_fault_from_environment
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import stored_event_id
@@ -103,6 +105,8 @@ class Daemon:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        #: Test-only (pipeline/faults.py): read once, here; None unless its environment variable is set.
+        self._fsync_fault = fsync_fault_from_environment(os.environ)
         self._server: asyncio.Server | TlsListener | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
@@ -189,6 +193,13 @@ class Daemon:
 
     async def start(self) -> None:
         settings = self.settings
+        if self._fsync_fault is not None:
+            log.error(
+                "fault_injection_armed",
+                variable=FSYNC_EIO_AFTER_ENV,
+                fsync_eio_after=self._fsync_fault.after,
+                detail="test only: the spool's fsync will fail with EIO",
+            )
         self._start_http()
         redactor = settings.redactor()
         tls_files = TlsFiles.from_settings(settings)
@@ -200,6 +211,7 @@ class Daemon:
             fsync=settings.spool_fsync,
             group_commit_s=settings.spool_group_commit_s,
             checkpoint_interval_s=settings.checkpoint_interval_s,
+            fsync_fault=self._fsync_fault,
         )
         self._clients = AwsClients(
             region_name=settings.aws_region,

@@ -28,6 +28,7 @@ from fpolicyd.errors import ConfigError
 from fpolicyd.events import PATH_MAX_CHARS_MIN, PATH_TAIL_CHARS
 from fpolicyd.obs.classification import DataClassification, Redactor
 from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode
+from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV
 from fpolicyd.pipeline.router import UnroutedAction
 from fpolicyd.pipeline.settle import SettleConfig, SettleOverride, SettleStrategy
 from fpolicyd.pipeline.spool import SpoolFsync
@@ -1029,7 +1030,7 @@ def load_settings(
         name
         for name in os.environ
         if name.upper().startswith(ENV_PREFIX)
-        and name.upper() != SETTINGS_TOML_ENV
+        and name.upper() not in (SETTINGS_TOML_ENV, FSYNC_EIO_AFTER_ENV)  # the latter: test-only, pipeline/faults.py
         and name.upper()[len(ENV_PREFIX) :].lower() not in Settings.model_fields
     )
     if unknown_env:

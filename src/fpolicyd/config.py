@@ -451,7 +451,12 @@ class Settings(BaseSettings):
         "before closing the sessions; async ONTAP counts buffered notifications as delivered. 0 = close at once.",
     )
     drain_timeout_s: float = Field(
-        20.0, ge=0, le=120, description="On SIGTERM, time allowed to flush sinks (Fargate stops at 30 s)."
+        20.0,
+        ge=0,
+        le=120,
+        description="On SIGTERM, after the sessions are closed, time allowed for the sinks to deliver the spool; the "
+        "drain ends as soon as it is empty, and what is left stays in the spool for the next start (on storage that "
+        "goes with the task, such as Fargate's, it is lost: deploy/ecs sets 105 s with stopTimeout 120 s).",
     )
 
     # --- accepted now, used by later pipeline stages ----------------------------------------------------

@@ -419,7 +419,15 @@ class Daemon:
             conn.shutdown()
         if self._server is not None:
             await self._server.wait_closed()
-        undelivered = await self.pipeline.drain(self.settings.drain_timeout_s)
+        # Listener and sessions are closed: ONTAP sends to its other servers while the spool drains.
+        budget = self.settings.drain_timeout_s
+        backlog = max((worker.lag for worker in self.pipeline.workers), default=0)
+        log.info("sink_drain_started", backlog=backlog, budget_s=budget)
+        started = time.monotonic()
+        undelivered = await self.pipeline.drain(budget)
+        log.info(
+            "sink_drain_finished", undelivered=undelivered, took_s=round(time.monotonic() - started, 3), budget_s=budget
+        )
         log.info("sink_stats", sinks=self.pipeline.sink_stats())
         if undelivered:
             log.warning(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from fpolicyd.obs.metrics import Metrics
 from fpolicyd.obs.systemd import SystemdNotifier
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_event_id
+from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV, fsync_fault_from_environment
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import stored_event_id
@@ -107,6 +109,8 @@ class Daemon:
         settle, dedup claims and their expiry); tests step it to see what a clock jump does."""
         self.settings = settings
         self._wall_clock = wall_clock
+        #: Test-only (pipeline/faults.py): read once, here; None unless its environment variable is set.
+        self._fsync_fault = fsync_fault_from_environment(os.environ)
         self._server: asyncio.Server | TlsListener | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
@@ -193,6 +197,13 @@ class Daemon:
 
     async def start(self) -> None:
         settings = self.settings
+        if self._fsync_fault is not None:
+            log.error(
+                "fault_injection_armed",
+                variable=FSYNC_EIO_AFTER_ENV,
+                fsync_eio_after=self._fsync_fault.after,
+                detail="test only: the spool's fsync will fail with EIO",
+            )
         self._start_http()
         redactor = settings.redactor()
         tls_files = TlsFiles.from_settings(settings)
@@ -204,6 +215,7 @@ class Daemon:
             fsync=settings.spool_fsync,
             group_commit_s=settings.spool_group_commit_s,
             checkpoint_interval_s=settings.checkpoint_interval_s,
+            fsync_fault=self._fsync_fault,
         )
         self._clients = AwsClients(
             region_name=settings.aws_region,
@@ -416,7 +428,15 @@ class Daemon:
             conn.shutdown()
         if self._server is not None:
             await self._server.wait_closed()
-        undelivered = await self.pipeline.drain(self.settings.drain_timeout_s)
+        # Listener and sessions are closed: ONTAP sends to its other servers while the spool drains.
+        budget = self.settings.drain_timeout_s
+        backlog = max((worker.lag for worker in self.pipeline.workers), default=0)
+        log.info("sink_drain_started", backlog=backlog, budget_s=budget)
+        started = time.monotonic()
+        undelivered = await self.pipeline.drain(budget)
+        log.info(
+            "sink_drain_finished", undelivered=undelivered, took_s=round(time.monotonic() - started, 3), budget_s=budget
+        )
         log.info("sink_stats", sinks=self.pipeline.sink_stats())
         if undelivered:
             log.warning(

@@ -28,6 +28,7 @@ from fpolicyd.errors import ConfigError
 from fpolicyd.events import PATH_MAX_CHARS_MIN, PATH_TAIL_CHARS
 from fpolicyd.obs.classification import DataClassification, Redactor
 from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode
+from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV
 from fpolicyd.pipeline.router import UnroutedAction
 from fpolicyd.pipeline.settle import SettleConfig, SettleOverride, SettleStrategy
 from fpolicyd.pipeline.spool import SpoolFsync
@@ -453,7 +454,12 @@ class Settings(BaseSettings):
         "before closing the sessions; async ONTAP counts buffered notifications as delivered. 0 = close at once.",
     )
     drain_timeout_s: float = Field(
-        20.0, ge=0, le=120, description="On SIGTERM, time allowed to flush sinks (Fargate stops at 30 s)."
+        20.0,
+        ge=0,
+        le=120,
+        description="On SIGTERM, after the sessions are closed, time allowed for the sinks to deliver the spool; the "
+        "drain ends as soon as it is empty, and what is left stays in the spool for the next start (on storage that "
+        "goes with the task, such as Fargate's, it is lost: deploy/ecs sets 105 s with stopTimeout 120 s).",
     )
 
     # --- accepted now, used by later pipeline stages ----------------------------------------------------
@@ -1042,7 +1048,7 @@ def load_settings(
         name
         for name in os.environ
         if name.upper().startswith(ENV_PREFIX)
-        and name.upper() != SETTINGS_TOML_ENV
+        and name.upper() not in (SETTINGS_TOML_ENV, FSYNC_EIO_AFTER_ENV)  # the latter: test-only, pipeline/faults.py
         and name.upper()[len(ENV_PREFIX) :].lower() not in Settings.model_fields
     )
     if unknown_env:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,15 @@ async def _read_log(stream: asyncio.StreamReader, into: list[dict[str, Any]], re
             ready.set_result(int(record["port"]))
 
 
-async def start_serve(tmp_path: Path, *flags: str) -> tuple[Served, asyncio.Task[None]]:
+async def start_serve(
+    tmp_path: Path, *flags: str, environment: Mapping[str, str] | None = None
+) -> tuple[Served, asyncio.Task[None]]:
     """Start the daemon on 127.0.0.1 (kernel-chosen port, read from its "listening" log line) with its data
-    under ``tmp_path``; returns it and the task that collects its JSON log lines."""
+    under ``tmp_path``; returns it and the task that collects its JSON log lines. ``environment``: extra
+    variables for the daemon (the caller's FPOLICYD_* are never passed on)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FPOLICYD_")}
     env["FPOLICYD_VOLUME_NAMES"] = orjson.dumps({str(k): v for k, v in VOLUME_NAMES.items()}).decode()
+    env.update(environment or {})
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

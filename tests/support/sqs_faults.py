@@ -9,6 +9,7 @@ Everything else is forwarded untouched. Binds 127.0.0.1 on a kernel-chosen port.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ class SqsFaults:
     md5_rule: Callable[[str], bool] = lambda body: False
     #: Whole SendMessageBatch requests to fail first, in order: "500" or "throttle".
     request_failures: list[str] = field(default_factory=list)
+    #: Every SendMessageBatch waits this long before it is forwarded (a slow SQS).
+    delay_s: float = 0.0
     batches: int = 0
     failed_entries: int = 0
     _runner: web.AppRunner | None = None
@@ -75,6 +78,8 @@ class SqsFaults:
         if request.headers.get("X-Amz-Target") != "AmazonSQS.SendMessageBatch":
             return await self._forward(request, body)
         self.batches += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if self.request_failures:
             kind = self.request_failures.pop(0)
             if kind == "500":

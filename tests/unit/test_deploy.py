@@ -491,6 +491,28 @@ def test_stop_timeout_covers_the_drain_budget(template: dict[str, Any], task_def
     assert container["stopTimeout"] == stop_timeout
 
 
+#: Of Fargate's 120 s, the part the template must give the drain: the spool is on task storage, so what the drain
+#: does not deliver is lost with the task (issue 14, defect 10).
+FARGATE_MIN_DRAIN_S = 90.0
+
+
+def test_fargate_stop_drains_for_as_long_as_fargate_allows(
+    template: dict[str, Any], task_definition: dict[str, Any]
+) -> None:
+    assert _container(template)["StopTimeout"] == FARGATE_MAX_STOP_TIMEOUT_S
+    container = task_definition["containerDefinitions"][0]
+    assert container["stopTimeout"] == FARGATE_MAX_STOP_TIMEOUT_S
+    task_environment = {entry["name"]: entry["value"] for entry in container["environment"]}
+    for environment in (_literal_environment(_template_environment(template)), task_environment):
+        assert float(environment["FPOLICYD_DRAIN_TIMEOUT_S"]) >= FARGATE_MIN_DRAIN_S
+        # Set explicitly: the default read grace is not something a 120 s budget should depend on.
+        assert "FPOLICYD_SHUTDOWN_READ_GRACE_S" in environment
+    # The ephemeral spool is the template's default; no EFS volume that a reader might think keeps it.
+    volumes = template["Resources"]["TaskDefinition"]["Properties"]["Volumes"]
+    assert volumes == [{"Name": "fpolicyd-data"}]
+    assert task_definition["volumes"] == [{"name": "fpolicyd-data"}]
+
+
 def test_health_check_is_the_images_and_the_same_in_both_files(
     template: dict[str, Any], task_definition: dict[str, Any], dockerfile: list[Instruction]
 ) -> None:

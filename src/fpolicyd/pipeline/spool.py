@@ -106,6 +106,7 @@ from types import TracebackType
 from typing import NamedTuple, Self
 
 from fpolicyd.errors import ConfigError, FpolicydError
+from fpolicyd.pipeline.faults import FsyncFault
 
 __all__ = [
     "ReadPosition",
@@ -218,6 +219,8 @@ class SpoolSettings:
     fsync: SpoolFsync = SpoolFsync.group
     group_commit_s: float = 0.005
     checkpoint_interval_s: float = 0.2
+    #: Test-only fault injection (pipeline/faults.py): None in production.
+    fsync_fault: FsyncFault | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.directory, Path):
@@ -343,6 +346,8 @@ class Spool:
         self._sync_lock = threading.Lock()
         self._ckpt_lock = threading.Lock()
         self._failed: SpoolIOError | None = None
+        self._fsync_fault = settings.fsync_fault
+        self._syncs = 0  # syncs that reached the disk, for the test-only fault
         #: Records above this seq stay whatever the sinks acked (:meth:`retain_above`).
         self._retain_floor: int | None = None
         self._closed = True
@@ -593,6 +598,8 @@ class Spool:
                 fds.append(os.dup(self._wfd))
                 dir_dirty, self._dir_dirty = self._dir_dirty, False
             try:
+                if self._fsync_fault is not None:
+                    self._fsync_fault.check(self._syncs)
                 for fd in fds:
                     _datasync(fd)
                 if dir_dirty:
@@ -604,6 +611,7 @@ class Spool:
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
+            self._syncs += 1
             self._durable_seq = max(self._durable_seq, target)
             return self._durable_seq
 

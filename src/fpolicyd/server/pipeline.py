@@ -139,14 +139,17 @@ class EventPipeline:
     async def drain(self, timeout_s: float) -> int:
         """Make everything durable, let the sinks deliver within ``timeout_s``, persist the cursors; return the
         largest sink backlog left (it stays in the spool and is delivered after the next start)."""
-        if self._held:
+        if self._held and self.fatal is None:
             self._take_back_held()
         if self._held:
-            # Only reachable when the spool hit its hard limit and never freed space before the stop.
+            # Reachable when the spool hit its hard limit and never freed space before the stop, or when a reader
+            # had events in hand as the spool failed.
             log.critical(
                 "events_lost_at_stop",
                 events=len(self._held),
-                detail="the spool was full until the end; raise spool_max_bytes or fix the sinks",
+                detail="the spool was full until the end; raise spool_max_bytes or fix the sinks"
+                if self.fatal is None
+                else "read after the spool failed, never stored; a synchronous engine never got their answer",
             )
         self._flush()
         await self._commit_now()
@@ -199,7 +202,7 @@ class EventPipeline:
         else:
             try:
                 seq = self.spool.append(line)
-            except SpoolFullError as exc:
+            except (SpoolFullError, SpoolIOError) as exc:
                 self._hold(line, on_durable, key, exc)
             else:
                 if on_durable is not None:
@@ -225,8 +228,10 @@ class EventPipeline:
             return
         try:
             seqs = self.spool.append_many(lines)
-        except SpoolFullError:
-            self._submit_each(lines, on_durable, claims)  # as many as fit go in; the rest is held
+        except (SpoolFullError, SpoolIOError):
+            # Full: as many as fit go in, the rest is held. Failed (the reader had these in hand as the spool
+            # failed): every one is held, reading stops, and the stop reports them.
+            self._submit_each(lines, on_durable, claims)
             return
         self.accepted += len(lines)
         waiters = self._waiters
@@ -313,10 +318,15 @@ class EventPipeline:
 
     # ------------------------------------------------------------------------------------------ internals
 
-    def _hold(self, line: bytes, on_durable: OnDurable | None, key: int | None, exc: SpoolFullError) -> None:
-        if not self._held:
-            log.error("spool_full", error=str(exc), detail="reading paused; events held in memory until space frees")
-        self.held_total += 1
+    def _hold(
+        self, line: bytes, on_durable: OnDurable | None, key: int | None, exc: SpoolFullError | SpoolIOError
+    ) -> None:
+        if isinstance(exc, SpoolFullError):
+            if not self._held:
+                log.error(
+                    "spool_full", error=str(exc), detail="reading paused; events held in memory until space frees"
+                )
+            self.held_total += 1
         self._held.append((line, on_durable, key))
 
     def _flush(self) -> None:
@@ -431,7 +441,7 @@ class EventPipeline:
         self._after_ack()
 
     def _after_ack(self) -> None:
-        if self._held:
+        if self._held and self.fatal is None:
             self._take_back_held()
         self._update_pressure()
         if self.processor is not None and not self.processing_blocked:

@@ -215,13 +215,17 @@ class Processor:
             self._wakeup.set()
 
     async def stop(self, timeout_s: float) -> None:
-        """Handle what is durable within ``timeout_s``; settle-held events stay in the spool for the next start."""
+        """Handle what is durable within ``timeout_s``; settle-held events stay in the spool for the next start.
+        After a failed fsync (the pipeline is fatal) nothing the stage appends can become durable: it is stopped
+        at once, its input stays in the spool for the next start."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         task = self._task
+        failed = self._pipeline.fatal is not None
         while (
             task is not None
             and not task.done()
+            and not failed
             and loop.time() < deadline
             and self._spool.read_seq(CURSOR) <= self._spool.durable_seq
         ):
@@ -229,6 +233,8 @@ class Processor:
             await asyncio.sleep(0.01)
         self._stopping = True
         self.wake()
+        if task is not None and failed:
+            task.cancel()
         if task is not None:
             # A task that crashed was reported by the pipeline's supervision already; just collect it.
             await asyncio.wait({task}, timeout=max(0.1, deadline - loop.time()))

@@ -59,6 +59,8 @@ class SpoolView(Protocol):
 
     def read_seq(self, sink: str) -> int: ...
 
+    def acked_seq(self, sink: str) -> int: ...
+
     def records_pending(self, sink: str) -> int: ...
 
 
@@ -288,10 +290,17 @@ class SinkWorker:
         return SinkError(f"{self.name}: {count} events not settled{detail}", retriable=True)
 
     async def stop(self, timeout_s: float) -> None:
-        """Deliver what is durable within ``timeout_s``, then stop; the rest stays in the spool."""
+        """Deliver what is durable within ``timeout_s``, then stop; the rest stays in the spool. Waits for the
+        durable records only: after a failed fsync, what was appended but never made durable cannot be delivered
+        and must not hold the stop until the budget ends."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self._alive and loop.time() < deadline and (self.lag or self._in_flight):
+        spool = self._spool
+        while (
+            self._alive
+            and loop.time() < deadline
+            and (spool.acked_seq(self.name) < spool.durable_seq or self._in_flight)
+        ):
             self.wake()
             await asyncio.sleep(0.01)
         self._stopping = True

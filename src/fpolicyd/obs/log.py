@@ -46,6 +46,40 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(file=stream or cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
+    _route_standard_logging(renderer, stream, redactor)
+
+
+class _StructlogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the one handler fpolicyd puts on the root logger (replaced, not stacked, on a second configure)."""
+
+
+def _route_standard_logging(renderer: structlog.typing.Processor, stream: Any, redactor: Redactor | None) -> None:
+    """What libraries log through the standard ``logging`` module — asyncio's "Task exception was never
+    retrieved" and "Fatal error on transport", botocore — comes out as the same JSON lines, with the logger's
+    name, instead of Python's bare last-resort text on stderr (which a log pipeline that expects JSON cannot
+    parse). Warnings and above; a handler someone else put on the root logger (a test runner's) stays."""
+    handler = _StructlogHandler(stream or _CurrentStderr())
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                redactor if redactor is not None else Redactor(),
+                renderer,
+            ],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StructlogHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

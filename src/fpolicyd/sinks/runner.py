@@ -124,8 +124,12 @@ class SinkWorker:
         retry: RetryPolicy | None = None,
         select: Callable[[bytes], bytes | None] | None = None,
         ingestion_slo_s: float = 5.0,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
+        """``on_error``: called after every failed send and after the send that ends a failure (the pipeline
+        watches for a full disk there)."""
         self.sender = sender
+        self._on_error = on_error
         #: Which spool records are this sink's and what of them to send (processed records carry a destination
         #: header, see pipeline/stage.py); None: every record as it is.
         self._select = select
@@ -167,6 +171,7 @@ class SinkWorker:
             failures=self.stats.failures,
             last_error=None if error is None else str(error),
             last_error_retriable=True if error is None else error.retriable,
+            last_error_disk_full=error is not None and error.disk_full,
             requests=0 if cloud is None else cloud.requests,
             retries=inst.retries + (0 if cloud is None else cloud.retry_requests),
             entries_failed_retryable=(inst if cloud is None else cloud).entries_failed_retryable,
@@ -255,6 +260,8 @@ class SinkWorker:
                     self.instruments.send_seconds.observe(time.monotonic() - sent_at)
                 self.stats.failures += 1
                 self.instruments.send_failed(len(pending), retryable=self.last_error.retriable)
+                if self._on_error is not None:
+                    self._on_error()
                 delay = self._retry.delay(attempt, self._rng)
                 log.warning(
                     "sink_send_incomplete",
@@ -266,7 +273,10 @@ class SinkWorker:
                 )
                 attempt += 1
                 await asyncio.sleep(delay)
-            self.last_error = None
+            if self.last_error is not None:
+                self.last_error = None
+                if self._on_error is not None:
+                    self._on_error()
             self._spool.ack_range(self.name, first, last)
             self.stats.delivered += len(records)
             self.instruments.settled(records)

@@ -242,6 +242,7 @@ class SinkWorker:
         """Send ``records`` (this sink's part of the spool records ``first..last``) until settled, then ack the
         whole range."""
         self.instruments.batch_records.observe(len(records))
+        sender = self.sender
         try:
             pending = records
             attempt = 0
@@ -249,13 +250,20 @@ class SinkWorker:
                 self.stats.sends += 1
                 sent_at = time.monotonic()
                 try:
-                    pending = await self.sender.send(pending)
+                    pending = await sender.send(pending)
                 except SinkError as exc:
                     self.last_error = exc
                 else:
                     if not pending:
                         break
-                    self.last_error = SinkError(f"{self.name}: {len(pending)} events not settled", retriable=True)
+                    # The sender's own error says why (a JSON Lines file on a full disk: reading pauses on it).
+                    cause = getattr(sender, "last_error", None)
+                    cause = cause if isinstance(cause, SinkError) else None
+                    self.last_error = SinkError(
+                        f"{self.name}: {len(pending)} events not settled" + (f" ({cause})" if cause else ""),
+                        retriable=True,
+                        disk_full=cause is not None and cause.disk_full,
+                    )
                 finally:
                     self.instruments.send_seconds.observe(time.monotonic() - sent_at)
                 self.stats.failures += 1

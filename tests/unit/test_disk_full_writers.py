@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fpolicyd.capture import CaptureLimits, CaptureRecorder
 from fpolicyd.errors import DiskFullError, SinkError, is_disk_full
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.dedup import DedupFailureMode, DedupRequest, EmbeddedDedupStore, exact_key
@@ -306,3 +307,41 @@ def test_spool_io_errors_say_disk_full_only_for_space() -> None:
     assert not _io_error("write", "/x", OSError(errno.EMFILE, "fds")).disk_full
     assert not isinstance(_io_error("write", "/x", OSError(errno.EIO, "io")), DiskFullError)
     assert isinstance(_io_error("write", "/x", OSError(errno.ENOSPC, "full")), SpoolIOError)
+
+
+# --------------------------------------------------------------------------------------- wire capture
+
+
+LIMITS = CaptureLimits(max_bytes_per_connection=1 << 20, max_frames_per_connection=100, max_total_bytes=1 << 20)
+
+
+class _FullFile:
+    """A capture file whose disk filled up after it was opened."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_capture_on_a_full_disk_stops_recording_and_never_raises(tmp_path: Path) -> None:
+    recorder = CaptureRecorder(tmp_path, LIMITS, max_frame_bytes=1 << 20)
+    capture = recorder.open("10.0.0.1:1234", "xml")
+    assert capture is not None
+    full = _FullFile()
+    assert capture._file is not None
+    capture._file.close()
+    capture._file = full  # type: ignore[assignment]
+    capture.received(b"<?xml?>" * 10)  # no exception into the connection
+    assert not capture.active
+    assert full.closed
+    capture.close()
+    (tmp_path / "blocked").write_text("a file where the directory should be")
+    assert CaptureRecorder(tmp_path / "blocked", LIMITS, max_frame_bytes=1 << 20).open("p", "xml") is None

@@ -271,14 +271,17 @@ class SinkWorker:
                 if self._on_error is not None:
                     self._on_error()
                 delay = self._retry.delay(attempt, self._rng)
-                log.warning(
-                    "sink_send_incomplete",
-                    sink=self.name,
-                    events=len(pending),
-                    error=str(self.last_error),
-                    retry_in_s=round(delay, 3),
-                    attempt=attempt + 1,
-                )
+                # A full disk is logged once per episode (disk_full / disk_space_recovered, in the daemon): its
+                # retries are not, or a long episode would flood the log.
+                if attempt == 0 or not self.last_error.disk_full:
+                    log.warning(
+                        "sink_send_incomplete",
+                        sink=self.name,
+                        events=len(pending),
+                        error=str(self.last_error),
+                        retry_in_s=round(delay, 3),
+                        attempt=attempt + 1,
+                    )
                 attempt += 1
                 await asyncio.sleep(delay)
             if self.last_error is not None:

@@ -9,13 +9,13 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
 from fpolicyd.capture import capture_recorder
 from fpolicyd.config import Settings
-from fpolicyd.errors import ConfigError
+from fpolicyd.errors import ConfigError, FpolicydError
 from fpolicyd.events import NameMaps
 from fpolicyd.obs.health import HealthReport, Heartbeat, readiness
 from fpolicyd.obs.http import ObservabilityServer
@@ -24,6 +24,7 @@ from fpolicyd.obs.metrics import Metrics
 from fpolicyd.obs.systemd import SystemdNotifier
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_event_id
+from fpolicyd.pipeline.disk import DiskRetry
 from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV, fsync_fault_from_environment
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.ledger import AuditLedger
@@ -33,6 +34,7 @@ from fpolicyd.pipeline.spool import Spool, SpoolSettings
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.delivery import DeliverySpec, use_delivery_process
+from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.server.listener import TlsListener
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
@@ -51,6 +53,23 @@ log = get_logger("fpolicyd.app")
 SHUTDOWN_QUIET_S = 0.2
 #: Spool records read per step while rebuilding the dedup window at start.
 _REBUILD_BATCH = 10_000
+
+
+async def _closing(what: str, closing: Awaitable[None]) -> None:
+    """Await a resource's close; an I/O failure (a full disk at the last flush) is logged, not raised, so that the
+    stop completes and the other resources are closed too."""
+    try:
+        await closing
+    except (OSError, FpolicydError) as exc:
+        log.error("close_failed", resource=what, error=str(exc), detail="recovered at the next start")
+
+
+def _close_now(what: str, close: Callable[[], None]) -> None:
+    """:func:`_closing` for a close that runs on the loop."""
+    try:
+        close()
+    except (OSError, FpolicydError) as exc:
+        log.error("close_failed", resource=what, error=str(exc), detail="recovered at the next start")
 
 
 def open_reader_dedup(settings: Settings, spool: Spool, now: float) -> tuple[DedupWindow, DedupJournal, int]:
@@ -271,12 +290,14 @@ class Daemon:
                 processing=plan.enabled,
             )
             senders = []
+        # Every writer reports a refused write here; reading pauses while one is full (server/pipeline.py).
+        disk = DiskMonitor(DiskRetry(settings.disk_full_retry_initial_s, settings.disk_full_retry_max_s))
         duplicates: DuplicateLedger | None = None
         if settings.reader_dedup:
             # Duplicates the reader suppresses are kept in the spool until their audit record is written.
             instance = await asyncio.to_thread(instance_id, settings.effective_spool_dir)
             ledger = AuditLedger.from_settings(settings, redact=redactor.redact_record)
-            duplicates = DuplicateLedger(ledger, spool, instance=instance)
+            duplicates = DuplicateLedger(ledger, spool, instance=instance, disk=disk)
             await asyncio.to_thread(duplicates.open)
             requeued = await asyncio.to_thread(duplicates.recover)
             if requeued:
@@ -310,6 +331,7 @@ class Daemon:
             ingestion_slo_s=settings.slo_ingestion_latency_s,
             duplicates=duplicates,
             wall_clock=self._wall_clock,
+            disk=disk,
         )
         ingest = Ingest(
             names=NameMaps(
@@ -455,21 +477,23 @@ class Daemon:
         return report
 
     async def _close_resources(self) -> None:
+        """Close everything; a close that fails (a final fsync on a full disk) is logged and the others still run:
+        what it could not write is recovered at the next start (spool, ledger, journal) or was never acked."""
         self.heartbeat.stop()
         if self._http is not None:
             await asyncio.to_thread(self._http.close)
         if self._processor is not None:
-            await self._processor.close()
+            await _closing("processor", self._processor.close())
         if self._clients is not None:
             await self._clients.close()
         if self._dead_letter is not None:
-            self._dead_letter.close()
+            _close_now("dead_letter", self._dead_letter.close)
         if self._journal is not None:
-            self._journal.close()
+            _close_now("dedup_journal", self._journal.close)
         if self._duplicates is not None:
-            await asyncio.to_thread(self._duplicates.close)
+            await _closing("ledger", asyncio.to_thread(self._duplicates.close))
         if self._spool is not None:
-            await asyncio.to_thread(self._spool.close)
+            await _closing("spool", asyncio.to_thread(self._spool.close))
 
     async def _read_what_is_in_flight(self) -> None:
         """Ask every session to stop sending, then keep reading until all are quiet or the grace ends."""

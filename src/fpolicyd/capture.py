@@ -26,6 +26,7 @@ capture is a diagnostic mode, not the production path.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -38,9 +39,12 @@ from xml.sax.saxutils import unescape
 import orjson
 
 from fpolicyd.errors import RemoteProtocolError
+from fpolicyd.obs.log import get_logger
 from fpolicyd.protocol.framing import HEADER_BODY_SEPARATOR, XmlFrameReader
 from fpolicyd.protocol.readers import AUTO_DETECT_MAX_BYTES, Detection, classify
 from fpolicyd.protocol.xml_codec import escape
+
+_log = get_logger("fpolicyd.capture")
 
 if TYPE_CHECKING:
     from fpolicyd.config import Settings
@@ -122,15 +126,20 @@ class CaptureRecorder:
         return self.total_bytes >= self.limits.max_total_bytes
 
     def open(self, peer: str, reader: str) -> ConnectionCapture | None:
-        """Start recording a new connection; None once the total limit is reached."""
+        """Start recording a new connection; None once the total limit is reached, or when the file cannot be
+        created (a full disk: a capture is a diagnostic, it never holds up or closes the connection)."""
         if self.exhausted:
             return None
         self._seq += 1
-        self.directory.mkdir(parents=True, exist_ok=True)
         stamp = datetime.fromtimestamp(self.wall(), UTC).strftime("%Y%m%dT%H%M%S")
         safe_peer = re.sub(r"[^0-9A-Za-z.]+", "_", peer)
         path = self.directory / f"capture-{stamp}-{self._seq:06d}-{safe_peer}.jsonl"
-        capture = ConnectionCapture(self, path, peer)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            capture = ConnectionCapture(self, path, peer)
+        except OSError as exc:
+            _log.error("capture_not_started", path=str(path), error=str(exc), detail="the connection is not recorded")
+            return None
         capture.write(
             {
                 "type": "connection",
@@ -172,8 +181,15 @@ class ConnectionCapture:
         record.setdefault("mono", round(recorder.monotonic(), 6))
         record.setdefault("wall", datetime.fromtimestamp(recorder.wall(), UTC).isoformat(timespec="microseconds"))
         line = orjson.dumps(record) + b"\n"
-        self._file.write(line)
-        self._file.flush()
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as exc:  # a full disk: stop recording this connection, never disturb it
+            _log.error("capture_stopped", path=str(self.path), error=str(exc), detail="the rest is not recorded")
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+            return
         recorder.total_bytes += len(line)
 
     def received(self, data: bytes) -> None:
@@ -227,8 +243,10 @@ class ConnectionCapture:
         if self._file is None:
             return
         self.write({"type": "end", "reason": reason, "records": self.records, "bytes": self.bytes_recorded})
-        self._file.close()
-        self._file = None
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
 
 
 # ------------------------------------------------------------------------------------------------ reading

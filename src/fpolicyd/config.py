@@ -368,6 +368,30 @@ class Settings(BaseSettings):
         "under backpressure_high_bytes. The processing stage keeps an eighth of the gap to spool_max_bytes free.",
     )
     checkpoint_interval_s: float = Field(0.2, gt=0, le=60, description="How often sink cursors are persisted.")
+    disk_full_retry_initial_s: float = Field(
+        0.1,
+        gt=0,
+        le=60,
+        description="A write refused for want of space (ENOSPC/EDQUOT: spool, dedup journal or store, ledger, "
+        "state and cursor files) is tried again after this long, doubling up to disk_full_retry_max_s; reading "
+        "is paused meanwhile and resumes by itself once the write goes through.",
+    )
+    disk_full_retry_max_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="Longest wait between two attempts of a write refused for want of space (the delay once "
+        "space frees, at worst).",
+    )
+
+    @model_validator(mode="after")
+    def _check_disk_full_retry(self) -> Settings:
+        if self.disk_full_retry_max_s < self.disk_full_retry_initial_s:
+            raise ValueError(
+                f"disk_full_retry_max_s ({self.disk_full_retry_max_s}) must be >= disk_full_retry_initial_s "
+                f"({self.disk_full_retry_initial_s})"
+            )
+        return self
 
     # --- cloud sinks --------------------------------------------------------------------------------------
     aws_region: str | None = Field(

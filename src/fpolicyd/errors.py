@@ -5,10 +5,19 @@
   token used as a metric label.
 - :class:`LocalProtocolError`: fpolicyd itself tried to do something the protocol forbids (a bug or misuse).
 - :class:`ConfigError`: bad settings; raised at start-up with the key named.
-- :class:`SinkError`: a sink failed; ``retriable`` is data, not a guess made by the caller.
+- :class:`SinkError`: a sink failed; ``retriable`` is data, not a guess made by the caller; ``disk_full`` says the
+  cause was ENOSPC/EDQUOT (the daemon then pauses reading until the write goes through again).
+- :class:`DiskFullError`: a local writer found no space (ENOSPC) or no quota (EDQUOT); always retriable: nothing
+  was written, nothing was lost, the same write is tried again once space frees.
 """
 
 from __future__ import annotations
+
+import errno
+from typing import Final
+
+#: errno values that mean "no space": the device is full (ENOSPC) or the user's quota is (EDQUOT).
+DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class FpolicydError(Exception):
@@ -36,6 +45,34 @@ class ConfigError(FpolicydError):
 class SinkError(FpolicydError):
     """A sink could not take a batch."""
 
-    def __init__(self, message: str, *, retriable: bool) -> None:
+    def __init__(self, message: str, *, retriable: bool, disk_full: bool = False) -> None:
         self.retriable = retriable
+        #: The write failed for want of space (ENOSPC/EDQUOT): retriable, and reading pauses meanwhile.
+        self.disk_full = disk_full
         super().__init__(message)
+
+
+class DiskFullError(FpolicydError):
+    """A local writer (``writer``: a closed set of names, see ``fpolicyd.pipeline.disk.Writer``) found no space.
+    Nothing was written (or what was written is cut back): retry the same write once space frees."""
+
+    retriable = True
+    disk_full = True
+
+    def __init__(self, writer: str, message: str) -> None:
+        self.writer = writer
+        super().__init__(message)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a write refused for want of space: an OSError with
+    ENOSPC/EDQUOT, or an fpolicyd error that says so (``disk_full``)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if getattr(exc, "disk_full", False) is True:
+            return True
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        exc = exc.__cause__
+        seen += 1
+    return False

@@ -31,7 +31,9 @@ async def _read_log(stream: asyncio.StreamReader, into: list[dict[str, Any]], re
         except orjson.JSONDecodeError:
             # Everything fpolicyd writes is a JSON log line: anything else (a traceback) is a finding, shown whole.
             rest = await stream.read()
-            raise AssertionError(f"not a JSON log line on fpolicyd's stderr: {(line + rest).decode(errors='replace')}")
+            raise AssertionError(
+                f"not a JSON log line on fpolicyd's stderr: {(line + rest).decode(errors='replace')}"
+            ) from None
         into.append(record)
         if record.get("event") == "listening" and not ready.done():
             ready.set_result(int(record["port"]))

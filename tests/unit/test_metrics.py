@@ -397,6 +397,7 @@ def test_readiness_lists_each_failing_check(spool: Spool, tmp_path: Path) -> Non
         "listener",
         "pipeline",
         "spool",
+        "disk",
         "sink:jsonl:/data/events",
         f"sink:{pipeline.workers[1].name}",
     ]

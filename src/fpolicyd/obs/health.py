@@ -6,7 +6,8 @@ Both are answered on the HTTP server's own thread, so they keep answering when t
   loop (a blocking call, a CPU-bound bug) stops the heartbeat and fails it, which is what a container health
   check must restart;
 - readiness = liveness, plus the FPolicy listener is bound, the pipeline can still make events durable, no
-  sink is failing and the spool is under its hard limit. A load balancer or an operator reads which check
+  writer is in a disk-full episode (check ``disk``: the writers named, reading is paused meanwhile), no sink is
+  failing and the spool is under its hard limit. A load balancer or an operator reads which check
   failed from the JSON body.
 """
 
@@ -132,7 +133,7 @@ def readiness(
         checks.append(
             Check("processor", True, "routing, settle and dedup proceed")
             if error is None
-            else Check("processor", False, f"blocked (a fail-closed dedup store does not answer): {error}")
+            else Check("processor", False, f"blocked (the dedup store or the ledger does not answer): {error}")
         )
     return HealthReport(tuple(checks))
 
@@ -147,6 +148,17 @@ def _pipeline_checks(pipeline: EventPipeline, spool_limit_bytes: int) -> Sequenc
     )
     size = pipeline.spool.size_bytes
     checks.append(Check("spool", size < spool_limit_bytes, f"{size} of {spool_limit_bytes} bytes (spool_max_bytes)"))
+    full = pipeline.disk.state.active
+    checks.append(
+        Check("disk", True, "every writer writes")
+        if not full
+        else Check(
+            "disk",
+            False,
+            "disk full, reading paused until space frees: "
+            + "; ".join(f"{writer}: {episode.error}" for writer, episode in sorted(full.items())),
+        )
+    )
     duplicates = pipeline.duplicates
     if duplicates is not None:
         ledger_error = duplicates.last_error

@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from fpolicyd import __version__
 from fpolicyd.pipeline.backpressure import Pressure
+from fpolicyd.pipeline.disk import Writer, sink_writer
 from fpolicyd.pipeline.spool import Record
 from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
@@ -604,10 +605,27 @@ class FpolicydCollector(Collector):
         state = _gauge(
             "backpressure_state", "Back-pressure state (1 for the current one): normal, applied, paused.", ["state"]
         )
-        paused = _gauge("reading_paused", "1 while the sockets are not read (spool at its pause watermark or full).")
+        paused = _gauge(
+            "reading_paused", "1 while the sockets are not read (spool at its pause watermark or full, or a disk full)."
+        )
         pauses = _counter("reader_pauses", "Times a connection's reading was paused by the pipeline.")
         held = _counter("spool_full_held_events", "Events held in memory because the spool was full.")
         fatal = _gauge("pipeline_fatal", "1 once the spool can no longer make events durable (the daemon stops).")
+        disk_full = _gauge(
+            "disk_full",
+            "1 while the writer's writes are refused for want of space (ENOSPC/EDQUOT); reading is paused meanwhile.",
+            ["writer"],
+        )
+        disk_episodes = _counter(
+            "disk_full_episodes",
+            "Disk-full episodes by writer (first refused write to the next write that passed).",
+            ["writer"],
+        )
+        disk_errors = _counter(
+            "disk_full_errors",
+            "Writes refused for want of space, by writer (each retry counts; a sink's count its episodes).",
+            ["writer"],
+        )
         if pipeline is not None:
             spool = pipeline.spool
             spool_bytes.add_metric([], spool.size_bytes)
@@ -621,7 +639,16 @@ class FpolicydCollector(Collector):
             pauses.add_metric([], pipeline.pauses)
             held.add_metric([], pipeline.held_total)
             fatal.add_metric([], 0.0 if pipeline.fatal is None else 1.0)
+            disk = pipeline.disk.state
+            active, episodes, errors = disk.active, dict(disk.episodes), dict(disk.errors)
+            writers = dict.fromkeys([*(w.value for w in Writer), *(sink_writer(w.name) for w in pipeline.workers)])
+            writers.update(dict.fromkeys([*episodes, *errors]))
+            for writer in writers:
+                disk_full.add_metric([writer], 1.0 if writer in active else 0.0)
+                disk_episodes.add_metric([writer], episodes.get(writer, 0))
+                disk_errors.add_metric([writer], errors.get(writer, 0))
         yield from (spool_bytes, spool_limit, spool_records, appended, state, paused, pauses, held, fatal)
+        yield from (disk_full, disk_episodes, disk_errors)
 
     @staticmethod
     def _sinks(pipeline: EventPipeline | None) -> Iterator[Metric]:
@@ -848,6 +875,8 @@ class SinkFigures:
     #: The last send's error while the sink is failing (readiness), None once a send succeeds again.
     last_error: str | None = None
     last_error_retriable: bool = True
+    #: The last error was a write refused for want of space (ENOSPC/EDQUOT): the daemon pauses reading.
+    last_error_disk_full: bool = False
     requests: int = 0
     retries: int = 0
     entries_failed_retryable: int = 0

@@ -48,7 +48,8 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, Self, TypeAlias
 
-from fpolicyd.errors import FpolicydError
+from fpolicyd.errors import DiskFullError, FpolicydError
+from fpolicyd.pipeline.disk import Writer
 
 if TYPE_CHECKING:
     from fpolicyd.config import Settings
@@ -493,6 +494,8 @@ _Row: TypeAlias = tuple[Any, ...]
 _WAL_CHECKPOINT_PAGES: Final = 10_000
 _WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 _CORRUPT_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_FULL_CODE: Final = sqlite3.SQLITE_FULL
+_IOERR_WRITE_CODE: Final = sqlite3.SQLITE_IOERR_WRITE
 _DIR_MODE: Final = 0o750
 
 
@@ -510,6 +513,13 @@ class _Judged(NamedTuple):
 def _is_corruption(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(code, int) and (code & 0xFF) in _CORRUPT_CODES
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    """A write the disk refused: SQLITE_FULL (ENOSPC, or ``max_page_count`` reached) or SQLITE_IOERR_WRITE
+    (SQLite's unix VFS reports every write error other than ENOSPC so, EDQUOT among them)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code in (_FULL_CODE, _IOERR_WRITE_CODE)
 
 
 class _IncompatibleStoreError(Exception):
@@ -564,6 +574,8 @@ class EmbeddedDedupStore:
         self.evicted_expired = 0
         self.evicted_oldest = 0
         self.rebuilds = 0
+        #: Batches the disk refused (DiskFullError raised; the batch is asked again).
+        self.disk_full_errors = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddedDedupStore:
@@ -682,7 +694,10 @@ class EmbeddedDedupStore:
     def check_many(self, requests: Sequence[DedupRequest], now: float) -> list[DedupResult]:
         """Judge ``requests`` in order (a later request sees the claims of earlier ones in the same batch),
         in one transaction. A SQLite failure rolls the batch back and answers every request with the failure
-        mode's decision; a corrupt file is rebuilt and the batch judged against the empty store."""
+        mode's decision; a corrupt file is rebuilt and the batch judged against the empty store. A write the disk
+        refused (:func:`_is_full`) rolls the batch back and raises :class:`~fpolicyd.errors.DiskFullError`
+        whatever the failure mode: nothing was decided, the caller asks again once space frees (the failure mode
+        is for a store that is broken, not for one that is waiting for space)."""
         if not requests:
             return []
         with self._lock:
@@ -695,6 +710,9 @@ class EmbeddedDedupStore:
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+                if _is_full(exc):
+                    self.disk_full_errors += 1
+                    raise DiskFullError(Writer.dedup_store, f"dedup store {self.path}: {exc}") from exc
                 if not _is_corruption(exc):
                     return self._failed(requests)
                 try:

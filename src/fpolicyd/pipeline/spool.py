@@ -105,7 +105,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple, Self
 
-from fpolicyd.errors import ConfigError, FpolicydError
+from fpolicyd.errors import DISK_FULL_ERRNOS, ConfigError, FpolicydError
 from fpolicyd.pipeline.faults import FsyncFault
 
 __all__ = [
@@ -177,8 +177,10 @@ class SpoolIOError(SpoolError):
     spool refuses further writes and the process should restart, which recovers from what is on disk.
     """
 
-    def __init__(self, message: str, *, retriable: bool) -> None:
+    def __init__(self, message: str, *, retriable: bool, disk_full: bool = False) -> None:
         self.retriable = retriable
+        #: The write was refused for want of space (ENOSPC/EDQUOT).
+        self.disk_full = disk_full
         super().__init__(message)
 
 
@@ -190,7 +192,11 @@ def _io_error(action: str, path: Path | str, exc: OSError, *, retriable: bool | 
     code = errno.errorcode.get(exc.errno, "?") if exc.errno is not None else "?"
     if retriable is None:
         retriable = exc.errno in _RETRIABLE_ERRNOS
-    return SpoolIOError(f"spool: cannot {action} {path}: [{code}] {exc.strerror or exc}", retriable=retriable)
+    return SpoolIOError(
+        f"spool: cannot {action} {path}: [{code}] {exc.strerror or exc}",
+        retriable=retriable,
+        disk_full=retriable and exc.errno in DISK_FULL_ERRNOS,
+    )
 
 
 class SpoolFsync(StrEnum):

@@ -106,7 +106,9 @@ class RemoteWorker:
     @property
     def last_error(self) -> SinkError | None:
         f = self._figures
-        return None if f.last_error is None else SinkError(f.last_error, retriable=f.last_error_retriable)
+        if f.last_error is None:
+            return None
+        return SinkError(f.last_error, retriable=f.last_error_retriable, disk_full=f.last_error_disk_full)
 
     @property
     def stats(self) -> WorkerStats:
@@ -133,7 +135,11 @@ class ProcessDelivery:
         *,
         on_ack: Callable[[], None],
         on_fatal: Callable[[BaseException], None],
+        on_figures: Callable[[], None] | None = None,
     ) -> None:
+        """``on_figures``: called after the delivery process's figures arrived (the pipeline reads the sinks'
+        errors there: a full disk pauses reading)."""
+        self._on_figures = on_figures
         self._settings = spec.settings
         self._spool = spool
         self._spec = spec
@@ -305,6 +311,8 @@ class ProcessDelivery:
             worker = self._by_name.get(figures.name)
             if worker is not None:
                 worker.update(figures)
+        if self._on_figures is not None:
+            self._on_figures()
 
     def _on_closed(self, exc: Exception | None) -> None:
         if self._ready is not None and not self._ready.done():

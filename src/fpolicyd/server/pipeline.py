@@ -10,6 +10,12 @@ Order of events for one notification:
 
 If the spool is full (it should not be: reading pauses before that), the event is held in memory, every
 reader stops, and the held events go in first as soon as space frees up: an event that was read is never lost.
+
+A full disk (ENOSPC/EDQUOT) is handled the same way for every writer (``fpolicyd.pipeline.disk``): what could not
+be written stays in memory (the spool's buffer, held events, the journal's buffer) or in the spool (what a sink,
+the ledger or the processing stage could not write yet), reading pauses while any writer is full, the refused
+write is tried again with a backoff (settings ``disk_full_retry_initial_s``/``disk_full_retry_max_s``), and
+reading resumes by itself once every writer got its write through.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from typing import Protocol
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
+from fpolicyd.pipeline.disk import Writer, sink_writer
 from fpolicyd.pipeline.records import DUPLICATE_TAG
 from fpolicyd.pipeline.spool import Spool, SpoolFullError, SpoolIOError
 from fpolicyd.server.delivery import DeliverySpec, ProcessDelivery
+from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.sinks.ledger import DuplicateLedger
 from fpolicyd.sinks.runner import RetryPolicy, Sender, SinkHandle, SinkWorker
 from fpolicyd.storage.dedup_journal import DedupJournal, JournalError
@@ -44,10 +52,6 @@ class StageWorker(Protocol):
     async def stop(self, timeout_s: float) -> None: ...
 
 
-#: After a failed flush (disk full), how long before trying again.
-FLUSH_RETRY_S = 0.1
-
-
 class EventPipeline:
     def __init__(
         self,
@@ -63,9 +67,11 @@ class EventPipeline:
         delivery: DeliverySpec | None = None,
         ingestion_slo_s: float = 5.0,
         duplicates: DuplicateLedger | None = None,
+        disk: DiskMonitor | None = None,
     ) -> None:
         """``senders`` run here, in the daemon's process; with ``delivery`` (and no ``senders``) the sinks run in
-        the delivery process instead (``server/delivery.py``)."""
+        the delivery process instead (``server/delivery.py``). ``disk``: the writers' disk-full episodes (every
+        writer of the daemon reports there; reading pauses while one is full)."""
         if delivery is not None and senders:
             raise ValueError("sinks run either here (senders) or in the delivery process, not both")
         self.spool = spool
@@ -74,6 +80,7 @@ class EventPipeline:
         #: The audit ledger of the duplicates the reader's window suppressed (kept in the spool until written).
         self.duplicates = duplicates
         self._wall_clock = wall_clock
+        self.disk = disk or DiskMonitor()
         #: The sink workers that run in this process (none when the delivery process runs them).
         self.local_workers = [
             SinkWorker(
@@ -83,11 +90,16 @@ class EventPipeline:
                 retry=retry,
                 select=select(sender.name),
                 ingestion_slo_s=ingestion_slo_s,
+                on_error=self._sinks_changed,
             )
             for sender in senders
         ]
         self.delivery = (
-            None if delivery is None else ProcessDelivery(spool, delivery, on_ack=self._after_ack, on_fatal=self._fail)
+            None
+            if delivery is None
+            else ProcessDelivery(
+                spool, delivery, on_ack=self._after_ack, on_fatal=self._fail, on_figures=self._sinks_changed
+            )
         )
         #: Every sink, wherever it runs.
         self.workers: list[SinkHandle] = (
@@ -111,7 +123,12 @@ class EventPipeline:
         #: must stop so that recovery rebuilds the spool from disk at the next start.
         self.on_fatal: Callable[[BaseException], None] = lambda exc: None
         self.fatal: BaseException | None = None
+        #: The last refused flush (or segment roll) while the spool or the journal cannot be written.
         self._flush_error: SpoolIOError | JournalError | None = None
+        self._flush_attempts = 0
+        self._checkpoint_error: SpoolIOError | None = None
+        self._checkpoint_attempts = 0
+        self.disk.subscribe(self._update_pressure)
         self.accepted = 0
         self.held_total = 0
         self.pauses = 0
@@ -170,7 +187,14 @@ class EventPipeline:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         left = max((worker.lag for worker in self.workers), default=0)
-        await loop.run_in_executor(self._executor, self.spool.checkpoint)
+        try:
+            await loop.run_in_executor(self._executor, self.spool.checkpoint)
+        except SpoolIOError as exc:
+            log.error(
+                "spool_checkpoint_failed_at_stop",
+                error=str(exc),
+                detail="the previous cursors file is kept: what was acked since is delivered again (at least once)",
+            )
         self._executor.shutdown(wait=True)
         return left
 
@@ -202,8 +226,14 @@ class EventPipeline:
         else:
             try:
                 seq = self.spool.append(line)
-            except (SpoolFullError, SpoolIOError) as exc:
+            except SpoolFullError as exc:
                 self._hold(line, on_durable, key, exc)
+            except SpoolIOError as exc:
+                # A segment roll the disk refused: held like at a full spool, and retried like a failed flush. A
+                # failed spool (fatal): held, reading stops, and the stop reports them.
+                self._hold(line, on_durable, key, exc)
+                if self.fatal is None:
+                    self._flush_failed(exc)
             else:
                 if on_durable is not None:
                     self._waiters.append((seq, on_durable))
@@ -278,6 +308,7 @@ class EventPipeline:
             or self.pressure.state is Pressure.PAUSED
             or self.spool.size_bytes >= self.pressure.watermarks.hard_bytes
             or self._flush_error is not None
+            or self.disk.any
             or self.fatal is not None
         )
 
@@ -333,17 +364,19 @@ class EventPipeline:
         self._flush_scheduled = False
         spool = self.spool
         journal = self.journal
-        if (spool.buffered_bytes or (journal is not None and journal.buffered)) and self.fatal is None:
-            try:
-                spool.flush()
-                if journal is not None:
-                    journal.flush()
-            except (SpoolIOError, JournalError) as exc:
-                self._flush_failed(exc)
-                return
-            if self._flush_error is not None:
-                log.info("spool_flush_recovered")
-                self._flush_error = None
+        if self.fatal is None:
+            # Events held because the disk refused a segment roll go in first (a full spool is retried at acks).
+            written = not (self._held and self._flush_error is not None) or self._take_back_held()
+            if written and (spool.buffered_bytes or (journal is not None and journal.buffered)):
+                try:
+                    spool.flush()
+                    if journal is not None:
+                        journal.flush()
+                except (SpoolIOError, JournalError) as exc:
+                    self._flush_failed(exc)
+                    return
+            if written and self._flush_error is not None:
+                self._flush_recovered()
         if spool.commit_delay is None:
             # fsync "never": handed to the kernel is as durable as it gets (the journal too, so no floor).
             self._durable()
@@ -352,16 +385,42 @@ class EventPipeline:
         self._update_pressure()
 
     def _flush_failed(self, exc: SpoolIOError | JournalError) -> None:
-        """The buffer stays in memory (nothing is lost); readers stop until a flush succeeds again."""
+        """The buffer stays in memory (nothing is lost); readers stop until a flush succeeds again, which is tried
+        after a backoff (``disk_full_retry_*``)."""
         if not exc.retriable:
             self._fail(exc)
             return
-        if self._flush_error is None:
+        if exc.disk_full:
+            self.disk.full(Writer.dedup_journal if isinstance(exc, JournalError) else Writer.spool, exc)
+        elif self._flush_error is None:
             log.error("spool_flush_failed", error=str(exc), detail="reading paused; retrying")
         self._flush_error = exc
+        delay = self.disk.retry.delay(self._flush_attempts)
+        self._flush_attempts += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(FLUSH_RETRY_S, self._flush)
+            asyncio.get_running_loop().call_later(delay, self._flush)
+        self._update_pressure()
+
+    def _flush_recovered(self) -> None:
+        error, self._flush_error = self._flush_error, None
+        self._flush_attempts = 0
+        if error is not None and not error.disk_full:
+            log.info("spool_flush_recovered")
+        self.disk.freed(Writer.spool)
+        self.disk.freed(Writer.dedup_journal)
+
+    def _sinks_changed(self) -> None:
+        """A sink failed or recovered: a sink whose disk is full pauses reading like the spool's own writes."""
+        disk = self.disk
+        for worker in self.workers:
+            writer = sink_writer(worker.name)
+            error = worker.last_error
+            if error is not None and error.disk_full:
+                if not disk.state.is_full(writer):
+                    disk.full(writer, error)
+            else:
+                disk.freed(writer)
 
     def _fail(self, exc: BaseException) -> None:
         if self.fatal is None:
@@ -419,9 +478,31 @@ class EventPipeline:
     async def _checkpoint_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self._checkpoint_interval_s)
+            delay = self._checkpoint_interval_s
+            if self._checkpoint_error is not None:
+                delay = min(delay, self.disk.retry.delay(self._checkpoint_attempts))
+            await asyncio.sleep(delay)
             if self.spool.cursors_dirty:
-                await loop.run_in_executor(self._executor, self.spool.checkpoint)
+                try:
+                    await loop.run_in_executor(self._executor, self.spool.checkpoint)
+                except SpoolIOError as exc:
+                    self._checkpoint_failed(exc)
+                    continue
+                if self._checkpoint_error is not None:
+                    self._checkpoint_error = None
+                    self._checkpoint_attempts = 0
+                    log.info("spool_checkpoint_recovered")
+                self.disk.freed(Writer.spool_cursors)
+
+    def _checkpoint_failed(self, exc: SpoolIOError) -> None:
+        """The cursors file keeps its previous content (temp file, then rename): at worst what was acked since is
+        delivered again after a restart. Tried again after a backoff; a full disk pauses reading meanwhile."""
+        if exc.disk_full:
+            self.disk.full(Writer.spool_cursors, exc)
+        elif self._checkpoint_error is None:
+            log.error("spool_checkpoint_failed", error=str(exc), detail="retrying; the previous cursors are kept")
+        self._checkpoint_error = exc
+        self._checkpoint_attempts += 1
 
     def _durable(self) -> None:
         durable = self.spool.durable_seq
@@ -447,13 +528,18 @@ class EventPipeline:
         if self.processor is not None and not self.processing_blocked:
             self.processor.wake()
 
-    def _take_back_held(self) -> None:
+    def _take_back_held(self) -> bool:
+        """Append the held events (oldest first) while they fit; False if the disk refused (a retry is
+        scheduled), True otherwise (all in, or the spool is still full: tried again at the next ack)."""
         while self._held:
             line, on_durable, key = self._held[0]
             try:
                 seq = self.spool.append(line)
             except SpoolFullError:
-                return
+                return True
+            except SpoolIOError as exc:
+                self._flush_failed(exc)
+                return False
             self._held.popleft()
             if on_durable is not None:
                 self._waiters.append((seq, on_durable))
@@ -464,6 +550,7 @@ class EventPipeline:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+        return True
 
     def _update_pressure(self) -> None:
         for action in self.pressure.update(self.spool.size_bytes):

@@ -16,6 +16,12 @@ were held); ``fpolicyd_dedup_store_up`` says which state the stage is in.
 Clocks: settle runs on the wall clock (events carry their receive time) made steady by the monotonic clock
 (:class:`~fpolicyd.pipeline.settle.SettleClock`); dedup's ``now`` is the wall clock (claims are shared with other
 instances and outlive this process); the idle wait is on the event loop's monotonic clock.
+
+A full disk (ENOSPC/EDQUOT) under the dedup store, the audit ledger or the state file does the same whatever the
+failure mode: the round waits (nothing decided, delivered or dropped), the disk monitor pauses reading, and the
+refused write is tried again with the ``disk_full_retry_*`` backoff until it goes through. The state file is
+replaced atomically: a save the disk refused leaves the previous file as it was (at worst, outputs appended
+since are appended again after a restart — at least once, as the module says).
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from fpolicyd.config import Settings
-from fpolicyd.errors import SinkError
+from fpolicyd.errors import DiskFullError, SinkError, is_disk_full
 from fpolicyd.events import FileEvent
 from fpolicyd.obs.classification import Redactor
 from fpolicyd.obs.log import get_logger
@@ -47,6 +54,7 @@ from fpolicyd.pipeline.dedup import (
     DedupStore,
     EmbeddedDedupStore,
 )
+from fpolicyd.pipeline.disk import Writer
 from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import encode_processed, sink_selector
 from fpolicyd.pipeline.router import Router, RouteTable, UnroutedAction
@@ -71,6 +79,8 @@ INSTANCE_FILE: Final = "instance-id"
 #: How far settle's clock trails the wall clock when the stage is idle: longer than an event takes from the
 #: socket to a durable spool record (group commit is 5 ms by default), so none arrives "in the past".
 SETTLE_WATERMARK_LAG_S: Final = 0.5
+
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -125,13 +135,20 @@ def load_state(directory: Path) -> StageState:
 
 
 def save_state(directory: Path, state: StageState) -> None:
+    """Write the state to a temp file, fsync it, rename it over the state file. Raises OSError (ENOSPC, ...); the
+    temp file is then removed and the previous state file is left exactly as it was."""
     path = directory / STATE_FILE
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(state.to_json())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(state.to_json())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 class Processor:
@@ -180,8 +197,11 @@ class Processor:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._saved_at = 0.0
+        #: When the state is saved next (loop time): every checkpoint interval, sooner after a refused save.
+        self._save_at = 0.0
         self._saved: StageState | None = None
+        self._state_error: OSError | None = None
+        self._state_attempts = 0
         self.stats = ProcessorStats()
         #: Last dedup failure (fail-closed), for readiness; None once the store answers again.
         self.last_error: SinkError | None = None
@@ -240,7 +260,12 @@ class Processor:
             await asyncio.wait({task}, timeout=max(0.1, deadline - loop.time()))
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await asyncio.to_thread(save_state, self._state_dir, self.stage.state())
+        if not await self._save_state(self.stage.state()):
+            log.error(
+                "processor_state_not_saved_at_stop",
+                error=str(self._state_error),
+                detail="the previous state file is kept; outputs since are appended again after the start",
+            )
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -271,8 +296,13 @@ class Processor:
                 self._wakeup.clear()
                 deadline = self.stage.next_deadline()
                 timeout = None if deadline is None else max(0.0, deadline + SETTLE_WATERMARK_LAG_S - self._settle_now())
+                if self._state_error is not None:  # a refused save is tried again even when nothing arrives
+                    retry = max(0.0, self._save_at - loop.time())
+                    timeout = retry if timeout is None else min(timeout, retry)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout)
+                if self._state_error is not None and loop.time() >= self._save_at:
+                    await self._checkpoint(loop)
                 continue
             await self._emit(candidates, passthrough)
             floor = self.stage.floor()
@@ -280,12 +310,70 @@ class Processor:
                 self._spool.ack(CURSOR, floor)
                 self._pipeline.after_ack()
             self.stats.rounds += 1
-            if loop.time() - self._saved_at >= self._checkpoint_interval_s:
-                self._saved_at = loop.time()
-                state = self.stage.state()
-                if state != self._saved:
-                    await asyncio.to_thread(save_state, self._state_dir, state)
-                    self._saved = state
+            if loop.time() >= self._save_at:
+                await self._checkpoint(loop)
+
+    async def _checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
+        state = self.stage.state()
+        if state == self._saved:
+            self._save_at = loop.time() + self._checkpoint_interval_s
+        elif await self._save_state(state):
+            self._saved = state
+            self._save_at = loop.time() + self._checkpoint_interval_s
+        else:
+            self._save_at = loop.time() + self._pipeline.disk.retry.delay(self._state_attempts - 1)
+
+    async def _save_state(self, state: StageState) -> bool:
+        """Save the state; False (logged once per failure, a full disk reported to the disk monitor) if refused."""
+        disk = self._pipeline.disk
+        try:
+            await asyncio.to_thread(save_state, self._state_dir, state)
+        except OSError as exc:
+            if is_disk_full(exc):
+                disk.full(Writer.processor_state, exc)
+            elif self._state_error is None:
+                log.error("processor_state_not_saved", error=str(exc), detail="the previous state file is kept")
+            self._state_error = exc
+            self._state_attempts += 1
+            return False
+        if self._state_error is not None:
+            if not is_disk_full(self._state_error):
+                log.info("processor_state_saved_again", attempts=self._state_attempts)
+            self._state_error = None
+            self._state_attempts = 0
+            disk.freed(Writer.processor_state)
+        return True
+
+    async def _until_written(self, writer: Writer, call: Callable[[], _T]) -> _T:
+        """Run ``call`` (a write, on a thread) until it goes through. A write refused for want of space is reported
+        to the disk monitor (reading pauses) and tried again after the ``disk_full_retry_*`` backoff; another
+        retriable error is logged once and tried again the same way (readiness shows it); a non-retriable one is
+        raised (the stage stops and the daemon with it: its events stay in the spool)."""
+        disk = self._pipeline.disk
+        attempt = 0
+        failure: DiskFullError | SinkError | None = None
+        while True:
+            try:
+                result = await asyncio.to_thread(call)
+            except (DiskFullError, SinkError) as exc:
+                if not exc.retriable:
+                    raise
+                if is_disk_full(exc):
+                    disk.full(writer, exc)
+                else:
+                    if failure is None:
+                        log.error("processor_write_failed", writer=writer.value, error=str(exc), detail="retrying")
+                    self.last_error = SinkError(f"{writer.value}: {exc}", retriable=True)
+                failure = exc
+                await asyncio.sleep(disk.retry.delay(attempt))
+                attempt += 1
+                continue
+            if failure is not None:
+                if not is_disk_full(failure):
+                    log.info("processor_write_recovered", writer=writer.value, attempts=attempt)
+                    self.last_error = None
+                disk.freed(writer)
+            return result
 
     async def _wait_for_room(self) -> None:
         """The spool is near its maximum (:attr:`EventPipeline.processing_room_bytes`): wait until the sinks have
@@ -340,8 +428,10 @@ class Processor:
             lines.append(encode_processed(self._redact(event).to_json(), keys))
         # A raw line that is not an event (it never should be) goes on unchanged to every sink.
         lines.extend(encode_processed(payload, None) for _, payload in passthrough)
-        if self._ledger is not None and decisions:
-            await asyncio.to_thread(self._ledger.write, decisions, now)  # fsyncs: off the loop
+        ledger = self._ledger
+        if ledger is not None and decisions:
+            # fsyncs: off the loop; a batch the disk refused is cut back, so writing it again duplicates no line
+            await self._until_written(Writer.ledger, partial(ledger.write, decisions, now))
         if lines:
             await self._durable(lines)
             self.stats.delivered += len(lines)
@@ -381,8 +471,10 @@ class Processor:
             if self._dedup_async is not None:
                 results = await self._dedup_async.check_many(requests, now)
             else:
-                assert self._dedup is not None
-                results = await asyncio.to_thread(self._dedup.check_many, requests, now)
+                store = self._dedup
+                assert store is not None
+                # A full disk is waited out here whatever the failure mode (nothing is decided meanwhile).
+                results = await self._until_written(Writer.dedup_store, partial(store.check_many, requests, now))
             closed = sum(1 for result in results if result.decision is Decision.error_closed)
             failed_open = sum(1 for result in results if result.decision is Decision.error_open)
             self._note_store(failed_open, closed)

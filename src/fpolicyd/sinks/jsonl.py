@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from fpolicyd.errors import SinkError
+from fpolicyd.errors import DISK_FULL_ERRNOS, SinkError
 
 __all__ = ["FsyncPolicy", "JsonlSettings", "JsonlWriter"]
 
@@ -131,6 +131,7 @@ def _sink_error(action: str, path: Path | None, exc: OSError) -> SinkError:
     return SinkError(
         f"jsonl: cannot {action} {path}: [{code}] {exc.strerror or exc}",
         retriable=exc.errno in _RETRIABLE_ERRNOS,
+        disk_full=exc.errno in DISK_FULL_ERRNOS,
     )
 
 

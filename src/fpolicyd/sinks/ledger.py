@@ -10,6 +10,9 @@ would read every record to find them: measured, that was 3.5 µs per event in th
 
 After a crash the records after the cursor are scanned once at start (:meth:`DuplicateLedger.recover`) and their
 lines written again (at least once, as every sink): a suppressed duplicate always leaves an audit record.
+
+A write the disk refuses (ENOSPC/EDQUOT) is reported to the daemon's disk monitor (reading pauses, one log line per
+episode) and tried again after its backoff; the duplicates wait in the spool meanwhile.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
+from fpolicyd.pipeline.disk import Writer
 from fpolicyd.pipeline.ledger import AuditLedger, reader_duplicate_record
 from fpolicyd.pipeline.records import DUPLICATE_TAG, duplicate_payload, stored_event_id
 from fpolicyd.pipeline.spool import Spool
+
+if TYPE_CHECKING:
+    from fpolicyd.server.disk_monitor import DiskMonitor
 
 log = get_logger("fpolicyd.ledger")
 
@@ -34,7 +41,8 @@ __all__ = ["LEDGER_CURSOR", "DuplicateLedger"]
 LEDGER_CURSOR: Final = "dedup-ledger"
 #: Spool records read per step by the start-up scan.
 _SCAN_BATCH: Final = 10_000
-#: After a failed ledger write, how long before the next attempt (the duplicates wait in the spool meanwhile).
+#: After a failed ledger write, how long before the next attempt (the duplicates wait in the spool meanwhile),
+#: when no disk monitor is given (with one: its ``disk_full_retry_*`` backoff).
 RETRY_S: Final = 1.0
 
 
@@ -48,9 +56,16 @@ class DuplicateLedger:
     """Single owner (the event loop); the ledger file is written on a worker thread."""
 
     def __init__(
-        self, ledger: AuditLedger, spool: Spool, *, instance: str, clock: Callable[[], float] = time.time
+        self,
+        ledger: AuditLedger,
+        spool: Spool,
+        *,
+        instance: str,
+        clock: Callable[[], float] = time.time,
+        disk: DiskMonitor | None = None,
     ) -> None:
         self._ledger = ledger
+        self._disk = disk
         self._spool = spool
         self._instance = instance
         self._clock = clock
@@ -99,6 +114,7 @@ class DuplicateLedger:
             self._writing = asyncio.get_running_loop().create_task(self._write(), name="dedup-ledger")
 
     async def _write(self) -> None:
+        attempt = 0
         try:
             while self._pending and self._pending[0][0] <= self._wanted:
                 upto = self._wanted
@@ -108,14 +124,22 @@ class DuplicateLedger:
                 try:
                     await asyncio.to_thread(self._ledger.write_duplicates, rows, now)
                 except SinkError as exc:
-                    if self.last_error is None:
-                        log.error("ledger_write_failed", error=str(exc), duplicates=len(rows), retry_in_s=RETRY_S)
+                    disk = self._disk
+                    delay = RETRY_S if disk is None else disk.retry.delay(attempt)
+                    if disk is not None and exc.disk_full:
+                        disk.full(Writer.ledger, exc)  # logged once per episode there
+                    elif self.last_error is None:
+                        log.error("ledger_write_failed", error=str(exc), duplicates=len(rows), retry_in_s=delay)
                     self.last_error = exc
-                    await asyncio.sleep(RETRY_S)
+                    attempt += 1
+                    await asyncio.sleep(delay)
                     continue
-                if self.last_error is not None:
+                if self.last_error is not None and not self.last_error.disk_full:
                     log.info("ledger_write_recovered", duplicates=len(rows))
+                if self._disk is not None:
+                    self._disk.freed(Writer.ledger)
                 self.last_error = None
+                attempt = 0
                 self.written += len(batch)
                 for _ in batch:
                     self._pending.popleft()

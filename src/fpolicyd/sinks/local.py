@@ -45,7 +45,8 @@ class JsonlSender:
 
     async def send(self, records: Sequence[Record]) -> Sequence[Record]:
         """Write whole lines in chunks that fit a file; on a failed write, hand back what is not written (so a
-        retry never duplicates a line that is already in a file)."""
+        retry never duplicates a line that is already in a file). ``last_error``: why this send left records."""
+        self.last_error = None
         now = time.time()
         limit = self._file_bytes
         start = 0

@@ -132,8 +132,12 @@ class SinkWorker:
         retry: RetryPolicy | None = None,
         select: Callable[[bytes], bytes | None] | None = None,
         ingestion_slo_s: float = 5.0,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
+        """``on_error``: called after every failed send and after the send that ends a failure (the pipeline
+        watches for a full disk there)."""
         self.sender = sender
+        self._on_error = on_error
         #: Which spool records are this sink's and what of them to send (processed records carry a destination
         #: header, see pipeline/stage.py); None: every record as it is.
         self._select = select
@@ -175,6 +179,7 @@ class SinkWorker:
             failures=self.stats.failures,
             last_error=None if error is None else str(error),
             last_error_retriable=True if error is None else error.retriable,
+            last_error_disk_full=error is not None and error.disk_full,
             requests=0 if cloud is None else cloud.requests,
             retries=inst.retries + (0 if cloud is None else cloud.retry_requests),
             entries_failed_retryable=(inst if cloud is None else cloud).entries_failed_retryable,
@@ -245,6 +250,7 @@ class SinkWorker:
         """Send ``records`` (this sink's part of the spool records ``first..last``) until settled, then ack the
         whole range."""
         self.instruments.batch_records.observe(len(records))
+        sender = self.sender
         try:
             pending = records
             attempt = 0
@@ -252,7 +258,7 @@ class SinkWorker:
                 self.stats.sends += 1
                 sent_at = time.monotonic()
                 try:
-                    pending = await self.sender.send(pending)
+                    pending = await sender.send(pending)
                 except SinkError as exc:
                     self.last_error = exc
                 else:
@@ -263,18 +269,26 @@ class SinkWorker:
                     self.instruments.send_seconds.observe(time.monotonic() - sent_at)
                 self.stats.failures += 1
                 self.instruments.send_failed(len(pending), retryable=self.last_error.retriable)
+                if self._on_error is not None:
+                    self._on_error()
                 delay = self._retry.delay(attempt, self._rng)
-                log.warning(
-                    "sink_send_incomplete",
-                    sink=self.name,
-                    events=len(pending),
-                    error=str(self.last_error),
-                    retry_in_s=round(delay, 3),
-                    attempt=attempt + 1,
-                )
+                # A full disk is logged once per episode (disk_full / disk_space_recovered, in the daemon): its
+                # retries are not, or a long episode would flood the log.
+                if attempt == 0 or not self.last_error.disk_full:
+                    log.warning(
+                        "sink_send_incomplete",
+                        sink=self.name,
+                        events=len(pending),
+                        error=str(self.last_error),
+                        retry_in_s=round(delay, 3),
+                        attempt=attempt + 1,
+                    )
                 attempt += 1
                 await asyncio.sleep(delay)
-            self.last_error = None
+            if self.last_error is not None:
+                self.last_error = None
+                if self._on_error is not None:
+                    self._on_error()
             self._spool.ack_range(self.name, first, last)
             self.stats.delivered += len(records)
             self.instruments.settled(records)
@@ -286,8 +300,10 @@ class SinkWorker:
         """Why ``count`` records came back from a send that raised nothing: the sender's own last error when it
         keeps one (a JSON Lines write that failed midway: the OS error, e.g. no space left on device)."""
         cause = getattr(self.sender, "last_error", None)
-        detail = f": {cause}" if isinstance(cause, SinkError) else ""
-        return SinkError(f"{self.name}: {count} events not settled{detail}", retriable=True)
+        cause = cause if isinstance(cause, SinkError) else None
+        detail = f": {cause}" if cause is not None else ""
+        disk_full = cause is not None and cause.disk_full  # a JSON Lines file on a full disk: reading pauses on it
+        return SinkError(f"{self.name}: {count} events not settled{detail}", retriable=True, disk_full=disk_full)
 
     async def stop(self, timeout_s: float) -> None:
         """Deliver what is durable within ``timeout_s``, then stop; the rest stays in the spool. Waits for the

@@ -17,6 +17,10 @@ the time to live.
 
 Single owner (the event loop) for :meth:`append`/:meth:`flush`/:meth:`retire`; :meth:`sync` may run on a worker
 thread meanwhile (it fsyncs a dup'ed descriptor taken under a lock, as the spool does).
+
+A full disk (ENOSPC/EDQUOT) never loses a claim: :meth:`append` only buffers (a new segment is named there but its
+file is created by the next :meth:`flush`), and a :meth:`flush` the disk refuses raises a retriable
+:class:`JournalError` with every unwritten byte still buffered, so the same flush can be tried again.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from fpolicyd.errors import FpolicydError
+from fpolicyd.errors import DISK_FULL_ERRNOS, FpolicydError
 
 __all__ = ["CLAIM_BYTES", "DedupJournal", "JournalError", "JournalRecovery"]
 
@@ -56,6 +60,12 @@ class JournalError(FpolicydError):
     def __init__(self, message: str, *, retriable: bool) -> None:
         super().__init__(message)
         self.retriable = retriable
+        #: Retriable journal errors are exactly the full-disk ones.
+        self.disk_full = retriable
+
+
+def _error(action: str, exc: OSError) -> JournalError:
+    return JournalError(f"dedup journal {action}: {exc.strerror or exc}", retriable=exc.errno in DISK_FULL_ERRNOS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +99,11 @@ class DedupJournal:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self._segments: list[_Segment] = []
+        #: The descriptor of :attr:`_open` (the newest segment that has a file), or -1.
         self._fd = -1
-        self._buffer = bytearray()
+        self._open: _Segment | None = None
+        #: Blocks not yet handed to the kernel, per segment, oldest first.
+        self._chunks: list[tuple[_Segment, bytearray]] = []
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         #: Descriptors of rolled segments not yet fsynced (closed by the next sync).
@@ -138,6 +151,7 @@ class DedupJournal:
         if self._segments:
             last = self._segments[-1]
             self._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self._open = last
         if claims:
             self._appended_seq = self._written_seq = self._durable_seq = max(seq for seq, _, _ in claims)
         return JournalRecovery(tuple(claims), cut, len(self._segments))
@@ -168,59 +182,72 @@ class DedupJournal:
     # ---------------------------------------------------------------------------------------- write
 
     def append(self, claimed_at: float, claims: Sequence[tuple[int, int]]) -> None:
-        """Claims ``(spool seq, key)`` of one read, all made at ``claimed_at`` (epoch seconds). In memory only."""
+        """Claims ``(spool seq, key)`` of one read, all made at ``claimed_at`` (epoch seconds). In memory only
+        (never raises for the disk: a new segment's file is created by the next :meth:`flush`)."""
         if not claims:
             return
         if not self._segments or self._segments[-1].claims >= self.segment_claims:
-            self._roll()
+            first = self._claims_total
+            self._segments.append(_Segment(self.directory / f"claims-{first:020d}.log", first))
         segment = self._segments[-1]
         body = b"".join([_CLAIM.pack(seq, key.to_bytes(16, "big")) for seq, key in claims])
         head = struct.pack("<d", claimed_at) + body
-        self._buffer += struct.pack("<II", len(claims), zlib.crc32(head)) + head
+        block = struct.pack("<II", len(claims), zlib.crc32(head)) + head
+        chunks = self._chunks
+        if chunks and chunks[-1][0] is segment:
+            chunks[-1][1].extend(block)
+        else:
+            chunks.append((segment, bytearray(block)))
         self._appended_seq = max(self._appended_seq, claims[-1][0])
         self._claims_total += len(claims)
         segment.claims += len(claims)
         segment.newest_at = claimed_at
 
-    def _roll(self) -> None:
-        """Close the current segment (its buffered blocks written to it) and start the next one."""
-        if self._buffer and self._fd >= 0:
-            self._write(self._fd, bytes(self._buffer))
-            self._buffer.clear()
-        first = self._claims_total
-        path = self.directory / f"claims-{first:020d}.log"
+    def _open_segment(self, segment: _Segment) -> None:
+        """Create ``segment``'s file with its header; it becomes the one written (the previous descriptor goes to
+        the next sync). On failure nothing is left behind and the same call can be made again."""
+        path = segment.path
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            os.write(fd, _header())
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise JournalError(f"dedup journal {path}: {exc.strerror or exc}", retriable=full) from exc
+            raise _error(f"create {path}", exc) from exc
+        try:
+            DedupJournal._write(fd, bytearray(_header()))
+        except JournalError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
         with self._lock:
             if self._fd >= 0:
                 self._retired_fds.append(self._fd)
             self._fd = fd
-        self._segments.append(_Segment(path, first))
+        self._open = segment
 
     def flush(self) -> None:
-        """Hand the buffer to the kernel (once per loop iteration, with the spool's flush)."""
-        if self._buffer:
-            self._write(self._fd, bytes(self._buffer))
-            self._buffer.clear()
+        """Hand the buffer to the kernel (once per loop iteration, with the spool's flush). Raises
+        :class:`JournalError` (retriable for a full disk) with what was not written still buffered."""
+        chunks = self._chunks
+        while chunks:
+            segment, data = chunks[0]
+            if segment is not self._open:
+                self._open_segment(segment)
+            self._write(self._fd, data)
+            chunks.pop(0)
         self._written_seq = self._appended_seq
 
-    def _write(self, fd: int, data: bytes) -> None:
-        view = memoryview(data)
+    @staticmethod
+    def _write(fd: int, data: bytearray) -> None:
+        """Write ``data``, consuming it as it goes: on failure what was written stays (blocks are checksummed; a
+        partial block is cut at the next open) and the rest is left in ``data`` to be written again."""
         try:
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            while data:
+                written = os.write(fd, data)
+                if written <= 0:
+                    raise OSError(errno.EIO, "write made no progress")
+                del data[:written]
         except OSError as exc:
-            # What was written stays (blocks are checksummed; a partial block is cut at the next open); the rest
-            # is kept in the buffer and written again.
-            self._buffer[:0] = view
-            raise JournalError(
-                f"dedup journal write: {exc.strerror or exc}", retriable=exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            ) from exc
+            raise _error("write", exc) from exc
 
     def sync(self) -> None:
         """fsync what :meth:`flush` wrote (may run on a worker thread)."""
@@ -249,7 +276,7 @@ class DedupJournal:
 
     @property
     def buffered(self) -> bool:
-        return bool(self._buffer)
+        return bool(self._chunks)
 
     @property
     def sync_pending(self) -> bool:
@@ -262,6 +289,8 @@ class DedupJournal:
         cutoff = now_s - self.ttl_s
         while len(self._segments) > 1:
             oldest = self._segments[0]
+            if any(segment is oldest for segment, _ in self._chunks) or oldest is self._open:
+                break  # still being written
             after = self._claims_total - (oldest.first_claim + oldest.claims)
             if after < self.max_entries and oldest.newest_at >= cutoff:
                 break
@@ -280,6 +309,7 @@ class DedupJournal:
             fds = [*self._retired_fds, *([self._fd] if self._fd >= 0 else [])]
             self._retired_fds = []
             self._fd = -1
+            self._open = None
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -1,0 +1,244 @@
+"""A full disk pauses the daemon, it does not stop it (issue 14, defect 2): the simulator streams into a running
+daemon, the data directory fills up (every write under it refused with ENOSPC or EDQUOT, SQLite answering
+SQLITE_FULL), the daemon stops reading and /readyz answers 503 naming the writers, the disk is freed, and every
+notification sent ends up in JSON Lines exactly once — with the default settings (the reader's exact dedup and its
+journal) and with the processing stage's SQLite dedup store, where the hostile-peer campaign saw the daemon die.
+
+No real small file system here (mounting one needs root): the fault is injected where the writers call the OS
+(tests/support/full_disk.py), which is the production path."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from test_end_to_end import assert_exactly_once, expected_events
+
+from fpolicyd.app import Daemon
+from fpolicyd.pipeline.dedup import EmbeddedDedupStore
+from fpolicyd.pipeline.disk import Writer
+from fpolicyd.server.processor import STATE_FILE
+from fpolicyd.simulator import SimulatorConfig, run
+from support.captures import NEGO_REQ, NEGO_RESP
+from support.full_disk import FullDisk, sqlite_full
+from support.notifications import frame
+from support.peer import Peer, make_settings
+from support.serve import VOLUME_NAMES, read_events
+
+pytestmark = pytest.mark.slow
+
+#: Retries come fast in a test (the defaults are 0.1 s doubling to 5 s).
+FAST_RETRY = {"disk_full_retry_initial_s": 0.01, "disk_full_retry_max_s": 0.1}
+
+
+def settings_for(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    return {
+        "dedup_mode": "exact",  # the default (make_settings turns it off for tests that resend one capture)
+        "volume_names": VOLUME_NAMES,
+        "svm_name": "svm_e2e",
+        **FAST_RETRY,
+        **overrides,
+    }
+
+
+async def until(predicate: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {within_s} s: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def readyz(daemon: Daemon) -> tuple[int, dict[str, Any]]:
+    port = daemon.http_port
+    assert port is not None
+    status, body = await http_get(port, "/readyz")
+    return status, {check["name"]: check for check in orjson.loads(body)["checks"]}
+
+
+async def stream_through_a_full_disk(
+    daemon: Daemon, disk: FullDisk, tmp_path: Path, *, writers: tuple[str, ...], fill: Callable[[bool], None]
+) -> SimulatorConfig:
+    """Stream, fill the disk once events flow, check the daemon paused (and says why), free it, let the stream
+    finish; returns the simulator's config (what was sent)."""
+    config = SimulatorConfig(port=daemon.port, nodes=2, events=1500, seed=14, rate=1000, keep_alive_interval_s=0.05)
+    simulation = asyncio.create_task(run(config))
+    try:
+        await until(lambda: len(read_events(tmp_path, live=True)) >= 200, "the first events delivered")
+        fill(True)
+        await until(lambda: daemon.pipeline.reading_paused, "reading paused")
+        await until(lambda: all(daemon.pipeline.disk.state.is_full(w) for w in writers), f"{writers} full")
+        status, checks = await readyz(daemon)
+        assert status == 503
+        assert not checks["disk"]["ok"]
+        for writer in writers:
+            assert writer in checks["disk"]["detail"]
+        _, metrics = await http_get(daemon.http_port or 0, "/metrics")
+        for writer in writers:
+            assert f'fpolicyd_disk_full{{writer="{writer}"}} 1.0'.encode() in metrics
+        # Held there while the writers retry: still running, nothing declared fatal.
+        await asyncio.sleep(0.5)
+        assert daemon.pipeline.fatal is None
+        assert daemon.pipeline.reading_paused
+        assert not simulation.done()
+        fill(False)
+        report = await asyncio.wait_for(simulation, 120)
+    finally:
+        fill(False)
+        if not simulation.done():
+            simulation.cancel()
+    assert report.completed
+    assert report.sent == 3000
+    await until(lambda: not daemon.pipeline.disk.any, "every writer recovered")
+    await until(lambda: daemon.readiness().status == 200, "/readyz 200 again")
+    status, checks = await readyz(daemon)
+    assert status == 200
+    assert checks["disk"]["ok"]
+    await until(lambda: len(read_events(tmp_path, live=True)) >= 3000, "every event delivered")
+    return config
+
+
+async def test_default_settings_a_full_data_directory_pauses_then_everything_arrives_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = Daemon(make_settings(tmp_path, **settings_for(tmp_path)))
+    await daemon.start()
+    try:
+        disk = FullDisk(monkeypatch, tmp_path)
+
+        def fill(full: bool) -> None:
+            disk.full = full
+
+        sink = f"sink:jsonl:{tmp_path / 'events'}"
+        config = await stream_through_a_full_disk(daemon, disk, tmp_path, writers=(sink, Writer.spool.value), fill=fill)
+        assert disk.refused > 0
+    finally:
+        report = await daemon.stop()
+    assert report.failure is None
+    assert report.undelivered == 0
+    assert_exactly_once(read_events(tmp_path), expected_events(config))
+    episodes = daemon.pipeline.disk.state.episodes
+    assert episodes[Writer.spool.value] >= 1
+    assert episodes[sink] >= 1
+
+
+async def test_a_quota_on_the_dedup_journal_and_the_sink_is_handled_like_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EDQUOT where the spool still has room: the reader's dedup journal and the JSON Lines files."""
+    daemon = Daemon(make_settings(tmp_path, **settings_for(tmp_path)))
+    await daemon.start()
+    try:
+        disk = FullDisk(monkeypatch, tmp_path / "dedup", tmp_path / "events", code=errno.EDQUOT)
+
+        def fill(full: bool) -> None:
+            disk.full = full
+
+        sink = f"sink:jsonl:{tmp_path / 'events'}"
+        config = await stream_through_a_full_disk(
+            daemon, disk, tmp_path, writers=(sink, Writer.dedup_journal.value), fill=fill
+        )
+    finally:
+        report = await daemon.stop()
+    assert report.failure is None
+    assert_exactly_once(read_events(tmp_path), expected_events(config))
+
+
+async def test_processing_stage_sqlite_dedup_store_full_pauses_then_everything_arrives_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where it died: window dedup runs in the processing stage against the SQLite store (a window of 0 minutes
+    judges each use case exactly, so that every simulated notification is a first)."""
+    daemon = Daemon(make_settings(tmp_path, **settings_for(tmp_path, dedup_mode="window", dedup_window_minutes=0)))
+    await daemon.start()
+    processor = daemon.processor
+    assert processor is not None
+    store = processor._dedup
+    assert isinstance(store, EmbeddedDedupStore)
+    conn = store._conn
+    assert conn is not None
+    try:
+        disk = FullDisk(monkeypatch, tmp_path / "events")
+        limit: list[Any] = []
+
+        def fill(full: bool) -> None:
+            disk.full = full
+            with store._lock:
+                if full and not limit:
+                    limit.append(sqlite_full(conn))
+                    limit[0].__enter__()
+                elif not full and limit:
+                    limit.pop().__exit__(None, None, None)
+
+        sink = f"sink:jsonl:{tmp_path / 'events'}"
+        config = await stream_through_a_full_disk(
+            daemon, disk, tmp_path, writers=(sink, Writer.dedup_store.value), fill=fill
+        )
+        assert store.disk_full_errors > 0
+        assert store.fail_open == 0  # nothing went out undeduplicated: the stage waited for the store
+    finally:
+        report = await daemon.stop()
+    assert report.failure is None
+    assert_exactly_once(read_events(tmp_path), expected_events(config))
+
+
+async def test_stop_on_a_full_disk_does_not_raise_and_keeps_the_state_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The campaign's shutdown raised again from save_state: now every close on a full disk is logged, the state
+    file is the last one written, and the next start delivers what was left."""
+    settings = make_settings(tmp_path, **settings_for(tmp_path, dedup_mode="window", dedup_window_minutes=0))
+    daemon = Daemon(settings)
+    await daemon.start()
+    processor = daemon.processor
+    assert processor is not None
+    state_path = settings.effective_spool_dir / STATE_FILE
+    peer = await Peer.connect(daemon.port)
+    try:
+        await peer.send(NEGO_REQ.frame)
+        assert await peer.receive() == NEGO_RESP.payload
+        await peer.send(frame(1, "SMB_WR", "/data/a.csv"))
+        await until(lambda: len(read_events(tmp_path, live=True)) == 1, "the first event delivered")
+        await until(state_path.exists, "a state file saved")
+        before = state_path.read_bytes()
+        disk = FullDisk(monkeypatch, tmp_path)
+        disk.full = True
+        real_open = open
+
+        def full_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            if "w" in mode and str(file).startswith(str(tmp_path)):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", full_open)
+        await peer.send(frame(2, "SMB_WR", "/data/b.csv"))
+        await until(lambda: daemon.pipeline.disk.any, "a writer full")
+    finally:
+        await peer.close()
+        report = await daemon.stop()  # must not raise
+    monkeypatch.undo()
+    assert report.failure is None
+    assert state_path.read_bytes() == before
+    assert not state_path.with_suffix(".tmp").exists()
+    again = Daemon(settings)  # starts from the kept state file and the spool
+    await again.start()
+    await again.stop()
+    assert "/data/a.csv" in [event["file_path"] for event in read_events(tmp_path)]

@@ -21,10 +21,13 @@ import trustme
 from botocore.exceptions import ClientError, SSLError
 
 from aws_endpoint import AwsEndpoint, Faults, endpoint_process
+from fpolicyd.app import Daemon
 from fpolicyd.config import AwsDataPath
 from fpolicyd.errors import SinkError
 from fpolicyd.events import FileEvent
 from fpolicyd.pipeline.spool import Record
+from fpolicyd.simulator import SimulatorConfig
+from fpolicyd.simulator import run as run_simulation
 from fpolicyd.sinks import cloud
 from fpolicyd.sinks.aws import (
     AwsClients,
@@ -47,6 +50,7 @@ from fpolicyd.sinks.aws import (
 from fpolicyd.sinks.aws_transport import LeanAwsClient
 from fpolicyd.sinks.cloud import AwsSender
 from support.moto_server import isolate_aws_env
+from support.peer import make_settings
 
 FAST = RetryPolicy(base_s=0.001, cap_s=0.005)
 
@@ -327,3 +331,30 @@ async def test_counts_packed_events_billed_chunks_and_records_arrival_times(tmp_
     stamps = [int(line.split(b" ", 1)[0]) for line in lines]
     assert [line.split(b" ", 1)[1] for line in lines] == [single.encode(), packed.encode(), single.encode()]
     assert before <= stamps[0] == stamps[1] <= after <= stamps[2]
+
+
+@pytest.mark.parametrize("in_flight", [4, 16])
+async def test_eventbridge_at_4_to_16_in_flight_every_event_is_acknowledged_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, in_flight: int
+) -> None:
+    """Issue 14, defect 7, without moto: the daemon's EventBridge sink at 4 and 16 PutEvents in flight, against an
+    endpoint that records every entry it acknowledges. Every event is acknowledged exactly once: the events once
+    missing behind moto were moto's (its queue lost the rule's forwards, tests/aws/test_moto_server.py)."""
+    isolate_aws_env(monkeypatch, tmp_path)
+    record = tmp_path / "record.jsonl"
+    async with AwsEndpoint(buses=("bus",), record=record) as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.url)
+        settings = make_settings(tmp_path / "data", event_bus_name="bus", sink_max_in_flight=in_flight)
+        daemon = Daemon(settings)
+        await daemon.start()
+        try:
+            report = await run_simulation(SimulatorConfig(port=daemon.port, nodes=3, events=500, seed=14))
+        finally:
+            stopped = await daemon.stop()
+        endpoint.flush()
+        assert report.completed
+        assert stopped.undelivered == 0
+        assert endpoint.stats.events["bus"] == 1500
+        assert endpoint.stats.requests["AWSEvents.PutEvents"] >= 150  # at most 10 entries per PutEvents
+    recorded = event_ids(record.read_bytes().splitlines())
+    assert len(recorded) == len(set(recorded)) == 1500

@@ -24,7 +24,9 @@ from fpolicyd.replay_test import QueueTail, ReplayTestConfig, RestartMode, _fina
 from fpolicyd.sinks.aws import AwsClients
 from support.moto_server import MotoEndpoint, bus_with_queue_rule, create_queue, isolate_aws_env
 
-pytestmark = pytest.mark.slow
+#: A storm's wait for its sink (settle_timeout_s below) ends well inside pytest's limit for these tests: a loss is
+#: then reported by replay-test with its figures, not cut short by a timeout that says nothing about it.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 #: moto's ReceiveMessage walks the whole queue on every call (~0.7 ms per queued message on this machine, with the
 #: daemon sending faster than the queue is drained), so its cost grows with the square of the size: 500 keeps each
@@ -50,7 +52,7 @@ def storm(tmp_path: Path, **kw: Any) -> ReplayTestConfig:
         "outage_s": 0.3,
         "progress_s": 0.0,
         # moto's SQS scans the whole queue per ReceiveMessage: on a loaded CI box draining can take a while.
-        "settle_timeout_s": 120.0,
+        "settle_timeout_s": 90.0,
         "data_dir": tmp_path / "data",
     }
     base.update(kw)

@@ -133,6 +133,8 @@ _SEG_HEADER = struct.Struct("<8sIQI")  # magic, version, first seq, crc32 of the
 _REC_HEADER = struct.Struct("<IIQ")  # payload length, crc32 of the payload, seq
 _SEG_HDR = _SEG_HEADER.size
 _REC_HDR = _REC_HEADER.size
+#: What the spool adds to each record's payload on disk (sizing: ``benchmarks/spool_sizing.py``).
+RECORD_HEADER_BYTES = _REC_HDR
 _SEG_RE = re.compile(r"spool-(\d{20})\.seg")
 _CURSORS = "cursors.json"
 _CURSORS_TMP = "cursors.json.tmp"

@@ -18,7 +18,7 @@ from fpolicyd.server.processor import Processor
 from fpolicyd.sinks.local import JsonlSender
 from support.captures import NEGO_REQ, NEGO_RESP
 from support.notifications import frame
-from support.peer import Peer, make_settings
+from support.peer import Peer, eventually, make_settings
 
 #: A spool small enough to fill in a test, shaped like the defaults (the gap from the pause watermark to the maximum
 #: holds several segments, and less than the raw records reading may leave): reading pauses at 1 MiB, the stage
@@ -280,7 +280,7 @@ async def test_a_stalled_sink_stops_the_stage_before_the_spool_is_full(tmp_path:
         stage_gate.clear()
         # The stage lags (stalled): raw records fill the spool to the pause watermark.
         sender = asyncio.create_task(peer.send(*frames[1:]))
-        assert await eventually(lambda: pipeline.reading_paused)
+        assert await eventually(lambda: pipeline.reading_paused, within=20)
         stage_gate.set()  # the stage works through that backlog; the sink still delivers nothing
         largest = 0
         deadline = time.monotonic() + 20
@@ -297,13 +297,3 @@ async def test_a_stalled_sink_stops_the_stage_before_the_spool_is_full(tmp_path:
         await asyncio.wait_for(sender, 60)
         events = await wait_for(tmp_path / "events", count, within=60)
     assert sorted(int(e["file_path"].rsplit("file", 1)[1].split(".")[0]) for e in events) == list(range(1, count + 1))
-
-
-async def eventually(predicate: Any, within: float = 20.0) -> bool:
-    deadline = time.monotonic() + within
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import orjson
@@ -35,7 +35,7 @@ from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.simulator import generate_frames
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 from support.notifications import BASE_GENERATION_US
-from support.peer import Peer, jsonl_events, make_settings, wait_for_events
+from support.peer import Peer, eventually, jsonl_events, make_settings, wait_for_events
 
 
 @pytest.fixture
@@ -157,17 +157,6 @@ async def test_a_peer_that_reads_its_replies_again_is_read_again(daemon: Daemon,
         assert len(await wait_for_events(tmp_path, count)) == count
     finally:
         peer.close()
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> bool:
-    """Whether ``predicate`` holds within ``within`` seconds (polled)."""
-    deadline = time.monotonic() + within
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
 
 
 async def test_a_bad_frame_closes_only_that_connection(daemon: Daemon, tmp_path: Path) -> None:

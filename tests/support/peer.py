@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ def jsonl_events(root: Path) -> list[dict[str, Any]]:
         for line in path.read_bytes().splitlines():
             events.append(orjson.loads(line))
     return events
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> bool:
+    """Whether ``predicate`` (the state of a daemon in this process) holds within ``within`` seconds, polled."""
+    deadline = time.monotonic() + within
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
 
 
 async def wait_for_events(root: Path, count: int, within: float = 10.0) -> list[dict[str, Any]]:

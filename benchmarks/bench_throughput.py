@@ -641,7 +641,7 @@ def match_latencies(sends: Path, record: Path) -> list[float]:
 def replay_storm(timeout_s: float, events: int = REPLAY_EVENTS) -> dict[str, Any]:
     """Issue 11's replay-test command as a subprocess: wall time (process start to exit) and loss."""
     args = ("--events", str(events), *REPLAY_ARGS)
-    command = [sys.executable, "-m", "fpolicyd", "replay-test", *args, "--progress-s", "0"]
+    command = [sys.executable, "-m", "fpolicyd", "replay-test", *args, "--progress-s", "0", "--json"]
     out: dict[str, Any] = {"command": "fpolicyd replay-test " + " ".join(args), "timeout_s": timeout_s}
     with tempfile.TemporaryDirectory(prefix="fpolicyd-bench-") as tmp:
         started = time.monotonic()

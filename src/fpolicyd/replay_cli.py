@@ -1,4 +1,5 @@
-"""``fpolicyd replay-test``: flags → :class:`~fpolicyd.replay_test.ReplayTestConfig`, report as JSON."""
+"""``fpolicyd replay-test``: flags → :class:`~fpolicyd.replay_test.ReplayTestConfig`; the report as a summary
+table (or JSON with ``--json``) on stdout, the JSON in ``--report FILE``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import uvloop
 from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import configure_logging
 from fpolicyd.protocol.session import EngineMode
+from fpolicyd.replay_summary import summary_text
 from fpolicyd.replay_test import ReplayTestConfig, ReplayTestError, RestartMode, run_replay_test
 
 
@@ -45,7 +47,8 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
         "into a backlog, as ONTAP's persistent store does) and a reconnect that replays the backlog behind live "
         "traffic; then checks by event_id that every notification reached the sink (the JSON Lines directory, or "
         "an SQS queue with --sink). Runs a daemon in-process (or as a subprocess) unless --target is given. "
-        "Progress on stderr, the JSON report on stdout (and --report). "
+        "Progress bars on stderr; a summary table on stdout (the JSON report instead with --json), the JSON "
+        "report in --report FILE. "
         "Exit 0: nothing lost; 1: something lost or the run failed; 2: bad arguments.",
     )
     parser.add_argument("--events", type=int, default=10_000, help="notifications in all (default 10000)")
@@ -118,7 +121,10 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="in-process daemon: a setting (as in fpolicyd.toml), e.g. jsonl_fsync=never; repeatable",
     )
-    parser.add_argument("--report", type=Path, help="also write the JSON report to this file")
+    parser.add_argument("--report", type=Path, help="write the full JSON report to this file")
+    parser.add_argument(
+        "--json", action="store_true", help="the JSON report on stdout instead of the summary table (for scripts)"
+    )
     parser.add_argument("--progress-s", type=float, default=5.0, help="progress line period on stderr (0: none)")
     parser.add_argument(
         "--settle-timeout-s", type=float, default=60.0, help="wait this long at the end for the sink (default 60)"
@@ -170,7 +176,7 @@ def run_replay_test_command(ns: argparse.Namespace) -> int:
             ns.report.write_text(text)
         except OSError as exc:
             raise ConfigError(f"--report {ns.report}: {exc}") from exc
-    sys.stdout.write(text)
+    sys.stdout.write(text if ns.json else summary_text(report))
     if report["lost"]:
         pending = report.get("undelivered_in_spool", 0)
         note = f" ({pending} still in the daemon's spool at the end)" if pending else ""

@@ -532,7 +532,10 @@ class _Shared:
     generated: int = 0
     sent_frames: int = 0
     backlog_planned: int = 0
+    #: Backlog notifications sent (first copies only: at most ``backlog_planned``).
     backlog_sent: int = 0
+    #: Backlog frames sent: first copies and the injected duplicates (what the daemon should flag replayed).
+    replay_frames: int = 0
     duplicates_sent: int = 0
     #: Flags the daemon should set on first sends (live and backlog) and on the injected duplicates, apart:
     #: a daemon that suppresses duplicates (dedup_mode = exact) delivers only the first.
@@ -806,13 +809,18 @@ class _Node:
                 expect.replayed += 1
             if item.kind is _Kind.LIVE:
                 continue
+            shared.replay_frames += 1
+            if shared.first_backlog_at is None:
+                shared.first_backlog_at = now
+            shared.last_backlog_at = now
             if item.kind is _Kind.DUPLICATE:
                 shared.duplicates_sent += 1
                 # The daemon remembers ids per run (a bounded window): a duplicate of a notification sent to the
                 # daemon before it restarted is not recognisable as one.
                 if item.epoch == epoch:
                     expect.duplicate += 1
-            elif cfg.duplicates and self.rng.random() < cfg.duplicates:
+                continue  # a second copy: not part of the backlog's progress
+            if cfg.duplicates and self.rng.random() < cfg.duplicates:
                 due = position + self.rng.randrange(1, _DUPLICATE_SPREAD)
                 self.pending_duplicates.append((due, _Item(item.spec, _Kind.DUPLICATE, epoch)))
             shared.backlog_sent += 1
@@ -821,9 +829,6 @@ class _Node:
                 crossed_half = True
                 if shared.restart_at_half:
                     shared.gate.clear()
-            if shared.first_backlog_at is None:
-                shared.first_backlog_at = now
-            shared.last_backlog_at = now
         self.frames_sent += len(chunk)
         shared.sent_frames += len(chunk)
         shared.wrote.set()
@@ -895,6 +900,8 @@ class _Node:
         await self._reconnect(first=True)
         await self._drain_work()  # phase 1: live
         await self._close()
+        if self.shared.phase == "live":
+            self.shared.phase = "outage"
         # phase 2: outage; the backlog is generated while no connection exists
         step_s = cfg.outage_s / _OUTAGE_STEPS
         made = 0
@@ -966,7 +973,7 @@ class _InProcessDaemon:
         self.instances.append(
             {
                 "stop": {"events": report.events, "undelivered": report.undelivered, "failure": report.failure},
-                "replay": stats.to_dict(),
+                "replay": _readable_stats(stats.to_dict()),
             }
         )
         if report.failure is not None:
@@ -1144,18 +1151,38 @@ def _split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-async def _progress(shared: _Shared, sink: SinkTail, every_s: float, out: IO[str], started: float) -> None:
+#: Width of the progress bars, characters.
+_BAR: Final = 20
+
+
+def _bar(done: int, total: int) -> str:
+    """``[#####-----]  50%`` (a total of 0 is complete)."""
+    share = min(1.0, done / total) if total > 0 else 1.0
+    filled = round(share * _BAR)
+    return f"[{'#' * filled}{'-' * (_BAR - filled)}] {share * 100:3.0f}%"
+
+
+def progress_line(*, elapsed_s: float, phase: str, events: int, counts: tuple[int, int, int], rate: float) -> str:
+    """One progress line: phase, the backlog replayed and the notifications delivered as bars, the sink's rate.
+    ``counts``: (backlog sent, backlog planned, delivered)."""
+    backlog_sent, backlog_planned, delivered = counts
+    return (
+        f"replay-test {elapsed_s:6.1f}s  {phase:<7} "
+        f"backlog {_bar(backlog_sent, backlog_planned)} {backlog_sent:,}/{backlog_planned:,}  "
+        f"delivered {_bar(delivered, events)} {delivered:,}/{events:,}  sink {rate:,.0f} ev/s\n"
+    )
+
+
+async def _progress(shared: _Shared, sink: SinkTail, cfg: ReplayTestConfig, out: IO[str], started: float) -> None:
     last_lines, last_at = 0, started
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(cfg.progress_s)
         now = time.monotonic()
         rate = (sink.lines - last_lines) / max(now - last_at, 1e-9)
         last_lines, last_at = sink.lines, now
-        out.write(
-            f"replay-test {now - started:7.1f}s phase={shared.phase} generated={shared.generated:,} "
-            f"sent={shared.sent_frames:,} backlog_sent={shared.backlog_sent:,}/{shared.backlog_planned:,} "
-            f"delivered={len(sink.delivered):,} sink_rate={rate:,.0f}/s\n"
-        )
+        counts = (shared.backlog_sent, shared.backlog_planned, len(sink.delivered))
+        line = progress_line(elapsed_s=now - started, phase=shared.phase, events=cfg.events, counts=counts, rate=rate)
+        out.write(line)
         out.flush()
 
 
@@ -1374,7 +1401,7 @@ async def _drive_and_verify(
             if daemon is not None:
                 await daemon.start()
             if cfg.progress_s > 0:
-                helpers.append(asyncio.create_task(_progress(shared, sink, cfg.progress_s, log, started)))
+                helpers.append(asyncio.create_task(_progress(shared, sink, cfg, log, started)))
             restart: asyncio.Task[None] | None = None
             if cfg.restart_daemon and daemon is not None:
                 restart = asyncio.create_task(_restart_when_half_replayed(shared, daemon, cfg.restart_mode, log))
@@ -1426,6 +1453,19 @@ async def _drive_and_verify(
     return report
 
 
+#: ReplayStats fields that are the daemon's monotonic clock readings: meaningless outside its process.
+_MONOTONIC_FIELDS: Final = ("replay_started_at", "replay_ended_at")
+
+
+def _readable_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's ReplayStats for the report: no monotonic clock readings, seconds and rates rounded."""
+    return {
+        key: round(value, 3) if isinstance(value, float) else value
+        for key, value in stats.items()
+        if key not in _MONOTONIC_FIELDS
+    }
+
+
 def _daemon_totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The daemon's own replay figures over its runs (one per start): what its metrics would show."""
     replay_s = sum(r["replay_duration_s"] for r in runs)
@@ -1437,9 +1477,12 @@ def _daemon_totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "duplicates": sum(r["duplicates"] for r in runs),
         "max_out_of_order_lag_us": max((r["max_out_of_order_lag_us"] for r in runs), default=0),
         "reconnects": sum(r["reconnects"] for r in runs),
-        "max_reconnect_s": round(max((r["max_reconnect_s"] for r in runs), default=0.0), 3),
-        "replay_duration_s": round(replay_s, 3),
-        "replay_throughput_eps": round(replayed / replay_s, 1) if replay_s > 0 else 0.0,
+        # Session lost → next NEGO_REQ of the same node: includes the planned outage (report.node_reconnect_s
+        # does not).
+        "max_session_gap_s": round(max((r["max_reconnect_s"] for r in runs), default=0.0), 3),
+        # First → last replayed notification the daemon read, per run, summed: the replay as the daemon saw it.
+        "replay_ingest_s": round(replay_s, 3),
+        "replay_ingest_eps": round(replayed / replay_s, 1) if replay_s > 0 else 0.0,
     }
 
 
@@ -1518,12 +1561,18 @@ def _report(
             "max_ooo_lag_us": {"sink": sink.max_lag_us, "expected": expect.max_lag_us},
             "duplicate": {"sink": sink.flagged_duplicate, "expected": expect.duplicate},
         },
+        # The nodes' side of the replay: backlog frames written to the sockets, first → last write (the kernel's
+        # buffers take them faster than the daemon reads: the daemon's own figure is daemon.totals.replay_ingest_s).
         "replay": {
-            "duration_s": round(replay_s, 3),
-            "events": shared.backlog_sent,
-            "throughput_eps": round(shared.backlog_sent / replay_s, 1) if replay_s > 0 else 0.0,
+            "backlog_sent": shared.backlog_sent,
+            "frames_sent": shared.replay_frames,
+            "send_s": round(replay_s, 3),
+            "send_eps": round(shared.replay_frames / replay_s, 1) if replay_s > 0 else 0.0,
         },
-        "reconnect_s": {
+        # The nodes' side of a reconnect: from the end of the planned outage (or the moment a node found its
+        # session gone) to a new session (NEGO_RESP). The daemon's figure (daemon.totals.max_session_gap_s)
+        # runs from the session lost to the next NEGO_REQ, so it includes the outage itself.
+        "node_reconnect_s": {
             "count": len(reconnects),
             "max": round(max(reconnects), 3) if reconnects else 0.0,
             "mean": round(sum(reconnects) / len(reconnects), 3) if reconnects else 0.0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -25,7 +26,8 @@ from fpolicyd.events import CORE_OPERATIONS, EventBuilder, NameMaps, load_event_
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import EngineMode, FileNotification, Reply, Session, SessionConfig
 from fpolicyd.replay_cli import config_from_args
-from fpolicyd.replay_test import ReplayTestConfig, RestartMode, run_replay_test
+from fpolicyd.replay_summary import summary_text
+from fpolicyd.replay_test import ReplayTestConfig, RestartMode, progress_line, run_replay_test
 from support.event_ids import recompute_event_id
 
 pytestmark = pytest.mark.slow
@@ -144,12 +146,31 @@ async def test_a_storm_with_duplicates_and_shuffle_loses_nothing_and_reports_tru
     assert daemon["out_of_order_events"] == counts["out_of_order"]
     assert daemon["duplicates"] == counts["duplicate"]
     assert daemon["max_out_of_order_lag_us"] == counts["max_lag_us"]
-    assert daemon["reconnects"] == report["reconnect_s"]["count"] == NODES
+    assert daemon["reconnects"] == report["node_reconnect_s"]["count"] == NODES
     assert daemon["max_reconnect_s"] >= 0.4  # the outage itself
     assert daemon["replay_episode_events"] == counts["replayed"]
     assert report["daemon"]["totals"]["replayed_events"] == counts["replayed"]
     assert report["latency"]["ingest"]["count"] == SIZE - report["backlog_events"]
-    assert report["replay"]["events"] == counts["replayed"]
+    # The nodes' replay figures: the backlog counted once (the injected duplicates apart), never above its total.
+    assert report["replay"]["frames_sent"] == counts["replayed"]
+    assert report["replay"]["backlog_sent"] == report["backlog_events"]
+    assert report["replay"]["frames_sent"] - report["replay"]["backlog_sent"] == report["duplicates_injected"]
+    # No clock readings of the daemon's process in the report.
+    assert not {"replay_started_at", "replay_ended_at"} & set(daemon)
+    totals = report["daemon"]["totals"]
+    assert totals["max_session_gap_s"] >= 0.4 > report["node_reconnect_s"]["max"] >= 0  # the outage is the gap
+
+    text = summary_text(report)
+    assert text.startswith("fpolicyd replay-test: PASS: nothing lost\n")
+    assert f"delivered      {SIZE:,} (100%)" in text
+    assert f"replayed {counts['replayed']:,} (expected {counts['replayed']:,}) ✓" in text
+    assert "✗" not in text
+    assert f"{report['duplicates_injected']:,} injected, {report['duplicates_injected']:,} delivered" in text
+    assert "p50" in text
+    assert "p99" in text
+    assert "ev/s (daemon:" in text
+    assert "outage in" in text
+    assert "outage over → new session" in text
 
 
 async def test_a_daemon_restart_in_the_middle_of_the_replay_loses_nothing(tmp_path: Path) -> None:
@@ -343,3 +364,43 @@ def test_the_command_line_maps_restart_mode_kill_and_the_queue_sinks() -> None:
     assert bus.queue_url == "http://q/1/t"
     sync = config_from_args(parse(["replay-test", "--engine-mode", "sync", "--sync-window", "7", "--subprocess"]))
     assert (sync.sync, sync.sync_window, sync.in_subprocess, sync.restart_daemon) == (True, 7, True, False)
+
+
+def test_progress_lines_show_bars_that_never_pass_their_total() -> None:
+    line = progress_line(elapsed_s=12.34, phase="replay", events=10_000, counts=(3_000, 6_000, 7_500), rate=1234.5)
+    assert "backlog [##########----------]  50% 3,000/6,000" in line
+    assert "delivered [###############-----]  75% 7,500/10,000" in line
+    assert line.endswith("sink 1,234 ev/s\n")
+    assert "12.3s" in line
+    full = progress_line(elapsed_s=1, phase="verify", events=10, counts=(0, 0, 10), rate=0)
+    assert "backlog [####################] 100% 0/0" in full
+
+
+def run_cli(workdir: Path, *extra: str) -> tuple[int, str, str]:
+    """``fpolicyd replay-test`` as a subprocess with its in-process daemon's data in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "fpolicyd", "replay-test", "--events", "300", "--nodes", "2", "--outage-s", "0.3",
+         "--data-dir", str(workdir / "data"), "--daemon-setting", "jsonl_fsync=never", *extra],
+        capture_output=True, text=True, timeout=120, cwd=workdir, check=False,
+    )  # fmt: skip
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_the_command_prints_a_summary_writes_the_json_report_and_prints_json_on_request(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    code, out, err = run_cli(tmp_path / "summary", "--progress-s", "0.1", "--report", str(report_path))
+    assert code == 0, err
+    report = orjson.loads(report_path.read_bytes())
+    assert (report["ok"], report["delivered"], report["lost"]) == (True, 300, 0)
+    assert out == summary_text(report)
+    assert out.startswith("fpolicyd replay-test: PASS: nothing lost")
+    assert "{" not in out
+    assert "delivered [" in err
+    assert "backlog [" in err
+
+    code, out, err = run_cli(tmp_path / "json", "--json", "--progress-s", "0")
+    assert code == 0, err
+    as_json = orjson.loads(out)
+    assert (as_json["ok"], as_json["delivered"], as_json["lost"]) == (True, 300, 0)
+    assert err == ""

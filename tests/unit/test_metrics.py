@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -504,6 +505,146 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
         "fpolicyd_sink_lag_records",
     ):
         assert needed in used, needed
+
+
+#: Metric families the dashboard does not show, and why (every other family must be on it).
+NOT_ON_DASHBOARD: dict[str, str] = {
+    "python_info": "the interpreter's version: fpolicyd_build_info (shown) carries it",
+    "process_virtual_memory_bytes": "address space, not memory use: resident memory is shown",
+    "process_start_time_seconds": "a restart shows as a gap in every panel",
+    "process_open_fds": "a host concern (node exporter); fpolicyd's own limits are max_connections and the spool",
+    "process_max_fds": "as process_open_fds",
+    "fpolicyd_ingest_accelerated": "build detail (1 when the compiled decoder is in use), not an operating figure",
+    "fpolicyd_sink_sends": "send calls per sink: the requests per event and the batch size panels show the same",
+    "fpolicyd_replay_max_duration_seconds": "the replay-duration panels show the current and last replay",
+}
+
+
+def exported_families() -> dict[str, set[str]]:
+    """Every metric family of the collector → the series names it exports."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+    return {
+        family.name: {family.name + suffix for suffix in suffixes.get(family.type, ("",))}
+        for family in Metrics().registry.collect()
+    }
+
+
+def test_every_metric_family_is_on_the_dashboard_or_listed_as_not_shown() -> None:
+    used: set[str] = set()
+    for expr in dashboard_expressions():
+        used |= promql_metric_names(expr)
+    families = exported_families()
+    shown = {name for name, series in families.items() if series & used}
+    assert set(NOT_ON_DASHBOARD) <= set(families), sorted(set(NOT_ON_DASHBOARD) - set(families))
+    assert not shown & set(NOT_ON_DASHBOARD), (
+        f"on the dashboard, yet listed as not shown: {shown & set(NOT_ON_DASHBOARD)}"
+    )
+    missing = set(families) - shown - set(NOT_ON_DASHBOARD)
+    assert not missing, f"metric families neither on the dashboard nor in NOT_ON_DASHBOARD: {sorted(missing)}"
+    # Issue 15: a stalled processing stage, the disk, the server's limits and the dead letters are visible.
+    for needed in (
+        "fpolicyd_events_routed", "fpolicyd_events_unrouted", "fpolicyd_processor_lag_records",
+        "fpolicyd_dedup_errors", "fpolicyd_dedup_store_up", "fpolicyd_disk_full", "fpolicyd_status_queries",
+        "fpolicyd_peer_write_stalls", "fpolicyd_tls_handshake_failures", "fpolicyd_pending_connections",
+        "fpolicyd_dead_letter_dropped", "fpolicyd_processor_room_waits",
+    ):  # fmt: skip
+        assert needed in shown, needed
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    board = json.loads(DASHBOARD.read_text())
+    panels: list[dict[str, Any]] = []
+    pending = list(board["panels"])
+    while pending:
+        panel = pending.pop(0)
+        pending.extend(panel.get("panels", []))
+        panels.append(panel)
+    return panels
+
+
+def test_slo_thresholds_come_from_the_slo_target_metric() -> None:
+    """Each SLO stat takes its threshold from fpolicyd_slo_target (Grafana's "config from query results"), not a
+    number typed into the dashboard; the exporter publishes each of those slo values."""
+    targets = {
+        "fpolicyd_ingestion_latency_seconds_bucket": "ingestion_latency_seconds",
+        "fpolicyd_processing_success_ratio": "processing_success_ratio",
+        "fpolicyd_reconnect_last_duration_seconds": "reconnect_seconds",
+        "fpolicyd_replay_duration_seconds": "replay_completion_seconds",
+    }
+    seen: set[str] = set()
+    for panel in dashboard_panels():
+        if panel["type"] != "stat":
+            continue
+        names = {n for t in panel["targets"] for n in promql_metric_names(t["expr"])}
+        slo = next((targets[n] for n in names if n in targets), None)
+        if slo is None or "fpolicyd_slo_target" not in names:
+            continue
+        (config_query,) = [t for t in panel["targets"] if "fpolicyd_slo_target" in t["expr"]]
+        assert f'slo="{slo}"' in config_query["expr"], panel["title"]
+        (transform,) = [t for t in panel.get("transformations", []) if t["id"] == "configFromData"]
+        assert transform["options"]["configRefId"] == config_query["refId"]
+        mapping = {"fieldName": config_query["legendFormat"], "handlerKey": "threshold1"}
+        assert mapping in transform["options"]["mappings"]
+        seen.add(slo)
+    assert seen == set(targets.values())
+    exported = {
+        s.labels["slo"] for f in Metrics().registry.collect() if f.name == "fpolicyd_slo_target" for s in f.samples
+    }
+    assert seen <= exported
+
+
+def series_kind(expr: str) -> str:
+    """What a PromQL expression's values are: seconds, a rate (per second), a count per interval, or a level."""
+    if "_seconds" in expr and "process_cpu_seconds_total" not in expr:
+        return "seconds"
+    if "histogram_quantile(" in expr or "/ clamp_min(" in expr:
+        return "level"  # a quantile or mean of records, a ratio
+    if "increase(" in expr:
+        return "level"  # a count per interval, like a gauge of things
+    if "rate(" in expr:
+        return "rate"
+    return "level"
+
+
+def test_no_timeseries_panel_draws_seconds_counts_and_rates_on_one_axis() -> None:
+    """The series a panel draws on its default axis are of one kind; a series of another kind has an override
+    (by query) that gives it its own unit."""
+    for panel in dashboard_panels():
+        if panel["type"] != "timeseries":
+            continue
+        own_unit = {
+            override["matcher"]["options"]
+            for override in panel["fieldConfig"]["overrides"]
+            if override["matcher"]["id"] == "byFrameRefID" and any(p["id"] == "unit" for p in override["properties"])
+        }
+        kinds = {series_kind(t["expr"]) for t in panel["targets"] if t["refId"] not in own_unit}
+        assert len(kinds) == 1, (panel["title"], kinds)
+
+
+def test_sink_legends_use_a_short_name_without_the_account_or_path() -> None:
+    """The dashboard keeps the ``sink`` label (the full URI: the $sink variable, alarms, tests) and derives a short
+    ``sink_name`` for legends with label_replace; its regex (RE2, anchored) applied to the sink URIs fpolicyd uses."""
+    replaces = {
+        match.groups()
+        for expr in dashboard_expressions()
+        for match in re.finditer(r'label_replace\(.*, "sink_name", "([^"]*)", "sink", "([^"]*)"\)$', expr)
+    }
+    ((replacement, pattern),) = replaces  # one recipe everywhere
+    with_sink = [e for e in dashboard_expressions() if re.search(r"by \([^)]*\bsink\b", e)]
+    assert with_sink
+    assert all("label_replace(" in e for e in with_sink)
+    regex = re.compile(pattern.replace("\\\\", "\\"))
+    samples = {
+        "jsonl:/var/lib/fpolicyd/events": "jsonl:events",
+        "jsonl:/data/events/": "jsonl:events",
+        "sqs:https://sqs.eu-west-1.amazonaws.com/123456789012/fpolicy-events.fifo": "sqs:fpolicy-events.fifo",
+        "eventbridge:arn:aws:events:eu-west-1:123456789012:event-bus/audit": "eventbridge:audit",
+        "eventbridge:default": "eventbridge:default",
+    }
+    for sink, short in samples.items():
+        match = regex.fullmatch(sink)
+        assert match is not None, sink
+        assert match.expand(replacement.replace("$", "\\")) == short, sink
 
 
 def cloudwatch_metric_names(template: dict[str, object]) -> set[str]:

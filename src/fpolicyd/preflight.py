@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fpolicyd.config import Settings
-from fpolicyd.errors import ConfigError
+from fpolicyd.errors import ConfigError, settings_refused
 from fpolicyd.server.processor import ProcessingPlan, plan_processing
 from fpolicyd.server.tls import TlsFiles, build_context
 
@@ -133,6 +133,6 @@ def preflight(settings: Settings) -> ProcessingPlan:
             f"{describe_os_error(error)} ({error.filename})"
         )
     if problems:
-        raise ConfigError(problems[0] if len(problems) == 1 else "settings refused:\n  " + "\n  ".join(problems))
+        raise settings_refused(problems)
     assert plan is not None  # a failed plan is a problem
     return plan

@@ -50,11 +50,14 @@ def run_cli(tmp_path: Path, *args: str, environment: Mapping[str, str] | None = 
 _REFERENCE_VARS = frozenset({"MODE", "SQS_QUEUE_URL", "FPOLICY_PORT", "LOG_DIR", "EVENT_BUS_NAME"})
 
 #: serve on loopback, a kernel-chosen port, no HTTP port to compete for.
-SERVE = ("serve", "--listen-host", "127.0.0.1", "--listen-port", "0", "--http-port", "0")
+SERVE: tuple[str, ...] = ("serve", "--listen-host", "127.0.0.1", "--listen-port", "0", "--http-port", "0")
 
 
 def serve(tmp_path: Path, *args: str, environment: Mapping[str, str] | None = None) -> Outcome:
-    return run_cli(tmp_path, *SERVE, *args, environment=environment)
+    command = SERVE
+    if "FPOLICY_PORT" in (environment or {}):  # the flag would win over it
+        command = ("serve", "--listen-host", "127.0.0.1", "--http-port", "0")
+    return run_cli(tmp_path, *command, *args, environment=environment)
 
 
 def check(tmp_path: Path, *args: str, environment: Mapping[str, str] | None = None) -> Outcome:
@@ -152,6 +155,14 @@ def _file_at(relative: str) -> Callable[[Path], tuple[str, ...]]:
     return make
 
 
+def _settings_file(text: str) -> Callable[[Path], tuple[str, ...]]:
+    def make(tmp_path: Path) -> tuple[str, ...]:
+        (tmp_path / "fpolicyd.toml").write_text(text)
+        return ("--config", str(tmp_path / "fpolicyd.toml"))
+
+    return make
+
+
 def _tls_without_cert(tmp_path: Path) -> tuple[str, ...]:
     missing = tmp_path / "missing"
     return ("--tls-mode", "server_auth", "--tls-cert-file", f"{missing}.crt", "--tls-key-file", f"{missing}.key")
@@ -172,6 +183,19 @@ BAD: tuple[Bad, ...] = (
     Bad("tls cert missing", _tls_without_cert, says=("tls_cert_file",)),
     Bad("jsonl sink under a file", _jsonl_under_a_file, says=("sink jsonl:", "Not a directory")),
     Bad("idle timeout too short", lambda _: ("--idle-timeout-s", "10"), says=("idle_timeout_s",)),
+    # item 4: what the user wrote is named, with the value (never a secret's)
+    Bad("FPOLICY_PORT=abc", lambda _: (), {"FPOLICY_PORT": "abc"}, ("FPOLICY_PORT='abc' (setting listen_port)",)),
+    Bad(
+        "unknown key in the file",
+        _settings_file("listen_prot = 9899\n"),
+        says=("unknown setting 'listen_prot' in ", "(did you mean listen_port?)"),
+    ),
+    Bad(
+        "secret of the wrong type",
+        _settings_file("classification_salt = 424242\n"),
+        says=("classification_salt = <hidden> in ",),
+    ),
+    Bad("MODE=realtime without a queue", lambda _: (), {"MODE": "realtime"}, ("mode (MODE) is realtime",)),
 )
 
 
@@ -186,6 +210,9 @@ def test_config_check_refuses_what_serve_refuses_with_the_same_message(tmp_path:
     assert checked.stderr.replace(str(tmp_path / "check"), "T") == served.stderr.replace(str(tmp_path / "serve"), "T")
     for fragment in bad.says:
         assert fragment in served.stderr, served.stderr
+    assert "Value error" not in served.stderr
+    assert "Extra inputs are not permitted" not in served.stderr
+    assert "424242" not in served.stderr
 
 
 def test_config_check_accepts_what_serve_starts_with(tmp_path: Path) -> None:

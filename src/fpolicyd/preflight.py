@@ -105,6 +105,15 @@ def sink_problem(uri: str) -> str | None:
     return None
 
 
+def aws_default_region() -> str | None:
+    """The region the AWS SDK would use without ``aws_region``: AWS_REGION, AWS_DEFAULT_REGION, the profile in
+    the AWS config file (read locally, as the sinks' clients do when they are created)."""
+    from botocore.session import Session  # noqa: PLC0415 - only with an AWS sink
+
+    region = Session().get_config_variable("region")
+    return region if isinstance(region, str) and region else None
+
+
 def preflight(settings: Settings) -> ProcessingPlan:
     """Every check of the settings that needs neither the network nor a write; ConfigError listing every problem
     found (one line each). Returns the processing plan (routes loaded), which ``serve`` then uses."""
@@ -116,6 +125,9 @@ def preflight(settings: Settings) -> ProcessingPlan:
         problems.append(str(exc))
     uris = plan.uris if plan is not None else settings.effective_sinks
     problems.extend(problem for uri in uris if (problem := sink_problem(uri)) is not None)
+    cloud = [uri for uri in uris if uri.partition(":")[0] in ("sqs", "eventbridge")]
+    if cloud and not settings.aws_region and aws_default_region() is None:
+        problems.append(f"aws_region: needed by sink {cloud[0]!r} (set AWS_REGION, or a region in the AWS config file)")
     tls_files = TlsFiles.from_settings(settings)
     if tls_files is not None:
         try:

@@ -177,6 +177,12 @@ BAD: tuple[Bad, ...] = (
     Bad("duplicate route ids", _duplicate_route_ids, says=("'UC1' is already used",)),
     Bad("SQS_QUEUE_URL=notaurl", lambda _: (), {"MODE": "realtime", "SQS_QUEUE_URL": "notaurl"}, ("notaurl",)),
     Bad("sinks sqs:notaurl", lambda _: ("--sinks", "sqs:notaurl"), says=("not an SQS queue URL",)),
+    Bad(
+        "SQS sink without a region",
+        lambda tmp_path: ("--sinks", "sqs:https://sqs.eu-west-1.amazonaws.com/123456789012/q"),
+        {"AWS_REGION": "", "AWS_DEFAULT_REGION": "", "AWS_CONFIG_FILE": "/nonexistent/aws-config"},
+        ("aws_region: needed by sink",),
+    ),
     Bad("sinks eventbridge: empty", lambda _: ("--sinks", "eventbridge:"), says=("needs a target",)),
     Bad("data_dir under a file", _file_at("blocker/data"), says=("data_dir", "Not a directory")),
     Bad("data_dir is a file", _file_at("blocker"), says=("data_dir", "Not a directory")),

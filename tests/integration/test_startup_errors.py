@@ -116,6 +116,18 @@ def test_spool_dir_that_is_a_file_names_spool_dir(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_a_directory_that_cannot_be_created_after_all_is_one_line_too(tmp_path: Path) -> None:
+    """/proc passes the checks as root (a writable directory) but refuses mkdir: the spool's own error is then
+    the last line, naming data_dir, without a traceback (non-root: preflight refuses it first)."""
+    data = Path(f"/proc/fpolicyd-test-{os.getpid()}/data")
+    outcome = serve(tmp_path, "--data-dir", str(data))
+    assert outcome.code == 2, outcome.stderr
+    assert "Traceback" not in outcome.stderr
+    last = outcome.stderr.splitlines()[-1]
+    assert last.startswith(f"fpolicyd: data_dir {data}: "), last
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes any directory whatever its mode")
 def test_data_dir_without_permission_names_data_dir(tmp_path: Path) -> None:
     locked = tmp_path / "locked"

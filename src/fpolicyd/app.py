@@ -8,6 +8,7 @@ import contextlib
 import gc
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,15 +31,16 @@ from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import stored_event_id
 from fpolicyd.pipeline.replay import ReplayTracker, replay_config
-from fpolicyd.pipeline.spool import Spool, SpoolSettings
+from fpolicyd.pipeline.spool import Spool, SpoolIOError, SpoolSettings
+from fpolicyd.preflight import preflight, write_targets
 from fpolicyd.server.allowlist import PeerAllowlist
-from fpolicyd.server.connection import FPolicyConnection, ServerContext
+from fpolicyd.server.connection import ServerContext
 from fpolicyd.server.delivery import DeliverySpec, use_delivery_process
 from fpolicyd.server.disk_monitor import DiskMonitor
-from fpolicyd.server.listener import TlsListener
+from fpolicyd.server.listener import ServerGroup, TlsListener, bind_listener
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
-from fpolicyd.server.processor import Processor, instance_id, plan_processing, start_processor
+from fpolicyd.server.processor import Processor, instance_id, start_processor
 from fpolicyd.server.tls import ReloadableTls, TlsFiles
 from fpolicyd.sinks.aws import AwsClients
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
@@ -130,7 +132,9 @@ class Daemon:
         self._wall_clock = wall_clock
         #: Test-only (pipeline/faults.py): read once, here; None unless its environment variable is set.
         self._fsync_fault = fsync_fault_from_environment(os.environ)
-        self._server: asyncio.Server | TlsListener | None = None
+        self._server: ServerGroup | TlsListener | None = None
+        #: The FPolicy sockets, bound first thing in start(); handed to the server at the end of it.
+        self._listen_sockets: list[socket.socket] = []
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self._spool: Spool | None = None
@@ -216,6 +220,13 @@ class Daemon:
 
     async def start(self) -> None:
         settings = self.settings
+        # Everything `fpolicyd config check` checks (routes, sinks, TLS files, directories), then the FPolicy
+        # port: a problem with either is one line and exit 2 before anything is opened, started or logged.
+        plan = await asyncio.to_thread(preflight, settings)
+        backlog = max(128, settings.max_connections)
+        self._listen_sockets = await asyncio.to_thread(
+            bind_listener, settings.listen_host, settings.listen_port, backlog
+        )
         if self._fsync_fault is not None:
             log.error(
                 "fault_injection_armed",
@@ -243,13 +254,17 @@ class Daemon:
         )
         self._dead_letter = DeadLetterWriter.from_settings(settings)
         await asyncio.to_thread(self._open_dead_letter, self._dead_letter)
-        plan = plan_processing(settings)
         senders: list[Sender] = list(build_senders(settings, self._clients, self._dead_letter, plan.uris))
         names = {uri: sender.name for uri, sender in zip(plan.uris, senders, strict=True)}
         cursors = [sender.name for sender in senders]
         cursors += [PROCESSOR_CURSOR] if plan.enabled else []
         cursors += [LEDGER_CURSOR] if settings.reader_dedup else []
-        spool = await asyncio.to_thread(Spool.open, spool_settings, cursors)
+        try:
+            spool = await asyncio.to_thread(Spool.open, spool_settings, cursors)
+        except SpoolIOError as exc:
+            # Not foreseen by preflight (a directory that cannot be created after all, a file without permission).
+            target = write_targets(settings, ())[0]
+            raise ConfigError(f"{target.setting} {target.configured}: {exc}") from None
         self._spool = spool
         report = spool.recovery
         assert report is not None  # set by Spool.open
@@ -398,25 +413,11 @@ class Daemon:
                 wall_clock=self._wall_clock,
             )
             self.metrics.watch_processor(self._processor)
-        loop = asyncio.get_running_loop()
-        backlog = max(128, settings.max_connections)
+        sockets, self._listen_sockets = self._listen_sockets, []
         if self.tls is not None:
-            self._server = await TlsListener.start(
-                self.context,
-                host=settings.listen_host,
-                port=settings.listen_port,
-                backlog=backlog,
-                ssl_context=self.tls.listener,
-                handshake_timeout_s=settings.handshake_timeout_s,
-            )
+            self._server = TlsListener(self.context, sockets, self.tls.listener, settings.handshake_timeout_s)
         else:
-            self._server = await loop.create_server(
-                lambda: FPolicyConnection(self.context),
-                host=settings.listen_host,
-                port=settings.listen_port,
-                reuse_address=True,
-                backlog=backlog,
-            )
+            self._server = await ServerGroup.start(self.context, sockets, backlog)
         log.info(
             "listening",
             host=settings.listen_host,
@@ -480,6 +481,9 @@ class Daemon:
         """Close everything; a close that fails (a final fsync on a full disk) is logged and the others still run:
         what it could not write is recovered at the next start (spool, ledger, journal) or was never acked."""
         self.heartbeat.stop()
+        for sock in self._listen_sockets:  # start() failed before the server took them
+            sock.close()
+        self._listen_sockets = []
         if self._http is not None:
             await asyncio.to_thread(self._http.close)
         if self._processor is not None:

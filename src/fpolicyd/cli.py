@@ -67,6 +67,9 @@ def _cmd_config(ns: argparse.Namespace) -> int:
         data["effective_idle_timeout_s"] = settings.effective_idle_timeout_s
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
     else:
+        from fpolicyd.preflight import preflight  # noqa: PLC0415 - loads routing, TLS; only for `check`
+
+        preflight(settings)  # what `serve` checks before it binds or opens anything
         sys.stdout.write("settings OK\n")
     return 0
 

@@ -10,12 +10,14 @@ Unknown keys and bad values fail at start-up with the key named (:func:`load_set
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
@@ -50,6 +52,9 @@ DEFAULT_CONFIG_PATHS: Final = (Path("fpolicyd.toml"), Path("/etc/fpolicyd/fpolic
 SQS_PACK_MIN_BYTES: Final = 1024
 
 _toml_data: ContextVar[Mapping[str, Any]] = ContextVar("fpolicyd_toml_data", default=MappingProxyType({}))
+#: While :func:`load_settings` builds the settings: field -> (the environment variable that set it, its value), so
+#: that an error names the variable the user set (``FPOLICY_PORT``), not the field it maps to.
+_env_origins: ContextVar[dict[str, tuple[str, str]] | None] = ContextVar("fpolicyd_env_origins", default=None)
 
 
 #: The reference server's environment variables, by the field they set. ``FPOLICYD_<FIELD>`` wins over them.
@@ -142,6 +147,9 @@ class _EnvSource(PydanticBaseSettingsSource):
                 if var not in env:
                     continue
                 value: Any = env[var]
+                origins = _env_origins.get()
+                if origins is not None:
+                    origins[name] = (var, env[var])
                 if str(info.annotation).startswith("dict"):
                     try:
                         value = json.loads(value)
@@ -1062,12 +1070,15 @@ def load_settings(
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
+    inline_keys: frozenset[str] = frozenset()
     inline = os.environ.get(SETTINGS_TOML_ENV)
     if inline:
         try:
-            data.update(tomllib.loads(inline))
+            inline_data = tomllib.loads(inline)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{SETTINGS_TOML_ENV}: {exc}") from None
+        data.update(inline_data)
+        inline_keys = frozenset(inline_data)
     unknown_env = sorted(
         name
         for name in os.environ
@@ -1076,23 +1087,88 @@ def load_settings(
         and name.upper()[len(ENV_PREFIX) :].lower() not in Settings.model_fields
     )
     if unknown_env:
-        raise ConfigError(f"unknown environment variable(s): {', '.join(unknown_env)}")
-    token = _toml_data.set(data)
+        raise ConfigError("; ".join(_unknown_env(name) for name in unknown_env))
+    flags = dict(overrides or {})
+    origins: dict[str, tuple[str, str]] = {}
+    token, origins_token = _toml_data.set(data), _env_origins.set(origins)
     try:
-        return Settings(**dict(overrides or {}))
+        return Settings(**flags)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        sources = _Sources(file=path, flags=frozenset(flags), environment=origins, inline=inline_keys)
+        raise ConfigError(_describe(exc, sources)) from None
     finally:
         _toml_data.reset(token)
+        _env_origins.reset(origins_token)
 
 
-def _describe(exc: ValidationError, path: Path | None) -> str:
+def _did_you_mean(name: str, known: Collection[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _unknown_env(name: str) -> str:
+    known = [f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields]
+    return f"unknown environment variable {name}{_did_you_mean(name.upper(), known)}"
+
+
+#: Fields whose value is never shown in an error (pydantic's SecretStr: passwords, salts).
+SECRET_FIELDS: Final = frozenset(
+    name for name, info in Settings.model_fields.items() if "SecretStr" in str(info.annotation)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sources:
+    """Where each field's value came from, by precedence: flags > environment > inline TOML > file."""
+
+    file: Path | None
+    flags: frozenset[str]
+    environment: Mapping[str, tuple[str, str]]
+    inline: frozenset[str]
+
+
+def _strip_pydantic(message: str) -> str:
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
+
+
+def _describe(exc: ValidationError, sources: _Sources) -> str:
+    """One line per error, naming what the user wrote: the unknown key (with the closest setting), or the flag,
+    environment variable (its name as set: ``FPOLICY_PORT``) or file key and the value given (hidden for
+    secrets). Errors of a combination of settings (no single key) are the validator's own sentence."""
     lines = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "settings"
-        lines.append(f"{key}: {error['msg']}")
-    where = f" (file {path}, environment {ENV_PREFIX}*, flags)" if path else ""
-    return "invalid settings" + where + ":\n  " + "\n  ".join(lines)
+        loc = error["loc"]
+        message = _strip_pydantic(error["msg"])
+        if not loc:
+            lines.append(message)
+            continue
+        field = str(loc[0])
+        key = ".".join(str(part) for part in loc)
+        if error["type"] == "extra_forbidden":
+            where = SETTINGS_TOML_ENV if field in sources.inline else sources.file
+            suffix = f" in {where}" if where is not None else ""
+            lines.append(f"unknown setting {field!r}{suffix}{_did_you_mean(field, list(Settings.model_fields))}")
+            continue
+        secret = field in SECRET_FIELDS
+        if field in sources.flags:
+            shown = "<hidden>" if secret else repr(error.get("input"))
+            lines.append(f"--{field.replace('_', '-')} {shown} ({key}): {message}")
+        elif field in sources.environment:
+            var, raw = sources.environment[field]
+            shown = "<hidden>" if secret else repr(raw)
+            lines.append(f"{var}={shown} (setting {key}): {message}")
+        elif field in sources.inline or sources.file is not None:
+            where = SETTINGS_TOML_ENV if field in sources.inline else str(sources.file)
+            shown = "<hidden>" if secret else repr(error.get("input"))
+            lines.append(f"{key} = {shown} in {where}: {message}")
+        else:
+            lines.append(f"{key}: {message}")
+    if len(lines) == 1:
+        return lines[0]
+    return "invalid settings:\n  " + "\n  ".join(lines)
 
 
 def environment_aliases() -> dict[str, str]:

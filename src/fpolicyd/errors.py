@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from typing import Final
 
 #: errno values that mean "no space": the device is full (ENOSPC) or the user's quota is (EDQUOT).
@@ -40,6 +41,13 @@ class LocalProtocolError(FpolicydError):
 
 class ConfigError(FpolicydError):
     """Settings are invalid; the message names the key."""
+
+
+def settings_refused(problems: Sequence[str]) -> ConfigError:
+    """One ConfigError for every problem found at once: the problem itself when it is alone, else one line each."""
+    if len(problems) == 1:
+        return ConfigError(problems[0])
+    return ConfigError("settings refused:\n  " + "\n  ".join(problems))
 
 
 class SinkError(FpolicydError):

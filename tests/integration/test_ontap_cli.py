@@ -4,6 +4,7 @@ ONTAP REST server over HTTPS that enforces ONTAP's rules (tests/support/fake_ont
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -239,6 +240,23 @@ def test_missing_password_is_a_settings_error(
     monkeypatch.delenv("FPOLICYD_ONTAP_PASSWORD")
     assert main(ontap(fake, "plan")) == 2
     assert "FPOLICYD_ONTAP_PASSWORD" in capsys.readouterr().err
+
+
+def test_every_missing_ontap_setting_is_listed_in_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in [name for name in os.environ if name.startswith("FPOLICYD_")]:
+        monkeypatch.delenv(name)
+    for action in ("plan", "apply", "repoint", "status"):
+        assert main(["ontap", action]) == 2
+        err = capsys.readouterr().err
+        for key in ("ontap_url", "ontap_svm", "ontap_username", "ontap_password"):
+            assert f"\n  {key}: " in err, (action, err)
+    assert main(["ontap", "plan", "--ontap-protocols", "nfsv3", "--ontap-file-operations", "open"]) == 2
+    err = capsys.readouterr().err
+    assert "ontap_url: needed" in err
+    assert "open cannot be monitored over nfsv3" in err  # found with the missing settings, not in a later run
 
 
 def test_status_reports_state_and_connections(fake: FakeOntap, capsys: pytest.CaptureFixture[str]) -> None:

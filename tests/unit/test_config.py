@@ -81,14 +81,62 @@ def test_default_config_file_in_the_working_directory_is_found(tmp_path: Path) -
 def test_unknown_file_key_is_named(tmp_path: Path) -> None:
     config = tmp_path / "f.toml"
     config.write_text("listen_prot = 1\n")
-    with pytest.raises(ConfigError, match="listen_prot"):
+    with pytest.raises(ConfigError, match="listen_prot") as raised:
         load_settings(config)
+    assert str(raised.value) == f"unknown setting 'listen_prot' in {config} (did you mean listen_port?)"
+
+
+def test_unknown_key_of_the_inline_settings_says_where_and_what_was_meant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FPOLICYD_SETTINGS_TOML", "max_conections = 3\nzzzz_qqqq = 1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(search_default_paths=False)
+    message = str(raised.value)
+    assert "unknown setting 'max_conections' in FPOLICYD_SETTINGS_TOML (did you mean max_connections?)" in message
+    assert "unknown setting 'zzzz_qqqq' in FPOLICYD_SETTINGS_TOML\n" in message + "\n"  # nothing close: no guess
+    assert "Extra inputs" not in message
 
 
 def test_unknown_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FPOLICYD_LISTEN_PROT", "1")
-    with pytest.raises(ConfigError, match="FPOLICYD_LISTEN_PROT"):
+    with pytest.raises(ConfigError, match="FPOLICYD_LISTEN_PROT") as raised:
         load_settings()
+    assert str(raised.value) == "unknown environment variable FPOLICYD_LISTEN_PROT (did you mean FPOLICYD_LISTEN_PORT?)"
+
+
+@pytest.mark.parametrize("variable", ["FPOLICY_PORT", "FPOLICYD_LISTEN_PORT"])
+def test_an_environment_error_names_the_variable_set_and_its_value(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "abc")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(search_default_paths=False)
+    assert str(raised.value).startswith(f"{variable}='abc' (setting listen_port): Input should be a valid integer")
+
+
+def test_a_secret_value_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FPOLICYD_SETTINGS_TOML", "ontap_password = 987654\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(search_default_paths=False)
+    assert "987654" not in str(raised.value)
+    assert "ontap_password = <hidden> in FPOLICYD_SETTINGS_TOML" in str(raised.value)
+
+
+def test_a_combination_error_has_no_pydantic_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODE", "realtime")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(search_default_paths=False)
+    assert str(raised.value) == "mode (MODE) is realtime but sqs_queue_url (SQS_QUEUE_URL) is empty"
+
+
+def test_a_flag_error_names_the_flag_and_every_error_is_listed(tmp_path: Path) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text("max_connections = 0\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, {"listen_port": "abc"})
+    lines = str(raised.value).splitlines()
+    assert lines[0] == "invalid settings:"
+    assert lines[1].startswith("  --listen-port 'abc' (listen_port): Input should be a valid integer")
+    assert lines[2] == f"  max_connections = 0 in {config}: Input should be greater than or equal to 1"
 
 
 @pytest.mark.parametrize(

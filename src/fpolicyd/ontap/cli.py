@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from fpolicyd.cli import add_settings_flags, settings_from_args
+from fpolicyd.errors import settings_refused
 from fpolicyd.obs.log import configure_logging
 
 if TYPE_CHECKING:
@@ -150,8 +151,12 @@ def run_ontap(ns: argparse.Namespace) -> int:
     import uvloop  # noqa: PLC0415
 
     from fpolicyd.ontap.client import OntapError  # noqa: PLC0415
+    from fpolicyd.ontap.ops import ontap_problems  # noqa: PLC0415
 
     settings = settings_from_args(ns)
+    problems = ontap_problems(settings, ns.ontap_action)
+    if problems:
+        raise settings_refused(problems)
     configure_logging(settings.log_level, settings.log_format.value)
     try:
         return uvloop.run(_run(ns, settings))

@@ -97,6 +97,31 @@ def desired_from_settings(settings: Settings, svm_uuid: str, address: str) -> De
     )
 
 
+def ontap_problems(settings: Settings, action: str) -> list[str]:
+    """Every ontap_* setting ``fpolicyd ontap ACTION`` needs that is missing or unusable, all at once, found
+    without contacting ONTAP (so that one run lists them all, not one per run)."""
+    problems: list[str] = []
+    if not settings.ontap_url:
+        problems.append("ontap_url: needed (https://<cluster or SVM management address>)")
+    if not settings.ontap_svm:
+        problems.append("ontap_svm: needed (the SVM whose FPolicy fpolicyd configures)")
+    if not settings.ontap_secret_id:
+        if not settings.ontap_username:
+            problems.append("ontap_username: needed (or ontap_secret_id with a username in the secret)")
+        if settings.ontap_password is None or not settings.ontap_password.get_secret_value():
+            problems.append("ontap_password: set FPOLICYD_ONTAP_PASSWORD in the environment, or use ontap_secret_id")
+    if action == "status":
+        return problems
+    if not settings.ontap_volumes:
+        problems.append("ontap_volumes: at least one volume (or * for all)")
+        return problems
+    try:
+        desired_from_settings(settings, svm_uuid="", address="0.0.0.0")  # only validated: the address is not used
+    except ConfigError as exc:
+        problems.append(str(exc))
+    return problems
+
+
 async def connection_from_settings(settings: Settings) -> OntapConnection:
     """Validated connection settings with resolved credentials (ConfigError names the missing key)."""
     if not settings.ontap_url:

@@ -16,8 +16,10 @@ import contextlib
 import errno
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import Final
 
+from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 
@@ -47,6 +49,53 @@ def bind_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def bind_listener(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """:func:`bind_sockets` for the FPolicy listener: an address that cannot be bound (in use, not local, not
+    permitted) is a :class:`ConfigError` naming the settings and the OS reason, raised before anything opens."""
+    try:
+        return bind_sockets(host, port, backlog)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        code = f"[{errno.errorcode.get(exc.errno, exc.errno)}] " if exc.errno is not None else ""
+        raise ConfigError(f"listen_host/listen_port {host}:{port}: cannot listen: {code}{reason}") from None
+
+
+class ServerGroup:
+    """Plain-TCP servers, one per socket :func:`bind_listener` bound (a host name may resolve to several
+    addresses), seen as one server by the daemon."""
+
+    def __init__(self, servers: Sequence[asyncio.Server]) -> None:
+        self._servers = tuple(servers)
+
+    @classmethod
+    async def start(cls, ctx: ServerContext, sockets: Sequence[socket.socket], backlog: int) -> ServerGroup:
+        loop = asyncio.get_running_loop()
+        servers: list[asyncio.Server] = []
+        try:
+            for sock in sockets:
+                servers.append(await loop.create_server(lambda: FPolicyConnection(ctx), sock=sock, backlog=backlog))
+        except BaseException:
+            for server in servers:
+                server.close()
+            raise
+        return cls(servers)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [sock for server in self._servers for sock in server.sockets]
+
+    def is_serving(self) -> bool:
+        return any(server.is_serving() for server in self._servers)
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        for server in self._servers:
+            await server.wait_closed()
 
 
 class TlsListener:

@@ -27,6 +27,7 @@ import hashlib
 import math
 import random
 import struct
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ __all__ = [
     "NotificationSpec",
     "SimulationReport",
     "SimulatorConfig",
+    "SimulatorConfigError",
     "SimulatorError",
     "expected_requests",
     "generate_frames",
@@ -84,6 +86,7 @@ __all__ = [
     "handshake",
     "manifest_record",
     "run",
+    "stamp_with_clock",
 ]
 
 #: The offer of ONTAP 9.13/9.14 (SPL-CAP).
@@ -722,6 +725,17 @@ def generate_frames(
         yield frame
 
 
+def stamp_with_clock(specs: Iterator[_Spec], clock_us: Callable[[], int]) -> Iterator[_Spec]:
+    """``specs`` restamped as they are drawn: GenerationTime = ``clock_us()`` at that moment, so a lazily drawn
+    stream carries the time each request was sent and never drifts from the clock, whatever the rate. Strictly
+    increasing (+1 µs when the clock has not moved or went back), as a node's stream is."""
+    last = -1
+    for spec in specs:
+        now = clock_us()
+        last = now if now > last else last + 1
+        yield spec._replace(time_us=last)
+
+
 #: One notification of a :class:`NodeStream` (opaque: render it with the stream that made it).
 NotificationSpec = _Spec
 
@@ -815,43 +829,81 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _help(text: str) -> dict[str, str]:
+    """A field's description (``metadata["help"]``): ``fpolicyd simulate --help`` shows it."""
+    return {"help": text}
+
+
+class SimulatorConfigError(ValueError):
+    """A :class:`SimulatorConfig` value out of range: ``name`` is the field, ``why`` the rule it breaks."""
+
+    def __init__(self, name: str, why: str, value: object) -> None:
+        super().__init__(f"SimulatorConfig.{name}: {why} (got {value!r})")
+        self.name = name
+        self.why = why
+        self.value = value
+
+
 @dataclass(frozen=True, slots=True)
 class SimulatorConfig:
-    """One simulation run. ``nodes`` connections, each sending ``events`` SCREEN_REQs."""
+    """One simulation run. ``nodes`` connections, each sending ``events`` SCREEN_REQs.
 
-    host: str = "127.0.0.1"
-    port: int = 9898
-    nodes: int = 1
-    events: int = 1000
-    #: Events per second per node; 0 = as fast as the server reads.
-    rate: float = 0.0
-    seed: int = 0
-    #: Synchronous engine: wait for a SCREEN_RESP to every request.
-    sync: bool = False
-    #: Sync window, like ONTAP's ``max-server-reqs``.
-    max_outstanding: int = 500
-    #: Sync mode: a request unanswered this long is asked about (STATUS_QUERY_REQ), and again every interval, like
-    #: ONTAP's ``status-req-interval`` (10 s by default; ONTAP allows 0–50); 0 = never ask.
-    status_interval_s: float = 10.0
-    #: 0 disables KEEP_ALIVE (ONTAP's own range is 10–600 s; small values are for tests).
-    keep_alive_interval_s: float = 120.0
-    versions: tuple[str, ...] = DEFAULT_VERSIONS
-    policy_name: str = "fpolicyd-sim"
-    vs_uuid: str = DEFAULT_VS_UUID
-    base_time_us: int = DEFAULT_BASE_TIME_US
-    notf_type: str = NotfType.SCREEN_REQ.value
-    connect_timeout_s: float = 5.0
-    handshake_timeout_s: float = 5.0
-    #: Hard bound on the whole run; a run cut short reports ``completed=False``.
-    duration_limit_s: float = 600.0
-    #: Frames per socket write.
-    chunk_events: int = 256
-    #: If set, one JSON line per sent request (:func:`manifest_record`).
-    manifest: Path | None = None
+    GenerationTime is deterministic by default (``base_time_us`` plus seeded offsets), so that
+    :func:`expected_requests` reproduces exactly what :func:`run` sent. ``wall_clock`` stamps each request with
+    this host's clock when it is sent instead (what a node does; ``fpolicyd simulate``'s default): such a run is
+    not reproducible, and the manifest is the record of what was sent.
+    """
+
+    host: str = field(default="127.0.0.1", metadata=_help("FPolicy server host"))
+    port: int = field(default=9898, metadata=_help("FPolicy server port"))
+    nodes: int = field(default=1, metadata=_help(f"simulated ONTAP nodes, one connection each (1..{MAX_NODES})"))
+    events: int = field(default=1000, metadata=_help("SCREEN_REQs per node (the run sends nodes x events)"))
+    rate: float = field(default=0.0, metadata=_help("events per second per node; 0 = as fast as the server reads"))
+    seed: int = field(
+        default=0, metadata=_help("seed of the event stream (same seed, same paths, users and operations)")
+    )
+    sync: bool = field(default=False, metadata=_help("synchronous engine: wait for a SCREEN_RESP to every request"))
+    max_outstanding: int = field(default=500, metadata=_help("sync window, like ONTAP's max-server-reqs (1..10000)"))
+    status_interval_s: float = field(
+        default=10.0,
+        metadata=_help(
+            "sync mode: ask about a request unanswered this long (STATUS_QUERY_REQ), again every interval, like "
+            "ONTAP's status-req-interval; 0 = never ask"
+        ),
+    )
+    keep_alive_interval_s: float = field(
+        default=120.0,
+        metadata=_help("KEEP_ALIVE period; 0 = none (ONTAP's own range is 10-600 s; small values are for tests)"),
+    )
+    versions: tuple[str, ...] = field(
+        default=DEFAULT_VERSIONS, metadata=_help("protocol versions offered in NEGO_REQ, comma-separated")
+    )
+    policy_name: str = field(default="fpolicyd-sim", metadata=_help("policy name in NEGO_REQ"))
+    vs_uuid: str = field(default=DEFAULT_VS_UUID, metadata=_help("SVM UUID in NEGO_REQ"))
+    base_time_us: int = field(
+        default=DEFAULT_BASE_TIME_US,
+        metadata=_help(
+            "fixed GenerationTime of the stream (epoch microseconds), used unless wall_clock: reproducible runs"
+        ),
+    )
+    wall_clock: bool = field(
+        default=False,
+        metadata=_help("stamp each request's GenerationTime with this host's clock when it is sent, as a node does"),
+    )
+    notf_type: str = field(default=NotfType.SCREEN_REQ.value, metadata=_help("header NotfType of every request"))
+    connect_timeout_s: float = field(default=5.0, metadata=_help("TCP connect timeout"))
+    handshake_timeout_s: float = field(default=5.0, metadata=_help("NEGO_RESP timeout"))
+    duration_limit_s: float = field(
+        default=600.0, metadata=_help("hard bound on the whole run; a run cut short reports completed=false")
+    )
+    chunk_events: int = field(default=256, metadata=_help("frames per socket write (1..65536)"))
+    manifest: Path | None = field(
+        default=None, metadata=_help("if set, one JSON line per sent request (node, req_id, GenerationTime, paths)")
+    )
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"SimulatorConfig.{name}: {why} (got {getattr(self, name)!r})")
+        def bad(name: str, why: str) -> SimulatorConfigError:
+            return SimulatorConfigError(name, why, getattr(self, name))
 
         if not isinstance(self.host, str) or not self.host:
             raise bad("host", "must be a non-empty host name or address")
@@ -887,6 +939,8 @@ class SimulatorConfig:
             raise bad("vs_uuid", "must be 1..36 characters")
         if not _is_int(self.base_time_us) or self.base_time_us < 0:
             raise bad("base_time_us", "must be an integer >= 0 (epoch microseconds)")
+        if not isinstance(self.wall_clock, bool):
+            raise bad("wall_clock", "must be a bool")
         if not isinstance(self.notf_type, str) or not self.notf_type.strip():
             raise bad("notf_type", "must be a non-empty header type")
         for name in ("connect_timeout_s", "handshake_timeout_s", "duration_limit_s"):
@@ -900,7 +954,11 @@ class SimulatorConfig:
 
 
 def expected_requests(config: SimulatorConfig) -> list[tuple[int, ScreenRequest]]:
-    """Everything :func:`run` sends for ``config``, as (node, request), node by node in send order."""
+    """Everything :func:`run` sends for ``config``, as (node, request), node by node in send order.
+
+    A ``wall_clock`` run's GenerationTimes are not known in advance: read its manifest instead."""
+    if config.wall_clock:
+        raise ValueError("a wall_clock run is not reproducible: its manifest records what it sent")
     return [
         (node, request)
         for node in range(config.nodes)
@@ -1268,6 +1326,8 @@ class _Node:
         cfg = self.config
         loop = asyncio.get_running_loop()
         specs = _specs(seed=cfg.seed, node=self.node, count=cfg.events, first_req_id=1, base_time_us=cfg.base_time_us)
+        if cfg.wall_clock:
+            specs = stamp_with_clock(specs, lambda: time.time_ns() // 1000)
         frames = _framed(specs, cfg.notf_type)
         total, rate, window = cfg.events, cfg.rate, cfg.max_outstanding
         start = loop.time()

@@ -86,7 +86,7 @@ __all__ = [
     "handshake",
     "manifest_record",
     "run",
-    "stamp_with_clock",
+    "wall_clock_us",
 ]
 
 #: The offer of ONTAP 9.13/9.14 (SPL-CAP).
@@ -558,7 +558,13 @@ class _Spec(NamedTuple):
     values: tuple[str, ...]
 
 
-def _specs(*, seed: int, node: int, count: int, first_req_id: int, base_time_us: int) -> Iterator[_Spec]:
+def _specs(
+    *, seed: int, node: int, count: int, first_req_id: int, base_time_us: int, clock_us: Callable[[], int] | None = None
+) -> Iterator[_Spec]:
+    """A node's stream. GenerationTime: ``base_time_us`` plus seeded offsets, or, with ``clock_us``, the clock's
+    reading when each spec is drawn (a lazily drawn stream carries the time each request is sent, so it never
+    drifts from the clock at any rate). Both strictly increasing (+1 µs when the clock stood still or went back).
+    The content (paths, users, operations) is the same either way."""
     rng = random.Random(_derive_seed("stream", seed, node))
     pools = _build_pools(seed, node, rng)
     rnd = rng.random
@@ -572,10 +578,15 @@ def _specs(*, seed: int, node: int, count: int, first_req_id: int, base_time_us:
     smb_clients, nfs_clients, nfs4_clients = pools.smb_clients, pools.nfs_clients, pools.nfs4_clients
     smb_idents, nfs_idents = pools.smb_idents, pools.nfs_idents
     n_nfs4 = len(nfs4_clients)
-    t = base_time_us
+    t = base_time_us if clock_us is None else -1
     for i in range(count):
         kind = cycle[i] if i < n_cycle else weighted[int(rnd() * n_weighted)]
-        t += 1 + int(rnd() * 1500)  # strictly increasing, µs apart as in a busy node
+        step = 1 + int(rnd() * 1500)  # strictly increasing, µs apart as in a busy node
+        if clock_us is None:
+            t += step
+        else:
+            now = clock_us()
+            t = now if now > t else t + 1
         if kind.smb:
             client = smb_clients[int(rnd() * 8)]
             ident = smb_idents[int(rnd() * 16)]
@@ -613,6 +624,11 @@ def _specs(*, seed: int, node: int, count: int, first_req_id: int, base_time_us:
         else:
             values = ()
         yield _Spec(first_req_id + i, kind, t, client, ident, entry, target, rnd() < 0.01, size, file_type, values)
+
+
+def wall_clock_us() -> int:
+    """This host's clock in epoch microseconds (a ``wall_clock`` run's GenerationTime)."""
+    return time.time_ns() // 1000
 
 
 def _to_request(spec: _Spec, notf_type: str) -> ScreenRequest:
@@ -699,14 +715,19 @@ def generate_requests(
     first_req_id: int = 1,
     base_time_us: int,
     notf_type: str = "SCREEN_REQ",
+    clock_us: Callable[[], int] | None = None,
 ) -> Iterator[ScreenRequest]:
     """The ``count`` SCREEN_REQs node ``node`` sends, exactly as the server should decode them.
 
     Deterministic in its arguments. The first ``len(REQ_TYPES)`` requests cover every ReqType once (shuffled),
     the rest follow a realistic mix. SMB and NFS, files, directories, share roots, renames and links with
-    ``TargetAccessPath``, unicode and XML-special names; ~1% carry only the WIN_NAME path.
+    ``TargetAccessPath``, unicode and XML-special names; ~1% carry only the WIN_NAME path. With ``clock_us``
+    each request is stamped with the clock's reading when it is drawn instead of ``base_time_us`` + offsets.
     """
-    for spec in _specs(seed=seed, node=node, count=count, first_req_id=first_req_id, base_time_us=base_time_us):
+    specs = _specs(
+        seed=seed, node=node, count=count, first_req_id=first_req_id, base_time_us=base_time_us, clock_us=clock_us
+    )
+    for spec in specs:
         yield _to_request(spec, notf_type)
 
 
@@ -723,17 +744,6 @@ def generate_frames(
     specs = _specs(seed=seed, node=node, count=count, first_req_id=first_req_id, base_time_us=base_time_us)
     for _spec, frame in _framed(specs, notf_type):
         yield frame
-
-
-def stamp_with_clock(specs: Iterator[_Spec], clock_us: Callable[[], int]) -> Iterator[_Spec]:
-    """``specs`` restamped as they are drawn: GenerationTime = ``clock_us()`` at that moment, so a lazily drawn
-    stream carries the time each request was sent and never drifts from the clock, whatever the rate. Strictly
-    increasing (+1 µs when the clock has not moved or went back), as a node's stream is."""
-    last = -1
-    for spec in specs:
-        now = clock_us()
-        last = now if now > last else last + 1
-        yield spec._replace(time_us=last)
 
 
 #: One notification of a :class:`NodeStream` (opaque: render it with the stream that made it).
@@ -1325,9 +1335,14 @@ class _Node:
     async def _send_all(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        specs = _specs(seed=cfg.seed, node=self.node, count=cfg.events, first_req_id=1, base_time_us=cfg.base_time_us)
-        if cfg.wall_clock:
-            specs = stamp_with_clock(specs, lambda: time.time_ns() // 1000)
+        specs = _specs(
+            seed=cfg.seed,
+            node=self.node,
+            count=cfg.events,
+            first_req_id=1,
+            base_time_us=cfg.base_time_us,
+            clock_us=wall_clock_us if cfg.wall_clock else None,
+        )
         frames = _framed(specs, cfg.notf_type)
         total, rate, window = cfg.events, cfg.rate, cfg.max_outstanding
         start = loop.time()

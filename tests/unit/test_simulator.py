@@ -23,8 +23,6 @@ from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake, encode
 from fpolicyd.simulator import (
     DEFAULT_BASE_TIME_US,
     DEFAULT_VERSIONS,
-    NodeStream,
-    NotificationSpec,
     SimulatorConfig,
     SimulatorConfigError,
     expected_requests,
@@ -32,7 +30,6 @@ from fpolicyd.simulator import (
     generate_requests,
     handshake,
     manifest_record,
-    stamp_with_clock,
 )
 from support.captures import SMB_OPEN, SMB_REN
 
@@ -424,32 +421,29 @@ def test_manifest_record() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=10**17), min_size=1, max_size=60))
-def test_stamp_with_clock_follows_the_clock_and_stays_strictly_increasing(readings: list[int]) -> None:
-    """Each spec carries the clock's reading when it is drawn (or 1 µs after the previous stamp when the clock
-    stood still or went back); nothing else about the request changes."""
+def test_a_clocked_stream_follows_the_clock_and_stays_strictly_increasing(readings: list[int]) -> None:
+    """Each request carries the clock's reading when it is drawn (or 1 µs after the previous stamp when the
+    clock stood still or went back); nothing else about the request changes."""
     clock = iter(readings)
-    specs = list(_specs_for_test(len(readings)))
-    stamped = list(stamp_with_clock(iter(specs), lambda: next(clock)))
-    times = [s.time_us for s in stamped]
-    assert all(a < b for a, b in itertools.pairwise(times))
+    count = len(readings)
+    clocked = list(generate_requests(seed=3, node=1, count=count, base_time_us=BASE, clock_us=lambda: next(clock)))
+    fixed = list(generate_requests(seed=3, node=1, count=count, base_time_us=BASE))
+    times = [r.common.generation_time for r in clocked]
     previous = -1
     for reading, stamp in zip(readings, times, strict=True):
         assert stamp == (reading if reading > previous else previous + 1)
         previous = stamp
-    assert [s._replace(time_us=0) for s in stamped] == [s._replace(time_us=0) for s in specs]
+    assert [replace(r, common=replace(r.common, generation_time=0)) for r in clocked] == [
+        replace(r, common=replace(r.common, generation_time=0)) for r in fixed
+    ]
 
 
-def test_stamp_with_clock_reads_the_clock_as_each_spec_is_drawn() -> None:
+def test_a_clocked_stream_reads_the_clock_as_each_request_is_drawn() -> None:
     now = [1_000]
-    stamped = stamp_with_clock(iter(_specs_for_test(3)), lambda: now[0])
-    assert next(stamped).time_us == 1_000
+    stream = generate_requests(seed=3, node=0, count=3, base_time_us=BASE, clock_us=lambda: now[0])
+    assert next(stream).common.generation_time == 1_000
     now[0] = 5_000_000  # 5 s later: the next stamp is 5 s later too, not one seeded offset later
-    assert next(stamped).time_us == 5_000_000
-
-
-def _specs_for_test(count: int) -> list[NotificationSpec]:
-    stream = NodeStream(seed=3, node=0, count=count)
-    return [stream.next(BASE + i) for i in range(count)]
+    assert next(stream).common.generation_time == 5_000_000
 
 
 def test_wall_clock_config_is_validated_and_not_reproducible() -> None:

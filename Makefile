@@ -70,9 +70,13 @@ lock: $(UV_STAMP)
 	$(PYTHON) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
 	  | $(UV) pip compile $(LOCK_FLAGS) -c requirements-dev.lock -o requirements-build.lock -
 
-## Run the daemon on its embedded default: 0.0.0.0:9898, JSON Lines under ./fpolicyd-data/events.
+## Run the daemon (runtime dependencies only: no test tools) on 127.0.0.1:9898, JSON Lines under
+## ./fpolicyd-data/events. A demo on a workstation should not listen on every interface: `make run
+## LISTEN_HOST=0.0.0.0` when ONTAP must reach it. `serve` itself defaults to 0.0.0.0, which the container needs
+## (ONTAP connects to the task's address; a container's loopback is unreachable from outside).
+LISTEN_HOST ?= 127.0.0.1
 run: $(RUN_STAMP)
-	$(BIN)/fpolicyd serve
+	$(BIN)/fpolicyd serve --listen-host $(LISTEN_HOST)
 
 ## The whole suite, exactly what CI runs: lint, format check, mypy --strict, pytest (warnings are errors).
 test: $(DEV_STAMP)

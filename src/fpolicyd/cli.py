@@ -1,4 +1,5 @@
-"""``fpolicyd`` command line. Flags of ``serve`` and ``config`` are generated from :class:`Settings`."""
+"""``fpolicyd`` command line. Flags of ``serve`` and ``config`` are generated from :class:`Settings`
+(:mod:`fpolicyd.settings_flags`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,18 +15,7 @@ from fpolicyd import __version__
 from fpolicyd.config import Settings, environment_aliases, example_toml, load_settings
 from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.obs.log import configure_logging
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML settings file (default ./fpolicyd.toml, /etc/fpolicyd/)")
-    group = parser.add_argument_group("settings (each also FPOLICYD_<NAME> in the environment or NAME in TOML)")
-    for name, info in Settings.model_fields.items():
-        help_text = (info.description or "").replace("%", "%%")
-        group.add_argument(_flag(name), dest=f"setting_{name}", metavar="VALUE", help=help_text)
+from fpolicyd.settings_flags import add_settings_flags
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
@@ -54,6 +43,13 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format.value, redactor=settings.redactor())
     report = run_daemon(settings)  # what a sink could not take within the drain budget stays in the spool
     return 0 if report.failure is None else 1
+
+
+_CONFIG_ACTIONS = {
+    "check": "validate the settings (flags, environment, TOML file); exit 2 naming each bad key",
+    "show": "print the effective settings as JSON, derived values included",
+    "example": "print every setting as a commented TOML file (descriptions and defaults)",
+}
 
 
 def _cmd_config(ns: argparse.Namespace) -> int:
@@ -85,14 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fpolicyd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the FPolicy server")
+    serve = sub.add_parser(
+        "serve",
+        help="run the FPolicy server",
+        description="Run the FPolicy server: accept ONTAP's connections, spool every notification durably and "
+        "deliver it to the sinks (JSON Lines by default, SQS, EventBridge). Listens on 0.0.0.0:9898 unless "
+        "--listen-host/--listen-port say otherwise.",
+    )
     add_settings_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
-    config = sub.add_parser("config", help="validate or print the effective settings")
-    config.add_argument("action", choices=("check", "show", "example"))
-    add_settings_flags(config)
-    config.set_defaults(func=_cmd_config)
+    config = sub.add_parser(
+        "config",
+        help="validate or print the effective settings",
+        description="Settings come from flags, FPOLICYD_<NAME> environment variables and a TOML file, in that "
+        "order of precedence.",
+    )
+    actions = config.add_subparsers(dest="action", required=True, metavar="{check,show,example}")
+    for action, text in _CONFIG_ACTIONS.items():
+        add_settings_flags(actions.add_parser(action, help=text, description=text)).set_defaults(func=_cmd_config)
 
     from fpolicyd.simulate_cli import add_simulate_parser  # noqa: PLC0415
 

@@ -75,6 +75,9 @@ REFERENCE_ENV: Final[dict[str, tuple[str, ...]]] = {
 
 
 class LogFormat(StrEnum):
+    """How log lines are written: ``auto`` is console on a terminal, JSON otherwise (a pipe, a file, journald)."""
+
+    AUTO = "auto"
     JSON = "json"
     CONSOLE = "console"
 
@@ -879,7 +882,10 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("info", description="debug | info | warning | error")
-    log_format: LogFormat = Field(LogFormat.JSON, description="json (default) or console")
+    log_format: LogFormat = Field(
+        LogFormat.AUTO,
+        description="auto (console lines when stderr is a terminal, JSON lines otherwise), json or console.",
+    )
 
     @field_validator(
         "preferred_versions",

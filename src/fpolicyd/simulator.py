@@ -27,6 +27,7 @@ import hashlib
 import math
 import random
 import struct
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ __all__ = [
     "NotificationSpec",
     "SimulationReport",
     "SimulatorConfig",
+    "SimulatorConfigError",
     "SimulatorError",
     "expected_requests",
     "generate_frames",
@@ -84,6 +86,7 @@ __all__ = [
     "handshake",
     "manifest_record",
     "run",
+    "wall_clock_us",
 ]
 
 #: The offer of ONTAP 9.13/9.14 (SPL-CAP).
@@ -555,7 +558,13 @@ class _Spec(NamedTuple):
     values: tuple[str, ...]
 
 
-def _specs(*, seed: int, node: int, count: int, first_req_id: int, base_time_us: int) -> Iterator[_Spec]:
+def _specs(
+    *, seed: int, node: int, count: int, first_req_id: int, base_time_us: int, clock_us: Callable[[], int] | None = None
+) -> Iterator[_Spec]:
+    """A node's stream. GenerationTime: ``base_time_us`` plus seeded offsets, or, with ``clock_us``, the clock's
+    reading when each spec is drawn (a lazily drawn stream carries the time each request is sent, so it never
+    drifts from the clock at any rate). Both strictly increasing (+1 µs when the clock stood still or went back).
+    The content (paths, users, operations) is the same either way."""
     rng = random.Random(_derive_seed("stream", seed, node))
     pools = _build_pools(seed, node, rng)
     rnd = rng.random
@@ -569,10 +578,15 @@ def _specs(*, seed: int, node: int, count: int, first_req_id: int, base_time_us:
     smb_clients, nfs_clients, nfs4_clients = pools.smb_clients, pools.nfs_clients, pools.nfs4_clients
     smb_idents, nfs_idents = pools.smb_idents, pools.nfs_idents
     n_nfs4 = len(nfs4_clients)
-    t = base_time_us
+    t = base_time_us if clock_us is None else -1
     for i in range(count):
         kind = cycle[i] if i < n_cycle else weighted[int(rnd() * n_weighted)]
-        t += 1 + int(rnd() * 1500)  # strictly increasing, µs apart as in a busy node
+        step = 1 + int(rnd() * 1500)  # strictly increasing, µs apart as in a busy node
+        if clock_us is None:
+            t += step
+        else:
+            now = clock_us()
+            t = now if now > t else t + 1
         if kind.smb:
             client = smb_clients[int(rnd() * 8)]
             ident = smb_idents[int(rnd() * 16)]
@@ -610,6 +624,11 @@ def _specs(*, seed: int, node: int, count: int, first_req_id: int, base_time_us:
         else:
             values = ()
         yield _Spec(first_req_id + i, kind, t, client, ident, entry, target, rnd() < 0.01, size, file_type, values)
+
+
+def wall_clock_us() -> int:
+    """This host's clock in epoch microseconds (a ``wall_clock`` run's GenerationTime)."""
+    return time.time_ns() // 1000
 
 
 def _to_request(spec: _Spec, notf_type: str) -> ScreenRequest:
@@ -696,14 +715,19 @@ def generate_requests(
     first_req_id: int = 1,
     base_time_us: int,
     notf_type: str = "SCREEN_REQ",
+    clock_us: Callable[[], int] | None = None,
 ) -> Iterator[ScreenRequest]:
     """The ``count`` SCREEN_REQs node ``node`` sends, exactly as the server should decode them.
 
     Deterministic in its arguments. The first ``len(REQ_TYPES)`` requests cover every ReqType once (shuffled),
     the rest follow a realistic mix. SMB and NFS, files, directories, share roots, renames and links with
-    ``TargetAccessPath``, unicode and XML-special names; ~1% carry only the WIN_NAME path.
+    ``TargetAccessPath``, unicode and XML-special names; ~1% carry only the WIN_NAME path. With ``clock_us``
+    each request is stamped with the clock's reading when it is drawn instead of ``base_time_us`` + offsets.
     """
-    for spec in _specs(seed=seed, node=node, count=count, first_req_id=first_req_id, base_time_us=base_time_us):
+    specs = _specs(
+        seed=seed, node=node, count=count, first_req_id=first_req_id, base_time_us=base_time_us, clock_us=clock_us
+    )
+    for spec in specs:
         yield _to_request(spec, notf_type)
 
 
@@ -815,43 +839,81 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _help(text: str) -> dict[str, str]:
+    """A field's description (``metadata["help"]``): ``fpolicyd simulate --help`` shows it."""
+    return {"help": text}
+
+
+class SimulatorConfigError(ValueError):
+    """A :class:`SimulatorConfig` value out of range: ``name`` is the field, ``why`` the rule it breaks."""
+
+    def __init__(self, name: str, why: str, value: object) -> None:
+        super().__init__(f"SimulatorConfig.{name}: {why} (got {value!r})")
+        self.name = name
+        self.why = why
+        self.value = value
+
+
 @dataclass(frozen=True, slots=True)
 class SimulatorConfig:
-    """One simulation run. ``nodes`` connections, each sending ``events`` SCREEN_REQs."""
+    """One simulation run. ``nodes`` connections, each sending ``events`` SCREEN_REQs.
 
-    host: str = "127.0.0.1"
-    port: int = 9898
-    nodes: int = 1
-    events: int = 1000
-    #: Events per second per node; 0 = as fast as the server reads.
-    rate: float = 0.0
-    seed: int = 0
-    #: Synchronous engine: wait for a SCREEN_RESP to every request.
-    sync: bool = False
-    #: Sync window, like ONTAP's ``max-server-reqs``.
-    max_outstanding: int = 500
-    #: Sync mode: a request unanswered this long is asked about (STATUS_QUERY_REQ), and again every interval, like
-    #: ONTAP's ``status-req-interval`` (10 s by default; ONTAP allows 0–50); 0 = never ask.
-    status_interval_s: float = 10.0
-    #: 0 disables KEEP_ALIVE (ONTAP's own range is 10–600 s; small values are for tests).
-    keep_alive_interval_s: float = 120.0
-    versions: tuple[str, ...] = DEFAULT_VERSIONS
-    policy_name: str = "fpolicyd-sim"
-    vs_uuid: str = DEFAULT_VS_UUID
-    base_time_us: int = DEFAULT_BASE_TIME_US
-    notf_type: str = NotfType.SCREEN_REQ.value
-    connect_timeout_s: float = 5.0
-    handshake_timeout_s: float = 5.0
-    #: Hard bound on the whole run; a run cut short reports ``completed=False``.
-    duration_limit_s: float = 600.0
-    #: Frames per socket write.
-    chunk_events: int = 256
-    #: If set, one JSON line per sent request (:func:`manifest_record`).
-    manifest: Path | None = None
+    GenerationTime is deterministic by default (``base_time_us`` plus seeded offsets), so that
+    :func:`expected_requests` reproduces exactly what :func:`run` sent. ``wall_clock`` stamps each request with
+    this host's clock when it is sent instead (what a node does; ``fpolicyd simulate``'s default): such a run is
+    not reproducible, and the manifest is the record of what was sent.
+    """
+
+    host: str = field(default="127.0.0.1", metadata=_help("FPolicy server host"))
+    port: int = field(default=9898, metadata=_help("FPolicy server port"))
+    nodes: int = field(default=1, metadata=_help(f"simulated ONTAP nodes, one connection each (1..{MAX_NODES})"))
+    events: int = field(default=1000, metadata=_help("SCREEN_REQs per node (the run sends nodes x events)"))
+    rate: float = field(default=0.0, metadata=_help("events per second per node; 0 = as fast as the server reads"))
+    seed: int = field(
+        default=0, metadata=_help("seed of the event stream (same seed, same paths, users and operations)")
+    )
+    sync: bool = field(default=False, metadata=_help("synchronous engine: wait for a SCREEN_RESP to every request"))
+    max_outstanding: int = field(default=500, metadata=_help("sync window, like ONTAP's max-server-reqs (1..10000)"))
+    status_interval_s: float = field(
+        default=10.0,
+        metadata=_help(
+            "sync mode: ask about a request unanswered this long (STATUS_QUERY_REQ), again every interval, like "
+            "ONTAP's status-req-interval; 0 = never ask"
+        ),
+    )
+    keep_alive_interval_s: float = field(
+        default=120.0,
+        metadata=_help("KEEP_ALIVE period; 0 = none (ONTAP's own range is 10-600 s; small values are for tests)"),
+    )
+    versions: tuple[str, ...] = field(
+        default=DEFAULT_VERSIONS, metadata=_help("protocol versions offered in NEGO_REQ, comma-separated")
+    )
+    policy_name: str = field(default="fpolicyd-sim", metadata=_help("policy name in NEGO_REQ"))
+    vs_uuid: str = field(default=DEFAULT_VS_UUID, metadata=_help("SVM UUID in NEGO_REQ"))
+    base_time_us: int = field(
+        default=DEFAULT_BASE_TIME_US,
+        metadata=_help(
+            "fixed GenerationTime of the stream (epoch microseconds), used unless wall_clock: reproducible runs"
+        ),
+    )
+    wall_clock: bool = field(
+        default=False,
+        metadata=_help("stamp each request's GenerationTime with this host's clock when it is sent, as a node does"),
+    )
+    notf_type: str = field(default=NotfType.SCREEN_REQ.value, metadata=_help("header NotfType of every request"))
+    connect_timeout_s: float = field(default=5.0, metadata=_help("TCP connect timeout"))
+    handshake_timeout_s: float = field(default=5.0, metadata=_help("NEGO_RESP timeout"))
+    duration_limit_s: float = field(
+        default=600.0, metadata=_help("hard bound on the whole run; a run cut short reports completed=false")
+    )
+    chunk_events: int = field(default=256, metadata=_help("frames per socket write (1..65536)"))
+    manifest: Path | None = field(
+        default=None, metadata=_help("if set, one JSON line per sent request (node, req_id, GenerationTime, paths)")
+    )
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"SimulatorConfig.{name}: {why} (got {getattr(self, name)!r})")
+        def bad(name: str, why: str) -> SimulatorConfigError:
+            return SimulatorConfigError(name, why, getattr(self, name))
 
         if not isinstance(self.host, str) or not self.host:
             raise bad("host", "must be a non-empty host name or address")
@@ -887,6 +949,8 @@ class SimulatorConfig:
             raise bad("vs_uuid", "must be 1..36 characters")
         if not _is_int(self.base_time_us) or self.base_time_us < 0:
             raise bad("base_time_us", "must be an integer >= 0 (epoch microseconds)")
+        if not isinstance(self.wall_clock, bool):
+            raise bad("wall_clock", "must be a bool")
         if not isinstance(self.notf_type, str) or not self.notf_type.strip():
             raise bad("notf_type", "must be a non-empty header type")
         for name in ("connect_timeout_s", "handshake_timeout_s", "duration_limit_s"):
@@ -900,7 +964,11 @@ class SimulatorConfig:
 
 
 def expected_requests(config: SimulatorConfig) -> list[tuple[int, ScreenRequest]]:
-    """Everything :func:`run` sends for ``config``, as (node, request), node by node in send order."""
+    """Everything :func:`run` sends for ``config``, as (node, request), node by node in send order.
+
+    A ``wall_clock`` run's GenerationTimes are not known in advance: read its manifest instead."""
+    if config.wall_clock:
+        raise ValueError("a wall_clock run is not reproducible: its manifest records what it sent")
     return [
         (node, request)
         for node in range(config.nodes)
@@ -1267,7 +1335,14 @@ class _Node:
     async def _send_all(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        specs = _specs(seed=cfg.seed, node=self.node, count=cfg.events, first_req_id=1, base_time_us=cfg.base_time_us)
+        specs = _specs(
+            seed=cfg.seed,
+            node=self.node,
+            count=cfg.events,
+            first_req_id=1,
+            base_time_us=cfg.base_time_us,
+            clock_us=wall_clock_us if cfg.wall_clock else None,
+        )
         frames = _framed(specs, cfg.notf_type)
         total, rate, window = cfg.events, cfg.rate, cfg.max_outstanding
         start = loop.time()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +330,38 @@ def test_manifest_has_one_line_per_sent_request(tmp_path: Path) -> None:
     for node in (0, 1):
         mine = [line for line in lines if line["node"] == node]
         assert mine == [manifest_record(n, r) for n, r in expected_requests(config) if n == node]
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_wall_clock_stamps_each_request_when_it_is_sent_without_drift(loop_name: str, tmp_path: Path) -> None:
+    """Issue 15 #5: GenerationTime is the clock when a request is sent, not a base plus accumulated offsets.
+    The old stream advanced ~0.75 ms per event whatever the rate, so at 500/s it fell 1.25 ms behind per event
+    (7.5 s after 12 s). A request cannot be sent before its slot on the schedule (start + i/rate), so its stamp
+    is at least i/rate after the run began; the manifest is the record of a stream no seed reproduces."""
+    manifest = tmp_path / "sent.jsonl"
+    rate, events = 500.0, 300
+    before_us = time.time_ns() // 1000
+    report, fake, config = run_on(
+        loop_name,
+        simulate(None, nodes=2, events=events, rate=rate, chunk_events=16, wall_clock=True, manifest=manifest),
+    )
+    after_us = time.time_ns() // 1000
+    assert report.completed
+    assert report.sent == 2 * events
+    lines = [orjson.loads(line) for line in manifest.read_bytes().splitlines()]
+    for conn in fake.conns:
+        node = node_of(conn, config)
+        sent = screen_requests(conn)
+        assert len(sent) == events
+        times = [r.common.generation_time or 0 for r in sent]
+        assert before_us <= times[0]
+        assert times[-1] <= after_us
+        assert all(a < b for a, b in itertools.pairwise(times))
+        slack_us = 20_000  # the event loop's monotonic clock against the wall clock
+        assert all(t - before_us >= i / rate * 1e6 - slack_us for i, t in enumerate(times))
+        assert [line for line in lines if line["node"] == node] == [manifest_record(node, r) for r in sent]
+    with pytest.raises(ValueError, match="manifest"):
+        expected_requests(config)
 
 
 # ------------------------------------------------------------------------------------------- sync mode

@@ -5,6 +5,8 @@ When this fails, run `make lock` (the Makefile's header says how the locks are m
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,3 +186,33 @@ def test_the_makefile_installs_the_locks_with_hashes_and_the_project_without_dep
     assert re.search(r"^\$\(DEV_STAMP\): requirements-dev\.lock ", makefile, flags=re.MULTILINE)
     assert re.search(r"^run: \$\(RUN_STAMP\)$", makefile, flags=re.MULTILINE)
     assert re.search(r"^test: \$\(DEV_STAMP\)$", makefile, flags=re.MULTILINE)
+
+
+def _make_dry_run(*arguments: str, venv: Path) -> list[str]:
+    """What `make` would run, without running it (``-n``), with the venv pointed at a directory that does not
+    exist: every install step shows."""
+    done = subprocess.run(
+        ["make", "-n", "--no-print-directory", "-C", str(ROOT), f"VENV={venv}", *arguments],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout.splitlines()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_installs_the_runtime_lock_only_and_listens_on_loopback(tmp_path: Path) -> None:
+    """Issue 15 #6: `make run` is a runtime install (no pytest, mypy, ruff) and its demo listens on 127.0.0.1
+    unless LISTEN_HOST says otherwise; `serve` itself keeps 0.0.0.0 for the container."""
+    venv = tmp_path / "fresh"
+    commands = _make_dry_run("run", venv=venv)
+    installs = [line for line in commands if " install " in line and " -r " in line]
+    assert installs
+    assert all("-r requirements.lock" in line and "requirements-dev.lock" not in line for line in installs)
+    assert commands[-1] == f"{venv}/bin/fpolicyd serve --listen-host 127.0.0.1"
+    exposed = _make_dry_run("run", "LISTEN_HOST=0.0.0.0", venv=venv)
+    assert exposed[-1] == f"{venv}/bin/fpolicyd serve --listen-host 0.0.0.0"
+    from fpolicyd.config import Settings
+
+    assert Settings.model_fields["listen_host"].default == "0.0.0.0"  # the container's default

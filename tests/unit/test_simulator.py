@@ -24,6 +24,7 @@ from fpolicyd.simulator import (
     DEFAULT_BASE_TIME_US,
     DEFAULT_VERSIONS,
     SimulatorConfig,
+    SimulatorConfigError,
     expected_requests,
     generate_frames,
     generate_requests,
@@ -413,3 +414,42 @@ def test_manifest_record() -> None:
     assert record["paths"] == {p.type: p.name for p in request.common.access_paths}
     assert record["target_paths"] == {p.type: p.name for p in request.target_paths}
     assert set(record["paths"]) == {"WIN_NAME", "UNIX_NAME"}
+
+
+# ------------------------------------------------------------------------------------------- wall clock
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=10**17), min_size=1, max_size=60))
+def test_a_clocked_stream_follows_the_clock_and_stays_strictly_increasing(readings: list[int]) -> None:
+    """Each request carries the clock's reading when it is drawn (or 1 µs after the previous stamp when the
+    clock stood still or went back); nothing else about the request changes."""
+    clock = iter(readings)
+    count = len(readings)
+    clocked = list(generate_requests(seed=3, node=1, count=count, base_time_us=BASE, clock_us=lambda: next(clock)))
+    fixed = list(generate_requests(seed=3, node=1, count=count, base_time_us=BASE))
+    times = [r.common.generation_time for r in clocked]
+    previous = -1
+    for reading, stamp in zip(readings, times, strict=True):
+        assert stamp == (reading if reading > previous else previous + 1)
+        previous = stamp
+    assert [replace(r, common=replace(r.common, generation_time=0)) for r in clocked] == [
+        replace(r, common=replace(r.common, generation_time=0)) for r in fixed
+    ]
+
+
+def test_a_clocked_stream_reads_the_clock_as_each_request_is_drawn() -> None:
+    now = [1_000]
+    stream = generate_requests(seed=3, node=0, count=3, base_time_us=BASE, clock_us=lambda: now[0])
+    assert next(stream).common.generation_time == 1_000
+    now[0] = 5_000_000  # 5 s later: the next stamp is 5 s later too, not one seeded offset later
+    assert next(stream).common.generation_time == 5_000_000
+
+
+def test_wall_clock_config_is_validated_and_not_reproducible() -> None:
+    assert SimulatorConfig().wall_clock is False  # the programmatic default stays reproducible
+    with pytest.raises(SimulatorConfigError, match=r"SimulatorConfig\.wall_clock\b") as caught:
+        SimulatorConfig(wall_clock=1)  # type: ignore[arg-type]
+    assert (caught.value.name, caught.value.why, caught.value.value) == ("wall_clock", "must be a bool", 1)
+    with pytest.raises(ValueError, match="not reproducible"):
+        expected_requests(SimulatorConfig(wall_clock=True))

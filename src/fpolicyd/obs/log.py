@@ -1,4 +1,5 @@
-"""structlog set-up: JSON lines on stderr by default, one logger for the whole daemon."""
+"""structlog set-up: one logger for the whole daemon, JSON lines on stderr, or console lines when asked for (or,
+with ``auto``, when stderr is a terminal: a person reads it, as in structlog's own development set-up)."""
 
 from __future__ import annotations
 
@@ -25,14 +26,31 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (OSError, ValueError):  # a closed stream
+        return False
+
+
+def choose_renderer(fmt: str, terminal: bool) -> structlog.typing.Processor:
+    """``json``: one JSON object a line; ``console``: key=value lines, no colour codes; ``auto``: console with
+    colours on a terminal, JSON anywhere else (a pipe, a file, journald, a container's log driver)."""
+    if fmt == "json" or (fmt == "auto" and not terminal):
+        return structlog.processors.JSONRenderer()
+    if fmt in {"console", "auto"}:
+        return structlog.dev.ConsoleRenderer(colors=fmt == "auto", exception_formatter=structlog.dev.plain_traceback)
+    raise ValueError(f"log format must be auto, json or console, got {fmt!r}")
+
+
 def configure_logging(
     level: str = "info", fmt: str = "json", stream: Any = None, redactor: Redactor | None = None
 ) -> None:
     """Configure structlog once per process; safe to call again (tests, ``config check``). ``redactor`` masks
-    paths and user identities per the data classification (default: prod)."""
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    paths and user identities per the data classification (default: prod). ``fmt="auto"`` looks at the stream
+    (``sys.stderr`` unless given) once, now."""
+    renderer = choose_renderer(fmt, _is_terminal(stream if stream is not None else sys.stderr))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from fpolicyd.cli import add_settings_flags, settings_from_args
+from fpolicyd.cli import settings_from_args
 from fpolicyd.errors import settings_refused
 from fpolicyd.obs.log import configure_logging
+from fpolicyd.settings_flags import add_settings_flags
 
 if TYPE_CHECKING:
     from fpolicyd.config import Settings
@@ -24,7 +25,10 @@ if TYPE_CHECKING:
 # The REST client (aiohttp, AWS) is imported when an ontap command runs, not when any fpolicyd command builds
 # its parser: that import alone cost every command ~0.5-1.5 s on a loaded box.
 
-__all__ = ["add_ontap_parser", "run_ontap"]
+__all__ = ["REQUIRED_SETTINGS", "add_ontap_parser", "run_ontap"]
+
+#: What every ontap command needs (ops.connection_from_settings and credentials.resolve_credentials check them).
+REQUIRED_SETTINGS = ("ontap_url", "ontap_svm", "ontap_username", "ontap_password", "ontap_secret_id")
 
 _ACTIONS = {
     "plan": "show what `apply` would change (dry run)",
@@ -50,7 +54,13 @@ def add_ontap_parser(sub: Any) -> argparse.ArgumentParser:
                 help="IP address ONTAP connects to (overrides ontap_server_address; default: detected)",
             )
         action.add_argument("--format", choices=("text", "json"), default="text", help="output format")
-        add_settings_flags(action)
+        add_settings_flags(
+            action,
+            required=REQUIRED_SETTINGS,
+            required_title="required settings: where ONTAP is, which SVM, and credentials (ontap_username and "
+            "ontap_password, or ontap_secret_id)",
+            described=("ontap",),
+        )
     parser.set_defaults(func=run_ontap)
     return parser
 

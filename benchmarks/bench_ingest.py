@@ -42,6 +42,7 @@ def simulate(port: int, events: int, nodes: int) -> dict[str, Any]:
             "-m",
             "fpolicyd",
             "simulate",
+            "--fixed-time",  # the fixed, reproducible stream the figures were measured with
             "--port",
             str(port),
             "--nodes",

@@ -123,8 +123,9 @@ async def ingest_cpu_per_event(events_sent: int, observe: bool) -> float:
             await daemon.start()
             try:
                 cpu = time.process_time()
-                command = [sys.executable, "-m", "fpolicyd", "simulate", "--port", str(daemon.port), "--nodes", "2",
-                           "--events", str(events_sent // 2), "--keep-alive-interval-s", "0"]  # fmt: skip
+                command = [sys.executable, "-m", "fpolicyd", "simulate", "--fixed-time", "--port", str(daemon.port),
+                           "--nodes", "2", "--events", str(events_sent // 2),
+                           "--keep-alive-interval-s", "0"]  # fmt: skip
                 simulator = await asyncio.create_subprocess_exec(*command, stdout=subprocess.DEVNULL)
                 await asyncio.wait_for(simulator.wait(), 600)
                 worker = daemon.pipeline.workers[0]

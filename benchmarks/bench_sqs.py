@@ -45,6 +45,7 @@ def simulate(port: int, events: int) -> None:
             "-m",
             "fpolicyd",
             "simulate",
+            "--fixed-time",  # the fixed, reproducible stream the figures were measured with
             "--port",
             str(port),
             "--events",
@@ -107,6 +108,7 @@ def main() -> int:
                     "-m",
                     "fpolicyd",
                     "simulate",
+                    "--fixed-time",
                     "--port",
                     str(port),
                     "--events",

@@ -115,20 +115,6 @@ class TlsListener:
         self._handshakes: dict[asyncio.Task[None], FPolicyConnection] = {}
         self._serving = True
 
-    @classmethod
-    async def start(
-        cls,
-        ctx: ServerContext,
-        *,
-        host: str,
-        port: int,
-        backlog: int,
-        ssl_context: ssl.SSLContext,
-        handshake_timeout_s: float,
-    ) -> TlsListener:
-        sockets = await asyncio.to_thread(bind_sockets, host, port, backlog)
-        return cls(ctx, sockets, ssl_context, handshake_timeout_s)
-
     def is_serving(self) -> bool:
         return self._serving
 

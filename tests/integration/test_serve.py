@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from fpolicyd.app import Daemon
 from fpolicyd.events import NameMaps
@@ -21,6 +22,7 @@ from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.spool import Record, Spool, SpoolSettings
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import (
+    Alert,
     BackPressure,
     Handshake,
     ScreenRequest,
@@ -28,7 +30,7 @@ from fpolicyd.protocol.messages import (
     StatusQuery,
     StatusQueryResp,
 )
-from fpolicyd.protocol.session import SessionConfig
+from fpolicyd.protocol.session import NoticeKind, SessionConfig
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_message
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
@@ -157,6 +159,24 @@ async def test_a_peer_that_reads_its_replies_again_is_read_again(daemon: Daemon,
         assert len(await wait_for_events(tmp_path, count)) == count
     finally:
         peer.close()
+
+
+async def test_alerts_are_logged_once_per_severity_and_peer_per_interval(daemon: Daemon) -> None:
+    """ONTAP's alerts are worth a line each, but a peer can send them at will: the first per (severity, address)
+    is logged, the rest of the interval only counted in the next line (``suppressed``); the frames are counted."""
+    peer = await Peer.connect(daemon.port)
+    try:
+        await peer.send(NEGO_REQ.frame)
+        await peer.receive()
+        with capture_logs() as logs:
+            await peer.send(*(encode_message(Alert("S-1", "FATAL", f"fatal {n}")) for n in range(5)))
+            await peer.send(encode_message(Alert("S-1", "WARNING", "warning")))
+            assert await eventually(lambda: daemon.context.notices.get(NoticeKind.ALERT) == 6)
+        alerts = [line for line in logs if line["event"] == "ontap_alert"]
+        assert [(line["severity"], line["suppressed"]) for line in alerts] == [("FATAL", 0), ("WARNING", 0)]
+        assert [line["log_level"] for line in alerts] == ["error", "warning"]
+    finally:
+        await peer.close()
 
 
 async def test_a_bad_frame_closes_only_that_connection(daemon: Daemon, tmp_path: Path) -> None:

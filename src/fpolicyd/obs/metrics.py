@@ -713,7 +713,11 @@ class FpolicydCollector(Collector):
         routed = _counter("events_routed", "Events a use-case route took, by route (fan-out counts each).", ["route"])
         unrouted = _counter("events_unrouted", "Events no route took (routing on).")
         errors = _counter(
-            "dedup_errors", "Events the dedup store could not judge, by failure mode (open: delivered).", ["mode"]
+            "dedup_errors",
+            "Dedup judgements the store could not make, by failure mode: open (the event was delivered unchecked, "
+            "once) or closed (the event waits and is asked about again: every attempt counts, so an outage counts "
+            "each held event once per retry).",
+            ["mode"],
         )
         backlog = _gauge("processor_lag_records", "Spool records the processing stage has not handled yet.")
         room_waits = _counter(

@@ -471,7 +471,11 @@ class FPolicyConnection(asyncio.Protocol):
         if kind is NoticeKind.ALERT:
             severity = str(notice.fields.get("severity", ""))
             emit = log.error if severity.upper() == "FATAL" else log.warning
-            emit("ontap_alert", peer=self.peer, **notice.fields)
+            # A negotiated peer can send alerts at will (a fuzz run logged 10,167 FATAL lines): one line per
+            # (severity, peer address) per interval, carrying the count left out; every ONTAP node keeps its own.
+            suppressed = ctx.log_limiter.admit(f"ontap_alert:{severity.upper()}:{self.host}", ctx.clock())
+            if suppressed is not None:
+                emit("ontap_alert", peer=self.peer, suppressed=suppressed, **notice.fields)
         elif kind is NoticeKind.STATUS_QUERY:
             answer = notice.fields.get("answer")
             if answer is not None:

@@ -991,6 +991,14 @@ class Settings(BaseSettings):
                 " watermark below one segment could never be reached; reading paused at backpressure_pause_bytes"
                 " resumes under backpressure_high_bytes, so they must differ)"
             )
+        if self.spool_max_bytes - self.backpressure_pause_bytes < 2 * self.spool_segment_bytes:
+            raise ValueError(
+                "spool_max_bytes - backpressure_pause_bytes must be at least two spool segments "
+                f"(2 x spool_segment_bytes = {2 * self.spool_segment_bytes}), got "
+                f"{self.spool_max_bytes - self.backpressure_pause_bytes}: past the pause watermark the processing "
+                "stage still turns raw records into processed ones, and space frees only once it has finished a "
+                "segment and the sinks have passed it, so a smaller gap can leave it no room to finish one"
+            )
         return self
 
     @classmethod

@@ -216,3 +216,17 @@ def test_a_bad_inline_settings_file_is_named(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("FPOLICYD_SETTINGS_TOML", "no_such_key = 1")
     with pytest.raises(ConfigError, match="no_such_key"):
         load_settings(search_default_paths=False)
+
+
+def test_the_gap_above_the_pause_watermark_must_hold_two_segments() -> None:
+    """Past backpressure_pause_bytes only the processing stage appends, and space frees only once it has finished a
+    segment: a gap smaller than two segments could leave it no room to finish one (a deadlock at a full spool)."""
+    sizes = {
+        "spool_segment_bytes": 1 << 20,
+        "backpressure_low_bytes": 2 << 20,
+        "backpressure_high_bytes": 4 << 20,
+        "backpressure_pause_bytes": 8 << 20,
+    }
+    with pytest.raises(ConfigError, match="at least two spool segments"):
+        load_settings(overrides={**sizes, "spool_max_bytes": (9 << 20)}, search_default_paths=False)
+    assert load_settings(overrides={**sizes, "spool_max_bytes": (10 << 20)}, search_default_paths=False)

@@ -655,7 +655,14 @@ class _Node:
                 await asyncio.sleep(_RECONNECT_PAUSE_S)
         self.session_start_us = _now_us()
         frames = XmlFrameReader()
-        writer.write(encode_handshake(self.hello))
+        try:
+            writer.write(encode_handshake(self.hello))
+        except (OSError, RuntimeError) as exc:
+            # uvloop: RuntimeError once the transport is closed by a reset, as for the chunks (_send). A connect
+            # can succeed and be reset at once: the kernel takes it into the backlog of a daemon that is stopped
+            # (SIGSTOP before the kill mode's SIGKILL) and resets it when the process dies. ONTAP reconnects.
+            writer.close()
+            raise _DisconnectedError(f"reset before NEGO_REQ: {exc}") from exc
         pending: list[bytes] = []
         try:
             async with asyncio.timeout(10.0):

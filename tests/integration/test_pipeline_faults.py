@@ -18,27 +18,7 @@ from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings
 from fpolicyd.sinks.local import JsonlSender
 from fpolicyd.sinks.runner import RetryPolicy
-
-
-class Collect:
-    name = "collect"
-    max_records = 100
-    max_bytes = 1 << 20
-    max_in_flight = 1
-    linger_s = 0.0
-
-    def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def send(self, records: Sequence[Record]) -> Sequence[Record]:
-        self.payloads.extend(r.payload for r in records)
-        return ()
-
-    async def close(self) -> None:
-        return None
+from support.sinks import Collect
 
 
 def make(tmp_path: Path) -> tuple[Spool, Collect, EventPipeline]:
@@ -115,11 +95,10 @@ async def test_a_failed_fsync_stops_the_daemon(tmp_path: Path, monkeypatch: pyte
 
 class CountingSender(Collect):
     name = "counting"
-    max_records = 10
     linger_s = 0.5
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(max_records=10)
         self.sends = 0
 
     async def send(self, records: Sequence[Record]) -> Sequence[Record]:

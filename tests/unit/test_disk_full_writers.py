@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from fpolicyd.pipeline.dedup import DedupFailureMode, DedupRequest, EmbeddedDedu
 from fpolicyd.pipeline.disk import DiskFull, DiskRetry, Writer, sink_writer
 from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import encode_duplicate
-from fpolicyd.pipeline.spool import Record, Spool, SpoolIOError, SpoolSettings
+from fpolicyd.pipeline.spool import Spool, SpoolIOError, SpoolSettings
 from fpolicyd.pipeline.stage import StageState
 from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.server.pipeline import EventPipeline
@@ -28,6 +27,7 @@ from fpolicyd.sinks.jsonl import JsonlSettings, JsonlWriter
 from fpolicyd.sinks.ledger import LEDGER_CURSOR, DuplicateLedger
 from fpolicyd.storage.dedup_journal import DedupJournal, JournalError
 from support.full_disk import FullDisk, sqlite_full
+from support.sinks import Collect
 
 FAST = DiskRetry(initial_s=0.005, max_s=0.02)
 
@@ -146,27 +146,6 @@ def test_the_journal_never_raises_on_append_and_keeps_every_claim_through_a_full
 # --------------------------------------------------------------------------------------- spool roll
 
 
-class Collect:
-    name = "collect"
-    max_records = 1000
-    max_bytes = 1 << 20
-    max_in_flight = 1
-    linger_s = 0.0
-
-    def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def send(self, records: Sequence[Record]) -> Sequence[Record]:
-        self.payloads.extend(r.payload for r in records)
-        return ()
-
-    async def close(self) -> None:
-        return None
-
-
 def paused(pipeline: EventPipeline) -> bool:
     return pipeline.reading_paused
 
@@ -175,7 +154,7 @@ async def test_a_segment_roll_the_disk_refuses_holds_the_events_and_pauses_until
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spool = Spool.open(SpoolSettings(directory=tmp_path / "spool", segment_bytes=4096, max_bytes=1 << 24), ["collect"])
-    sink = Collect()
+    sink = Collect(max_records=1000)
     pipeline = EventPipeline(
         spool,
         [sink],

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import orjson
 import pytest
 
 from fpolicyd.simulator import SimulatorConfig, run
-from support.serve import Served, read_events, start_serve, stop
+from support.serve import Served, read_events, serve_argv, start_serve, stop
 
 pytestmark = pytest.mark.slow
 
@@ -147,22 +146,7 @@ async def test_a_sink_that_cannot_start_fails_the_start_with_exit_2(tmp_path: Pa
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the sink's directory should be")
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fpolicyd",
-        "serve",
-        "--listen-host",
-        "127.0.0.1",
-        "--listen-port",
-        "0",
-        "--http-port",
-        "0",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--delivery-process",
-        "on",
-        "--sinks",
-        f"jsonl:{blocker / 'events'}",
+        *serve_argv(tmp_path / "data", "--delivery-process", "on", "--sinks", f"jsonl:{blocker / 'events'}"),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +21,7 @@ from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import ScreenResponse
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from fpolicyd.simulator import generate_requests, handshake
-from support.serve import read_events, start_serve, stop
+from support.serve import read_events, serve_argv, start_serve, stop
 
 pytestmark = pytest.mark.slow
 
@@ -173,18 +172,7 @@ async def test_a_malformed_fault_variable_stops_the_start_with_its_name(tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("FPOLICYD_")}
     env[FSYNC_EIO_AFTER_ENV] = "soon"
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fpolicyd",
-        "serve",
-        "--listen-host",
-        "127.0.0.1",
-        "--listen-port",
-        "0",
-        "--http-port",
-        "0",
-        "--data-dir",
-        str(tmp_path),
+        *serve_argv(tmp_path),
         cwd=tmp_path,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,

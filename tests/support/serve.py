@@ -39,6 +39,15 @@ async def _read_log(stream: asyncio.StreamReader, into: list[dict[str, Any]], re
             ready.set_result(int(record["port"]))
 
 
+def serve_argv(data_dir: Path, *flags: str) -> list[str]:
+    """The command line of `fpolicyd serve` on 127.0.0.1 with kernel-chosen FPolicy and HTTP ports (parallel daemons
+    must not compete for 9898 or 9100) and its data under ``data_dir``; ``flags`` come last."""
+    return [
+        sys.executable, "-m", "fpolicyd", "serve", "--listen-host", "127.0.0.1", "--listen-port", "0",
+        "--http-port", "0", "--data-dir", str(data_dir), *flags,
+    ]  # fmt: skip
+
+
 async def start_serve(
     tmp_path: Path, *flags: str, environment: Mapping[str, str] | None = None
 ) -> tuple[Served, asyncio.Task[None]]:
@@ -49,23 +58,7 @@ async def start_serve(
     env["FPOLICYD_VOLUME_NAMES"] = orjson.dumps({str(k): v for k, v in VOLUME_NAMES.items()}).decode()
     env.update(environment or {})
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fpolicyd",
-        "serve",
-        "--listen-host",
-        "127.0.0.1",
-        "--listen-port",
-        "0",
-        "--data-dir",
-        str(tmp_path),
-        "--svm-name",
-        "svm_e2e",
-        "--jsonl-fsync",
-        "never",
-        "--http-port",  # kernel-chosen: parallel daemons must not compete for 9100
-        "0",
-        *flags,
+        *serve_argv(tmp_path, "--svm-name", "svm_e2e", "--jsonl-fsync", "never", *flags),
         cwd=tmp_path,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,

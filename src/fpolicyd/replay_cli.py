@@ -76,26 +76,44 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
         "--events",
         type=int,
         default=10_000,
+        metavar="N",
         help="notifications in all: the total across the nodes, split evenly (default 10000)",
     )
-    shape.add_argument("--nodes", type=int, default=3, help="simulated nodes, one connection each (default 3)")
-    shape.add_argument("--outage-s", type=float, default=2.0, help="outage length, seconds (default 2)")
     shape.add_argument(
-        "--outage-fraction", type=_fraction, default=0.3, help="share generated during the outage (default 0.3)"
+        "--nodes", type=int, default=3, metavar="N", help="simulated nodes, one connection each (default 3)"
+    )
+    shape.add_argument("--outage-s", type=float, default=2.0, metavar="S", help="outage length, seconds (default 2)")
+    shape.add_argument(
+        "--outage-fraction",
+        type=_fraction,
+        default=0.3,
+        metavar="F",
+        help="share generated during the outage (default 0.3)",
     )
     shape.add_argument(
-        "--before-fraction", type=_fraction, default=0.4, help="share sent live before the outage (default 0.4)"
+        "--before-fraction",
+        type=_fraction,
+        default=0.4,
+        metavar="F",
+        help="share sent live before the outage (default 0.4)",
     )
     shape.add_argument(
-        "--duplicates", type=_fraction, default=0.0, help="share of backlog notifications sent twice (default 0)"
+        "--duplicates",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="share of backlog notifications sent twice (default 0)",
     )
     shape.add_argument("--shuffle", action="store_true", help="replay each backlog in a random order (default off)")
-    shape.add_argument("--seed", type=int, default=0, help="seed of the generated notifications (default 0)")
+    shape.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="seed of the generated notifications (default 0)"
+    )
     daemon = parser.add_argument_group("daemon (run by replay-test unless --target)")
     daemon.add_argument(
         "--restart-daemon",
         action="store_true",
-        help="restart the daemon half-way through the replay on the same data directory (see --restart-mode)",
+        help="restart the daemon half-way through the replay on the same data directory (see --restart-mode; "
+        "default off)",
     )
     daemon.add_argument(
         "--restart-mode",
@@ -106,7 +124,7 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
     daemon.add_argument(
         "--subprocess",
         action="store_true",
-        help="run the daemon as `python -m fpolicyd serve` (127.0.0.1, port 0) instead of in-process",
+        help="run the daemon as `python -m fpolicyd serve` (127.0.0.1, port 0) instead of in-process (default off)",
     )
     daemon.add_argument(
         "--engine-mode",
@@ -118,6 +136,7 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
         "--sync-window",
         type=int,
         default=500,
+        metavar="N",
         help="sync engine: unanswered requests per node at most (ONTAP max-server-reqs; default 500)",
     )
     daemon.add_argument(
@@ -128,7 +147,9 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a setting (as in fpolicyd.toml), e.g. jsonl_fsync=never; repeatable (default none)",
     )
-    daemon.add_argument("--data-dir", type=Path, help="the daemon's data directory (default: a temporary one)")
+    daemon.add_argument(
+        "--data-dir", type=Path, metavar="DIR", help="the daemon's data directory (default: a temporary one)"
+    )
     daemon.add_argument(
         "--target", type=_target, metavar="HOST:PORT", help="a running fpolicyd instead (default: none)"
     )
@@ -136,6 +157,7 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
         "--clock-tolerance-s",
         type=float,
         default=0.0,
+        metavar="S",
         help="with --target: the daemon's replay_clock_tolerance_s, for the expected flags (default 0)",
     )
     sink = parser.add_argument_group("sink (default: the daemon's JSON Lines directory)")
@@ -143,18 +165,28 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
         "--sink",
         metavar="sqs:QUEUE_URL|eventbridge:BUS",
         help="deliver there instead of JSON Lines and verify by draining the queue (AWS from the standard "
-        "environment, e.g. AWS_ENDPOINT_URL); with --target: the sink that daemon delivers to",
+        "environment, e.g. AWS_ENDPOINT_URL); with --target: the sink that daemon delivers to (default none)",
     )
     sink.add_argument(
         "--verify-queue",
         metavar="QUEUE_URL",
-        help="the SQS queue to drain: required with --sink eventbridge:BUS (the target of a rule on the bus)",
+        help="the SQS queue to drain: required with --sink eventbridge:BUS (the target of a rule on the bus); "
+        "default the sqs: sink's own queue",
     )
-    sink.add_argument("--sink-dir", type=Path, help="JSON Lines directory to verify (required with --target)")
+    sink.add_argument(
+        "--sink-dir",
+        type=Path,
+        metavar="DIR",
+        help="JSON Lines directory to verify (required with --target; default the daemon's)",
+    )
     output = parser.add_argument_group("output")
-    output.add_argument("--report", type=Path, help="write the full JSON report to this file (default: none)")
     output.add_argument(
-        "--json", action="store_true", help="the JSON report on stdout instead of the summary table (for scripts)"
+        "--report", type=Path, metavar="FILE", help="write the full JSON report to this file (default: none)"
+    )
+    output.add_argument(
+        "--json",
+        action="store_true",
+        help="the JSON report on stdout instead of the summary table, for scripts (default off)",
     )
     output.add_argument(
         "--plot",
@@ -172,17 +204,18 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
         "adjacent ones merged past that)",
     )
     output.add_argument(
-        "--progress-s", type=float, default=5.0, help="progress line period on stderr, 0: none (default 5)"
+        "--progress-s", type=float, default=5.0, metavar="S", help="progress line period on stderr, 0: none (default 5)"
     )
     bounds = parser.add_argument_group("time bounds")
     bounds.add_argument(
         "--settle-timeout-s",
         type=float,
         default=60.0,
+        metavar="S",
         help="wait this long at the end for the sink, seconds (default 60)",
     )
     bounds.add_argument(
-        "--timeout-s", type=float, default=1800.0, help="bound on the whole run, seconds (default 1800)"
+        "--timeout-s", type=float, default=1800.0, metavar="S", help="bound on the whole run, seconds (default 1800)"
     )
     return parser
 

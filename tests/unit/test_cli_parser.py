@@ -83,3 +83,54 @@ def test_every_fpolicyd_parser_is_the_suggesting_one() -> None:
 def test_did_you_mean_wording() -> None:
     assert did_you_mean("listen_prot", ["listen_port", "data_dir"]) == " (did you mean listen_port?)"
     assert did_you_mean("qqq", ["listen_port"]) == ""
+
+
+def command(*names: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = build_parser()
+    for name in names:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize(
+    "names", [("replay-test",), ("ontap",), ("ontap", "status"), ("ontap", "plan"), ("ontap", "apply")]
+)
+def test_every_option_has_a_help_text(names: tuple[str, ...]) -> None:
+    parser = command(*names)
+    options = [a for a in parser._actions if a.option_strings]
+    assert options
+    # Settings flags of areas listed by name (--help-settings AREA describes them) are the one exception.
+    listed = [a for a in options if a.help != argparse.SUPPRESS]
+    assert listed
+    assert all(a.help and a.help.strip() for a in listed), [a.option_strings for a in listed if not a.help]
+
+
+def test_replay_test_help_is_grouped_with_defaults_and_says_events_are_the_total(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = command("replay-test")
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in (action.help or ""), action.option_strings
+    with pytest.raises(SystemExit) as exited:
+        main(["replay-test", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    titles = ["\nrun shape:", "\ndaemon (", "\nsink (", "\noutput:", "\ntime bounds:"]
+    assert [text.index(t) for t in titles] == sorted(text.index(t) for t in titles)
+    assert text.index("--events N") < text.index("--restart-daemon") < text.index("--plot FILE.html")
+    assert "the total across the nodes" in " ".join(text.split())
+    assert "--plot-interval-s S" in text
+
+
+def test_ontap_status_help_puts_its_own_options_and_the_required_settings_first(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["ontap", "status", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "--format {text,json}  text for people, json for scripts (default text)" in text
+    order = [text.index(t) for t in ("--format", "required settings", "--ontap-url", "\nsettings:")]
+    assert order == sorted(order)

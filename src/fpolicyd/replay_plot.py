@@ -146,7 +146,7 @@ _RIGHT: Final = 150
 _TOP: Final = 28
 _BOTTOM: Final = 44
 _PHASE_FILL: Final = {
-    Phase.LIVE: "#ffffff",
+    Phase.LIVE: "#e6f4e6",
     Phase.OUTAGE: "#f8d7d7",
     Phase.REPLAY: "#dbe8f8",
     Phase.SETTLE: "#eeeeee",

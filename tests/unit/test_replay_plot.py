@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from array import array
 from typing import Any
 
 import pytest
 
+from fpolicyd.errors import ConfigError
 from fpolicyd.replay_plot import (
     MAX_TIMELINE_POINTS,
     Phase,
@@ -19,6 +21,7 @@ from fpolicyd.replay_plot import (
     render_html,
     timeline_json,
 )
+from fpolicyd.replay_test import TIMELINE_INTERVAL_S, TIMELINE_MIN_INTERVAL_S, ReplayTestConfig, _Timeline
 
 SVG = "{http://www.w3.org/2000/svg}"
 PHASES = [Phase.LIVE, Phase.LIVE, Phase.OUTAGE, Phase.OUTAGE, Phase.REPLAY, Phase.REPLAY, Phase.SETTLE]
@@ -167,3 +170,33 @@ def test_the_page_of_a_report_names_the_run_and_the_verdict() -> None:
     assert "1,234 lost" in lossy
     assert "lost = 0" not in lossy
     assert len(svgs(lossy)) == 3
+
+
+def test_the_sampler_slices_latencies_per_interval_and_keeps_at_most_the_cap() -> None:
+    timeline = _Timeline(None)
+    timeline.begin(2.0)
+    assert timeline.interval_s(2.0) == TIMELINE_MIN_INTERVAL_S  # early in the run: fine-grained
+    assert timeline.interval_s(2.0 + 100) == TIMELINE_INTERVAL_S
+    latencies = array("q", [1000, 3000])
+    timeline.sample(2.5, "live", sent=10, delivered=2, latencies_us=latencies)
+    latencies.extend([5000])
+    timeline.sample(3.0, "verify", sent=10, delivered=3, latencies_us=latencies)
+    first, second = timeline.points
+    assert (first.start_s, first.end_s, first.phase, first.sent, first.delivered) == (2.0, 2.5, Phase.LIVE, 10, 2)
+    assert (first.latency_count, first.max_ms) == (2, 3.0)
+    assert (second.phase, second.sent, second.delivered, second.latency_count, second.p50_ms) == (
+        Phase.SETTLE, 0, 1, 1, 5.0
+    )  # fmt: skip
+    fixed = _Timeline(0.5)
+    for i in range(1, MAX_TIMELINE_POINTS + 2):
+        fixed.sample(i * 0.5, "replay", sent=i, delivered=i, latencies_us=array("q"))
+    assert len(fixed.points) <= MAX_TIMELINE_POINTS
+    assert sum(p.sent for p in fixed.points) == MAX_TIMELINE_POINTS + 1
+    assert fixed.interval_s(0.0) == 1.0  # merged pairwise: the period doubles to match
+
+
+def test_a_sampling_period_must_be_positive() -> None:
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="timeline_interval_s"):
+            ReplayTestConfig(timeline_interval_s=bad)
+    assert ReplayTestConfig(timeline=True, timeline_interval_s=0.1).timeline_interval_s == 0.1

@@ -1280,14 +1280,17 @@ async def _sample_timeline(timeline: _Timeline, shared: _Shared, sink: SinkTail,
         timeline.sample_now(shared, sink, started)
 
 
-async def _tail(sink: SinkTail, shared: _Shared, stop: asyncio.Event) -> None:
-    """Poll the sink on a thread (the GIL is shared, but the event loop keeps its turns) until ``stop``."""
+async def _tail(
+    sink: SinkTail, shared: _Shared, stop: asyncio.Event, poll_s: Callable[[], float] = lambda: _SINK_POLL_S
+) -> None:
+    """Poll the sink on a thread (the GIL is shared, but the event loop keeps its turns) every ``poll_s()``
+    seconds until ``stop``."""
     while not stop.is_set():
         await asyncio.to_thread(sink.poll)
         if shared.phase == "verify" and _all_delivered(shared.expected, sink.delivered):
             shared.all_delivered.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), _SINK_POLL_S)
+            await asyncio.wait_for(stop.wait(), poll_s())
 
 
 #: Concurrent ReceiveMessage loops draining the verification queue (10 messages per call at most).
@@ -1447,8 +1450,16 @@ async def _run(
         nodes.append(_Node(cfg=cfg, node=node, count=count, shared=shared, address=address, source=source))
     shared.backlog_planned = sum(n.outage for n in nodes)
     stop_tail = asyncio.Event()
+    timeline = _Timeline(cfg.timeline_interval_s) if cfg.timeline else None
     if isinstance(sink, QueueTail):
         tail = asyncio.create_task(_drain_queue(sink, shared, stop_tail))
+    elif timeline is not None:
+        # Arrivals are counted when the tail reads them: it polls at least once per sampling interval, or the
+        # arrival rate would show the poll period (bursts every 0.25 s) rather than the sink's.
+        def poll_s() -> float:
+            return min(_SINK_POLL_S, timeline.interval_s(time.monotonic() - started))
+
+        tail = asyncio.create_task(_tail(sink, shared, stop_tail, poll_s))
     else:
         tail = asyncio.create_task(_tail(sink, shared, stop_tail))
     return await _drive_and_verify(
@@ -1462,6 +1473,7 @@ async def _run(
         log=log,
         started=started,
         before_verify=before_verify,
+        timeline=timeline,
     )
 
 
@@ -1488,9 +1500,9 @@ async def _drive_and_verify(
     log: IO[str],
     started: float,
     before_verify: Callable[[Path], None] | None,
+    timeline: _Timeline | None,
 ) -> dict[str, Any]:
     helpers: list[asyncio.Task[None]] = []
-    timeline = _Timeline(cfg.timeline_interval_s) if cfg.timeline else None
     try:
         async with asyncio.timeout(cfg.timeout_s):
             if daemon is not None:

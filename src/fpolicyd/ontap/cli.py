@@ -53,7 +53,12 @@ def add_ontap_parser(sub: Any) -> argparse.ArgumentParser:
                 "--address",
                 help="IP address ONTAP connects to (overrides ontap_server_address; default: detected)",
             )
-        action.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+        action.add_argument(
+            "--format",
+            choices=("text", "json"),
+            default="text",
+            help="text for people, json for scripts (default text)",
+        )
         add_settings_flags(
             action,
             required=REQUIRED_SETTINGS,

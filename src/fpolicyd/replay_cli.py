@@ -13,6 +13,7 @@ import uvloop
 
 from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import configure_logging
+from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.protocol.session import EngineMode
 from fpolicyd.replay_summary import summary_text
 from fpolicyd.replay_test import ReplayTestConfig, ReplayTestError, RestartMode, run_replay_test
@@ -164,7 +165,9 @@ def config_from_args(ns: argparse.Namespace) -> ReplayTestConfig:
 def run_replay_test_command(ns: argparse.Namespace) -> int:
     """Raises ConfigError on bad arguments (exit 2 from the CLI); 0 when nothing was lost, else 1."""
     config = config_from_args(ns)
-    configure_logging("warning", "json")  # the in-process daemon's warnings on stderr, beside the progress
+    configure_logging(
+        "warning", "json", redactor=Redactor()
+    )  # the in-process daemon's warnings on stderr, beside the progress
     try:
         report = uvloop.run(run_replay_test(config))
     except (ReplayTestError, OSError) as exc:

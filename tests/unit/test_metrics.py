@@ -29,15 +29,19 @@ from fpolicyd.obs.metrics import (
     Metrics,
     SinkInstruments,
 )
-from fpolicyd.pipeline.backpressure import Watermarks
+from fpolicyd.pipeline.backpressure import Pressure, Watermarks
+from fpolicyd.pipeline.disk import Writer, sink_writer
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.spool import Record, Spool, SpoolFsync, SpoolSettings
+from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
-from fpolicyd.protocol.session import NoticeKind, SessionConfig
+from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind, SessionConfig
+from fpolicyd.server.budget import Refusal
 from fpolicyd.server.connection import ServerContext
 from fpolicyd.server.metric_labels import METRIC_LABELS
 from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.tls_failures import TlsFailure
 from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter, SqsTarget
 from fpolicyd.sinks.cloud import AwsSender
 from fpolicyd.sinks.runner import RetryPolicy
@@ -344,6 +348,30 @@ def test_every_family_follows_the_naming_rules(spool: Spool, tmp_path: Path) -> 
         if family.type != "counter" and any(word in name for word in ("latency", "duration")):
             assert name.endswith("_seconds"), f"{name}: durations are in seconds"
         assert not re.search(r"_(ms|milliseconds|us|kb|mb|kib|mib)(_|$)", name), f"{name}: base units only"
+
+
+def test_every_member_of_the_label_enums_is_exported_before_it_is_seen(spool: Spool, tmp_path: Path) -> None:
+    """obs imports none of these enums: the daemon passes their members in (METRIC_LABELS), each a zero series."""
+    metrics, _ctx, pipeline, sqs = build(spool, tmp_path)
+    got = families(metrics)
+
+    def labels(family: str, label: str) -> list[str]:
+        return [s.labels[label] for s in got[family].samples if s.name == family + "_total" or s.name == family]
+
+    assert labels("fpolicyd_connections_rejected", "reason") == ["not_allowed", *(r.value for r in Refusal)]
+    assert labels("fpolicyd_tls_handshake_failures", "reason") == [f.value for f in TlsFailure]
+    assert labels("fpolicyd_status_queries", "answer") == list(STATUS_ANSWERS.values())
+    assert labels("fpolicyd_backpressure_state", "state") == [p.value for p in Pressure]
+    assert labels("fpolicyd_events_received", "operation") == [o.value for o in Operation]
+    frames = labels("fpolicyd_frames_received", "type")
+    assert frames[0] == NotfType.SCREEN_REQ
+    assert {NotfType.NEGO_REQ, NotfType.KEEP_ALIVE, NotfType.ALERT_MSG, "unknown", "unexpected"} <= set(frames)
+    sinks = [sink_writer(worker.name) for worker in pipeline.workers]
+    assert sink_writer(sqs.name) in sinks
+    for family in ("fpolicyd_disk_full", "fpolicyd_disk_full_episodes", "fpolicyd_disk_full_errors"):
+        assert labels(family, "writer") == [*(w.value for w in Writer), *sinks]
+    unseen = ("fpolicyd_connections_rejected", "fpolicyd_tls_handshake_failures", "fpolicyd_disk_full")
+    assert {s.value for name in got if name.startswith(unseen) for s in got[name].samples} == {0}
 
 
 def test_families_exist_before_the_daemon_started() -> None:

@@ -38,6 +38,7 @@ from fpolicyd.server.connection import ServerContext
 from fpolicyd.server.delivery import DeliverySpec, use_delivery_process
 from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.server.listener import ServerGroup, TlsListener, bind_listener
+from fpolicyd.server.metric_labels import METRIC_LABELS
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor, instance_id, start_processor
@@ -150,6 +151,7 @@ class Daemon:
         self.notifier = SystemdNotifier.from_environment()
         #: This daemon's Prometheus registry (one per daemon: several may run in one test process).
         self.metrics = Metrics(
+            labels=METRIC_LABELS,
             ingestion_slo_s=settings.slo_ingestion_latency_s,
             reconnect_slo_s=settings.slo_reconnect_s,
             replay_slo_s=settings.slo_replay_completion_s,

@@ -28,9 +28,9 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from fpolicyd.cli_parser import did_you_mean
 from fpolicyd.errors import ConfigError
 from fpolicyd.events import PATH_MAX_CHARS_MIN, PATH_TAIL_CHARS
-from fpolicyd.obs.classification import DataClassification, Redactor
 from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode
 from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV
+from fpolicyd.pipeline.redaction import DataClassification, Redactor
 from fpolicyd.pipeline.router import UnroutedAction
 from fpolicyd.pipeline.settle import SettleConfig, SettleOverride, SettleStrategy
 from fpolicyd.pipeline.spool import SpoolFsync

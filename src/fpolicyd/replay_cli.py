@@ -15,6 +15,7 @@ import uvloop
 
 from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import configure_logging
+from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.protocol.session import EngineMode
 from fpolicyd.replay_plot import MAX_TIMELINE_POINTS, plot_html
 from fpolicyd.replay_summary import summary_text
@@ -262,7 +263,8 @@ def run_replay_test_command(ns: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"--plot {ns.plot}: {exc}") from exc
     with plot if plot is not None else contextlib.nullcontext():
-        configure_logging("warning", "json")  # the in-process daemon's warnings on stderr, beside the progress
+        # The in-process daemon's warnings on stderr, beside the progress.
+        configure_logging("warning", "json", redactor=Redactor())
         try:
             report = uvloop.run(run_replay_test(config))
         except (ReplayTestError, OSError) as exc:

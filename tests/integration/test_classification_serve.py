@@ -11,6 +11,7 @@ import pytest
 
 from fpolicyd.app import Daemon
 from fpolicyd.obs.log import configure_logging
+from fpolicyd.pipeline.redaction import Redactor
 from support.captures import NEGO_REQ, NEGO_RESP, SMB_REN
 from support.peer import Peer, make_settings, wait_for_events
 
@@ -44,7 +45,7 @@ async def test_events_at_the_sink(tmp_path: Path, level: str, classify: bool, ha
 
 async def test_no_event_is_logged_at_info(tmp_path: Path) -> None:
     stream = io.StringIO()
-    configure_logging("info", "json", stream=stream)
+    configure_logging("info", "json", stream=stream, redactor=Redactor())
     try:
         daemon = Daemon(make_settings(tmp_path))
         await daemon.start()
@@ -58,7 +59,7 @@ async def test_no_event_is_logged_at_info(tmp_path: Path) -> None:
         finally:
             await daemon.stop()
     finally:
-        configure_logging()
+        configure_logging(redactor=Redactor())
     lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
     assert lines, "the daemon logged nothing at all"
     assert len(lines) < 50, "a log line per event"

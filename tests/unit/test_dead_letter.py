@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.obs.metrics import DROP_REASONS, DeadLetterFigures, Metrics
+from fpolicyd.server.metric_labels import METRIC_LABELS
 from fpolicyd.sinks.aws import DeadLetterWriter as ReExported
 from fpolicyd.sinks.dead_letter import (
     REASON_MAX_CHARS,
@@ -349,7 +350,7 @@ def test_metrics_sum_the_writers_of_both_processes(tmp_path: Path) -> None:
             )
         )
     )
-    metrics = Metrics(process_metrics=False)
+    metrics = Metrics(labels=METRIC_LABELS, process_metrics=False)
     metrics.watch_dead_letter([w.figures, lambda: remote], size=w.disk_bytes, limit_bytes=SMALL.max_bytes)
     got = families(metrics)
     records = got["fpolicyd_dead_letter_records"]

@@ -14,10 +14,10 @@ import pytest
 from fpolicyd import speedups
 from fpolicyd.errors import LocalProtocolError
 from fpolicyd.events import NameMaps, normalize
-from fpolicyd.obs.classification import DataClassification, Redactor
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_event_id
 from fpolicyd.pipeline.ingest import Ingest, IngestBatch, IngestCounters, IngestSession
 from fpolicyd.pipeline.records import DUPLICATE_TAG, duplicate_payload
+from fpolicyd.pipeline.redaction import DataClassification, Redactor
 from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.router import Router, RouteTable
 from fpolicyd.protocol.framing import XmlFrameReader

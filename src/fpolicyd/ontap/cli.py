@@ -15,6 +15,7 @@ import orjson
 from fpolicyd.cli import settings_from_args
 from fpolicyd.errors import settings_refused
 from fpolicyd.obs.log import configure_logging
+from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.settings_flags import add_settings_flags
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ def run_ontap(ns: argparse.Namespace) -> int:
     problems = ontap_problems(settings, ns.ontap_action)
     if problems:
         raise settings_refused(problems)
-    configure_logging(settings.log_level, settings.log_format.value)
+    configure_logging(settings.log_level, settings.log_format.value, redactor=Redactor())
     try:
         return uvloop.run(_run(ns, settings))
     except OntapError as exc:

@@ -20,9 +20,9 @@ from typing import Any, Final
 
 from fpolicyd.config import Settings
 from fpolicyd.errors import SinkError
-from fpolicyd.obs.classification import Redactor
 from fpolicyd.obs.log import configure_logging, get_logger
 from fpolicyd.pipeline.records import sink_selector
+from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.pipeline.spool import ReadPosition, SpoolTail
 from fpolicyd.server.channel import Channel, Message, open_channel
 from fpolicyd.sinks.aws import AwsClients

@@ -41,7 +41,6 @@ from typing import Final, TypeVar
 from fpolicyd.config import Settings
 from fpolicyd.errors import DiskFullError, SinkError, is_disk_full
 from fpolicyd.events import FileEvent
-from fpolicyd.obs.classification import Redactor
 from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.dedup import (
     AsyncDedupStore,
@@ -57,6 +56,7 @@ from fpolicyd.pipeline.dedup import (
 from fpolicyd.pipeline.disk import Writer
 from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import encode_processed, sink_selector
+from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.pipeline.router import Router, RouteTable, UnroutedAction
 from fpolicyd.pipeline.settle import SettleClock, SettleConfig, Settler, received_at_s
 from fpolicyd.pipeline.spool import Spool

@@ -4,10 +4,12 @@ loop, the daemon's fallback)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import pytest
+import structlog
 import uvloop
 
 if TYPE_CHECKING:
@@ -30,3 +32,18 @@ def moto() -> Iterator[MotoEndpoint]:
 
     with moto_server() as endpoint:
         yield endpoint
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """Every test starts with the logging configuration the one before it started with. A command run in process
+    (``fpolicyd ontap``, ``replay-test``) configures structlog at its own level; ``capture_logs`` swaps only the
+    processors, so a WARNING filter left behind hid the info lines that a later test on the same worker looked for
+    (whether it failed depended on xdist's scheduling)."""
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**config)
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -742,7 +742,7 @@ def test_items_of() -> None:
     assert items_of(batch.entries) == [e.item for e in batch.entries]
 
 
-def test_aws_retry_policy_is_the_runners() -> None:
+def test_aws_retry_policy() -> None:
     assert isinstance(AWS_RETRY, RetryPolicy)
     assert (AWS_RETRY.base_s, AWS_RETRY.cap_s) == (0.1, 20.0)
 

@@ -37,8 +37,9 @@ sys.path.insert(0, str(HERE))
 from fpolicyd.events import NameMaps, SessionContext, normalize  # noqa: E402 - benchmarks are run as scripts
 from fpolicyd.pipeline.router import Router, RouteTable  # noqa: E402
 from fpolicyd.simulator import generate_requests  # noqa: E402
-from fpolicyd.sinks.aws import Batch, Item, SqsTarget, plan_batches  # noqa: E402
-from fpolicyd.sinks.cloud import PACK_READ_BYTES, PACK_READ_RECORDS, SINGLE_READ_RECORDS  # noqa: E402
+from fpolicyd.sinks.aws.encode import Batch, Item, plan_batches  # noqa: E402
+from fpolicyd.sinks.aws.sender import PACK_READ_BYTES, PACK_READ_RECORDS, SINGLE_READ_RECORDS  # noqa: E402
+from fpolicyd.sinks.aws.targets import SqsTarget  # noqa: E402
 from fpolicyd.sinks.sqs_envelope import PackCompression  # noqa: E402
 
 #: SQS standard queues, US East (N. Virginia), 1 million to 100 billion requests a month; FIFO is $0.50.

@@ -43,7 +43,7 @@ from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor, instance_id, start_processor
 from fpolicyd.server.tls import ReloadableTls, TlsFiles
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
 from fpolicyd.sinks.ledger import LEDGER_CURSOR, DuplicateLedger
@@ -254,9 +254,11 @@ class Daemon:
             max_pool_connections=max(10, settings.sink_max_in_flight * 2),
             data_path=settings.aws_data_path,
         )
-        self._dead_letter = DeadLetterWriter.from_settings(settings)
+        self._dead_letter = DeadLetterWriter(settings.dead_letter_file, limits=settings.dead_letter_limits())
         await asyncio.to_thread(self._open_dead_letter, self._dead_letter)
-        senders: list[Sender] = list(build_senders(settings, self._clients, self._dead_letter, plan.uris))
+        senders: list[Sender] = list(
+            build_senders(settings.sink_options(), self._clients, self._dead_letter, plan.uris)
+        )
         names = {uri: sender.name for uri, sender in zip(plan.uris, senders, strict=True)}
         cursors = [sender.name for sender in senders]
         cursors += [PROCESSOR_CURSOR] if plan.enabled else []

@@ -1414,7 +1414,7 @@ async def run_replay_test(
     async with cleanup:
         sink: SinkTail
         if cfg.queue_url is not None:
-            from fpolicyd.sinks.aws import AwsClients  # noqa: PLC0415 - only queue verification needs botocore
+            from fpolicyd.sinks.aws.clients import AwsClients  # noqa: PLC0415 - only queue verification needs botocore
 
             clients = await cleanup.enter_async_context(AwsClients())
             queue = QueueTail(clients, cfg.queue_url, envelope=bool(cfg.sink and cfg.sink.startswith("eventbridge:")))

@@ -22,7 +22,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from fpolicyd.app import Daemon
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.captures import NEGO_REQ, NEGO_RESP
 from support.dynamodb_faults import DynamoDbFaults
 from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from fpolicyd.app import Daemon
 from fpolicyd.simulator import SimulatorConfig, run
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.moto_server import MotoEndpoint, create_queue, isolate_aws_env
 from support.observability import make_settings, one, scrape
 from support.sqs_faults import SqsFaults

@@ -14,7 +14,7 @@ import pytest
 
 from fpolicyd.app import Daemon
 from fpolicyd.errors import SinkError
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.captures import NEGO_REQ, NEGO_RESP
 from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env
 from support.notifications import frame

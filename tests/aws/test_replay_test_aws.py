@@ -21,7 +21,7 @@ from fpolicyd.events import EventBuilder, NameMaps
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import FileNotification, Reply, Session, SessionConfig
 from fpolicyd.replay_test import QueueTail, ReplayTestConfig, RestartMode, _final_drain, run_replay_test
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.moto_server import MotoEndpoint, bus_with_queue_rule, create_queue, isolate_aws_env
 
 #: A storm's wait for its sink (settle_timeout_s below) ends well inside pytest's limit for these tests: a loss is

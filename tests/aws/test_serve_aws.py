@@ -15,7 +15,7 @@ import pytest
 
 from fpolicyd.events import load_event_schema
 from fpolicyd.simulator import SimulatorConfig, run
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.moto_server import (
     MotoEndpoint,
     bus_with_queue_rule,

@@ -42,9 +42,11 @@ from fpolicyd.server.connection import ServerContext
 from fpolicyd.server.metric_labels import METRIC_LABELS
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.tls_failures import TlsFailure
-from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter, SqsTarget
-from fpolicyd.sinks.cloud import AwsSender
-from fpolicyd.sinks.runner import RetryPolicy
+from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.sinks.aws.sender import AwsSender
+from fpolicyd.sinks.aws.targets import SqsTarget
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
+from fpolicyd.sinks.retry import RetryPolicy
 from support.observability import REQUIRED_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -62,9 +62,9 @@ from fpolicyd.pipeline.settle import SettleClock, SettleConfig, Settler, receive
 from fpolicyd.pipeline.spool import Spool
 from fpolicyd.pipeline.stage import Candidate, Destinations, Stage, StageState
 from fpolicyd.server.pipeline import EventPipeline
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dedup_dynamodb import DynamoDbDedupStore
-from fpolicyd.sinks.runner import RetryPolicy
+from fpolicyd.sinks.retry import RetryPolicy
 
 log = get_logger("fpolicyd.processor")
 
@@ -630,7 +630,15 @@ async def start_processor(
     if plan.dedup:
         now = wall_clock()
         if settings.dedup_backend is DedupBackend.dynamodb:
-            dedup_async = DynamoDbDedupStore.from_settings(settings, clients)
+            if not settings.dedup_dynamodb_table:
+                raise SinkError("dedup_dynamodb_table is not set", retriable=False)
+            dedup_async = DynamoDbDedupStore(
+                clients,
+                settings.dedup_dynamodb_table,
+                max_in_flight=settings.dedup_dynamodb_max_in_flight,
+                retries=settings.dedup_dynamodb_retries,
+                failure_mode=settings.dedup_failure_mode,
+            )
             try:
                 await dedup_async.check_table()  # a missing table stops the start with the table named
             except SinkError as exc:

@@ -25,7 +25,7 @@ The sink verified is the daemon's JSON Lines directory, or an SQS queue (``sink`
 checked through a rule that targets the queue ``verify_queue``): the queue is drained (ReceiveMessage with
 WaitTimeSeconds, DeleteMessageBatch) while the storm runs and afterwards, bounded in time.
 
-Every notification's ``event_id`` is computed by the generator (:meth:`fpolicyd.simulator.NodeStream.event_id`,
+Every notification's ``event_id`` is computed by the generator (:meth:`fpolicyd.simulator.generate.NodeStream.event_id`,
 the recipe of ``fpolicyd.events.normalize``), so the verifier only needs a set of ids (kept as 128-bit ints) to
 say what was delivered, lost or delivered twice; the backlog is held as small specs and rendered when sent, so
 memory stays bounded at a million events. The sink is tailed while the storm runs (progress, arrival latency).
@@ -63,7 +63,9 @@ from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import BackPressure, HandshakeResp, ScreenResponse
 from fpolicyd.protocol.session import EngineMode
 from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake
-from fpolicyd.simulator import DEFAULT_VS_UUID, MAX_NODES, NodeStream, NotificationSpec, handshake
+from fpolicyd.simulator.client import MAX_NODES
+from fpolicyd.simulator.generate import DEFAULT_VS_UUID, NodeStream, NotificationSpec
+from fpolicyd.simulator.peer import handshake
 
 __all__ = [
     "QueueTail",

@@ -26,8 +26,8 @@ from fpolicyd.config import AwsDataPath
 from fpolicyd.errors import SinkError
 from fpolicyd.events import FileEvent
 from fpolicyd.pipeline.spool import Record
-from fpolicyd.simulator import SimulatorConfig
-from fpolicyd.simulator import run as run_simulation
+from fpolicyd.simulator.client import SimulatorConfig
+from fpolicyd.simulator.client import run as run_simulation
 from fpolicyd.sinks import cloud
 from fpolicyd.sinks.aws import (
     AwsClients,

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from fpolicyd.app import Daemon
-from fpolicyd.simulator import SimulatorConfig, run
+from fpolicyd.simulator.client import SimulatorConfig, run
 from fpolicyd.sinks.aws import AwsClients
 from support.moto_server import MotoEndpoint, create_queue, isolate_aws_env
 from support.observability import make_settings, one, scrape

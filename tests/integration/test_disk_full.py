@@ -23,7 +23,7 @@ from fpolicyd.app import Daemon
 from fpolicyd.pipeline.dedup import EmbeddedDedupStore
 from fpolicyd.pipeline.disk import Writer
 from fpolicyd.server.processor import STATE_FILE
-from fpolicyd.simulator import SimulatorConfig, run
+from fpolicyd.simulator.client import SimulatorConfig, run
 from support.captures import NEGO_REQ, NEGO_RESP
 from support.full_disk import FullDisk, sqlite_full
 from support.notifications import frame

@@ -29,7 +29,8 @@ from fpolicyd.protocol.messages import (
     StatusQueryResp,
 )
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
-from fpolicyd.simulator import SimulatorConfig, SimulatorError, expected_requests, handshake, run
+from fpolicyd.simulator.client import SimulatorConfig, SimulatorError, expected_requests, run
+from fpolicyd.simulator.peer import handshake
 from support.captures import NEGO_REQ, NEGO_RESP, SMB_OPEN
 from support.peer import Peer
 from support.serve import VOLUME_NAMES, Served, read_events, start_serve, stop

@@ -23,7 +23,7 @@ from fpolicyd.pipeline.router import Router, RouteTable
 from fpolicyd.protocol.req_types import parse_req_type
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor
-from fpolicyd.simulator import SimulatorConfig, expected_requests, run
+from fpolicyd.simulator.client import SimulatorConfig, expected_requests, run
 from fpolicyd.sinks.ledger import LEDGER_CURSOR
 from support.moto_server import isolate_aws_env
 from support.observability import REQUIRED_FAMILIES, get, http_get, make_settings, one, scrape

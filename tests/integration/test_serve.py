@@ -34,7 +34,7 @@ from fpolicyd.protocol.session import NoticeKind, SessionConfig
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_message
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
-from fpolicyd.simulator import generate_frames
+from fpolicyd.simulator.generate import generate_frames
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 from support.notifications import BASE_GENERATION_US
 from support.peer import Peer, eventually, jsonl_events, make_settings, wait_for_events

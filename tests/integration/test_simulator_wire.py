@@ -39,15 +39,9 @@ from fpolicyd.protocol.xml_codec import (
     encode_message,
     encode_screen_response,
 )
-from fpolicyd.simulator import (
-    SimulationReport,
-    SimulatorConfig,
-    SimulatorError,
-    expected_requests,
-    handshake,
-    manifest_record,
-    run,
-)
+from fpolicyd.simulator.client import SimulationReport, SimulatorConfig, SimulatorError, expected_requests, run
+from fpolicyd.simulator.generate import manifest_record
+from fpolicyd.simulator.peer import handshake
 
 T = TypeVar("T")
 

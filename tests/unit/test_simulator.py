@@ -21,18 +21,15 @@ from fpolicyd.protocol.framing import XmlFrameReader, split_payload
 from fpolicyd.protocol.messages import PathNameType, ScreenRequest, UserKind
 from fpolicyd.protocol.req_types import REQ_TYPES
 from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake, encode_screen_request
-from fpolicyd.simulator import (
+from fpolicyd.simulator.client import SimulatorConfig, SimulatorConfigError, expected_requests
+from fpolicyd.simulator.generate import (
     DEFAULT_BASE_TIME_US,
-    DEFAULT_VERSIONS,
     NodeStream,
-    SimulatorConfig,
-    SimulatorConfigError,
-    expected_requests,
     generate_frames,
     generate_requests,
-    handshake,
     manifest_record,
 )
+from fpolicyd.simulator.peer import DEFAULT_VERSIONS, handshake
 from support.captures import SMB_OPEN, SMB_REN
 
 BASE = DEFAULT_BASE_TIME_US

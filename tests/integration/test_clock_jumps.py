@@ -21,9 +21,10 @@ from typing import Any
 import orjson
 
 from fpolicyd.app import Daemon
+from fpolicyd.simulator.peer import OntapPeer
 from support.captures import NEGO_REQ, NEGO_RESP
 from support.notifications import frame
-from support.peer import Peer, make_settings
+from support.peer import loopback_peer, make_settings
 
 HOUR = 3600.0
 
@@ -52,11 +53,11 @@ async def wait_for(directory: Path, count: int, within: float = 15.0) -> list[di
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, clock: SteppedClock, **overrides: Any) -> AsyncIterator[tuple[Daemon, Peer]]:
+async def running(tmp_path: Path, clock: SteppedClock, **overrides: Any) -> AsyncIterator[tuple[Daemon, OntapPeer]]:
     daemon = Daemon(make_settings(tmp_path, **overrides), wall_clock=clock)
     await daemon.start()
     try:
-        peer = await Peer.connect(daemon.port)
+        peer = await loopback_peer(daemon.port)
         await peer.send(NEGO_REQ.frame)
         assert await peer.receive() == NEGO_RESP.payload
         yield daemon, peer

@@ -16,9 +16,10 @@ import pytest
 
 from fpolicyd.app import Daemon
 from fpolicyd.protocol.xml_codec import frame_message
+from fpolicyd.simulator.peer import OntapPeer
 from support.captures import NEGO_REQ, SMB_OPEN, SMB_REN
 from support.observability import one, scrape
-from support.peer import Peer, make_settings, wait_for_events
+from support.peer import loopback_peer, make_settings, wait_for_events
 
 CAP = 64 << 10  # 4 files of 16 KiB
 SAMPLE = 256
@@ -66,7 +67,7 @@ def dead_letters(directory: Path) -> list[dict[str, object]]:
 
 
 async def garbage(port: int, payloads: list[bytes]) -> None:
-    peer = await Peer.connect(port)
+    peer = await loopback_peer(port)
     try:
         await peer.send(*(frame(p) for p in payloads))
         assert await peer.closed_by_server(within=20)
@@ -74,8 +75,8 @@ async def garbage(port: int, payloads: list[bytes]) -> None:
         await peer.close()
 
 
-async def stream(port: int, count: int) -> Peer:
-    peer = await Peer.connect(port)
+async def stream(port: int, count: int) -> OntapPeer:
+    peer = await loopback_peer(port)
     await peer.send(NEGO_REQ.frame)
     await peer.receive()
     for start in range(0, count, 50):

@@ -15,10 +15,11 @@ import orjson
 from fpolicyd.app import Daemon
 from fpolicyd.pipeline.spool import Record
 from fpolicyd.server.processor import Processor
+from fpolicyd.simulator.peer import OntapPeer
 from fpolicyd.sinks.local import JsonlSender
 from support.captures import NEGO_REQ, NEGO_RESP
 from support.notifications import frame
-from support.peer import Peer, eventually, make_settings
+from support.peer import eventually, loopback_peer, make_settings
 
 #: A spool small enough to fill in a test, shaped like the defaults (the gap from the pause watermark to the maximum
 #: holds several segments, and less than the raw records reading may leave): reading pauses at 1 MiB, the stage
@@ -69,12 +70,12 @@ async def wait_for(directory: Path, count: int, within: float = 10.0) -> list[di
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Daemon, Peer]]:
+async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Daemon, OntapPeer]]:
     settings = {"dedup_mode": "exact", **overrides}
     daemon = Daemon(make_settings(tmp_path, **settings))
     await daemon.start()
     try:
-        peer = await Peer.connect(daemon.port)
+        peer = await loopback_peer(daemon.port)
         await peer.send(NEGO_REQ.frame)
         assert await peer.receive() == NEGO_RESP.payload
         yield daemon, peer
@@ -237,7 +238,7 @@ async def test_a_crashed_stage_stops_the_daemon_instead_of_starving_the_sinks(tm
             raise RuntimeError("the store's file system went away")
 
         processor._dedup.check_many = broken  # type: ignore[union-attr,method-assign]
-        peer = await Peer.connect(daemon.port)
+        peer = await loopback_peer(daemon.port)
         await peer.send(NEGO_REQ.frame)
         await peer.receive()
         await peer.send(frame(1, "SMB_WR", "/data/a.csv"))

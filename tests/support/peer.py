@@ -1,5 +1,5 @@
-"""Helpers for tests that drive a daemon over loopback: settings for a temporary data dir, a minimal ONTAP peer
-(plain TCP or TLS) and readers of the JSON Lines it produced."""
+"""Helpers for tests that drive a daemon over loopback: settings for a temporary data dir, a connection as an ONTAP
+node (:class:`~fpolicyd.simulator.peer.OntapPeer`, plain TCP or TLS) and readers of the JSON Lines it produced."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from fpolicyd.config import Settings, load_settings
-from fpolicyd.protocol.framing import XmlFrameReader
+from fpolicyd.simulator.peer import OntapPeer
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -33,44 +33,9 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return load_settings(overrides=base, search_default_paths=False)
 
 
-class Peer:
-    """A minimal ONTAP node: frames out, frames in."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.frames = XmlFrameReader()
-        self.inbox: list[bytes] = []
-
-    @classmethod
-    async def connect(cls, port: int, tls: ssl.SSLContext | None = None) -> Peer:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
-        return cls(reader, writer)
-
-    async def send(self, *frames: bytes) -> None:
-        self.writer.write(b"".join(frames))
-        await self.writer.drain()
-
-    async def receive(self, within: float = 5.0) -> bytes:
-        while not self.inbox:
-            data = await asyncio.wait_for(self.reader.read(65536), within)
-            if not data:
-                raise ConnectionError("closed by the server")
-            self.inbox.extend(self.frames.feed(data))
-        return self.inbox.pop(0)
-
-    async def closed_by_server(self, within: float = 5.0) -> bool:
-        try:
-            while True:
-                data = await asyncio.wait_for(self.reader.read(65536), within)
-                if not data:
-                    return True
-        except (ConnectionError, TimeoutError):
-            return False
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
+async def loopback_peer(port: int, tls: ssl.SSLContext | None = None) -> OntapPeer:
+    """An ONTAP node's connection to the daemon under test, which listens on 127.0.0.1."""
+    return await OntapPeer.connect("127.0.0.1", port, tls=tls)
 
 
 def jsonl_events(root: Path) -> list[dict[str, Any]]:

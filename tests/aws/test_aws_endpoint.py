@@ -49,8 +49,8 @@ from fpolicyd.sinks.aws import (
 )
 from fpolicyd.sinks.aws_transport import LeanAwsClient
 from fpolicyd.sinks.cloud import AwsSender
+from support.daemon import make_settings
 from support.moto_server import isolate_aws_env
-from support.peer import make_settings
 
 FAST = RetryPolicy(base_s=0.001, cap_s=0.005)
 

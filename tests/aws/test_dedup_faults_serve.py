@@ -25,11 +25,12 @@ from fpolicyd.app import Daemon
 from fpolicyd.simulator.peer import OntapPeer
 from fpolicyd.sinks.aws import AwsClients
 from support.captures import NEGO_REQ, NEGO_RESP
+from support.daemon import make_settings
 from support.dynamodb_faults import DynamoDbFaults
 from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env
 from support.notifications import frame
 from support.observability import one, scrape
-from support.peer import loopback_peer, make_settings
+from support.peer import loopback_peer
 from support.tcp_proxy import Proxy
 
 

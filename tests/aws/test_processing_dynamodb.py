@@ -16,9 +16,10 @@ from fpolicyd.app import Daemon
 from fpolicyd.errors import SinkError
 from fpolicyd.sinks.aws import AwsClients
 from support.captures import NEGO_REQ, NEGO_RESP
+from support.daemon import make_settings
 from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env
 from support.notifications import frame
-from support.peer import loopback_peer, make_settings
+from support.peer import loopback_peer
 
 
 @pytest.fixture

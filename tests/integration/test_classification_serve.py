@@ -12,7 +12,8 @@ import pytest
 from fpolicyd.app import Daemon
 from fpolicyd.obs.log import configure_logging
 from support.captures import NEGO_REQ, NEGO_RESP, SMB_REN
-from support.peer import loopback_peer, make_settings, wait_for_events
+from support.daemon import make_settings
+from support.peer import loopback_peer, wait_for_events
 
 
 def sha16(path: str) -> str:

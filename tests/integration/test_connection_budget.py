@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,19 +18,8 @@ from fpolicyd.app import Daemon
 from fpolicyd.simulator.peer import OntapPeer
 from support.captures import NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 from support.observability import http_get
-from support.peer import loopback_peer, make_settings, wait_for_events
+from support.peer import loopback_peer, wait_for_events
 from support.serve import Served, read_events, start_serve, stop
-
-
-@pytest.fixture
-async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
-    marker = request.node.get_closest_marker("settings")
-    d = Daemon(make_settings(tmp_path, **(marker.kwargs if marker else {})))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.stop()
 
 
 async def negotiate(peer: OntapPeer) -> None:

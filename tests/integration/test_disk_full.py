@@ -25,9 +25,10 @@ from fpolicyd.pipeline.disk import Writer
 from fpolicyd.server.processor import STATE_FILE
 from fpolicyd.simulator.client import SimulatorConfig, run
 from support.captures import NEGO_REQ, NEGO_RESP
+from support.daemon import make_settings
 from support.full_disk import FullDisk, sqlite_full
 from support.notifications import frame
-from support.peer import loopback_peer, make_settings
+from support.peer import loopback_peer
 from support.serve import VOLUME_NAMES, read_events
 
 pytestmark = pytest.mark.slow

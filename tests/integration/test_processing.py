@@ -17,9 +17,10 @@ from fpolicyd.pipeline.spool import Record
 from fpolicyd.server.processor import Processor
 from fpolicyd.simulator.peer import OntapPeer
 from fpolicyd.sinks.local import JsonlSender
-from support.captures import NEGO_REQ, NEGO_RESP
+from support.captures import NEGO_REQ
+from support.daemon import make_settings, running_daemon
 from support.notifications import frame
-from support.peer import eventually, loopback_peer, make_settings
+from support.peer import eventually, loopback_peer, negotiated_peer
 
 #: A spool small enough to fill in a test, shaped like the defaults (the gap from the pause watermark to the maximum
 #: holds several segments, and less than the raw records reading may leave): reading pauses at 1 MiB, the stage
@@ -71,17 +72,12 @@ async def wait_for(directory: Path, count: int, within: float = 10.0) -> list[di
 
 @asynccontextmanager
 async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Daemon, OntapPeer]]:
-    settings = {"dedup_mode": "exact", **overrides}
-    daemon = Daemon(make_settings(tmp_path, **settings))
-    await daemon.start()
-    try:
-        peer = await loopback_peer(daemon.port)
-        await peer.send(NEGO_REQ.frame)
-        assert await peer.receive() == NEGO_RESP.payload
+    """Not the ``daemon`` fixture: exact dedup (what processing does), settings that name files under
+    ``tmp_path`` (routes), and a peer past NEGO."""
+    async with running_daemon(make_settings(tmp_path, **{"dedup_mode": "exact", **overrides})) as daemon:
+        peer = await negotiated_peer(daemon.port)
         yield daemon, peer
         await peer.close()
-    finally:
-        await daemon.stop()
 
 
 def routes_file(tmp_path: Path) -> Path:

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -36,20 +36,9 @@ from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.simulator.generate import generate_frames
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
+from support.daemon import make_settings
 from support.notifications import BASE_GENERATION_US
-from support.peer import eventually, jsonl_events, loopback_peer, make_settings, wait_for_events
-
-
-@pytest.fixture
-async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
-    marker = request.node.get_closest_marker("settings")
-    overrides = marker.kwargs if marker else {}
-    d = Daemon(make_settings(tmp_path, **overrides))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.stop()
+from support.peer import eventually, jsonl_events, loopback_peer, wait_for_events
 
 
 async def test_handshake_over_tcp_is_byte_exact(daemon: Daemon) -> None:

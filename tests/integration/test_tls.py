@@ -26,8 +26,9 @@ from fpolicyd.config import TlsMode
 from fpolicyd.errors import ConfigError
 from fpolicyd.simulator.peer import OntapPeer
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
+from support.daemon import make_settings, marked_settings, running_daemon
 from support.observability import http_get
-from support.peer import loopback_peer, make_settings, wait_for_events
+from support.peer import loopback_peer, wait_for_events
 from support.serve import start_serve, stop
 
 
@@ -77,14 +78,10 @@ def pki(tmp_path: Path) -> Pki:
 
 @pytest.fixture
 async def tls_daemon(tmp_path: Path, pki: Pki, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
-    marker = request.node.get_closest_marker("settings")
-    overrides = {**pki.settings(TlsMode.SERVER_AUTH), **(marker.kwargs if marker else {})}
-    daemon = Daemon(make_settings(tmp_path, **overrides))
-    await daemon.start()
-    try:
+    """Not the ``daemon`` fixture: TLS with this test's certificates (the ``pki`` fixture) under the markers."""
+    overrides = {**pki.settings(TlsMode.SERVER_AUTH), **marked_settings(request)}
+    async with running_daemon(make_settings(tmp_path, **overrides)) as daemon:
         yield daemon
-    finally:
-        await daemon.stop()
 
 
 async def handshake(peer: OntapPeer) -> None:

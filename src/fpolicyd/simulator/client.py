@@ -402,13 +402,11 @@ class _Node:
     # -- receiving
 
     async def _receive(self) -> bool:
-        """Read once into ``pending``; False on EOF."""
+        """Read once into the peer's inbox; False on EOF."""
         try:
-            return await self.peer.read_some()
-        except OSError as exc:
-            raise self._fail(f"connection error: {exc}") from exc
-        except RemoteProtocolError as exc:
-            raise self._fail(f"bad frame from the server: {exc}") from exc
+            return await self.peer.read_checked()
+        except PeerError as exc:
+            raise self._fail(str(exc)) from exc
 
     def _decode(self, payload: bytes) -> tuple[str, Message]:
         try:

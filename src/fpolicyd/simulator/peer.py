@@ -148,7 +148,7 @@ class OntapPeer:
             async with asyncio.timeout(timeout_s):
                 await self.writer.drain()
                 while not self.inbox:
-                    if not await self._receive_checked():
+                    if not await self.read_checked():
                         raise PeerClosedError("server closed the connection before NEGO_RESP")
         except TimeoutError:
             raise PeerError(f"no NEGO_RESP within {timeout_s} s") from None
@@ -156,7 +156,8 @@ class OntapPeer:
             raise PeerError(f"connection error during the handshake: {exc}") from exc
         return self.inbox.pop(0)
 
-    async def _receive_checked(self) -> bool:
+    async def read_checked(self) -> bool:
+        """:meth:`read_some`, its errors as :class:`PeerError` (what a checker reports as the server's fault)."""
         try:
             return await self.read_some()
         except OSError as exc:

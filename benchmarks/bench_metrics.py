@@ -32,7 +32,8 @@ from fpolicyd.config import load_settings
 from fpolicyd.events import NameMaps, SessionContext, normalize
 from fpolicyd.obs.metrics import SinkInstruments
 from fpolicyd.pipeline.spool import Record
-from fpolicyd.simulator import SimulatorConfig, generate_requests, run
+from fpolicyd.simulator.client import SimulatorConfig, run
+from fpolicyd.simulator.generate import generate_requests
 
 
 def best_of(repeat: int, work: Callable[[], None]) -> float:

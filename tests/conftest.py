@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -13,6 +14,7 @@ import structlog
 import uvloop
 
 if TYPE_CHECKING:
+    from fpolicyd.app import Daemon
     from support.moto_server import MotoEndpoint
 
 
@@ -47,3 +49,14 @@ def _logging_restored() -> Iterator[None]:
     structlog.configure(**config)
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
+    """An in-process daemon on loopback (support.daemon.make_settings over ``tmp_path``), with the overrides of the
+    test's ``@pytest.mark.settings(**overrides)`` markers (a module's ``pytestmark`` first, then the test's)."""
+    # Imported here: only the tests that start a daemon import the app.
+    from support.daemon import make_settings, marked_settings, running_daemon
+
+    async with running_daemon(make_settings(tmp_path, **marked_settings(request))) as started:
+        yield started

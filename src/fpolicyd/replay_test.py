@@ -25,7 +25,7 @@ The sink verified is the daemon's JSON Lines directory, or an SQS queue (``sink`
 checked through a rule that targets the queue ``verify_queue``): the queue is drained (ReceiveMessage with
 WaitTimeSeconds, DeleteMessageBatch) while the storm runs and afterwards, bounded in time.
 
-Every notification's ``event_id`` is computed by the generator (:meth:`fpolicyd.simulator.NodeStream.event_id`,
+Every notification's ``event_id`` is computed by the generator (:meth:`fpolicyd.simulator.generate.NodeStream.event_id`,
 the recipe of ``fpolicyd.events.normalize``), so the verifier only needs a set of ids (kept as 128-bit ints) to
 say what was delivered, lost or delivered twice; the backlog is held as small specs and rendered when sent, so
 memory stays bounded at a million events. The sink is tailed while the storm runs (progress, arrival latency).
@@ -59,12 +59,12 @@ from typing import IO, Any, Final, NamedTuple
 import orjson
 
 from fpolicyd.errors import ConfigError, RemoteProtocolError
-from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import BackPressure, HandshakeResp, ScreenResponse
 from fpolicyd.protocol.session import EngineMode
-from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake
 from fpolicyd.replay_plot import MAX_TIMELINE_POINTS, Phase, TimelinePoint, downsample, timeline_json
-from fpolicyd.simulator import DEFAULT_VS_UUID, MAX_NODES, NodeStream, NotificationSpec, handshake
+from fpolicyd.simulator.client import MAX_NODES
+from fpolicyd.simulator.generate import DEFAULT_VS_UUID, NodeStream, NotificationSpec
+from fpolicyd.simulator.peer import OntapPeer, PeerClosedError, PeerError, PeerResetError, handshake
 
 __all__ = [
     "QueueTail",
@@ -84,7 +84,6 @@ _DUPLICATE_SPREAD: Final = 200
 _OUTAGE_STEPS: Final = 20
 _RECONNECT_PAUSE_S: Final = 0.05
 _SINK_POLL_S: Final = 0.25
-_READ_SIZE: Final = 1 << 16
 _SINK_GLOB: Final = "fpolicy_events_*.jsonl"
 #: Bytes read from one sink file per poll (the rest on the next one).
 _MAX_READ: Final = 8 << 20
@@ -626,7 +625,7 @@ class _Node:
         self.frames_sent = 0
         self.last_generation_us = 0
         self.session_start_us = 0
-        self.writer: asyncio.StreamWriter | None = None
+        self.peer: OntapPeer | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.resume = asyncio.Event()
         self.lost = asyncio.Event()
@@ -654,49 +653,38 @@ class _Node:
             host, port = self.address()
             source = _source_address(host, self.node)
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port, local_addr=(source, 0) if source else None), 5.0
-                )
+                peer = await OntapPeer.connect(host, port, source=source, timeout_s=5.0)
                 break
             except (OSError, TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise ReplayTestError(f"node {self.node}: cannot connect to {host}:{port}: {exc}") from exc
                 await asyncio.sleep(_RECONNECT_PAUSE_S)
         self.session_start_us = _now_us()
-        frames = XmlFrameReader()
         try:
-            writer.write(encode_handshake(self.hello))
-        except (OSError, RuntimeError) as exc:
-            # uvloop: RuntimeError once the transport is closed by a reset, as for the chunks (_send). A connect
-            # can succeed and be reset at once: the kernel takes it into the backlog of a daemon that is stopped
-            # (SIGSTOP before the kill mode's SIGKILL) and resets it when the process dies. ONTAP reconnects.
-            writer.close()
-            raise _DisconnectedError(f"reset before NEGO_REQ: {exc}") from exc
-        pending: list[bytes] = []
-        try:
-            async with asyncio.timeout(10.0):
-                while not pending:
-                    data = await reader.read(_READ_SIZE)
-                    if not data:
-                        raise _DisconnectedError("closed before NEGO_RESP")
-                    pending.extend(frames.feed(data))
-            if not isinstance(decode_payload(pending.pop(0)).message, HandshakeResp):
+            # A reset before NEGO_REQ (PeerResetError): a connect can succeed and be reset at once when the kernel
+            # takes it into the backlog of a daemon that is stopped (SIGSTOP before the kill mode's SIGKILL) and
+            # resets it when the process dies. ONTAP reconnects.
+            first = await peer.handshake(self.hello, 10.0)
+            if not isinstance(peer.decode(first).message, HandshakeResp):
                 raise ReplayTestError(f"node {self.node}: the first reply was not NEGO_RESP")
-        except (OSError, TimeoutError, RemoteProtocolError) as exc:
-            writer.close()
+        except (PeerResetError, PeerClosedError) as exc:
+            peer.writer.close()
+            raise _DisconnectedError(str(exc)) from exc
+        except (PeerError, RemoteProtocolError) as exc:
+            peer.writer.close()
             raise _DisconnectedError(f"handshake failed: {exc}") from exc
         except BaseException:
-            writer.close()
+            peer.writer.close()
             raise
-        self.writer = writer
+        self.peer = peer
         self.resume.set()
         self.lost.clear()
-        for payload in pending:
+        for payload in peer.take():
             self._server_message(payload)
-        self.reader_task = asyncio.create_task(self._read(reader, frames))
+        self.reader_task = asyncio.create_task(self._read(peer))
 
     def _server_message(self, payload: bytes) -> None:
-        msg = decode_payload(payload).message
+        msg = OntapPeer.decode(payload).message
         if isinstance(msg, ScreenResponse):
             copies = self.outstanding.get(msg.req_id)
             if not copies:
@@ -714,10 +702,10 @@ class _Node:
             else:
                 self.resume.set()
 
-    async def _read(self, reader: asyncio.StreamReader, frames: XmlFrameReader) -> None:
+    async def _read(self, peer: OntapPeer) -> None:
         try:
-            while data := await reader.read(_READ_SIZE):
-                for payload in frames.feed(data):
+            while await peer.read_some():
+                for payload in peer.take():
                     self._server_message(payload)
         except (OSError, RemoteProtocolError):
             pass
@@ -726,20 +714,18 @@ class _Node:
 
     async def _close(self) -> None:
         """Half-close and wait until the daemon closes too: then it has read everything this node sent."""
-        writer = self.writer
-        self.writer = None
-        if writer is None:
+        peer = self.peer
+        self.peer = None
+        if peer is None:
             return
         # A reset connection's transport is already closed (uvloop then raises RuntimeError, not OSError).
-        if not writer.is_closing():
+        if not peer.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
-                writer.write_eof()
+                peer.half_close()
         if self.reader_task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.reader_task), 30.0)
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await peer.close()
 
     async def _reconnect(self, *, first: bool = False) -> None:
         """Connect and handshake, retrying for up to ``settle_timeout_s``; the time it took is a reconnect time
@@ -779,11 +765,11 @@ class _Node:
             waiter.cancel()
             lost.cancel()
         await self.shared.gate.wait()
-        writer = self.writer
-        if writer is None or self.lost.is_set() or writer.is_closing():
+        peer = self.peer
+        if peer is None or self.lost.is_set() or peer.is_closing():
             raise _DisconnectedError("connection closed")
         try:
-            writer.write(b"".join([self.stream.frame(item.spec) for item in chunk]))
+            peer.write(b"".join([self.stream.frame(item.spec) for item in chunk]))
         except (OSError, RuntimeError) as exc:  # uvloop: RuntimeError once the transport is closed by a reset
             raise _DisconnectedError(str(exc)) from exc
         if self.cfg.sync:
@@ -793,10 +779,10 @@ class _Node:
             self.outstanding_count += len(chunk)
             self._account(chunk)
             with contextlib.suppress(OSError):
-                await writer.drain()
+                await peer.drain()
             return
         try:
-            await writer.drain()
+            await peer.drain()
         except OSError as exc:
             raise _DisconnectedError(str(exc)) from exc
         self._account(chunk)

@@ -25,8 +25,8 @@ from fpolicyd.app import Daemon
 from fpolicyd.errors import SinkError
 from fpolicyd.events import FileEvent
 from fpolicyd.pipeline.spool import Record
-from fpolicyd.simulator import SimulatorConfig
-from fpolicyd.simulator import run as run_simulation
+from fpolicyd.simulator.client import SimulatorConfig
+from fpolicyd.simulator.client import run as run_simulation
 from fpolicyd.sinks.aws import sender as sender_module
 from fpolicyd.sinks.aws.classify import ErrorKind, Outcome, error_kind
 from fpolicyd.sinks.aws.clients import AwsClients
@@ -37,8 +37,8 @@ from fpolicyd.sinks.aws.targets import AwsDataPath, EventBridgeTarget, SqsTarget
 from fpolicyd.sinks.aws.transport import LeanAwsClient
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.retry import RetryPolicy
+from support.daemon import make_settings
 from support.moto_server import isolate_aws_env
-from support.peer import make_settings
 
 FAST = RetryPolicy(base_s=0.001, cap_s=0.005)
 

@@ -33,7 +33,7 @@ from fpolicyd.protocol.messages import (
 )
 from fpolicyd.protocol.readers import LengthPrefixedReader, ReaderName, VarintDelimitedReader, make_reader
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
-from fpolicyd.simulator import SimulatorConfig, run
+from fpolicyd.simulator.client import SimulatorConfig, run
 from support.captures import NEGO_REQ, SMB_OPEN, SMB_REN
 
 FRAMES: dict[ReaderName, Callable[[bytes], bytes]] = {

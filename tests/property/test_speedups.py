@@ -34,7 +34,7 @@ from fpolicyd.events import (
 from fpolicyd.pipeline.dedup_window import key_of_digest
 from fpolicyd.protocol.xml_codec import fast_screen
 from fpolicyd.protocol.xml_fast import MAX_FAST_BODY_BYTES
-from fpolicyd.simulator import generate_frames
+from fpolicyd.simulator.generate import generate_frames
 from support.canonical_payloads import (
     SPACES,
     canonical_bodies,

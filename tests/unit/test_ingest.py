@@ -30,7 +30,7 @@ from fpolicyd.protocol.xml_codec import (
     encode_message,
     fast_screen,
 )
-from fpolicyd.simulator import generate_frames
+from fpolicyd.simulator.generate import generate_frames
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 from support.notifications import frame, notification
 

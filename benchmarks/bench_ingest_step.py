@@ -20,8 +20,8 @@ from typing import Any
 
 import orjson
 
-from fpolicyd import speedups
 from fpolicyd.events import EventBuilder, NameMaps
+from fpolicyd.pipeline import speedups
 from fpolicyd.pipeline.dedup_window import DedupWindow
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters, IngestSession
 from fpolicyd.pipeline.replay import ReplayTracker

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
-from fpolicyd.capture import capture_recorder
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError, FpolicydError
 from fpolicyd.events import NameMaps
@@ -32,14 +31,15 @@ from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import stored_event_id
 from fpolicyd.pipeline.replay import ReplayTracker, replay_config
 from fpolicyd.pipeline.spool import Spool, SpoolIOError, SpoolSettings
-from fpolicyd.preflight import preflight, write_targets
 from fpolicyd.server.allowlist import PeerAllowlist
+from fpolicyd.server.capture import capture_recorder
 from fpolicyd.server.connection import ServerContext
 from fpolicyd.server.delivery import DeliverySpec, use_delivery_process
 from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.server.listener import ServerGroup, TlsListener, bind_listener
 from fpolicyd.server.metric_labels import METRIC_LABELS
 from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.preflight import preflight, write_targets
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor, instance_id, start_processor
 from fpolicyd.server.tls import ReloadableTls, TlsFiles

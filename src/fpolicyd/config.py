@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from fpolicyd.cli_parser import did_you_mean
-from fpolicyd.errors import ConfigError
+from fpolicyd.errors import ConfigError, did_you_mean
 from fpolicyd.events import PATH_MAX_CHARS_MIN, PATH_TAIL_CHARS
 from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode
 from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV

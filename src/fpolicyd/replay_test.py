@@ -61,7 +61,7 @@ import orjson
 from fpolicyd.errors import ConfigError, RemoteProtocolError
 from fpolicyd.protocol.messages import BackPressure, HandshakeResp, ScreenResponse
 from fpolicyd.protocol.session import EngineMode
-from fpolicyd.replay_plot import MAX_TIMELINE_POINTS, Phase, TimelinePoint, downsample, timeline_json
+from fpolicyd.replaytest.plot import MAX_TIMELINE_POINTS, Phase, TimelinePoint, downsample, timeline_json
 from fpolicyd.simulator.client import MAX_NODES
 from fpolicyd.simulator.generate import DEFAULT_VS_UUID, NodeStream, NotificationSpec
 from fpolicyd.simulator.peer import OntapPeer, PeerClosedError, PeerError, PeerResetError, handshake
@@ -1198,7 +1198,7 @@ _PHASES: Final = {"live": Phase.LIVE, "outage": Phase.OUTAGE, "replay": Phase.RE
 
 
 class _Timeline:
-    """One :class:`~fpolicyd.replay_plot.TimelinePoint` per sampling interval: what was sent and first arrived at
+    """One :class:`~fpolicyd.replaytest.plot.TimelinePoint` per sampling interval: what was sent and first arrived at
     the sink since the last sample, and the latency percentiles of the arrivals since then; at most
     MAX_TIMELINE_POINTS (past it, adjacent points are merged and the period doubles)."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from fpolicyd.cli import main
+from fpolicyd.cli.main import main
 from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError
 from fpolicyd.ontap.credentials import Credentials, resolve_credentials

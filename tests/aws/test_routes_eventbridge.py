@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
-from fpolicyd.cli import main
+from fpolicyd.cli.main import main
 from fpolicyd.config import Settings
 from fpolicyd.pipeline.router import KNOWN_OPERATIONS, Router, RouteTable
 from fpolicyd.sinks.aws.clients import AwsClients

@@ -16,7 +16,7 @@ import pytest
 import uvloop
 
 from fpolicyd.app import Daemon
-from fpolicyd.cli import main
+from fpolicyd.cli.main import main
 from fpolicyd.ontap.client import OntapClient, OntapConnection, OntapError
 from fpolicyd.ontap.ops import repoint_on_start
 from support.daemon import make_settings

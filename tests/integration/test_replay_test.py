@@ -21,15 +21,15 @@ import jsonschema
 import orjson
 import pytest
 
-from fpolicyd.cli import build_parser
+from fpolicyd.cli.main import build_parser
+from fpolicyd.cli.replaytest import config_from_args
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError
 from fpolicyd.events import CORE_OPERATIONS, EventBuilder, NameMaps, load_event_schema, load_reference_schema
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import EngineMode, FileNotification, Reply, Session, SessionConfig
-from fpolicyd.replay_cli import config_from_args
-from fpolicyd.replay_summary import summary_text
 from fpolicyd.replay_test import ReplayTestConfig, RestartMode, progress_line, run_replay_test
+from fpolicyd.replaytest.summary import summary_text
 from support.event_ids import recompute_event_id
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fpolicyd.replay_plot import Phase, TimelinePoint, downsample
+from fpolicyd.replaytest.plot import Phase, TimelinePoint, downsample
 
 
 @st.composite

@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fpolicyd import speedups
 from fpolicyd.events import (
     _NAMESPACE_SHA1,
     KNOWN_REQ_TYPES,
@@ -31,6 +30,7 @@ from fpolicyd.events import (
     SessionContext,
     format_rfc3339_us,
 )
+from fpolicyd.pipeline import speedups
 from fpolicyd.pipeline.dedup_window import key_of_digest
 from fpolicyd.protocol.xml_codec import fast_screen
 from fpolicyd.protocol.xml_fast import MAX_FAST_BODY_BYTES

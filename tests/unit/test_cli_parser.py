@@ -1,4 +1,4 @@
-"""Did-you-mean for a mistyped option or command of any ``fpolicyd`` command (fpolicyd.cli_parser)."""
+"""Did-you-mean for a mistyped option or command of any ``fpolicyd`` command (fpolicyd.cli.parser)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 
 import pytest
 
-from fpolicyd.cli import _healthcheck_parser, build_parser, main
-from fpolicyd.cli_parser import FpolicydArgumentParser, did_you_mean
+from fpolicyd.cli.main import _healthcheck_parser, build_parser, main
+from fpolicyd.cli.parser import FpolicydArgumentParser
+from fpolicyd.errors import did_you_mean
 
 
 def error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from fpolicyd.cli.healthcheck import DEFAULT_TIMEOUT_S
 from fpolicyd.config import ENV_PREFIX, REFERENCE_ENV, SETTINGS_TOML_ENV, Settings, load_settings
-from fpolicyd.healthcheck_cli import DEFAULT_TIMEOUT_S
 from support.deploy_files import (
     CFN_TEMPLATE,
     DOCKERFILE,
@@ -144,7 +144,7 @@ def test_exec_form_entrypoint_runs_the_console_script_so_sigterm_reaches_it(dock
     command = entrypoint_and_cmd(dockerfile)
     assert command == ["fpolicyd", "serve"]
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert pyproject["project"]["scripts"]["fpolicyd"] == "fpolicyd.cli:main"
+    assert pyproject["project"]["scripts"]["fpolicyd"] == "fpolicyd.cli.main:main"
     assert image_env(dockerfile)["PATH"].startswith("/opt/fpolicyd/bin:")
     assert only(final_stage(dockerfile), "STOPSIGNAL").arguments == "SIGTERM"
 

@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import pytest
 
-from fpolicyd import speedups
 from fpolicyd.errors import LocalProtocolError
 from fpolicyd.events import NameMaps, normalize
+from fpolicyd.pipeline import speedups
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_event_id
 from fpolicyd.pipeline.ingest import Ingest, IngestBatch, IngestCounters, IngestSession
 from fpolicyd.pipeline.records import DUPLICATE_TAG, duplicate_payload

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from fpolicyd.errors import ConfigError
-from fpolicyd.replay_plot import (
+from fpolicyd.replay_test import TIMELINE_INTERVAL_S, TIMELINE_MIN_INTERVAL_S, ReplayTestConfig, _Timeline
+from fpolicyd.replaytest.plot import (
     MAX_TIMELINE_POINTS,
     Phase,
     TimelinePoint,
@@ -21,7 +22,6 @@ from fpolicyd.replay_plot import (
     render_html,
     timeline_json,
 )
-from fpolicyd.replay_test import TIMELINE_INTERVAL_S, TIMELINE_MIN_INTERVAL_S, ReplayTestConfig, _Timeline
 
 SVG = "{http://www.w3.org/2000/svg}"
 PHASES = [Phase.LIVE, Phase.LIVE, Phase.OUTAGE, Phase.OUTAGE, Phase.REPLAY, Phase.REPLAY, Phase.SETTLE]

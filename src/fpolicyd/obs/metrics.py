@@ -384,7 +384,7 @@ class IngestCounterFigures(Protocol):
 
 
 class AcceleratorFigures(Protocol):
-    """Which path builds the events (``fpolicyd.speedups.AcceleratorStatus``): ``"c"`` or ``"python"``."""
+    """Which path builds the events (``fpolicyd.pipeline.speedups.AcceleratorStatus``): ``"c"`` or ``"python"``."""
 
     @property
     def path(self) -> str: ...

@@ -21,7 +21,7 @@ from typing import Any, Final, NoReturn
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
-from fpolicyd.cli_parser import FpolicydArgumentParser
+from fpolicyd.cli.parser import FpolicydArgumentParser
 from fpolicyd.config import Settings
 
 __all__ = ["SETTING_AREAS", "add_settings_flags", "area_fields", "setting_flag", "setting_help"]

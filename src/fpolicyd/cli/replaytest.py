@@ -17,8 +17,6 @@ from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import configure_logging
 from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.protocol.session import EngineMode
-from fpolicyd.replay_plot import MAX_TIMELINE_POINTS, plot_html
-from fpolicyd.replay_summary import summary_text
 from fpolicyd.replay_test import (
     TIMELINE_INTERVAL_S,
     TIMELINE_MIN_INTERVAL_S,
@@ -27,6 +25,8 @@ from fpolicyd.replay_test import (
     RestartMode,
     run_replay_test,
 )
+from fpolicyd.replaytest.plot import MAX_TIMELINE_POINTS, plot_html
+from fpolicyd.replaytest.summary import summary_text
 
 
 def _fraction(raw: str) -> float:

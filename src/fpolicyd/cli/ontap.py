@@ -1,7 +1,7 @@
 """``fpolicyd ontap plan | apply | repoint | status``: configure ONTAP's FPolicy side over its REST API.
 
 Exit codes: 0 done (or nothing to do), 1 ONTAP refused or could not be reached (the message says what ONTAP
-said and in which state the policy is), 2 bad settings (raised as ConfigError, handled by ``fpolicyd.cli``).
+said and in which state the policy is), 2 bad settings (raised as ConfigError, handled by ``fpolicyd.cli.main``).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from fpolicyd.cli import settings_from_args
+from fpolicyd.cli.main import settings_from_args
+from fpolicyd.cli.settings_flags import add_settings_flags
 from fpolicyd.errors import settings_refused
 from fpolicyd.obs.log import configure_logging
 from fpolicyd.pipeline.redaction import Redactor
-from fpolicyd.settings_flags import add_settings_flags
 
 if TYPE_CHECKING:
     from fpolicyd.config import Settings

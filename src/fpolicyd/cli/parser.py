@@ -1,22 +1,18 @@
 """The ``argparse`` parser of every ``fpolicyd`` command: argparse's own, plus a suggestion for a mistyped option
 or command (``unknown option --listen-prot (did you mean --listen-port?)``), in the words the settings use for a
-mistyped key. Light: argparse and difflib only (``fpolicyd healthcheck`` builds it every 30 s)."""
+mistyped key. Light: argparse and :func:`fpolicyd.errors.did_you_mean` (difflib) only (``fpolicyd healthcheck``
+builds it every 30 s)."""
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
-__all__ = ["FpolicydArgumentParser", "did_you_mean"]
+from fpolicyd.errors import did_you_mean
 
-
-def did_you_mean(name: str, known: Collection[str]) -> str:
-    """`` (did you mean X?)`` for the closest of ``known``, or nothing when none is close."""
-    close = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
+__all__ = ["FpolicydArgumentParser"]
 
 
 class FpolicydArgumentParser(argparse.ArgumentParser):

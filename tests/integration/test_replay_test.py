@@ -28,7 +28,8 @@ from fpolicyd.errors import ConfigError
 from fpolicyd.events import CORE_OPERATIONS, EventBuilder, NameMaps, load_event_schema, load_reference_schema
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import EngineMode, FileNotification, Reply, Session, SessionConfig
-from fpolicyd.replay_test import ReplayTestConfig, RestartMode, progress_line, run_replay_test
+from fpolicyd.replaytest.config import ReplayTestConfig, RestartMode
+from fpolicyd.replaytest.run import progress_line, run_replay_test
 from fpolicyd.replaytest.summary import summary_text
 from support.event_ids import recompute_event_id
 

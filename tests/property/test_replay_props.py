@@ -11,7 +11,7 @@ from fpolicyd.events import NameMaps, SessionContext, normalize
 from fpolicyd.pipeline.replay import ReplayConfig, ReplayTracker
 from fpolicyd.protocol.messages import ScreenRequest
 from fpolicyd.protocol.xml_codec import decode_payload
-from fpolicyd.replay_test import max_displacement
+from fpolicyd.replaytest.tails import max_displacement
 from fpolicyd.simulator.generate import NodeStream
 
 VS = "5e1f0c2a-6292-11ee-b5d1-000c29f00d01"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fpolicyd.errors import ConfigError
-from fpolicyd.replay_test import TIMELINE_INTERVAL_S, TIMELINE_MIN_INTERVAL_S, ReplayTestConfig, _Timeline
+from fpolicyd.replaytest.config import ReplayTestConfig
 from fpolicyd.replaytest.plot import (
     MAX_TIMELINE_POINTS,
     Phase,
@@ -22,6 +22,7 @@ from fpolicyd.replaytest.plot import (
     render_html,
     timeline_json,
 )
+from fpolicyd.replaytest.run import TIMELINE_INTERVAL_S, TIMELINE_MIN_INTERVAL_S, _Timeline
 
 SVG = "{http://www.w3.org/2000/svg}"
 PHASES = [Phase.LIVE, Phase.LIVE, Phase.OUTAGE, Phase.OUTAGE, Phase.REPLAY, Phase.REPLAY, Phase.SETTLE]

@@ -1,4 +1,4 @@
-"""``fpolicyd replay-test``: flags → :class:`~fpolicyd.replay_test.ReplayTestConfig`; the report as a summary
+"""``fpolicyd replay-test``: flags → :class:`~fpolicyd.replaytest.config.ReplayTestConfig`; the report as a summary
 table (or JSON with ``--json``) on stdout, the JSON in ``--report FILE``."""
 
 from __future__ import annotations
@@ -17,15 +17,9 @@ from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import configure_logging
 from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.protocol.session import EngineMode
-from fpolicyd.replay_test import (
-    TIMELINE_INTERVAL_S,
-    TIMELINE_MIN_INTERVAL_S,
-    ReplayTestConfig,
-    ReplayTestError,
-    RestartMode,
-    run_replay_test,
-)
+from fpolicyd.replaytest.config import ReplayTestConfig, ReplayTestError, RestartMode
 from fpolicyd.replaytest.plot import MAX_TIMELINE_POINTS, plot_html
+from fpolicyd.replaytest.run import TIMELINE_INTERVAL_S, TIMELINE_MIN_INTERVAL_S, run_replay_test
 from fpolicyd.replaytest.summary import summary_text
 
 

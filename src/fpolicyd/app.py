@@ -29,7 +29,7 @@ from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV, fsync_fault_from_envir
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import stored_event_id
-from fpolicyd.pipeline.replay import ReplayTracker, replay_config
+from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.spool import Spool, SpoolIOError, SpoolSettings
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.capture import capture_recorder
@@ -360,7 +360,7 @@ class Daemon:
                 default_svm=settings.svm_name,
             ),
             counters=IngestCounters(),
-            replay=ReplayTracker(replay_config(settings)),
+            replay=ReplayTracker(settings.replay_config()),
             route=plan.router.match if plan.router is not None else None,
             window=window,
             # With the processing stage on, events are redacted as they leave it (routing needs the clear path).

@@ -28,18 +28,19 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from fpolicyd.cli_parser import did_you_mean
 from fpolicyd.errors import ConfigError
 from fpolicyd.events import PATH_MAX_CHARS_MIN, PATH_TAIL_CHARS
-from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode
-from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV
+from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode, DedupPolicy
 from fpolicyd.pipeline.redaction import DataClassification, Redactor
 from fpolicyd.pipeline.router import UnroutedAction
 from fpolicyd.pipeline.settle import SettleConfig, SettleOverride, SettleStrategy
-from fpolicyd.pipeline.spool import SpoolFsync
 from fpolicyd.protocol.session import DEFAULT_MAX_OUTSTANDING, MIN_IDLE_FACTOR, EngineMode, SessionConfig
 from fpolicyd.sinks.aws.targets import AwsDataPath
 from fpolicyd.sinks.dead_letter import FILE_NAME as DEAD_LETTER_FILE_NAME
 from fpolicyd.sinks.dead_letter import DeadLetterLimits
-from fpolicyd.sinks.jsonl import FsyncPolicy
 from fpolicyd.sinks.sqs_envelope import SQS_MAX_MESSAGE_BYTES, PackCompression
+from fpolicyd.storage.faults import FSYNC_EIO_AFTER_ENV
+from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings
+from fpolicyd.storage.ledger import LEDGER_PREFIX
+from fpolicyd.storage.spool import SpoolFsync
 
 if TYPE_CHECKING:
     from fpolicyd.sinks.factory import SinkOptions
@@ -757,6 +758,27 @@ class Settings(BaseSettings):
     def effective_dedup_ledger_dir(self) -> Path:
         return self.dedup_ledger_dir if self.dedup_ledger_dir is not None else self.data_dir / "ledger"
 
+    def dedup_policy(self) -> DedupPolicy:
+        """The dedup policy (window lengths in seconds)."""
+        return DedupPolicy(
+            mode=self.dedup_mode,
+            exact_ttl_s=self.dedup_exact_ttl_s,
+            window_s=self.dedup_window_minutes * 60.0,
+            window_overrides_s={k: v * 60.0 for k, v in self.dedup_window_overrides.items()},
+        )
+
+    def dedup_ledger_files(self) -> JsonlSettings:
+        """The audit ledger's files (``storage.ledger.AuditLedger``): directory ``dedup_ledger_dir``; rotation as
+        ``jsonl_max_file_*``; every batch fsynced unless ``jsonl_fsync`` is ``never``."""
+        never = self.jsonl_fsync is FsyncPolicy.never
+        return JsonlSettings(
+            directory=self.effective_dedup_ledger_dir,
+            prefix=LEDGER_PREFIX,
+            max_file_bytes=self.jsonl_max_file_bytes,
+            max_file_age_s=self.jsonl_max_file_age_s,
+            fsync=FsyncPolicy.never if never else FsyncPolicy.always,
+        )
+
     # --- protobuf mode and wire capture -------------------------------------------------------------------
     capture_enabled: bool = Field(
         False,
@@ -1130,7 +1152,7 @@ def load_settings(
         name
         for name in os.environ
         if name.upper().startswith(ENV_PREFIX)
-        and name.upper() not in (SETTINGS_TOML_ENV, FSYNC_EIO_AFTER_ENV)  # the latter: test-only, pipeline/faults.py
+        and name.upper() not in (SETTINGS_TOML_ENV, FSYNC_EIO_AFTER_ENV)  # the latter: test-only, storage/faults.py
         and name.upper()[len(ENV_PREFIX) :].lower() not in Settings.model_fields
     )
     if unknown_env:

@@ -27,7 +27,7 @@ from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_event_id
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.records import stored_event_id
-from fpolicyd.pipeline.replay import ReplayTracker, replay_config
+from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.preflight import preflight, write_targets
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.connection import ServerContext
@@ -360,7 +360,7 @@ class Daemon:
                 default_svm=settings.svm_name,
             ),
             counters=IngestCounters(),
-            replay=ReplayTracker(replay_config(settings)),
+            replay=ReplayTracker(settings.replay_config()),
             route=plan.router.match if plan.router is not None else None,
             window=window,
             # With the processing stage on, events are redacted as they leave it (routing needs the clear path).

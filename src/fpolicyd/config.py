@@ -30,8 +30,9 @@ from fpolicyd.errors import ConfigError
 from fpolicyd.events import PATH_MAX_CHARS_MIN, PATH_TAIL_CHARS
 from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode, DedupPolicy
 from fpolicyd.pipeline.redaction import DataClassification, Redactor
-from fpolicyd.pipeline.router import UnroutedAction
-from fpolicyd.pipeline.settle import SettleConfig, SettleOverride, SettleStrategy
+from fpolicyd.pipeline.replay import ReplayConfig
+from fpolicyd.pipeline.router import SINK_SCHEMES, UnroutedAction
+from fpolicyd.pipeline.settle import SettleConfig, SettleOverride, SettlePolicy, SettleStrategy, parse_override_key
 from fpolicyd.protocol.session import DEFAULT_MAX_OUTSTANDING, MIN_IDLE_FACTOR, EngineMode, SessionConfig
 from fpolicyd.sinks.aws.targets import AwsDataPath
 from fpolicyd.sinks.dead_letter import FILE_NAME as DEAD_LETTER_FILE_NAME
@@ -880,7 +881,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_settle(self) -> Settings:
         try:
-            SettleConfig.from_settings(self)
+            self.settle_config()
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -1102,6 +1103,33 @@ class Settings(BaseSettings):
             sink_linger_s=self.sink_linger_s,
         )
 
+    def settle_config(self) -> SettleConfig:
+        """The settle stage's configuration (``write_complete_delay_s``, ``settle_*``); raises ConfigError."""
+        default = SettlePolicy(
+            window_s=self.write_complete_delay_s,
+            max_hold_s=self.settle_max_hold_s,
+            strategy=self.settle_strategy,
+            marker_names=tuple(self.settle_marker_names),
+            cancel_on_delete=self.settle_cancel_on_delete,
+            operations=frozenset(self.settle_operations),
+        )
+        overrides = {
+            parse_override_key(key): value
+            if isinstance(value, SettleOverride)
+            else SettleOverride.model_validate({"window_s": value})
+            for key, value in self.settle_overrides.items()
+        }
+        return SettleConfig(default, overrides)
+
+    def replay_config(self) -> ReplayConfig:
+        """The replay tracker's configuration (``replay_*``)."""
+        return ReplayConfig(
+            duplicate_window=self.replay_duplicate_window,
+            episode_idle_s=self.replay_episode_idle_s,
+            clock_tolerance_us=round(self.replay_clock_tolerance_s * 1_000_000),
+            max_nodes=self.replay_max_nodes,
+        )
+
     def session_config(self) -> SessionConfig:
         return SessionConfig(
             engine_mode=self.engine_mode,
@@ -1111,10 +1139,6 @@ class Settings(BaseSettings):
             keep_alive_interval_s=self.keep_alive_interval_s,
             idle_timeout_s=self.effective_idle_timeout_s,
         )
-
-
-#: Sink schemes this build can deliver to.
-SINK_SCHEMES: Final = ("jsonl", "stdout", "sqs", "eventbridge")
 
 
 def find_config_file(explicit: Path | None) -> Path | None:

@@ -587,7 +587,7 @@ def test_settings_from_toml_build_the_table(tmp_path: Path) -> None:
         "max_hold_s = 600\n"
     )
     settings = load_settings(config_file)
-    config = SettleConfig.from_settings(settings)
+    config = settings.settle_config()
     assert config.resolve([], "write") == SettlePolicy(window_s=5.0, max_hold_s=120.0)
     assert config.resolve([], "create") == SettlePolicy(window_s=2.0, max_hold_s=120.0)
     assert config.resolve(["legal-compliance"], "write") == SettlePolicy(window_s=10.0, max_hold_s=120.0)
@@ -603,7 +603,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FPOLICYD_SETTLE_MARKER_NAMES", ".ok")
     monkeypatch.setenv("FPOLICYD_SETTLE_STRATEGY", "marker")
     monkeypatch.setenv("FPOLICYD_SETTLE_OVERRIDES", '{"r1": {"strategy": "quiet", "window_s": 1}, "r2:write": 0}')
-    config = SettleConfig.from_settings(load_settings())
+    config = load_settings().settle_config()
     assert config.default == SettlePolicy(
         window_s=3.0,
         strategy=SettleStrategy.MARKER,

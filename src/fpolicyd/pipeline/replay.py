@@ -29,15 +29,12 @@ epoch µs on ONTAP's clock). Nothing here reads a clock.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from fpolicyd.errors import ConfigError
 from fpolicyd.events import MIN_PLAUSIBLE_GENERATION_US, SessionContext
 
-if TYPE_CHECKING:
-    from fpolicyd.config import Settings
-
-__all__ = ["NodeKey", "ReplayConfig", "ReplaySession", "ReplayStats", "ReplayTracker", "node_key", "replay_config"]
+__all__ = ["NodeKey", "ReplayConfig", "ReplaySession", "ReplayStats", "ReplayTracker", "node_key"]
 
 NodeKey = tuple[str, str, str]
 
@@ -326,13 +323,3 @@ class ReplayTracker:
             replay_throughput_eps=count / duration if duration > 0 else 0.0,
             max_replay_duration_s=max(self.max_replay_duration_s, duration if self.replay_active else 0.0),
         )
-
-
-def replay_config(settings: Settings) -> ReplayConfig:
-    """The tracker's configuration from the daemon's settings (``replay_*``)."""
-    return ReplayConfig(
-        duplicate_window=settings.replay_duplicate_window,
-        episode_idle_s=settings.replay_episode_idle_s,
-        clock_tolerance_us=round(settings.replay_clock_tolerance_s * 1_000_000),
-        max_nodes=settings.replay_max_nodes,
-    )

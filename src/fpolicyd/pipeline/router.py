@@ -42,6 +42,7 @@ __all__ = [
     "EVENTBRIDGE_PATTERN_QUOTA_CHARS",
     "KNOWN_OPERATIONS",
     "ROUTE_KEYS",
+    "SINK_SCHEMES",
     "Route",
     "RouteExplanation",
     "RouteTable",
@@ -49,6 +50,10 @@ __all__ = [
     "UnroutedAction",
     "event_pattern",
 ]
+
+
+#: Sink schemes this build can deliver to (a route's ``sinks`` and the ``sinks`` setting are checked against it).
+SINK_SCHEMES: Final = ("jsonl", "stdout", "sqs", "eventbridge")
 
 
 class UnroutedAction(StrEnum):
@@ -241,9 +246,6 @@ def _check_text(text: str, where: str) -> None:
 
 
 def _check_sink(uri: str, where: str) -> None:
-    # config.py imports this module (UnroutedAction), so its scheme list is read at call time.
-    from fpolicyd.config import SINK_SCHEMES  # noqa: PLC0415
-
     scheme, sep, target = uri.partition(":")
     if not sep or scheme not in SINK_SCHEMES:
         raise ConfigError(f"{where}: {uri!r}: a sink is one of {', '.join(s + ':' for s in SINK_SCHEMES)}")

@@ -65,16 +65,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Annotated, Any, Final
+from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict
 from pydantic import Field as PydanticField
 
 from fpolicyd.errors import ConfigError, FpolicydError
 from fpolicyd.events import FileEvent, Operation
-
-if TYPE_CHECKING:
-    from fpolicyd.config import Settings
 
 __all__ = [
     "DEFAULT_MARKER_NAMES",
@@ -280,24 +277,6 @@ class SettleConfig:
                 except ConfigError as exc:
                     label = route if op == _ANY else f"{route}:{op}"
                     raise ConfigError(f"settle_overrides[{label!r}] (operation {operation}): {exc}") from None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> SettleConfig:
-        default = SettlePolicy(
-            window_s=settings.write_complete_delay_s,
-            max_hold_s=settings.settle_max_hold_s,
-            strategy=settings.settle_strategy,
-            marker_names=tuple(settings.settle_marker_names),
-            cancel_on_delete=settings.settle_cancel_on_delete,
-            operations=frozenset(settings.settle_operations),
-        )
-        overrides = {
-            parse_override_key(key): value
-            if isinstance(value, SettleOverride)
-            else SettleOverride.model_validate({"window_s": value})
-            for key, value in settings.settle_overrides.items()
-        }
-        return cls(default, overrides)
 
     @property
     def enabled(self) -> bool:

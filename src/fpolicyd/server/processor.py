@@ -574,7 +574,7 @@ def plan_processing(settings: Settings) -> ProcessingPlan:
     )
     # Routing alone needs no stage (the reader stores each event with its routes); the stage runs for dedup,
     # for settle, and to address events to a route's own sinks or to the unrouted audit file.
-    settle = SettleConfig.from_settings(settings)
+    settle = settings.settle_config()
     routes_with_sinks = table is not None and any(route.sinks for route in table.routes)
     # Exact dedup with the embedded backend is done by the reader (pipeline/ingest.py); the stage dedups only in
     # window mode or against DynamoDB.

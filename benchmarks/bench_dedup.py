@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fpolicyd.pipeline.dedup import DB_FILE_NAME, DedupPolicy, DedupRequest, EmbeddedDedupStore, exact_key
+from fpolicyd.pipeline.dedup import DedupPolicy, DedupRequest, exact_key
+from fpolicyd.storage.dedup_store import DB_FILE_NAME, EmbeddedDedupStore
 
 T0 = 1_714_557_600.0
 TTL = 7 * 86400.0

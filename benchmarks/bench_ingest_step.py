@@ -25,12 +25,13 @@ from fpolicyd.pipeline import speedups
 from fpolicyd.pipeline.dedup_window import DedupWindow
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters, IngestSession
 from fpolicyd.pipeline.replay import ReplayTracker
-from fpolicyd.pipeline.router import Router, RouteTable
+from fpolicyd.pipeline.router import Router
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import Session, SessionConfig
 from fpolicyd.protocol.xml_codec import fast_screen
 from fpolicyd.protocol.xml_fast import ScreenFields
 from fpolicyd.simulator.generate import DEFAULT_VS_UUID, generate_frames
+from fpolicyd.storage.routes_file import load_routes
 
 READ_FRAMES = 64
 NODES = 3
@@ -125,7 +126,7 @@ def main() -> int:
     payloads = [frame[6:] for frame in frames]
     reads = [payloads[i : i + READ_FRAMES] for i in range(0, n, READ_FRAMES)]
     wire = [b"".join(frames[i : i + READ_FRAMES]) for i in range(0, n, READ_FRAMES)]
-    router = Router(RouteTable.load())
+    router = Router(load_routes())
 
     # Both paths must do the same work: every frame is one event, identical bytes on both.
     check = [ingest_session(accelerate, router) for accelerate in (True, False)]

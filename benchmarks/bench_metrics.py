@@ -31,7 +31,7 @@ from fpolicyd.app import Daemon
 from fpolicyd.config import load_settings
 from fpolicyd.events import NameMaps, SessionContext, normalize
 from fpolicyd.obs.metrics import SinkInstruments
-from fpolicyd.pipeline.spool import Record
+from fpolicyd.pipeline.records import Record
 from fpolicyd.simulator.client import SimulatorConfig, run
 from fpolicyd.simulator.generate import generate_requests
 

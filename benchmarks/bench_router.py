@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from fpolicyd.pipeline.router import Route, Router, RouteTable
+from fpolicyd.storage.routes_file import load_routes
 
 Event = tuple[str, str]
 COMMON_EXTENSIONS = [".pdf", ".docx", ".xlsx", ".tiff", ".png", ".jpg", ".csv", ".json", ".parquet", ".mov", ".mp4"]
@@ -108,7 +109,7 @@ def main() -> None:
 
     rows = []
     for size in (int(part) for part in args.sizes.split(",")):
-        table = RouteTable.load(None) if size == 17 else generated_table(size)
+        table = load_routes(None) if size == 17 else generated_table(size)
         started = time.perf_counter()
         router = Router(table)
         build_ms = (time.perf_counter() - started) * 1000

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fpolicyd.pipeline.spool import Spool, SpoolFsync, SpoolSettings
+from fpolicyd.storage.spool import Spool, SpoolFsync, SpoolSettings
 
 PAYLOAD_BYTES = 1024
 

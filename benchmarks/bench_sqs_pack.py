@@ -35,12 +35,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from fpolicyd.events import NameMaps, SessionContext, normalize  # noqa: E402 - benchmarks are run as scripts
-from fpolicyd.pipeline.router import Router, RouteTable  # noqa: E402
+from fpolicyd.pipeline.router import Router  # noqa: E402
 from fpolicyd.simulator.generate import generate_requests  # noqa: E402
 from fpolicyd.sinks.aws.encode import Batch, Item, plan_batches  # noqa: E402
 from fpolicyd.sinks.aws.sender import PACK_READ_BYTES, PACK_READ_RECORDS, SINGLE_READ_RECORDS  # noqa: E402
 from fpolicyd.sinks.aws.targets import SqsTarget  # noqa: E402
 from fpolicyd.sinks.sqs_envelope import PackCompression  # noqa: E402
+from fpolicyd.storage.routes_file import load_routes  # noqa: E402
 
 #: SQS standard queues, US East (N. Virginia), 1 million to 100 billion requests a month; FIFO is $0.50.
 SQS_STANDARD_USD_PER_MILLION: Final = 0.40
@@ -68,7 +69,7 @@ CONTEXT = SessionContext(
 
 def simulator_events(count: int) -> list[bytes]:
     base_us = int(time.time() * 1e6)
-    router = Router(RouteTable.load(None))
+    router = Router(load_routes(None))
     out = []
     for i, request in enumerate(generate_requests(seed=7, node=0, count=count, base_time_us=base_us)):
         event = normalize(request, CONTEXT, NameMaps(), base_us + i)

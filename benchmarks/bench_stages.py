@@ -34,11 +34,13 @@ import orjson  # noqa: E402
 from bench_ingest import count_lines, simulate  # noqa: E402 - benchmarks are run as scripts
 from daemon_process import Daemon, cpu_seconds, memory_mib  # noqa: E402
 from fpolicyd.events import FileEvent, NameMaps, SessionContext, normalize  # noqa: E402
-from fpolicyd.pipeline.dedup import DedupPolicy, EmbeddedDedupStore  # noqa: E402
-from fpolicyd.pipeline.router import Router, RouteTable  # noqa: E402
+from fpolicyd.pipeline.dedup import DedupPolicy  # noqa: E402
+from fpolicyd.pipeline.router import Router  # noqa: E402
 from fpolicyd.pipeline.settle import SettlePolicy, Settler, received_at_s  # noqa: E402
 from fpolicyd.pipeline.stage import encode_processed  # noqa: E402
 from fpolicyd.simulator.generate import generate_requests  # noqa: E402
+from fpolicyd.storage.dedup_store import EmbeddedDedupStore  # noqa: E402
+from fpolicyd.storage.routes_file import load_routes  # noqa: E402
 
 CONTEXT = SessionContext(
     vs_uuid="45228b37-6292-11ee-b5d1-000c29cdbe04",
@@ -70,7 +72,7 @@ def in_process(count: int) -> dict[str, float]:
         for i, request in enumerate(generate_requests(seed=7, node=0, count=count, base_time_us=base_us))
     ]
     events = [FileEvent.from_dict(orjson.loads(line)) for line in lines]
-    router = Router(RouteTable.load(None))
+    router = Router(load_routes(None))
     routed = [event.with_routes(router.match(event.file_path, event.operation_type)) for event in events]
     policy = SettlePolicy(window_s=5.0, max_hold_s=60.0)
     dedup_policy = DedupPolicy()

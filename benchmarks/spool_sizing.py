@@ -23,13 +23,14 @@ from fpolicyd.pipeline.dedup_window import DedupWindow
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.records import encode_processed
 from fpolicyd.pipeline.replay import ReplayTracker
-from fpolicyd.pipeline.router import Router, RouteTable
-from fpolicyd.pipeline.spool import RECORD_HEADER_BYTES
+from fpolicyd.pipeline.router import Router
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import Handshake
 from fpolicyd.protocol.session import Session, SessionConfig
 from fpolicyd.protocol.xml_codec import encode_message, fast_screen
 from fpolicyd.simulator.generate import DEFAULT_VS_UUID, generate_frames
+from fpolicyd.storage.routes_file import load_routes
+from fpolicyd.storage.spool import RECORD_HEADER_BYTES
 
 NODES = 3
 READ = 64
@@ -42,7 +43,7 @@ def spool_records(events: int) -> list[bytes]:
         names=NameMaps(),
         counters=IngestCounters(),
         replay=ReplayTracker(),
-        route=Router(RouteTable.load(None)).match,
+        route=Router(load_routes(None)).match,
         window=DedupWindow(max_entries=1_000_000, ttl_s=3600.0),
     )
     session = ingest.session(Session(SessionConfig(), peer="127.0.0.1:40000", now=0.0, fast=fast_screen))

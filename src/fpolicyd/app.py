@@ -24,13 +24,9 @@ from fpolicyd.obs.metrics import Metrics
 from fpolicyd.obs.systemd import SystemdNotifier
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_event_id
-from fpolicyd.pipeline.disk import DiskRetry
-from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV, fsync_fault_from_environment
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
-from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import stored_event_id
 from fpolicyd.pipeline.replay import ReplayTracker
-from fpolicyd.pipeline.spool import Spool, SpoolIOError, SpoolSettings
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.capture import capture_recorder
 from fpolicyd.server.connection import ServerContext
@@ -46,9 +42,13 @@ from fpolicyd.server.tls import ReloadableTls, TlsFiles
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
-from fpolicyd.sinks.ledger import LEDGER_CURSOR, DuplicateLedger
 from fpolicyd.sinks.runner import Sender
 from fpolicyd.storage.dedup_journal import DedupJournal
+from fpolicyd.storage.disk import DiskRetry
+from fpolicyd.storage.duplicate_ledger import LEDGER_CURSOR, DuplicateLedger
+from fpolicyd.storage.faults import FSYNC_EIO_AFTER_ENV, fsync_fault_from_environment
+from fpolicyd.storage.ledger import AuditLedger
+from fpolicyd.storage.spool import Spool, SpoolIOError, SpoolSettings
 
 log = get_logger("fpolicyd.app")
 
@@ -131,7 +131,7 @@ class Daemon:
         settle, dedup claims and their expiry); tests step it to see what a clock jump does."""
         self.settings = settings
         self._wall_clock = wall_clock
-        #: Test-only (pipeline/faults.py): read once, here; None unless its environment variable is set.
+        #: Test-only (storage/faults.py): read once, here; None unless its environment variable is set.
         self._fsync_fault = fsync_fault_from_environment(os.environ)
         self._server: ServerGroup | TlsListener | None = None
         #: The FPolicy sockets, bound first thing in start(); handed to the server at the end of it.
@@ -315,7 +315,7 @@ class Daemon:
         if settings.reader_dedup:
             # Duplicates the reader suppresses are kept in the spool until their audit record is written.
             instance = await asyncio.to_thread(instance_id, settings.effective_spool_dir)
-            ledger = AuditLedger.from_settings(settings, redact=redactor.redact_record)
+            ledger = AuditLedger(settings.dedup_ledger_files(), redact=redactor.redact_record)
             duplicates = DuplicateLedger(ledger, spool, instance=instance, disk=disk)
             await asyncio.to_thread(duplicates.open)
             requeued = await asyncio.to_thread(duplicates.recover)

@@ -27,11 +27,10 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from fpolicyd.errors import ConfigError, did_you_mean
 from fpolicyd.events import PATH_MAX_CHARS_MIN, PATH_TAIL_CHARS
-from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode
-from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV
+from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode, DedupPolicy
 from fpolicyd.pipeline.redaction import DataClassification, Redactor
 from fpolicyd.pipeline.replay import ReplayConfig
-from fpolicyd.pipeline.router import UnroutedAction
+from fpolicyd.pipeline.router import SINK_SCHEMES, UnroutedAction
 from fpolicyd.pipeline.settle import (
     SettleConfig,
     SettleOverride,
@@ -39,13 +38,15 @@ from fpolicyd.pipeline.settle import (
     SettleStrategy,
     parse_override_key,
 )
-from fpolicyd.pipeline.spool import SpoolFsync
 from fpolicyd.protocol.session import DEFAULT_MAX_OUTSTANDING, MIN_IDLE_FACTOR, EngineMode, SessionConfig
 from fpolicyd.sinks.aws.targets import AwsDataPath
 from fpolicyd.sinks.dead_letter import FILE_NAME as DEAD_LETTER_FILE_NAME
 from fpolicyd.sinks.dead_letter import DeadLetterLimits
-from fpolicyd.sinks.jsonl import FsyncPolicy
 from fpolicyd.sinks.sqs_envelope import SQS_MAX_MESSAGE_BYTES, PackCompression
+from fpolicyd.storage.faults import FSYNC_EIO_AFTER_ENV
+from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings
+from fpolicyd.storage.ledger import LEDGER_PREFIX
+from fpolicyd.storage.spool import SpoolFsync
 
 if TYPE_CHECKING:
     from fpolicyd.sinks.factory import SinkOptions
@@ -763,6 +764,27 @@ class Settings(BaseSettings):
     def effective_dedup_ledger_dir(self) -> Path:
         return self.dedup_ledger_dir if self.dedup_ledger_dir is not None else self.data_dir / "ledger"
 
+    def dedup_policy(self) -> DedupPolicy:
+        """The dedup policy (window lengths in seconds)."""
+        return DedupPolicy(
+            mode=self.dedup_mode,
+            exact_ttl_s=self.dedup_exact_ttl_s,
+            window_s=self.dedup_window_minutes * 60.0,
+            window_overrides_s={k: v * 60.0 for k, v in self.dedup_window_overrides.items()},
+        )
+
+    def dedup_ledger_files(self) -> JsonlSettings:
+        """The audit ledger's files (``storage.ledger.AuditLedger``): directory ``dedup_ledger_dir``; rotation as
+        ``jsonl_max_file_*``; every batch fsynced unless ``jsonl_fsync`` is ``never``."""
+        never = self.jsonl_fsync is FsyncPolicy.never
+        return JsonlSettings(
+            directory=self.effective_dedup_ledger_dir,
+            prefix=LEDGER_PREFIX,
+            max_file_bytes=self.jsonl_max_file_bytes,
+            max_file_age_s=self.jsonl_max_file_age_s,
+            fsync=FsyncPolicy.never if never else FsyncPolicy.always,
+        )
+
     # --- protobuf mode and wire capture -------------------------------------------------------------------
     capture_enabled: bool = Field(
         False,
@@ -868,33 +890,6 @@ class Settings(BaseSettings):
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
-
-    def settle_config(self) -> SettleConfig:
-        """The processing stage's settle policies (``write_complete_delay_s``, ``settle_*``); raises ConfigError."""
-        default = SettlePolicy(
-            window_s=self.write_complete_delay_s,
-            max_hold_s=self.settle_max_hold_s,
-            strategy=self.settle_strategy,
-            marker_names=tuple(self.settle_marker_names),
-            cancel_on_delete=self.settle_cancel_on_delete,
-            operations=frozenset(self.settle_operations),
-        )
-        overrides = {
-            parse_override_key(key): value
-            if isinstance(value, SettleOverride)
-            else SettleOverride.model_validate({"window_s": value})
-            for key, value in self.settle_overrides.items()
-        }
-        return SettleConfig(default, overrides)
-
-    def replay_config(self) -> ReplayConfig:
-        """The replay tracker's configuration (``replay_*``)."""
-        return ReplayConfig(
-            duplicate_window=self.replay_duplicate_window,
-            episode_idle_s=self.replay_episode_idle_s,
-            clock_tolerance_us=round(self.replay_clock_tolerance_s * 1_000_000),
-            max_nodes=self.replay_max_nodes,
-        )
 
     # --- runtime ------------------------------------------------------------------------------------------
     delivery_process: DeliveryProcess = Field(
@@ -1113,6 +1108,33 @@ class Settings(BaseSettings):
             sink_linger_s=self.sink_linger_s,
         )
 
+    def settle_config(self) -> SettleConfig:
+        """The settle stage's configuration (``write_complete_delay_s``, ``settle_*``); raises ConfigError."""
+        default = SettlePolicy(
+            window_s=self.write_complete_delay_s,
+            max_hold_s=self.settle_max_hold_s,
+            strategy=self.settle_strategy,
+            marker_names=tuple(self.settle_marker_names),
+            cancel_on_delete=self.settle_cancel_on_delete,
+            operations=frozenset(self.settle_operations),
+        )
+        overrides = {
+            parse_override_key(key): value
+            if isinstance(value, SettleOverride)
+            else SettleOverride.model_validate({"window_s": value})
+            for key, value in self.settle_overrides.items()
+        }
+        return SettleConfig(default, overrides)
+
+    def replay_config(self) -> ReplayConfig:
+        """The replay tracker's configuration (``replay_*``)."""
+        return ReplayConfig(
+            duplicate_window=self.replay_duplicate_window,
+            episode_idle_s=self.replay_episode_idle_s,
+            clock_tolerance_us=round(self.replay_clock_tolerance_s * 1_000_000),
+            max_nodes=self.replay_max_nodes,
+        )
+
     def session_config(self) -> SessionConfig:
         return SessionConfig(
             engine_mode=self.engine_mode,
@@ -1122,10 +1144,6 @@ class Settings(BaseSettings):
             keep_alive_interval_s=self.keep_alive_interval_s,
             idle_timeout_s=self.effective_idle_timeout_s,
         )
-
-
-#: Sink schemes this build can deliver to.
-SINK_SCHEMES: Final = ("jsonl", "stdout", "sqs", "eventbridge")
 
 
 def find_config_file(explicit: Path | None) -> Path | None:
@@ -1163,7 +1181,7 @@ def load_settings(
         name
         for name in os.environ
         if name.upper().startswith(ENV_PREFIX)
-        and name.upper() not in (SETTINGS_TOML_ENV, FSYNC_EIO_AFTER_ENV)  # the latter: test-only, pipeline/faults.py
+        and name.upper() not in (SETTINGS_TOML_ENV, FSYNC_EIO_AFTER_ENV)  # the latter: test-only, storage/faults.py
         and name.upper()[len(ENV_PREFIX) :].lower() not in Settings.model_fields
     )
     if unknown_env:

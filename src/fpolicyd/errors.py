@@ -70,7 +70,7 @@ class SinkError(FpolicydError):
 
 
 class DiskFullError(FpolicydError):
-    """A local writer (``writer``: a closed set of names, see ``fpolicyd.pipeline.disk.Writer``) found no space.
+    """A local writer (``writer``: a closed set of names, see ``fpolicyd.storage.disk.Writer``) found no space.
     Nothing was written (or what was written is cut back): retry the same write once space frees."""
 
     retriable = True

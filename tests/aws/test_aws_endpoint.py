@@ -24,7 +24,7 @@ from aws_endpoint import AwsEndpoint, Faults, endpoint_process
 from fpolicyd.app import Daemon
 from fpolicyd.errors import SinkError
 from fpolicyd.events import FileEvent
-from fpolicyd.pipeline.spool import Record
+from fpolicyd.pipeline.records import Record
 from fpolicyd.simulator.client import SimulatorConfig
 from fpolicyd.simulator.client import run as run_simulation
 from fpolicyd.sinks.aws import sender as sender_module

@@ -28,13 +28,13 @@ from fpolicyd.pipeline.dedup import (
     DedupKey,
     DedupMode,
     DedupRequest,
-    EmbeddedDedupStore,
     exact_key,
     window_key,
 )
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dedup_dynamodb import CONDITION, DynamoDbDedupStore, item_of
 from fpolicyd.sinks.retry import RetryPolicy
+from fpolicyd.storage.dedup_store import EmbeddedDedupStore
 from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env
 
 T0 = 1_714_557_600.0

@@ -24,6 +24,7 @@ from fpolicyd.cli.main import main
 from fpolicyd.config import Settings
 from fpolicyd.pipeline.router import KNOWN_OPERATIONS, Router, RouteTable
 from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.storage.routes_file import load_routes
 from support.moto_server import MotoEndpoint, create_queue, drain_queue, isolate_aws_env, unique
 
 SOURCE: str = Settings.model_fields["eventbridge_source"].default
@@ -110,7 +111,7 @@ async def delivered(clients: AwsClients, queues: dict[str, str], expected: dict[
 async def test_eventbridge_and_the_router_agree_event_by_event(
     clients: AwsClients, capsys: pytest.CaptureFixture[str], strict: bool
 ) -> None:
-    table = RouteTable.load(None)
+    table = load_routes(None)
     router = Router(table, strict=strict)
     patterns = exported_patterns(capsys, "--strict" if strict else "--no-strict")
     assert list(patterns) == [route.name for route in table.routes]  # every packaged route has prefixes

@@ -20,10 +20,10 @@ import pytest
 from test_end_to_end import assert_exactly_once, expected_events
 
 from fpolicyd.app import Daemon
-from fpolicyd.pipeline.dedup import EmbeddedDedupStore
-from fpolicyd.pipeline.disk import Writer
 from fpolicyd.server.processor import STATE_FILE
 from fpolicyd.simulator.client import SimulatorConfig, run
+from fpolicyd.storage.dedup_store import EmbeddedDedupStore
+from fpolicyd.storage.disk import Writer
 from support.captures import NEGO_REQ, NEGO_RESP
 from support.daemon import make_settings
 from support.full_disk import FullDisk, sqlite_full

@@ -20,7 +20,7 @@ from fpolicyd.events import (
     load_reference_schema,
     normalize,
 )
-from fpolicyd.pipeline.router import Router, RouteTable
+from fpolicyd.pipeline.router import Router
 from fpolicyd.protocol.messages import (
     STATUS_IN_PROGRESS,
     STATUS_REQUEST_LOST,
@@ -31,6 +31,7 @@ from fpolicyd.protocol.messages import (
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from fpolicyd.simulator.client import SimulatorConfig, SimulatorError, expected_requests, run
 from fpolicyd.simulator.peer import handshake
+from fpolicyd.storage.routes_file import load_routes
 from support.captures import NEGO_REQ, NEGO_RESP, SMB_OPEN
 from support.peer import loopback_peer
 from support.serve import VOLUME_NAMES, Served, read_events, start_serve, stop
@@ -109,7 +110,7 @@ async def test_every_notification_arrives_exactly_once_with_the_right_fields(ser
     assert {"create", "write", "delete", "rename", "read", "open", "close", "setattr", "getattr"} <= operations
     assert {"lookup", "link", "symlink"} <= operations
     # Routing is on by default: every event carries the packaged routes' verdict, fan-out included.
-    router = Router(RouteTable.load(None))
+    router = Router(load_routes(None))
     for event in received:
         assert event["metadata"]["routes"] == list(router.match(event["file_path"], event["operation_type"]))
     assert any(len(event["metadata"]["routes"]) > 1 for event in received), "no fan-out was exercised"

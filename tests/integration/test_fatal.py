@@ -2,7 +2,7 @@
 own with exit 1 and says why; started again on the same data directory, it delivers every event it had answered
 exactly once, and nothing twice.
 
-The failure is injected through the seam production code carries for this (pipeline/faults.py: the spool's
+The failure is injected through the seam production code carries for this (storage/faults.py: the spool's
 ``sync`` itself raises, the rest — pipeline, daemon, CLI — is the code that runs in production)."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import ScreenResponse
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from fpolicyd.simulator.generate import generate_requests
 from fpolicyd.simulator.peer import handshake
+from fpolicyd.storage.faults import FSYNC_EIO_AFTER_ENV
 from support.serve import read_events, serve_argv, start_serve, stop
 
 pytestmark = pytest.mark.slow

@@ -24,10 +24,11 @@ from fpolicyd.events import (
     path_sha256,
     truncate_path,
 )
-from fpolicyd.pipeline.router import Router, RouteTable
+from fpolicyd.pipeline.router import Router
 from fpolicyd.protocol.messages import Handshake, PathName, ScreenRequest
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from fpolicyd.simulator.peer import OntapPeer
+from fpolicyd.storage.routes_file import load_routes
 from support.captures import NEGO_REQ, NEGO_RESP
 from support.notifications import notification
 from support.peer import loopback_peer
@@ -134,7 +135,7 @@ async def test_long_paths_reach_json_lines_whole_or_cut(served: tuple[Served, in
     hello = decode_payload(NEGO_REQ.payload).message
     assert isinstance(hello, Handshake)
     context = SessionContext(hello.vs_uuid, hello.policy_name, hello.session_id, "1.2", "ignored")
-    router = Router(RouteTable.load(None))
+    router = Router(load_routes(None))
     for req_id, request in ((1, create), (2, rename), (3, huge)):
         event = events[req_id]
         whole = normalize(request, context, NameMaps(), 0)

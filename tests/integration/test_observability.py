@@ -18,12 +18,13 @@ from prometheus_client.samples import Sample
 
 from fpolicyd.app import Daemon
 from fpolicyd.events import NameMaps, SessionContext, normalize
-from fpolicyd.pipeline.router import Router, RouteTable
+from fpolicyd.pipeline.router import Router
 from fpolicyd.protocol.req_types import parse_req_type
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor
 from fpolicyd.simulator.client import SimulatorConfig, expected_requests, run
-from fpolicyd.sinks.ledger import LEDGER_CURSOR
+from fpolicyd.storage.duplicate_ledger import LEDGER_CURSOR
+from fpolicyd.storage.routes_file import load_routes
 from support.daemon import AS_DEPLOYED, make_settings
 from support.moto_server import isolate_aws_env
 from support.observability import REQUIRED_FAMILIES, get, http_get, one, scrape
@@ -127,7 +128,7 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     assert one(after, "fpolicyd_connections_rejected", "fpolicyd_connections_rejected_total", reason="not_allowed") == 0
     # Routing, counted independently: the packaged routes over what the simulator sent (duplicates included,
     # since the reader routes every notification it stores).
-    router = Router(RouteTable.load(None))
+    router = Router(load_routes(None))
     expected_routes: Counter[str] = Counter()
     unrouted = 0
     for run_config, times in ((config, 1), (comeback, 2)):

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 
 from fpolicyd.pipeline.backpressure import Watermarks
-from fpolicyd.pipeline.spool import Record, Spool, SpoolIOError, SpoolSettings
+from fpolicyd.pipeline.records import Record
 from fpolicyd.server.pipeline import EventPipeline
-from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings
 from fpolicyd.sinks.local import JsonlSender
 from fpolicyd.sinks.retry import RetryPolicy
+from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings
+from fpolicyd.storage.spool import Spool, SpoolIOError, SpoolSettings
 from support.sinks import Collect
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from fpolicyd.app import Daemon
-from fpolicyd.pipeline.spool import Record
+from fpolicyd.pipeline.records import Record
 from fpolicyd.server.processor import Processor
 from fpolicyd.simulator.peer import OntapPeer
 from fpolicyd.sinks.local import JsonlSender

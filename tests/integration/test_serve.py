@@ -18,8 +18,8 @@ from fpolicyd.app import Daemon
 from fpolicyd.events import NameMaps
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
+from fpolicyd.pipeline.records import Record
 from fpolicyd.pipeline.replay import ReplayTracker
-from fpolicyd.pipeline.spool import Record, Spool, SpoolSettings
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import (
     Alert,
@@ -35,6 +35,7 @@ from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_me
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.simulator.generate import generate_frames
+from fpolicyd.storage.spool import Spool, SpoolSettings
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 from support.daemon import make_settings
 from support.notifications import BASE_GENERATION_US

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fpolicyd.pipeline.records import Record
 from fpolicyd.pipeline.settle import SettleClock, SettlePolicy, Settler, received_at_s
-from fpolicyd.pipeline.spool import Record
 from fpolicyd.pipeline.stage import Candidate, Stage, StageState
 from fpolicyd.server.processor import SETTLE_WATERMARK_LAG_S as LAG
 from support.stage_events import BASE, make_event

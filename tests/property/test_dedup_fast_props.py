@@ -1,6 +1,6 @@
 """The embedded store's batch judging (rows instead of Claim objects, exact mode inlined) gives what the pure
 :func:`judge` / :func:`result_of` give, and the policy's fast request builder what the validating constructor
-gives (pipeline/dedup.py)."""
+gives (pipeline/dedup.py, storage/dedup_store.py)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fpolicyd.pipeline.dedup import (
-    Claim,
-    DedupMode,
-    DedupPolicy,
-    DedupRequest,
-    EmbeddedDedupStore,
-    exact_key,
-    judge,
-    result_of,
-    window_key,
-)
+from fpolicyd.pipeline.dedup import Claim, DedupMode, DedupPolicy, DedupRequest, exact_key, judge, result_of, window_key
+from fpolicyd.storage.dedup_store import EmbeddedDedupStore
 
 T0 = 1_714_557_600.0
 offsets = st.integers(min_value=-3, max_value=3).map(float)

@@ -15,15 +15,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from fpolicyd.pipeline.dedup import (
-    Decision,
-    DedupKey,
-    DedupMode,
-    DedupRequest,
-    EmbeddedDedupStore,
-    exact_key,
-    window_key,
-)
+from fpolicyd.pipeline.dedup import Decision, DedupKey, DedupMode, DedupRequest, exact_key, window_key
+from fpolicyd.storage.dedup_store import EmbeddedDedupStore
 
 T0 = 1_714_557_600.0
 MAX_ENTRIES = 4

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fpolicyd.pipeline.spool import Spool, SpoolSettings
+from fpolicyd.storage.spool import Spool, SpoolSettings
 
 SINKS = ("a", "b")
 SEG_HDR = 24

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fpolicyd.pipeline.spool import Spool, SpoolCorruptError, SpoolFsync, SpoolSettings, SpoolTail
+from fpolicyd.storage.spool import Spool, SpoolCorruptError, SpoolFsync, SpoolSettings, SpoolTail
 
 PROPS = settings(
     max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

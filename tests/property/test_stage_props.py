@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fpolicyd.events import FileEvent
+from fpolicyd.pipeline.records import Record
 from fpolicyd.pipeline.settle import SettlePolicy, Settler, SettleStrategy, received_at_s
-from fpolicyd.pipeline.spool import Record
 from fpolicyd.pipeline.stage import Candidate, Stage, StageState
 from support.stage_events import BASE, make_event
 

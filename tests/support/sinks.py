@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fpolicyd.pipeline.spool import Record
+from fpolicyd.pipeline.records import Record
 
 
 class Collect:

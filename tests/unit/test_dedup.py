@@ -1,4 +1,5 @@
-"""Dedup rule, policy, embedded store and audit ledger (pipeline/dedup.py, pipeline/ledger.py)."""
+"""Dedup rule, policy, embedded store and audit ledger (pipeline/dedup.py, storage/dedup_store.py,
+pipeline/ledger.py, storage/ledger.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError
 from fpolicyd.events import FileEvent
 from fpolicyd.pipeline.dedup import (
-    DB_FILE_NAME,
     Claim,
     Decision,
     DedupFailureMode,
@@ -23,14 +23,14 @@ from fpolicyd.pipeline.dedup import (
     DedupPolicy,
     DedupRequest,
     DedupStoreError,
-    EmbeddedDedupStore,
     error_result,
     event_time_s,
     exact_key,
     judge,
     window_key,
 )
-from fpolicyd.pipeline.ledger import LEDGER_PREFIX, AuditLedger
+from fpolicyd.storage.dedup_store import DB_FILE_NAME, EmbeddedDedupStore
+from fpolicyd.storage.ledger import LEDGER_PREFIX, AuditLedger
 
 T0 = 1_714_557_600.0  # 2024-05-01T10:00:00Z
 DAY = 86400.0
@@ -248,10 +248,9 @@ def test_policy_from_settings(tmp_path: Path) -> None:
         },
         search_default_paths=False,
     )
-    policy = DedupPolicy.from_settings(settings)
+    policy = settings.dedup_policy()
     assert (policy.mode, policy.window_s, policy.window_for("UC1")) == (DedupMode.window, 120.0, 600.0)
-    store = EmbeddedDedupStore.from_settings(settings)
-    assert store.directory == tmp_path / "dedup"
+    assert settings.effective_dedup_dir == tmp_path / "dedup"
     assert settings.effective_dedup_ledger_dir == tmp_path / "ledger"
     with pytest.raises(ConfigError, match="dedup_dynamodb_table"):
         load_settings(overrides={"dedup_backend": "dynamodb"}, search_default_paths=False)
@@ -489,6 +488,6 @@ def test_ledger_redact_hook_hides_the_path_in_the_key(store: EmbeddedDedupStore,
 
 def test_ledger_from_settings(tmp_path: Path) -> None:
     settings = load_settings(overrides={"data_dir": tmp_path}, search_default_paths=False)
-    ledger = AuditLedger.from_settings(settings)
+    ledger = AuditLedger(settings.dedup_ledger_files())
     assert ledger.settings.directory == tmp_path / "ledger"
     assert ledger.settings.prefix == LEDGER_PREFIX

@@ -1,4 +1,4 @@
-"""The embedded dedup store's cheaper paths (pipeline/dedup.py): schema 1 → 2 migration, eviction of expired
+"""The embedded dedup store's cheaper paths (storage/dedup_store.py): schema 1 → 2 migration, eviction of expired
 claims without an index on retain_until (rows out of retention order included), the insert-only attempt for a
 batch expected to be all new, and the request fast path."""
 
@@ -10,16 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fpolicyd.pipeline.dedup import (
-    DB_FILE_NAME,
-    Decision,
-    DedupMode,
-    DedupPolicy,
-    DedupRequest,
-    EmbeddedDedupStore,
-    exact_key,
-    window_key,
-)
+from fpolicyd.pipeline.dedup import Decision, DedupMode, DedupPolicy, DedupRequest, exact_key, window_key
+from fpolicyd.storage.dedup_store import DB_FILE_NAME, EmbeddedDedupStore
 
 T0 = 1_714_557_600.0
 DAY = 86400.0

@@ -13,19 +13,20 @@ from hypothesis import strategies as st
 
 from fpolicyd.errors import DiskFullError, SinkError, is_disk_full
 from fpolicyd.pipeline.backpressure import Watermarks
-from fpolicyd.pipeline.dedup import DedupFailureMode, DedupRequest, EmbeddedDedupStore, exact_key
-from fpolicyd.pipeline.disk import DiskFull, DiskRetry, Writer, sink_writer
-from fpolicyd.pipeline.ledger import AuditLedger
+from fpolicyd.pipeline.dedup import DedupFailureMode, DedupRequest, exact_key
 from fpolicyd.pipeline.records import encode_duplicate
-from fpolicyd.pipeline.spool import Spool, SpoolIOError, SpoolSettings
 from fpolicyd.pipeline.stage import StageState
 from fpolicyd.server.capture import CaptureLimits, CaptureRecorder
 from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.processor import STATE_FILE, load_state, save_state
-from fpolicyd.sinks.jsonl import JsonlSettings, JsonlWriter
-from fpolicyd.sinks.ledger import LEDGER_CURSOR, DuplicateLedger
 from fpolicyd.storage.dedup_journal import DedupJournal, JournalError
+from fpolicyd.storage.dedup_store import EmbeddedDedupStore
+from fpolicyd.storage.disk import DiskFull, DiskRetry, Writer, sink_writer
+from fpolicyd.storage.duplicate_ledger import LEDGER_CURSOR, DuplicateLedger
+from fpolicyd.storage.jsonl import JsonlSettings, JsonlWriter
+from fpolicyd.storage.ledger import AuditLedger
+from fpolicyd.storage.spool import Spool, SpoolIOError, SpoolSettings
 from support.full_disk import FullDisk, sqlite_full
 from support.sinks import Collect
 
@@ -280,7 +281,7 @@ async def test_the_reader_ledger_reports_a_full_disk_once_and_resumes(
 
 
 def test_spool_io_errors_say_disk_full_only_for_space() -> None:
-    from fpolicyd.pipeline.spool import _io_error
+    from fpolicyd.storage.spool import _io_error
 
     assert _io_error("write", "/x", OSError(errno.ENOSPC, "full")).disk_full
     assert not _io_error("write", "/x", OSError(errno.EMFILE, "fds")).disk_full

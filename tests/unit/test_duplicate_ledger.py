@@ -11,11 +11,11 @@ import orjson
 import pytest
 
 from fpolicyd.errors import SinkError
-from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import encode_duplicate
-from fpolicyd.pipeline.spool import Spool, SpoolFsync, SpoolSettings
-from fpolicyd.sinks import ledger as ledger_module
-from fpolicyd.sinks.ledger import LEDGER_CURSOR, DuplicateLedger
+from fpolicyd.storage import duplicate_ledger as ledger_module
+from fpolicyd.storage.duplicate_ledger import LEDGER_CURSOR, DuplicateLedger
+from fpolicyd.storage.ledger import AuditLedger
+from fpolicyd.storage.spool import Spool, SpoolFsync, SpoolSettings
 
 
 def event(n: int) -> bytes:

@@ -1,4 +1,4 @@
-"""The test-only fsync fault (pipeline/faults.py): off unless its variable is set, strict about its value, and
+"""The test-only fsync fault (storage/faults.py): off unless its variable is set, strict about its value, and
 when armed it fails the spool's sync exactly as a real EIO does (for good, nothing reported durable)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError
-from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV, FsyncFault, fsync_fault_from_environment
-from fpolicyd.pipeline.spool import Spool, SpoolIOError, SpoolSettings
+from fpolicyd.storage.faults import FSYNC_EIO_AFTER_ENV, FsyncFault, fsync_fault_from_environment
+from fpolicyd.storage.spool import Spool, SpoolIOError, SpoolSettings
 
 
 def test_absent_means_off() -> None:

@@ -19,7 +19,7 @@ from fpolicyd.pipeline.ingest import Ingest, IngestBatch, IngestCounters, Ingest
 from fpolicyd.pipeline.records import DUPLICATE_TAG, duplicate_payload
 from fpolicyd.pipeline.redaction import DataClassification, Redactor
 from fpolicyd.pipeline.replay import ReplayTracker
-from fpolicyd.pipeline.router import Router, RouteTable
+from fpolicyd.pipeline.router import Router
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import Handshake, ScreenRequest, ScreenResponse, StatusQuery, StatusQueryResp
 from fpolicyd.protocol.session import EngineMode, NoticeKind, Session, SessionConfig, SessionState
@@ -31,6 +31,7 @@ from fpolicyd.protocol.xml_codec import (
     fast_screen,
 )
 from fpolicyd.simulator.generate import generate_frames
+from fpolicyd.storage.routes_file import load_routes
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 from support.notifications import frame, notification
 
@@ -64,7 +65,7 @@ def make(
         names=NameMaps(),
         counters=counters,
         replay=ReplayTracker(),
-        route=Router(RouteTable.load(None)).match if route else None,
+        route=Router(load_routes(None)).match if route else None,
         window=window,
         redact=None if redact is None else redact.redact_event,
         accelerate=accelerate,
@@ -242,7 +243,7 @@ def test_long_paths_are_cut_alike_on_every_path(accelerate: bool, bound: int) ->
     batch = step.feed(payloads, 1.0, RECEIVED_US, WALL_S)
     context = step.session.context
     assert context is not None
-    router = Router(RouteTable.load(None))
+    router = Router(load_routes(None))
     for record, framed in zip(batch.records, payloads, strict=True):
         request = decode_payload(framed).message
         assert isinstance(request, ScreenRequest)
@@ -360,7 +361,7 @@ def test_both_paths_make_the_same_batches_from_the_simulator_corpus() -> None:
         payloads += frames
     payloads.insert(500, KEEP_ALIVE.payload)
     payloads.insert(900, SMB_REN.payload.replace(b"<ContentLen>1224<", b"<ContentLen>1225<"))  # general path
-    router = Router(RouteTable.load())
+    router = Router(load_routes())
     sessions = [
         ingest_session(
             accelerate,

@@ -30,10 +30,9 @@ from fpolicyd.obs.metrics import (
     SinkInstruments,
 )
 from fpolicyd.pipeline.backpressure import Pressure, Watermarks
-from fpolicyd.pipeline.disk import Writer, sink_writer
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
+from fpolicyd.pipeline.records import Record
 from fpolicyd.pipeline.replay import ReplayTracker
-from fpolicyd.pipeline.spool import Record, Spool, SpoolFsync, SpoolSettings
 from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
 from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind, SessionConfig
@@ -47,6 +46,8 @@ from fpolicyd.sinks.aws.sender import AwsSender
 from fpolicyd.sinks.aws.targets import SqsTarget
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.retry import RetryPolicy
+from fpolicyd.storage.disk import Writer, sink_writer
+from fpolicyd.storage.spool import Spool, SpoolFsync, SpoolSettings
 from support.observability import REQUIRED_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fpolicyd.config import SINK_SCHEMES, load_settings
+from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError
+from fpolicyd.pipeline.router import SINK_SCHEMES
 from fpolicyd.server.preflight import directory_problem, preflight, sink_problem, write_targets
 
 

@@ -16,15 +16,8 @@ import pytest
 from fpolicyd.cli.main import main
 from fpolicyd.config import Settings, load_settings
 from fpolicyd.errors import ConfigError
-from fpolicyd.pipeline.router import (
-    KNOWN_OPERATIONS,
-    Route,
-    Router,
-    RouteTable,
-    UnroutedAction,
-    event_pattern,
-    packaged_routes_text,
-)
+from fpolicyd.pipeline.router import KNOWN_OPERATIONS, Route, Router, RouteTable, UnroutedAction, event_pattern
+from fpolicyd.storage.routes_file import load_routes, packaged_routes_text
 
 REPO = Path(__file__).resolve().parents[2]
 PDF_ROUTES = (
@@ -60,7 +53,7 @@ UC17 | smart-city-geospatial | /smartcity/ /geospatial/ /gis/ | .geojson .shp .t
 
 @pytest.fixture(scope="module")
 def table() -> RouteTable:
-    return RouteTable.load(None)
+    return load_routes(None)
 
 
 @pytest.fixture(scope="module")
@@ -367,12 +360,12 @@ def test_a_programmatic_table_is_validated_too() -> None:
 def test_load_reads_a_file_and_names_a_missing_one(tmp_path: Path) -> None:
     path = tmp_path / "routes.toml"
     path.write_text(VALID, encoding="utf-8")
-    assert RouteTable.load(path) == RouteTable.from_toml(VALID)
+    assert load_routes(path) == RouteTable.from_toml(VALID)
     with pytest.raises(ConfigError, match=re.escape(f"routes file {tmp_path / 'missing.toml'}")):
-        RouteTable.load(tmp_path / "missing.toml")
+        load_routes(tmp_path / "missing.toml")
     path.write_text(broken('["create", "write"]', '["creat"]'), encoding="utf-8")
     with pytest.raises(ConfigError, match=re.escape(f"{path}: route #2 'second': operations")):
-        RouteTable.load(path)
+        load_routes(path)
 
 
 # ------------------------------------------------------------------------------------------ settings

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from fpolicyd.errors import ConfigError, FpolicydError
-from fpolicyd.pipeline import spool as spool_mod
-from fpolicyd.pipeline.spool import (
-    Record,
+from fpolicyd.pipeline.records import Record
+from fpolicyd.storage import spool as spool_mod
+from fpolicyd.storage.spool import (
     Spool,
     SpoolCorruptError,
     SpoolError,

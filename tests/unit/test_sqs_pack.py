@@ -19,7 +19,7 @@ import pytest
 from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.events import FileEvent
-from fpolicyd.pipeline.spool import Record
+from fpolicyd.pipeline.records import Record
 from fpolicyd.sinks.aws import encode
 from fpolicyd.sinks.aws.classify import Outcome, classify_sqs
 from fpolicyd.sinks.aws.clients import AwsClients

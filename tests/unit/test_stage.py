@@ -6,8 +6,8 @@ import orjson
 import pytest
 
 from fpolicyd.events import FileEvent
+from fpolicyd.pipeline.records import Record
 from fpolicyd.pipeline.settle import SettlePolicy, Settler, received_at_s
-from fpolicyd.pipeline.spool import Record
 from fpolicyd.pipeline.stage import (
     Candidate,
     Destinations,

@@ -27,6 +27,7 @@ from fpolicyd.pipeline.router import (
     RouteTable,
     event_pattern,
 )
+from fpolicyd.storage.routes_file import load_routes
 
 #: CloudFormation's per-template quotas this export can run into.
 CFN_MAX_RESOURCES: Final = 500
@@ -91,7 +92,7 @@ def _context(ns: argparse.Namespace) -> _Context:
     settings = load_settings(ns.config)
     path = ns.routes if ns.routes is not None else settings.routes_file
     strict = ns.strict if ns.strict is not None else settings.routes_strict
-    return _Context(RouteTable.load(path), strict, settings)
+    return _Context(load_routes(path), strict, settings)
 
 
 def run_routes(ns: argparse.Namespace) -> int:

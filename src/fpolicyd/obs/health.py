@@ -62,7 +62,7 @@ class DiskWatch(Protocol):
 
 
 class LedgerHealth(Protocol):
-    """The audit ledger of suppressed duplicates (``fpolicyd.sinks.ledger.DuplicateLedger``)."""
+    """The audit ledger of suppressed duplicates (``fpolicyd.storage.duplicate_ledger.DuplicateLedger``)."""
 
     @property
     def pending(self) -> int: ...

@@ -10,7 +10,7 @@ the order they came (first seen first out) when they are older than ``ttl_s`` or
 ``max_entries`` are held. A duplicate never extends its key's life: the window is exactly "claims made in the
 last ``ttl_s``, at most ``max_entries`` of them", the rule of the embedded store it replaces.
 
-Restart safety is the caller's: every claim is written to the dedup journal (``pipeline/dedup_journal.py``)
+Restart safety is the caller's: every claim is written to the dedup journal (``storage/dedup_journal.py``)
 with the spool sequence number of its record, and the window is rebuilt at start from the journal and the
 spool records after it (:meth:`load`).
 """

@@ -17,21 +17,21 @@ suffixes likewise on ``path[-S:]``. A match walks down while the path keeps matc
 so its cost is the number of nested prefixes/suffixes the path actually has (plus one) and the size of the
 fan-out, not the number of routes (``benchmarks/bench_router.py``: 17, 1,000 and 10,000 routes).
 
-The packaged ``fpolicyd/data/routes.toml`` (the 17 use cases of ``docs/reference-pipeline.md`` §5) is the source of
-truth; ``config/routes.toml`` is the copy users edit, and ``fpolicyd routes export`` turns either into
-EventBridge patterns or a CloudFormation template, so rules and in-process routing cannot drift apart.
+Reading a routes file (a path, or the packaged one) is :mod:`fpolicyd.storage.routes_file`; this module parses
+and validates the text (:meth:`RouteTable.from_toml`). The packaged ``fpolicyd/data/routes.toml`` (the 17 use
+cases of ``docs/reference-pipeline.md`` §5) is the source of truth; ``config/routes.toml`` is the copy users edit,
+and ``fpolicyd routes export`` turns either into EventBridge patterns or a CloudFormation template, so rules and
+in-process routing cannot drift apart.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import itertools
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -42,14 +42,18 @@ __all__ = [
     "EVENTBRIDGE_PATTERN_QUOTA_CHARS",
     "KNOWN_OPERATIONS",
     "ROUTE_KEYS",
+    "SINK_SCHEMES",
     "Route",
     "RouteExplanation",
     "RouteTable",
     "Router",
     "UnroutedAction",
     "event_pattern",
-    "packaged_routes_text",
 ]
+
+
+#: Sink schemes this build can deliver to (a route's ``sinks`` and the ``sinks`` setting are checked against it).
+SINK_SCHEMES: Final = ("jsonl", "stdout", "sqs", "eventbridge")
 
 
 class UnroutedAction(StrEnum):
@@ -77,8 +81,6 @@ EVENTBRIDGE_PATTERN_QUOTA_CHARS: Final = 2048
 
 #: Bound of a :class:`Router`'s cache of merged fan-outs (one per distinct set of prefix/suffix hits).
 _MERGED_CACHE_MAX: Final = 4096
-
-_PACKAGED: Final = "packaged fpolicyd/data/routes.toml"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,17 +124,6 @@ class RouteTable:
                 seen[value] = number
 
     @classmethod
-    def load(cls, path: Path | None = None) -> RouteTable:
-        """The routes of ``path``, or the packaged 17 reference routes when ``path`` is None."""
-        if path is None:
-            return cls.from_toml(packaged_routes_text(), source=_PACKAGED)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"routes file {path}: {exc}") from None
-        return cls.from_toml(text, source=str(path))
-
-    @classmethod
     def from_toml(cls, text: str, *, source: str = "routes") -> RouteTable:
         try:
             data = tomllib.loads(text)
@@ -162,11 +153,6 @@ class RouteTable:
                 else:
                     lines.append(f"{key} = {_toml_string(value)}")
         return "\n".join(lines) + "\n"
-
-
-def packaged_routes_text() -> str:
-    """The packaged routes file (read through importlib.resources, so it works from a wheel or a zip)."""
-    return (importlib.resources.files("fpolicyd") / "data" / "routes.toml").read_text(encoding="utf-8")
 
 
 _TOML_HEADER: Final = (
@@ -260,9 +246,6 @@ def _check_text(text: str, where: str) -> None:
 
 
 def _check_sink(uri: str, where: str) -> None:
-    # config.py imports this module (UnroutedAction), so its scheme list is read at call time.
-    from fpolicyd.config import SINK_SCHEMES  # noqa: PLC0415
-
     scheme, sep, target = uri.partition(":")
     if not sep or scheme not in SINK_SCHEMES:
         raise ConfigError(f"{where}: {uri!r}: a sink is one of {', '.join(s + ':' for s in SINK_SCHEMES)}")

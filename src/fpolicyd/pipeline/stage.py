@@ -36,6 +36,7 @@ from fpolicyd.pipeline.records import (
     ALL_SINKS,
     DUPLICATE_TAG,
     PROCESSED_TAG,
+    Record,
     encode_processed,
     processed_payload,
     sink_key,
@@ -43,7 +44,6 @@ from fpolicyd.pipeline.records import (
     stored_event_id,
 )
 from fpolicyd.pipeline.settle import SettleInputError, SettleOutput, Settler
-from fpolicyd.pipeline.spool import Record
 
 __all__ = [
     "ALL_SINKS",

@@ -3,7 +3,7 @@
 The daemon keeps everything that decides what is stored and when it is safe: the listener, the ingest step, the
 spool (appends, group commit, recovery, retention, cursors), back-pressure, the processing stage, /metrics. The
 delivery process (``server/delivery_child.py``) runs one sink worker per sink exactly as the daemon would, but
-reads the spool's segment files itself (:class:`~fpolicyd.pipeline.spool.SpoolTail`), only up to the durable seq
+reads the spool's segment files itself (:class:`~fpolicyd.storage.spool.SpoolTail`), only up to the durable seq
 the daemon announces. The two talk over a socketpair (``server/channel.py``):
 
 ====================  ======================  ==========================================================
@@ -21,7 +21,7 @@ message               direction               meaning
 ====================  ======================  ==========================================================
 
 Guarantees are the in-process ones: an ack names only records that were durable and delivered, the daemon records
-it in the spool (:meth:`~fpolicyd.pipeline.spool.Spool.ack_delivered`) and persists it at checkpoints, so after
+it in the spool (:meth:`~fpolicyd.storage.spool.Spool.ack_delivered`) and persists it at checkpoints, so after
 any crash of either process what was not acked is delivered again (at least once). If the delivery process dies
 unexpectedly the daemon stops with exit 1 (its events stay in the spool), as it does when an in-process sink
 worker dies. The delivery process ignores SIGTERM/SIGINT (a stop signal to the whole process group must not cut
@@ -45,9 +45,9 @@ from fpolicyd.config import Settings
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.obs.metrics import DeadLetterFigures, SinkFigures
-from fpolicyd.pipeline.spool import Spool
 from fpolicyd.server.channel import Channel, Message, open_channel
 from fpolicyd.sinks.runner import WorkerStats
+from fpolicyd.storage.spool import Spool
 
 log = get_logger("fpolicyd.delivery")
 

@@ -2,7 +2,7 @@
 
 Started by the daemon (``server/delivery.py``) as ``python -m fpolicyd.server.delivery_child FD`` with one end of a
 socketpair; everything it needs comes in the ``hello`` message. It builds the same senders the daemon would
-(``sinks/factory.py``, plus the dedup ledger), reads the spool with a :class:`~fpolicyd.pipeline.spool.SpoolTail`
+(``sinks/factory.py``, plus the dedup ledger), reads the spool with a :class:`~fpolicyd.storage.spool.SpoolTail`
 up to the durable seq the daemon announces, and reports acks and figures back. Not a command for operators.
 """
 
@@ -23,12 +23,12 @@ from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import configure_logging, get_logger
 from fpolicyd.pipeline.records import sink_selector
 from fpolicyd.pipeline.redaction import Redactor
-from fpolicyd.pipeline.spool import ReadPosition, SpoolTail
 from fpolicyd.server.channel import Channel, Message, open_channel
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
 from fpolicyd.sinks.runner import Sender, SinkWorker
+from fpolicyd.storage.spool import ReadPosition, SpoolTail
 
 log = get_logger("fpolicyd.delivery")
 

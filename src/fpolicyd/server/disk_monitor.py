@@ -1,4 +1,4 @@
-"""The daemon's edge of :mod:`fpolicyd.pipeline.disk`: reads the clock, logs one line when a writer's disk-full
+"""The daemon's edge of :mod:`fpolicyd.storage.disk`: reads the clock, logs one line when a writer's disk-full
 episode starts and one when it ends, and tells its listeners (the pipeline, which pauses or resumes reading).
 
 Writers report from the event loop; a writer working on a thread reports once it is back on the loop."""
@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from fpolicyd.obs.log import get_logger
-from fpolicyd.pipeline.disk import DiskFull, DiskRetry
+from fpolicyd.storage.disk import DiskFull, DiskRetry
 
 log = get_logger("fpolicyd.disk")
 

@@ -11,12 +11,12 @@ from typing import Final
 
 from fpolicyd.obs.metrics import MetricLabels
 from fpolicyd.pipeline.backpressure import Pressure
-from fpolicyd.pipeline.disk import Writer, sink_writer
 from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
 from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind
 from fpolicyd.server.budget import Refusal
 from fpolicyd.server.tls_failures import TlsFailure
+from fpolicyd.storage.disk import Writer, sink_writer
 
 #: Session notices that are exactly one received frame of a type (``frames by type`` is derived from them).
 _FRAME_NOTICES: Final[dict[str, str]] = {

@@ -11,7 +11,7 @@ Order of events for one notification:
 If the spool is full (it should not be: reading pauses before that), the event is held in memory, every
 reader stops, and the held events go in first as soon as space frees up: an event that was read is never lost.
 
-A full disk (ENOSPC/EDQUOT) is handled the same way for every writer (``fpolicyd.pipeline.disk``): what could not
+A full disk (ENOSPC/EDQUOT) is handled the same way for every writer (``fpolicyd.storage.disk``): what could not
 be written stays in memory (the spool's buffer, held events, the journal's buffer) or in the spool (what a sink,
 the ledger or the processing stage could not write yet), reading pauses while any writer is full, the refused
 write is tried again with a backoff (settings ``disk_full_retry_initial_s``/``disk_full_retry_max_s``), and
@@ -30,15 +30,15 @@ from typing import Protocol
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
-from fpolicyd.pipeline.disk import Writer, sink_writer
 from fpolicyd.pipeline.records import DUPLICATE_TAG
-from fpolicyd.pipeline.spool import Spool, SpoolFullError, SpoolIOError
 from fpolicyd.server.delivery import DeliverySpec, ProcessDelivery
 from fpolicyd.server.disk_monitor import DiskMonitor
-from fpolicyd.sinks.ledger import DuplicateLedger
 from fpolicyd.sinks.retry import RetryPolicy
 from fpolicyd.sinks.runner import Sender, SinkHandle, SinkWorker
 from fpolicyd.storage.dedup_journal import DedupJournal, JournalError
+from fpolicyd.storage.disk import Writer, sink_writer
+from fpolicyd.storage.duplicate_ledger import DuplicateLedger
+from fpolicyd.storage.spool import Spool, SpoolFullError, SpoolIOError
 
 log = get_logger("fpolicyd.pipeline")
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError, settings_refused
+from fpolicyd.pipeline.router import SINK_SCHEMES
 from fpolicyd.server.processor import ProcessingPlan, plan_processing
 from fpolicyd.server.tls import TlsFiles, build_context
 
@@ -86,8 +87,6 @@ def describe_os_error(exc: OSError) -> str:
 
 def sink_problem(uri: str) -> str | None:
     """What is wrong with a sink URI that can be told without the network (None when nothing is)."""
-    from fpolicyd.config import SINK_SCHEMES  # noqa: PLC0415 - the same list Settings checks
-
     scheme, sep, target = uri.partition(":")
     if not sep or scheme not in SINK_SCHEMES:
         return f"sink {uri!r}: a sink is one of {', '.join(s + ':' for s in SINK_SCHEMES)}"

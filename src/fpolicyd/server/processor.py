@@ -51,20 +51,21 @@ from fpolicyd.pipeline.dedup import (
     DedupRequest,
     DedupResult,
     DedupStore,
-    EmbeddedDedupStore,
 )
-from fpolicyd.pipeline.disk import Writer
-from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import encode_processed, sink_selector
 from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.pipeline.router import Router, RouteTable, UnroutedAction
 from fpolicyd.pipeline.settle import SettleClock, SettleConfig, Settler, received_at_s
-from fpolicyd.pipeline.spool import Spool
 from fpolicyd.pipeline.stage import Candidate, Destinations, Stage, StageState
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dedup_dynamodb import DynamoDbDedupStore
 from fpolicyd.sinks.retry import RetryPolicy
+from fpolicyd.storage.dedup_store import EmbeddedDedupStore
+from fpolicyd.storage.disk import Writer
+from fpolicyd.storage.ledger import AuditLedger
+from fpolicyd.storage.routes_file import load_routes
+from fpolicyd.storage.spool import Spool
 
 log = get_logger("fpolicyd.processor")
 
@@ -564,7 +565,7 @@ class ProcessingPlan:
 
 
 def plan_processing(settings: Settings) -> ProcessingPlan:
-    table = RouteTable.load(settings.routes_file) if settings.routing_enabled else None
+    table = load_routes(settings.routes_file) if settings.routing_enabled else None
     default_sinks = settings.effective_sinks
     unrouted = (
         (f"jsonl:{settings.data_dir / 'unrouted'}",)
@@ -646,21 +647,26 @@ async def start_processor(
                     raise
                 log.error("dedup_store_unreachable", error=str(exc), failure_mode=settings.dedup_failure_mode.value)
         else:
-            dedup = await asyncio.to_thread(EmbeddedDedupStore.from_settings(settings).open, now)
+            store = EmbeddedDedupStore(
+                settings.effective_dedup_dir,
+                max_entries=settings.dedup_embedded_max_entries,
+                failure_mode=settings.dedup_failure_mode,
+            )
+            dedup = await asyncio.to_thread(store.open, now)
             if dedup.rebuilds:
                 log.error(
                     "dedup_store_rebuilt",
                     moved_aside=str(dedup.last_rebuild),
                     detail="the dedup store was unreadable: earlier claims are forgotten (duplicates may pass once)",
                 )
-        ledger = AuditLedger.from_settings(settings, redact=redactor.redact_record)
+        ledger = AuditLedger(settings.dedup_ledger_files(), redact=redactor.redact_record)
         await asyncio.to_thread(ledger.open, now)
     processor = Processor(
         stage=stage,
         spool=spool,
         pipeline=pipeline,
         destinations=destinations,
-        dedup_policy=DedupPolicy.from_settings(settings) if plan.dedup else DedupPolicy(mode=DedupMode.off),
+        dedup_policy=settings.dedup_policy() if plan.dedup else DedupPolicy(mode=DedupMode.off),
         dedup=dedup,
         dedup_async=dedup_async,
         ledger=ledger,

@@ -12,10 +12,10 @@ from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.aws.sender import AWS_RETRY, AwsSender
 from fpolicyd.sinks.aws.targets import EventBridgeTarget, SqsTarget
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
-from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings
 from fpolicyd.sinks.local import JsonlSender, StdoutSender
 from fpolicyd.sinks.runner import Sender
 from fpolicyd.sinks.sqs_envelope import PackCompression
+from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings
 
 
 @dataclass(frozen=True, slots=True)

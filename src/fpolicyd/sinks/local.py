@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from fpolicyd.errors import SinkError
-from fpolicyd.pipeline.spool import Record
-from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter
+from fpolicyd.pipeline.records import Record
+from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter
 
 
 def _block(records: Sequence[Record]) -> bytes:

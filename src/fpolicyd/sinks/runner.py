@@ -25,15 +25,15 @@ from typing import Protocol, runtime_checkable
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.obs.metrics import Histogram, SinkFigures, SinkInstruments
-from fpolicyd.pipeline.spool import Record
+from fpolicyd.pipeline.records import Record
 from fpolicyd.sinks.retry import RetryPolicy
 
 log = get_logger("fpolicyd.sink")
 
 
 class SpoolView(Protocol):
-    """What a sink worker needs of the spool: :class:`~fpolicyd.pipeline.spool.Spool` in the daemon's own process,
-    :class:`~fpolicyd.pipeline.spool.SpoolTail` in the delivery process."""
+    """What a sink worker needs of the spool: :class:`~fpolicyd.storage.spool.Spool` in the daemon's own process,
+    :class:`~fpolicyd.storage.spool.SpoolTail` in the delivery process."""
 
     @property
     def durable_seq(self) -> int: ...

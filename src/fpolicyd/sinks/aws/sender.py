@@ -21,7 +21,7 @@ from typing import Any, Final
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.obs.metrics import REQUEST_BUCKETS, Histogram
-from fpolicyd.pipeline.spool import Record
+from fpolicyd.pipeline.records import Record
 from fpolicyd.sinks.aws.classify import Outcome
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.aws.deliver import (

@@ -3,7 +3,7 @@
 The reader keeps each duplicate it suppresses in the spool (a duplicate record, ``pipeline/records.py``). The
 daemon's pipeline hands this writer the sequence number and event id of each duplicate record it appends
 (:meth:`DuplicateLedger.appended`); once those records are durable (:meth:`DuplicateLedger.durable`, called after
-each commit) the writer appends their ledger lines (``pipeline/ledger.py``) on a thread, waits for the fsync, and
+each commit) the writer appends their ledger lines (``storage/ledger.py``) on a thread, waits for the fsync, and
 only then moves its spool cursor (:data:`LEDGER_CURSOR`) past them. With no duplicate waiting, the cursor follows
 the durable seq at no cost — duplicates are rare, so the ledger never reads the spool's other records (a sink worker
 would read every record to find them: measured, that was 3.5 µs per event in the delivery process).
@@ -25,10 +25,11 @@ from typing import Final, Protocol
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
-from fpolicyd.pipeline.disk import Writer
-from fpolicyd.pipeline.ledger import AuditLedger, reader_duplicate_record
+from fpolicyd.pipeline.ledger import reader_duplicate_record
 from fpolicyd.pipeline.records import DUPLICATE_TAG, duplicate_payload, stored_event_id
-from fpolicyd.pipeline.spool import Spool
+from fpolicyd.storage.disk import Writer
+from fpolicyd.storage.ledger import AuditLedger
+from fpolicyd.storage.spool import Spool
 
 log = get_logger("fpolicyd.ledger")
 
@@ -44,7 +45,7 @@ RETRY_S: Final = 1.0
 
 
 class Backoff(Protocol):
-    """How long to wait before a refused write is tried again (``pipeline.disk.DiskRetry``)."""
+    """How long to wait before a refused write is tried again (``storage.disk.DiskRetry``)."""
 
     def delay(self, attempt: int) -> float: ...
 

@@ -1,4 +1,10 @@
-"""JSON Lines file writer: the embedded default sink.
+"""JSON Lines file writer: the files of the ``jsonl:`` sink (``sinks/local.py``) and of the dedup audit ledger.
+
+What it stores: batches of lines (one JSON document each) in rotating ``*.jsonl`` files under one directory.
+Durability contract: a batch reaches the kernel whole or the file is cut back to its size before it; when it is
+fsynced is the :class:`FsyncPolicy` (``always``: before :meth:`JsonlWriter.write_batch` returns, or at the
+caller's :meth:`JsonlWriter.sync` with ``sync=False``; ``interval``: once ``fsync_interval_s`` has passed;
+``never``: left to the OS). Errors are ``SinkError`` (``disk_full`` set for ENOSPC/EDQUOT).
 
 Synchronous and sans-clock: every call that needs the time takes ``now`` (a UNIX timestamp), so tests and the
 asyncio side decide what time it is. One caller at a time; not thread-safe.

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from fpolicyd.errors import SinkError
-from fpolicyd.sinks import jsonl
-from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter
+from fpolicyd.storage import jsonl
+from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter
 
 T0 = 1714557600.0  # 2024-05-01T10:00:00Z
 NAME_RE = re.compile(r"fpolicy_events_(\d{4}-\d{2}-\d{2})_(\d{6})_(\d{6})\.jsonl")

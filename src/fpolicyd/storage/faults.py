@@ -1,8 +1,11 @@
 """The one fault-injection seam: make the spool's data fsync fail, so the fatal path runs end to end in a test.
 
+It stores nothing and changes no durability contract unless armed; armed, the spool's fsync fails as a real disk's
+would (the daemon stops: a failed fsync is fatal, see :mod:`fpolicyd.storage.spool`).
+
 A failed fsync cannot be produced on demand without root (a dm-error device, a FUSE file system), and the point
 is to test the daemon production runs — its CLI, its signals, its logs, its exit code, the next start on the same
-data directory — not a monkeypatched copy. So :meth:`Spool.sync <fpolicyd.pipeline.spool.Spool.sync>` consults an
+data directory — not a monkeypatched copy. So :meth:`Spool.sync <fpolicyd.storage.spool.Spool.sync>` consults an
 :class:`FsyncFault` given in its settings, and the daemon builds one from the environment **once, at start**, only
 when :data:`FSYNC_EIO_AFTER_ENV` is set:
 

@@ -1,4 +1,7 @@
-"""Disk-full episodes of the daemon's writers (sans-IO: every call takes ``now``).
+"""Disk-full episodes of the daemon's local writers (sans-IO: every call takes ``now``; it stores nothing).
+
+Durability contract of every writer in this package when the disk is full: nothing already written is lost and
+nothing is half-written; the refused write is kept (in memory or in the spool) and tried again.
 
 A writer that meets ENOSPC/EDQUOT keeps what it could not write (in memory or in the spool), reports
 :meth:`DiskFull.full` and tries the same write again later (:class:`DiskRetry`); once a write goes through it

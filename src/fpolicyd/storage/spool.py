@@ -1,88 +1,26 @@
 """Spool: the local, checksummed, append-only write-ahead log every event goes through before it is routed.
 
-Synchronous, single-owner and clock-free (sans-IO in time: the caller owns every timer). One thread, the
-*owner* (the event loop), appends, flushes, reads and acks. Two calls may also run on a worker thread while the
-owner keeps working, because they only block on the disk:
+What it stores: segment files ``spool-<first seq, 20 digits>.seg`` (a 24-byte header ``FPDSPOOL``, version, first
+seq, crc32; then records ``u32 length | u32 crc32(payload) | u64 seq | payload``, little endian, one JSON event
+per payload), the sinks' acked positions in ``cursors.json`` and a ``spool.lock``.
 
-- :meth:`Spool.sync` fsyncs **dup'ed descriptors** taken under a short lock, so it may overlap appends, flushes
-  and segment rolls on the owner thread (a rolled segment's descriptor is handed over to the next sync, which
-  closes it). It covers what :meth:`Spool.flush` has handed to the kernel when the sync starts; it never
-  touches the write buffer, which belongs to the owner.
-- :meth:`Spool.checkpoint` writes ``cursors.json`` from a snapshot of the acked positions.
+Durability contract:
 
-Concurrent syncs (or checkpoints) serialize on their own lock; :meth:`Spool.close` waits for both.
+- :meth:`Spool.append` / :meth:`~Spool.append_many` only buffer; :meth:`~Spool.flush` hands the buffer to the
+  kernel in one write; :meth:`~Spool.sync` (on a worker thread, dup'ed descriptors, may overlap appends) makes it
+  durable and advances ``durable_seq``. Under ``spool_fsync = "never"`` durable means handed to the kernel.
+- :meth:`~Spool.read` returns only durable records, so no sink is handed an event an OS crash could take back.
+- Acked positions are cumulative per sink and persisted by :meth:`~Spool.checkpoint` (temp file, fsync, rename,
+  fsync directory); out-of-order acks are not, so after a crash they are delivered again (at least once).
+- A segment is removed only once every sink has acked past it and a later record is durable: a seq any sink may
+  have seen is never given to another event, across restarts too.
+- :meth:`~Spool.open` recovers: a torn tail of the last segment is cut, a corrupt record in an older one cuts that
+  segment only (``records_lost``), a file with an invalid header is renamed ``*.corrupt`` and left for an
+  operator, and everything kept is fsynced before open returns.
 
-Write path (three steps, three costs): :meth:`~Spool.append` / :meth:`~Spool.append_many` only encode into an
-in-memory buffer (no syscall, except when a segment rolls); :meth:`~Spool.flush` hands the whole buffer to the
-kernel with one ``write``; :meth:`~Spool.sync` makes it durable. The intended loop: append what a read
-produced, flush once per loop iteration (across all connections), and run ``sync`` on a worker thread
-``commit_delay`` seconds after data became pending (0 for ``always``, ``group_commit_s`` for ``group``), one
-sync at a time: what arrives while a sync runs is covered by the next one, which is what group commit is. When
-a sync completes, back on the loop: wake the sinks (they only see durable records), release sync-mode replies up
-to ``durable_seq`` and call :meth:`~Spool.collect`. Every ``checkpoint_interval_s`` while ``cursors_dirty``, run
-:meth:`~Spool.checkpoint` on the worker thread too.
-
-Format: segment files ``spool-<first seq, 20 digits>.seg``. A 24-byte header (``FPDSPOOL``, version u32, first
-seq u64, crc32 of those 20 bytes), then records ``u32 length | u32 crc32(payload) | u64 seq | payload``, little
-endian, one JSON event per payload. Seqs are contiguous inside a segment and increase across segments (gaps
-between segments are allowed, see recovery). The seq field is checked against its position, so the CRC covers
-only the payload; an empty payload is refused, so a zero-filled tail can never parse as a record.
-
-Why segment files and not SQLite, measured with ``benchmarks/bench_spool.py`` on this machine (2-core VM,
-virtual disk; 1 KB payloads appended in groups of 64; ranges over runs, the VM is shared and noisy; "owner" is
-the CPU the appending thread, i.e. the event loop, spends per event):
-
-====================================  ===========  =========  ===========  ==========================
-case                                  records/s    MB/s       owner µs     append → durable p50 / p99
-====================================  ===========  =========  ===========  ==========================
-segments, fsync never                 460k-860k    470-880    1.2-2.1      -
-segments, group 5 ms (sync thread)    740k-780k    760-800    1.1-1.2      10 / 24-41 ms (flat out)
-segments, always (sync thread)        550k-750k    560-760    1.1-1.6      2-11 / 21-28 ms (flat out)
-segments, always (fsync inline)       185k-195k    190-200    2.7-2.8      -
-segments, group 5 ms, at 20k/s        20k          20         2.2          5.4 / 7.6 ms
-segments, always, at 20k/s            20k          20         2.0          0.35 / 0.56 ms
-SQLite WAL, NORMAL, commit per group  136k-140k    140-143    5.5-5.9      -
-SQLite WAL, FULL, commit per group    100k-122k    103-125    6.1-7.0      -
-SQLite WAL, FULL, commit every 5 ms   138k-155k    142-158    5.3-5.7      -
-====================================  ===========  =========  ===========  ==========================
-
-Reading everything back and acking it: segments 440k-550k records/s, SQLite (SELECT + DELETE) 160k-200k.
-Segments cost the event loop ~1.2 µs per event against ~5.5 µs for SQLite, and, more to the point, let the
-fsync run on another thread while appends go on: SQLite's commit fsyncs inside the call on the connection's
-thread, so group commit in SQLite either blocks the event loop or moves every insert to that thread (the GIL
-hand-off that ``sinks/runner.py`` measured at ~20 µs per event). Removing delivered events is an ``unlink``
-(SQLite would DELETE rows and keep a file that never shrinks without VACUUM), and the size back-pressure
-needs is a counter. CRC: ``zlib.crc32`` (~0.4 µs per KB here); crc32c has no stdlib implementation and no
-package for it is installed; ``binascii.crc32`` is the same CRC at the same speed.
-
-Recovery (:meth:`Spool.open`): every record's length, seq and CRC are checked. A bad record in the last
-segment is a torn tail: the file is cut there (``torn_bytes``). A bad record in an *older* segment is
-corruption: that segment is also cut there (``corrupt_bytes``, and ``records_lost`` counts the seqs up to the
-next segment) while later segments are kept, so one bad sector does not throw away gigabytes of good events.
-A file shorter than a header is a torn creation and is removed; a file with a full but invalid header (bad
-magic, checksum, version, or a first seq that disagrees with its name or overlaps the previous segment) is not
-ours to destroy: it is renamed to ``*.corrupt`` and left for an operator. Every retained segment is fsynced, so
-after :meth:`Spool.open` everything recovered is durable.
-
-Delivery: each sink has an *acked* position (cumulative; :meth:`~Spool.ack_range` holds out-of-order batch
-completions until the gap before them closes) and a separate *read* position, so several batches may be in
-flight. :meth:`~Spool.read` returns only durable records (``seq <= durable_seq``), so every sink sees the same
-history and no sink is handed an event that an OS crash could take back (under ``never``, durable means
-handed to the kernel). Acked positions are persisted by :meth:`~Spool.checkpoint` (temp file, fsync, rename,
-fsync directory); pending out-of-order acks are not, so after a crash they are delivered again (at least once).
-A sink that is in ``cursors.json`` but no longer configured is dropped at open (its backlog no longer holds
-segments); a sink that is new starts at the **oldest retained record** — whatever some other sink has not
-acked yet — rather than only at new events, so adding a sink never silently skips what the spool still holds.
-A segment is removed (by :meth:`~Spool.collect`) once every sink's acked position is past its last record and a
-later record is durable, so a crash can never leave the spool without the seqs it used: a seq that any sink may
-have seen is never given to another event, across restarts too (only seqs that an OS crash took back before
-they were durable, hence before anyone read them, are used again). At open, the next seq is also kept above
-every persisted ack, so a new event can never be taken for one already acked. A cursor behind the oldest
-retained record (a checkpoint older than a removal) is moved up to it: those records were acked, in memory, by
-every sink.
-
-Sizes (``size_bytes``, ``bytes_on_disk``, ``records_pending``, ``oldest_unacked_seq``) are counters or a
-bisect over segments, cheap enough to read after every batch.
+Single owner and clock-free: the owner thread (the event loop) appends, flushes, reads and acks; only
+:meth:`~Spool.sync` and :meth:`~Spool.checkpoint` may run on a worker thread. Measurements (why segment files and
+not SQLite, throughput, per-event cost): docs/architecture.md (Storage).
 """
 
 from __future__ import annotations
@@ -103,14 +41,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple, Self
+from typing import Self
 
 from fpolicyd.errors import DISK_FULL_ERRNOS, ConfigError, FpolicydError
-from fpolicyd.pipeline.faults import FsyncFault
+from fpolicyd.pipeline.records import Record
+from fpolicyd.storage.faults import FsyncFault
 
 __all__ = [
     "ReadPosition",
-    "Record",
     "RecoveryReport",
     "Spool",
     "SpoolCorruptError",
@@ -227,7 +165,7 @@ class SpoolSettings:
     fsync: SpoolFsync = SpoolFsync.group
     group_commit_s: float = 0.005
     checkpoint_interval_s: float = 0.2
-    #: Test-only fault injection (pipeline/faults.py): None in production.
+    #: Test-only fault injection (storage/faults.py): None in production.
     fsync_fault: FsyncFault | None = None
 
     def __post_init__(self) -> None:
@@ -254,17 +192,6 @@ class SpoolSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"spool.{name}: must be a non-negative number of seconds, got {value!r}")
-
-
-class Record(NamedTuple):
-    """One spooled event: its seq (unique, increasing) and its JSON bytes.
-
-    Immutable like the frozen dataclass it was, but built in C: every read hands out one per record, and the
-    dataclass's ``__init__`` cost 0.77 µs against 0.35 µs here — a fifth of reading a record back (timeit on the
-    project machine; reading 100,000 1.2 KB records went from 4.2 to 3.5 µs each)."""
-
-    seq: int
-    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fpolicyd.errors import SinkError
-from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter
+from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter
 
 json_scalars = (
     st.none()

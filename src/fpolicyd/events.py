@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import orjson
 
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import PathName, PathNameType, ProtCommonInfo, ScreenRequest, UserContext
 from fpolicyd.protocol.req_types import REQ_TYPES, Operation, ReqTypeInfo, parse_req_type
 from fpolicyd.protocol.xml_fast import ScreenFields
@@ -37,7 +38,6 @@ __all__ = [
     "NameMaps",
     "Operation",
     "ReqTypeInfo",
-    "SessionContext",
     "event_id_from_identity",
     "format_rfc3339_us",
     "load_event_schema",
@@ -219,20 +219,7 @@ def _cut_paths(
     return file_path_out, previous_out
 
 
-# ---------------------------------------------------------------------------------------- contexts
-
-
-@dataclass(frozen=True, slots=True)
-class SessionContext:
-    """What the session knows that every notification on it shares (from the handshake and the socket)."""
-
-    vs_uuid: str
-    policy_name: str
-    session_id: str
-    #: Negotiated FPolicy protocol version, e.g. ``"1.2"``.
-    protocol_version: str
-    #: The ONTAP node's address, ``"ip:port"``.
-    peer: str
+# ------------------------------------------------------------------------------------------- names
 
 
 def _frozen_mapping(value: Mapping[Any, str]) -> Mapping[Any, str]:

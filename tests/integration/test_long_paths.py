@@ -15,16 +15,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from fpolicyd.events import (
-    NameMaps,
-    SessionContext,
-    load_event_schema,
-    load_reference_schema,
-    normalize,
-    path_sha256,
-    truncate_path,
-)
+from fpolicyd.events import NameMaps, load_event_schema, load_reference_schema, normalize, path_sha256, truncate_path
 from fpolicyd.pipeline.router import Router, RouteTable
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import Handshake, PathName, ScreenRequest
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from support.captures import NEGO_REQ, NEGO_RESP

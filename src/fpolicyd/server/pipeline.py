@@ -29,7 +29,7 @@ from typing import Protocol
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
-from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
+from fpolicyd.pipeline.backpressure import Action, BackPressureGate, Pressure, Watermarks
 from fpolicyd.pipeline.disk import Writer, sink_writer
 from fpolicyd.pipeline.records import DUPLICATE_TAG
 from fpolicyd.pipeline.spool import Spool, SpoolFullError, SpoolIOError
@@ -107,7 +107,7 @@ class EventPipeline:
         )
         #: The processing stage (route, settle, dedup) between the raw and the processed records, if any.
         self.processor: StageWorker | None = None
-        self.pressure = BackPressure(watermarks)
+        self.pressure = BackPressureGate(watermarks)
         self._checkpoint_interval_s = checkpoint_interval_s
         self._waiters: deque[tuple[int, OnDurable]] = deque()
         #: Events read while the spool was full: (record, what to run once durable, dedup key or None).

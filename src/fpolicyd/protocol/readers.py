@@ -48,7 +48,8 @@ class ReaderName(StrEnum):
 
 
 class WireFormat(StrEnum):
-    """What a connection's payloads are, once known."""
+    """What a connection's payloads are, once known (the setting, which may say ``auto``, is
+    :class:`fpolicyd.config.EngineFormat`)."""
 
     XML = "xml"
     PROTOBUF = "protobuf"

@@ -36,7 +36,13 @@ from typing import Final
 
 from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.protocol import proto_codec, xml_codec
-from fpolicyd.protocol.framing import DEFAULT_MAX_FRAME_BYTES, MARKER, FrameReader, XmlFrameReader
+from fpolicyd.protocol.framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    MARKER,
+    BufferedFrameReader,
+    FrameReader,
+    XmlFrameReader,
+)
 from fpolicyd.protocol.messages import Message
 
 
@@ -71,21 +77,10 @@ def _check_length(length: int, max_frame_bytes: int) -> None:
         raise RemoteProtocolError("empty_frame", "frame length 0")
 
 
-class _PrefixedReader(ABC):
+class _PrefixedReader(ABC, BufferedFrameReader):
     """Shared splitting for the two protobuf framings; subclasses parse the length prefix."""
 
-    __slots__ = ("_buf", "_error", "_max")
-
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        if max_frame_bytes < 1:
-            raise ValueError("max_frame_bytes must be at least 1")
-        self._max = max_frame_bytes
-        self._buf = bytearray()
-        self._error: RemoteProtocolError | None = None
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
+    __slots__ = ()
 
     @abstractmethod
     def _prefix(self, data: bytes | bytearray, pos: int) -> tuple[int, int] | None:
@@ -109,8 +104,7 @@ class _PrefixedReader(ABC):
                 frames.append(bytes(buf[start : start + length]))
                 pos = start + length
         except RemoteProtocolError as exc:
-            self._error = exc
-            buf.clear()
+            self._poison(exc)
             raise
         del buf[:pos]
         return frames

@@ -53,6 +53,7 @@ from fpolicyd.protocol.messages import (
     VolumeNotification,
 )
 from fpolicyd.protocol.req_types import REQ_TYPES, Operation
+from fpolicyd.protocol.varint import MAX_VARINT_LEN, VarintEnd, decode_varint
 from fpolicyd.protocol.xml_codec import Decoded
 
 #: ``Header.data_format`` of every decoded protobuf message (XML mode's is ``XML``).
@@ -452,19 +453,15 @@ class WireFormatError(ValueError):
 
 
 def read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """(value, position after it); at most 10 bytes."""
-    result = 0
-    for shift in range(0, 70, 7):
-        if pos >= len(data):
+    """(value, position after it); at most 10 bytes, below 2**64 (:func:`~fpolicyd.protocol.varint.decode_varint`)."""
+    value, end = decode_varint(data, pos, MAX_VARINT_LEN)
+    if end < 0:
+        if end == VarintEnd.TRUNCATED:
             raise WireFormatError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            if result >= _U64:
-                raise WireFormatError("varint over 64 bits")
-            return result, pos
-    raise WireFormatError("varint longer than 10 bytes")
+        raise WireFormatError(f"varint longer than {MAX_VARINT_LEN} bytes")
+    if value >= _U64:
+        raise WireFormatError("varint over 64 bits")
+    return value, end
 
 
 def walk_fields(data: bytes, depth: int = 0) -> tuple[RawField, ...]:

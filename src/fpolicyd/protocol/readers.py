@@ -44,6 +44,7 @@ from fpolicyd.protocol.framing import (
     XmlFrameReader,
 )
 from fpolicyd.protocol.messages import Message
+from fpolicyd.protocol.varint import VarintEnd, decode_varint, encode_varint
 
 
 class ReaderName(StrEnum):
@@ -127,21 +128,14 @@ class LengthPrefixedReader(_PrefixedReader):
         return len(payload).to_bytes(LENGTH_PREFIX_LEN, "big") + payload
 
 
-def encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 class VarintDelimitedReader(_PrefixedReader):
     """Protobuf payloads each preceded by a base-128 varint length (``writeDelimitedTo``)."""
 
     __slots__ = ()
 
     def _prefix(self, data: bytes | bytearray, pos: int) -> tuple[int, int] | None:
+        # decode_varint(data, pos, MAX_VARINT_PREFIX_LEN), inline: a call per frame is measurably slower here
+        # (tests/property/test_varint_props.py checks that both read every input alike).
         length = 0
         end = len(data)
         for index in range(MAX_VARINT_PREFIX_LEN):
@@ -214,22 +208,18 @@ def classify(head: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Det
         if not _valid_tag(head[LENGTH_PREFIX_LEN]):
             raise _unknown(head, f"byte {LENGTH_PREFIX_LEN} is not a protobuf field key")
         return Detection.LENGTH_PREFIXED
-    length = 0
-    for index in range(MAX_VARINT_PREFIX_LEN):
-        if index >= len(head):
-            return Detection.NEED_MORE
-        byte = head[index]
-        length |= (byte & 0x7F) << (7 * index)
-        if byte & 0x80:
-            continue
-        if not 1 <= length <= max_frame_bytes:
-            raise _unknown(head, f"varint frame length {length} outside 1..{max_frame_bytes}")
-        if index + 1 >= len(head):
-            return Detection.NEED_MORE
-        if not _valid_tag(head[index + 1]):
-            raise _unknown(head, f"byte {index + 1} is not a protobuf field key")
-        return Detection.VARINT_DELIMITED
-    raise _unknown(head, "varint length longer than 5 bytes")
+    length, end = decode_varint(head, 0, MAX_VARINT_PREFIX_LEN)
+    if end == VarintEnd.TRUNCATED:
+        return Detection.NEED_MORE
+    if end == VarintEnd.TOO_LONG:
+        raise _unknown(head, f"varint length longer than {MAX_VARINT_PREFIX_LEN} bytes")
+    if not 1 <= length <= max_frame_bytes:
+        raise _unknown(head, f"varint frame length {length} outside 1..{max_frame_bytes}")
+    if end >= len(head):
+        return Detection.NEED_MORE
+    if not _valid_tag(head[end]):
+        raise _unknown(head, f"byte {end} is not a protobuf field key")
+    return Detection.VARINT_DELIMITED
 
 
 class AutoReader:

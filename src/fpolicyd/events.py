@@ -1,10 +1,12 @@
 """One decoded ``ScreenRequest`` → one normalized :class:`FileEvent`, the contract every sink emits.
 
-:func:`normalize` is pure and sits on the per-notification hot path (reader → spool), so it avoids
-``datetime``/``uuid`` objects: timestamps are formatted from integers with a per-second prefix cache and the
-UUIDv5 is built straight from a SHA-1 hex digest. The JSON Schemas of the event ship with the package
-(``fpolicyd/schemas/``): ``event.schema.json`` is fpolicyd's own contract, ``reference-event.schema.json``
-restates the reference pipeline's published schema, which events of the four core operations also satisfy.
+:func:`normalize` is the pure, readable reference; the per-notification hot path (reader → spool) builds the
+same event with :class:`EventBuilder` from the decoder's flat fields (or the C accelerator,
+:mod:`fpolicyd.speedups`, does). Both avoid ``datetime``/``uuid`` objects: timestamps are formatted from
+integers with a per-second prefix cache and the UUIDv5 is built straight from a SHA-1 hex digest. The JSON
+Schemas of the event ship with the package (``fpolicyd/schemas/``): ``event.schema.json`` is fpolicyd's own
+contract, ``reference-event.schema.json`` restates the reference pipeline's published schema, which events of
+the four core operations also satisfy.
 """
 
 from __future__ import annotations
@@ -660,7 +662,7 @@ class EventBuilder:
 
     The hot-path twin of :func:`normalize`: no per-element objects, the session's constant values computed once,
     volume names cached per MSID. For every input both give the same JSON bytes, key order included
-    (``tests/property/test_event_builder.py`` proves it against :func:`normalize`, the readable reference)."""
+    (``tests/property/test_events_props.py`` proves it against :func:`normalize`, the readable reference)."""
 
     __slots__ = ("_ctx", "_names", "_path_max_chars", "_svm_name", "_volumes")
 

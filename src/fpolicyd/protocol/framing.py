@@ -1,4 +1,7 @@
-"""XML-mode frame reader and writer (``docs/protocol.md`` §1), sans-IO.
+"""XML-mode frame reader and writer (``docs/protocol.md`` §1), sans-IO; and what every frame reader shares.
+
+:class:`FrameReader` is what the connection needs of a reader, :class:`BufferedFrameReader` the setup and the
+poison rule the XML reader and the protobuf readers (:mod:`fpolicyd.protocol.readers`) share.
 
 A frame is ``"`` + u32 big-endian payload length + ``"`` + payload. The payload is the header XML, ``\\n\\n``,
 the body XML and one NUL byte; a header-only message (KEEP_ALIVE) is the header XML and the NUL.

@@ -1,5 +1,5 @@
 """Hypothesis: :func:`~fpolicyd.protocol.varint.decode_varint` against a plain reading of the varint rule, and
-every varint entry point (the schema-less walker's ``read_varint``, auto-detection's ``classify``, the
+every varint entry point (the schema-less walker ``walk_fields``, auto-detection's ``classify``, the
 varint-delimited reader's inline prefix parse) against ``decode_varint`` on every input: complete, truncated,
 longer than 5 or 10 bytes, over 64 bits."""
 
@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.protocol import proto_codec
 from fpolicyd.protocol.framing import MARKER
+from fpolicyd.protocol.proto_codec import RawField
 from fpolicyd.protocol.readers import (
     AUTO_DETECT_MAX_BYTES,
     MAX_VARINT_PREFIX_LEN,
@@ -70,21 +71,37 @@ def test_decode_varint_reads_what_encode_varint_wrote(value: int, tail: bytes) -
         assert decode_varint(encoded, 0, len(encoded) - 1)[1] == VarintEnd.TOO_LONG
 
 
+WALK_ERRORS: dict[int, str] = {
+    VarintEnd.TRUNCATED: "truncated varint",
+    VarintEnd.TOO_LONG: f"varint longer than {MAX_VARINT_LEN} bytes",
+}
+
+
 @settings(max_examples=1000)
-@given(inputs)
-@example((b"\x80" * 10 + b"\x01", 0))  # 11 bytes
-@example((b"\xff" * 9 + b"\x01", 0))  # 2**64 - 1: the largest accepted
-@example((b"\x80" * 9 + b"\x02", 0))  # 2**64: over 64 bits
-@example((b"\xff" * 9 + b"\x7f", 0))  # 10 bytes, 70 bits
-@example((b"\xff" * 3, 0))  # truncated
-def test_read_varint_agrees_with_decode_varint(data_pos: tuple[bytes, int]) -> None:
-    data, pos = data_pos
-    value, end = decode_varint(data, pos, MAX_VARINT_LEN)
-    if end < 0 or value >= U64:
-        with pytest.raises(proto_codec.WireFormatError):
-            proto_codec.read_varint(data, pos)
-    else:
-        assert proto_codec.read_varint(data, pos) == (value, end)
+@given(varint_bytes, st.sampled_from([b"", b"\x08", b"\x12"]))
+@example(b"\x80" * 10 + b"\x01", b"")  # 11 bytes
+@example(b"\xff" * 9 + b"\x01", b"\x08")  # 2**64 - 1: the largest accepted
+@example(b"\x80" * 9 + b"\x02", b"\x08")  # 2**64: over 64 bits
+@example(b"\xff" * 9 + b"\x7f", b"")  # 10 bytes, 70 bits
+@example(b"\xff" * 3, b"\x12")  # truncated
+def test_walk_fields_reads_varints_as_decode_varint_does(varint: bytes, before: bytes) -> None:
+    """The walker's three varints: a field key (nothing ``before``), a varint field's value (after key
+    ``08``, field 1 varint) and a LEN field's length (after key ``12``, field 2 len)."""
+    data = before + varint
+    value, end = decode_varint(data, len(before))
+    if not data:
+        assert proto_codec.walk_fields(data) == ()  # no field, so no key to read
+    elif end < 0 or value >= U64:
+        with pytest.raises(proto_codec.WireFormatError) as raised:
+            proto_codec.walk_fields(data)
+        assert str(raised.value) == WALK_ERRORS.get(end, "varint over 64 bits")
+    elif before == b"\x08":
+        assert proto_codec.walk_fields(data[:end]) == (RawField(1, 0, value),)
+    elif before == b"\x12" and value == 0:
+        assert proto_codec.walk_fields(data[:end]) == (RawField(2, 2, b""),)
+    elif before == b"\x12":
+        with pytest.raises(proto_codec.WireFormatError, match=f"field 2: length {value} runs past the end"):
+            proto_codec.walk_fields(data[:end])
 
 
 @settings(max_examples=1000)

@@ -1,7 +1,7 @@
 """Protobuf base-128 varints (pure): the one decoder and the one encoder.
 
 :func:`decode_varint` is the only varint decoder; its users bound the length differently and raise their own
-errors: the schema-less walker (:func:`fpolicyd.protocol.proto_codec.read_varint`, up to 10 bytes and 64 bits),
+errors: the schema-less walker (:func:`fpolicyd.protocol.proto_codec.walk_fields`, up to 10 bytes and 64 bits),
 auto-detection (:func:`fpolicyd.protocol.readers.classify`, up to 5 bytes) and the varint-delimited frame
 reader. That reader's per-frame prefix parse keeps the same loop inline, since a call per frame is measurably
 slower on its hot path; ``tests/property/test_varint_props.py`` checks that every entry point agrees with
@@ -35,13 +35,14 @@ def decode_varint(data: bytes | bytearray, pos: int, max_len: int = MAX_VARINT_L
     """
     value = 0
     end = len(data)
-    for index in range(max_len):
-        if pos + index >= end:
+    for shift in range(0, 7 * max_len, 7):
+        if pos >= end:
             return value, VarintEnd.TRUNCATED
-        byte = data[pos + index]
-        value |= (byte & 0x7F) << (7 * index)
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return value, pos + index + 1
+            return value, pos
     return value, VarintEnd.TOO_LONG
 
 

@@ -22,7 +22,7 @@ DEV_STAMP := $(VENV)/.dev-stamp
 # setup.py and the C source too: an edited accelerator is rebuilt (the editable install compiles it in place).
 PROJECT := pyproject.toml setup.py src/fpolicyd/_speedups.c requirements-build.lock
 
-.PHONY: install install-runtime lock run test lint typecheck unit bench bench-replay bench-parts fuzz clean
+.PHONY: install install-runtime lock run test lint typecheck unit bench bench-replay bench-parts bench-all fuzz clean pre-commit-install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -113,6 +113,15 @@ bench-parts: $(DEV_STAMP)
 	$(BIN)/python benchmarks/bench_ingest_step.py
 	$(BIN)/python benchmarks/bench_sqs_pack.py
 
+## Every benchmark a README figure comes from, one after the other (long: bench_throughput alone takes ~7 min; each prints its own table and
+## says what it measured). tests/unit/test_benchmarks.py keeps this list equal to benchmarks/. Left out:
+## profile_stages.py (a py-spy profile of a live daemon, read by eye: `pip install py-spy`, then its --help).
+BENCHMARKS := bench_codec bench_ingest_step bench_proto bench_router bench_settle bench_dedup bench_spool \
+	bench_metrics bench_stages bench_aws_client bench_sqs bench_sqs_pack bench_ingest bench_processes \
+	rss_after_backlog spool_sizing bench_throughput
+bench-all: $(DEV_STAMP)
+	set -e; for name in $(BENCHMARKS); do echo "== benchmarks/$$name.py"; $(BIN)/python benchmarks/$$name.py; done
+
 ## Issue 14's long fuzz campaign: `fpolicyd serve` on 127.0.0.1 against 10^6 attacks (mutated real frames, random
 ## splits, garbage around NEGO, slow writers, RST and half-closes) beside a healthy session; progress every 10,000,
 ## a summary at the end (~300 inputs/s on 2 cores: about an hour; bounded by FUZZ_MAX_SECONDS too). The CI campaign
@@ -122,6 +131,10 @@ FUZZ_MAX_SECONDS ?= 7200
 FUZZ_SEED        ?= 1
 fuzz: $(DEV_STAMP)
 	$(BIN)/python benchmarks/fuzz_server.py --inputs $(FUZZ_INPUTS) --max-seconds $(FUZZ_MAX_SECONDS) --seed $(FUZZ_SEED)
+
+## Run the static checks of `make test` (ruff, format, mypy, import layers) before every commit: .pre-commit-config.yaml.
+pre-commit-install: $(DEV_STAMP)
+	$(BIN)/pre-commit install
 
 clean:
 	rm -rf $(VENV) $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis fpolicyd-data build src/fpolicyd/*.so

@@ -10,7 +10,7 @@ reading the answer. Variants:
 (a) ``sdk``: ``AwsClients`` + ``send_sqs_batch`` / ``send_eventbridge_batch`` on aiobotocore, as before;
 (b) ``botocore-ser+aiohttp``: botocore's serializer, botocore's SigV4Auth, aiohttp keep-alive pool;
 (c) ``orjson+aiohttp``: the same with the body by orjson;
-    ``lean``: what fpolicyd now uses (``fpolicyd.sinks.aws_transport.LeanAwsClient``): orjson body, botocore's
+    ``lean``: what fpolicyd now uses (``fpolicyd.sinks.aws.transport.LeanAwsClient``): orjson body, botocore's
     SigV4Auth on a plain-dict request, its own HTTP/1.1 keep-alive pool, MD5OfMessageBody checked;
     ``lean, stock AWSRequest``: the same signing an unmodified ``AWSRequest`` (botocore's email-based
     headers); ``lean x16``: the same as ``lean`` with 16 requests in flight;
@@ -45,19 +45,12 @@ from botocore.awsrequest import AWSRequest
 from botocore.serialize import create_serializer
 
 from aws_endpoint import EndpointProcess, endpoint_process
-from fpolicyd.config import AwsDataPath
 from fpolicyd.events import FileEvent
-from fpolicyd.sinks.aws import (
-    AwsClients,
-    Batch,
-    EventBridgeTarget,
-    Item,
-    SqsTarget,
-    plan_batches,
-    send_eventbridge_batch,
-    send_sqs_batch,
-)
-from fpolicyd.sinks.aws_transport import LeanAwsClient, encode_body
+from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.sinks.aws.deliver import send_eventbridge_batch, send_sqs_batch
+from fpolicyd.sinks.aws.encode import Batch, Item, plan_batches
+from fpolicyd.sinks.aws.targets import AwsDataPath, EventBridgeTarget, SqsTarget
+from fpolicyd.sinks.aws.transport import LeanAwsClient, encode_body
 
 ENTRIES = 10
 WARMUP = 50

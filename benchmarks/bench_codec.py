@@ -25,8 +25,8 @@ from lxml import etree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fpolicyd import speedups
 from fpolicyd.events import EventBuilder, NameMaps, normalize
+from fpolicyd.pipeline import speedups
 from fpolicyd.protocol.framing import XmlFrameReader, split_payload
 from fpolicyd.protocol.messages import ScreenRequest
 from fpolicyd.protocol.session import FileNotification, Session, SessionConfig

@@ -20,8 +20,8 @@ from typing import Any
 
 import orjson
 
-from fpolicyd import speedups
 from fpolicyd.events import EventBuilder, NameMaps
+from fpolicyd.pipeline import speedups
 from fpolicyd.pipeline.dedup_window import DedupWindow
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters, IngestSession
 from fpolicyd.pipeline.replay import ReplayTracker
@@ -30,7 +30,7 @@ from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import Session, SessionConfig
 from fpolicyd.protocol.xml_codec import fast_screen
 from fpolicyd.protocol.xml_fast import ScreenFields
-from fpolicyd.simulator import DEFAULT_VS_UUID, generate_frames
+from fpolicyd.simulator.generate import DEFAULT_VS_UUID, generate_frames
 
 READ_FRAMES = 64
 NODES = 3

@@ -33,7 +33,8 @@ from fpolicyd.events import NameMaps, normalize
 from fpolicyd.obs.metrics import SinkInstruments
 from fpolicyd.pipeline.spool import Record
 from fpolicyd.protocol.context import SessionContext
-from fpolicyd.simulator import SimulatorConfig, generate_requests, run
+from fpolicyd.simulator.client import SimulatorConfig, run
+from fpolicyd.simulator.generate import generate_requests
 
 
 def best_of(repeat: int, work: Callable[[], None]) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 from moto.server import ThreadedMotoServer
 
 from daemon_process import Daemon, cpu_seconds, memory_mib
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 
 
 def free_port() -> int:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_sqs_pack.py [--events 20000] [--pack-bytes 262144] [--runs 3]
 
-Events: the simulator's notifications (``fpolicyd.simulator.generate_requests``) normalized and routed as the
+Events: the simulator's notifications (``fpolicyd.simulator.generate.generate_requests``) normalized and routed as the
 reader does (``events.normalize``, the packaged routes), i.e. the event JSON the spool holds. They are cut into
 the reads the SQS sender makes (10 events without packing; ``PACK_READ_BYTES`` / ``PACK_READ_RECORDS`` with it)
 and each read is planned and encoded by the real planner (``plan_batches``), so every figure comes from the
@@ -37,9 +37,10 @@ sys.path.insert(0, str(HERE))
 from fpolicyd.events import NameMaps, normalize  # noqa: E402 - benchmarks are run as scripts
 from fpolicyd.pipeline.router import Router, RouteTable  # noqa: E402
 from fpolicyd.protocol.context import SessionContext  # noqa: E402
-from fpolicyd.simulator import generate_requests  # noqa: E402
-from fpolicyd.sinks.aws import Batch, Item, SqsTarget, plan_batches  # noqa: E402
-from fpolicyd.sinks.cloud import PACK_READ_BYTES, PACK_READ_RECORDS, SINGLE_READ_RECORDS  # noqa: E402
+from fpolicyd.simulator.generate import generate_requests  # noqa: E402
+from fpolicyd.sinks.aws.encode import Batch, Item, plan_batches  # noqa: E402
+from fpolicyd.sinks.aws.sender import PACK_READ_BYTES, PACK_READ_RECORDS, SINGLE_READ_RECORDS  # noqa: E402
+from fpolicyd.sinks.aws.targets import SqsTarget  # noqa: E402
 from fpolicyd.sinks.sqs_envelope import PackCompression  # noqa: E402
 
 #: SQS standard queues, US East (N. Virginia), 1 million to 100 billion requests a month; FIFO is $0.50.

@@ -5,7 +5,7 @@
 Part 1, in process (no I/O but the embedded dedup store's SQLite file): µs per event of each step the stage adds
 to an event that is already in the spool — decoding the spool record, routing it over the 17 routes, offering it
 to settle, the dedup verdict (a batch of 1,000 against the embedded store), encoding the processed record.
-Events come from the simulator (``fpolicyd.simulator.generate_requests``), normalised as the reader does.
+Events come from the simulator (``fpolicyd.simulator.generate.generate_requests``), normalised as the reader does.
 
 Part 2, end to end: ``fpolicyd serve`` fed by ``fpolicyd simulate`` (as bench_ingest.py), once with the stage off
 (``--routing-enabled false --dedup-mode off``), with routing only (done by the reader as it stores the event: no
@@ -39,7 +39,7 @@ from fpolicyd.pipeline.router import Router, RouteTable  # noqa: E402
 from fpolicyd.pipeline.settle import SettlePolicy, Settler, received_at_s  # noqa: E402
 from fpolicyd.pipeline.stage import encode_processed  # noqa: E402
 from fpolicyd.protocol.context import SessionContext  # noqa: E402
-from fpolicyd.simulator import generate_requests  # noqa: E402
+from fpolicyd.simulator.generate import generate_requests  # noqa: E402
 
 CONTEXT = SessionContext(
     vs_uuid="45228b37-6292-11ee-b5d1-000c29cdbe04",

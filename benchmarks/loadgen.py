@@ -51,7 +51,8 @@ from typing import Any, Final, cast
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import ALLOW, BackPressure, HandshakeResp, KeepAlive, ScreenResponse
 from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake
-from fpolicyd.simulator import DEFAULT_VERSIONS, DEFAULT_VS_UUID, NodeStream, handshake
+from fpolicyd.simulator.generate import DEFAULT_VS_UUID, NodeStream
+from fpolicyd.simulator.peer import DEFAULT_VERSIONS, handshake
 
 #: Bounds of the set-up phase, per connection.
 CONNECT_TIMEOUT_S: Final = 10.0

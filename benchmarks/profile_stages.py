@@ -51,7 +51,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("spool append/flush/fsync", ("Spool.append", "Spool.flush", "Spool.sync", "_datasync")),
     ("spool read (sinks)", ("Spool.read", "Spool._read", "SpoolTail", "spool.py")),
     ("JSON Lines sink", ("jsonl.py", "local.py")),
-    ("AWS sinks", ("aws.py", "aws_transport.py", "cloud.py", "sqs_envelope.py")),
+    ("AWS sinks", ("sinks/aws/", "sqs_envelope.py")),
     ("sink workers / delivery IPC", ("runner.py", "delivery.py", "delivery_child.py", "channel.py")),
     ("metrics / health", ("metrics.py", "health.py", "http.py")),
     ("connection / pipeline (event loop glue)", ("connection.py", "pipeline.py")),

@@ -29,7 +29,7 @@ import uvloop
 from fpolicyd.app import Daemon
 from fpolicyd.config import load_settings
 from fpolicyd.pipeline.spool import Record
-from fpolicyd.simulator import SimulatorConfig, run
+from fpolicyd.simulator.client import SimulatorConfig, run
 from fpolicyd.sinks.local import JsonlSender
 
 

@@ -29,7 +29,7 @@ from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import Handshake
 from fpolicyd.protocol.session import Session, SessionConfig
 from fpolicyd.protocol.xml_codec import encode_message, fast_screen
-from fpolicyd.simulator import DEFAULT_VS_UUID, generate_frames
+from fpolicyd.simulator.generate import DEFAULT_VS_UUID, generate_frames
 
 NODES = 3
 READ = 64

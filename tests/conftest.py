@@ -4,13 +4,17 @@ loop, the daemon's fallback)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import structlog
 import uvloop
 
 if TYPE_CHECKING:
+    from fpolicyd.app import Daemon
     from support.moto_server import MotoEndpoint
 
 
@@ -30,3 +34,29 @@ def moto() -> Iterator[MotoEndpoint]:
 
     with moto_server() as endpoint:
         yield endpoint
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """Every test starts with the logging configuration the one before it started with. A command run in process
+    (``fpolicyd ontap``, ``replay-test``) configures structlog at its own level; ``capture_logs`` swaps only the
+    processors, so a WARNING filter left behind hid the info lines that a later test on the same worker looked for
+    (whether it failed depended on xdist's scheduling)."""
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**config)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
+    """An in-process daemon on loopback (support.daemon.make_settings over ``tmp_path``), with the overrides of the
+    test's ``@pytest.mark.settings(**overrides)`` markers (a module's ``pytestmark`` first, then the test's)."""
+    # Imported here: only the tests that start a daemon import the app.
+    from support.daemon import make_settings, marked_settings, running_daemon
+
+    async with running_daemon(make_settings(tmp_path, **marked_settings(request))) as started:
+        yield started

@@ -1,3 +1,3 @@
-from fpolicyd.cli import main
+from fpolicyd.cli.main import main
 
 raise SystemExit(main())

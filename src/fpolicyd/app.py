@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
-from fpolicyd.capture import capture_recorder
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError, FpolicydError
 from fpolicyd.events import NameMaps
@@ -32,17 +31,19 @@ from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import stored_event_id
 from fpolicyd.pipeline.replay import ReplayTracker, replay_config
 from fpolicyd.pipeline.spool import Spool, SpoolIOError, SpoolSettings
-from fpolicyd.preflight import preflight, write_targets
 from fpolicyd.server.allowlist import PeerAllowlist
+from fpolicyd.server.capture import capture_recorder
 from fpolicyd.server.connection import ServerContext
 from fpolicyd.server.delivery import DeliverySpec, use_delivery_process
 from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.server.listener import ServerGroup, TlsListener, bind_listener
+from fpolicyd.server.metric_labels import METRIC_LABELS
 from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.preflight import preflight, write_targets
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor, instance_id, start_processor
 from fpolicyd.server.tls import ReloadableTls, TlsFiles
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
 from fpolicyd.sinks.ledger import LEDGER_CURSOR, DuplicateLedger
@@ -150,6 +151,7 @@ class Daemon:
         self.notifier = SystemdNotifier.from_environment()
         #: This daemon's Prometheus registry (one per daemon: several may run in one test process).
         self.metrics = Metrics(
+            labels=METRIC_LABELS,
             ingestion_slo_s=settings.slo_ingestion_latency_s,
             reconnect_slo_s=settings.slo_reconnect_s,
             replay_slo_s=settings.slo_replay_completion_s,
@@ -252,9 +254,11 @@ class Daemon:
             max_pool_connections=max(10, settings.sink_max_in_flight * 2),
             data_path=settings.aws_data_path,
         )
-        self._dead_letter = DeadLetterWriter.from_settings(settings)
+        self._dead_letter = DeadLetterWriter(settings.dead_letter_file, limits=settings.dead_letter_limits())
         await asyncio.to_thread(self._open_dead_letter, self._dead_letter)
-        senders: list[Sender] = list(build_senders(settings, self._clients, self._dead_letter, plan.uris))
+        senders: list[Sender] = list(
+            build_senders(settings.sink_options(), self._clients, self._dead_letter, plan.uris)
+        )
         names = {uri: sender.name for uri, sender in zip(plan.uris, senders, strict=True)}
         cursors = [sender.name for sender in senders]
         cursors += [PROCESSOR_CURSOR] if plan.enabled else []

@@ -10,34 +10,38 @@ Unknown keys and bad values fail at start-up with the key named (:func:`load_set
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import json
 import os
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from fpolicyd.errors import ConfigError
+from fpolicyd.errors import ConfigError, did_you_mean
 from fpolicyd.events import PATH_MAX_CHARS_MIN, PATH_TAIL_CHARS
-from fpolicyd.obs.classification import DataClassification, Redactor
 from fpolicyd.pipeline.dedup import DedupBackend, DedupFailureMode, DedupMode
 from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV
+from fpolicyd.pipeline.redaction import DataClassification, Redactor
 from fpolicyd.pipeline.router import UnroutedAction
 from fpolicyd.pipeline.settle import SettleConfig, SettleOverride, SettleStrategy
 from fpolicyd.pipeline.spool import SpoolFsync
 from fpolicyd.protocol.session import DEFAULT_MAX_OUTSTANDING, MIN_IDLE_FACTOR, EngineMode, SessionConfig
+from fpolicyd.sinks.aws.targets import AwsDataPath
+from fpolicyd.sinks.dead_letter import FILE_NAME as DEAD_LETTER_FILE_NAME
 from fpolicyd.sinks.dead_letter import DeadLetterLimits
 from fpolicyd.sinks.jsonl import FsyncPolicy
 from fpolicyd.sinks.sqs_envelope import SQS_MAX_MESSAGE_BYTES, PackCompression
+
+if TYPE_CHECKING:
+    from fpolicyd.sinks.factory import SinkOptions
 
 ENV_PREFIX: Final = "FPOLICYD_"
 #: A whole settings file in one environment variable (TOML text), merged over the file: any setting can be
@@ -128,15 +132,6 @@ class DeliveryProcess(StrEnum):
     auto = "auto"
     on = "on"
     off = "off"
-
-
-class AwsDataPath(StrEnum):
-    """How SQS SendMessageBatch / EventBridge PutEvents are sent: ``lean`` (fpolicyd.sinks.aws_transport: the
-    SDK's endpoint, credentials and signer, without its per-call machinery) or ``sdk`` (aiobotocore for them
-    too). Control calls (health checks, DynamoDB) always use aiobotocore."""
-
-    LEAN = "lean"
-    SDK = "sdk"
 
 
 class _EnvSource(PydanticBaseSettingsSource):
@@ -949,7 +944,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_dead_letter(self) -> Settings:
         try:
-            DeadLetterLimits.from_settings(self)
+            self.dead_letter_limits()
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -1047,9 +1042,46 @@ class Settings(BaseSettings):
     def effective_dead_letter_dir(self) -> Path:
         return self.dead_letter_dir if self.dead_letter_dir is not None else self.data_dir / "dead-letter"
 
+    @property
+    def dead_letter_file(self) -> Path:
+        """The active dead-letter file (rotated ones beside it)."""
+        return self.effective_dead_letter_dir / DEAD_LETTER_FILE_NAME
+
+    def dead_letter_limits(self) -> DeadLetterLimits:
+        """The ``dead_letter_*`` cap and sample; raises ConfigError when they do not fit together."""
+        return DeadLetterLimits(
+            max_bytes=self.dead_letter_max_bytes,
+            max_files=self.dead_letter_max_files,
+            pre_handshake_sample_bytes=self.dead_letter_pre_handshake_sample_bytes,
+            log_interval_s=self.dead_letter_log_interval_s,
+        )
+
     def redactor(self) -> Redactor:
         salt = self.classification_salt.get_secret_value().encode() if self.classification_salt else None
         return Redactor(level=self.data_classification, salt=salt, classify_events=self.classify_events)
+
+    def sink_options(self) -> SinkOptions:
+        """What :func:`fpolicyd.sinks.factory.build_senders` takes of these settings."""
+        from fpolicyd.sinks.factory import SinkOptions  # noqa: PLC0415 - the factory loads botocore; this module must not
+
+        return SinkOptions(
+            sinks=self.effective_sinks,
+            batch_max_bytes=self.batch_max_bytes,
+            jsonl_max_file_bytes=self.jsonl_max_file_bytes,
+            jsonl_max_file_age_s=self.jsonl_max_file_age_s,
+            jsonl_fsync=self.jsonl_fsync,
+            jsonl_fsync_interval_s=self.jsonl_fsync_interval_s,
+            sqs_group_id_field=self.sqs_group_id_field,
+            sqs_max_batch_bytes=self.sqs_max_batch_bytes,
+            sqs_pack_bytes=self.sqs_pack_bytes,
+            sqs_pack_compression=self.sqs_pack_compression,
+            eventbridge_source=self.eventbridge_source,
+            eventbridge_detail_type=self.eventbridge_detail_type,
+            eventbridge_max_batch_bytes=self.eventbridge_max_batch_bytes,
+            eventbridge_max_entry_bytes=self.eventbridge_max_entry_bytes,
+            sink_max_in_flight=self.sink_max_in_flight,
+            sink_linger_s=self.sink_linger_s,
+        )
 
     def session_config(self) -> SessionConfig:
         return SessionConfig(
@@ -1119,14 +1151,9 @@ def load_settings(
         _env_origins.reset(origins_token)
 
 
-def _did_you_mean(name: str, known: Collection[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def _unknown_env(name: str) -> str:
     known = [f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields]
-    return f"unknown environment variable {name}{_did_you_mean(name.upper(), known)}"
+    return f"unknown environment variable {name}{did_you_mean(name.upper(), known)}"
 
 
 #: Fields whose value is never shown in an error (pydantic's SecretStr: passwords, salts).
@@ -1168,7 +1195,7 @@ def _describe(exc: ValidationError, sources: _Sources) -> str:
         if error["type"] == "extra_forbidden":
             where = SETTINGS_TOML_ENV if field in sources.inline else sources.file
             suffix = f" in {where}" if where is not None else ""
-            lines.append(f"unknown setting {field!r}{suffix}{_did_you_mean(field, list(Settings.model_fields))}")
+            lines.append(f"unknown setting {field!r}{suffix}{did_you_mean(field, list(Settings.model_fields))}")
             continue
         secret = field in SECRET_FIELDS
         if field in sources.flags:

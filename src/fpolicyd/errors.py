@@ -9,16 +9,25 @@
   cause was ENOSPC/EDQUOT (the daemon then pauses reading until the write goes through again).
 - :class:`DiskFullError`: a local writer found no space (ENOSPC) or no quota (EDQUOT); always retriable: nothing
   was written, nothing was lost, the same write is tried again once space frees.
+
+:func:`did_you_mean` words the suggestion for a mistyped name (a setting, an option, a command).
 """
 
 from __future__ import annotations
 
+import difflib
 import errno
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Final
 
 #: errno values that mean "no space": the device is full (ENOSPC) or the user's quota is (EDQUOT).
 DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def did_you_mean(name: str, known: Collection[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``known``, or nothing when none is close."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class FpolicydError(Exception):

@@ -2,7 +2,7 @@
 
 :func:`normalize` is the pure, readable reference; the per-notification hot path (reader → spool) builds the
 same event with :class:`EventBuilder` from the decoder's flat fields (or the C accelerator,
-:mod:`fpolicyd.speedups`, does). Both avoid ``datetime``/``uuid`` objects: timestamps are formatted from
+:mod:`fpolicyd.pipeline.speedups`, does). Both avoid ``datetime``/``uuid`` objects: timestamps are formatted from
 integers with a per-second prefix cache and the UUIDv5 is built straight from a SHA-1 hex digest. The JSON
 Schemas of the event ship with the package (``fpolicyd/schemas/``): ``event.schema.json`` is fpolicyd's own
 contract, ``reference-event.schema.json`` restates the reference pipeline's published schema, which events of

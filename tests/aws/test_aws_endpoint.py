@@ -22,35 +22,23 @@ from botocore.exceptions import ClientError, SSLError
 
 from aws_endpoint import AwsEndpoint, Faults, endpoint_process
 from fpolicyd.app import Daemon
-from fpolicyd.config import AwsDataPath
 from fpolicyd.errors import SinkError
 from fpolicyd.events import FileEvent
 from fpolicyd.pipeline.spool import Record
-from fpolicyd.simulator import SimulatorConfig
-from fpolicyd.simulator import run as run_simulation
-from fpolicyd.sinks import cloud
-from fpolicyd.sinks.aws import (
-    AwsClients,
-    Batch,
-    DeadLetterWriter,
-    ErrorKind,
-    EventBridgeTarget,
-    Item,
-    Outcome,
-    RetryPolicy,
-    SqsTarget,
-    check_eventbridge,
-    check_sqs,
-    deliver,
-    error_kind,
-    plan_batches,
-    send_eventbridge_batch,
-    send_sqs_batch,
-)
-from fpolicyd.sinks.aws_transport import LeanAwsClient
-from fpolicyd.sinks.cloud import AwsSender
+from fpolicyd.simulator.client import SimulatorConfig
+from fpolicyd.simulator.client import run as run_simulation
+from fpolicyd.sinks.aws import sender as sender_module
+from fpolicyd.sinks.aws.classify import ErrorKind, Outcome, error_kind
+from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.sinks.aws.deliver import check_eventbridge, check_sqs, deliver, send_eventbridge_batch, send_sqs_batch
+from fpolicyd.sinks.aws.encode import Batch, Item, plan_batches
+from fpolicyd.sinks.aws.sender import AwsSender
+from fpolicyd.sinks.aws.targets import AwsDataPath, EventBridgeTarget, SqsTarget
+from fpolicyd.sinks.aws.transport import LeanAwsClient
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
+from fpolicyd.sinks.retry import RetryPolicy
+from support.daemon import make_settings
 from support.moto_server import isolate_aws_env
-from support.peer import make_settings
 
 FAST = RetryPolicy(base_s=0.001, cap_s=0.005)
 
@@ -232,7 +220,7 @@ async def test_sender_sends_after_a_retriable_health_check_failure(
     async def unreachable(client: object, target: SqsTarget) -> None:
         raise SinkError("GetQueueAttributes failed: endpoint unreachable (injected)", retriable=True)
 
-    monkeypatch.setattr(cloud, "check_sqs", unreachable)
+    monkeypatch.setattr(sender_module, "check_sqs", unreachable)
     async with (
         AwsClients(endpoint_url=endpoint.url, region_name="us-east-1") as clients,
     ):

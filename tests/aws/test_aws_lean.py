@@ -1,4 +1,4 @@
-"""The lean data-path client (``fpolicyd.sinks.aws_transport``) against moto, next to the SDK client it replaces.
+"""The lean data-path client (``fpolicyd.sinks.aws.transport``) against moto, next to the SDK client it replaces.
 
 Both clients are handed the same batches; what arrives, how per-entry and whole-call failures are classified
 (``classify_sqs`` / ``error_kind``), and the exception types must be the same. The lean client also checks
@@ -22,25 +22,15 @@ import orjson
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from fpolicyd.config import AwsDataPath
 from fpolicyd.events import FileEvent
-from fpolicyd.sinks.aws import (
-    AwsClients,
-    Batch,
-    DeadLetterWriter,
-    ErrorKind,
-    EventBridgeTarget,
-    Item,
-    Outcome,
-    RetryPolicy,
-    SqsTarget,
-    deliver,
-    error_kind,
-    plan_batches,
-    send_eventbridge_batch,
-    send_sqs_batch,
-)
-from fpolicyd.sinks.aws_transport import MD5_MISMATCH, LeanAwsClient
+from fpolicyd.sinks.aws.classify import ErrorKind, Outcome, error_kind
+from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.sinks.aws.deliver import deliver, send_eventbridge_batch, send_sqs_batch
+from fpolicyd.sinks.aws.encode import Batch, Item, plan_batches
+from fpolicyd.sinks.aws.targets import AwsDataPath, EventBridgeTarget, SqsTarget
+from fpolicyd.sinks.aws.transport import MD5_MISMATCH, LeanAwsClient
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
+from fpolicyd.sinks.retry import RetryPolicy
 from support.moto_server import MotoEndpoint, bus_with_queue_rule, create_queue, drain_queue, isolate_aws_env
 from support.sqs_faults import SqsFaults
 

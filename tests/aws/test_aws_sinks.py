@@ -22,26 +22,20 @@ import pytest
 
 from fpolicyd.errors import SinkError
 from fpolicyd.events import FileEvent
-from fpolicyd.sinks.aws import (
-    AwsClients,
-    Batch,
-    DeadLetterWriter,
+from fpolicyd.sinks.aws.classify import Outcome, classify_eventbridge, classify_exception, classify_sqs
+from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.sinks.aws.deliver import (
     DeliveryReport,
-    EventBridgeTarget,
-    Item,
-    Outcome,
-    RetryPolicy,
-    SqsTarget,
     check_eventbridge,
     check_sqs,
-    classify_eventbridge,
-    classify_exception,
-    classify_sqs,
     deliver,
-    plan_batches,
     send_eventbridge_batch,
     send_sqs_batch,
 )
+from fpolicyd.sinks.aws.encode import Batch, Item, plan_batches
+from fpolicyd.sinks.aws.targets import EventBridgeTarget, SqsTarget
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
+from fpolicyd.sinks.retry import RetryPolicy
 from support.moto_server import (
     MotoEndpoint,
     bus_with_queue_rule,

@@ -32,9 +32,9 @@ from fpolicyd.pipeline.dedup import (
     exact_key,
     window_key,
 )
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dedup_dynamodb import CONDITION, DynamoDbDedupStore, item_of
-from fpolicyd.sinks.runner import RetryPolicy
+from fpolicyd.sinks.retry import RetryPolicy
 from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env
 
 T0 = 1_714_557_600.0

@@ -22,13 +22,15 @@ import pytest
 from structlog.testing import capture_logs
 
 from fpolicyd.app import Daemon
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.simulator.peer import OntapPeer
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.captures import NEGO_REQ, NEGO_RESP
+from support.daemon import make_settings
 from support.dynamodb_faults import DynamoDbFaults
 from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env
 from support.notifications import frame
 from support.observability import one, scrape
-from support.peer import Peer, make_settings
+from support.peer import loopback_peer
 from support.tcp_proxy import Proxy
 
 
@@ -72,7 +74,7 @@ async def faults(moto: MotoEndpoint, table: str, monkeypatch: pytest.MonkeyPatch
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, table: str, **overrides: Any) -> AsyncIterator[tuple[Daemon, Peer]]:
+async def serving(tmp_path: Path, table: str, **overrides: Any) -> AsyncIterator[tuple[Daemon, OntapPeer]]:
     settings = make_settings(
         tmp_path,
         dedup_mode="exact",
@@ -84,7 +86,7 @@ async def serving(tmp_path: Path, table: str, **overrides: Any) -> AsyncIterator
     daemon = Daemon(settings)
     await daemon.start()
     try:
-        peer = await Peer.connect(daemon.port)
+        peer = await loopback_peer(daemon.port)
         await peer.send(NEGO_REQ.frame)
         assert await peer.receive() == NEGO_RESP.payload
         yield daemon, peer

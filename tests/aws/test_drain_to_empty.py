@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
-from fpolicyd.simulator import SimulatorConfig, run
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.simulator.client import SimulatorConfig, run
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.moto_server import MotoEndpoint, create_queue, drain_queue, isolate_aws_env
 from support.serve import start_serve
 from support.sqs_faults import SqsFaults

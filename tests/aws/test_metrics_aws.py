@@ -12,10 +12,11 @@ import pytest
 from aiohttp import web
 
 from fpolicyd.app import Daemon
-from fpolicyd.simulator import SimulatorConfig, run
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.simulator.client import SimulatorConfig, run
+from fpolicyd.sinks.aws.clients import AwsClients
+from support.daemon import AS_DEPLOYED, make_settings
 from support.moto_server import MotoEndpoint, create_queue, isolate_aws_env
-from support.observability import make_settings, one, scrape
+from support.observability import one, scrape
 from support.sqs_faults import SqsFaults
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,7 @@ async def test_sqs_sink_metrics_match_what_the_endpoint_saw(
     monkeypatch.setenv("AWS_ENDPOINT_URL", await faults.start())
     sink = f"sqs:{queue_url}"
     try:
-        daemon = Daemon(make_settings(tmp_path, sinks=sink, sink_max_in_flight=1))
+        daemon = Daemon(make_settings(tmp_path, **AS_DEPLOYED, sinks=sink, sink_max_in_flight=1))
         await daemon.start()
         try:
             report = await run(SimulatorConfig(port=daemon.port, nodes=1, events=200, seed=25))

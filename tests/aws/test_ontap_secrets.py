@@ -9,11 +9,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from fpolicyd.cli import main
+from fpolicyd.cli.main import main
 from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError
 from fpolicyd.ontap.credentials import Credentials, resolve_credentials
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.fake_ontap import running_fake_ontap
 from support.moto_server import MotoEndpoint, isolate_aws_env, unique
 

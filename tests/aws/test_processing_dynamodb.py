@@ -14,11 +14,12 @@ import pytest
 
 from fpolicyd.app import Daemon
 from fpolicyd.errors import SinkError
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.captures import NEGO_REQ, NEGO_RESP
+from support.daemon import make_settings
 from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env
 from support.notifications import frame
-from support.peer import Peer, make_settings
+from support.peer import loopback_peer
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ async def test_two_instances_share_claims(tmp_path: Path, table: str) -> None:
         daemons.append(daemon)
     try:
         for daemon in daemons:
-            peer = await Peer.connect(daemon.port)
+            peer = await loopback_peer(daemon.port)
             await peer.send(NEGO_REQ.frame)
             assert await peer.receive() == NEGO_RESP.payload
             await peer.send(frame(1, "SMB_WR", "/shared/a.csv"), frame(2, "SMB_WR", "/shared/b.csv"))

@@ -20,8 +20,10 @@ import pytest
 from fpolicyd.events import EventBuilder, NameMaps
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import FileNotification, Reply, Session, SessionConfig
-from fpolicyd.replay_test import QueueTail, ReplayTestConfig, RestartMode, _final_drain, run_replay_test
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.replaytest.config import ReplayTestConfig, RestartMode
+from fpolicyd.replaytest.run import run_replay_test
+from fpolicyd.replaytest.tails import QueueTail, final_drain
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.moto_server import MotoEndpoint, bus_with_queue_rule, create_queue, isolate_aws_env
 
 #: A storm's wait for its sink (settle_timeout_s below) ends well inside pytest's limit for these tests: a loss is
@@ -146,7 +148,7 @@ async def test_the_final_drain_waits_for_a_message_still_in_flight(clients: AwsC
     assert len(taken["Messages"]) == 1
     tail = QueueTail(clients, queue_url, envelope=False)
 
-    await _final_drain(tail, 30.0)
+    await final_drain(tail, 30.0)
 
     assert tail.lines == 1
     assert await queue_depth(clients, queue_url) == 0

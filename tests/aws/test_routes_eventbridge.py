@@ -20,10 +20,10 @@ from typing import Any
 import orjson
 import pytest
 
-from fpolicyd.cli import main
+from fpolicyd.cli.main import main
 from fpolicyd.config import Settings
 from fpolicyd.pipeline.router import KNOWN_OPERATIONS, Router, RouteTable
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.moto_server import MotoEndpoint, create_queue, drain_queue, isolate_aws_env, unique
 
 SOURCE: str = Settings.model_fields["eventbridge_source"].default

@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from fpolicyd.events import load_event_schema
-from fpolicyd.simulator import SimulatorConfig, run
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.simulator.client import SimulatorConfig, run
+from fpolicyd.sinks.aws.clients import AwsClients
 from support.moto_server import (
     MotoEndpoint,
     bus_with_queue_rule,

@@ -11,8 +11,10 @@ import pytest
 
 from fpolicyd.app import Daemon
 from fpolicyd.obs.log import configure_logging
+from fpolicyd.pipeline.redaction import Redactor
 from support.captures import NEGO_REQ, NEGO_RESP, SMB_REN
-from support.peer import Peer, make_settings, wait_for_events
+from support.daemon import make_settings
+from support.peer import loopback_peer, wait_for_events
 
 
 def sha16(path: str) -> str:
@@ -27,7 +29,7 @@ async def test_events_at_the_sink(tmp_path: Path, level: str, classify: bool, ha
     daemon = Daemon(make_settings(tmp_path, data_classification=level, classify_events=classify))
     await daemon.start()
     try:
-        peer = await Peer.connect(daemon.port)
+        peer = await loopback_peer(daemon.port)
         await peer.send(NEGO_REQ.frame)
         assert await peer.receive() == NEGO_RESP.payload
         await peer.send(SMB_REN.frame)
@@ -44,12 +46,12 @@ async def test_events_at_the_sink(tmp_path: Path, level: str, classify: bool, ha
 
 async def test_no_event_is_logged_at_info(tmp_path: Path) -> None:
     stream = io.StringIO()
-    configure_logging("info", "json", stream=stream)
+    configure_logging("info", "json", stream=stream, redactor=Redactor())
     try:
         daemon = Daemon(make_settings(tmp_path))
         await daemon.start()
         try:
-            peer = await Peer.connect(daemon.port)
+            peer = await loopback_peer(daemon.port)
             await peer.send(NEGO_REQ.frame)
             await peer.receive()
             await peer.send(*([SMB_REN.frame] * 50))
@@ -58,7 +60,7 @@ async def test_no_event_is_logged_at_info(tmp_path: Path) -> None:
         finally:
             await daemon.stop()
     finally:
-        configure_logging()
+        configure_logging(redactor=Redactor())
     lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
     assert lines, "the daemon logged nothing at all"
     assert len(lines) < 50, "a log line per event"
@@ -70,7 +72,7 @@ async def test_wire_capture_masks_paths_per_classification(tmp_path: Path, level
     daemon = Daemon(make_settings(tmp_path, data_classification=level, capture_enabled=True))
     await daemon.start()
     try:
-        peer = await Peer.connect(daemon.port)
+        peer = await loopback_peer(daemon.port)
         await peer.send(NEGO_REQ.frame)
         await peer.receive()
         await peer.send(SMB_REN.frame)

@@ -21,9 +21,10 @@ from typing import Any
 import orjson
 
 from fpolicyd.app import Daemon
-from support.captures import NEGO_REQ, NEGO_RESP
+from fpolicyd.simulator.peer import OntapPeer
+from support.daemon import make_settings, running_daemon
 from support.notifications import frame
-from support.peer import Peer, make_settings
+from support.peer import negotiated_peer
 
 HOUR = 3600.0
 
@@ -52,17 +53,12 @@ async def wait_for(directory: Path, count: int, within: float = 15.0) -> list[di
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, clock: SteppedClock, **overrides: Any) -> AsyncIterator[tuple[Daemon, Peer]]:
-    daemon = Daemon(make_settings(tmp_path, **overrides), wall_clock=clock)
-    await daemon.start()
-    try:
-        peer = await Peer.connect(daemon.port)
-        await peer.send(NEGO_REQ.frame)
-        assert await peer.receive() == NEGO_RESP.payload
+async def running(tmp_path: Path, clock: SteppedClock, **overrides: Any) -> AsyncIterator[tuple[Daemon, OntapPeer]]:
+    """Not the ``daemon`` fixture: the daemon's wall clock is the test's ``clock``, and a peer past NEGO."""
+    async with running_daemon(make_settings(tmp_path, **overrides), wall_clock=clock) as daemon:
+        peer = await negotiated_peer(daemon.port)
         yield daemon, peer
         await peer.close()
-    finally:
-        await daemon.stop()
 
 
 def received_at(event: dict[str, Any]) -> float:

@@ -8,31 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fpolicyd.app import Daemon
+from fpolicyd.simulator.peer import OntapPeer
 from support.captures import NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 from support.observability import http_get
-from support.peer import Peer, make_settings, wait_for_events
+from support.peer import loopback_peer, wait_for_events
 from support.serve import Served, read_events, start_serve, stop
 
 
-@pytest.fixture
-async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
-    marker = request.node.get_closest_marker("settings")
-    d = Daemon(make_settings(tmp_path, **(marker.kwargs if marker else {})))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.stop()
-
-
-async def negotiate(peer: Peer) -> None:
+async def negotiate(peer: OntapPeer) -> None:
     await peer.send(NEGO_REQ.frame)
     assert await peer.receive() == NEGO_RESP.payload
 
@@ -50,12 +40,12 @@ async def test_silent_connections_beyond_the_pending_budget_do_not_keep_a_node_o
     daemon: Daemon, tmp_path: Path
 ) -> None:
     opened = 60  # more than max_connections and max_pending_handshakes together
-    silent = [await Peer.connect(daemon.port) for _ in range(opened)]
+    silent = [await loopback_peer(daemon.port) for _ in range(opened)]
     ctx = daemon.context
     await settled(lambda: ctx.rejections.get("pending_evicted", 0) == opened - 8)
     assert ctx.rejections == {"pending_evicted": opened - 8}
     assert (ctx.budget.pending, ctx.budget.sessions) == (8, 0)
-    node = await Peer.connect(daemon.port)
+    node = await loopback_peer(daemon.port)
     await negotiate(node)
     await node.send(SMB_OPEN.frame, SMB_REN.frame)
     events = await wait_for_events(tmp_path, 2)
@@ -71,15 +61,15 @@ async def test_silent_connections_beyond_the_pending_budget_do_not_keep_a_node_o
 @pytest.mark.settings(max_connections_per_peer=3, handshake_timeout_s=30.0)
 async def test_per_peer_limit(daemon: Daemon) -> None:
     ctx = daemon.context
-    held = [await Peer.connect(daemon.port) for _ in range(3)]
+    held = [await loopback_peer(daemon.port) for _ in range(3)]
     await negotiate(held[0])  # sessions and pending connections both count
-    extra = await Peer.connect(daemon.port)
+    extra = await loopback_peer(daemon.port)
     assert await extra.closed_by_server(within=5.0)
     assert ctx.rejections == {"max_per_peer": 1}
     await extra.close()
     await held[1].close()
     await settled(lambda: ctx.budget.peer_count("127.0.0.1") == 2)
-    again = await Peer.connect(daemon.port)  # a freed slot is usable again
+    again = await loopback_peer(daemon.port)  # a freed slot is usable again
     await negotiate(again)
     assert ctx.rejections == {"max_per_peer": 1}
     for peer in (*held, again):
@@ -100,17 +90,17 @@ async def storm_client(port: int, stop_at: float, budget: list[int]) -> None:
     while time.monotonic() < stop_at and budget[0] < STORM_MAX_CONNECTIONS:
         budget[0] += 1
         try:
-            peer = await Peer.connect(port)
+            peer = await loopback_peer(port)
         except OSError:
             continue
         await asyncio.sleep(STORM_HOLD_S)
-        peer.writer.transport.abort()
+        peer.abort()
 
 
 async def node_session(port: int) -> int:
     """Connect as a node until NEGO_RESP (as ONTAP reconnects); returns the attempts it took."""
     for attempt in range(1, NODE_ATTEMPTS + 1):
-        peer = await Peer.connect(port)
+        peer = await loopback_peer(port)
         try:
             await negotiate(peer)
         except (ConnectionError, TimeoutError):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -16,9 +15,10 @@ import pytest
 
 from fpolicyd.app import Daemon
 from fpolicyd.protocol.xml_codec import frame_message
+from fpolicyd.simulator.peer import OntapPeer
 from support.captures import NEGO_REQ, SMB_OPEN, SMB_REN
 from support.observability import one, scrape
-from support.peer import Peer, make_settings, wait_for_events
+from support.peer import loopback_peer, wait_for_events
 
 CAP = 64 << 10  # 4 files of 16 KiB
 SAMPLE = 256
@@ -30,20 +30,10 @@ BIG_FRAMES = 14  # 1 MiB each, the size that filled a 20 MB volume in ~2 s befor
 EVENTS = 1500
 
 
-@pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    settings = make_settings(
-        tmp_path,
-        dead_letter_max_bytes=CAP,
-        dead_letter_max_files=4,
-        dead_letter_pre_handshake_sample_bytes=SAMPLE,
-    )
-    d = Daemon(settings)
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.stop()
+#: For the ``daemon`` fixture (tests/conftest.py).
+pytestmark = pytest.mark.settings(
+    dead_letter_max_bytes=CAP, dead_letter_max_files=4, dead_letter_pre_handshake_sample_bytes=SAMPLE
+)
 
 
 def frame(payload: bytes) -> bytes:
@@ -66,7 +56,7 @@ def dead_letters(directory: Path) -> list[dict[str, object]]:
 
 
 async def garbage(port: int, payloads: list[bytes]) -> None:
-    peer = await Peer.connect(port)
+    peer = await loopback_peer(port)
     try:
         await peer.send(*(frame(p) for p in payloads))
         assert await peer.closed_by_server(within=20)
@@ -74,8 +64,8 @@ async def garbage(port: int, payloads: list[bytes]) -> None:
         await peer.close()
 
 
-async def stream(port: int, count: int) -> Peer:
-    peer = await Peer.connect(port)
+async def stream(port: int, count: int) -> OntapPeer:
+    peer = await loopback_peer(port)
     await peer.send(NEGO_REQ.frame)
     await peer.receive()
     for start in range(0, count, 50):

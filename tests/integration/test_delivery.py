@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from fpolicyd.simulator import SimulatorConfig, run
+from fpolicyd.simulator.client import SimulatorConfig, run
 from support.serve import Served, read_events, serve_argv, start_serve, stop
 
 pytestmark = pytest.mark.slow

@@ -23,11 +23,12 @@ from fpolicyd.app import Daemon
 from fpolicyd.pipeline.dedup import EmbeddedDedupStore
 from fpolicyd.pipeline.disk import Writer
 from fpolicyd.server.processor import STATE_FILE
-from fpolicyd.simulator import SimulatorConfig, run
+from fpolicyd.simulator.client import SimulatorConfig, run
 from support.captures import NEGO_REQ, NEGO_RESP
+from support.daemon import make_settings
 from support.full_disk import FullDisk, sqlite_full
 from support.notifications import frame
-from support.peer import Peer, make_settings
+from support.peer import loopback_peer
 from support.serve import VOLUME_NAMES, read_events
 
 pytestmark = pytest.mark.slow
@@ -211,7 +212,7 @@ async def test_stop_on_a_full_disk_does_not_raise_and_keeps_the_state_file(
     processor = daemon.processor
     assert processor is not None
     state_path = settings.effective_spool_dir / STATE_FILE
-    peer = await Peer.connect(daemon.port)
+    peer = await loopback_peer(daemon.port)
     try:
         await peer.send(NEGO_REQ.frame)
         assert await peer.receive() == NEGO_RESP.payload

@@ -11,7 +11,8 @@ import pytest
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import ScreenResponse
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
-from fpolicyd.simulator import generate_requests, handshake
+from fpolicyd.simulator.generate import generate_requests
+from fpolicyd.simulator.peer import handshake
 from support.serve import read_events, start_serve, stop
 
 pytestmark = pytest.mark.slow

@@ -23,9 +23,10 @@ from fpolicyd.protocol.messages import (
     StatusQueryResp,
 )
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
-from fpolicyd.simulator import SimulatorConfig, SimulatorError, expected_requests, handshake, run
+from fpolicyd.simulator.client import SimulatorConfig, SimulatorError, expected_requests, run
+from fpolicyd.simulator.peer import handshake
 from support.captures import NEGO_REQ, NEGO_RESP, SMB_OPEN
-from support.peer import Peer
+from support.peer import loopback_peer
 from support.serve import VOLUME_NAMES, Served, read_events, start_serve, stop
 
 pytestmark = pytest.mark.slow
@@ -129,7 +130,7 @@ SLOW_SPOOL = ("--engine-mode", "sync", "--spool-group-commit-s", "1.0")
 
 @pytest.mark.serve_flags(*SLOW_SPOOL)
 async def test_status_queries_are_answered_from_what_the_daemon_holds(served: Served) -> None:
-    peer = await Peer.connect(served.port)
+    peer = await loopback_peer(served.port)
     try:
         await peer.send(NEGO_REQ.frame)
         assert await peer.receive() == NEGO_RESP.payload

@@ -20,7 +20,8 @@ from fpolicyd.pipeline.faults import FSYNC_EIO_AFTER_ENV
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import ScreenResponse
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
-from fpolicyd.simulator import generate_requests, handshake
+from fpolicyd.simulator.generate import generate_requests
+from fpolicyd.simulator.peer import handshake
 from support.serve import read_events, serve_argv, start_serve, stop
 
 pytestmark = pytest.mark.slow

@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 import fpolicyd
 from fpolicyd.app import Daemon
 from fpolicyd.config import Settings
+from support.daemon import make_settings
 from support.fuzz import (
     FUZZ_MAX_FRAME_BYTES,
     Attack,
@@ -52,7 +53,6 @@ from support.fuzz import (
     wait_delivered,
 )
 from support.observability import http_get
-from support.peer import make_settings
 
 T = TypeVar("T")
 

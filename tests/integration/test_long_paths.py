@@ -20,9 +20,10 @@ from fpolicyd.pipeline.router import Router, RouteTable
 from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import Handshake, PathName, ScreenRequest
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
+from fpolicyd.simulator.peer import OntapPeer
 from support.captures import NEGO_REQ, NEGO_RESP
 from support.notifications import notification
-from support.peer import Peer
+from support.peer import loopback_peer
 from support.serve import Served, read_events, start_serve, stop
 
 pytestmark = pytest.mark.slow
@@ -75,7 +76,7 @@ async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
         await reader
 
 
-async def closed_by_server(peer: Peer, within: float = 10.0) -> bool:
+async def closed_by_server(peer: OntapPeer, within: float = 10.0) -> bool:
     """The daemon closed the connection: end of stream, or a reset (it closed with our bytes still unread)."""
     try:
         while await asyncio.wait_for(peer.reader.read(65536), within):
@@ -102,8 +103,8 @@ async def test_long_paths_reach_json_lines_whole_or_cut(served: tuple[Served, in
     huge, huge_frame = frame_of_payload_size(3, MAX_FRAME_BYTES)
     _, over_frame = frame_of_payload_size(4, MAX_FRAME_BYTES + 1)
 
-    peer = await Peer.connect(daemon.port)
-    other = await Peer.connect(daemon.port)
+    peer = await loopback_peer(daemon.port)
+    other = await loopback_peer(daemon.port)
     try:
         await peer.send(NEGO_REQ.frame)
         assert await peer.receive() == NEGO_RESP.payload

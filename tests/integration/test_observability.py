@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -24,24 +23,17 @@ from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.req_types import parse_req_type
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor
-from fpolicyd.simulator import SimulatorConfig, expected_requests, run
+from fpolicyd.simulator.client import SimulatorConfig, expected_requests, run
 from fpolicyd.sinks.ledger import LEDGER_CURSOR
+from support.daemon import AS_DEPLOYED, make_settings
 from support.moto_server import isolate_aws_env
-from support.observability import REQUIRED_FAMILIES, get, http_get, make_settings, one, scrape
+from support.observability import REQUIRED_FAMILIES, get, http_get, one, scrape
 
 #: Any session: an event's path and operation, all routing looks at, do not depend on it.
 SESSION = SessionContext(vs_uuid="vs", policy_name="p", session_id="s", protocol_version="1.2", peer="127.0.0.1:1")
 
-
-@pytest.fixture
-async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
-    marker = request.node.get_closest_marker("settings")
-    d = Daemon(make_settings(tmp_path, **(marker.kwargs if marker else {})))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.stop()
+#: The ``daemon`` fixture (tests/conftest.py) as deployed: what it reports is what this file checks.
+pytestmark = pytest.mark.settings(**AS_DEPLOYED)
 
 
 async def settle(daemon: Daemon, events: int, within: float = 20.0) -> None:
@@ -267,7 +259,7 @@ async def test_readyz_fails_while_a_sink_is_unreachable(tmp_path: Path, monkeypa
     port = closed_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     queue = f"sqs:http://127.0.0.1:{port}/123456789012/fpolicy-events"
-    daemon = Daemon(make_settings(tmp_path, sinks=f"jsonl:{tmp_path / 'events'},{queue}"))
+    daemon = Daemon(make_settings(tmp_path, **AS_DEPLOYED, sinks=f"jsonl:{tmp_path / 'events'},{queue}"))
     await daemon.start()
     try:
         status, body = await get(daemon, "/readyz")

@@ -16,11 +16,11 @@ import pytest
 import uvloop
 
 from fpolicyd.app import Daemon
-from fpolicyd.cli import main
+from fpolicyd.cli.main import main
 from fpolicyd.ontap.client import OntapClient, OntapConnection, OntapError
 from fpolicyd.ontap.ops import repoint_on_start
+from support.daemon import make_settings
 from support.fake_ontap import FakeOntap, RecordedRequest, running_fake_ontap
-from support.peer import make_settings
 
 ADDRESS = "10.0.0.10"
 

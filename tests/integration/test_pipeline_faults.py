@@ -17,7 +17,7 @@ from fpolicyd.pipeline.spool import Record, Spool, SpoolIOError, SpoolSettings
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings
 from fpolicyd.sinks.local import JsonlSender
-from fpolicyd.sinks.runner import RetryPolicy
+from fpolicyd.sinks.retry import RetryPolicy
 from support.sinks import Collect
 
 

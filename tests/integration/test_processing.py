@@ -15,10 +15,12 @@ import orjson
 from fpolicyd.app import Daemon
 from fpolicyd.pipeline.spool import Record
 from fpolicyd.server.processor import Processor
+from fpolicyd.simulator.peer import OntapPeer
 from fpolicyd.sinks.local import JsonlSender
-from support.captures import NEGO_REQ, NEGO_RESP
+from support.captures import NEGO_REQ
+from support.daemon import make_settings, running_daemon
 from support.notifications import frame
-from support.peer import Peer, eventually, make_settings
+from support.peer import eventually, loopback_peer, negotiated_peer
 
 #: A spool small enough to fill in a test, shaped like the defaults (the gap from the pause watermark to the maximum
 #: holds several segments, and less than the raw records reading may leave): reading pauses at 1 MiB, the stage
@@ -69,18 +71,13 @@ async def wait_for(directory: Path, count: int, within: float = 10.0) -> list[di
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Daemon, Peer]]:
-    settings = {"dedup_mode": "exact", **overrides}
-    daemon = Daemon(make_settings(tmp_path, **settings))
-    await daemon.start()
-    try:
-        peer = await Peer.connect(daemon.port)
-        await peer.send(NEGO_REQ.frame)
-        assert await peer.receive() == NEGO_RESP.payload
+async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Daemon, OntapPeer]]:
+    """Not the ``daemon`` fixture: exact dedup (what processing does), settings that name files under
+    ``tmp_path`` (routes), and a peer past NEGO."""
+    async with running_daemon(make_settings(tmp_path, **{"dedup_mode": "exact", **overrides})) as daemon:
+        peer = await negotiated_peer(daemon.port)
         yield daemon, peer
         await peer.close()
-    finally:
-        await daemon.stop()
 
 
 def routes_file(tmp_path: Path) -> Path:
@@ -237,7 +234,7 @@ async def test_a_crashed_stage_stops_the_daemon_instead_of_starving_the_sinks(tm
             raise RuntimeError("the store's file system went away")
 
         processor._dedup.check_many = broken  # type: ignore[union-attr,method-assign]
-        peer = await Peer.connect(daemon.port)
+        peer = await loopback_peer(daemon.port)
         await peer.send(NEGO_REQ.frame)
         await peer.receive()
         await peer.send(frame(1, "SMB_WR", "/data/a.csv"))

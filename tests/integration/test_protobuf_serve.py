@@ -18,8 +18,7 @@ import orjson
 import pytest
 
 from fpolicyd.app import Daemon
-from fpolicyd.capture import read_capture
-from fpolicyd.capture_cli import decode_capture
+from fpolicyd.cli.capture import decode_capture
 from fpolicyd.config import Settings, load_settings
 from fpolicyd.protocol import proto_codec
 from fpolicyd.protocol.framing import FrameReader
@@ -33,7 +32,8 @@ from fpolicyd.protocol.messages import (
 )
 from fpolicyd.protocol.readers import LengthPrefixedReader, ReaderName, VarintDelimitedReader, make_reader
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
-from fpolicyd.simulator import SimulatorConfig, run
+from fpolicyd.server.capture import read_capture
+from fpolicyd.simulator.client import SimulatorConfig, run
 from support.captures import NEGO_REQ, SMB_OPEN, SMB_REN
 
 FRAMES: dict[ReaderName, Callable[[bytes], bytes]] = {

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,21 +21,23 @@ import jsonschema
 import orjson
 import pytest
 
-from fpolicyd.cli import build_parser
+from fpolicyd.cli.main import build_parser
+from fpolicyd.cli.replaytest import config_from_args
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError
 from fpolicyd.events import CORE_OPERATIONS, EventBuilder, NameMaps, load_event_schema, load_reference_schema
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.session import EngineMode, FileNotification, Reply, Session, SessionConfig
-from fpolicyd.replay_cli import config_from_args
-from fpolicyd.replay_summary import summary_text
-from fpolicyd.replay_test import ReplayTestConfig, RestartMode, progress_line, run_replay_test
+from fpolicyd.replaytest.config import ReplayTestConfig, RestartMode
+from fpolicyd.replaytest.run import progress_line, run_replay_test
+from fpolicyd.replaytest.summary import summary_text
 from support.event_ids import recompute_event_id
 
 pytestmark = pytest.mark.slow
 
 SIZE = 2000
 NODES = 3
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 def sink_lines(directory: Path) -> list[bytes]:
@@ -263,6 +267,8 @@ async def test_a_lossy_server_makes_replay_test_exit_non_zero_and_count_the_loss
             "0",
             "--report",
             str(report_path),
+            "--plot",
+            str(tmp_path / "lossy.html"),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -278,6 +284,11 @@ async def test_a_lossy_server_makes_replay_test_exit_non_zero_and_count_the_loss
     assert report["lost"] == lossy.dropped
     assert report["delivered"] == 600 - lossy.dropped
     assert f"{lossy.dropped} of 600 notifications lost" in stderr.decode()
+    # The plot is written when something was lost (when it is most useful), with the verdict.
+    page = (tmp_path / "lossy.html").read_text()
+    assert f"{lossy.dropped} lost ✗" in page
+    assert len(ET.fromstring(page).findall(".//" + SVG + "svg")) == 3
+    assert sum(point["sent"] for point in report["timeline"]) == report["sent_frames"]
 
 
 async def test_deleting_one_line_of_the_sink_is_reported_as_one_loss(tmp_path: Path) -> None:
@@ -393,6 +404,7 @@ def test_the_command_prints_a_summary_writes_the_json_report_and_prints_json_on_
     assert code == 0, err
     report = orjson.loads(report_path.read_bytes())
     assert (report["ok"], report["delivered"], report["lost"]) == (True, 300, 0)
+    assert "timeline" not in report  # only with --plot
     assert out == summary_text(report)
     assert out.startswith("fpolicyd replay-test: PASS: nothing lost")
     assert "{" not in out
@@ -404,3 +416,48 @@ def test_the_command_prints_a_summary_writes_the_json_report_and_prints_json_on_
     as_json = orjson.loads(out)
     assert (as_json["ok"], as_json["delivered"], as_json["lost"]) == (True, 300, 0)
     assert err == ""
+
+
+def test_the_plot_has_three_charts_and_the_timeline_adds_up_to_the_run(tmp_path: Path) -> None:
+    workdir = tmp_path / "plot"
+    workdir.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "fpolicyd", "replay-test", "--events", "2000", "--nodes", "2", "--outage-s", "0.5",
+         "--progress-s", "0", "--daemon-setting", "jsonl_fsync=never", "--data-dir", str(workdir / "data"),
+         "--plot", "out.html", "--report", "report.json"],
+        capture_output=True, text=True, timeout=120, cwd=workdir, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads((workdir / "report.json").read_bytes())
+    timeline = report["timeline"]
+    assert report["generated"] == 2000
+    assert sum(point["sent"] for point in timeline) == report["generated"]
+    assert sum(point["delivered"] for point in timeline) == report["generated"]
+    assert timeline[-1]["sent_total"] == timeline[-1]["delivered_total"] == 2000
+    assert len(timeline) >= 10  # a second-long run still gets a finer period (~20+ points unloaded; slack if busy)
+    assert {point["phase"] for point in timeline} >= {"outage", "replay", "settle"}
+    assert all(a["end_s"] == b["start_s"] for a, b in itertools.pairwise(timeline))
+    page = (workdir / "out.html").read_text()
+    charts = ET.fromstring(page).findall(".//" + SVG + "svg")
+    assert [chart.findtext(SVG + "text") for chart in charts] == [
+        "send rate and sink arrival rate",
+        "cumulative sent and delivered",
+        "sink-arrival latency (live notifications)",
+    ]
+    assert "lost = 0 ✓" in page
+    assert "2,000 notifications over 2 nodes" in page
+
+
+def test_an_unwritable_plot_path_is_refused_before_the_run(tmp_path: Path) -> None:
+    code, out, err = run_cli(tmp_path / "bad", "--plot", str(tmp_path / "missing" / "out.html"))
+    assert code == 2
+    assert err.startswith("fpolicyd: --plot ")
+    assert "No such file or directory" in err
+    assert out == ""
+    assert not (tmp_path / "bad" / "data").exists()  # no daemon was started
+    code, _, err = run_cli(tmp_path / "interval", "--plot-interval-s", "0.5")
+    assert code == 2
+    assert "--plot-interval-s needs --plot" in err
+    code, _, err = run_cli(tmp_path / "zero", "--plot", "p.html", "--plot-interval-s", "0")
+    assert code == 2
+    assert "--plot-interval-s: 0 is not a number > 0" in err

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -34,33 +34,22 @@ from fpolicyd.protocol.session import NoticeKind, SessionConfig
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_message
 from fpolicyd.server.connection import FPolicyConnection, ServerContext
 from fpolicyd.server.pipeline import EventPipeline
-from fpolicyd.simulator import generate_frames
+from fpolicyd.simulator.generate import generate_frames
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
+from support.daemon import make_settings
 from support.notifications import BASE_GENERATION_US
-from support.peer import Peer, eventually, jsonl_events, make_settings, wait_for_events
-
-
-@pytest.fixture
-async def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
-    marker = request.node.get_closest_marker("settings")
-    overrides = marker.kwargs if marker else {}
-    d = Daemon(make_settings(tmp_path, **overrides))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.stop()
+from support.peer import eventually, jsonl_events, loopback_peer, wait_for_events
 
 
 async def test_handshake_over_tcp_is_byte_exact(daemon: Daemon) -> None:
-    peer = await Peer.connect(daemon.port)
+    peer = await loopback_peer(daemon.port)
     await peer.send(NEGO_REQ.frame)
     assert await peer.receive() == NEGO_RESP.payload
     await peer.close()
 
 
 async def test_async_events_reach_jsonl_and_nothing_is_answered(daemon: Daemon, tmp_path: Path) -> None:
-    peer = await Peer.connect(daemon.port)
+    peer = await loopback_peer(daemon.port)
     await peer.send(NEGO_REQ.frame)
     await peer.receive()
     await peer.send(KEEP_ALIVE.frame, SMB_OPEN.frame, SMB_REN.frame, KEEP_ALIVE.frame)
@@ -77,7 +66,7 @@ async def test_async_events_reach_jsonl_and_nothing_is_answered(daemon: Daemon, 
 
 @pytest.mark.settings(engine_mode="sync")
 async def test_sync_mode_answers_every_screen_request(daemon: Daemon) -> None:
-    peer = await Peer.connect(daemon.port)
+    peer = await loopback_peer(daemon.port)
     await peer.send(NEGO_REQ.frame)
     await peer.receive()
     await peer.send(SMB_OPEN.frame, SMB_REN.frame, encode_message(StatusQuery(77, "SMB_WR")))
@@ -121,7 +110,7 @@ async def test_a_peer_that_reads_no_replies_is_not_read_and_then_closed(daemon: 
         read = conn.stats.events
         assert 0 < read <= sent
         # Every event read is kept, and another node is served normally.
-        healthy = await Peer.connect(daemon.port)
+        healthy = await loopback_peer(daemon.port)
         await healthy.send(NEGO_REQ.frame)
         await healthy.receive()
         await healthy.send(SMB_OPEN.frame)
@@ -164,7 +153,7 @@ async def test_a_peer_that_reads_its_replies_again_is_read_again(daemon: Daemon,
 async def test_alerts_are_logged_once_per_severity_and_peer_per_interval(daemon: Daemon) -> None:
     """ONTAP's alerts are worth a line each, but a peer can send them at will: the first per (severity, address)
     is logged, the rest of the interval only counted in the next line (``suppressed``); the frames are counted."""
-    peer = await Peer.connect(daemon.port)
+    peer = await loopback_peer(daemon.port)
     try:
         await peer.send(NEGO_REQ.frame)
         await peer.receive()
@@ -180,8 +169,8 @@ async def test_alerts_are_logged_once_per_severity_and_peer_per_interval(daemon:
 
 
 async def test_a_bad_frame_closes_only_that_connection(daemon: Daemon, tmp_path: Path) -> None:
-    good = await Peer.connect(daemon.port)
-    bad = await Peer.connect(daemon.port)
+    good = await loopback_peer(daemon.port)
+    bad = await loopback_peer(daemon.port)
     await good.send(NEGO_REQ.frame)
     await good.receive()
     await bad.send(NEGO_REQ.frame)
@@ -198,7 +187,7 @@ async def test_a_bad_frame_closes_only_that_connection(daemon: Daemon, tmp_path:
 
 @pytest.mark.settings(handshake_timeout_s=0.2)
 async def test_a_peer_that_never_negotiates_is_dropped(daemon: Daemon) -> None:
-    peer = await Peer.connect(daemon.port)
+    peer = await loopback_peer(daemon.port)
     assert await peer.closed_by_server(within=3.0)
     assert daemon.context.protocol_errors.get("handshake_timeout") == 1
     await peer.close()
@@ -206,8 +195,8 @@ async def test_a_peer_that_never_negotiates_is_dropped(daemon: Daemon) -> None:
 
 @pytest.mark.settings(keep_alive_interval_s=0.1, idle_timeout_s=0.35)
 async def test_idle_session_is_closed_and_keep_alives_keep_it_open(daemon: Daemon) -> None:
-    lively = await Peer.connect(daemon.port)
-    idle = await Peer.connect(daemon.port)
+    lively = await loopback_peer(daemon.port)
+    idle = await loopback_peer(daemon.port)
     for peer in (lively, idle):
         await peer.send(NEGO_REQ.frame)
         await peer.receive()
@@ -215,7 +204,7 @@ async def test_idle_session_is_closed_and_keep_alives_keep_it_open(daemon: Daemo
         await lively.send(KEEP_ALIVE.frame)
         await asyncio.sleep(0.1)
     assert await idle.closed_by_server(within=0.1) or idle.reader.at_eof()
-    assert not lively.writer.is_closing()
+    assert not lively.is_closing()
     assert daemon.context.protocol_errors.get("idle_timeout") == 1
     await lively.send(SMB_REN.frame)
     await lively.close()
@@ -224,12 +213,12 @@ async def test_idle_session_is_closed_and_keep_alives_keep_it_open(daemon: Daemo
 
 @pytest.mark.settings(max_connections=2)
 async def test_connection_limit(daemon: Daemon) -> None:
-    first = await Peer.connect(daemon.port)
-    second = await Peer.connect(daemon.port)
+    first = await loopback_peer(daemon.port)
+    second = await loopback_peer(daemon.port)
     for peer in (first, second):
         await peer.send(NEGO_REQ.frame)
         assert await peer.receive() == NEGO_RESP.payload
-    third = await Peer.connect(daemon.port)  # both sessions are taken: closed at accept
+    third = await loopback_peer(daemon.port)  # both sessions are taken: closed at accept
     assert await third.closed_by_server(within=2.0)
     assert daemon.context.rejected_connections == 1
     assert daemon.context.rejections == {"max_connections": 1}
@@ -241,8 +230,8 @@ async def test_connection_limit(daemon: Daemon) -> None:
 @pytest.mark.settings(max_connections=1)
 async def test_connections_that_have_not_negotiated_hold_no_session_slot(daemon: Daemon) -> None:
     """Pending connections do not take session slots; the one that negotiates second is refused at NEGO."""
-    first = await Peer.connect(daemon.port)
-    second = await Peer.connect(daemon.port)
+    first = await loopback_peer(daemon.port)
+    second = await loopback_peer(daemon.port)
     await first.send(NEGO_REQ.frame)
     assert await first.receive() == NEGO_RESP.payload
     await second.send(NEGO_REQ.frame)
@@ -254,14 +243,14 @@ async def test_connections_that_have_not_negotiated_hold_no_session_slot(daemon:
         if daemon.context.budget.sessions == 0:
             break
         await asyncio.sleep(0.02)
-    third = await Peer.connect(daemon.port)
+    third = await loopback_peer(daemon.port)
     await third.send(NEGO_REQ.frame)
     assert await third.receive() == NEGO_RESP.payload
     await third.close()
 
 
 async def test_many_concurrent_sessions(daemon: Daemon, tmp_path: Path) -> None:
-    peers = [await Peer.connect(daemon.port) for _ in range(20)]
+    peers = [await loopback_peer(daemon.port) for _ in range(20)]
     for index, peer in enumerate(peers):
         await peer.send(encode_message(Handshake("vs", f"policy-{index}", f"session-{index}", ("1.2",))))
     for peer in peers:
@@ -334,7 +323,7 @@ async def test_a_slow_sink_applies_back_pressure_pauses_reading_and_loses_nothin
     )
     await pipeline.start()
     server = await asyncio.get_running_loop().create_server(lambda: FPolicyConnection(context), "127.0.0.1", 0)
-    peer = await Peer.connect(server.sockets[0].getsockname()[1])
+    peer = await loopback_peer(server.sockets[0].getsockname()[1])
     try:
         await peer.send(NEGO_REQ.frame)
         await peer.receive()
@@ -361,7 +350,7 @@ SESSION_ID = "d8ad84cc-79dd-11ee-b638-000c29cdbe04"
 async def test_stop_reads_what_ontap_already_sent_and_asks_it_to_pause(tmp_path: Path) -> None:
     d = Daemon(make_settings(tmp_path, shutdown_read_grace_s=5.0))
     await d.start()
-    peer = await Peer.connect(d.port)
+    peer = await loopback_peer(d.port)
     await peer.send(NEGO_REQ.frame)
     await peer.receive()
     await peer.send(*([SMB_REN.frame] * 2000))  # sits in socket buffers when the stop begins
@@ -383,7 +372,7 @@ async def test_the_suite_runs_on_uvloop() -> None:
 async def test_an_undecodable_notification_is_kept_in_the_dead_letter_file(daemon: Daemon, tmp_path: Path) -> None:
     import base64
 
-    peer = await Peer.connect(daemon.port)
+    peer = await loopback_peer(daemon.port)
     await peer.send(NEGO_REQ.frame)
     await peer.receive()
     body = SMB_REN.body

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import socket
 import time
@@ -38,15 +39,9 @@ from fpolicyd.protocol.xml_codec import (
     encode_message,
     encode_screen_response,
 )
-from fpolicyd.simulator import (
-    SimulationReport,
-    SimulatorConfig,
-    SimulatorError,
-    expected_requests,
-    handshake,
-    manifest_record,
-    run,
-)
+from fpolicyd.simulator.client import SimulationReport, SimulatorConfig, SimulatorError, expected_requests, run
+from fpolicyd.simulator.generate import manifest_record
+from fpolicyd.simulator.peer import handshake
 
 T = TypeVar("T")
 
@@ -94,6 +89,8 @@ class Conn:
     lost: set[int] = field(default_factory=set)
     #: Requests held by an ``answer_after_s`` server, until their answer is written.
     held: dict[int, ScreenRequest] = field(default_factory=dict)
+    #: Every byte the simulator sent on this connection, as it arrived.
+    raw: bytearray = field(default_factory=bytearray)
 
 
 class FakeServer:
@@ -143,6 +140,7 @@ class FakeServer:
                 data = await reader.read(65536)
             if data == b"":
                 break
+            conn.raw.extend(data or b"")
             out: list[bytes] = []
             for payload in frames.feed(data or b""):
                 decoded = decode_payload(payload)
@@ -253,6 +251,29 @@ async def expect_error(behaviour: Behaviour, match: str, **kw: Any) -> None:
         config = SimulatorConfig(port=fake.port, duration_limit_s=8.0, **kw)
         with pytest.raises(SimulatorError, match=match):
             await run(config)
+
+
+#: SHA-256 of every byte three nodes sent (node order), taken from the code before the simulator became a package
+#: (issue 13): the client's wire bytes for a fixed seed and fixed time are pinned. The same in both modes: sync mode
+#: changes when a request is sent, not what.
+GOLDEN_WIRE_SHA256 = "d1075df63fc50fc1242e4cdb0750cdbbabf17d9b9a5df63d8483daddaa08b79d"
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_wire_bytes_of_a_fixed_run_are_pinned(sync: bool) -> None:
+    behaviour = Behaviour(sync=sync)
+    report, fake, config = run_on(
+        "uvloop",
+        simulate(
+            behaviour, nodes=3, events=400, seed=3, sync=sync, max_outstanding=64, keep_alive_interval_s=0,
+            status_interval_s=0, chunk_events=50,
+        ),
+    )  # fmt: skip
+    assert report.completed
+    assert report.sent == 1200
+    by_node = sorted(fake.conns, key=lambda conn: node_of(conn, config))
+    digest = hashlib.sha256(b"".join(bytes(conn.raw) for conn in by_node))
+    assert digest.hexdigest() == GOLDEN_WIRE_SHA256
 
 
 # ------------------------------------------------------------------------------------------- async mode

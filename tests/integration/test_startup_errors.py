@@ -2,7 +2,7 @@
 
 A listen port in use, a data directory that cannot be written, a bad routes file or sink URI: one line on stderr
 naming the setting and the reason, exit 2, nothing opened; and `config check` refuses exactly what `serve`
-refuses, with the same message (both run fpolicyd.preflight.preflight).
+refuses, with the same message (both run fpolicyd.server.preflight.preflight).
 """
 
 from __future__ import annotations

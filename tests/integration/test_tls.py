@@ -24,9 +24,11 @@ from structlog.testing import capture_logs
 from fpolicyd.app import Daemon
 from fpolicyd.config import TlsMode
 from fpolicyd.errors import ConfigError
+from fpolicyd.simulator.peer import OntapPeer
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
+from support.daemon import make_settings, marked_settings, running_daemon
 from support.observability import http_get
-from support.peer import Peer, make_settings, wait_for_events
+from support.peer import loopback_peer, wait_for_events
 from support.serve import start_serve, stop
 
 
@@ -76,17 +78,13 @@ def pki(tmp_path: Path) -> Pki:
 
 @pytest.fixture
 async def tls_daemon(tmp_path: Path, pki: Pki, request: pytest.FixtureRequest) -> AsyncIterator[Daemon]:
-    marker = request.node.get_closest_marker("settings")
-    overrides = {**pki.settings(TlsMode.SERVER_AUTH), **(marker.kwargs if marker else {})}
-    daemon = Daemon(make_settings(tmp_path, **overrides))
-    await daemon.start()
-    try:
+    """Not the ``daemon`` fixture: TLS with this test's certificates (the ``pki`` fixture) under the markers."""
+    overrides = {**pki.settings(TlsMode.SERVER_AUTH), **marked_settings(request)}
+    async with running_daemon(make_settings(tmp_path, **overrides)) as daemon:
         yield daemon
-    finally:
-        await daemon.stop()
 
 
-async def handshake(peer: Peer) -> None:
+async def handshake(peer: OntapPeer) -> None:
     await peer.send(NEGO_REQ.frame)
     assert await peer.receive() == NEGO_RESP.payload
 
@@ -95,7 +93,7 @@ async def refused(port: int, context: ssl.SSLContext) -> bool:
     """Whether a TLS client with ``context`` is turned away, during the TLS handshake or at its first read (TLS 1.3
     reports a refused client certificate only then)."""
     try:
-        peer = await Peer.connect(port, context)
+        peer = await loopback_peer(port, context)
         await handshake(peer)
     except (ssl.SSLError, ConnectionError):
         return True
@@ -103,7 +101,7 @@ async def refused(port: int, context: ssl.SSLContext) -> bool:
     return False
 
 
-def server_certificate(peer: Peer) -> bytes:
+def server_certificate(peer: OntapPeer) -> bytes:
     ssl_object = peer.writer.get_extra_info("ssl_object")
     assert isinstance(ssl_object, ssl.SSLObject)
     der = ssl_object.getpeercert(binary_form=True)
@@ -116,7 +114,7 @@ def der_of(cert: trustme.LeafCert) -> bytes:
 
 
 async def test_server_auth_session_delivers_events(tls_daemon: Daemon, pki: Pki, tmp_path: Path) -> None:
-    peer = await Peer.connect(tls_daemon.port, pki.client_context())
+    peer = await loopback_peer(tls_daemon.port, pki.client_context())
     await handshake(peer)
     await peer.send(KEEP_ALIVE.frame, SMB_OPEN.frame, SMB_REN.frame)
     events = await wait_for_events(tmp_path, 2)
@@ -127,7 +125,7 @@ async def test_server_auth_session_delivers_events(tls_daemon: Daemon, pki: Pki,
 
 
 async def test_plain_tcp_client_gets_no_session(tls_daemon: Daemon) -> None:
-    peer = await Peer.connect(tls_daemon.port)
+    peer = await loopback_peer(tls_daemon.port)
     await peer.send(NEGO_REQ.frame)
     assert await peer.closed_by_server(within=5.0)
     assert tls_daemon.context.sessions_opened == 0
@@ -138,7 +136,7 @@ async def test_client_that_does_not_trust_our_ca_fails(tls_daemon: Daemon) -> No
     untrusting = ssl.create_default_context()
     trustme.CA().configure_trust(untrusting)
     with pytest.raises(ssl.SSLCertVerificationError):
-        await Peer.connect(tls_daemon.port, untrusting)
+        await loopback_peer(tls_daemon.port, untrusting)
 
 
 @pytest.mark.settings(tls_min_version="1.3")
@@ -151,7 +149,7 @@ async def test_minimum_version_is_enforced(tls_daemon: Daemon, pki: Pki) -> None
 
 @pytest.mark.settings(tls_mode="mutual_auth")
 async def test_mutual_auth_requires_a_client_certificate_from_the_configured_ca(tls_daemon: Daemon, pki: Pki) -> None:
-    good = await Peer.connect(tls_daemon.port, pki.client_context(client_cert_from=pki.client_ca))
+    good = await loopback_peer(tls_daemon.port, pki.client_context(client_cert_from=pki.client_ca))
     await handshake(good)
 
     assert await refused(tls_daemon.port, pki.client_context())
@@ -163,7 +161,7 @@ async def test_mutual_auth_requires_a_client_certificate_from_the_configured_ca(
 async def test_reload_swaps_the_certificate_for_new_sessions_only(tls_daemon: Daemon, pki: Pki, tmp_path: Path) -> None:
     first_cert = der_of(pki.issue_server_cert("127.0.0.1"))  # what the daemon loaded (same key files)
     tls_daemon.reload()
-    before = await Peer.connect(tls_daemon.port, pki.client_context())
+    before = await loopback_peer(tls_daemon.port, pki.client_context())
     await handshake(before)
     assert server_certificate(before) == first_cert
 
@@ -172,14 +170,14 @@ async def test_reload_swaps_the_certificate_for_new_sessions_only(tls_daemon: Da
     assert tls_daemon.tls is not None
     assert tls_daemon.tls.reloads == 2
 
-    after = await Peer.connect(tls_daemon.port, pki.client_context())
+    after = await loopback_peer(tls_daemon.port, pki.client_context())
     await handshake(after)
     assert server_certificate(after) == der_of(renewed)
     # The session that predates the reload goes on undisturbed.
     await before.send(KEEP_ALIVE.frame, SMB_OPEN.frame)
     events = await wait_for_events(tmp_path, 1)
     assert [event["operation_type"] for event in events] == ["open"]
-    assert not before.writer.is_closing()
+    assert not before.is_closing()
     await before.close()
     await after.close()
 
@@ -191,7 +189,7 @@ async def test_failed_reload_keeps_the_running_certificate(tls_daemon: Daemon, p
     tls_daemon.reload()
     assert tls_daemon.tls is not None
     assert tls_daemon.tls.reload_failures == 1
-    peer = await Peer.connect(tls_daemon.port, pki.client_context())
+    peer = await loopback_peer(tls_daemon.port, pki.client_context())
     await handshake(peer)
     assert server_certificate(peer) == current
     await peer.close()
@@ -221,7 +219,7 @@ async def test_peer_outside_the_allowlist_is_closed_and_counted(tls_daemon: Daem
 
 @pytest.mark.settings(allowed_networks="127.0.0.0/8")
 async def test_peer_inside_the_allowlist_is_served(tls_daemon: Daemon, pki: Pki) -> None:
-    peer = await Peer.connect(tls_daemon.port, pki.client_context())
+    peer = await loopback_peer(tls_daemon.port, pki.client_context())
     await handshake(peer)
     assert tls_daemon.context.rejections == {}
     await peer.close()
@@ -262,7 +260,7 @@ async def test_sighup_reloads_in_a_running_server(tmp_path: Path, pki: Pki) -> N
             if any(line.get("event") == "tls_reloaded" for line in served.log_lines):
                 break
             await asyncio.sleep(0.05)
-        peer = await Peer.connect(served.port, pki.client_context())
+        peer = await loopback_peer(served.port, pki.client_context())
         await handshake(peer)
         assert server_certificate(peer) == der_of(renewed)
         await peer.close()
@@ -275,7 +273,7 @@ async def test_sighup_reloads_in_a_running_server(tmp_path: Path, pki: Pki) -> N
 
 async def plain_tcp_client(port: int) -> None:
     """An engine without ssl-option: speaks FPolicy in clear to the TLS port."""
-    peer = await Peer.connect(port)
+    peer = await loopback_peer(port)
     await peer.send(NEGO_REQ.frame)
     assert await peer.closed_by_server(within=5.0)
     await peer.close()
@@ -297,7 +295,7 @@ def tls11_context(pki: Pki) -> ssl.SSLContext | None:
 
 async def silent_client(port: int, within: float) -> bool:
     """Connects and never starts the TLS handshake; whether the server closed it ``within`` seconds."""
-    peer = await Peer.connect(port)
+    peer = await loopback_peer(port)
     closed = await peer.closed_by_server(within=within)
     await peer.close()
     return closed
@@ -344,7 +342,7 @@ async def test_pending_handshakes_beyond_the_budget_are_evicted_and_a_node_gets_
 ) -> None:
     opened = 40
     before = len(os.listdir("/proc/self/fd"))
-    silent = [await Peer.connect(tls_daemon.port) for _ in range(opened)]
+    silent = [await loopback_peer(tls_daemon.port) for _ in range(opened)]
     for _ in range(200):  # until the server has accepted them all
         if tls_daemon.context.rejections.get("pending_evicted", 0) == opened - 4:
             break
@@ -355,7 +353,7 @@ async def test_pending_handshakes_beyond_the_budget_are_evicted_and_a_node_gets_
     # This process holds both ends: the clients' 40 sockets and, on the server's side, only the 4 pending ones
     # (plus whatever the loop briefly holds for connections being closed).
     assert len(os.listdir("/proc/self/fd")) - before <= opened + 4 + 8
-    node = await Peer.connect(tls_daemon.port, pki.client_context())
+    node = await loopback_peer(tls_daemon.port, pki.client_context())
     await handshake(node)
     await node.send(SMB_OPEN.frame)
     events = await wait_for_events(tmp_path, 1)

@@ -14,21 +14,18 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fpolicyd.sinks.aws import (
-    AwsTarget,
+from fpolicyd.sinks.aws.classify import classify_eventbridge, classify_sqs
+from fpolicyd.sinks.aws.encode import (
     Batch,
-    EventBridgeTarget,
     Item,
     Oversize,
-    SqsTarget,
-    classify_eventbridge,
-    classify_sqs,
     encode_eventbridge_entry,
     encode_sqs_entry,
     eventbridge_entry_size,
     plan_batches,
     sqs_entry_size,
 )
+from fpolicyd.sinks.aws.targets import AwsTarget, EventBridgeTarget, SqsTarget
 
 QUEUE = "https://sqs.eu-west-1.amazonaws.com/123456789012/events"
 

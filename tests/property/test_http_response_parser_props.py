@@ -1,4 +1,4 @@
-"""Property tests for the lean AWS client's HTTP/1.1 response parser (``fpolicyd.sinks.aws_transport``).
+"""Property tests for the lean AWS client's HTTP/1.1 response parser (``fpolicyd.sinks.aws.transport``).
 
 Any response, cut into any pieces, parses to the same status, headers and body as when fed whole: by
 Content-Length, chunked (any chunk sizes, extensions, trailers) or delimited by the close; interim 1xx answers
@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fpolicyd.sinks.aws_transport import HttpProtocolError, HttpResponse, ResponseParser
+from fpolicyd.sinks.aws.transport import HttpProtocolError, HttpResponse, ResponseParser
 
 header_names = st.from_regex(r"[A-Za-z][A-Za-z0-9\-]{0,20}", fullmatch=True).filter(
     lambda n: n.lower() not in ("content-length", "transfer-encoding", "connection")

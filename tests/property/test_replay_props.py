@@ -12,8 +12,8 @@ from fpolicyd.pipeline.replay import ReplayConfig, ReplayTracker
 from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import ScreenRequest
 from fpolicyd.protocol.xml_codec import decode_payload
-from fpolicyd.replay_test import max_displacement
-from fpolicyd.simulator import NodeStream
+from fpolicyd.replaytest.tails import max_displacement
+from fpolicyd.simulator.generate import NodeStream
 
 VS = "5e1f0c2a-6292-11ee-b5d1-000c29f00d01"
 T0 = 1_700_000_000_000_000

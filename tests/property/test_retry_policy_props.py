@@ -9,7 +9,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fpolicyd.sinks.runner import RetryPolicy
+from fpolicyd.sinks.retry import RetryPolicy
 
 
 @given(

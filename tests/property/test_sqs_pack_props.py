@@ -19,8 +19,9 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fpolicyd.sinks import aws
-from fpolicyd.sinks.aws import Batch, Entry, Item, Oversize, SqsTarget, encode_sqs_entry, plan_batches, sqs_entry_size
+from fpolicyd.sinks.aws import encode
+from fpolicyd.sinks.aws.encode import Batch, Entry, Item, Oversize, encode_sqs_entry, plan_batches, sqs_entry_size
+from fpolicyd.sinks.aws.targets import SqsTarget
 from fpolicyd.sinks.sqs_envelope import PackCompression, decode_message, pack_attributes
 
 QUEUE = "https://sqs.eu-west-1.amazonaws.com/123456789012/events"
@@ -187,7 +188,7 @@ def plain_packed_size(events: list[Item], target: SqsTarget) -> int:
     message's body has them)."""
     texts = [encode_sqs_entry(single_target(target), e.event_json, "0")["MessageBody"] for e in events]
     body = "[" + ",".join(texts) + "]"
-    return len(body.encode()) + aws._attributes_size(pack_attributes(len(events), PackCompression.NONE))
+    return len(body.encode()) + encode._attributes_size(pack_attributes(len(events), PackCompression.NONE))
 
 
 @SETTINGS

@@ -18,7 +18,7 @@ from fpolicyd.protocol.messages import NotfType, PathName, ProtCommonInfo, Scree
 from fpolicyd.protocol.req_types import REQ_TYPES
 from fpolicyd.protocol.xml_codec import screen_request_body
 from fpolicyd.protocol.xml_fast import MAX_FAST_BODY_BYTES, ScreenFields, fields_of, scan_screen_request
-from fpolicyd.simulator import generate_frames, generate_requests
+from fpolicyd.simulator.generate import generate_frames, generate_requests
 from support.captures import CAPTURES, SMB_REN
 from support.screen_bodies import canonical_bodies, lxml_fields, perturbed_bodies
 

@@ -50,7 +50,8 @@ from fpolicyd.protocol.messages import (
     VolumeNotification,
 )
 from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake, encode_keep_alive, encode_message
-from fpolicyd.simulator import DEFAULT_VS_UUID, generate_frames, handshake
+from fpolicyd.simulator.generate import DEFAULT_VS_UUID, generate_frames
+from fpolicyd.simulator.peer import handshake
 from support.captures import KEEP_ALIVE, NEGO_REQ, SMB_OPEN, SMB_REN
 
 #: The healthy session's notifications (seed, node): no attack frame comes from this stream.

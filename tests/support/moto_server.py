@@ -26,7 +26,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from moto.sqs.models import Queue, SQSBackend
 
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 
 REGION = "us-east-1"
 ACCOUNT_ID = "123456789012"  # moto's default account

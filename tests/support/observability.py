@@ -1,18 +1,15 @@
-"""The metric families issue 5 requires, and how tests run a daemon and read its /metrics."""
+"""The metric families issue 5 requires, and how tests read a daemon's /metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import urllib.error
 import urllib.request
-from pathlib import Path
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from fpolicyd.app import Daemon
-from fpolicyd.config import Settings, load_settings
 
 #: Item 3 of issue 5 (metrics) and the four SLO figures of docs/reference-pipeline.md §7.
 REQUIRED_FAMILIES: frozenset[str] = frozenset({
@@ -28,19 +25,6 @@ REQUIRED_FAMILIES: frozenset[str] = frozenset({
     "fpolicyd_slo_target", "fpolicyd_events_routed", "fpolicyd_events_unrouted", "fpolicyd_dedup_errors",
     "fpolicyd_processor_lag_records", "fpolicyd_connections_rejected",
 })  # fmt: skip
-
-
-def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "listen_host": "127.0.0.1",
-        "listen_port": 0,
-        "http_port": 0,
-        "data_dir": str(tmp_path),
-        "jsonl_fsync": "never",
-        "drain_timeout_s": 2.0,
-    }
-    base.update(overrides)
-    return load_settings(overrides=base, search_default_paths=False)
 
 
 def http_get(port: int, path: str) -> tuple[int, bytes]:

@@ -1,5 +1,6 @@
-"""Helpers for tests that drive a daemon over loopback: settings for a temporary data dir, a minimal ONTAP peer
-(plain TCP or TLS) and readers of the JSON Lines it produced."""
+"""Helpers for tests that drive a daemon over loopback: a connection as an ONTAP node
+(:class:`~fpolicyd.simulator.peer.OntapPeer`, plain TCP or TLS) and readers of the JSON Lines the daemon produced.
+The daemon's settings: support/daemon.py."""
 
 from __future__ import annotations
 
@@ -12,65 +13,21 @@ from typing import Any
 
 import orjson
 
-from fpolicyd.config import Settings, load_settings
-from fpolicyd.protocol.framing import XmlFrameReader
+from fpolicyd.simulator.peer import OntapPeer
+from support.captures import NEGO_REQ, NEGO_RESP
 
 
-def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "listen_host": "127.0.0.1",
-        "listen_port": 0,
-        "data_dir": str(tmp_path),
-        "jsonl_fsync": "never",
-        "http_port": 0,
-        # These tests send one capture many times over: identical notifications, which exact dedup would fold.
-        "dedup_mode": "off",
-        # In-process tests read the sink workers' state directly; the delivery process (the default on two CPUs)
-        # is exercised through `fpolicyd serve` (tests/support/serve.py) and tests/integration/test_delivery.py.
-        "delivery_process": "off",
-    }
-    base.update(overrides)
-    return load_settings(overrides=base, search_default_paths=False)
+async def loopback_peer(port: int, tls: ssl.SSLContext | None = None) -> OntapPeer:
+    """An ONTAP node's connection to the daemon under test, which listens on 127.0.0.1."""
+    return await OntapPeer.connect("127.0.0.1", port, tls=tls)
 
 
-class Peer:
-    """A minimal ONTAP node: frames out, frames in."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.frames = XmlFrameReader()
-        self.inbox: list[bytes] = []
-
-    @classmethod
-    async def connect(cls, port: int, tls: ssl.SSLContext | None = None) -> Peer:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
-        return cls(reader, writer)
-
-    async def send(self, *frames: bytes) -> None:
-        self.writer.write(b"".join(frames))
-        await self.writer.drain()
-
-    async def receive(self, within: float = 5.0) -> bytes:
-        while not self.inbox:
-            data = await asyncio.wait_for(self.reader.read(65536), within)
-            if not data:
-                raise ConnectionError("closed by the server")
-            self.inbox.extend(self.frames.feed(data))
-        return self.inbox.pop(0)
-
-    async def closed_by_server(self, within: float = 5.0) -> bool:
-        try:
-            while True:
-                data = await asyncio.wait_for(self.reader.read(65536), within)
-                if not data:
-                    return True
-        except (ConnectionError, TimeoutError):
-            return False
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
+async def negotiated_peer(port: int) -> OntapPeer:
+    """A :func:`loopback_peer` past the NEGO exchange of the captures (NEGO_REQ, and exactly their NEGO_RESP)."""
+    peer = await loopback_peer(port)
+    await peer.send(NEGO_REQ.frame)
+    assert await peer.receive() == NEGO_RESP.payload
+    return peer
 
 
 def jsonl_events(root: Path) -> list[dict[str, Any]]:

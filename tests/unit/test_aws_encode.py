@@ -19,29 +19,31 @@ from botocore import exceptions as bx
 
 from fpolicyd.errors import SinkError
 from fpolicyd.events import FileEvent
-from fpolicyd.sinks import aws
-from fpolicyd.sinks.aws import (
-    Batch,
-    DeadLetterWriter,
-    Entry,
+from fpolicyd.sinks.aws.classify import (
     ErrorKind,
-    EventBridgeTarget,
-    Item,
     Outcome,
-    Oversize,
-    RetryPolicy,
-    SqsTarget,
     classify_eventbridge,
     classify_exception,
     classify_sqs,
-    deliver,
+    error_kind,
+)
+from fpolicyd.sinks.aws.deliver import deliver
+from fpolicyd.sinks.aws.encode import (
+    Batch,
+    Entry,
+    Item,
+    Oversize,
     encode_eventbridge_entry,
     encode_sqs_entry,
-    error_kind,
     eventbridge_entry_size,
+    items_of,
     plan_batches,
     sqs_entry_size,
 )
+from fpolicyd.sinks.aws.sender import AWS_RETRY
+from fpolicyd.sinks.aws.targets import AwsTarget, EventBridgeTarget, SqsTarget
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
+from fpolicyd.sinks.retry import RetryPolicy
 
 QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/fpolicy-events"
 FIFO_QUEUE = QUEUE + ".fifo"
@@ -304,7 +306,7 @@ def test_plan_empty() -> None:
 
 
 @pytest.mark.parametrize("target", [SqsTarget(QUEUE), EventBridgeTarget("bus")])
-def test_plan_ten_entries_per_batch(target: aws.AwsTarget) -> None:
+def test_plan_ten_entries_per_batch(target: AwsTarget) -> None:
     plan = batches_only(plan_batches(items(25), target))
     assert [len(b) for b in plan] == [10, 10, 5]
     assert [e.item.ref for b in plan for e in b.entries] == list(range(25))
@@ -737,14 +739,12 @@ async def test_deliver_keeps_entry_when_dead_letter_fails() -> None:
 
 def test_items_of() -> None:
     batch = sqs_batch(2)
-    assert aws.items_of(batch.entries) == [e.item for e in batch.entries]
+    assert items_of(batch.entries) == [e.item for e in batch.entries]
 
 
-def test_aws_retry_policy_is_the_runners() -> None:
-    from fpolicyd.sinks import runner
-
-    assert aws.RetryPolicy is runner.RetryPolicy
-    assert (aws.AWS_RETRY.base_s, aws.AWS_RETRY.cap_s) == (0.1, 20.0)
+def test_aws_retry_policy() -> None:
+    assert isinstance(AWS_RETRY, RetryPolicy)
+    assert (AWS_RETRY.base_s, AWS_RETRY.cap_s) == (0.1, 20.0)
 
 
 # ------------------------------------------------------------------------------------------ dead letter

@@ -26,14 +26,10 @@ from botocore.serialize import create_serializer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fpolicyd.sinks.aws import Batch, EventBridgeTarget, Item, SqsTarget, classify_sqs, plan_batches
-from fpolicyd.sinks.aws_transport import (
-    MD5_MISMATCH,
-    _check_md5,
-    _SigningRequest,
-    _SigV4Auth,
-    encode_body,
-)
+from fpolicyd.sinks.aws.classify import classify_sqs
+from fpolicyd.sinks.aws.encode import Batch, Item, plan_batches
+from fpolicyd.sinks.aws.targets import EventBridgeTarget, SqsTarget
+from fpolicyd.sinks.aws.transport import MD5_MISMATCH, _check_md5, _SigningRequest, _SigV4Auth, encode_body
 
 SESSION = botocore.session.get_session()
 SQS_BATCH = SESSION.get_service_model("sqs").operation_model("SendMessageBatch")

@@ -8,13 +8,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from fpolicyd.capture import CaptureLimits, CaptureRecorder, mask_xml_payload, read_capture
-from fpolicyd.capture_cli import decode_capture
-from fpolicyd.cli import main
+from fpolicyd.cli.capture import decode_capture
+from fpolicyd.cli.main import main
 from fpolicyd.protocol import proto_codec
 from fpolicyd.protocol.messages import Handshake, ScreenRequest
 from fpolicyd.protocol.readers import LengthPrefixedReader, make_reader
 from fpolicyd.protocol.xml_codec import decode_payload
+from fpolicyd.server.capture import CaptureLimits, CaptureRecorder, mask_xml_payload, read_capture
 from support.captures import KEEP_ALIVE, NEGO_REQ, SMB_OPEN, SMB_REN
 
 XML_STREAM = NEGO_REQ.frame + KEEP_ALIVE.frame + SMB_OPEN.frame + SMB_REN.frame

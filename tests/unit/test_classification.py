@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError
 from fpolicyd.events import FileEvent, NameMaps, load_event_schema, load_reference_schema, normalize
-from fpolicyd.obs.classification import MASK, DataClassification, Redactor
 from fpolicyd.obs.log import configure_logging, get_logger
+from fpolicyd.pipeline.redaction import MASK, DataClassification, Redactor
 from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import ScreenRequest
 from fpolicyd.protocol.xml_codec import decode_payload
@@ -76,7 +76,7 @@ def log_as(level: DataClassification) -> dict[str, Any]:
             peer="10.0.0.5:1234",
         )
     finally:
-        configure_logging()
+        configure_logging(redactor=Redactor())
     record: dict[str, Any] = orjson.loads(stream.getvalue().splitlines()[-1])
     return record
 
@@ -103,10 +103,22 @@ def test_regulated_logs_drop_users() -> None:
 
 
 def test_default_logging_is_prod() -> None:
-    stream = io.StringIO()
-    configure_logging("info", "json", stream=stream)
-    get_logger("test").info("probe", path="/a/b")
-    assert orjson.loads(stream.getvalue())["path"] == Redactor().hash_path("/a/b")
+    """The default settings' redactor (what ``fpolicyd serve`` logs through) and a bare Redactor() are prod."""
+    settings = load_settings(search_default_paths=False)
+    for redactor in (settings.redactor(), Redactor()):
+        stream = io.StringIO()
+        configure_logging("info", "json", stream=stream, redactor=redactor)
+        get_logger("test").info("probe", path="/a/b", user={"uid": 1000})
+        record = orjson.loads(stream.getvalue())
+        assert record["path"] == Redactor().hash_path("/a/b")
+        assert record["user"] == MASK
+    configure_logging(redactor=Redactor())
+
+
+def test_logging_is_never_configured_without_a_redactor() -> None:
+    """There is no default redactor to fall back on: a caller that forgot one would log paths in clear."""
+    with pytest.raises(TypeError, match="redactor"):
+        configure_logging("info", "json")  # type: ignore[call-arg]
 
 
 def test_events_are_left_alone_unless_asked() -> None:

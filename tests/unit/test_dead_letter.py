@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.obs.metrics import DROP_REASONS, DeadLetterFigures, Metrics
-from fpolicyd.sinks.aws import DeadLetterWriter as ReExported
+from fpolicyd.server.metric_labels import METRIC_LABELS
 from fpolicyd.sinks.dead_letter import (
     REASON_MAX_CHARS,
     DeadLetterLimits,
@@ -96,7 +96,7 @@ def test_limits_refuse_a_share_too_small_to_hold_a_record() -> None:
             overrides={"dead_letter_max_bytes": 16384, "dead_letter_max_files": 8}, search_default_paths=False
         )
     settings = load_settings(overrides={"dead_letter_max_bytes": 1 << 20}, search_default_paths=False)
-    assert DeadLetterLimits.from_settings(settings).file_bytes == (1 << 20) // 4
+    assert settings.dead_letter_limits().file_bytes == (1 << 20) // 4
 
 
 def test_sample_of() -> None:
@@ -122,10 +122,6 @@ def test_the_drop_reasons_the_metrics_export_are_the_writers() -> None:
 
 
 # ------------------------------------------------------------------------------------------ rotation
-
-
-def test_the_aws_module_re_exports_the_writer() -> None:
-    assert ReExported is DeadLetterWriter
 
 
 def test_rotation_keeps_the_newest_within_the_cap_and_counts_the_evicted(tmp_path: Path) -> None:
@@ -349,7 +345,7 @@ def test_metrics_sum_the_writers_of_both_processes(tmp_path: Path) -> None:
             )
         )
     )
-    metrics = Metrics(process_metrics=False)
+    metrics = Metrics(labels=METRIC_LABELS, process_metrics=False)
     metrics.watch_dead_letter([w.figures, lambda: remote], size=w.disk_bytes, limit_bytes=SMALL.max_bytes)
     got = families(metrics)
     records = got["fpolicyd_dead_letter_records"]

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fpolicyd.capture import CaptureLimits, CaptureRecorder
 from fpolicyd.errors import DiskFullError, SinkError, is_disk_full
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.dedup import DedupFailureMode, DedupRequest, EmbeddedDedupStore, exact_key
@@ -20,6 +19,7 @@ from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import encode_duplicate
 from fpolicyd.pipeline.spool import Spool, SpoolIOError, SpoolSettings
 from fpolicyd.pipeline.stage import StageState
+from fpolicyd.server.capture import CaptureLimits, CaptureRecorder
 from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.processor import STATE_FILE, load_state, save_state

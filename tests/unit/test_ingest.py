@@ -11,13 +11,13 @@ from typing import Any
 import orjson
 import pytest
 
-from fpolicyd import speedups
 from fpolicyd.errors import LocalProtocolError
 from fpolicyd.events import NameMaps, normalize
-from fpolicyd.obs.classification import DataClassification, Redactor
+from fpolicyd.pipeline import speedups
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_event_id
 from fpolicyd.pipeline.ingest import Ingest, IngestBatch, IngestCounters, IngestSession
 from fpolicyd.pipeline.records import DUPLICATE_TAG, duplicate_payload
+from fpolicyd.pipeline.redaction import DataClassification, Redactor
 from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.router import Router, RouteTable
 from fpolicyd.protocol.framing import XmlFrameReader
@@ -30,7 +30,7 @@ from fpolicyd.protocol.xml_codec import (
     encode_message,
     fast_screen,
 )
-from fpolicyd.simulator import generate_frames
+from fpolicyd.simulator.generate import generate_frames
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 from support.notifications import frame, notification
 

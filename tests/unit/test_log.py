@@ -19,12 +19,14 @@ import structlog
 
 from fpolicyd.config import LogFormat, Settings
 from fpolicyd.obs.log import choose_renderer, configure_logging, get_logger
+from fpolicyd.pipeline.redaction import Redactor
 
 
 def test_a_closed_former_stderr_does_not_break_later_log_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     former = io.StringIO()
     monkeypatch.setattr(sys, "stderr", former)
-    configure_logging()  # configured while stderr is `former` (as a CLI command run in-process would be)
+    # configured while stderr is `former` (as a CLI command run in-process would be)
+    configure_logging(redactor=Redactor())
     current = io.StringIO()
     monkeypatch.setattr(sys, "stderr", current)
     former.close()  # what a test runner does with its capture stream
@@ -38,8 +40,9 @@ def test_what_libraries_log_through_logging_is_a_json_line_too(monkeypatch: pyte
     `fpolicyd serve` test read such a line once)."""
     current = io.StringIO()
     monkeypatch.setattr(sys, "stderr", current)
-    configure_logging()
-    configure_logging()  # a second configure replaces fpolicyd's handler, it does not stack a second one
+    configure_logging(redactor=Redactor())
+    # a second configure replaces fpolicyd's handler, it does not stack a second one
+    configure_logging(redactor=Redactor())
     try:
         raise ZeroDivisionError("planted")
     except ZeroDivisionError:
@@ -63,11 +66,11 @@ class _Terminal(io.StringIO):
 
 def test_auto_is_console_on_a_terminal_and_json_elsewhere() -> None:
     terminal, pipe = _Terminal(), io.StringIO()
-    configure_logging("info", "auto", stream=terminal)
+    configure_logging("info", "auto", stream=terminal, redactor=Redactor())
     get_logger("fpolicyd.test").info("listening", port=9898)
-    configure_logging("info", "auto", stream=pipe)
+    configure_logging("info", "auto", stream=pipe, redactor=Redactor())
     get_logger("fpolicyd.test").info("listening", port=9898)
-    configure_logging()
+    configure_logging(redactor=Redactor())
     [console] = terminal.getvalue().splitlines()
     assert "listening" in console
     assert "port" in console

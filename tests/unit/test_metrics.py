@@ -29,17 +29,24 @@ from fpolicyd.obs.metrics import (
     Metrics,
     SinkInstruments,
 )
-from fpolicyd.pipeline.backpressure import Watermarks
+from fpolicyd.pipeline.backpressure import Pressure, Watermarks
+from fpolicyd.pipeline.disk import Writer, sink_writer
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.spool import Record, Spool, SpoolFsync, SpoolSettings
+from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
-from fpolicyd.protocol.session import NoticeKind, SessionConfig
+from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind, SessionConfig
+from fpolicyd.server.budget import Refusal
 from fpolicyd.server.connection import ServerContext
+from fpolicyd.server.metric_labels import METRIC_LABELS
 from fpolicyd.server.pipeline import EventPipeline
-from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter, SqsTarget
-from fpolicyd.sinks.cloud import AwsSender
-from fpolicyd.sinks.runner import RetryPolicy
+from fpolicyd.server.tls_failures import TlsFailure
+from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.sinks.aws.sender import AwsSender
+from fpolicyd.sinks.aws.targets import SqsTarget
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
+from fpolicyd.sinks.retry import RetryPolicy
 from support.observability import REQUIRED_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,7 +129,7 @@ def build(spool: Spool, tmp_path: Path) -> tuple[Metrics, ServerContext, EventPi
         max_frame_bytes=1 << 20,
         max_connections=8,
     )
-    metrics = Metrics(ingestion_slo_s=5.0, process_metrics=False)
+    metrics = Metrics(labels=METRIC_LABELS, ingestion_slo_s=5.0, process_metrics=False)
     metrics.attach(ctx, pipeline)
     return metrics, ctx, pipeline, sqs
 
@@ -345,15 +352,40 @@ def test_every_family_follows_the_naming_rules(spool: Spool, tmp_path: Path) -> 
         assert not re.search(r"_(ms|milliseconds|us|kb|mb|kib|mib)(_|$)", name), f"{name}: base units only"
 
 
+def test_every_member_of_the_label_enums_is_exported_before_it_is_seen(spool: Spool, tmp_path: Path) -> None:
+    """obs imports none of these enums: the daemon passes their members in (METRIC_LABELS), each a zero series."""
+    metrics, _ctx, pipeline, sqs = build(spool, tmp_path)
+    got = families(metrics)
+
+    def labels(family: str, label: str) -> list[str]:
+        return [s.labels[label] for s in got[family].samples if s.name == family + "_total" or s.name == family]
+
+    assert labels("fpolicyd_connections_rejected", "reason") == ["not_allowed", *(r.value for r in Refusal)]
+    assert labels("fpolicyd_tls_handshake_failures", "reason") == [f.value for f in TlsFailure]
+    assert labels("fpolicyd_status_queries", "answer") == list(STATUS_ANSWERS.values())
+    assert labels("fpolicyd_backpressure_state", "state") == [p.value for p in Pressure]
+    assert labels("fpolicyd_events_received", "operation") == [o.value for o in Operation]
+    frames = labels("fpolicyd_frames_received", "type")
+    assert frames[0] == NotfType.SCREEN_REQ
+    assert {NotfType.NEGO_REQ, NotfType.KEEP_ALIVE, NotfType.ALERT_MSG, "unknown", "unexpected"} <= set(frames)
+    sinks = [sink_writer(worker.name) for worker in pipeline.workers]
+    assert sink_writer(sqs.name) in sinks
+    for family in ("fpolicyd_disk_full", "fpolicyd_disk_full_episodes", "fpolicyd_disk_full_errors"):
+        assert labels(family, "writer") == [*(w.value for w in Writer), *sinks]
+    unseen = ("fpolicyd_connections_rejected", "fpolicyd_tls_handshake_failures", "fpolicyd_disk_full")
+    assert {s.value for name in got if name.startswith(unseen) for s in got[name].samples} == {0}
+
+
 def test_families_exist_before_the_daemon_started() -> None:
     """The HTTP server starts first (spool recovery can take a while): nothing is read, nothing is missing."""
-    got = families(Metrics(process_metrics=False))
+    got = families(Metrics(labels=METRIC_LABELS, process_metrics=False))
     assert set(got) >= REQUIRED_FAMILIES
     assert got["fpolicyd_sessions"].samples == []
 
 
 def test_registries_are_per_daemon() -> None:
-    first, second = Metrics(), Metrics()  # would raise "Duplicated timeseries" on a shared registry
+    # would raise "Duplicated timeseries" on a shared registry
+    first, second = Metrics(labels=METRIC_LABELS), Metrics(labels=METRIC_LABELS)
     first.count_dedup_hits(5)
     assert value(families(second)["fpolicyd_dedup_hits"]) == 0
 
@@ -419,7 +451,11 @@ def test_http_port_in_use_is_a_config_error() -> None:
         port = taken.getsockname()[1]
         heartbeat = Heartbeat(interval_s=1.0, stall_s=10.0)
         server = ObservabilityServer(
-            "127.0.0.1", port, registry=Metrics().registry, liveness=heartbeat.liveness, readiness=heartbeat.liveness
+            "127.0.0.1",
+            port,
+            registry=Metrics(labels=METRIC_LABELS).registry,
+            liveness=heartbeat.liveness,
+            readiness=heartbeat.liveness,
         )
         with pytest.raises(ConfigError, match="cannot listen"):
             server.start()
@@ -432,7 +468,7 @@ def exported_series() -> set[str]:
     """Every series name /metrics can contain (histograms: _bucket/_sum/_count; counters: _total)."""
     names: set[str] = set()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
-    for family in Metrics().registry.collect():
+    for family in Metrics(labels=METRIC_LABELS).registry.collect():
         for suffix in suffixes.get(family.type, ("",)):
             names.add(family.name + suffix)
     return names
@@ -525,7 +561,7 @@ def exported_families() -> dict[str, set[str]]:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
     return {
         family.name: {family.name + suffix for suffix in suffixes.get(family.type, ("",))}
-        for family in Metrics().registry.collect()
+        for family in Metrics(labels=METRIC_LABELS).registry.collect()
     }
 
 
@@ -588,7 +624,10 @@ def test_slo_thresholds_come_from_the_slo_target_metric() -> None:
         seen.add(slo)
     assert seen == set(targets.values())
     exported = {
-        s.labels["slo"] for f in Metrics().registry.collect() if f.name == "fpolicyd_slo_target" for s in f.samples
+        s.labels["slo"]
+        for f in Metrics(labels=METRIC_LABELS).registry.collect()
+        if f.name == "fpolicyd_slo_target"
+        for s in f.samples
     }
     assert seen <= exported
 

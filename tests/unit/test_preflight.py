@@ -1,4 +1,4 @@
-"""fpolicyd.preflight: the checks `serve` and `config check` share (directories, sink URIs), without writing."""
+"""fpolicyd.server.preflight: the checks `serve` and `config check` share (directories, sink URIs), without writing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fpolicyd.config import SINK_SCHEMES, load_settings
 from fpolicyd.errors import ConfigError
-from fpolicyd.preflight import directory_problem, preflight, sink_problem, write_targets
+from fpolicyd.server.preflight import directory_problem, preflight, sink_problem, write_targets
 
 
 def test_a_directory_that_does_not_exist_yet_under_a_writable_one_is_fine_and_not_created(tmp_path: Path) -> None:

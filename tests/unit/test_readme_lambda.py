@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from fpolicyd.events import FileEvent
-from fpolicyd.sinks.aws import Batch, Entry, Item, SqsTarget, plan_batches
+from fpolicyd.sinks.aws.encode import Batch, Entry, Item, plan_batches
+from fpolicyd.sinks.aws.targets import SqsTarget
 from fpolicyd.sinks.sqs_envelope import PackCompression
 from support.readme_lambda import LambdaHandler, lambda_record, load_lambda_consumer
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from fpolicyd.cli import main
+from fpolicyd.cli.main import main
 from fpolicyd.config import Settings, load_settings
 from fpolicyd.errors import ConfigError
 from fpolicyd.pipeline.router import (

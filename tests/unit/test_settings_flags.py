@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from fpolicyd.cli import main
+from fpolicyd.cli.main import main
+from fpolicyd.cli.ontap import REQUIRED_SETTINGS
+from fpolicyd.cli.settings_flags import SETTING_AREAS, area_fields, setting_flag, setting_help
 from fpolicyd.config import Settings, load_settings
-from fpolicyd.ontap.cli import REQUIRED_SETTINGS
-from fpolicyd.settings_flags import SETTING_AREAS, area_fields, setting_flag, setting_help
 
 FLAGS = {setting_flag(name) for name in Settings.model_fields}
 

@@ -7,9 +7,10 @@ import dataclasses
 
 import pytest
 
-from fpolicyd.cli import build_parser, main
-from fpolicyd.simulate_cli import GROUPS, config_from_args
-from fpolicyd.simulator import DEFAULT_BASE_TIME_US, SimulatorConfig
+from fpolicyd.cli.main import build_parser, main
+from fpolicyd.cli.simulate import GROUPS, config_from_args
+from fpolicyd.simulator.client import SimulatorConfig
+from fpolicyd.simulator.generate import DEFAULT_BASE_TIME_US
 
 
 def parse(*flags: str) -> SimulatorConfig:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fpolicyd import speedups
 from fpolicyd.config import load_settings
 from fpolicyd.events import MAX_EPOCH_US, MIN_PLAUSIBLE_GENERATION_US, NameMaps
+from fpolicyd.pipeline import speedups
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.protocol.context import SessionContext

@@ -20,24 +20,16 @@ from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.events import FileEvent
 from fpolicyd.pipeline.spool import Record
-from fpolicyd.sinks import aws
-from fpolicyd.sinks.aws import (
-    AwsClients,
-    Batch,
-    DeadLetterWriter,
-    Entry,
-    Item,
-    Outcome,
-    Oversize,
-    RetryPolicy,
-    SqsTarget,
-    deliver,
-    encode_sqs_entry,
-    plan_batches,
-    sqs_entry_size,
-)
-from fpolicyd.sinks.cloud import PACK_READ_BYTES, PACK_READ_RECORDS, AwsSender
+from fpolicyd.sinks.aws import encode
+from fpolicyd.sinks.aws.classify import Outcome, classify_sqs
+from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.sinks.aws.deliver import deliver
+from fpolicyd.sinks.aws.encode import Batch, Entry, Item, Oversize, encode_sqs_entry, plan_batches, sqs_entry_size
+from fpolicyd.sinks.aws.sender import PACK_READ_BYTES, PACK_READ_RECORDS, AwsSender
+from fpolicyd.sinks.aws.targets import SqsTarget
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
+from fpolicyd.sinks.retry import RetryPolicy
 from fpolicyd.sinks.sqs_envelope import (
     PackCompression,
     PackedMessageError,
@@ -88,7 +80,7 @@ def decoded(entry: Entry) -> list[Any]:
 def packed_size(pieces: Sequence[bytes], compression: PackCompression = PLAIN) -> int:
     """The exact size of an uncompressed packed message of these events (body plus attributes)."""
     body = b"[" + b",".join(pieces) + b"]"
-    return len(body) + aws._attributes_size(pack_attributes(len(pieces), compression))
+    return len(body) + encode._attributes_size(pack_attributes(len(pieces), compression))
 
 
 # ------------------------------------------------------------------------------------------- envelope
@@ -280,7 +272,7 @@ async def test_a_rejected_packed_message_dead_letters_every_event_with_the_reaso
     assert isinstance(batch, Batch)
 
     async def reject(sent: Batch) -> Outcome:
-        return aws.classify_sqs(
+        return classify_sqs(
             {"Failed": [{"Id": "0", "SenderFault": True, "Code": "InvalidParameterValue", "Message": "too big"}]},
             sent,
         )
@@ -316,12 +308,12 @@ async def test_a_retried_packed_entry_is_resent_as_the_same_message() -> None:
     assert report.settled
     assert len(sent) == 2
     assert sent[0] == sent[1]
-    assert aws.items_of(report.delivered) == items(6)
+    assert encode.items_of(report.delivered) == items(6)
 
 
 def test_items_of_flattens_packed_entries() -> None:
     plan = plan_batches(items(5), SqsTarget(QUEUE, pack_bytes=64 * 1024))
-    assert [i.ref for i in aws.items_of([e for e in entries(plan) if isinstance(e, Entry)])] == list(range(5))
+    assert [i.ref for i in encode.items_of([e for e in entries(plan) if isinstance(e, Entry)])] == list(range(5))
 
 
 # -------------------------------------------------------------------------------------------- decoder
@@ -399,13 +391,13 @@ def test_settings_reach_the_sqs_sender(tmp_path: Path) -> None:
         overrides={"sqs_pack_bytes": 262_144, "sqs_pack_compression": "none", "sinks": [f"sqs:{QUEUE}"]},
         search_default_paths=False,
     )
-    (sender,) = build_senders(settings, AwsClients(), DeadLetterWriter(tmp_path / "dead.jsonl"))
+    (sender,) = build_senders(settings.sink_options(), AwsClients(), DeadLetterWriter(tmp_path / "dead.jsonl"))
     assert isinstance(sender, AwsSender)
     assert isinstance(sender.target, SqsTarget)
     assert (sender.target.pack_bytes, sender.target.pack_compression) == (262_144, PLAIN)
     assert (sender.max_records, sender.max_bytes) == (PACK_READ_RECORDS, PACK_READ_BYTES)
     default = load_settings(overrides={"sinks": [f"sqs:{QUEUE}"]}, search_default_paths=False)
-    (plain,) = build_senders(default, AwsClients(), DeadLetterWriter(tmp_path / "dead.jsonl"))
+    (plain,) = build_senders(default.sink_options(), AwsClients(), DeadLetterWriter(tmp_path / "dead.jsonl"))
     assert isinstance(plain, AwsSender)
     assert isinstance(plain.target, SqsTarget)
     assert (plain.target.pack_bytes, plain.max_records, plain.max_bytes) == (0, 10, 1 << 20)
@@ -464,7 +456,7 @@ class ScriptedClients(AwsClients):
         return self.scripted
 
     async def sqs_data(self) -> Any:
-        """SendMessageBatch goes through the data-path client (sinks/aws_transport.py): the same script."""
+        """SendMessageBatch goes through the data-path client (sinks/aws/transport.py): the same script."""
         return self.scripted
 
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import orjson
 
 from fpolicyd.errors import ConfigError
 
-if TYPE_CHECKING:
-    from fpolicyd.server.pipeline import EventPipeline
+# ------------------------------------------------------------- what readiness reads (obs imports none of them)
 
 
 class Stage(Protocol):
@@ -32,6 +31,69 @@ class Stage(Protocol):
 
     @property
     def last_error(self) -> BaseException | None: ...
+
+
+class SpoolSize(Protocol):
+    """The spool as readiness sees it (the ``Spool``)."""
+
+    @property
+    def size_bytes(self) -> int: ...
+
+
+class DiskEpisode(Protocol):
+    """One writer's disk-full episode (an ``Episode``)."""
+
+    @property
+    def error(self) -> str: ...
+
+
+class DiskEpisodes(Protocol):
+    """The writers now in a disk-full episode (``DiskFull``)."""
+
+    @property
+    def active(self) -> Mapping[str, DiskEpisode]: ...
+
+
+class DiskWatch(Protocol):
+    """The writers' disk-full episodes (``fpolicyd.server.disk_monitor.DiskMonitor``)."""
+
+    @property
+    def state(self) -> DiskEpisodes: ...
+
+
+class LedgerHealth(Protocol):
+    """The audit ledger of suppressed duplicates (``fpolicyd.sinks.ledger.DuplicateLedger``)."""
+
+    @property
+    def pending(self) -> int: ...
+    @property
+    def last_error(self) -> BaseException | None: ...
+
+
+class SinkHealth(Protocol):
+    """A sink, wherever it runs (``fpolicyd.sinks.runner.SinkHandle``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def lag(self) -> int: ...
+    @property
+    def last_error(self) -> BaseException | None: ...
+
+
+class PipelineHealth(Protocol):
+    """The spool and the sinks as readiness sees them (``fpolicyd.server.pipeline.EventPipeline``)."""
+
+    @property
+    def fatal(self) -> BaseException | None: ...
+    @property
+    def spool(self) -> SpoolSize: ...
+    @property
+    def disk(self) -> DiskWatch: ...
+    @property
+    def duplicates(self) -> LedgerHealth | None: ...
+    @property
+    def workers(self) -> Sequence[SinkHealth]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +174,7 @@ def readiness(
     heartbeat: Heartbeat,
     *,
     listening: str | None,
-    pipeline: EventPipeline | None,
+    pipeline: PipelineHealth | None,
     spool_limit_bytes: int,
     stage: Stage | None = None,
 ) -> HealthReport:
@@ -138,7 +200,7 @@ def readiness(
     return HealthReport(tuple(checks))
 
 
-def _pipeline_checks(pipeline: EventPipeline, spool_limit_bytes: int) -> Sequence[Check]:
+def _pipeline_checks(pipeline: PipelineHealth, spool_limit_bytes: int) -> Sequence[Check]:
     checks: list[Check] = []
     fatal = pipeline.fatal
     checks.append(

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, TextIO, cast
+from collections.abc import MutableMapping
+from typing import Any, Protocol, TextIO, cast
 
 import structlog
 
-from fpolicyd.obs.classification import Redactor
-
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class LogRedactor(Protocol):
+    """A structlog processor that masks what a log line may not show (paths, user identities) per the data
+    classification: ``fpolicyd.pipeline.redaction.Redactor``, passed in by whoever configures logging."""
+
+    def __call__(
+        self, logger: Any, method: str, event_dict: MutableMapping[str, Any], /
+    ) -> MutableMapping[str, Any]: ...
 
 
 class _CurrentStderr:
@@ -44,12 +52,10 @@ def choose_renderer(fmt: str, terminal: bool) -> structlog.typing.Processor:
     raise ValueError(f"log format must be auto, json or console, got {fmt!r}")
 
 
-def configure_logging(
-    level: str = "info", fmt: str = "json", stream: Any = None, redactor: Redactor | None = None
-) -> None:
+def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None, *, redactor: LogRedactor) -> None:
     """Configure structlog once per process; safe to call again (tests, ``config check``). ``redactor`` masks
-    paths and user identities per the data classification (default: prod). ``fmt="auto"`` looks at the stream
-    (``sys.stderr`` unless given) once, now."""
+    paths and user identities per the data classification (there is no default: a caller that forgot it would
+    log them in clear). ``fmt="auto"`` looks at the stream (``sys.stderr`` unless given) once, now."""
     renderer = choose_renderer(fmt, _is_terminal(stream if stream is not None else sys.stderr))
     structlog.configure(
         processors=[
@@ -57,7 +63,7 @@ def configure_logging(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            redactor if redactor is not None else Redactor(),
+            redactor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -71,7 +77,7 @@ class _StructlogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the one handler fpolicyd puts on the root logger (replaced, not stacked, on a second configure)."""
 
 
-def _route_standard_logging(renderer: structlog.typing.Processor, stream: Any, redactor: Redactor | None) -> None:
+def _route_standard_logging(renderer: structlog.typing.Processor, stream: Any, redactor: LogRedactor) -> None:
     """What libraries log through the standard ``logging`` module — asyncio's "Task exception was never
     retrieved" and "Fatal error on transport", botocore — comes out as the same JSON lines, with the logger's
     name, instead of Python's bare last-resort text on stderr (which a log pipeline that expects JSON cannot
@@ -81,7 +87,7 @@ def _route_standard_logging(renderer: structlog.typing.Processor, stream: Any, r
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                redactor if redactor is not None else Redactor(),
+                redactor,
                 renderer,
             ],
             foreign_pre_chain=[

@@ -16,6 +16,11 @@ reads ints and copies dicts/sets with one C-level call (``dict(d)``, ``list(s)``
 
 Figures owned by other subsystems (replay tracking, dedup, settle) are read through the hooks of
 :class:`Metrics` (``replay_source``, ``watch_processor``/``dedup_hits_source``, ``settle_pending_source``).
+
+obs is a leaf: this module imports nothing of fpolicyd but its version. It reads the other packages' objects
+through the :class:`typing.Protocol` classes below (``ServerFigures``, ``PipelineFigures``, ``ProcessorFigures``,
+``ReplayFigures``), and the closed label sets it exports before anything happens (the members of their enums)
+are passed in as :class:`MetricLabels` (``fpolicyd.server.metric_labels.METRIC_LABELS``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from enum import Enum
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -41,19 +47,6 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from fpolicyd import __version__
-from fpolicyd.pipeline.backpressure import Pressure
-from fpolicyd.pipeline.disk import Writer, sink_writer
-from fpolicyd.pipeline.spool import Record
-from fpolicyd.protocol.messages import NotfType
-from fpolicyd.protocol.req_types import Operation
-from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind
-from fpolicyd.server.budget import Refusal
-from fpolicyd.server.tls_failures import TlsFailure
-
-if TYPE_CHECKING:
-    from fpolicyd.server.connection import ServerContext
-    from fpolicyd.server.pipeline import EventPipeline
-    from fpolicyd.server.processor import Processor
 
 PREFIX: Final = "fpolicyd_"
 
@@ -70,20 +63,6 @@ BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5
 #: settings (slo_ingestion_latency_s, slo_reconnect_s, slo_replay_completion_s).
 SLO_SUCCESS_RATIO: Final = 0.995
 
-#: Session notices that are exactly one received frame of a type (``frames by type`` is derived from them).
-_FRAME_NOTICES: Final[dict[str, str]] = {
-    NoticeKind.HANDSHAKE: NotfType.NEGO_REQ,
-    NoticeKind.KEEP_ALIVE: NotfType.KEEP_ALIVE,
-    NoticeKind.ALERT: NotfType.ALERT_MSG,
-    NoticeKind.CANCEL: NotfType.SCREEN_CANCEL,
-    NoticeKind.STATUS_QUERY: NotfType.STATUS_QUERY_REQ,
-    NoticeKind.VOLUME: NotfType.VOL_NOTFICATION,
-    NoticeKind.OUTAGE: NotfType.OUTAGE_MSG,
-    NoticeKind.UNKNOWN_TYPE: "unknown",
-    NoticeKind.UNEXPECTED_DIRECTION: "unexpected",
-}
-#: Frame types ONTAP sends to a server (always exported, zero until seen, so that rate() works from the start).
-_INBOUND_FRAME_TYPES: Final = (NotfType.SCREEN_REQ, *dict.fromkeys(_FRAME_NOTICES.values()))
 #: Close reasons that are timers, not malformed input.
 _TIMEOUT_REASONS: Final = frozenset({"handshake_timeout", "idle_timeout", "write_stall"})
 
@@ -248,6 +227,13 @@ class EventClock:
 # ------------------------------------------------------------------------------------------- sinks
 
 
+class SpooledRecord(Protocol):
+    """An acknowledged record as the sink instruments read it (``Record`` of the spool: its JSON bytes)."""
+
+    @property
+    def payload(self) -> bytes: ...
+
+
 #: Records of one acknowledged batch whose latency is read (the rest are represented by them, see ``settled``).
 #: Reading the two timestamps costs ~1-3 µs per record on this project's machine; at 32 per batch it vanishes
 #: at high rates (batches of hundreds) and every record is read at low rates (benchmarks/bench_metrics.py).
@@ -299,7 +285,7 @@ class SinkInstruments:
         else:
             self.entries_failed_permanent += entries
 
-    def settled(self, records: Sequence[Record]) -> None:
+    def settled(self, records: Sequence[SpooledRecord]) -> None:
         now_us = self.wall_clock_us()
         count = len(records)
         weights: list[int] | None = None
@@ -369,6 +355,245 @@ class ReplayFigures(Protocol):
     def max_replay_duration_s(self) -> float: ...
 
 
+# ------------------------------------------------------- server, pipeline and processor figures (read-only)
+
+
+class IngestCounterFigures(Protocol):
+    """The readers' per-event counters (``fpolicyd.pipeline.ingest.IngestCounters``)."""
+
+    @property
+    def events(self) -> int: ...
+    @property
+    def operations(self) -> Mapping[str, int]: ...
+    @property
+    def route_matches(self) -> Mapping[str, int]: ...
+    @property
+    def unrouted(self) -> int: ...
+    @property
+    def duplicates(self) -> int: ...
+    @property
+    def accelerated(self) -> int: ...
+    @property
+    def fast_decoded(self) -> int: ...
+    @property
+    def full_decoded(self) -> int: ...
+    @property
+    def untracked_requests(self) -> int: ...
+    @property
+    def paths_truncated(self) -> int: ...
+
+
+class AcceleratorFigures(Protocol):
+    """Which path builds the events (``fpolicyd.pipeline.speedups.AcceleratorStatus``): ``"c"`` or ``"python"``."""
+
+    @property
+    def path(self) -> str: ...
+
+
+class IngestFigures(Protocol):
+    """What every session's ingest step shares (``fpolicyd.pipeline.ingest.Ingest``)."""
+
+    @property
+    def counters(self) -> IngestCounterFigures: ...
+    @property
+    def accelerator(self) -> AcceleratorFigures: ...
+
+
+class BudgetFigures(Protocol):
+    """Pending connections and negotiated sessions (``fpolicyd.server.budget.ConnectionBudget``)."""
+
+    @property
+    def sessions(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+
+
+class ConnectionFigures(Protocol):
+    """One live connection (``fpolicyd.server.connection.FPolicyConnection``)."""
+
+    @property
+    def outstanding(self) -> int: ...
+
+
+class ServerFigures(Protocol):
+    """What the collector reads of the server (``fpolicyd.server.connection.ServerContext``); the mappings are
+    copied with one ``dict()`` before they are iterated."""
+
+    @property
+    def ingest(self) -> IngestFigures: ...
+    @property
+    def budget(self) -> BudgetFigures: ...
+    @property
+    def connections(self) -> Iterable[ConnectionFigures]: ...
+    @property
+    def sessions_opened(self) -> int: ...
+    @property
+    def write_stalls(self) -> int: ...
+    @property
+    def rejections(self) -> Mapping[str, int]: ...
+    @property
+    def tls_failures(self) -> Mapping[str, int]: ...
+    @property
+    def notices(self) -> Mapping[str, int]: ...
+    @property
+    def protocol_errors(self) -> Mapping[str, int]: ...
+    @property
+    def status_answers(self) -> Mapping[str, int]: ...
+
+
+class SpoolLimitFigures(Protocol):
+    """The spool's settings (``SpoolSettings``): its hard size limit."""
+
+    @property
+    def max_bytes(self) -> int: ...
+
+
+class SpoolFigures(Protocol):
+    """The spool (``Spool``): its size, limit, sinks and what each sink has not acknowledged."""
+
+    @property
+    def size_bytes(self) -> int: ...
+    @property
+    def settings(self) -> SpoolLimitFigures: ...
+    @property
+    def sinks(self) -> Iterable[str]: ...
+    def records_pending(self, sink: str) -> int: ...
+
+
+class PressureFigures(Protocol):
+    """The back-pressure state machine (``fpolicyd.pipeline.backpressure``): its state, an enum member whose
+    value is one of :attr:`MetricLabels.pressures`."""
+
+    @property
+    def state(self) -> Enum: ...
+
+
+class DiskStateFigures(Protocol):
+    """Which writers are in a disk-full episode, and what they counted (``DiskFull``)."""
+
+    @property
+    def active(self) -> Mapping[str, object]: ...
+    @property
+    def episodes(self) -> Mapping[str, int]: ...
+    @property
+    def errors(self) -> Mapping[str, int]: ...
+
+
+class DiskFigures(Protocol):
+    """The writers' disk-full episodes (``fpolicyd.server.disk_monitor.DiskMonitor``)."""
+
+    @property
+    def state(self) -> DiskStateFigures: ...
+
+
+class SinkWorkerFigures(Protocol):
+    """A sink, wherever it runs (``fpolicyd.sinks.runner.SinkHandle``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def lag(self) -> int: ...
+    def figures(self) -> SinkFigures: ...
+
+
+class PipelineFigures(Protocol):
+    """What the collector reads of the pipeline (``fpolicyd.server.pipeline.EventPipeline``)."""
+
+    @property
+    def spool(self) -> SpoolFigures: ...
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def pressure(self) -> PressureFigures: ...
+    @property
+    def reading_paused(self) -> bool: ...
+    @property
+    def pauses(self) -> int: ...
+    @property
+    def held_total(self) -> int: ...
+    @property
+    def fatal(self) -> BaseException | None: ...
+    @property
+    def disk(self) -> DiskFigures: ...
+    @property
+    def workers(self) -> Sequence[SinkWorkerFigures]: ...
+
+
+class ProcessorStatsFigures(Protocol):
+    """The processing stage's counters (``fpolicyd.server.processor.ProcessorStats``)."""
+
+    @property
+    def duplicates(self) -> int: ...
+    @property
+    def dedup_errors_open(self) -> int: ...
+    @property
+    def dedup_errors_closed(self) -> int: ...
+    @property
+    def room_waits(self) -> int: ...
+
+
+class SettleFigures(Protocol):
+    """The route/settle/dedup stage (``fpolicyd.pipeline.stage.Stage``): the events settle holds."""
+
+    @property
+    def pending(self) -> int: ...
+
+
+class DedupStoreState(Protocol):
+    """The dedup store's state (``fpolicyd.server.processor.DedupStoreFigures``)."""
+
+    @property
+    def up(self) -> bool: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def throttled(self) -> int: ...
+    @property
+    def short_circuited(self) -> int: ...
+
+
+class ProcessorFigures(Protocol):
+    """What the collector reads of the processing stage (``fpolicyd.server.processor.Processor``)."""
+
+    @property
+    def stats(self) -> ProcessorStatsFigures: ...
+    @property
+    def stage(self) -> SettleFigures: ...
+    @property
+    def lag(self) -> int: ...
+    def dedup_figures(self) -> DedupStoreState: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MetricLabels:
+    """The closed label sets exported before anything happens (each series zero until seen, so that rate() works
+    from the start and no series appears late): the members of enums that the packages owning them define. The
+    daemon passes them in (``fpolicyd.server.metric_labels.METRIC_LABELS``); obs imports none of those packages."""
+
+    #: ``connections_rejected{reason}``: the connection budget's refusals (after the listener's ``not_allowed``).
+    refusals: tuple[str, ...]
+    #: ``tls_handshake_failures{reason}``.
+    tls_failures: tuple[str, ...]
+    #: ``events_received{operation}``: every ``operation_type`` (others seen are exported after them).
+    operations: tuple[str, ...]
+    #: ``frames_received{type}``: the frame type of a SCREEN_REQ (counted from the events), then the frame type
+    #: of each session notice that is exactly one received frame (notice kind → frame type, in export order).
+    screen_request: str
+    frame_notices: Mapping[str, str]
+    #: ``status_queries{answer}``.
+    status_answers: tuple[str, ...]
+    #: ``backpressure_state{state}``.
+    pressures: tuple[str, ...]
+    #: ``disk_full*{writer}``: the daemon's own writers, and the writer name of a sink (from its name).
+    writers: tuple[str, ...]
+    sink_writer: Callable[[str], str]
+
+    @property
+    def inbound_frame_types(self) -> tuple[str, ...]:
+        """Frame types ONTAP sends to a server."""
+        return (self.screen_request, *dict.fromkeys(self.frame_notices.values()))
+
+
 class Metrics:
     """A daemon's registry, and the hooks through which subsystems outside the server and sinks feed it.
 
@@ -382,12 +607,14 @@ class Metrics:
     def __init__(
         self,
         *,
+        labels: MetricLabels,
         ingestion_slo_s: float = 5.0,
         reconnect_slo_s: float = 30.0,
         replay_slo_s: float = 300.0,
         process_metrics: bool = True,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.labels = labels
         self.ingestion_slo_s = ingestion_slo_s
         self.reconnect_slo_s = reconnect_slo_s
         self.replay_slo_s = replay_slo_s
@@ -395,10 +622,10 @@ class Metrics:
         self.dedup_hits_source: Callable[[], int] = lambda: self._dedup_hits
         self.settle_pending_source: Callable[[], int] = lambda: 0
         #: The processing stage, when it runs (dedup failures, its backlog).
-        self.processor: Processor | None = None
+        self.processor: ProcessorFigures | None = None
         self.replay_source: Callable[[], ReplayFigures] | None = None
-        self.context: ServerContext | None = None
-        self.pipeline: EventPipeline | None = None
+        self.context: ServerFigures | None = None
+        self.pipeline: PipelineFigures | None = None
         #: The dead-letter writers' figures (this process's, the delivery process's), the files' size, the cap.
         self.dead_letter_sources: tuple[Callable[[], DeadLetterFigures], ...] = ()
         self.dead_letter_size: Callable[[], int] | None = None
@@ -408,7 +635,7 @@ class Metrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
 
-    def attach(self, context: ServerContext, pipeline: EventPipeline) -> None:
+    def attach(self, context: ServerFigures, pipeline: PipelineFigures) -> None:
         """Start reading the server's and the pipeline's counters (the sink workers count ingestion-SLO breaches
         against the target their pipeline was built with: ``slo_ingestion_latency_s``)."""
         self.context = context
@@ -425,7 +652,7 @@ class Metrics:
     def count_dedup_hits(self, n: int = 1) -> None:
         self._dedup_hits += n
 
-    def watch_processor(self, processor: Processor) -> None:
+    def watch_processor(self, processor: ProcessorFigures) -> None:
         """Read dedup hits (suppressed duplicates) and settle's held events from the processing stage at scrape
         time."""
         stats = processor.stats
@@ -477,8 +704,8 @@ class FpolicydCollector(Collector):
     def _families(self) -> Iterator[Metric]:
         metrics = self._metrics
         yield from self._build_info()
-        yield from self._server(metrics.context)
-        yield from self._pipeline(metrics.pipeline)
+        yield from self._server(metrics.context, metrics.labels)
+        yield from self._pipeline(metrics.pipeline, metrics.labels)
         yield from self._sinks(metrics.pipeline)
         yield from self._replay(metrics)
         yield from self._routing(metrics)
@@ -492,7 +719,7 @@ class FpolicydCollector(Collector):
         yield info
 
     @staticmethod
-    def _server(ctx: ServerContext | None) -> Iterator[Metric]:
+    def _server(ctx: ServerFigures | None, labels: MetricLabels) -> Iterator[Metric]:
         sessions = _gauge("sessions", "Negotiated ONTAP sessions open now (NEGO_REQ answered).")
         pending = _gauge(
             "pending_connections",
@@ -563,29 +790,30 @@ class FpolicydCollector(Collector):
             pending.add_metric([], ctx.budget.pending)
             opened.add_metric([], ctx.sessions_opened)
             rejections = dict(ctx.rejections)
-            for reason in ("not_allowed", *Refusal):
+            for reason in ("not_allowed", *labels.refusals):
                 rejected.add_metric([reason], rejections.get(reason, 0))
             failures = dict(ctx.tls_failures)
-            for failure in TlsFailure:
-                tls_failures.add_metric([failure.value], failures.get(failure, 0))
+            for failure in labels.tls_failures:
+                tls_failures.add_metric([failure], failures.get(failure, 0))
             notices = dict(ctx.notices)
-            by_type: dict[str, int] = dict.fromkeys(_INBOUND_FRAME_TYPES, 0)
+            by_type: dict[str, int] = dict.fromkeys(labels.inbound_frame_types, 0)
             counters = ctx.ingest.counters
-            by_type[NotfType.SCREEN_REQ] = counters.events
+            by_type[labels.screen_request] = counters.events
+            frame_notices = labels.frame_notices
             for kind, count in notices.items():
-                frame_type = _FRAME_NOTICES.get(kind)
+                frame_type = frame_notices.get(kind)
                 if frame_type is not None:
                     by_type[frame_type] += count
             for frame_type, count in by_type.items():
                 frames.add_metric([str(frame_type)], count)
             operations = dict(counters.operations)
-            for operation in Operation:
-                events.add_metric([operation.value], operations.pop(operation.value, 0))
+            for operation in labels.operations:
+                events.add_metric([operation], operations.pop(operation, 0))
             for operation_name, count in sorted(operations.items()):
                 events.add_metric([operation_name], count)
             for reason, count in sorted(dict(ctx.protocol_errors).items()):
                 (timeouts if reason in _TIMEOUT_REASONS else parse_errors).add_metric([reason], count)
-            for answer in STATUS_ANSWERS.values():
+            for answer in labels.status_answers:
                 status_answers.add_metric([answer], ctx.status_answers.get(answer, 0))
             outstanding.add_metric([], sum(conn.outstanding for conn in list(ctx.connections)))
             untracked.add_metric([], counters.untracked_requests)
@@ -594,7 +822,7 @@ class FpolicydCollector(Collector):
         yield from (decoded, accelerated, truncated, status_answers, outstanding, untracked, write_stalls)
 
     @staticmethod
-    def _pipeline(pipeline: EventPipeline | None) -> Iterator[Metric]:
+    def _pipeline(pipeline: PipelineFigures | None, labels: MetricLabels) -> Iterator[Metric]:
         spool_bytes = _gauge("spool_size_bytes", "Bytes the spool holds (segments plus write buffer).")
         spool_limit = _gauge("spool_limit_bytes", "The spool's hard size limit (spool_max_bytes).")
         spool_records = _gauge("spool_records", "Records in the spool that some sink has not acknowledged yet.")
@@ -632,16 +860,16 @@ class FpolicydCollector(Collector):
             spool_limit.add_metric([], spool.settings.max_bytes)
             spool_records.add_metric([], max((spool.records_pending(name) for name in spool.sinks), default=0))
             appended.add_metric([], pipeline.accepted)
-            current = pipeline.pressure.state
-            for value in Pressure:
-                state.add_metric([value.value], 1.0 if value is current else 0.0)
+            current = pipeline.pressure.state.value
+            for value in labels.pressures:
+                state.add_metric([value], 1.0 if value == current else 0.0)
             paused.add_metric([], 1.0 if pipeline.reading_paused else 0.0)
             pauses.add_metric([], pipeline.pauses)
             held.add_metric([], pipeline.held_total)
             fatal.add_metric([], 0.0 if pipeline.fatal is None else 1.0)
             disk = pipeline.disk.state
             active, episodes, errors = disk.active, dict(disk.episodes), dict(disk.errors)
-            writers = dict.fromkeys([*(w.value for w in Writer), *(sink_writer(w.name) for w in pipeline.workers)])
+            writers = dict.fromkeys([*labels.writers, *(labels.sink_writer(w.name) for w in pipeline.workers)])
             writers.update(dict.fromkeys([*episodes, *errors]))
             for writer in writers:
                 disk_full.add_metric([writer], 1.0 if writer in active else 0.0)
@@ -651,7 +879,7 @@ class FpolicydCollector(Collector):
         yield from (disk_full, disk_episodes, disk_errors)
 
     @staticmethod
-    def _sinks(pipeline: EventPipeline | None) -> Iterator[Metric]:
+    def _sinks(pipeline: PipelineFigures | None) -> Iterator[Metric]:
         labels = ["sink"]
         lag = _gauge("sink_lag_records", "Records appended to the spool and not yet acknowledged by the sink.", labels)
         up = _gauge("sink_up", "0 while the sink's last send failed (readiness), 1 otherwise.", labels)

@@ -14,7 +14,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 
 __all__ = ["Credentials", "credentials_from_secret", "resolve_credentials"]
 

@@ -5,7 +5,7 @@ canonical SCREEN_REQ path first, :meth:`~fpolicyd.protocol.session.Session.scree
 builds the event straight from the decoder's flat fields (:class:`~fpolicyd.events.EventBuilder`), flags replays,
 matches the routes, claims the event's key in the exact-dedup window, redacts, and encodes the spool record.
 
-Where the C accelerator is built (:mod:`fpolicyd.speedups`) and nothing redacts, a canonical SCREEN_REQ takes
+Where the C accelerator is built (:mod:`fpolicyd.pipeline.speedups`) and nothing redacts, a canonical SCREEN_REQ takes
 one C call instead of the fast path, the builder and the encoder: it returns the record's JSON around
 ``metadata["routes"]``, the session takes the request (:meth:`~fpolicyd.protocol.session.Session.screened`),
 and the replay flags, routes and dedup claim are done here as for any event. Whatever it leaves (None) takes the
@@ -25,8 +25,8 @@ from typing import Any
 
 import orjson
 
-from fpolicyd import speedups
 from fpolicyd.events import EventBuilder, FileEvent, NameMaps
+from fpolicyd.pipeline import speedups
 from fpolicyd.pipeline.dedup_window import DedupWindow, key_of_digest
 from fpolicyd.pipeline.records import encode_duplicate
 from fpolicyd.pipeline.replay import ReplaySession, ReplayTracker

@@ -310,7 +310,7 @@ class Session:
 
     def fast_ready(self) -> bool:
         """Whether a payload may be read outside the session by a reader of the same canonical SCREEN_REQ layout
-        as :meth:`screen`'s (the C accelerator, :mod:`fpolicyd.speedups`) and handed to :meth:`screened`: the
+        as :meth:`screen`'s (the C accelerator, :mod:`fpolicyd.pipeline.speedups`) and handed to :meth:`screened`: the
         session is active and its fast reader reads XML now (a protobuf connection has none, an auto-detecting
         one only once it is known to be XML). It stays true until the session closes."""
         return self.state is SessionState.ACTIVE and fast_screen_reads_xml(self._fast)

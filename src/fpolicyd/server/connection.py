@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, cast
 
-from fpolicyd.capture import CaptureRecorder, ConnectionCapture
 from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.obs.ratelimit import LogRateLimiter
@@ -29,6 +28,7 @@ from fpolicyd.protocol.readers import ReaderName, codec_for, fast_screen_for, ma
 from fpolicyd.protocol.session import Notice, NoticeKind, PendingAnswer, Session, SessionConfig
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.budget import BudgetLimits, ConnectionBudget, Refusal
+from fpolicyd.server.capture import CaptureRecorder, ConnectionCapture
 from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.tls import peer_certificate_subject
 from fpolicyd.server.tls_failures import TlsFailure, classify_handshake_failure

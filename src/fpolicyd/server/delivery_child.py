@@ -20,12 +20,12 @@ from typing import Any, Final
 
 from fpolicyd.config import Settings
 from fpolicyd.errors import SinkError
-from fpolicyd.obs.classification import Redactor
 from fpolicyd.obs.log import configure_logging, get_logger
 from fpolicyd.pipeline.records import sink_selector
+from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.pipeline.spool import ReadPosition, SpoolTail
 from fpolicyd.server.channel import Channel, Message, open_channel
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
 from fpolicyd.sinks.runner import Sender, SinkWorker
@@ -70,9 +70,9 @@ class DeliveryChild:
             max_pool_connections=max(10, settings.sink_max_in_flight * 2),
             data_path=settings.aws_data_path,
         )
-        dead_letter = DeadLetterWriter.from_settings(settings)
+        dead_letter = DeadLetterWriter(settings.dead_letter_file, limits=settings.dead_letter_limits())
         self._dead_letter = dead_letter
-        senders: list[Sender] = list(build_senders(settings, clients, dead_letter, hello["uris"]))
+        senders: list[Sender] = list(build_senders(settings.sink_options(), clients, dead_letter, hello["uris"]))
         selectors: dict[str, Callable[[bytes], bytes | None]] = {
             sender.name: sink_selector(sender.name, processing=bool(hello["processing"])) for sender in senders
         }

@@ -36,7 +36,8 @@ from fpolicyd.pipeline.spool import Spool, SpoolFullError, SpoolIOError
 from fpolicyd.server.delivery import DeliverySpec, ProcessDelivery
 from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.sinks.ledger import DuplicateLedger
-from fpolicyd.sinks.runner import RetryPolicy, Sender, SinkHandle, SinkWorker
+from fpolicyd.sinks.retry import RetryPolicy
+from fpolicyd.sinks.runner import Sender, SinkHandle, SinkWorker
 from fpolicyd.storage.dedup_journal import DedupJournal, JournalError
 
 log = get_logger("fpolicyd.pipeline")

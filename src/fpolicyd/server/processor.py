@@ -41,7 +41,6 @@ from typing import Final, TypeVar
 from fpolicyd.config import Settings
 from fpolicyd.errors import DiskFullError, SinkError, is_disk_full
 from fpolicyd.events import FileEvent
-from fpolicyd.obs.classification import Redactor
 from fpolicyd.obs.log import get_logger
 from fpolicyd.pipeline.dedup import (
     AsyncDedupStore,
@@ -57,14 +56,15 @@ from fpolicyd.pipeline.dedup import (
 from fpolicyd.pipeline.disk import Writer
 from fpolicyd.pipeline.ledger import AuditLedger
 from fpolicyd.pipeline.records import encode_processed, sink_selector
+from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.pipeline.router import Router, RouteTable, UnroutedAction
 from fpolicyd.pipeline.settle import SettleClock, SettleConfig, Settler, received_at_s
 from fpolicyd.pipeline.spool import Spool
 from fpolicyd.pipeline.stage import Candidate, Destinations, Stage, StageState
 from fpolicyd.server.pipeline import EventPipeline
-from fpolicyd.sinks.aws import AwsClients
+from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dedup_dynamodb import DynamoDbDedupStore
-from fpolicyd.sinks.runner import RetryPolicy
+from fpolicyd.sinks.retry import RetryPolicy
 
 log = get_logger("fpolicyd.processor")
 
@@ -630,7 +630,15 @@ async def start_processor(
     if plan.dedup:
         now = wall_clock()
         if settings.dedup_backend is DedupBackend.dynamodb:
-            dedup_async = DynamoDbDedupStore.from_settings(settings, clients)
+            if not settings.dedup_dynamodb_table:
+                raise SinkError("dedup_dynamodb_table is not set", retriable=False)
+            dedup_async = DynamoDbDedupStore(
+                clients,
+                settings.dedup_dynamodb_table,
+                max_in_flight=settings.dedup_dynamodb_max_in_flight,
+                retries=settings.dedup_dynamodb_retries,
+                failure_mode=settings.dedup_failure_mode,
+            )
             try:
                 await dedup_async.check_table()  # a missing table stops the start with the table named
             except SinkError as exc:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol, Self
+from typing import Any, Final, Protocol, Self
 
 import orjson
 
@@ -49,9 +49,6 @@ from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.events import format_rfc3339_us
 from fpolicyd.obs.log import get_logger
 from fpolicyd.obs.metrics import DECODER_SOURCE, DeadLetterFigures
-
-if TYPE_CHECKING:
-    from fpolicyd.config import Settings
 
 __all__ = [
     "DECODER",
@@ -96,7 +93,7 @@ _EVICT_READ_BYTES: Final = 4 << 20
 
 
 class _Carries(Protocol):
-    """What a sink hands over (:class:`fpolicyd.sinks.aws.Item`): the event's JSON bytes."""
+    """What a sink hands over (:class:`fpolicyd.sinks.aws.encode.Item`): the event's JSON bytes."""
 
     @property
     def event_json(self) -> bytes: ...
@@ -138,15 +135,6 @@ class DeadLetterLimits:
     def file_bytes(self) -> int:
         """The most one file holds (the active file rotates before it would exceed this)."""
         return self.max_bytes // self.max_files
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> DeadLetterLimits:
-        return cls(
-            max_bytes=settings.dead_letter_max_bytes,
-            max_files=settings.dead_letter_max_files,
-            pre_handshake_sample_bytes=settings.dead_letter_pre_handshake_sample_bytes,
-            log_interval_s=settings.dead_letter_log_interval_s,
-        )
 
 
 class Placement(Enum):
@@ -266,10 +254,6 @@ class DeadLetterWriter:
         self._dropped: dict[str, dict[str, int]] = {}
         self._write_errors: dict[str, int] = {}
         self.written = 0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> DeadLetterWriter:
-        return cls(settings.effective_dead_letter_dir / FILE_NAME, limits=DeadLetterLimits.from_settings(settings))
 
     # ------------------------------------------------------------------------------------------ files
 
@@ -480,7 +464,7 @@ class DeadLetterWriter:
         return written
 
     def for_sink(self, sink: str) -> Callable[[_Carries, str], None]:
-        """The ``dead_letter`` callback :func:`fpolicyd.sinks.aws.deliver` takes, for one sink."""
+        """The ``dead_letter`` callback :func:`fpolicyd.sinks.aws.deliver.deliver` takes, for one sink."""
 
         def dead_letter(item: _Carries, reason: str) -> None:
             self.write(item.event_json, sink=sink, reason=reason)

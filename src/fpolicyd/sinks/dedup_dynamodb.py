@@ -40,7 +40,7 @@ import asyncio
 import math
 import random
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from aiohttp import ClientError as AiohttpClientError
 from botocore.exceptions import BotoCoreError, ClientError
@@ -57,11 +57,9 @@ from fpolicyd.pipeline.dedup import (
     judge,
     result_of,
 )
-from fpolicyd.sinks.aws import AwsClients, ErrorKind, error_kind
-from fpolicyd.sinks.runner import RetryPolicy
-
-if TYPE_CHECKING:
-    from fpolicyd.config import Settings
+from fpolicyd.sinks.aws.classify import ErrorKind, error_kind
+from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.sinks.retry import RetryPolicy
 
 __all__ = ["CONDITION", "DEDUP_RETRY", "THROTTLING_CODES", "DynamoDbDedupStore", "claim_from_item", "item_of"]
 
@@ -167,18 +165,6 @@ class DynamoDbDedupStore:
         self.unjudgeable = 0
         #: What the last request that failed met (``Code: message`` or the exception), for logs.
         self.last_failure: str | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings, clients: AwsClients) -> DynamoDbDedupStore:
-        if not settings.dedup_dynamodb_table:
-            raise SinkError("dedup_dynamodb_table is not set", retriable=False)
-        return cls(
-            clients,
-            settings.dedup_dynamodb_table,
-            max_in_flight=settings.dedup_dynamodb_max_in_flight,
-            retries=settings.dedup_dynamodb_retries,
-            failure_mode=settings.dedup_failure_mode,
-        )
 
     async def check_table(self) -> None:
         """Start-up check: the table exists with string keys ``pk`` (hash) and ``sk`` (range). Raises

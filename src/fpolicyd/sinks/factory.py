@@ -4,58 +4,81 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError
-from fpolicyd.sinks.aws import AwsClients, DeadLetterWriter, EventBridgeTarget, SqsTarget
-from fpolicyd.sinks.cloud import AwsSender
-from fpolicyd.sinks.jsonl import JsonlSettings
+from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.sinks.aws.sender import AWS_RETRY, AwsSender
+from fpolicyd.sinks.aws.targets import EventBridgeTarget, SqsTarget
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
+from fpolicyd.sinks.jsonl import FsyncPolicy, JsonlSettings
 from fpolicyd.sinks.local import JsonlSender, StdoutSender
-from fpolicyd.sinks.runner import RetryPolicy, Sender
+from fpolicyd.sinks.runner import Sender
+from fpolicyd.sinks.sqs_envelope import PackCompression
 
-#: Backoff of cloud sends: 0.1 s doubling to 20 s, full jitter (AWS's recommended shape).
-AWS_RETRY = RetryPolicy(base_s=0.1, cap_s=20.0)
+
+@dataclass(frozen=True, slots=True)
+class SinkOptions:
+    """What the senders take of the settings (:meth:`fpolicyd.config.Settings.sink_options`): the default sink
+    URIs and the ``jsonl_*``, ``sqs_*``, ``eventbridge_*`` and ``sink_*`` values, named as the settings are."""
+
+    sinks: tuple[str, ...]
+    batch_max_bytes: int
+    jsonl_max_file_bytes: int
+    jsonl_max_file_age_s: float
+    jsonl_fsync: FsyncPolicy
+    jsonl_fsync_interval_s: float
+    sqs_group_id_field: str
+    sqs_max_batch_bytes: int
+    sqs_pack_bytes: int
+    sqs_pack_compression: PackCompression
+    eventbridge_source: str
+    eventbridge_detail_type: str
+    eventbridge_max_batch_bytes: int
+    eventbridge_max_entry_bytes: int
+    sink_max_in_flight: int
+    sink_linger_s: float
 
 
 def build_senders(
-    settings: Settings, clients: AwsClients, dead_letter: DeadLetterWriter, uris: Sequence[str] | None = None
+    options: SinkOptions, clients: AwsClients, dead_letter: DeadLetterWriter, uris: Sequence[str] | None = None
 ) -> list[Sender]:
-    """One sender per URI, in order (default: the settings' sinks)."""
+    """One sender per URI, in order (default: ``options.sinks``)."""
     senders: list[Sender] = []
-    for uri in settings.effective_sinks if uris is None else uris:
+    for uri in options.sinks if uris is None else uris:
         scheme, _, target = uri.partition(":")
         if not target and scheme != "stdout":
             raise ConfigError(f"sink {uri!r}: {scheme} needs a target, e.g. {scheme}:{_EXAMPLES[scheme]}")
         if scheme == "jsonl":
             jsonl = JsonlSettings(
                 directory=Path(os.path.expanduser(target)),
-                max_file_bytes=settings.jsonl_max_file_bytes,
-                max_file_age_s=settings.jsonl_max_file_age_s,
-                fsync=settings.jsonl_fsync,
-                fsync_interval_s=settings.jsonl_fsync_interval_s,
+                max_file_bytes=options.jsonl_max_file_bytes,
+                max_file_age_s=options.jsonl_max_file_age_s,
+                fsync=options.jsonl_fsync,
+                fsync_interval_s=options.jsonl_fsync_interval_s,
             )
-            senders.append(JsonlSender(jsonl, max_bytes=settings.batch_max_bytes))
+            senders.append(JsonlSender(jsonl, max_bytes=options.batch_max_bytes))
         elif scheme == "stdout":
             senders.append(StdoutSender())
         elif scheme == "sqs":
             sqs = SqsTarget(
                 queue_url=target,
-                group_id_field=settings.sqs_group_id_field,
-                max_batch_bytes=settings.sqs_max_batch_bytes,
-                pack_bytes=settings.sqs_pack_bytes,
-                pack_compression=settings.sqs_pack_compression,
+                group_id_field=options.sqs_group_id_field,
+                max_batch_bytes=options.sqs_max_batch_bytes,
+                pack_bytes=options.sqs_pack_bytes,
+                pack_compression=options.sqs_pack_compression,
             )
-            senders.append(_aws_sender(sqs, settings, clients, dead_letter))
+            senders.append(_aws_sender(sqs, options, clients, dead_letter))
         elif scheme == "eventbridge":
             bus = EventBridgeTarget(
                 bus_name=target,
-                source=settings.eventbridge_source,
-                detail_type=settings.eventbridge_detail_type,
-                max_batch_bytes=settings.eventbridge_max_batch_bytes,
-                max_entry_bytes=settings.eventbridge_max_entry_bytes,
+                source=options.eventbridge_source,
+                detail_type=options.eventbridge_detail_type,
+                max_batch_bytes=options.eventbridge_max_batch_bytes,
+                max_entry_bytes=options.eventbridge_max_entry_bytes,
             )
-            senders.append(_aws_sender(bus, settings, clients, dead_letter))
+            senders.append(_aws_sender(bus, options, clients, dead_letter))
         else:
             raise ConfigError(f"sink {uri!r}: unknown scheme {scheme!r}")
     names = [sender.name for sender in senders]
@@ -65,15 +88,15 @@ def build_senders(
 
 
 def _aws_sender(
-    target: SqsTarget | EventBridgeTarget, settings: Settings, clients: AwsClients, dead_letter: DeadLetterWriter
+    target: SqsTarget | EventBridgeTarget, options: SinkOptions, clients: AwsClients, dead_letter: DeadLetterWriter
 ) -> AwsSender:
     return AwsSender(
         target,
         clients,
         dead_letter,
-        max_in_flight=settings.sink_max_in_flight,
+        max_in_flight=options.sink_max_in_flight,
         retry=AWS_RETRY,
-        linger_s=settings.sink_linger_s,
+        linger_s=options.sink_linger_s,
     )
 
 

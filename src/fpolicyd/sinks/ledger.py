@@ -21,7 +21,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
@@ -30,12 +30,9 @@ from fpolicyd.pipeline.ledger import AuditLedger, reader_duplicate_record
 from fpolicyd.pipeline.records import DUPLICATE_TAG, duplicate_payload, stored_event_id
 from fpolicyd.pipeline.spool import Spool
 
-if TYPE_CHECKING:
-    from fpolicyd.server.disk_monitor import DiskMonitor
-
 log = get_logger("fpolicyd.ledger")
 
-__all__ = ["LEDGER_CURSOR", "DuplicateLedger"]
+__all__ = ["LEDGER_CURSOR", "Backoff", "DiskReports", "DuplicateLedger"]
 
 #: The ledger's spool cursor.
 LEDGER_CURSOR: Final = "dedup-ledger"
@@ -44,6 +41,24 @@ _SCAN_BATCH: Final = 10_000
 #: After a failed ledger write, how long before the next attempt (the duplicates wait in the spool meanwhile),
 #: when no disk monitor is given (with one: its ``disk_full_retry_*`` backoff).
 RETRY_S: Final = 1.0
+
+
+class Backoff(Protocol):
+    """How long to wait before a refused write is tried again (``pipeline.disk.DiskRetry``)."""
+
+    def delay(self, attempt: int) -> float: ...
+
+
+class DiskReports(Protocol):
+    """Where a refused write is reported (the daemon's disk monitor, ``server/disk_monitor.py``): a full disk
+    pauses reading until a write goes through again; ``retry`` paces the attempts meanwhile."""
+
+    @property
+    def retry(self) -> Backoff: ...
+
+    def full(self, writer: str, error: BaseException | str) -> bool: ...
+
+    def freed(self, writer: str) -> bool: ...
 
 
 def _event_id(payload: bytes) -> str:
@@ -62,7 +77,7 @@ class DuplicateLedger:
         *,
         instance: str,
         clock: Callable[[], float] = time.time,
-        disk: DiskMonitor | None = None,
+        disk: DiskReports | None = None,
     ) -> None:
         self._ledger = ledger
         self._disk = disk

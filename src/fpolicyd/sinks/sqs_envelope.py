@@ -11,7 +11,7 @@ by guessing from the body:
 
 The array is a JSON array of the event objects, in the order fpolicyd read them, each exactly the object the
 event JSON is (the same one a single-event message's body holds). This module is imported by the settings, so
-it stays free of botocore; the encoder lives with the other SQS encoders in :mod:`fpolicyd.sinks.aws`.
+it stays free of botocore; the encoder lives with the other SQS encoders in :mod:`fpolicyd.sinks.aws.encode`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SQS and EventBridge senders: spool records → planned batches → :func:`fpolicyd.sinks.aws.deliver`.
+"""SQS and EventBridge senders: spool records → planned batches → :func:`fpolicyd.sinks.aws.deliver.deliver`.
 
 Only entries that failed retriably are sent again (by ``deliver`` within one call, and by the worker across
 calls); permanent rejections and oversize events go to the dead-letter file with their reason. A FIFO queue
@@ -22,29 +22,28 @@ from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.obs.metrics import REQUEST_BUCKETS, Histogram
 from fpolicyd.pipeline.spool import Record
-from fpolicyd.sinks.aws import (
-    AwsClients,
-    AwsTarget,
-    Batch,
-    DeadLetterWriter,
-    Entry,
-    EventBridgeTarget,
-    Item,
-    Outcome,
-    Oversize,
+from fpolicyd.sinks.aws.classify import Outcome
+from fpolicyd.sinks.aws.clients import AwsClients
+from fpolicyd.sinks.aws.deliver import (
     SqsQueueInfo,
-    SqsTarget,
-    batch_entries,
     check_eventbridge,
     check_sqs,
     deliver,
-    plan_batches,
     send_eventbridge_batch,
     send_sqs_batch,
 )
-from fpolicyd.sinks.runner import RetryPolicy
+from fpolicyd.sinks.aws.encode import Batch, Entry, Item, Oversize, batch_entries, plan_batches
+from fpolicyd.sinks.aws.targets import AwsTarget, EventBridgeTarget, SqsTarget
+from fpolicyd.sinks.dead_letter import DeadLetterWriter
+from fpolicyd.sinks.retry import RetryPolicy
+
+__all__ = ["AWS_RETRY", "PACK_READ_BYTES", "PACK_READ_RECORDS", "SEND_DEADLINE_S", "SINGLE_READ_RECORDS", "AwsSender"]
 
 log = get_logger("fpolicyd.sink")
+
+#: Backoff for AWS requests (the runner's RetryPolicy shape; AWS guidance is a longer cap than a local file's):
+#: 0.1 s doubling to 20 s, full jitter.
+AWS_RETRY: Final = RetryPolicy(base_s=0.1, cap_s=20.0)
 
 #: How long one ``send`` keeps retrying inside ``deliver`` before handing the rest back to the worker.
 SEND_DEADLINE_S = 10.0

@@ -21,11 +21,11 @@ measures each part:
   per-request bookkeeping (tracing hooks, cookies, multidicts, streams) we do not need;
 - **answers** are parsed with orjson on success; errors with botocore's own parser and raised as the SDK client
   would raise them (its modeled ``ClientError`` subclass, from its ``exceptions`` factory), transport failures
-  as botocore's connection exceptions, so :func:`fpolicyd.sinks.aws.error_kind` classifies both paths alike.
+  as botocore's connection exceptions, so :func:`fpolicyd.sinks.aws.classify.error_kind` classifies both paths alike.
   For SendMessageBatch each acknowledged entry's ``MD5OfMessageBody`` is checked against what was sent; a
   mismatch moves that entry to ``Failed`` (``SenderFault`` false: sent again, never lost).
 
-No SDK retries, like :class:`~fpolicyd.sinks.aws.AwsClients`: the caller retries failed entries only.
+No SDK retries, like :class:`~fpolicyd.sinks.aws.clients.AwsClients`: the caller retries failed entries only.
 Control calls (GetQueueAttributes, DescribeEventBus, DynamoDB...) stay on aiobotocore.
 
 Not supported, and then :func:`build_lean_client` raises :class:`LeanUnsupportedError` so that the caller keeps the

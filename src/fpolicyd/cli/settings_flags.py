@@ -21,6 +21,7 @@ from typing import Any, Final, NoReturn
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
+from fpolicyd.cli.parser import FpolicydArgumentParser
 from fpolicyd.config import Settings
 
 __all__ = ["SETTING_AREAS", "add_settings_flags", "area_fields", "setting_flag", "setting_help"]
@@ -134,7 +135,7 @@ def _titles() -> dict[str, str]:
 
 def _reference(prog: str, areas: Sequence[str]) -> str:
     """Every setting of ``areas``, described, with its flag and default."""
-    parser = argparse.ArgumentParser(
+    parser = FpolicydArgumentParser(
         prog=prog, usage=argparse.SUPPRESS, add_help=False, formatter_class=SettingsHelpFormatter
     )
     titles, fields = _titles(), area_fields()

@@ -1,5 +1,5 @@
-"""``fpolicyd`` command line. Flags of ``serve`` and ``config`` are generated from :class:`Settings`
-(:mod:`fpolicyd.settings_flags`)."""
+"""``fpolicyd`` command line: ``main`` and the ``serve`` and ``config`` commands. Flags of ``serve`` and ``config``
+are generated from :class:`Settings` (:mod:`fpolicyd.cli.settings_flags`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from typing import Any
 import orjson
 
 from fpolicyd import __version__
+from fpolicyd.cli.parser import FpolicydArgumentParser
+from fpolicyd.cli.settings_flags import add_settings_flags
 from fpolicyd.config import Settings, environment_aliases, example_toml, load_settings
 from fpolicyd.errors import ConfigError, SinkError
 from fpolicyd.obs.log import configure_logging
-from fpolicyd.settings_flags import add_settings_flags
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
@@ -63,7 +64,7 @@ def _cmd_config(ns: argparse.Namespace) -> int:
         data["effective_idle_timeout_s"] = settings.effective_idle_timeout_s
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
     else:
-        from fpolicyd.preflight import preflight  # noqa: PLC0415 - loads routing, TLS; only for `check`
+        from fpolicyd.server.preflight import preflight  # noqa: PLC0415 - loads routing, TLS; only for `check`
 
         preflight(settings)  # what `serve` checks before it binds or opens anything
         sys.stdout.write("settings OK\n")
@@ -71,13 +72,13 @@ def _cmd_config(ns: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(ns: argparse.Namespace) -> int:
-    from fpolicyd.simulate_cli import run_simulate  # noqa: PLC0415
+    from fpolicyd.cli.simulate import run_simulate  # noqa: PLC0415
 
     return run_simulate(ns)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fpolicyd", description="ONTAP FPolicy external server")
+    parser = FpolicydArgumentParser(prog="fpolicyd", description="ONTAP FPolicy external server")
     parser.add_argument("--version", action="version", version=f"fpolicyd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -101,23 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     for action, text in _CONFIG_ACTIONS.items():
         add_settings_flags(actions.add_parser(action, help=text, description=text)).set_defaults(func=_cmd_config)
 
-    from fpolicyd.simulate_cli import add_simulate_parser  # noqa: PLC0415
+    from fpolicyd.cli.simulate import add_simulate_parser  # noqa: PLC0415
 
     add_simulate_parser(sub).set_defaults(func=_cmd_simulate)
 
-    from fpolicyd.replay_cli import add_replay_test_parser, run_replay_test_command  # noqa: PLC0415
+    from fpolicyd.cli.replaytest import add_replay_test_parser, run_replay_test_command  # noqa: PLC0415
 
     add_replay_test_parser(sub).set_defaults(func=run_replay_test_command)
 
-    from fpolicyd.ontap.cli import add_ontap_parser  # noqa: PLC0415
+    from fpolicyd.cli.ontap import add_ontap_parser  # noqa: PLC0415
 
     add_ontap_parser(sub)
 
-    from fpolicyd.routes_cli import add_routes_parser, run_routes  # noqa: PLC0415
+    from fpolicyd.cli.routes import add_routes_parser, run_routes  # noqa: PLC0415
 
     add_routes_parser(sub).set_defaults(func=run_routes)
 
-    from fpolicyd.capture_cli import add_capture_parser, run_capture  # noqa: PLC0415
+    from fpolicyd.cli.capture import add_capture_parser, run_capture  # noqa: PLC0415
 
     add_capture_parser(sub).set_defaults(func=run_capture)
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_healthcheck(sub: Any) -> None:
-    from fpolicyd.healthcheck_cli import add_healthcheck_parser, run_healthcheck  # noqa: PLC0415
+    from fpolicyd.cli.healthcheck import add_healthcheck_parser, run_healthcheck  # noqa: PLC0415
 
     healthcheck = add_healthcheck_parser(sub)
     add_settings_flags(healthcheck)
@@ -139,7 +140,7 @@ def _add_healthcheck(sub: Any) -> None:
 def _healthcheck_parser() -> argparse.ArgumentParser:
     """``fpolicyd healthcheck`` alone: the container health check runs every 30 s, next to a busy daemon, and
     must not import every other command's modules (aiohttp, routing, ...) to probe one URL."""
-    parser = argparse.ArgumentParser(prog="fpolicyd")
+    parser = FpolicydArgumentParser(prog="fpolicyd")
     _add_healthcheck(parser.add_subparsers(dest="command", required=True))
     return parser
 

@@ -1,7 +1,7 @@
 """``fpolicyd ontap plan | apply | repoint | status``: configure ONTAP's FPolicy side over its REST API.
 
 Exit codes: 0 done (or nothing to do), 1 ONTAP refused or could not be reached (the message says what ONTAP
-said and in which state the policy is), 2 bad settings (raised as ConfigError, handled by ``fpolicyd.cli``).
+said and in which state the policy is), 2 bad settings (raised as ConfigError, handled by ``fpolicyd.cli.main``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from fpolicyd.cli import settings_from_args
+from fpolicyd.cli.main import settings_from_args
+from fpolicyd.cli.settings_flags import add_settings_flags
 from fpolicyd.errors import settings_refused
 from fpolicyd.obs.log import configure_logging
-from fpolicyd.settings_flags import add_settings_flags
+from fpolicyd.pipeline.redaction import Redactor
 
 if TYPE_CHECKING:
     from fpolicyd.config import Settings
@@ -53,7 +54,12 @@ def add_ontap_parser(sub: Any) -> argparse.ArgumentParser:
                 "--address",
                 help="IP address ONTAP connects to (overrides ontap_server_address; default: detected)",
             )
-        action.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+        action.add_argument(
+            "--format",
+            choices=("text", "json"),
+            default="text",
+            help="text for people, json for scripts (default text)",
+        )
         add_settings_flags(
             action,
             required=REQUIRED_SETTINGS,
@@ -167,7 +173,7 @@ def run_ontap(ns: argparse.Namespace) -> int:
     problems = ontap_problems(settings, ns.ontap_action)
     if problems:
         raise settings_refused(problems)
-    configure_logging(settings.log_level, settings.log_format.value)
+    configure_logging(settings.log_level, settings.log_format.value, redactor=Redactor())
     try:
         return uvloop.run(_run(ns, settings))
     except OntapError as exc:

@@ -1,4 +1,5 @@
-"""``fpolicyd capture decode FILE``: what each frame reader makes of a wire capture (see :mod:`fpolicyd.capture`).
+"""``fpolicyd capture decode FILE``: what each frame reader makes of a wire capture (see
+:mod:`fpolicyd.server.capture`).
 
 For every reader (xml, protobuf-length-prefixed, protobuf-varint-delimited, auto) it prints the frames found
 and where framing failed; for each frame the message the codec decodes (XML, or protobuf on the provisional
@@ -14,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from fpolicyd.capture import read_capture
 from fpolicyd.errors import ConfigError, RemoteProtocolError
 from fpolicyd.protocol import proto_codec, xml_codec
 from fpolicyd.protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from fpolicyd.protocol.readers import ReaderName, make_reader, resolved_reader
+from fpolicyd.server.capture import read_capture
 
 #: Frames shown per reader unless --max-frames says otherwise (a capture holds at most a few hundred).
 DEFAULT_SHOWN_FRAMES = 50

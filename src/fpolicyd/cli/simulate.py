@@ -2,7 +2,7 @@
 
 GenerationTime is this host's clock when each request is sent (what a node does), so a simulated run against a
 fresh daemon is neither flagged ``replayed`` nor counted against the ingestion-latency SLO. ``--fixed-time`` or
-``--base-time-us`` give the reproducible stream of :func:`~fpolicyd.simulator.expected_requests` instead.
+``--base-time-us`` give the reproducible stream of :func:`~fpolicyd.simulator.client.expected_requests` instead.
 """
 
 from __future__ import annotations
@@ -17,13 +17,7 @@ from typing import Any, Final
 import orjson
 import uvloop
 
-from fpolicyd.simulator import (
-    SimulationReport,
-    SimulatorConfig,
-    SimulatorConfigError,
-    SimulatorError,
-    run,
-)
+from fpolicyd.simulator.client import SimulationReport, SimulatorConfig, SimulatorConfigError, SimulatorError, run
 
 _CONFIG_HINTS = typing.get_type_hints(SimulatorConfig)
 _FIELDS = {f.name: f for f in dataclasses.fields(SimulatorConfig)}

@@ -29,9 +29,10 @@ from prometheus_client import generate_latest
 
 from fpolicyd.app import Daemon
 from fpolicyd.config import load_settings
-from fpolicyd.events import NameMaps, SessionContext, normalize
+from fpolicyd.events import NameMaps, normalize
 from fpolicyd.obs.metrics import SinkInstruments
 from fpolicyd.pipeline.records import Record
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.simulator.client import SimulatorConfig, run
 from fpolicyd.simulator.generate import generate_requests
 

@@ -34,8 +34,9 @@ from typing import Final
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fpolicyd.events import NameMaps, SessionContext, normalize  # noqa: E402 - benchmarks are run as scripts
+from fpolicyd.events import NameMaps, normalize  # noqa: E402 - benchmarks are run as scripts
 from fpolicyd.pipeline.router import Router  # noqa: E402
+from fpolicyd.protocol.context import SessionContext  # noqa: E402
 from fpolicyd.simulator.generate import generate_requests  # noqa: E402
 from fpolicyd.sinks.aws.encode import Batch, Item, plan_batches  # noqa: E402
 from fpolicyd.sinks.aws.sender import PACK_READ_BYTES, PACK_READ_RECORDS, SINGLE_READ_RECORDS  # noqa: E402

@@ -94,8 +94,12 @@ class LogFormat(StrEnum):
     CONSOLE = "console"
 
 
-class WireFormat(StrEnum):
-    """ONTAP engine format: xml, protobuf (provisional, ONTAP 9.15.1+), or auto (detected per connection)."""
+class EngineFormat(StrEnum):
+    """ONTAP engine format: xml, protobuf (provisional, ONTAP 9.15.1+), or auto (detected per connection).
+
+    The setting, not a connection's format: :class:`fpolicyd.protocol.readers.WireFormat` is what one
+    connection's payloads turned out to be (never ``auto``).
+    """
 
     XML = "xml"
     PROTOBUF = "protobuf"
@@ -226,8 +230,8 @@ class Settings(BaseSettings):
         le=64 << 20,
         description="Largest frame accepted; checked on the length prefix before anything is buffered.",
     )
-    fpolicy_format: WireFormat = Field(
-        WireFormat.XML,
+    fpolicy_format: EngineFormat = Field(
+        EngineFormat.XML,
         description="Engine format configured on ONTAP: xml | protobuf (ONTAP 9.15.1+, PROVISIONAL schema and "
         "framing, see proto/README.md) | auto (each connection's first bytes decide between xml and protobuf).",
     )
@@ -821,9 +825,9 @@ class Settings(BaseSettings):
     @property
     def frame_reader(self) -> str:
         """The frame reader of the listener (a :class:`fpolicyd.protocol.readers.ReaderName` value)."""
-        if self.fpolicy_format is WireFormat.XML:
+        if self.fpolicy_format is EngineFormat.XML:
             return "xml"
-        if self.fpolicy_format is WireFormat.AUTO or self.protobuf_framing_mode is ProtobufFraming.AUTO:
+        if self.fpolicy_format is EngineFormat.AUTO or self.protobuf_framing_mode is ProtobufFraming.AUTO:
             return "auto"
         return f"protobuf-{self.protobuf_framing_mode.value}"
 

@@ -1,10 +1,12 @@
 """One decoded ``ScreenRequest`` → one normalized :class:`FileEvent`, the contract every sink emits.
 
-:func:`normalize` is pure and sits on the per-notification hot path (reader → spool), so it avoids
-``datetime``/``uuid`` objects: timestamps are formatted from integers with a per-second prefix cache and the
-UUIDv5 is built straight from a SHA-1 hex digest. The JSON Schemas of the event ship with the package
-(``fpolicyd/schemas/``): ``event.schema.json`` is fpolicyd's own contract, ``reference-event.schema.json``
-restates the reference pipeline's published schema, which events of the four core operations also satisfy.
+:func:`normalize` is the pure, readable reference; the per-notification hot path (reader → spool) builds the
+same event with :class:`EventBuilder` from the decoder's flat fields (or the C accelerator,
+:mod:`fpolicyd.pipeline.speedups`, does). Both avoid ``datetime``/``uuid`` objects: timestamps are formatted from
+integers with a per-second prefix cache and the UUIDv5 is built straight from a SHA-1 hex digest. The JSON
+Schemas of the event ship with the package (``fpolicyd/schemas/``): ``event.schema.json`` is fpolicyd's own
+contract, ``reference-event.schema.json`` restates the reference pipeline's published schema, which events of
+the four core operations also satisfy.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Final
 
 import orjson
 
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import PathName, PathNameType, ProtCommonInfo, ScreenRequest, UserContext
 from fpolicyd.protocol.req_types import REQ_TYPES, Operation, ReqTypeInfo, parse_req_type
 from fpolicyd.protocol.xml_fast import ScreenFields
@@ -37,7 +40,6 @@ __all__ = [
     "NameMaps",
     "Operation",
     "ReqTypeInfo",
-    "SessionContext",
     "event_id_from_identity",
     "format_rfc3339_us",
     "load_event_schema",
@@ -219,20 +221,7 @@ def _cut_paths(
     return file_path_out, previous_out
 
 
-# ---------------------------------------------------------------------------------------- contexts
-
-
-@dataclass(frozen=True, slots=True)
-class SessionContext:
-    """What the session knows that every notification on it shares (from the handshake and the socket)."""
-
-    vs_uuid: str
-    policy_name: str
-    session_id: str
-    #: Negotiated FPolicy protocol version, e.g. ``"1.2"``.
-    protocol_version: str
-    #: The ONTAP node's address, ``"ip:port"``.
-    peer: str
+# ------------------------------------------------------------------------------------------- names
 
 
 def _frozen_mapping(value: Mapping[Any, str]) -> Mapping[Any, str]:
@@ -673,7 +662,7 @@ class EventBuilder:
 
     The hot-path twin of :func:`normalize`: no per-element objects, the session's constant values computed once,
     volume names cached per MSID. For every input both give the same JSON bytes, key order included
-    (``tests/property/test_event_builder.py`` proves it against :func:`normalize`, the readable reference)."""
+    (``tests/property/test_events_props.py`` proves it against :func:`normalize`, the readable reference)."""
 
     __slots__ = ("_ctx", "_names", "_path_max_chars", "_svm_name", "_volumes")
 

@@ -15,12 +15,12 @@ import pytest
 from fpolicyd.events import (
     CORE_OPERATIONS,
     NameMaps,
-    SessionContext,
     load_event_schema,
     load_reference_schema,
     normalize,
 )
 from fpolicyd.pipeline.router import Router
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import (
     STATUS_IN_PROGRESS,
     STATUS_REQUEST_LOST,

@@ -17,7 +17,6 @@ import pytest
 
 from fpolicyd.events import (
     NameMaps,
-    SessionContext,
     load_event_schema,
     load_reference_schema,
     normalize,
@@ -25,6 +24,7 @@ from fpolicyd.events import (
     truncate_path,
 )
 from fpolicyd.pipeline.router import Router
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import Handshake, PathName, ScreenRequest
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from fpolicyd.simulator.peer import OntapPeer

@@ -17,8 +17,9 @@ import pytest
 from prometheus_client.samples import Sample
 
 from fpolicyd.app import Daemon
-from fpolicyd.events import NameMaps, SessionContext, normalize
+from fpolicyd.events import NameMaps, normalize
 from fpolicyd.pipeline.router import Router
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.req_types import parse_req_type
 from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
 from fpolicyd.server.processor import Processor

@@ -7,14 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fpolicyd.errors import ConfigError
-from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
+from fpolicyd.pipeline.backpressure import Action, BackPressureGate, Pressure, Watermarks
 
 W = Watermarks(low_bytes=100, high_bytes=200, hard_bytes=300)
 
 
 @given(st.lists(st.integers(0, 400), max_size=200))
 def test_actions_alternate_and_match_the_state(sizes: list[int]) -> None:
-    bp = BackPressure(W)
+    bp = BackPressureGate(W)
     applied = paused = paused_before = False
     for size in sizes:
         for action in bp.update(size):
@@ -45,7 +45,7 @@ def test_actions_alternate_and_match_the_state(sizes: list[int]) -> None:
 
 
 def test_hysteresis_between_low_and_high() -> None:
-    bp = BackPressure(W)
+    bp = BackPressureGate(W)
     assert bp.update(150) == ()
     assert bp.update(250) == (Action.APPLY,)
     assert bp.update(150) == ()
@@ -61,7 +61,7 @@ def test_hysteresis_between_low_and_high() -> None:
 @given(st.lists(st.integers(0, 400), max_size=200))
 def test_reading_pauses_only_over_hard_and_resumes_only_under_high(sizes: list[int]) -> None:
     """So a pause and the next resume are a whole gap apart: a spool hovering at one threshold cannot flap."""
-    bp = BackPressure(W)
+    bp = BackPressureGate(W)
     for size in sizes:
         for action in bp.update(size):
             if action is Action.PAUSE_READING:

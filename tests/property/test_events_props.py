@@ -18,12 +18,12 @@ from fpolicyd.events import (
     MIN_PLAUSIBLE_GENERATION_US,
     EventBuilder,
     NameMaps,
-    SessionContext,
     load_event_schema,
     load_reference_schema,
     normalize,
 )
 from fpolicyd.pipeline.dedup_window import key_of_digest, key_of_event_id
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import PathName, ProtCommonInfo, ScreenRequest, UserContext
 from fpolicyd.protocol.xml_fast import fields_of
 from support.event_ids import recompute_event_id

@@ -24,7 +24,6 @@ from fpolicyd.events import (
     REFERENCE_PATH_MAX_CHARS,
     EventBuilder,
     NameMaps,
-    SessionContext,
     load_event_schema,
     load_reference_schema,
     normalize,
@@ -32,6 +31,7 @@ from fpolicyd.events import (
     truncate_path,
 )
 from fpolicyd.pipeline.dedup_window import key_of_digest, key_of_event_id
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import PathName, ProtCommonInfo, ScreenRequest
 from fpolicyd.protocol.xml_fast import fields_of
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fpolicyd.events import NameMaps, SessionContext, normalize
+from fpolicyd.events import NameMaps, normalize
 from fpolicyd.pipeline.replay import ReplayConfig, ReplayTracker
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import ScreenRequest
 from fpolicyd.protocol.xml_codec import decode_payload
 from fpolicyd.replaytest.tails import max_displacement

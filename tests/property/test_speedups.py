@@ -21,17 +21,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fpolicyd.events import (
-    _NAMESPACE_SHA1,
-    KNOWN_REQ_TYPES,
-    MAX_EPOCH_US,
-    EventBuilder,
-    NameMaps,
-    SessionContext,
-    format_rfc3339_us,
-)
+from fpolicyd.events import _NAMESPACE_SHA1, KNOWN_REQ_TYPES, MAX_EPOCH_US, EventBuilder, NameMaps, format_rfc3339_us
 from fpolicyd.pipeline import speedups
 from fpolicyd.pipeline.dedup_window import key_of_digest
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.xml_codec import fast_screen
 from fpolicyd.protocol.xml_fast import MAX_FAST_BODY_BYTES
 from fpolicyd.simulator.generate import generate_frames

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 from fpolicyd.config import load_settings
 from fpolicyd.errors import ConfigError
-from fpolicyd.events import FileEvent, NameMaps, SessionContext, load_event_schema, load_reference_schema, normalize
+from fpolicyd.events import FileEvent, NameMaps, load_event_schema, load_reference_schema, normalize
 from fpolicyd.obs.log import configure_logging, get_logger
 from fpolicyd.pipeline.redaction import MASK, DataClassification, Redactor
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import ScreenRequest
 from fpolicyd.protocol.xml_codec import decode_payload
 from support.captures import SMB_REN

@@ -22,13 +22,13 @@ from fpolicyd.events import (
     FileEvent,
     NameMaps,
     Operation,
-    SessionContext,
     event_id_from_identity,
     format_rfc3339_us,
     load_event_schema,
     load_reference_schema,
     normalize,
 )
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import PathName, ProtCommonInfo, ScreenRequest, UserContext
 from support.event_ids import recompute_event_id
 

@@ -21,10 +21,10 @@ from fpolicyd.protocol.readers import (
     VarintDelimitedReader,
     WireFormat,
     classify,
-    encode_varint,
     make_reader,
     resolved_reader,
 )
+from fpolicyd.protocol.varint import encode_varint
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from support.captures import CAPTURES, NEGO_REQ, SMB_OPEN, SMB_REN
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from fpolicyd.errors import ConfigError
-from fpolicyd.events import SessionContext
 from fpolicyd.pipeline.replay import ReplayConfig, ReplaySession, ReplayStats, ReplayTracker, node_key
+from fpolicyd.protocol.context import SessionContext
 
 VS = "5e1f0c2a-6292-11ee-b5d1-000c29f00d01"
 T0 = 1_700_000_000_000_000  # epoch µs: the wall clock of the handshakes below

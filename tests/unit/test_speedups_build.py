@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from fpolicyd.config import load_settings
-from fpolicyd.events import MAX_EPOCH_US, MIN_PLAUSIBLE_GENERATION_US, NameMaps, SessionContext
+from fpolicyd.events import MAX_EPOCH_US, MIN_PLAUSIBLE_GENERATION_US, NameMaps
 from fpolicyd.pipeline import speedups
 from fpolicyd.pipeline.ingest import Ingest, IngestCounters
 from fpolicyd.pipeline.replay import ReplayTracker
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.xml_fast import MAX_FAST_BODY_BYTES
 
 ROOT = Path(__file__).resolve().parents[2]

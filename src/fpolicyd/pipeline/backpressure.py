@@ -45,7 +45,7 @@ class Watermarks:
             )
 
 
-class BackPressure:
+class BackPressureGate:
     """Tracks the pressure state; :meth:`update` returns the actions a change of level requires, in order."""
 
     __slots__ = ("state", "watermarks")

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from fpolicyd.errors import ConfigError
-from fpolicyd.events import MIN_PLAUSIBLE_GENERATION_US, SessionContext
+from fpolicyd.events import MIN_PLAUSIBLE_GENERATION_US
+from fpolicyd.protocol.context import SessionContext
 
 __all__ = ["NodeKey", "ReplayConfig", "ReplaySession", "ReplayStats", "ReplayTracker", "node_key"]
 

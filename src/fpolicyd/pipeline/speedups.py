@@ -27,9 +27,9 @@ from fpolicyd.events import (
     KNOWN_REQ_TYPES,
     EventBuilder,
     NameMaps,
-    SessionContext,
     _req_type_info,
 )
+from fpolicyd.protocol.context import SessionContext
 
 if TYPE_CHECKING:
     from fpolicyd._speedups import EventEncoder, ReqTypeEntry

@@ -1,4 +1,7 @@
-"""XML-mode frame reader and writer (``docs/protocol.md`` §1), sans-IO.
+"""XML-mode frame reader and writer (``docs/protocol.md`` §1), sans-IO; and what every frame reader shares.
+
+:class:`FrameReader` is what the connection needs of a reader, :class:`BufferedFrameReader` the setup and the
+poison rule the XML reader and the protobuf readers (:mod:`fpolicyd.protocol.readers`) share.
 
 A frame is ``"`` + u32 big-endian payload length + ``"`` + payload. The payload is the header XML, ``\\n\\n``,
 the body XML and one NUL byte; a header-only message (KEEP_ALIVE) is the header XML and the NUL.
@@ -34,11 +37,14 @@ class FrameReader(Protocol):
         ...
 
 
-class XmlFrameReader:
-    """Splits a byte stream into XML-mode payloads.
+class BufferedFrameReader:
+    """What every buffering frame reader shares: its setup (maximum, buffer, error) and the poison rule.
 
-    After a :class:`RemoteProtocolError` the reader is poisoned: every later ``feed`` raises the same error,
-    so a caller that forgets to close cannot read garbage as frames.
+    After a :class:`RemoteProtocolError` the reader is poisoned (:meth:`_poison`): its buffer is dropped and
+    every later ``feed`` raises the same error, so a caller that forgets to close cannot read garbage as frames.
+    Each subclass's ``feed`` starts with ``if self._error is not None: raise self._error`` and calls
+    :meth:`_poison` when its splitting raises; the splitting stays inline in ``feed`` (one call less per read
+    on the hot path).
     """
 
     __slots__ = ("_buf", "_error", "_max")
@@ -53,6 +59,17 @@ class XmlFrameReader:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    def _poison(self, exc: RemoteProtocolError) -> None:
+        """Remember the peer error for every later ``feed`` and drop what was buffered."""
+        self._error = exc
+        self._buf.clear()
+
+
+class XmlFrameReader(BufferedFrameReader):
+    """Splits a byte stream into XML-mode payloads."""
+
+    __slots__ = ()
 
     def feed(self, data: bytes) -> list[bytes]:
         if self._error is not None:
@@ -71,8 +88,7 @@ class XmlFrameReader:
                 pos = start + length
                 frames.append(data[start:pos])
         except RemoteProtocolError as exc:
-            self._error = exc
-            self._buf.clear()
+            self._poison(exc)
             raise
         if pos < end:
             self._buf += data[pos:]

@@ -1,6 +1,7 @@
-"""The FPolicy XML-mode messages as frozen dataclasses (``docs/protocol.md`` §2–§6).
+"""The FPolicy messages as frozen dataclasses (``docs/protocol.md`` §2–§6), whatever the wire format.
 
-Everything after the codec works on these types, so a future protobuf codec only has to produce them too.
+Both codecs produce and consume these types (:mod:`fpolicyd.protocol.xml_codec` for XML mode,
+:mod:`fpolicyd.protocol.proto_codec` for protobuf mode), so everything after them works on one model.
 Fields mirror the wire elements; every element ONTAP documents as optional is ``None``/empty when absent.
 Values ONTAP may extend (``ReqType``, ``FileType``, ``UsrIdType`` …) are kept as the exact wire strings so
 that an unknown value survives to the event instead of failing the parse.

@@ -53,6 +53,7 @@ from fpolicyd.protocol.messages import (
     VolumeNotification,
 )
 from fpolicyd.protocol.req_types import REQ_TYPES, Operation
+from fpolicyd.protocol.varint import MAX_VARINT_LEN, VarintEnd, decode_varint
 from fpolicyd.protocol.xml_codec import Decoded
 
 #: ``Header.data_format`` of every decoded protobuf message (XML mode's is ``XML``).
@@ -451,20 +452,14 @@ class WireFormatError(ValueError):
     """The bytes are not a well-formed protobuf message."""
 
 
-def read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """(value, position after it); at most 10 bytes."""
-    result = 0
-    for shift in range(0, 70, 7):
-        if pos >= len(data):
-            raise WireFormatError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            if result >= _U64:
-                raise WireFormatError("varint over 64 bits")
-            return result, pos
-    raise WireFormatError("varint longer than 10 bytes")
+def _varint_error(end: int) -> WireFormatError:
+    """Why :func:`~fpolicyd.protocol.varint.decode_varint` ending at ``end`` (a position ≥ 0: the value is 64
+    bits or more) is not a protobuf varint."""
+    if end == VarintEnd.TRUNCATED:
+        return WireFormatError("truncated varint")
+    if end == VarintEnd.TOO_LONG:
+        return WireFormatError(f"varint longer than {MAX_VARINT_LEN} bytes")
+    return WireFormatError("varint over 64 bits")
 
 
 def walk_fields(data: bytes, depth: int = 0) -> tuple[RawField, ...]:
@@ -476,12 +471,16 @@ def walk_fields(data: bytes, depth: int = 0) -> tuple[RawField, ...]:
     pos = 0
     end = len(data)
     while pos < end:
-        key, pos = read_varint(data, pos)
+        key, pos = decode_varint(data, pos)
+        if pos < 0 or key >= _U64:
+            raise _varint_error(pos)
         number, wire_type = key >> 3, key & 7
         if number == 0 or number >= 1 << 29:
             raise WireFormatError(f"invalid field number {number}")
         if wire_type == 0:
-            value, pos = read_varint(data, pos)
+            value, pos = decode_varint(data, pos)
+            if pos < 0 or value >= _U64:
+                raise _varint_error(pos)
             fields.append(RawField(number, 0, value))
         elif wire_type in (1, 5):
             size = 8 if wire_type == 1 else 4
@@ -490,7 +489,9 @@ def walk_fields(data: bytes, depth: int = 0) -> tuple[RawField, ...]:
             fields.append(RawField(number, wire_type, int.from_bytes(data[pos : pos + size], "little")))
             pos += size
         elif wire_type == 2:
-            length, pos = read_varint(data, pos)
+            length, pos = decode_varint(data, pos)
+            if pos < 0 or length >= _U64:
+                raise _varint_error(pos)
             if pos + length > end:
                 raise WireFormatError(f"field {number}: length {length} runs past the end")
             chunk = data[pos : pos + length]

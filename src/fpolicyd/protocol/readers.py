@@ -36,8 +36,15 @@ from typing import Final
 
 from fpolicyd.errors import RemoteProtocolError
 from fpolicyd.protocol import proto_codec, xml_codec
-from fpolicyd.protocol.framing import DEFAULT_MAX_FRAME_BYTES, MARKER, FrameReader, XmlFrameReader
+from fpolicyd.protocol.framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    MARKER,
+    BufferedFrameReader,
+    FrameReader,
+    XmlFrameReader,
+)
 from fpolicyd.protocol.messages import Message
+from fpolicyd.protocol.varint import VarintEnd, decode_varint, encode_varint
 
 
 class ReaderName(StrEnum):
@@ -48,7 +55,8 @@ class ReaderName(StrEnum):
 
 
 class WireFormat(StrEnum):
-    """What a connection's payloads are, once known."""
+    """What a connection's payloads are, once known (the setting, which may say ``auto``, is
+    :class:`fpolicyd.config.EngineFormat`)."""
 
     XML = "xml"
     PROTOBUF = "protobuf"
@@ -70,21 +78,10 @@ def _check_length(length: int, max_frame_bytes: int) -> None:
         raise RemoteProtocolError("empty_frame", "frame length 0")
 
 
-class _PrefixedReader(ABC):
+class _PrefixedReader(ABC, BufferedFrameReader):
     """Shared splitting for the two protobuf framings; subclasses parse the length prefix."""
 
-    __slots__ = ("_buf", "_error", "_max")
-
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        if max_frame_bytes < 1:
-            raise ValueError("max_frame_bytes must be at least 1")
-        self._max = max_frame_bytes
-        self._buf = bytearray()
-        self._error: RemoteProtocolError | None = None
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
+    __slots__ = ()
 
     @abstractmethod
     def _prefix(self, data: bytes | bytearray, pos: int) -> tuple[int, int] | None:
@@ -108,8 +105,7 @@ class _PrefixedReader(ABC):
                 frames.append(bytes(buf[start : start + length]))
                 pos = start + length
         except RemoteProtocolError as exc:
-            self._error = exc
-            buf.clear()
+            self._poison(exc)
             raise
         del buf[:pos]
         return frames
@@ -132,21 +128,14 @@ class LengthPrefixedReader(_PrefixedReader):
         return len(payload).to_bytes(LENGTH_PREFIX_LEN, "big") + payload
 
 
-def encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 class VarintDelimitedReader(_PrefixedReader):
     """Protobuf payloads each preceded by a base-128 varint length (``writeDelimitedTo``)."""
 
     __slots__ = ()
 
     def _prefix(self, data: bytes | bytearray, pos: int) -> tuple[int, int] | None:
+        # decode_varint(data, pos, MAX_VARINT_PREFIX_LEN), inline: a call per frame is measurably slower here
+        # (tests/property/test_varint_props.py checks that both read every input alike).
         length = 0
         end = len(data)
         for index in range(MAX_VARINT_PREFIX_LEN):
@@ -219,22 +208,18 @@ def classify(head: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Det
         if not _valid_tag(head[LENGTH_PREFIX_LEN]):
             raise _unknown(head, f"byte {LENGTH_PREFIX_LEN} is not a protobuf field key")
         return Detection.LENGTH_PREFIXED
-    length = 0
-    for index in range(MAX_VARINT_PREFIX_LEN):
-        if index >= len(head):
-            return Detection.NEED_MORE
-        byte = head[index]
-        length |= (byte & 0x7F) << (7 * index)
-        if byte & 0x80:
-            continue
-        if not 1 <= length <= max_frame_bytes:
-            raise _unknown(head, f"varint frame length {length} outside 1..{max_frame_bytes}")
-        if index + 1 >= len(head):
-            return Detection.NEED_MORE
-        if not _valid_tag(head[index + 1]):
-            raise _unknown(head, f"byte {index + 1} is not a protobuf field key")
-        return Detection.VARINT_DELIMITED
-    raise _unknown(head, "varint length longer than 5 bytes")
+    length, end = decode_varint(head, 0, MAX_VARINT_PREFIX_LEN)
+    if end == VarintEnd.TRUNCATED:
+        return Detection.NEED_MORE
+    if end == VarintEnd.TOO_LONG:
+        raise _unknown(head, f"varint length longer than {MAX_VARINT_PREFIX_LEN} bytes")
+    if not 1 <= length <= max_frame_bytes:
+        raise _unknown(head, f"varint frame length {length} outside 1..{max_frame_bytes}")
+    if end >= len(head):
+        return Detection.NEED_MORE
+    if not _valid_tag(head[end]):
+        raise _unknown(head, f"byte {end} is not a protobuf field key")
+    return Detection.VARINT_DELIMITED
 
 
 class AutoReader:

@@ -1,6 +1,7 @@
 """The 27 ``ReqType`` values of ``FscreenReq`` and their wire shape (``docs/protocol.md`` §4.2).
 
-One source of truth: the codec, the event normalizer, the simulator and the tests all read this table.
+One source of truth: the protobuf codec, the event normalizer (and through it the C accelerator), the
+simulator and the tests all read this table.
 A ReqType is ``<PROTO>_<OP>[_DIR]``; directory variants reuse the file element (KB-REN: ``SMB_REN_DIR``
 inside ``SmbRenReq``). Values not in the table are still accepted on the wire and kept as sent.
 """

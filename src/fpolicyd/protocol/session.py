@@ -25,7 +25,7 @@ from enum import Enum, StrEnum
 from typing import Any, Final, NamedTuple
 
 from fpolicyd.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from fpolicyd.events import SessionContext
+from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.messages import (
     ALLOW,
     STATUS_IN_PROGRESS,

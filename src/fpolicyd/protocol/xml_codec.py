@@ -1,7 +1,7 @@
 """XML-mode codec: payload bytes ⇄ :mod:`fpolicyd.protocol.messages` (``docs/protocol.md`` §1–§6).
 
 Decoding is the hot path (one call per file notification), so it uses lxml, which parses a real ~1.2 KB
-SCREEN_REQ about 2.5x faster than ``xml.etree`` (``benchmarks/bench_codec.py``). The parser is hardened: no
+SCREEN_REQ about 2x faster than ``xml.etree`` (``benchmarks/bench_codec.py``). The parser is hardened: no
 network, no DTD loading, no entity expansion, comments and processing instructions dropped, and any document
 that carries a DOCTYPE (the only place an entity can be declared) is refused. The five standard entities and
 character references are decoded, as any XML parser does.

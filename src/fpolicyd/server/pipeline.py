@@ -29,7 +29,7 @@ from typing import Protocol
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
-from fpolicyd.pipeline.backpressure import Action, BackPressure, Pressure, Watermarks
+from fpolicyd.pipeline.backpressure import Action, BackPressureGate, Pressure, Watermarks
 from fpolicyd.pipeline.records import DUPLICATE_TAG
 from fpolicyd.server.delivery import DeliverySpec, ProcessDelivery
 from fpolicyd.server.disk_monitor import DiskMonitor
@@ -108,7 +108,7 @@ class EventPipeline:
         )
         #: The processing stage (route, settle, dedup) between the raw and the processed records, if any.
         self.processor: StageWorker | None = None
-        self.pressure = BackPressure(watermarks)
+        self.pressure = BackPressureGate(watermarks)
         self._checkpoint_interval_s = checkpoint_interval_s
         self._waiters: deque[tuple[int, OnDurable]] = deque()
         #: Events read while the spool was full: (record, what to run once durable, dedup key or None).

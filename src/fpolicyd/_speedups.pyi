@@ -1,4 +1,4 @@
-"""Types of the optional C accelerator (``_speedups.c``); :mod:`fpolicyd.speedups` is how fpolicyd uses it."""
+"""Types of the optional C accelerator (``_speedups.c``); :mod:`fpolicyd.pipeline.speedups` is how fpolicyd uses it."""
 
 from collections.abc import Callable
 from typing import Final, Protocol

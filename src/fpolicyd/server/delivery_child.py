@@ -24,6 +24,7 @@ from fpolicyd.obs.log import configure_logging, get_logger
 from fpolicyd.pipeline.records import sink_selector
 from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.server.channel import Channel, Message, open_channel
+from fpolicyd.server.runtime import tune_garbage_collector
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
@@ -62,9 +63,7 @@ class DeliveryChild:
         settings = Settings.model_validate(hello["settings"])
         redactor: Redactor = settings.redactor()
         configure_logging(settings.log_level, settings.log_format.value, redactor=redactor)
-        from fpolicyd.app import tune_garbage_collector  # noqa: PLC0415 - the daemon's GC policy, here too
-
-        tune_garbage_collector(settings.gc_young_threshold)
+        tune_garbage_collector(settings.gc_young_threshold)  # the daemon's GC policy, here too
         clients = AwsClients(
             region_name=settings.aws_region,
             max_pool_connections=max(10, settings.sink_max_in_flight * 2),

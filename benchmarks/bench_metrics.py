@@ -130,7 +130,7 @@ async def ingest_cpu_per_event(events_sent: int, observe: bool) -> float:
                            "--keep-alive-interval-s", "0"]  # fmt: skip
                 simulator = await asyncio.create_subprocess_exec(*command, stdout=subprocess.DEVNULL)
                 await asyncio.wait_for(simulator.wait(), 600)
-                worker = daemon.pipeline.workers[0]
+                worker = daemon.spooler.workers[0]
                 for _ in range(24_000):  # at most 2 minutes
                     if worker.figures().delivered >= events_sent:
                         break

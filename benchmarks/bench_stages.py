@@ -35,9 +35,9 @@ from bench_ingest import count_lines, simulate  # noqa: E402 - benchmarks are ru
 from daemon_process import Daemon, cpu_seconds, memory_mib  # noqa: E402
 from fpolicyd.events import FileEvent, NameMaps, normalize  # noqa: E402
 from fpolicyd.pipeline.dedup import DedupPolicy  # noqa: E402
+from fpolicyd.pipeline.processing import encode_processed  # noqa: E402
 from fpolicyd.pipeline.router import Router  # noqa: E402
 from fpolicyd.pipeline.settle import SettlePolicy, Settler, received_at_s  # noqa: E402
-from fpolicyd.pipeline.stage import encode_processed  # noqa: E402
 from fpolicyd.protocol.context import SessionContext  # noqa: E402
 from fpolicyd.simulator.generate import generate_requests  # noqa: E402
 from fpolicyd.storage.dedup_store import EmbeddedDedupStore  # noqa: E402

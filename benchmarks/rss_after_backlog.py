@@ -75,7 +75,7 @@ async def measure(events: int, nodes: int, data_dir: Path) -> list[tuple[str, fl
         samples.append(sample(f"backlog of {report.sent:,} events held"))
         gate.set()
         deadline = time.monotonic() + 300
-        while any(worker.lag for worker in daemon.pipeline.local_workers) and time.monotonic() < deadline:  # noqa: ASYNC110 - a bounded poll of the sinks' state
+        while any(worker.lag for worker in daemon.spooler.local_workers) and time.monotonic() < deadline:  # noqa: ASYNC110 - a bounded poll of the sinks' state
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)
         samples.append(sample("drained"))

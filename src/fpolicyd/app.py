@@ -28,16 +28,16 @@ from fpolicyd.pipeline.records import stored_event_id
 from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.capture import capture_recorder
-from fpolicyd.server.connection import ServerContext
+from fpolicyd.server.connection import LiveConnections, ServerContext
 from fpolicyd.server.delivery import DeliverySpec, use_delivery_process
 from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.server.listener import ServerGroup, TlsListener, bind_listener
 from fpolicyd.server.metric_labels import METRIC_LABELS
-from fpolicyd.server.pipeline import EventPipeline
 from fpolicyd.server.preflight import preflight, write_targets
-from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
-from fpolicyd.server.processor import Processor, instance_id, start_processor
+from fpolicyd.server.processing import CURSOR as PROCESSING_CURSOR
+from fpolicyd.server.processing import ProcessingWorker, instance_id, start_processing
 from fpolicyd.server.runtime import tune_garbage_collector
+from fpolicyd.server.spooler import ProcessingSlot, Spooler
 from fpolicyd.server.tls import ReloadableTls, TlsFiles
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
@@ -124,7 +124,7 @@ class StopReport:
 
 
 class Daemon:
-    """Owns the spool, the pipeline and the listener; ``run`` returns once stopped and drained."""
+    """Owns the spool, the spooler and the listener; ``run`` returns once stopped and drained."""
 
     def __init__(self, settings: Settings, *, wall_clock: Callable[[], float] = time.time) -> None:
         """``wall_clock``: epoch seconds, for everything that stamps or ages by the wall clock (receive times,
@@ -139,22 +139,25 @@ class Daemon:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self._spool: Spool | None = None
-        self._pipeline: EventPipeline | None = None
+        self._spooler: Spooler | None = None
         self._context: ServerContext | None = None
         self._clients: AwsClients | None = None
         self._dead_letter: DeadLetterWriter | None = None
         self.tls: ReloadableTls | None = None
-        self._processor: Processor | None = None
+        self._processing: ProcessingWorker | None = None
         self._journal: DedupJournal | None = None
         self._duplicates: DuplicateLedger | None = None
         #: READY/STATUS/STOPPING/WATCHDOG to systemd (Type=notify); a no-op without $NOTIFY_SOCKET.
         self.notifier = SystemdNotifier.from_environment()
+        #: Replay detection over every session (read by the metrics at scrape time).
+        self._replay = ReplayTracker(settings.replay_config())
         #: This daemon's Prometheus registry (one per daemon: several may run in one test process).
         self.metrics = Metrics(
             labels=METRIC_LABELS,
             ingestion_slo_s=settings.slo_ingestion_latency_s,
             reconnect_slo_s=settings.slo_reconnect_s,
             replay_slo_s=settings.slo_replay_completion_s,
+            replay=self._replay.stats,
         )
         self.heartbeat = Heartbeat(
             interval_s=settings.health_heartbeat_interval_s, stall_s=settings.health_loop_stall_s
@@ -167,14 +170,14 @@ class Daemon:
         return self._context
 
     @property
-    def processor(self) -> Processor | None:
+    def processing(self) -> ProcessingWorker | None:
         """The processing stage (route, settle, dedup), None when the settings need none."""
-        return self._processor
+        return self._processing
 
     @property
-    def pipeline(self) -> EventPipeline:
-        assert self._pipeline is not None, "start() first"
-        return self._pipeline
+    def spooler(self) -> Spooler:
+        assert self._spooler is not None, "start() first"
+        return self._spooler
 
     @property
     def port(self) -> int:
@@ -196,9 +199,9 @@ class Daemon:
         return readiness(
             self.heartbeat,
             listening=listening,
-            pipeline=self._pipeline,
+            spooler=self._spooler,
             spool_limit_bytes=self.settings.spool_max_bytes,
-            stage=self._processor,
+            processing=self._processing,
         )
 
     def _start_http(self) -> None:
@@ -261,7 +264,7 @@ class Daemon:
         )
         names = {uri: sender.name for uri, sender in zip(plan.uris, senders, strict=True)}
         cursors = [sender.name for sender in senders]
-        cursors += [PROCESSOR_CURSOR] if plan.enabled else []
+        cursors += [PROCESSING_CURSOR] if plan.enabled else []
         cursors += [LEDGER_CURSOR] if settings.reader_dedup else []
         try:
             spool = await asyncio.to_thread(Spool.open, spool_settings, cursors)
@@ -309,7 +312,7 @@ class Daemon:
                 processing=plan.enabled,
             )
             senders = []
-        # Every writer reports a refused write here; reading pauses while one is full (server/pipeline.py).
+        # Every writer reports a refused write here; reading pauses while one is full (server/spooler.py).
         disk = DiskMonitor(DiskRetry(settings.disk_full_retry_initial_s, settings.disk_full_retry_max_s))
         duplicates: DuplicateLedger | None = None
         if settings.reader_dedup:
@@ -335,7 +338,10 @@ class Daemon:
                 ttl_s=opened.ttl_s,
             )
             window = opened
-        self._pipeline = EventPipeline(
+        # The live connections and the processing stage's slot: each side of the spooler needs it and it needs them.
+        connections = LiveConnections()
+        processing = ProcessingSlot() if plan.enabled else None
+        self._spooler = Spooler(
             spool,
             senders,
             Watermarks(
@@ -351,6 +357,9 @@ class Daemon:
             duplicates=duplicates,
             wall_clock=self._wall_clock,
             disk=disk,
+            broadcast_back_pressure=connections.broadcast_back_pressure,
+            on_fatal=self._on_fatal,
+            processing=processing,
         )
         ingest = Ingest(
             names=NameMaps(
@@ -360,7 +369,7 @@ class Daemon:
                 default_svm=settings.svm_name,
             ),
             counters=IngestCounters(),
-            replay=ReplayTracker(settings.replay_config()),
+            replay=self._replay,
             route=plan.router.match if plan.router is not None else None,
             window=window,
             # With the processing stage on, events are redacted as they leave it (routing needs the clear path).
@@ -372,7 +381,8 @@ class Daemon:
         self._context = ServerContext(
             session_config=settings.session_config(),
             ingest=ingest,
-            pipeline=self._pipeline,
+            spooler=self._spooler,
+            connections=connections,
             max_frame_bytes=settings.max_frame_bytes,
             max_connections=settings.max_connections,
             quarantine=self._quarantine,
@@ -386,16 +396,15 @@ class Daemon:
             log_rate_limit_interval_s=settings.log_rate_limit_interval_s,
             wall_clock_us=lambda: round(self._wall_clock() * 1_000_000),
         )
-        self._pipeline.on_fatal = self._on_fatal
-        self.metrics.attach(self._context, self._pipeline)
+        self.metrics.attach(self._context, self._spooler)
         dead_letter = self._dead_letter
-        process = self._pipeline.delivery
+        process = self._spooler.delivery
         self.metrics.watch_dead_letter(
             [dead_letter.figures] if process is None else [dead_letter.figures, process.dead_letter_figures],
             size=dead_letter.disk_bytes,
             limit_bytes=dead_letter.limits.max_bytes,
         )
-        replay, loop = ingest.replay, asyncio.get_running_loop()
+        replay, loop = self._replay, asyncio.get_running_loop()
         # Ticked on the loop thread (an episode that went quiet ends without waiting for traffic), read on the
         # HTTP thread.
         self.heartbeat.on_beat.append(lambda: replay.tick(loop.time()))
@@ -403,20 +412,20 @@ class Daemon:
         journal = self._journal
         if window is not None and journal is not None:
             self.heartbeat.on_beat.append(partial(_age_dedup, window, journal, self._wall_clock))
-        self.metrics.replay_source = replay.stats
-        await self._pipeline.start()
-        if plan.enabled:
-            self._processor = await start_processor(
+        await self._spooler.start()
+        if processing is not None:
+            self._processing = await start_processing(
                 settings,
                 plan=plan,
                 names=names,
                 spool=spool,
-                pipeline=self._pipeline,
+                spooler=self._spooler,
+                slot=processing,
                 clients=self._clients,
                 redactor=redactor,
                 wall_clock=self._wall_clock,
             )
-            self.metrics.watch_processor(self._processor)
+            self.metrics.watch_processing(self._processing)
         sockets, self._listen_sockets = self._listen_sockets, []
         if self.tls is not None:
             self._server = TlsListener(self.context, sockets, self.tls.listener, settings.handshake_timeout_s)
@@ -447,7 +456,7 @@ class Daemon:
         self.notifier.stopping(f"draining (budget {self.settings.drain_timeout_s:g} s)")
         if self._server is not None:
             self._server.close()
-        if self._context is None:  # start() failed before the pipeline existed
+        if self._context is None:  # start() failed before the spooler existed
             await self._close_resources()
             return StopReport(events=0, undelivered=0)
         await self._read_what_is_in_flight()
@@ -457,14 +466,14 @@ class Daemon:
             await self._server.wait_closed()
         # Listener and sessions are closed: ONTAP sends to its other servers while the spool drains.
         budget = self.settings.drain_timeout_s
-        backlog = max((worker.lag for worker in self.pipeline.workers), default=0)
+        backlog = max((worker.lag for worker in self.spooler.workers), default=0)
         log.info("sink_drain_started", backlog=backlog, budget_s=budget)
         started = time.monotonic()
-        undelivered = await self.pipeline.drain(budget)
+        undelivered = await self.spooler.drain(budget)
         log.info(
             "sink_drain_finished", undelivered=undelivered, took_s=round(time.monotonic() - started, 3), budget_s=budget
         )
-        log.info("sink_stats", sinks=self.pipeline.sink_stats())
+        log.info("sink_stats", sinks=self.spooler.sink_stats())
         if undelivered:
             log.warning(
                 "sink_drain_incomplete",
@@ -472,7 +481,7 @@ class Daemon:
                 detail="kept in the spool; delivered after the next start",
             )
         await self._close_resources()
-        fatal = self.pipeline.fatal
+        fatal = self.spooler.fatal
         report = StopReport(
             events=self.context.ingest.counters.events,
             undelivered=undelivered,
@@ -490,8 +499,8 @@ class Daemon:
         self._listen_sockets = []
         if self._http is not None:
             await asyncio.to_thread(self._http.close)
-        if self._processor is not None:
-            await _closing("processor", self._processor.close())
+        if self._processing is not None:
+            await _closing("processor", self._processing.close())
         if self._clients is not None:
             await self._clients.close()
         if self._dead_letter is not None:

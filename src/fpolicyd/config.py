@@ -835,7 +835,7 @@ class Settings(BaseSettings):
     def effective_capture_dir(self) -> Path:
         return self.capture_dir if self.capture_dir is not None else self.data_dir / "capture"
 
-    # --- processing stage (route, settle, dedup; server/processor.py) --------------------------------------
+    # --- processing stage (route, settle, dedup; server/processing.py) --------------------------------------
     processor_batch_records: int = Field(
         1000,
         ge=1,

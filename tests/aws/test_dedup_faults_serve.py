@@ -132,13 +132,13 @@ async def test_fail_closed_holds_events_while_throttled_then_delivers_each_once(
     with capture_logs() as logs:
         async with serving(tmp_path, table, **overrides) as (daemon, peer):
             await peer.send(*(frame(i, "SMB_WR", f"/data/{i}.csv") for i in range(1, 4)))
-            processor = daemon.processor
+            processor = daemon.processing
             assert processor is not None
             assert await until(lambda: processor.last_error is not None)
             # Held: nothing out while the table throttles, and the daemon keeps taking events.
             await peer.send(frame(4, "SMB_WR", "/data/4.csv"))
             assert await steady(lambda: len(events(tmp_path)), 1.0) == 0
-            assert daemon.pipeline.spool.records_pending("processor") == 4
+            assert daemon.spooler.spool.records_pending("processor") == 4
             ready = {check.name: check.ok for check in daemon.readiness().checks}
             assert ready["processor"] is False
             assert ready["listener"] is True
@@ -207,7 +207,9 @@ async def test_endpoint_down_at_start_then_back(
                 if mode == "open":
                     assert await until(lambda: len(events(tmp_path)) == 2)
                 else:
-                    assert await until(lambda: daemon.processor is not None and daemon.processor.last_error is not None)
+                    assert await until(
+                        lambda: daemon.processing is not None and daemon.processing.last_error is not None
+                    )
                     assert await steady(lambda: len(events(tmp_path)), 1.0) == 0
                 assert await metric(daemon, "fpolicyd_dedup_store_up") == 0
                 await link.restore()

@@ -70,7 +70,7 @@ async def test_sqs_sink_metrics_match_what_the_endpoint_saw(
         await daemon.start()
         try:
             report = await run(SimulatorConfig(port=daemon.port, nodes=1, events=200, seed=25))
-            worker = next(w for w in daemon.pipeline.workers if w.name == sink)
+            worker = next(w for w in daemon.spooler.workers if w.name == sink)
             for _ in range(600):  # bounded: ~30 s
                 if worker.figures().delivered >= report.sent and not worker.lag:
                     break

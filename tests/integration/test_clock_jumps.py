@@ -71,7 +71,7 @@ async def test_settle_and_reader_dedup_through_an_hour_back_and_two_forward(tmp_
     async with running(tmp_path, clock, **overrides) as (daemon, peer):
         created = frame(1, "SMB_CREAT", "/scans/a.tiff")
         await peer.send(created)
-        processor = daemon.processor
+        processor = daemon.processing
         assert processor is not None
         for _ in range(500):  # until settle holds it (bounded: 10 s)
             if processor.stage.pending:
@@ -120,7 +120,7 @@ async def test_window_dedup_in_the_stage_through_clock_steps(tmp_path: Path) -> 
         await peer.send(frame(4, "SMB_WR", "/data/x.csv", generation_us=generation + 400_000_000))  # 6m40s later
         await wait_for(tmp_path / "events", 2)
         await wait_for(tmp_path / "ledger", 2)
-        assert daemon.processor is not None
+        assert daemon.processing is not None
         await asyncio.sleep(0.3)
     assert [e["timestamp"][11:19] for e in lines(tmp_path / "events")] == ["15:30:00", "15:36:40"]
     assert [r["decision"] for r in lines(tmp_path / "ledger")] == ["duplicate", "duplicate"]

@@ -20,7 +20,7 @@ import pytest
 from test_end_to_end import assert_exactly_once, expected_events
 
 from fpolicyd.app import Daemon
-from fpolicyd.server.processor import STATE_FILE
+from fpolicyd.server.processing import STATE_FILE
 from fpolicyd.simulator.client import SimulatorConfig, run
 from fpolicyd.storage.dedup_store import EmbeddedDedupStore
 from fpolicyd.storage.disk import Writer
@@ -85,8 +85,8 @@ async def stream_through_a_full_disk(
     try:
         await until(lambda: len(read_events(tmp_path, live=True)) >= 200, "the first events delivered")
         fill(True)
-        await until(lambda: daemon.pipeline.reading_paused, "reading paused")
-        await until(lambda: all(daemon.pipeline.disk.state.is_full(w) for w in writers), f"{writers} full")
+        await until(lambda: daemon.spooler.reading_paused, "reading paused")
+        await until(lambda: all(daemon.spooler.disk.state.is_full(w) for w in writers), f"{writers} full")
         status, checks = await readyz(daemon)
         assert status == 503
         assert not checks["disk"]["ok"]
@@ -97,8 +97,8 @@ async def stream_through_a_full_disk(
             assert f'fpolicyd_disk_full{{writer="{writer}"}} 1.0'.encode() in metrics
         # Held there while the writers retry: still running, nothing declared fatal.
         await asyncio.sleep(0.5)
-        assert daemon.pipeline.fatal is None
-        assert daemon.pipeline.reading_paused
+        assert daemon.spooler.fatal is None
+        assert daemon.spooler.reading_paused
         assert not simulation.done()
         fill(False)
         report = await asyncio.wait_for(simulation, 120)
@@ -108,7 +108,7 @@ async def stream_through_a_full_disk(
             simulation.cancel()
     assert report.completed
     assert report.sent == 3000
-    await until(lambda: not daemon.pipeline.disk.any, "every writer recovered")
+    await until(lambda: not daemon.spooler.disk.any, "every writer recovered")
     await until(lambda: daemon.readiness().status == 200, "/readyz 200 again")
     status, checks = await readyz(daemon)
     assert status == 200
@@ -136,7 +136,7 @@ async def test_default_settings_a_full_data_directory_pauses_then_everything_arr
     assert report.failure is None
     assert report.undelivered == 0
     assert_exactly_once(read_events(tmp_path), expected_events(config))
-    episodes = daemon.pipeline.disk.state.episodes
+    episodes = daemon.spooler.disk.state.episodes
     assert episodes[Writer.spool.value] >= 1
     assert episodes[sink] >= 1
 
@@ -170,7 +170,7 @@ async def test_processing_stage_sqlite_dedup_store_full_pauses_then_everything_a
     judges each use case exactly, so that every simulated notification is a first)."""
     daemon = Daemon(make_settings(tmp_path, **settings_for(tmp_path, dedup_mode="window", dedup_window_minutes=0)))
     await daemon.start()
-    processor = daemon.processor
+    processor = daemon.processing
     assert processor is not None
     store = processor._dedup
     assert isinstance(store, EmbeddedDedupStore)
@@ -209,7 +209,7 @@ async def test_stop_on_a_full_disk_does_not_raise_and_keeps_the_state_file(
     settings = make_settings(tmp_path, **settings_for(tmp_path, dedup_mode="window", dedup_window_minutes=0))
     daemon = Daemon(settings)
     await daemon.start()
-    processor = daemon.processor
+    processor = daemon.processing
     assert processor is not None
     state_path = settings.effective_spool_dir / STATE_FILE
     peer = await loopback_peer(daemon.port)
@@ -231,7 +231,7 @@ async def test_stop_on_a_full_disk_does_not_raise_and_keeps_the_state_file(
 
         monkeypatch.setattr("builtins.open", full_open)
         await peer.send(frame(2, "SMB_WR", "/data/b.csv"))
-        await until(lambda: daemon.pipeline.disk.any, "a writer full")
+        await until(lambda: daemon.spooler.disk.any, "a writer full")
     finally:
         await peer.close()
         report = await daemon.stop()  # must not raise

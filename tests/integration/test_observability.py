@@ -21,8 +21,8 @@ from fpolicyd.events import NameMaps, normalize
 from fpolicyd.pipeline.router import Router
 from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.req_types import parse_req_type
-from fpolicyd.server.processor import CURSOR as PROCESSOR_CURSOR
-from fpolicyd.server.processor import Processor
+from fpolicyd.server.processing import CURSOR as PROCESSING_CURSOR
+from fpolicyd.server.processing import ProcessingWorker
 from fpolicyd.simulator.client import SimulatorConfig, expected_requests, run
 from fpolicyd.storage.duplicate_ledger import LEDGER_CURSOR
 from fpolicyd.storage.routes_file import load_routes
@@ -41,12 +41,12 @@ async def settle(daemon: Daemon, events: int, within: float = 20.0) -> None:
     """Until every connection closed and every sink acknowledged ``events`` (bounded)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        workers = daemon.pipeline.workers
+        workers = daemon.spooler.workers
         delivered = [w.figures().delivered for w in workers]
         if not daemon.context.connections and all(d >= events for d in delivered) and not any(w.lag for w in workers):
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"not settled: {daemon.pipeline.sink_stats()}, {len(daemon.context.connections)} open")
+    raise AssertionError(f"not settled: {daemon.spooler.sink_stats()}, {len(daemon.context.connections)} open")
 
 
 def decoders(families: dict[str, list[Sample]]) -> dict[str, float]:
@@ -83,7 +83,7 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     sent = report.sent + again.sent + duplicated.sent
     delivered = sent - duplicated.sent
     # Exact dedup is on by default, checked by the reader: no processing stage runs.
-    assert daemon.pipeline.processor is None
+    assert daemon.processing is None
     assert daemon.context.ingest.window is not None
     # A malformed frame (bad marker byte) closes its connection and is counted by reason.
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
@@ -113,16 +113,16 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     assert one(after, "fpolicyd_sessions") == 0
     # Every notification once: as an event, or as a duplicate the reader's window suppressed (kept for the ledger).
     appended = one(after, "fpolicyd_spool_appended_records", "fpolicyd_spool_appended_records_total")
-    assert appended == daemon.pipeline.spool.last_seq == sent
+    assert appended == daemon.spooler.spool.last_seq == sent
     # Each suppressed duplicate has its audit record (written by the daemon once the duplicate was durable).
-    duplicates = daemon.pipeline.duplicates
+    duplicates = daemon.spooler.duplicates
     assert duplicates is not None
     for _ in range(200):  # up to 10 s
         if duplicates.written >= duplicated.sent:
             break
         await asyncio.sleep(0.05)
     assert (duplicates.written, duplicates.pending) == (duplicated.sent, 0)
-    assert daemon.pipeline.spool.acked_seq(LEDGER_CURSOR) == daemon.pipeline.spool.durable_seq
+    assert daemon.spooler.spool.acked_seq(LEDGER_CURSOR) == daemon.spooler.spool.durable_seq
     assert one(after, "fpolicyd_dedup_hits", "fpolicyd_dedup_hits_total") == duplicated.sent
     assert one(after, "fpolicyd_dedup_errors", "fpolicyd_dedup_errors_total", mode="open") == 0
     assert one(after, "fpolicyd_processor_lag_records") == 0
@@ -188,11 +188,11 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
 @pytest.mark.settings(write_complete_delay_s=60.0)
 async def test_settle_pending_shows_what_settle_holds(daemon: Daemon) -> None:
     report = await run(SimulatorConfig(port=daemon.port, nodes=1, events=50, seed=5, keep_alive_interval_s=0))
-    processor = daemon.pipeline.processor
-    assert isinstance(processor, Processor)
-    spool = daemon.pipeline.spool
+    processor = daemon.processing
+    assert isinstance(processor, ProcessingWorker)
+    spool = daemon.spooler.spool
     for _ in range(400):  # until the stage has read every record (its own processed ones too); bounded: ~20 s
-        if spool.read_seq(PROCESSOR_CURSOR) > spool.last_seq:
+        if spool.read_seq(PROCESSING_CURSOR) > spool.last_seq:
             break
         await asyncio.sleep(0.05)
     metrics = await scrape(daemon)

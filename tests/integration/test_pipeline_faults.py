@@ -1,11 +1,11 @@
-"""The pipeline when the disk misbehaves: a full disk pauses reading and loses nothing; a failed fsync stops."""
+"""The spooler when the disk misbehaves: a full disk pauses reading and loses nothing; a failed fsync stops."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import pytest
 
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.records import Record
-from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.spooler import Spooler
 from fpolicyd.sinks.local import JsonlSender
 from fpolicyd.sinks.retry import RetryPolicy
 from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings
@@ -22,19 +22,25 @@ from fpolicyd.storage.spool import Spool, SpoolIOError, SpoolSettings
 from support.sinks import Collect
 
 
-def make(tmp_path: Path) -> tuple[Spool, Collect, EventPipeline]:
+def make(
+    tmp_path: Path, on_fatal: Callable[[BaseException], None] = lambda exc: None
+) -> tuple[Spool, Collect, Spooler]:
     spool = Spool.open(
         SpoolSettings(directory=tmp_path / "spool", segment_bytes=1 << 16, max_bytes=1 << 24), ["collect"]
     )
     sink = Collect()
-    pipeline = EventPipeline(
-        spool, [sink], Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19), checkpoint_interval_s=0.05
+    spooler = Spooler(
+        spool,
+        [sink],
+        Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19),
+        checkpoint_interval_s=0.05,
+        on_fatal=on_fatal,
     )
-    return spool, sink, pipeline
+    return spool, sink, spooler
 
 
-def paused(pipeline: EventPipeline) -> bool:
-    return pipeline.reading_paused
+def paused(spooler: Spooler) -> bool:
+    return spooler.reading_paused
 
 
 async def wait_until(predicate: object, within: float = 5.0) -> None:
@@ -47,8 +53,8 @@ async def wait_until(predicate: object, within: float = 5.0) -> None:
 
 
 async def test_a_full_disk_pauses_reading_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spool, sink, pipeline = make(tmp_path)
-    await pipeline.start()
+    spool, sink, spooler = make(tmp_path)
+    await spooler.start()
     real_flush = spool.flush
     failures = 3
 
@@ -62,35 +68,34 @@ async def test_a_full_disk_pauses_reading_and_loses_nothing(tmp_path: Path, monk
     monkeypatch.setattr(spool, "flush", flaky_flush)
     answered: list[int] = []
     for n in range(50):
-        pipeline.submit(b'{"n":%d}' % n, partial(answered.append, n))
+        spooler.submit(b'{"n":%d}' % n, partial(answered.append, n))
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    assert paused(pipeline)  # the disk is full: stop reading, keep what was read
+    assert paused(spooler)  # the disk is full: stop reading, keep what was read
     assert answered == []  # nothing is acknowledged before it is durable
     await wait_until(lambda: len(sink.payloads) == 50)
-    assert not paused(pipeline)
+    assert not paused(spooler)
     assert answered == list(range(50))
-    assert await pipeline.drain(2.0) == 0
+    assert await spooler.drain(2.0) == 0
     spool.close()
 
 
 async def test_a_failed_fsync_stops_the_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spool, _sink, pipeline = make(tmp_path)
     fatal: list[BaseException] = []
-    pipeline.on_fatal = fatal.append
-    await pipeline.start()
+    spool, _sink, spooler = make(tmp_path, on_fatal=fatal.append)
+    await spooler.start()
 
     def broken_sync() -> int:
         raise SpoolIOError("fsync: Input/output error", retriable=False)
 
     monkeypatch.setattr(spool, "sync", broken_sync)
     answered: list[int] = []
-    pipeline.submit(b'{"n":1}', lambda: answered.append(1))
+    spooler.submit(b'{"n":1}', lambda: answered.append(1))
     await wait_until(lambda: bool(fatal))
-    assert pipeline.reading_paused
+    assert spooler.reading_paused
     assert answered == []  # never acknowledged: ONTAP will send it again to a healthy server
     monkeypatch.undo()
-    await pipeline.drain(1.0)
+    await spooler.drain(1.0)
     spool.abandon()
 
 
@@ -112,16 +117,16 @@ async def test_linger_turns_a_trickle_into_full_batches(tmp_path: Path) -> None:
         SpoolSettings(directory=tmp_path / "spool", segment_bytes=1 << 16, max_bytes=1 << 24), ["counting"]
     )
     sender = CountingSender()
-    pipeline = EventPipeline(
+    spooler = Spooler(
         spool, [sender], Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19), checkpoint_interval_s=1
     )
-    await pipeline.start()
+    await spooler.start()
     for n in range(10):  # a trickle: one event every 10 ms, well inside one linger
-        pipeline.submit(b'{"n":%d}' % n)
+        spooler.submit(b'{"n":%d}' % n)
         await asyncio.sleep(0.01)
     await wait_until(lambda: len(sender.payloads) == 10)
     assert sender.sends == 1  # one request for ten events, not ten
-    assert await pipeline.drain(2.0) == 0
+    assert await spooler.drain(2.0) == 0
     spool.close()
 
 
@@ -133,14 +138,14 @@ async def test_a_json_lines_write_that_fails_is_retried_and_its_os_error_is_repo
     sender = JsonlSender(JsonlSettings(directory=tmp_path / "events", fsync=FsyncPolicy.never), max_bytes=1 << 20)
     settings = SpoolSettings(directory=tmp_path / "spool", segment_bytes=1 << 16, max_bytes=1 << 24)
     spool = Spool.open(settings, [sender.name])
-    pipeline = EventPipeline(
+    spooler = Spooler(
         spool,
         [sender],
         Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19),
         checkpoint_interval_s=0.05,
         retry=RetryPolicy(base_s=0.01, cap_s=0.05),
     )
-    await pipeline.start()
+    await spooler.start()
     real_write = os.write
     full = True
 
@@ -152,13 +157,13 @@ async def test_a_json_lines_write_that_fails_is_retried_and_its_os_error_is_repo
     monkeypatch.setattr(os, "write", write)
     try:
         for n in range(20):
-            pipeline.submit(b'{"n":%d}' % n)
-        [worker] = pipeline.local_workers
+            spooler.submit(b'{"n":%d}' % n)
+        [worker] = spooler.local_workers
         await wait_until(lambda: worker.last_error is not None)
         assert "No space left on device" in str(worker.last_error)
         full = False
         await wait_until(lambda: worker.last_error is None and worker.stats.delivered == 20)
     finally:
-        await pipeline.drain(2.0)
+        await spooler.drain(2.0)
     lines = [line for path in sorted((tmp_path / "events").glob("*.jsonl")) for line in path.read_bytes().splitlines()]
     assert lines == [b'{"n":%d}' % n for n in range(20)]

@@ -32,8 +32,8 @@ from fpolicyd.protocol.messages import (
 )
 from fpolicyd.protocol.session import NoticeKind, SessionConfig
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_message
-from fpolicyd.server.connection import FPolicyConnection, ServerContext
-from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.connection import FPolicyConnection, LiveConnections, ServerContext
+from fpolicyd.server.spooler import Spooler
 from fpolicyd.simulator.generate import generate_frames
 from fpolicyd.storage.spool import Spool, SpoolSettings
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
@@ -309,20 +309,23 @@ class SlowSender:
 async def test_a_slow_sink_applies_back_pressure_pauses_reading_and_loses_nothing(tmp_path: Path) -> None:
     spool = Spool.open(SpoolSettings(directory=tmp_path / "spool", segment_bytes=64 << 10, max_bytes=4 << 20), ["slow"])
     sender = SlowSender()
-    pipeline = EventPipeline(
+    connections = LiveConnections()
+    spooler = Spooler(
         spool,
         [sender],
         Watermarks(low_bytes=256 << 10, high_bytes=512 << 10, hard_bytes=1 << 20),
         checkpoint_interval_s=0.05,
+        broadcast_back_pressure=connections.broadcast_back_pressure,
     )
     context = ServerContext(
         session_config=SessionConfig(),
         ingest=Ingest(names=NameMaps(), counters=IngestCounters(), replay=ReplayTracker()),
-        pipeline=pipeline,
+        spooler=spooler,
+        connections=connections,
         max_frame_bytes=1 << 20,
         max_connections=4,
     )
-    await pipeline.start()
+    await spooler.start()
     server = await asyncio.get_running_loop().create_server(lambda: FPolicyConnection(context), "127.0.0.1", 0)
     peer = await loopback_peer(server.sockets[0].getsockname()[1])
     try:
@@ -336,12 +339,12 @@ async def test_a_slow_sink_applies_back_pressure_pauses_reading_and_loses_nothin
             await asyncio.sleep(0.02)
         assert len(sender.payloads) == 2500
         assert all(payload.startswith(b'{"event_id":') for payload in sender.payloads)
-        assert pipeline.pauses >= 1  # reading stopped at the pause watermark
+        assert spooler.pauses >= 1  # reading stopped at the pause watermark
     finally:
         await peer.close()
         server.close()
         await server.wait_closed()
-        assert await pipeline.drain(5.0) == 0
+        assert await spooler.drain(5.0) == 0
         spool.close()
 
 

@@ -1,9 +1,9 @@
-"""Settle under wall-clock jumps (the pure parts: :class:`SettleClock`, :class:`Stage`, :class:`Settler`).
+"""Settle under wall-clock jumps (the pure parts: :class:`SettleClock`, :class:`ProcessingStage`, :class:`Settler`).
 
 The processor's caught-up loop is replayed here step by step: events are stamped with the (jumping) wall clock
 as the reader stamps ``received_at``, offered with ``not_before`` = settle's watermark, and ``due`` is asked at
 the watermark, ``SettleClock.now(max(wall, offered_through), mono) - SETTLE_WATERMARK_LAG_S`` (as
-``Processor._settle_now``). Whatever the wall clock does (an hour
+``ProcessingWorker._settle_now``). Whatever the wall clock does (an hour
 back or forward, several times):
 
 - nothing is lost: every event is in exactly one output;
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fpolicyd.pipeline.processing import Candidate, ProcessingStage, ProcessingState
 from fpolicyd.pipeline.records import Record
 from fpolicyd.pipeline.settle import SettleClock, SettlePolicy, Settler, received_at_s
-from fpolicyd.pipeline.stage import Candidate, Stage, StageState
-from fpolicyd.server.processor import SETTLE_WATERMARK_LAG_S as LAG
+from fpolicyd.server.processing import SETTLE_WATERMARK_LAG_S as LAG
 from support.stage_events import BASE, make_event
 
 WINDOW, MAX_HOLD = 5.0, 30.0
@@ -49,10 +49,10 @@ steps_strategy = st.lists(
 )
 
 
-def new_stage() -> Stage:
+def new_stage() -> ProcessingStage:
     policy = SettlePolicy(window_s=WINDOW, max_hold_s=MAX_HOLD)
-    return Stage(
-        settler=Settler(lambda event: policy, max_pending=1000), state=StageState(), received_at_s=received_at_s
+    return ProcessingStage(
+        settler=Settler(lambda event: policy, max_pending=1000), state=ProcessingState(), received_at_s=received_at_s
     )
 
 

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fpolicyd.events import FileEvent
+from fpolicyd.pipeline.processing import Candidate, ProcessingStage, ProcessingState
 from fpolicyd.pipeline.records import Record
 from fpolicyd.pipeline.settle import SettlePolicy, Settler, SettleStrategy, received_at_s
-from fpolicyd.pipeline.stage import Candidate, Stage, StageState
 from support.stage_events import BASE, make_event
 
 PATHS = ("/a", "/b", "/c/x.tmp", "/c/x", "/c/x.done")
@@ -34,13 +34,15 @@ def histories(draw: st.DrawFn) -> tuple[list[tuple[FileEvent, bool]], int, Settl
     return out, cut, strategy
 
 
-def new_stage(strategy: SettleStrategy, state: StageState) -> Stage:
+def new_stage(strategy: SettleStrategy, state: ProcessingState) -> ProcessingStage:
     policy = SettlePolicy(window_s=5.0, max_hold_s=1e6, strategy=strategy)
     settler = Settler(lambda event: policy if policy.holds(event.operation_type) else None, max_pending=10_000)
-    return Stage(settler=settler, state=state, received_at_s=received_at_s)
+    return ProcessingStage(settler=settler, state=state, received_at_s=received_at_s)
 
 
-def run(stage: Stage, history: list[tuple[FileEvent, bool]], first_seq: int, last_seq: int) -> list[Candidate]:
+def run(
+    stage: ProcessingStage, history: list[tuple[FileEvent, bool]], first_seq: int, last_seq: int
+) -> list[Candidate]:
     """Feed records first_seq..last_seq one by one; after a record flagged True, settle's clock moves to its
     receive time (a watermark, as the processor does)."""
     out: list[Candidate] = []
@@ -66,12 +68,12 @@ def test_crash_and_restart_emits_each_output_exactly_once(
     history, cut, strategy = case
     end = BASE + 1e7
 
-    whole = new_stage(strategy, StageState())
+    whole = new_stage(strategy, ProcessingState())
     expected = run(whole, history, 1, len(history)) + whole.due(end)
 
-    before = new_stage(strategy, StageState())
+    before = new_stage(strategy, ProcessingState())
     emitted_before = run(before, history, 1, cut)
-    saved = StageState.from_json(before.state().to_json())
+    saved = ProcessingState.from_json(before.state().to_json())
     after = new_stage(strategy, saved)
     emitted_after = run(after, history, saved.floor + 1, len(history)) + after.due(end)
 

@@ -1,4 +1,4 @@
-"""A sink (``Sender``) that keeps what it is sent, for tests that drive an ``EventPipeline`` directly."""
+"""A sink (``Sender``) that keeps what it is sent, for tests that drive an ``Spooler`` directly."""
 
 from __future__ import annotations
 

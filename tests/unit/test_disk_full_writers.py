@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from fpolicyd.errors import DiskFullError, SinkError, is_disk_full
 from fpolicyd.pipeline.backpressure import Watermarks
 from fpolicyd.pipeline.dedup import DedupFailureMode, DedupRequest, exact_key
+from fpolicyd.pipeline.processing import ProcessingState
 from fpolicyd.pipeline.records import encode_duplicate
-from fpolicyd.pipeline.stage import StageState
 from fpolicyd.server.capture import CaptureLimits, CaptureRecorder
 from fpolicyd.server.disk_monitor import DiskMonitor
-from fpolicyd.server.pipeline import EventPipeline
-from fpolicyd.server.processor import STATE_FILE, load_state, save_state
+from fpolicyd.server.processing import STATE_FILE, load_state, save_state
+from fpolicyd.server.spooler import Spooler
 from fpolicyd.storage.dedup_journal import DedupJournal, JournalError
 from fpolicyd.storage.dedup_store import EmbeddedDedupStore
 from fpolicyd.storage.disk import DiskFull, DiskRetry, Writer, sink_writer
@@ -147,8 +147,8 @@ def test_the_journal_never_raises_on_append_and_keeps_every_claim_through_a_full
 # --------------------------------------------------------------------------------------- spool roll
 
 
-def paused(pipeline: EventPipeline) -> bool:
-    return pipeline.reading_paused
+def paused(spooler: Spooler) -> bool:
+    return spooler.reading_paused
 
 
 async def test_a_segment_roll_the_disk_refuses_holds_the_events_and_pauses_until_space_frees(
@@ -156,37 +156,37 @@ async def test_a_segment_roll_the_disk_refuses_holds_the_events_and_pauses_until
 ) -> None:
     spool = Spool.open(SpoolSettings(directory=tmp_path / "spool", segment_bytes=4096, max_bytes=1 << 24), ["collect"])
     sink = Collect(max_records=1000)
-    pipeline = EventPipeline(
+    spooler = Spooler(
         spool,
         [sink],
         Watermarks(low_bytes=1 << 20, high_bytes=1 << 21, hard_bytes=1 << 22),
         checkpoint_interval_s=0.05,
         disk=DiskMonitor(FAST),
     )
-    await pipeline.start()
+    await spooler.start()
     disk = FullDisk(monkeypatch, tmp_path)
     sent = [b'{"n":%d,"pad":"%s"}' % (n, b"x" * 200) for n in range(100)]
     try:
-        pipeline.submit_many(sent[:10], [])
+        spooler.submit_many(sent[:10], [])
         await asyncio.sleep(0.05)
         disk.full = True
         for line in sent[10:]:  # several segments' worth: a roll (a new file) is refused
-            pipeline.submit(line)
+            spooler.submit(line)
         await asyncio.sleep(0.1)
-        assert paused(pipeline)
-        assert pipeline.disk.state.is_full(Writer.spool)
-        assert pipeline.fatal is None
+        assert paused(spooler)
+        assert spooler.disk.state.is_full(Writer.spool)
+        assert spooler.fatal is None
         disk.full = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
         while len(sink.payloads) < len(sent) and loop.time() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.01)
-        assert not paused(pipeline)
+        assert not paused(spooler)
     finally:
-        await pipeline.drain(5.0)
+        await spooler.drain(5.0)
         spool.close()
     assert sink.payloads == sent
-    assert pipeline.disk.state.episodes[Writer.spool] == 1
+    assert spooler.disk.state.episodes[Writer.spool] == 1
 
 
 # --------------------------------------------------------------------------------------- SQLite store
@@ -220,7 +220,7 @@ def test_a_full_sqlite_store_raises_disk_full_whatever_the_failure_mode(tmp_path
 
 
 def test_a_state_save_on_a_full_disk_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    save_state(tmp_path, StageState(5, (7, 9)))
+    save_state(tmp_path, ProcessingState(5, (7, 9)))
     real_open = open
 
     def full_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
@@ -232,10 +232,10 @@ def test_a_state_save_on_a_full_disk_keeps_the_previous_file(tmp_path: Path, mon
 
     monkeypatch.setattr("builtins.open", full_open)
     with pytest.raises(OSError, match="No space left") as caught:
-        save_state(tmp_path, StageState(50, ()))
+        save_state(tmp_path, ProcessingState(50, ()))
     monkeypatch.undo()
     assert is_disk_full(caught.value)
-    assert load_state(tmp_path) == StageState(5, (7, 9))
+    assert load_state(tmp_path) == ProcessingState(5, (7, 9))
     assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from fpolicyd.obs.metrics import (
     EventClock,
     Histogram,
     Metrics,
+    ReplayFigures,
     SinkInstruments,
 )
 from fpolicyd.pipeline.backpressure import Pressure, Watermarks
@@ -37,9 +38,9 @@ from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
 from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind, SessionConfig
 from fpolicyd.server.budget import Refusal
-from fpolicyd.server.connection import ServerContext
+from fpolicyd.server.connection import LiveConnections, ServerContext
 from fpolicyd.server.metric_labels import METRIC_LABELS
-from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.spooler import Spooler
 from fpolicyd.server.tls_failures import TlsFailure
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.aws.sender import AwsSender
@@ -108,7 +109,9 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
     opened.close()
 
 
-def build(spool: Spool, tmp_path: Path) -> tuple[Metrics, ServerContext, EventPipeline, AwsSender]:
+def build(
+    spool: Spool, tmp_path: Path, replay: Callable[[], ReplayFigures] | None = None
+) -> tuple[Metrics, ServerContext, Spooler, AwsSender]:
     sqs = AwsSender(
         SqsTarget(queue_url="https://sqs.eu-west-1.amazonaws.com/1/q"),
         AwsClients(region_name="eu-west-1"),
@@ -117,22 +120,25 @@ def build(spool: Spool, tmp_path: Path) -> tuple[Metrics, ServerContext, EventPi
         retry=RetryPolicy(),
         linger_s=0.0,
     )
-    pipeline = EventPipeline(
+    connections = LiveConnections()
+    spooler = Spooler(
         spool,
         [FakeSender("jsonl:/data/events"), sqs],
         Watermarks(low_bytes=2 << 20, high_bytes=4 << 20, hard_bytes=6 << 20),
         checkpoint_interval_s=1.0,
+        broadcast_back_pressure=connections.broadcast_back_pressure,
     )
     ctx = ServerContext(
         session_config=SessionConfig(),
         ingest=Ingest(names=NameMaps(), counters=IngestCounters(), replay=ReplayTracker()),
-        pipeline=pipeline,
+        spooler=spooler,
+        connections=connections,
         max_frame_bytes=1 << 20,
         max_connections=8,
     )
-    metrics = Metrics(labels=METRIC_LABELS, ingestion_slo_s=5.0, process_metrics=False)
-    metrics.attach(ctx, pipeline)
-    return metrics, ctx, pipeline, sqs
+    metrics = Metrics(labels=METRIC_LABELS, ingestion_slo_s=5.0, process_metrics=False, replay=replay)
+    metrics.attach(ctx, spooler)
+    return metrics, ctx, spooler, sqs
 
 
 def families(metrics: Metrics) -> dict[str, Metric]:
@@ -269,14 +275,14 @@ def test_send_failures_are_counted_by_retryability() -> None:
 
 
 def test_collector_reads_hand_set_counters(spool: Spool, tmp_path: Path) -> None:
-    metrics, ctx, pipeline, sqs = build(spool, tmp_path)
+    metrics, ctx, spooler, sqs = build(spool, tmp_path, FakeReplay)
     ctx.ingest.counters.events = 10
     ctx.ingest.counters.paths_truncated = 7
     ctx.sessions_opened = 3
     ctx.notices = {NoticeKind.HANDSHAKE: 3, NoticeKind.KEEP_ALIVE: 5, NoticeKind.STATE: 3, NoticeKind.ALERT: 1}
     ctx.ingest.counters.operations = {"create": 6, "rename": 4}
     ctx.protocol_errors = {"bad_marker": 2, "idle_timeout": 1}
-    jsonl, cloud = pipeline.local_workers
+    jsonl, cloud = spooler.local_workers
     jsonl.stats.delivered = 10
     jsonl.instruments.send_failed(3, retryable=True)
     jsonl.last_error = SinkError("disk full", retriable=True)
@@ -288,7 +294,6 @@ def test_collector_reads_hand_set_counters(spool: Spool, tmp_path: Path) -> None
     sqs.requests = 9
     metrics.count_dedup_hits(2)
     metrics.settle_pending_source = lambda: 6
-    metrics.replay_source = FakeReplay
 
     got = families(metrics)
     frames = got["fpolicyd_frames_received"]
@@ -336,9 +341,8 @@ def test_collector_reads_hand_set_counters(spool: Spool, tmp_path: Path) -> None
 
 
 def test_every_family_follows_the_naming_rules(spool: Spool, tmp_path: Path) -> None:
-    metrics, ctx, _pipeline, _sqs = build(spool, tmp_path)
+    metrics, ctx, _spooler, _sqs = build(spool, tmp_path, FakeReplay)
     ctx.protocol_errors = {"bad_marker": 1}
-    metrics.replay_source = FakeReplay
     got = families(metrics)
     assert set(got) >= REQUIRED_FAMILIES
     for name, family in got.items():
@@ -355,7 +359,7 @@ def test_every_family_follows_the_naming_rules(spool: Spool, tmp_path: Path) -> 
 
 def test_every_member_of_the_label_enums_is_exported_before_it_is_seen(spool: Spool, tmp_path: Path) -> None:
     """obs imports none of these enums: the daemon passes their members in (METRIC_LABELS), each a zero series."""
-    metrics, _ctx, pipeline, sqs = build(spool, tmp_path)
+    metrics, _ctx, spooler, sqs = build(spool, tmp_path)
     got = families(metrics)
 
     def labels(family: str, label: str) -> list[str]:
@@ -369,7 +373,7 @@ def test_every_member_of_the_label_enums_is_exported_before_it_is_seen(spool: Sp
     frames = labels("fpolicyd_frames_received", "type")
     assert frames[0] == NotfType.SCREEN_REQ
     assert {NotfType.NEGO_REQ, NotfType.KEEP_ALIVE, NotfType.ALERT_MSG, "unknown", "unexpected"} <= set(frames)
-    sinks = [sink_writer(worker.name) for worker in pipeline.workers]
+    sinks = [sink_writer(worker.name) for worker in spooler.workers]
     assert sink_writer(sqs.name) in sinks
     for family in ("fpolicyd_disk_full", "fpolicyd_disk_full_episodes", "fpolicyd_disk_full_errors"):
         assert labels(family, "writer") == [*(w.value for w in Writer), *sinks]
@@ -422,9 +426,9 @@ def test_heartbeat_stall_must_exceed_interval() -> None:
 
 
 def test_readiness_lists_each_failing_check(spool: Spool, tmp_path: Path) -> None:
-    _metrics, _ctx, pipeline, _sqs = build(spool, tmp_path)
+    _metrics, _ctx, spooler, _sqs = build(spool, tmp_path)
     heartbeat = Heartbeat(interval_s=1.0, stall_s=10.0, clock=FakeClock())
-    ready = readiness(heartbeat, listening="127.0.0.1:9898", pipeline=pipeline, spool_limit_bytes=8 << 20)
+    ready = readiness(heartbeat, listening="127.0.0.1:9898", spooler=spooler, spool_limit_bytes=8 << 20)
     assert ready.status == 200
     assert [c.name for c in ready.checks] == [
         "event_loop",
@@ -433,16 +437,16 @@ def test_readiness_lists_each_failing_check(spool: Spool, tmp_path: Path) -> Non
         "spool",
         "disk",
         "sink:jsonl:/data/events",
-        f"sink:{pipeline.workers[1].name}",
+        f"sink:{spooler.workers[1].name}",
     ]
-    pipeline.local_workers[1].last_error = SinkError("connection refused", retriable=True)
-    pipeline.fatal = OSError("fsync failed")
-    report = readiness(heartbeat, listening=None, pipeline=pipeline, spool_limit_bytes=spool.size_bytes)
+    spooler.local_workers[1].last_error = SinkError("connection refused", retriable=True)
+    spooler.fatal = OSError("fsync failed")
+    report = readiness(heartbeat, listening=None, spooler=spooler, spool_limit_bytes=spool.size_bytes)
     failing = {c.name: c.detail for c in report.checks if not c.ok}
     assert report.status == 503
-    assert set(failing) == {"listener", "pipeline", "spool", f"sink:{pipeline.workers[1].name}"}
-    assert "connection refused" in failing[f"sink:{pipeline.workers[1].name}"]
-    assert readiness(heartbeat, listening=None, pipeline=None, spool_limit_bytes=1).status == 503
+    assert set(failing) == {"listener", "pipeline", "spool", f"sink:{spooler.workers[1].name}"}
+    assert "connection refused" in failing[f"sink:{spooler.workers[1].name}"]
+    assert readiness(heartbeat, listening=None, spooler=None, spool_limit_bytes=1).status == 503
 
 
 def test_http_port_in_use_is_a_config_error() -> None:

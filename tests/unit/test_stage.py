@@ -6,19 +6,19 @@ import orjson
 import pytest
 
 from fpolicyd.events import FileEvent
-from fpolicyd.pipeline.records import Record
-from fpolicyd.pipeline.settle import SettlePolicy, Settler, received_at_s
-from fpolicyd.pipeline.stage import (
+from fpolicyd.pipeline.processing import (
     Candidate,
     Destinations,
-    Stage,
-    StageState,
+    ProcessingStage,
+    ProcessingState,
     encode_processed,
     processed_payload,
     sink_key,
     sink_selector,
     stored_event_id,
 )
+from fpolicyd.pipeline.records import Record
+from fpolicyd.pipeline.settle import SettlePolicy, Settler, received_at_s
 from support.stage_events import BASE, make_event
 
 A, B, AUDIT = "jsonl:/a", "sqs:https://q/legal", "jsonl:/unrouted"
@@ -28,12 +28,16 @@ def record(seq: int, event: FileEvent) -> Record:
     return Record(seq, event.to_json())
 
 
-def stage(*, settle_window_s: float = 0.0, state: StageState | None = None, decode: bool = True) -> Stage:
+def stage(
+    *, settle_window_s: float = 0.0, state: ProcessingState | None = None, decode: bool = True
+) -> ProcessingStage:
     settler = None
     if settle_window_s:
         policy = SettlePolicy(window_s=settle_window_s, max_hold_s=60.0)
         settler = Settler(lambda event: policy if policy.holds(event.operation_type) else None, max_pending=1000)
-    return Stage(settler=settler, state=state or StageState(), received_at_s=received_at_s, decode=decode)
+    return ProcessingStage(
+        settler=settler, state=state or ProcessingState(), received_at_s=received_at_s, decode=decode
+    )
 
 
 def test_processed_records_reach_only_the_sinks_they_name() -> None:
@@ -139,9 +143,9 @@ def test_restart_does_not_emit_twice_what_was_already_out() -> None:
     assert [c.last_seq for c in out] == [2, 4]
     first.emitted([2, 4])
     state = first.state()
-    assert state == StageState(floor=0, emitted=(2, 4))
+    assert state == ProcessingState(floor=0, emitted=(2, 4))
 
-    restarted = stage(settle_window_s=5.0, state=StageState.from_json(state.to_json()))
+    restarted = stage(settle_window_s=5.0, state=ProcessingState.from_json(state.to_json()))
     again = restarted.take([record(i + 1, e) for i, e in enumerate(events)])
     assert again == []  # the reads are known to be out; the burst is pending again
     assert restarted.stats.already_emitted == 2
@@ -157,4 +161,4 @@ def test_restart_does_not_emit_twice_what_was_already_out() -> None:
 )  # fmt: skip
 def test_malformed_state_is_refused(data: bytes) -> None:
     with pytest.raises(ValueError, match=r"."):
-        StageState.from_json(data)
+        ProcessingState.from_json(data)

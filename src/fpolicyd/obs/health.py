@@ -5,7 +5,7 @@ Both are answered on the HTTP server's own thread, so they keep answering when t
 - liveness = the process answers and the event loop ran its heartbeat within ``health_loop_stall_s``. A wedged
   loop (a blocking call, a CPU-bound bug) stops the heartbeat and fails it, which is what a container health
   check must restart;
-- readiness = liveness, plus the FPolicy listener is bound, the pipeline can still make events durable, no
+- readiness = liveness, plus the FPolicy listener is bound, the spooler can still make events durable, no
   writer is in a disk-full episode (check ``disk``: the writers named, reading is paused meanwhile), no sink is
   failing and the spool is under its hard limit. A load balancer or an operator reads which check
   failed from the JSON body.
@@ -26,8 +26,8 @@ from fpolicyd.errors import ConfigError
 # ------------------------------------------------------------- what readiness reads (obs imports none of them)
 
 
-class Stage(Protocol):
-    """The processing stage as readiness sees it (``fpolicyd.server.processor.Processor``)."""
+class ProcessingHealth(Protocol):
+    """The processing stage as readiness sees it (``fpolicyd.server.processing.ProcessingWorker``)."""
 
     @property
     def last_error(self) -> BaseException | None: ...
@@ -81,8 +81,8 @@ class SinkHealth(Protocol):
     def last_error(self) -> BaseException | None: ...
 
 
-class PipelineHealth(Protocol):
-    """The spool and the sinks as readiness sees them (``fpolicyd.server.pipeline.EventPipeline``)."""
+class SpoolerHealth(Protocol):
+    """The spool and the sinks as readiness sees them (``fpolicyd.server.spooler.Spooler``)."""
 
     @property
     def fatal(self) -> BaseException | None: ...
@@ -174,24 +174,24 @@ def readiness(
     heartbeat: Heartbeat,
     *,
     listening: str | None,
-    pipeline: PipelineHealth | None,
+    spooler: SpoolerHealth | None,
     spool_limit_bytes: int,
-    stage: Stage | None = None,
+    processing: ProcessingHealth | None = None,
 ) -> HealthReport:
     """``listening``: where the FPolicy listener is bound, or None while it is not (starting, stopping);
-    ``stage``: the processing stage (route, settle, dedup) when it runs."""
+    ``processing``: the processing stage (route, settle, dedup) when it runs."""
     checks: list[Check] = [heartbeat.check()]
     checks.append(
         Check("listener", True, f"listening on {listening}")
         if listening is not None
         else Check("listener", False, "the FPolicy listener is not bound (starting or stopping)")
     )
-    if pipeline is None:
+    if spooler is None:
         checks.append(Check("pipeline", False, "the spool and sinks are not open yet"))
     else:
-        checks.extend(_pipeline_checks(pipeline, spool_limit_bytes))
-    if stage is not None:
-        error = stage.last_error
+        checks.extend(_spooler_checks(spooler, spool_limit_bytes))
+    if processing is not None:
+        error = processing.last_error
         checks.append(
             Check("processor", True, "routing, settle and dedup proceed")
             if error is None
@@ -200,17 +200,17 @@ def readiness(
     return HealthReport(tuple(checks))
 
 
-def _pipeline_checks(pipeline: PipelineHealth, spool_limit_bytes: int) -> Sequence[Check]:
+def _spooler_checks(spooler: SpoolerHealth, spool_limit_bytes: int) -> Sequence[Check]:
     checks: list[Check] = []
-    fatal = pipeline.fatal
+    fatal = spooler.fatal
     checks.append(
         Check("pipeline", True, "events are made durable")
         if fatal is None
         else Check("pipeline", False, f"the spool failed and the daemon is stopping: {fatal}")
     )
-    size = pipeline.spool.size_bytes
+    size = spooler.spool.size_bytes
     checks.append(Check("spool", size < spool_limit_bytes, f"{size} of {spool_limit_bytes} bytes (spool_max_bytes)"))
-    full = pipeline.disk.state.active
+    full = spooler.disk.state.active
     checks.append(
         Check("disk", True, "every writer writes")
         if not full
@@ -221,7 +221,7 @@ def _pipeline_checks(pipeline: PipelineHealth, spool_limit_bytes: int) -> Sequen
             + "; ".join(f"{writer}: {episode.error}" for writer, episode in sorted(full.items())),
         )
     )
-    duplicates = pipeline.duplicates
+    duplicates = spooler.duplicates
     if duplicates is not None:
         ledger_error = duplicates.last_error
         checks.append(
@@ -229,7 +229,7 @@ def _pipeline_checks(pipeline: PipelineHealth, spool_limit_bytes: int) -> Sequen
             if ledger_error is None
             else Check("ledger", False, f"the dedup audit ledger cannot be written: {ledger_error}")
         )
-    for worker in pipeline.workers:
+    for worker in spooler.workers:
         error = worker.last_error
         checks.append(
             Check(f"sink:{worker.name}", True, f"{worker.lag} events pending")

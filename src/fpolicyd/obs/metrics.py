@@ -1,6 +1,6 @@
 """Prometheus metrics: one registry per :class:`~fpolicyd.app.Daemon`, read at scrape time.
 
-Most figures already exist as plain counters on the objects that own them (the server context, the pipeline,
+Most figures already exist as plain counters on the objects that own them (the server context, the spooler,
 the spool, the sink workers and senders); :class:`FpolicydCollector` reads them when ``/metrics`` is scraped,
 so the reader's per-event loop pays nothing for metrics except one dict increment per event (events by
 operation). Distributions that need a per-event observation (end-to-end and ingestion latency) are observed
@@ -15,10 +15,10 @@ The scrape runs on the HTTP server's thread while the event loop mutates these o
 reads ints and copies dicts/sets with one C-level call (``dict(d)``, ``list(s)``) before iterating them.
 
 Figures owned by other subsystems (replay tracking, dedup, settle) are read through the hooks of
-:class:`Metrics` (``replay_source``, ``watch_processor``/``dedup_hits_source``, ``settle_pending_source``).
+:class:`Metrics` (``replay``, ``watch_processing``/``dedup_hits_source``, ``settle_pending_source``).
 
 obs is a leaf: this module imports nothing of fpolicyd but its version. It reads the other packages' objects
-through the :class:`typing.Protocol` classes below (``ServerFigures``, ``PipelineFigures``, ``ProcessorFigures``,
+through the :class:`typing.Protocol` classes below (``ServerFigures``, ``SpoolerFigures``, ``ProcessingFigures``,
 ``ReplayFigures``), and the closed label sets it exports before anything happens (the members of their enums)
 are passed in as :class:`MetricLabels` (``fpolicyd.server.metric_labels.METRIC_LABELS``).
 """
@@ -355,7 +355,7 @@ class ReplayFigures(Protocol):
     def max_replay_duration_s(self) -> float: ...
 
 
-# ------------------------------------------------------- server, pipeline and processor figures (read-only)
+# ------------------------------------------------------ server, spooler and processing figures (read-only)
 
 
 class IngestCounterFigures(Protocol):
@@ -496,8 +496,8 @@ class SinkWorkerFigures(Protocol):
     def figures(self) -> SinkFigures: ...
 
 
-class PipelineFigures(Protocol):
-    """What the collector reads of the pipeline (``fpolicyd.server.pipeline.EventPipeline``)."""
+class SpoolerFigures(Protocol):
+    """What the collector reads of the spooler (``fpolicyd.server.spooler.Spooler``)."""
 
     @property
     def spool(self) -> SpoolFigures: ...
@@ -519,8 +519,8 @@ class PipelineFigures(Protocol):
     def workers(self) -> Sequence[SinkWorkerFigures]: ...
 
 
-class ProcessorStatsFigures(Protocol):
-    """The processing stage's counters (``fpolicyd.server.processor.ProcessorStats``)."""
+class ProcessingStatsFigures(Protocol):
+    """The processing stage's counters (``fpolicyd.server.processing.ProcessingWorkerStats``)."""
 
     @property
     def duplicates(self) -> int: ...
@@ -533,14 +533,14 @@ class ProcessorStatsFigures(Protocol):
 
 
 class SettleFigures(Protocol):
-    """The route/settle/dedup stage (``fpolicyd.pipeline.stage.Stage``): the events settle holds."""
+    """The route/settle/dedup stage (``fpolicyd.pipeline.processing.ProcessingStage``): the events settle holds."""
 
     @property
     def pending(self) -> int: ...
 
 
 class DedupStoreState(Protocol):
-    """The dedup store's state (``fpolicyd.server.processor.DedupStoreFigures``)."""
+    """The dedup store's state (``fpolicyd.server.processing.DedupStoreFigures``)."""
 
     @property
     def up(self) -> bool: ...
@@ -552,11 +552,11 @@ class DedupStoreState(Protocol):
     def short_circuited(self) -> int: ...
 
 
-class ProcessorFigures(Protocol):
-    """What the collector reads of the processing stage (``fpolicyd.server.processor.Processor``)."""
+class ProcessingFigures(Protocol):
+    """What the collector reads of the processing stage (``fpolicyd.server.processing.ProcessingWorker``)."""
 
     @property
-    def stats(self) -> ProcessorStatsFigures: ...
+    def stats(self) -> ProcessingStatsFigures: ...
     @property
     def stage(self) -> SettleFigures: ...
     @property
@@ -597,10 +597,10 @@ class MetricLabels:
 class Metrics:
     """A daemon's registry, and the hooks through which subsystems outside the server and sinks feed it.
 
-    - replay tracking: ``replay_source = lambda: tracker.stats()`` (a :class:`ReplayFigures`, read at scrape
+    - replay tracking: ``Metrics(replay=tracker.stats)`` (a :class:`ReplayFigures`, read at scrape
       time, on the HTTP thread: it must only read attributes);
     - dedup: the reader's exact-dedup window is read from the server context; the processing stage's suppressed
-      duplicates through :meth:`watch_processor`, or ``count_dedup_hits(n)``;
+      duplicates through :meth:`watch_processing`, or ``count_dedup_hits(n)``;
     - settle: ``settle_pending_source = lambda: <events waiting to settle>``.
     """
 
@@ -612,6 +612,7 @@ class Metrics:
         reconnect_slo_s: float = 30.0,
         replay_slo_s: float = 300.0,
         process_metrics: bool = True,
+        replay: Callable[[], ReplayFigures] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.labels = labels
@@ -622,10 +623,10 @@ class Metrics:
         self.dedup_hits_source: Callable[[], int] = lambda: self._dedup_hits
         self.settle_pending_source: Callable[[], int] = lambda: 0
         #: The processing stage, when it runs (dedup failures, its backlog).
-        self.processor: ProcessorFigures | None = None
-        self.replay_source: Callable[[], ReplayFigures] | None = None
+        self.processing: ProcessingFigures | None = None
+        self.replay_source = replay
         self.context: ServerFigures | None = None
-        self.pipeline: PipelineFigures | None = None
+        self.spooler: SpoolerFigures | None = None
         #: The dead-letter writers' figures (this process's, the delivery process's), the files' size, the cap.
         self.dead_letter_sources: tuple[Callable[[], DeadLetterFigures], ...] = ()
         self.dead_letter_size: Callable[[], int] | None = None
@@ -635,11 +636,11 @@ class Metrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
 
-    def attach(self, context: ServerFigures, pipeline: PipelineFigures) -> None:
+    def attach(self, context: ServerFigures, spooler: SpoolerFigures) -> None:
         """Start reading the server's and the pipeline's counters (the sink workers count ingestion-SLO breaches
-        against the target their pipeline was built with: ``slo_ingestion_latency_s``)."""
+        against the target their spooler was built with: ``slo_ingestion_latency_s``)."""
         self.context = context
-        self.pipeline = pipeline
+        self.spooler = spooler
 
     def watch_dead_letter(
         self, sources: Sequence[Callable[[], DeadLetterFigures]], *, size: Callable[[], int], limit_bytes: int
@@ -652,14 +653,14 @@ class Metrics:
     def count_dedup_hits(self, n: int = 1) -> None:
         self._dedup_hits += n
 
-    def watch_processor(self, processor: ProcessorFigures) -> None:
+    def watch_processing(self, processing: ProcessingFigures) -> None:
         """Read dedup hits (suppressed duplicates) and settle's held events from the processing stage at scrape
         time."""
-        stats = processor.stats
-        stage = processor.stage
+        stats = processing.stats
+        stage = processing.stage
         self.dedup_hits_source = lambda: stats.duplicates
         self.settle_pending_source = lambda: stage.pending
-        self.processor = processor
+        self.processing = processing
 
 
 # ------------------------------------------------------------------------------------------ collector
@@ -705,8 +706,8 @@ class FpolicydCollector(Collector):
         metrics = self._metrics
         yield from self._build_info()
         yield from self._server(metrics.context, metrics.labels)
-        yield from self._pipeline(metrics.pipeline, metrics.labels)
-        yield from self._sinks(metrics.pipeline)
+        yield from self._spooler(metrics.spooler, metrics.labels)
+        yield from self._sinks(metrics.spooler)
         yield from self._replay(metrics)
         yield from self._routing(metrics)
         yield from self._dead_letter(metrics)
@@ -822,7 +823,7 @@ class FpolicydCollector(Collector):
         yield from (decoded, accelerated, truncated, status_answers, outstanding, untracked, write_stalls)
 
     @staticmethod
-    def _pipeline(pipeline: PipelineFigures | None, labels: MetricLabels) -> Iterator[Metric]:
+    def _spooler(spooler: SpoolerFigures | None, labels: MetricLabels) -> Iterator[Metric]:
         spool_bytes = _gauge("spool_size_bytes", "Bytes the spool holds (segments plus write buffer).")
         spool_limit = _gauge("spool_limit_bytes", "The spool's hard size limit (spool_max_bytes).")
         spool_records = _gauge("spool_records", "Records in the spool that some sink has not acknowledged yet.")
@@ -854,22 +855,22 @@ class FpolicydCollector(Collector):
             "Writes refused for want of space, by writer (each retry counts; a sink's count its episodes).",
             ["writer"],
         )
-        if pipeline is not None:
-            spool = pipeline.spool
+        if spooler is not None:
+            spool = spooler.spool
             spool_bytes.add_metric([], spool.size_bytes)
             spool_limit.add_metric([], spool.settings.max_bytes)
             spool_records.add_metric([], max((spool.records_pending(name) for name in spool.sinks), default=0))
-            appended.add_metric([], pipeline.accepted)
-            current = pipeline.pressure.state.value
+            appended.add_metric([], spooler.accepted)
+            current = spooler.pressure.state.value
             for value in labels.pressures:
                 state.add_metric([value], 1.0 if value == current else 0.0)
-            paused.add_metric([], 1.0 if pipeline.reading_paused else 0.0)
-            pauses.add_metric([], pipeline.pauses)
-            held.add_metric([], pipeline.held_total)
-            fatal.add_metric([], 0.0 if pipeline.fatal is None else 1.0)
-            disk = pipeline.disk.state
+            paused.add_metric([], 1.0 if spooler.reading_paused else 0.0)
+            pauses.add_metric([], spooler.pauses)
+            held.add_metric([], spooler.held_total)
+            fatal.add_metric([], 0.0 if spooler.fatal is None else 1.0)
+            disk = spooler.disk.state
             active, episodes, errors = disk.active, dict(disk.episodes), dict(disk.errors)
-            writers = dict.fromkeys([*labels.writers, *(labels.sink_writer(w.name) for w in pipeline.workers)])
+            writers = dict.fromkeys([*labels.writers, *(labels.sink_writer(w.name) for w in spooler.workers)])
             writers.update(dict.fromkeys([*episodes, *errors]))
             for writer in writers:
                 disk_full.add_metric([writer], 1.0 if writer in active else 0.0)
@@ -879,7 +880,7 @@ class FpolicydCollector(Collector):
         yield from (disk_full, disk_episodes, disk_errors)
 
     @staticmethod
-    def _sinks(pipeline: PipelineFigures | None) -> Iterator[Metric]:
+    def _sinks(spooler: SpoolerFigures | None) -> Iterator[Metric]:
         labels = ["sink"]
         lag = _gauge("sink_lag_records", "Records appended to the spool and not yet acknowledged by the sink.", labels)
         up = _gauge("sink_up", "0 while the sink's last send failed (readiness), 1 otherwise.", labels)
@@ -912,7 +913,7 @@ class FpolicydCollector(Collector):
             "Share of settled events delivered rather than dead-lettered, since start (SLO > 0.995).",
             labels,
         )
-        for worker in pipeline.workers if pipeline is not None else ():
+        for worker in spooler.workers if spooler is not None else ():
             name = [worker.name]
             figures = worker.figures()
             lag.add_metric(name, worker.lag)
@@ -975,17 +976,17 @@ class FpolicydCollector(Collector):
             for route, count in sorted(dict(counters.route_matches).items()):
                 routed.add_metric([route], count)
             unrouted.add_metric([], counters.unrouted)
-        processor = metrics.processor
+        processing = metrics.processing
         # Without a stage (the reader's exact dedup cannot fail open or closed: it is in memory) the series are 0.
-        errors.add_metric(["open"], processor.stats.dedup_errors_open if processor is not None else 0)
-        errors.add_metric(["closed"], processor.stats.dedup_errors_closed if processor is not None else 0)
-        backlog.add_metric([], processor.lag if processor is not None else 0)
-        figures = processor.dedup_figures() if processor is not None else None
+        errors.add_metric(["open"], processing.stats.dedup_errors_open if processing is not None else 0)
+        errors.add_metric(["closed"], processing.stats.dedup_errors_closed if processing is not None else 0)
+        backlog.add_metric([], processing.lag if processing is not None else 0)
+        figures = processing.dedup_figures() if processing is not None else None
         store_up.add_metric([], 1.0 if figures is None or figures.up else 0.0)
         store_retries.add_metric([], figures.retries if figures is not None else 0)
         store_throttled.add_metric([], figures.throttled if figures is not None else 0)
         store_skipped.add_metric([], figures.short_circuited if figures is not None else 0)
-        room_waits.add_metric([], processor.stats.room_waits if processor is not None else 0)
+        room_waits.add_metric([], processing.stats.room_waits if processing is not None else 0)
         yield from (routed, unrouted, errors, backlog, room_waits, store_up, store_retries, store_throttled)
         yield from (store_skipped,)
 

@@ -230,7 +230,7 @@ class IngestSession:
         route = ingest.route
         if route is not None:
             routes = route(event["file_path"], operation)
-            metadata["routes"] = list(routes)  # stored with the event: see pipeline/stage.py
+            metadata["routes"] = list(routes)  # stored with the event: see pipeline/processing.py
             if routes:
                 matches = counters.route_matches
                 for name in routes:

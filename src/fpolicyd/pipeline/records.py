@@ -6,7 +6,7 @@ Three kinds of record share the spool:
 - a duplicate the reader's exact-dedup window suppressed: ``0x1F`` + the event JSON. Kept (what was read is never
   lost, and the audit ledger reports it), delivered by no sink;
 - a processed event: ``0x1E`` + the destination header + ``\\n`` + the event JSON, appended by the processing stage
-  (``pipeline/stage.py``). The header is ``*`` (every sink) or a comma-separated list of sink keys (8 hex digits
+  (``pipeline/processing.py``). The header is ``*`` (every sink) or a comma-separated list of sink keys (8 hex digits
   of SHA-256 of the sink URI, stable across restarts and configuration changes). Sink workers deliver only
   processed records addressed to them.
 """

@@ -343,7 +343,7 @@ class SettleClock:
     *forward*, the value follows the wall clock (events received after the step carry its times): bursts held
     at the step come due at once, their quiet period cut short (nothing is lost; they go out with reason
     ``quiet`` or ``max_hold``). After a backward step it stays ahead of the wall clock by the step (until the
-    next start); events received meanwhile are placed at it (:meth:`fpolicyd.pipeline.stage.Stage.take`'s
+    next start); events received meanwhile are placed at it (:meth:`fpolicyd.pipeline.processing.ProcessingStage.take`'s
     ``not_before``), so they still settle for their window."""
 
     __slots__ = ("_mono", "_value")

@@ -3,7 +3,7 @@
 Per read: split frames (the reader), hand the payloads to the pure ingest step (``pipeline/ingest.py``: session,
 decode, event, replay flags, routes, dedup claim, JSON), append its records to the spool, write its replies.
 Nothing here awaits; replies produced by one read are written with one ``writelines`` (a synchronous engine's
-SCREEN_RESP waits until its event is durable). While the pipeline asks for it (spool over its pause
+SCREEN_RESP waits until its event is durable). While the spooler asks for it (spool over its pause
 watermark), the transport stops reading and TCP pushes back to ONTAP. So it does while ONTAP does not read our
 replies (the transport's write buffer above ``write_buffer_bytes``): a session that makes us queue replies makes
 no more until it reads them, and one that stays stalled for ``write_stall_timeout_s`` is closed.
@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, cast
@@ -29,7 +29,7 @@ from fpolicyd.protocol.session import Notice, NoticeKind, PendingAnswer, Session
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.budget import BudgetLimits, ConnectionBudget, Refusal
 from fpolicyd.server.capture import CaptureRecorder, ConnectionCapture
-from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.spooler import Spooler
 from fpolicyd.server.tls import peer_certificate_subject
 from fpolicyd.server.tls_failures import TlsFailure, classify_handshake_failure
 
@@ -47,8 +47,34 @@ class ConnectionStats:
 NOT_ALLOWED: Final = "not_allowed"
 
 
+class LiveConnections:
+    """The live connections. Created before the spooler and the server context and handed to both (each needs the
+    other): connections add and remove themselves through the context; the spooler calls
+    :meth:`broadcast_back_pressure` when ONTAP should stop or resume sending."""
+
+    def __init__(self) -> None:
+        self._connections: set[FPolicyConnection] = set()
+
+    def add(self, conn: FPolicyConnection) -> None:
+        self._connections.add(conn)
+
+    def discard(self, conn: FPolicyConnection) -> None:
+        self._connections.discard(conn)
+
+    def __iter__(self) -> Iterator[FPolicyConnection]:
+        return iter(self._connections)
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def broadcast_back_pressure(self, apply: bool) -> None:
+        """BACK_PRESSURE_APPLY (or _REM) to every negotiated session."""
+        for conn in list(self._connections):
+            conn.send_back_pressure(apply)
+
+
 class ServerContext:
-    """What every connection shares: settings, the pipeline, counters, the set of live connections, the
+    """What every connection shares: settings, the spooler, counters, the set of live connections, the
     connection budget (pending vs negotiated, ``server/budget.py``) and the rate limiter of their log lines."""
 
     def __init__(
@@ -56,7 +82,8 @@ class ServerContext:
         *,
         session_config: SessionConfig,
         ingest: Ingest,
-        pipeline: EventPipeline,
+        spooler: Spooler,
+        connections: LiveConnections,
         max_frame_bytes: int,
         max_connections: int,
         wall_clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
@@ -74,15 +101,15 @@ class ServerContext:
         self.session_config = session_config
         #: The per-event work every session shares (names, routes, dedup window, redaction, counters).
         self.ingest = ingest
-        self.pipeline = pipeline
-        pipeline.broadcast_back_pressure = self.broadcast_back_pressure
+        self.spooler = spooler
         self.max_frame_bytes = max_frame_bytes
         self.max_connections = max_connections
         self.wall_clock_us = wall_clock_us
         #: Where a payload that broke the protocol goes (the dead-letter file), with the reason and whether the
         #: session had completed the handshake (before it, only a sample of the bytes is kept).
         self.quarantine = quarantine
-        self.connections: set[FPolicyConnection] = set()
+        #: The live connections (the spooler broadcasts back-pressure to them).
+        self.connections = connections
         #: Peers that may connect (empty = any).
         self.allowlist = allowlist if allowlist is not None else PeerAllowlist()
         #: The listener's frame reader (:class:`ReaderName`: xml, protobuf-*, auto) and the optional wire capture.
@@ -165,11 +192,6 @@ class ServerContext:
     @property
     def rejected_connections(self) -> int:
         return sum(self.rejections.values())
-
-    def broadcast_back_pressure(self, apply: bool) -> None:
-        """BACK_PRESSURE_APPLY (or _REM) to every negotiated session."""
-        for conn in list(self.connections):
-            conn.send_back_pressure(apply)
 
 
 class FPolicyConnection(asyncio.Protocol):
@@ -311,15 +333,15 @@ class FPolicyConnection(asyncio.Protocol):
         ctx = self._ctx
         received_at_us = ctx.wall_clock_us()
         batch = ingest.feed(payloads, self._loop.time(), received_at_us, received_at_us / 1_000_000)
-        pipeline = ctx.pipeline
+        spooler = ctx.spooler
         answer = self._answer
         if self._pending and batch.notices and not self._negotiated(batch.notices):
             # Refused at NEGO (max_connections sessions open): NEGO_REQ goes unanswered. Whatever came with it
             # is still kept (ONTAP sends nothing before NEGO_RESP, so normally nothing).
-            pipeline.submit_many(batch.records, [], batch.claims)
+            spooler.submit_many(batch.records, [], batch.claims)
             self._close_quietly()
             return
-        pipeline.submit_many(
+        spooler.submit_many(
             batch.records, [(index, partial(answer, reply)) for index, reply in batch.durable_replies], batch.claims
         )
         if batch.replies:
@@ -343,7 +365,7 @@ class FPolicyConnection(asyncio.Protocol):
                 )
             self._close(close.reason, close.detail)
             return
-        if pipeline.reading_paused and not self._paused:
+        if spooler.reading_paused and not self._paused:
             self._pause()
         elif not self._paused:
             self._yield()
@@ -357,7 +379,7 @@ class FPolicyConnection(asyncio.Protocol):
         self._ctx.budget.discard(self)
         if self._capture is not None:
             self._capture.close()
-        self._ctx.pipeline.forget(id(self))
+        self._ctx.spooler.forget(id(self))
         if self._timer is not None:
             self._timer.cancel()
         if self._stall_timer is not None:
@@ -442,7 +464,7 @@ class FPolicyConnection(asyncio.Protocol):
         self._resume_reading()
 
     def _resume_reading(self) -> None:
-        """Read again, unless something else still holds reading: the pipeline (``_paused``), this loop
+        """Read again, unless something else still holds reading: the spooler (``_paused``), this loop
         iteration's yield, or replies ONTAP has not read."""
         if self._paused or self._yielding or self._write_blocked:
             return
@@ -454,7 +476,7 @@ class FPolicyConnection(asyncio.Protocol):
         assert self._transport is not None
         self._paused = True
         self._transport.pause_reading()
-        self._ctx.pipeline.park(id(self), self._resume)
+        self._ctx.spooler.park(id(self), self._resume)
 
     def _resume(self) -> None:
         self._paused = False
@@ -466,7 +488,7 @@ class FPolicyConnection(asyncio.Protocol):
         ctx.notices[kind] = ctx.notices.get(kind, 0) + 1
         if kind is NoticeKind.KEEP_ALIVE:
             return
-        if kind is NoticeKind.HANDSHAKE and ctx.pipeline.back_pressure_applied:
+        if kind is NoticeKind.HANDSHAKE and ctx.spooler.back_pressure_applied:
             self.send_back_pressure(True)
         if kind is NoticeKind.ALERT:
             severity = str(notice.fields.get("severity", ""))

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError, settings_refused
 from fpolicyd.pipeline.router import SINK_SCHEMES
-from fpolicyd.server.processor import ProcessingPlan, plan_processing
+from fpolicyd.server.processing import ProcessingPlan, plan_processing
 from fpolicyd.server.tls import TlsFiles, build_context
 
 __all__ = ["WriteTarget", "directory_problem", "preflight", "sink_problem", "write_targets"]

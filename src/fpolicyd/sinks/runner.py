@@ -124,7 +124,7 @@ class SinkWorker:
         self.sender = sender
         self._on_error = on_error
         #: Which spool records are this sink's and what of them to send (processed records carry a destination
-        #: header, see pipeline/stage.py); None: every record as it is.
+        #: header, see pipeline/processing.py); None: every record as it is.
         self._select = select
         self._spool = spool
         self._on_ack = on_ack

@@ -1,8 +1,8 @@
-"""The event pipeline's asyncio edge: readers append to the spool; a commit task makes appends durable; sink
+"""The spooler, the reader side's asyncio edge: readers append to the spool; a commit task makes appends durable; sink
 workers deliver from the spool; back-pressure follows the spool's size.
 
 Order of events for one notification:
-1. the reader normalizes it and calls :meth:`EventPipeline.submit` (an in-memory append, no syscall);
+1. the reader normalizes it and calls :meth:`Spooler.submit` (an in-memory append, no syscall);
 2. once per loop iteration the spool's buffer is flushed to the kernel (one ``write`` for every connection);
 3. the commit task fsyncs on a worker thread (group commit: ``spool_group_commit_s`` after data became
    pending; what arrives meanwhile rides on the next fsync) and then releases what waited for durability —
@@ -45,15 +45,40 @@ log = get_logger("fpolicyd.pipeline")
 OnDurable = Callable[[], None]
 
 
-class StageWorker(Protocol):
-    """The processing stage as the pipeline sees it (server/processor.py)."""
+class SpoolConsumer(Protocol):
+    """The processing stage as the spooler drives it (``server/processing.py``): a consumer of the spool that is
+    woken when records became durable or space freed, and stopped first at the drain."""
 
     def wake(self) -> None: ...
 
     async def stop(self, timeout_s: float) -> None: ...
 
 
-class EventPipeline:
+class ProcessingSlot:
+    """Where the spooler reaches the processing stage. The two need each other (the stage appends through the
+    spooler; the spooler wakes the stage and stops it first at the drain), so this is created before both and
+    handed to both constructors: the stage's worker takes its place here as it is built, the spooler calls it."""
+
+    def __init__(self) -> None:
+        self._consumer: SpoolConsumer | None = None
+
+    def fill(self, consumer: SpoolConsumer) -> None:
+        if self._consumer is not None:
+            raise ValueError("the processing slot is taken")
+        self._consumer = consumer
+
+    def wake(self) -> None:
+        if self._consumer is not None:
+            self._consumer.wake()
+
+    async def stop(self, timeout_s: float) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop(timeout_s)
+
+
+class Spooler:
+    """The reader side of the daemon: spool appends, group commit, back-pressure, sink workers, durable acks."""
+
     def __init__(
         self,
         spool: Spool,
@@ -69,10 +94,20 @@ class EventPipeline:
         ingestion_slo_s: float = 5.0,
         duplicates: DuplicateLedger | None = None,
         disk: DiskMonitor | None = None,
+        broadcast_back_pressure: Callable[[bool], None] = lambda apply: None,
+        on_fatal: Callable[[BaseException], None] = lambda exc: None,
+        processing: ProcessingSlot | None = None,
     ) -> None:
         """``senders`` run here, in the daemon's process; with ``delivery`` (and no ``senders``) the sinks run in
         the delivery process instead (``server/delivery.py``). ``disk``: the writers' disk-full episodes (every
-        writer of the daemon reports there; reading pauses while one is full)."""
+        writer of the daemon reports there; reading pauses while one is full).
+
+        ``broadcast_back_pressure``: called with True/False when ONTAP should be asked to stop/resume sending
+        (the live connections' :meth:`~fpolicyd.server.connection.LiveConnections.broadcast_back_pressure`).
+        ``on_fatal``: called once when the spool can no longer make events durable (a failed fsync is final) or a
+        consumer task died: the daemon must stop so that recovery rebuilds the spool from disk at the next start.
+        ``processing``: where the processing stage (route, settle, dedup) between the raw and the processed
+        records takes its place once built; None when the settings need no stage."""
         if delivery is not None and senders:
             raise ValueError("sinks run either here (senders) or in the delivery process, not both")
         self.spool = spool
@@ -106,8 +141,6 @@ class EventPipeline:
         self.workers: list[SinkHandle] = (
             list(self.local_workers) if self.delivery is None else list(self.delivery.workers)
         )
-        #: The processing stage (route, settle, dedup) between the raw and the processed records, if any.
-        self.processor: StageWorker | None = None
         self.pressure = BackPressureGate(watermarks)
         self._checkpoint_interval_s = checkpoint_interval_s
         self._waiters: deque[tuple[int, OnDurable]] = deque()
@@ -118,11 +151,8 @@ class EventPipeline:
         self._commit_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-sync")
-        #: Called with True/False when ONTAP should be asked to stop/resume sending (set by the server).
-        self.broadcast_back_pressure: Callable[[bool], None] = lambda apply: None
-        #: Called once when the spool can no longer make events durable (a failed fsync is final): the daemon
-        #: must stop so that recovery rebuilds the spool from disk at the next start.
-        self.on_fatal: Callable[[BaseException], None] = lambda exc: None
+        self._broadcast_back_pressure = broadcast_back_pressure
+        self._on_fatal = on_fatal
         self.fatal: BaseException | None = None
         #: The last refused flush (or segment roll) while the spool or the journal cannot be written.
         self._flush_error: SpoolIOError | JournalError | None = None
@@ -133,6 +163,7 @@ class EventPipeline:
         self.accepted = 0
         self.held_total = 0
         self.pauses = 0
+        self._processing = processing
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -173,9 +204,9 @@ class EventPipeline:
         await self._commit_now()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        if self.processor is not None:
+        if self._processing is not None:
             # The stage first, so that what it turns out lands in the spool before the sinks drain it.
-            await self.processor.stop(max(0.0, deadline - loop.time()))
+            await self._processing.stop(max(0.0, deadline - loop.time()))
             self._flush()
             await self._commit_now()
         for local in self.local_workers:
@@ -427,7 +458,7 @@ class EventPipeline:
         if self.fatal is None:
             self.fatal = exc
             log.critical("spool_failed", error=str(exc), detail="stopping; the spool is recovered at the next start")
-            self.on_fatal(exc)
+            self._on_fatal(exc)
 
     def supervise(self, task: asyncio.Task[None], name: str) -> None:
         """A consumer task (a sink worker, the processing stage) that dies of an unexpected exception stops the
@@ -441,7 +472,7 @@ class EventPipeline:
             assert exc is not None
             self.fatal = exc
             log.critical("task_failed", task=name, error=repr(exc), detail="stopping; its events stay in the spool")
-            self.on_fatal(exc)
+            self._on_fatal(exc)
 
         task.add_done_callback(finished)
 
@@ -515,8 +546,8 @@ class EventPipeline:
             waiters.popleft()[1]()
         for worker in self.workers:
             worker.wake()
-        if self.processor is not None:
-            self.processor.wake()
+        if self._processing is not None:
+            self._processing.wake()
 
     def after_ack(self) -> None:
         """A consumer acknowledged records: space may have freed (held events, back-pressure)."""
@@ -526,8 +557,8 @@ class EventPipeline:
         if self._held and self.fatal is None:
             self._take_back_held()
         self._update_pressure()
-        if self.processor is not None and not self.processing_blocked:
-            self.processor.wake()
+        if self._processing is not None and not self.processing_blocked:
+            self._processing.wake()
 
     def _take_back_held(self) -> bool:
         """Append the held events (oldest first) while they fit; False if the disk refused (a retry is
@@ -557,9 +588,9 @@ class EventPipeline:
         for action in self.pressure.update(self.spool.size_bytes):
             log.warning("back_pressure", action=action.value, spool_bytes=self.spool.size_bytes)
             if action is Action.APPLY:
-                self.broadcast_back_pressure(True)
+                self._broadcast_back_pressure(True)
             elif action is Action.REMOVE:
-                self.broadcast_back_pressure(False)
+                self._broadcast_back_pressure(False)
         if self._parked and not self.reading_paused:
             waiting = list(self._parked.values())
             self._parked.clear()

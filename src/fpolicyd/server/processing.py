@@ -4,7 +4,7 @@ One task. Each round it reads a batch of durable raw records with its own spool 
 the settled events that came due, asks the dedup store about the candidates (embedded: on a thread; DynamoDB:
 awaited), writes every suppressed duplicate to the audit ledger, appends the rest as processed records, waits
 until they are durable, and only then acknowledges its cursor up to the stage's floor. Rounds are sequential,
-so the floor never passes an event whose output is not on disk (see pipeline/stage.py for the restart rules).
+so the floor never passes an event whose output is not on disk (see pipeline/processing.py for the restart rules).
 
 A fail-closed dedup store that cannot answer stops the stage (nothing is delivered or dropped) and it retries
 with capped backoff (``dedup_closed_retry_max_s``); the spool keeps taking events meanwhile and back-pressure
@@ -52,12 +52,12 @@ from fpolicyd.pipeline.dedup import (
     DedupResult,
     DedupStore,
 )
+from fpolicyd.pipeline.processing import Candidate, Destinations, ProcessingStage, ProcessingState
 from fpolicyd.pipeline.records import encode_processed, sink_selector
 from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.pipeline.router import Router, RouteTable, UnroutedAction
 from fpolicyd.pipeline.settle import SettleClock, SettleConfig, Settler, received_at_s
-from fpolicyd.pipeline.stage import Candidate, Destinations, Stage, StageState
-from fpolicyd.server.pipeline import EventPipeline
+from fpolicyd.server.spooler import ProcessingSlot, Spooler
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dedup_dynamodb import DynamoDbDedupStore
 from fpolicyd.sinks.retry import RetryPolicy
@@ -85,7 +85,7 @@ _T = TypeVar("_T")
 
 
 @dataclass(slots=True)
-class ProcessorStats:
+class ProcessingWorkerStats:
     rounds: int = 0
     delivered: int = 0
     duplicates: int = 0
@@ -124,18 +124,18 @@ def instance_id(directory: Path) -> str:
     return value
 
 
-def load_state(directory: Path) -> StageState:
+def load_state(directory: Path) -> ProcessingState:
     path = directory / STATE_FILE
     try:
-        return StageState.from_json(path.read_bytes())
+        return ProcessingState.from_json(path.read_bytes())
     except FileNotFoundError:
-        return StageState()
+        return ProcessingState()
     except ValueError as exc:
         log.error("processor_state_unreadable", path=str(path), error=str(exc), detail="starting from the cursor")
-        return StageState()
+        return ProcessingState()
 
 
-def save_state(directory: Path, state: StageState) -> None:
+def save_state(directory: Path, state: ProcessingState) -> None:
     """Write the state to a temp file, fsync it, rename it over the state file. Raises OSError (ENOSPC, ...); the
     temp file is then removed and the previous state file is left exactly as it was."""
     path = directory / STATE_FILE
@@ -152,13 +152,17 @@ def save_state(directory: Path, state: StageState) -> None:
         raise
 
 
-class Processor:
+class ProcessingWorker:
+    """The processing stage's asyncio edge: one task that drives the sans-IO
+    :class:`~fpolicyd.pipeline.processing.ProcessingStage` between the spool's raw and processed records."""
+
     def __init__(
         self,
         *,
-        stage: Stage,
+        stage: ProcessingStage,
         spool: Spool,
-        pipeline: EventPipeline,
+        spooler: Spooler,
+        slot: ProcessingSlot,
         destinations: Destinations,
         dedup_policy: DedupPolicy,
         dedup: DedupStore | None = None,
@@ -173,9 +177,11 @@ class Processor:
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``slot``: the spooler's place for the stage (the spooler wakes it and stops it through there); this
+        worker takes it."""
         self.stage = stage
         self._spool = spool
-        self._pipeline = pipeline
+        self._spooler = spooler
         self._destinations = destinations
         self._policy = dedup_policy
         self._dedup = dedup
@@ -200,12 +206,13 @@ class Processor:
         self._stopping = False
         #: When the state is saved next (loop time): every checkpoint interval, sooner after a refused save.
         self._save_at = 0.0
-        self._saved: StageState | None = None
+        self._saved: ProcessingState | None = None
         self._state_error: OSError | None = None
         self._state_attempts = 0
-        self.stats = ProcessorStats()
+        self.stats = ProcessingWorkerStats()
         #: Last dedup failure (fail-closed), for readiness; None once the store answers again.
         self.last_error: SinkError | None = None
+        slot.fill(self)
 
     async def close(self) -> None:
         """Release the dedup store and the ledger (after :meth:`stop`)."""
@@ -229,7 +236,7 @@ class Processor:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="processor")
-        self._pipeline.supervise(self._task, "processor")
+        self._spooler.supervise(self._task, "processor")
 
     def wake(self) -> None:
         if not self._wakeup.is_set():
@@ -237,12 +244,12 @@ class Processor:
 
     async def stop(self, timeout_s: float) -> None:
         """Handle what is durable within ``timeout_s``; settle-held events stay in the spool for the next start.
-        After a failed fsync (the pipeline is fatal) nothing the stage appends can become durable: it is stopped
+        After a failed fsync (the spooler is fatal) nothing the stage appends can become durable: it is stopped
         at once, its input stays in the spool for the next start."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         task = self._task
-        failed = self._pipeline.fatal is not None
+        failed = self._spooler.fatal is not None
         while (
             task is not None
             and not task.done()
@@ -257,7 +264,7 @@ class Processor:
         if task is not None and failed:
             task.cancel()
         if task is not None:
-            # A task that crashed was reported by the pipeline's supervision already; just collect it.
+            # A task that crashed was reported by the spooler's supervision already; just collect it.
             await asyncio.wait({task}, timeout=max(0.1, deadline - loop.time()))
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -273,7 +280,7 @@ class Processor:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            room = self._pipeline.processing_room_bytes
+            room = self._spooler.processing_room_bytes
             batch_records, batch_bytes = self._batch_records, max(1, min(ROUND_MAX_BYTES, room // 2))
             if room <= 0:
                 # Near the maximum, only the oldest segment's records: once they are processed and delivered, that
@@ -309,7 +316,7 @@ class Processor:
             floor = self.stage.floor()
             if floor > self._spool.acked_seq(CURSOR):
                 self._spool.ack(CURSOR, floor)
-                self._pipeline.after_ack()
+                self._spooler.after_ack()
             self.stats.rounds += 1
             if loop.time() >= self._save_at:
                 await self._checkpoint(loop)
@@ -322,11 +329,11 @@ class Processor:
             self._saved = state
             self._save_at = loop.time() + self._checkpoint_interval_s
         else:
-            self._save_at = loop.time() + self._pipeline.disk.retry.delay(self._state_attempts - 1)
+            self._save_at = loop.time() + self._spooler.disk.retry.delay(self._state_attempts - 1)
 
-    async def _save_state(self, state: StageState) -> bool:
+    async def _save_state(self, state: ProcessingState) -> bool:
         """Save the state; False (logged once per failure, a full disk reported to the disk monitor) if refused."""
-        disk = self._pipeline.disk
+        disk = self._spooler.disk
         try:
             await asyncio.to_thread(save_state, self._state_dir, state)
         except OSError as exc:
@@ -350,7 +357,7 @@ class Processor:
         to the disk monitor (reading pauses) and tried again after the ``disk_full_retry_*`` backoff; another
         retriable error is logged once and tried again the same way (readiness shows it); a non-retriable one is
         raised (the stage stops and the daemon with it: its events stay in the spool)."""
-        disk = self._pipeline.disk
+        disk = self._spooler.disk
         attempt = 0
         failure: DiskFullError | SinkError | None = None
         while True:
@@ -377,16 +384,16 @@ class Processor:
             return result
 
     async def _wait_for_room(self) -> None:
-        """The spool is near its maximum (:attr:`EventPipeline.processing_room_bytes`): wait until the sinks have
+        """The spool is near its maximum (:attr:`Spooler.processing_room_bytes`): wait until the sinks have
         freed space (each acknowledgement wakes the stage; a poll every :data:`ROOM_POLL_S` covers the rest)."""
         self.stats.room_waits += 1
         log.warning(
             "processing_paused",
             spool_bytes=self._spool.size_bytes,
-            room_bytes=self._pipeline.processing_room_bytes,
+            room_bytes=self._spooler.processing_room_bytes,
             detail="the spool is near spool_max_bytes: processing waits for the sinks to free space",
         )
-        while self._pipeline.processing_blocked and not self._stopping:
+        while self._spooler.processing_blocked and not self._stopping:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), ROOM_POLL_S)
@@ -445,7 +452,7 @@ class Processor:
             return self._policy.requests_for_event(candidate.event, claimant, now)
         if self._policy.mode is DedupMode.off:
             return []
-        # Fast path (exact mode only, see Stage): the id is all the claim needs.
+        # Fast path (exact mode only, see ProcessingStage): the id is all the claim needs.
         return [self._policy.exact_request(candidate.event_id, claimant, now, now)]
 
     def _admitted(self, requests: Sequence[DedupRequest], results: Sequence[DedupResult]) -> bool:
@@ -526,7 +533,7 @@ class Processor:
             if not done.done():
                 done.set_result(None)
 
-        self._pipeline.submit_many(lines, [(len(lines) - 1, durable)])
+        self._spooler.submit_many(lines, [(len(lines) - 1, durable)])
         await done
 
 
@@ -589,21 +596,22 @@ def plan_processing(settings: Settings) -> ProcessingPlan:
     return ProcessingPlan(enabled, tuple(uris), table, router, default_sinks, unrouted, settle, stage_dedup)
 
 
-async def start_processor(
+async def start_processing(
     settings: Settings,
     *,
     plan: ProcessingPlan,
     names: Mapping[str, str],
     spool: Spool,
-    pipeline: EventPipeline,
+    spooler: Spooler,
+    slot: ProcessingSlot,
     clients: AwsClients,
     redactor: Redactor,
     wall_clock: Callable[[], float] = time.time,
-) -> Processor:
+) -> ProcessingWorker:
     """Build the stage from the settings, restore its state, start it. Raises ConfigError/SinkError."""
     state_dir = settings.effective_spool_dir
     state = await asyncio.to_thread(load_state, state_dir)
-    state = StageState(
+    state = ProcessingState(
         max(state.floor, spool.acked_seq(CURSOR)),
         tuple(seq for seq in state.emitted if seq > max(state.floor, spool.acked_seq(CURSOR))),
     )
@@ -618,7 +626,7 @@ async def start_processor(
         or not destinations.everything_everywhere
     )
     router = plan.router
-    stage = Stage(
+    stage = ProcessingStage(
         settler=settler,
         state=state,
         received_at_s=received_at_s,
@@ -661,10 +669,11 @@ async def start_processor(
                 )
         ledger = AuditLedger(settings.dedup_ledger_files(), redact=redactor.redact_record)
         await asyncio.to_thread(ledger.open, now)
-    processor = Processor(
+    worker = ProcessingWorker(
         stage=stage,
         spool=spool,
-        pipeline=pipeline,
+        spooler=spooler,
+        slot=slot,
         destinations=destinations,
         dedup_policy=settings.dedup_policy() if plan.dedup else DedupPolicy(mode=DedupMode.off),
         dedup=dedup,
@@ -690,6 +699,5 @@ async def start_processor(
         floor=state.floor,
         pending=spool.records_pending(CURSOR),
     )
-    pipeline.processor = processor
-    processor.start()
-    return processor
+    worker.start()
+    return worker

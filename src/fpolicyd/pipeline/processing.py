@@ -4,7 +4,7 @@ Routing is not done here: the reader matches the routes as it stores an event (a
 microsecond or two), so the stored event already carries ``metadata.routes`` — the verdict of the routes it was
 received under — and this stage need not parse a record that only has to be deduplicated (the fast path).
 
-Sans-IO: the caller (``server/processor.py``) reads raw records from the spool with the stage's own cursor, hands
+Sans-IO: the caller (``server/processing.py``) reads raw records from the spool with the stage's own cursor, hands
 them here, asks the dedup store about the candidates, appends what is to be delivered back to the same spool as
 *processed* records and, once those are durable, tells the stage, which then says how far the stage's cursor
 may be acknowledged.
@@ -14,11 +14,11 @@ reader stored them, duplicates the reader's dedup window suppressed (skipped her
 (addressed to sinks), which this stage appends.
 
 Restart safety. An event held by settle is still only in the spool, so the stage's cursor is never acknowledged
-past the oldest held record (:meth:`Stage.floor`); after a restart the records from there on are read again and
-the settle state is derived again from them (settle is deterministic and keyed on each event's own receive
+past the oldest held record (:meth:`ProcessingStage.floor`); after a restart the records from there on are read
+again and the settle state is derived again from them (settle is deterministic and keyed on each event's own receive
 time). Outputs that had already been appended durably before the restart are recognised by the sequence number
 of the last input they cover (unique per output) and not appended twice; that set is persisted with the floor
-(:class:`StageState`). What was appended but not yet recorded there is appended again after a crash: at least
+(:class:`ProcessingState`). What was appended but not yet recorded there is appended again after a crash: at least
 once, never lost.
 """
 
@@ -49,9 +49,9 @@ __all__ = [
     "ALL_SINKS",
     "Candidate",
     "Destinations",
-    "Stage",
-    "StageState",
-    "StageStats",
+    "ProcessingStage",
+    "ProcessingState",
+    "ProcessingStats",
     "encode_processed",
     "processed_payload",
     "sink_key",
@@ -119,7 +119,7 @@ class Candidate:
 
 
 @dataclass(frozen=True, slots=True)
-class StageState:
+class ProcessingState:
     """What survives a restart: the floor and the outputs above it already appended durably."""
 
     floor: int = 0
@@ -129,7 +129,7 @@ class StageState:
         return orjson.dumps({"version": 1, "floor": self.floor, "emitted": list(self.emitted)})
 
     @classmethod
-    def from_json(cls, data: bytes) -> StageState:
+    def from_json(cls, data: bytes) -> ProcessingState:
         """Raises ValueError on anything but a well-formed state (the caller then starts from the spool cursor)."""
         try:
             raw: Any = orjson.loads(data)
@@ -146,7 +146,7 @@ class StageState:
 
 
 @dataclass(slots=True)
-class StageStats:
+class ProcessingStats:
     events_in: int = 0
     candidates: int = 0
     #: Outputs found already appended before a restart and not appended again.
@@ -159,12 +159,12 @@ class StageStats:
     clamped: int = 0
 
 
-class Stage:
+class ProcessingStage:
     def __init__(
         self,
         *,
         settler: Settler | None,
-        state: StageState,
+        state: ProcessingState,
         received_at_s: Callable[[FileEvent], float],
         decode: bool = True,
         route: Callable[[str, str], tuple[str, ...]] | None = None,
@@ -180,7 +180,7 @@ class Stage:
         self._floor = state.floor
         self._emitted: list[int] = list(state.emitted)
         self._read_through = state.floor
-        self.stats = StageStats()
+        self.stats = ProcessingStats()
         #: Latest receive time offered to settle (epoch seconds): the watermark while working through a backlog.
         self.offered_through = float("-inf")
         #: Raw lines that could not be decoded as events, to pass on unchanged (drained by the caller).
@@ -292,8 +292,8 @@ class Stage:
             del self._emitted[: bisect.bisect_right(self._emitted, floor)]
         return self._floor
 
-    def state(self) -> StageState:
-        return StageState(self._floor, tuple(self._emitted))
+    def state(self) -> ProcessingState:
+        return ProcessingState(self._floor, tuple(self._emitted))
 
     @property
     def pending(self) -> int:

@@ -35,11 +35,12 @@ from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_me
 from fpolicyd.server.connection import FPolicyConnection, LiveConnections, ServerContext
 from fpolicyd.server.spooler import Spooler
 from fpolicyd.simulator.generate import generate_frames
+from fpolicyd.sinks.local import JsonlSender
 from fpolicyd.storage.spool import Spool, SpoolSettings
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
-from support.daemon import make_settings
+from support.daemon import make_settings, running_daemon
 from support.notifications import BASE_GENERATION_US
-from support.peer import eventually, jsonl_events, loopback_peer, wait_for_events
+from support.peer import eventually, jsonl_events, loopback_peer, negotiated_peer, wait_for_events
 
 
 async def test_handshake_over_tcp_is_byte_exact(daemon: Daemon) -> None:
@@ -349,6 +350,45 @@ async def test_a_slow_sink_applies_back_pressure_pauses_reading_and_loses_nothin
 
 
 SESSION_ID = "d8ad84cc-79dd-11ee-b638-000c29cdbe04"
+
+
+async def test_the_daemon_asks_every_session_to_stop_and_resume_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon hands its live connections to the spooler (``LiveConnections``, made before both): when the
+    spool passes the high watermark every negotiated session gets BACK_PRESSURE_APPLY, the one that sends nothing
+    too, and BACK_PRESSURE_REM once the sink has drained it."""
+    gate = asyncio.Event()
+    real_send = JsonlSender.send
+
+    async def stalled_send(self: JsonlSender, records: Sequence[Record]) -> Sequence[Record]:
+        await gate.wait()
+        return await real_send(self, records)
+
+    monkeypatch.setattr(JsonlSender, "send", stalled_send)
+    settings = make_settings(
+        tmp_path,
+        spool_segment_bytes=64 << 10,
+        backpressure_low_bytes=256 << 10,
+        backpressure_high_bytes=512 << 10,
+        backpressure_pause_bytes=1 << 20,
+        spool_max_bytes=3 << 19,
+    )
+    async with running_daemon(settings) as daemon:
+        busy, quiet = await negotiated_peer(daemon.port), await negotiated_peer(daemon.port)
+        try:
+            await busy.send(*([SMB_REN.frame] * 2500))
+            for peer in (busy, quiet):
+                assert decode_payload(await peer.receive(within=20)).message == BackPressure(SESSION_ID, True)
+            assert daemon.spooler.back_pressure_applied
+            gate.set()
+            for peer in (busy, quiet):
+                assert decode_payload(await peer.receive(within=30)).message == BackPressure(SESSION_ID, False)
+            assert len(await wait_for_events(tmp_path, 2500)) == 2500
+        finally:
+            gate.set()
+            await busy.close()
+            await quiet.close()
 
 
 async def test_stop_reads_what_ontap_already_sent_and_asks_it_to_pause(tmp_path: Path) -> None:

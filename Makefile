@@ -78,11 +78,13 @@ LISTEN_HOST ?= 127.0.0.1
 run: $(RUN_STAMP)
 	$(BIN)/fpolicyd serve --listen-host $(LISTEN_HOST)
 
-## The whole suite, exactly what CI runs: lint, format check, mypy --strict, pytest (warnings are errors).
+## The whole suite, exactly what CI runs: lint, format check, mypy --strict, the import layers (import-linter, the
+## contracts in pyproject.toml), pytest (warnings are errors).
 test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: $(DEV_STAMP)

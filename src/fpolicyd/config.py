@@ -1,10 +1,13 @@
 """Settings: one closed, frozen object built from flags > environment > TOML file > defaults.
 
-Every limit the daemon enforces is a field here, documented where it is declared; nothing else in fpolicyd
-reads flags or the environment. Environment variables are ``FPOLICYD_<FIELD>``; the reference server's
-variables (``FPOLICY_PORT``, ``MODE``, ``LOG_DIR``, ``SQS_QUEUE_URL``, ``SVM_NAME``, ``VOLUME_NAME``,
-``WRITE_COMPLETE_DELAY_SEC``, ``FPOLICY_FORMAT``, ``PROTOBUF_FRAMING_MODE``, ``EVENT_BUS_NAME``,
-``DEDUP_WINDOW_MINUTES``) are accepted as aliases so that an existing task definition works unchanged.
+Every limit the daemon enforces is a field here, documented where it is declared. The environment variables that
+are not settings are read where they are used: ``NOTIFY_SOCKET`` (systemd's, :mod:`fpolicyd.obs.systemd`), the ECS
+task-metadata URI (:mod:`fpolicyd.ontap.ops`, to find this task's address), the AWS SDK's own ``AWS_*``, and the
+test-only fault seam of :mod:`fpolicyd.storage.faults`.
+
+Environment variables are ``FPOLICYD_<FIELD>``; the reference server's variables (``FPOLICY_PORT``, ``MODE``,
+``LOG_DIR``, ``SQS_QUEUE_URL``, ``SVM_NAME``, ``VOLUME_NAME``, ``WRITE_COMPLETE_DELAY_SEC``, ``FPOLICY_FORMAT``,
+``PROTOBUF_FRAMING_MODE``, ``EVENT_BUS_NAME``, ``DEDUP_WINDOW_MINUTES``) are accepted as aliases so that an existing task definition works unchanged.
 Unknown keys and bad values fail at start-up with the key named (:func:`load_settings` raises ConfigError).
 """
 

@@ -7,7 +7,8 @@ test-only fault seam of :mod:`fpolicyd.storage.faults`.
 
 Environment variables are ``FPOLICYD_<FIELD>``; the reference server's variables (``FPOLICY_PORT``, ``MODE``,
 ``LOG_DIR``, ``SQS_QUEUE_URL``, ``SVM_NAME``, ``VOLUME_NAME``, ``WRITE_COMPLETE_DELAY_SEC``, ``FPOLICY_FORMAT``,
-``PROTOBUF_FRAMING_MODE``, ``EVENT_BUS_NAME``, ``DEDUP_WINDOW_MINUTES``) are accepted as aliases so that an existing task definition works unchanged.
+``PROTOBUF_FRAMING_MODE``, ``EVENT_BUS_NAME``, ``DEDUP_WINDOW_MINUTES``) are accepted as aliases so that an
+existing task definition works unchanged.
 Unknown keys and bad values fail at start-up with the key named (:func:`load_settings` raises ConfigError).
 """
 

@@ -1,18 +1,35 @@
-"""What `fpolicyd ontap` and `serve` (``ontap_repoint_on_start``) share: settings → desired state, connection,
-the plan of one action, and the start-up repoint that logs instead of raising."""
+"""What `fpolicyd ontap` and `serve` (``ontap_repoint_on_start``, ``ontap_join_on_start``, ``ontap_leave_on_stop``)
+share: settings → desired state, connection, the plan of one action, the membership changes (join, leave, prune)
+with their re-read-and-retry loop, and the start-up / stop-time calls that log instead of raising."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import get_logger
 from fpolicyd.ontap.address import ECS_METADATA_ENV, detect_address
-from fpolicyd.ontap.client import OntapClient, OntapConnection, OntapError, execute_plan
+from fpolicyd.ontap.client import OntapAuthError, OntapClient, OntapConnection, OntapError, execute_plan
 from fpolicyd.ontap.credentials import resolve_credentials
+from fpolicyd.ontap.membership import (
+    Membership,
+    Operation,
+    Role,
+    Servers,
+    join,
+    leave,
+    plan_membership,
+    prune,
+    stale_servers,
+)
 from fpolicyd.ontap.plan import (
+    CurrentState,
     Desired,
     DesiredEngine,
     DesiredEvent,
@@ -22,22 +39,35 @@ from fpolicyd.ontap.plan import (
     Plan,
     Protocol,
     SslOption,
+    Step,
     event_name_for,
     plan_apply,
     plan_repoint,
+    policy_disable,
+    policy_enable,
 )
 from fpolicyd.protocol.session import EngineMode
 
 __all__ = [
+    "ENGINE_IN_USE_CODE",
+    "MembershipRun",
+    "change_membership",
     "connection_from_settings",
     "desired_from_settings",
+    "join_on_start",
+    "leave_on_stop",
     "make_plan",
     "protocols_of",
     "repoint_on_start",
+    "start_join_on_start",
     "start_repoint_on_start",
 ]
 
 log = get_logger("fpolicyd.ontap")
+
+#: ONTAP's error code for "at least one FPolicy policy is using the FPolicy engine": the engine PATCH came after
+#: another instance enabled the policy again. The window is re-opened and the change retried.
+ENGINE_IN_USE_CODE = "9764942"
 
 #: Start-up repoint tasks, referenced until done (the event loop keeps only weak references to tasks).
 _BACKGROUND: set[asyncio.Task[bool]] = set()
@@ -216,3 +246,212 @@ def start_repoint_on_start(settings: Settings) -> asyncio.Task[bool]:
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
     return task
+
+
+# ------------------------------------------------------------------------------------------- membership
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipRun:
+    """What :func:`change_membership` did: the operation's last outcome (on the lists read last), every action
+    run over all attempts, and how many attempts it took."""
+
+    address: str
+    membership: Membership
+    done: tuple[str, ...]
+    attempts: int
+
+
+def _operation(
+    operation: Operation, address: str, role: Role, stale: frozenset[str]
+) -> Callable[[Servers], Membership]:
+    if operation is Operation.JOIN:
+        return lambda servers: join(servers, address, role)
+    if operation is Operation.LEAVE:
+        return lambda servers: leave(servers, address)
+    return lambda servers: prune(servers, stale)
+
+
+def _backoff_s(settings: Settings, attempt: int) -> float:
+    """Full jitter: random in [0, base x 2^(attempt-2)], capped (attempt 2 is the first retry)."""
+    ceiling = min(settings.ontap_membership_backoff_max_s, settings.ontap_membership_backoff_s * 2 ** (attempt - 2))
+    return random.uniform(0.0, ceiling)
+
+
+async def _read(client: OntapClient, svm_uuid: str, settings: Settings) -> CurrentState:
+    return await client.read_state(
+        svm_uuid, engine=settings.ontap_engine_name, policy=settings.ontap_policy_name, events=(), store=None
+    )
+
+
+def _plan(settings: Settings, svm_uuid: str, state: CurrentState, membership: Membership, *, enable: bool) -> Plan:
+    return plan_membership(
+        svm_uuid,
+        state,
+        membership,
+        engine_name=settings.ontap_engine_name,
+        policy_name=settings.ontap_policy_name,
+        priority=settings.ontap_policy_priority,
+        enable_if_disabled=enable,
+    )
+
+
+async def _run_plan(client: OntapClient, settings: Settings, plan: Plan, done: list[str]) -> None:
+    execution = await execute_plan(
+        client,
+        plan,
+        svm_name=settings.ontap_svm or "",
+        enable_attempts=settings.ontap_enable_attempts,
+        retry_delay_s=settings.ontap_retry_delay_s,
+    )
+    done.extend(a.describe() for a in execution.done)
+
+
+async def _stable(
+    client: OntapClient, svm_uuid: str, settings: Settings, change: Callable[[Servers], Membership]
+) -> bool:
+    """The operation is a no-op on the engine read back now and, after ``ontap_membership_settle_s``, again."""
+    for pause in (0.0, settings.ontap_membership_settle_s):
+        if pause:
+            await asyncio.sleep(pause)
+        state = await _read(client, svm_uuid, settings)
+        if change(Servers.of_engine(state.engine or {})).changed:
+            return False
+    return True
+
+
+async def change_membership(
+    client: OntapClient,
+    settings: Settings,
+    svm_uuid: str,
+    address: str,
+    operation: Operation,
+    *,
+    role: Role = Role.PRIMARY,
+    stale: frozenset[str] = frozenset(),
+) -> MembershipRun:
+    """Join, leave or prune with as few engine changes as possible, safe against other instances doing the same.
+
+    ONTAP has no conditional write, so this re-reads and retries until stable: read the engine; if the operation
+    changes nothing, stop (a join still enables a disabled policy). Else disable the policy, read the engine
+    again *inside* that window (so a change another instance made meanwhile is kept), PATCH both server lists,
+    enable, and read the engine back, at once and after ``ontap_membership_settle_s``. If another instance's
+    PATCH replaced the lists (the operation would change them again), or ONTAP refused the PATCH because
+    another instance enabled the policy in between (:data:`ENGINE_IN_USE_CODE`), try again after a jittered
+    pause, at most ``ontap_membership_attempts`` times. A window this run opened is always closed (enabled)."""
+    change = _operation(operation, address, role, stale)
+    done: list[str] = []
+    for attempt in range(1, settings.ontap_membership_attempts + 1):
+        if attempt > 1:
+            await asyncio.sleep(_backoff_s(settings, attempt))
+        state = await _read(client, svm_uuid, settings)
+        membership = change(Servers.of_engine(state.engine or {}))
+        plan = _plan(settings, svm_uuid, state, membership, enable=operation is Operation.JOIN)
+        if not membership.changed:
+            if not plan.empty:  # a joining task wants notifications: a disabled policy is enabled
+                await _run_plan(client, settings, plan, done)
+            return MembershipRun(address, membership, tuple(done), attempt)
+        # Disabled even when found disabled (another instance's window): this run's PATCH needs its own window.
+        opened = policy_disable(svm_uuid, settings.ontap_policy_name)
+        enable = policy_enable(svm_uuid, settings.ontap_policy_name, settings.ontap_policy_priority)
+        await _run_plan(client, settings, Plan((opened,), plan.policy), done)
+        try:
+            # Inside the window: the lists as they are now, with any change another instance made meanwhile.
+            inside = await _read(client, svm_uuid, settings)
+            membership = change(Servers.of_engine(inside.engine or {}))
+            patch = next(
+                (
+                    a
+                    for a in _plan(settings, svm_uuid, inside, membership, enable=False).actions
+                    if a.step is Step.UPDATE_ENGINE
+                ),
+                None,
+            )
+            if patch is not None:
+                await client.request(patch.method.value, patch.path, body=patch.body)
+                done.append(patch.describe())
+        except OntapError as exc:
+            await _run_plan(client, settings, Plan((enable,), plan.policy), done)
+            if isinstance(exc, OntapAuthError) or exc.code != ENGINE_IN_USE_CODE:
+                raise
+            log.info("ontap_membership_retry", operation=operation.value, attempt=attempt, reason="engine_in_use")
+            continue
+        await _run_plan(client, settings, Plan((enable,), plan.policy), done)
+        if await _stable(client, svm_uuid, settings, change):
+            return MembershipRun(address, membership, tuple(done), attempt)
+        log.info("ontap_membership_retry", operation=operation.value, attempt=attempt, reason="overwritten")
+    raise OntapError(
+        f"ontap {operation.value} {address}: the engine's server lists did not settle after "
+        f"ontap_membership_attempts={settings.ontap_membership_attempts} attempts (other instances kept changing "
+        "them at the same time); the policy is enabled; run the command again"
+    )
+
+
+async def detect_this_address(settings: Settings, connection: OntapConnection, override: str | None = None) -> str:
+    return await detect_address(
+        override or settings.ontap_server_address,
+        ontap_host=connection.host,
+        ontap_port=connection.port,
+        metadata_uri=os.environ.get(ECS_METADATA_ENV),
+        timeout_s=settings.ontap_request_timeout_s,
+    )
+
+
+async def stale_from_ontap(client: OntapClient, settings: Settings, svm_uuid: str, grace_s: float) -> frozenset[str]:
+    """Servers ONTAP shows disconnected on every node for longer than ``grace_s``."""
+    connections = await client.connections(svm_uuid, settings.ontap_policy_name)
+    if connections is None:
+        raise OntapError(
+            "ontap prune: GET /api/protocols/fpolicy/{svm.uuid}/connections is not available on this ONTAP (9.10+)"
+        )
+    return stale_servers(connections, now=datetime.now(UTC), grace_s=grace_s)
+
+
+async def _membership_in_background(settings: Settings, operation: Operation) -> bool:
+    try:
+        connection = await connection_from_settings(settings)
+        async with OntapClient(connection) as client:
+            svm_uuid = await client.svm_uuid(settings.ontap_svm or "")
+            address = await detect_this_address(settings, connection)
+            run = await change_membership(client, settings, svm_uuid, address, operation)
+    except (OntapError, ConfigError) as exc:
+        log.error(f"ontap_{operation.value}_failed", error=str(exc), policy=settings.ontap_policy_name)
+        return False
+    log.info(
+        f"ontap_{operation.value}_done",
+        address=run.address,
+        policy=settings.ontap_policy_name,
+        servers=run.membership.after.to_dict(),
+        kept=list(run.membership.kept),
+        attempts=run.attempts,
+        changes=list(run.done),
+    )
+    return True
+
+
+async def join_on_start(settings: Settings) -> bool:
+    """``serve`` with ``ontap_join_on_start``: join as a primary server once listening. Never raises (logged)."""
+    return await _membership_in_background(settings, Operation.JOIN)
+
+
+def start_join_on_start(settings: Settings) -> asyncio.Task[bool]:
+    """Run :func:`join_on_start` in the background, so a slow ONTAP never delays the daemon's readiness."""
+    task = asyncio.get_running_loop().create_task(join_on_start(settings), name="ontap-join")
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task
+
+
+async def leave_on_stop(settings: Settings) -> bool:
+    """``serve`` with ``ontap_leave_on_stop``: leave, at most ``ontap_leave_timeout_s``. Never raises (logged)."""
+    try:
+        return await asyncio.wait_for(
+            _membership_in_background(settings, Operation.LEAVE), timeout=settings.ontap_leave_timeout_s
+        )
+    except TimeoutError:
+        log.error(
+            "ontap_leave_failed",
+            error=f"not done within ontap_leave_timeout_s={settings.ontap_leave_timeout_s:g}",
+            policy=settings.ontap_policy_name,
+        )
+        return False

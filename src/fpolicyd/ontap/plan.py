@@ -46,8 +46,11 @@ __all__ = [
     "SslOption",
     "Step",
     "event_name_for",
+    "fpolicy_path",
     "plan_apply",
     "plan_repoint",
+    "policy_disable",
+    "policy_enable",
 ]
 
 FPOLICY_API: Final = "/api/protocols/fpolicy"
@@ -250,24 +253,28 @@ class Plan:
         return {"policy": self.policy, "changes": len(self.actions), "actions": [a.to_dict() for a in self.actions]}
 
 
-def _path(svm_uuid: str, collection: str, name: str | None = None) -> str:
+def fpolicy_path(svm_uuid: str, collection: str, name: str | None = None) -> str:
     base = f"{FPOLICY_API}/{quote(svm_uuid, safe='')}/{collection}"
     return base if name is None else f"{base}/{quote(name, safe='')}"
 
 
-def _enable(svm_uuid: str, policy: str, priority: int) -> Action:
+def policy_enable(svm_uuid: str, policy: str, priority: int) -> Action:
     return Action(
         Step.ENABLE_POLICY,
         Method.PATCH,
-        _path(svm_uuid, "policies", policy),
+        fpolicy_path(svm_uuid, "policies", policy),
         {"enabled": True, "priority": priority},
         f"policy {policy}",
     )
 
 
-def _disable(svm_uuid: str, policy: str) -> Action:
+def policy_disable(svm_uuid: str, policy: str) -> Action:
     return Action(
-        Step.DISABLE_POLICY, Method.PATCH, _path(svm_uuid, "policies", policy), {"enabled": False}, f"policy {policy}"
+        Step.DISABLE_POLICY,
+        Method.PATCH,
+        fpolicy_path(svm_uuid, "policies", policy),
+        {"enabled": False},
+        f"policy {policy}",
     )
 
 
@@ -294,7 +301,7 @@ def _event_action(svm_uuid: str, wanted: DesiredEvent, current: Mapping[str, Any
     operations = dict.fromkeys(sorted(wanted.file_operations), True)
     if current is None:
         body = {"name": wanted.name, "protocol": wanted.protocol.value, "file_operations": operations}
-        return Action(Step.CREATE_EVENT, Method.POST, _path(svm_uuid, "events"), body, f"event {wanted.name}")
+        return Action(Step.CREATE_EVENT, Method.POST, fpolicy_path(svm_uuid, "events"), body, f"event {wanted.name}")
     changes: dict[str, tuple[Any, Any]] = {}
     patch: dict[str, Any] = {}
     if current.get("protocol") != wanted.protocol.value:
@@ -306,7 +313,7 @@ def _event_action(svm_uuid: str, wanted: DesiredEvent, current: Mapping[str, Any
         patch["file_operations"] = {op: op in wanted.file_operations for op in sorted(now_on | wanted.file_operations)}
     if not patch:
         return None
-    path = _path(svm_uuid, "events", wanted.name)
+    path = fpolicy_path(svm_uuid, "events", wanted.name)
     return Action(Step.UPDATE_EVENT, Method.PATCH, path, patch, f"event {wanted.name}", changes)
 
 
@@ -327,7 +334,7 @@ def _policy_action(svm_uuid: str, wanted: DesiredPolicy, current: Mapping[str, A
     if current is None:
         # Created without a priority, so disabled; it is enabled as the last step, after everything it uses.
         body = {"name": wanted.name, **_policy_fields(wanted)}
-        return Action(Step.CREATE_POLICY, Method.POST, _path(svm_uuid, "policies"), body, target)
+        return Action(Step.CREATE_POLICY, Method.POST, fpolicy_path(svm_uuid, "policies"), body, target)
     engine = (current.get("engine") or {}).get("name")
     events = sorted(str(e.get("name")) for e in current.get("events") or [])
     volumes = (current.get("scope") or {}).get("include_volumes") or []
@@ -352,7 +359,9 @@ def _policy_action(svm_uuid: str, wanted: DesiredPolicy, current: Mapping[str, A
     if not changes:
         return None
     patch = {key: fields[key] for key in changes}
-    return Action(Step.UPDATE_POLICY, Method.PATCH, _path(svm_uuid, "policies", wanted.name), patch, target, changes)
+    return Action(
+        Step.UPDATE_POLICY, Method.PATCH, fpolicy_path(svm_uuid, "policies", wanted.name), patch, target, changes
+    )
 
 
 def plan_apply(desired: Desired, current: CurrentState) -> Plan:
@@ -367,7 +376,7 @@ def plan_apply(desired: Desired, current: CurrentState) -> Plan:
                 Action(
                     Step.CREATE_STORE,
                     Method.POST,
-                    _path(svm, "persistent-stores"),
+                    fpolicy_path(svm, "persistent-stores"),
                     body,
                     f"persistent store {store.name}",
                 )
@@ -377,7 +386,7 @@ def plan_apply(desired: Desired, current: CurrentState) -> Plan:
                 Action(
                     Step.UPDATE_STORE,
                     Method.PATCH,
-                    _path(svm, "persistent-stores", store.name),
+                    fpolicy_path(svm, "persistent-stores", store.name),
                     {"volume": store.volume},
                     f"persistent store {store.name}",
                     {"volume": (current.store.get("volume"), store.volume)},
@@ -389,7 +398,7 @@ def plan_apply(desired: Desired, current: CurrentState) -> Plan:
             Action(
                 Step.CREATE_ENGINE,
                 Method.POST,
-                _path(svm, "engines"),
+                fpolicy_path(svm, "engines"),
                 {"name": engine.name, **engine.fields()},
                 f"engine {engine.name}",
             )
@@ -402,7 +411,7 @@ def plan_apply(desired: Desired, current: CurrentState) -> Plan:
                 Action(
                     Step.UPDATE_ENGINE,
                     Method.PATCH,
-                    _path(svm, "engines", engine.name),
+                    fpolicy_path(svm, "engines", engine.name),
                     patch,
                     f"engine {engine.name}",
                     diff,
@@ -419,10 +428,10 @@ def plan_apply(desired: Desired, current: CurrentState) -> Plan:
     actions: list[Action] = []
     enabled = current.policy_enabled
     if changes and enabled:
-        actions.append(_disable(svm, desired.policy.name))
+        actions.append(policy_disable(svm, desired.policy.name))
     actions.extend(changes)
     if changes or not enabled:
-        actions.append(_enable(svm, desired.policy.name, desired.policy.priority))
+        actions.append(policy_enable(svm, desired.policy.name, desired.policy.priority))
     return Plan(tuple(actions), desired.policy.name)
 
 
@@ -443,18 +452,18 @@ def plan_repoint(
     actions: list[Action] = []
     if list(servers) != [address]:
         if current.policy_enabled:
-            actions.append(_disable(svm_uuid, policy_name))
+            actions.append(policy_disable(svm_uuid, policy_name))
         actions.append(
             Action(
                 Step.UPDATE_ENGINE,
                 Method.PATCH,
-                _path(svm_uuid, "engines", engine_name),
+                fpolicy_path(svm_uuid, "engines", engine_name),
                 {"primary_servers": [address]},
                 f"engine {engine_name}",
                 {"primary_servers": (list(servers), [address])},
             )
         )
-        actions.append(_enable(svm_uuid, policy_name, priority))
+        actions.append(policy_enable(svm_uuid, policy_name, priority))
     elif not current.policy_enabled:
-        actions.append(_enable(svm_uuid, policy_name, priority))
+        actions.append(policy_enable(svm_uuid, policy_name, priority))
     return Plan(tuple(actions), policy_name)

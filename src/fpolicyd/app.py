@@ -451,9 +451,19 @@ class Daemon:
             from fpolicyd.ontap.ops import start_repoint_on_start  # noqa: PLC0415 - only when configured
 
             start_repoint_on_start(settings)
+        elif settings.ontap_join_on_start:
+            from fpolicyd.ontap.ops import start_join_on_start  # noqa: PLC0415 - only when configured
+
+            start_join_on_start(settings)
 
     async def stop(self) -> StopReport:
         self.notifier.stopping(f"draining (budget {self.settings.drain_timeout_s:g} s)")
+        if self.settings.ontap_leave_on_stop and self.ready.is_set():
+            # Before the listener closes, so ONTAP moves to the other servers; bounded by ontap_leave_timeout_s,
+            # which is not taken from drain_timeout_s (the drain below gets its whole budget).
+            from fpolicyd.ontap.ops import leave_on_stop  # noqa: PLC0415 - only when configured
+
+            await leave_on_stop(self.settings)
         if self._server is not None:
             self._server.close()
         if self._context is None:  # start() failed before the spooler existed

@@ -1,11 +1,12 @@
-"""`fpolicyd ontap plan/apply/repoint/status` driven through the real CLI (in-process `main()`) against a fake
-ONTAP REST server over HTTPS that enforces ONTAP's rules (tests/support/fake_ontap.py)."""
+"""`fpolicyd ontap plan/apply/repoint/join/leave/prune/status` driven through the real CLI (in-process `main()`)
+against a fake ONTAP REST server over HTTPS that enforces ONTAP's rules (tests/support/fake_ontap.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +18,7 @@ import uvloop
 
 from fpolicyd.app import Daemon
 from fpolicyd.cli.main import main
+from fpolicyd.errors import ConfigError
 from fpolicyd.ontap.client import OntapClient, OntapConnection, OntapError
 from fpolicyd.ontap.ops import repoint_on_start
 from support.daemon import make_settings
@@ -350,3 +352,198 @@ async def test_serve_repoints_once_listening(fake: FakeOntap, tmp_path: Path) ->
 
     wrong = make_settings(tmp_path, ontap_password="wrong", **connection)
     assert await repoint_on_start(wrong) is False
+
+
+# --------------------------------------------------------------------------- join / leave / prune (membership)
+
+#: Short pauses so the membership tests stay fast (the defaults are seconds).
+FAST_MEMBERSHIP = (
+    "--ontap-membership-backoff-s",
+    "0.01",
+    "--ontap-membership-backoff-max-s",
+    "0.05",
+    "--ontap-membership-settle-s",
+    "0.02",
+)
+
+
+def engine(fake: FakeOntap) -> dict[str, Any]:
+    return fake.store("engines")["fpolicyd"]
+
+
+def membership_settings(fake: FakeOntap, tmp_path: Path, **overrides: Any) -> Any:
+    return make_settings(
+        tmp_path,
+        ontap_url=fake.url,
+        ontap_username=fake.username,
+        ontap_password=fake.password,
+        ontap_ca_file=str(fake.ca_file),
+        ontap_svm="svm1",
+        ontap_retry_delay_s=0,
+        ontap_membership_attempts=30,
+        ontap_membership_backoff_s=0.01,
+        ontap_membership_backoff_max_s=0.1,
+        ontap_membership_settle_s=0.05,
+        **overrides,
+    )
+
+
+def test_join_leave_keep_the_other_servers_and_change_nothing_when_already_right(
+    fake: FakeOntap, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(ontap(fake, "apply")) == 0
+    capsys.readouterr()
+    start = len(fake.requests)
+    joined = run_json(capsys, ontap(fake, "join", *FAST_MEMBERSHIP, address="10.0.0.11"))
+    assert engine(fake)["primary_servers"] == [ADDRESS, "10.0.0.11"]
+    assert joined["changed"] is True
+    assert joined["after"] == {"primary_servers": [ADDRESS, "10.0.0.11"], "secondary_servers": []}
+    assert steps([r for r in fake.requests[start:] if r.method == "PATCH"]) == [
+        ("PATCH", "policies/fpolicyd", {"enabled": False}),
+        ("PATCH", "engines/fpolicyd", {"primary_servers": [ADDRESS, "10.0.0.11"], "secondary_servers": []}),
+        ("PATCH", "policies/fpolicyd", {"enabled": True, "priority": 1}),
+    ]
+    assert policy(fake)["enabled"] is True
+
+    before = len(fake.mutations())
+    again = run_json(capsys, ontap(fake, "join", *FAST_MEMBERSHIP, address="10.0.0.11"))
+    assert again["changed"] is False
+    assert len(fake.mutations()) == before  # no disable → modify → enable window
+    assert main(ontap(fake, "join", *FAST_MEMBERSHIP, address="10.0.0.11")) == 0
+    assert "join 10.0.0.11: no change" in capsys.readouterr().out
+
+    assert main(ontap(fake, "join", "--secondary", *FAST_MEMBERSHIP, address="10.0.0.12")) == 0
+    out = capsys.readouterr().out
+    assert "done 2. update engine fpolicyd (secondary_servers: [] -> ['10.0.0.12'])" in out
+    assert engine(fake)["secondary_servers"] == ["10.0.0.12"]
+
+    left = run_json(capsys, ontap(fake, "leave", *FAST_MEMBERSHIP, address="10.0.0.11"))
+    assert left["after"] == {"primary_servers": [ADDRESS], "secondary_servers": ["10.0.0.12"]}
+    before = len(fake.mutations())
+    assert run_json(capsys, ontap(fake, "leave", *FAST_MEMBERSHIP, address="10.0.0.11"))["changed"] is False
+    assert len(fake.mutations()) == before
+
+    last = run_json(capsys, ontap(fake, "leave", *FAST_MEMBERSHIP, address=ADDRESS))
+    assert last["kept"] == [ADDRESS]  # ONTAP needs a primary server
+    assert engine(fake)["primary_servers"] == [ADDRESS]
+
+
+def test_prune_removes_servers_disconnected_longer_than_the_grace(
+    fake: FakeOntap, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(ontap(fake, "apply")) == 0
+    for address in ("10.0.0.11", "10.0.0.12", "10.0.0.13"):
+        assert main(ontap(fake, "join", *FAST_MEMBERSHIP, address=address)) == 0
+    fake.connection(ADDRESS, state="connected", age_s=3600)
+    fake.connection("10.0.0.11", state="disconnected", age_s=600)
+    fake.connection("10.0.0.12", state="disconnected", age_s=30)  # within the grace
+    fake.connection("10.0.0.13", state="disconnected", age_s=600, node="node-01")
+    fake.connection("10.0.0.13", state="connected", age_s=600, node="node-02")  # connected elsewhere
+    capsys.readouterr()
+    pruned = run_json(capsys, ontap(fake, "prune", *FAST_MEMBERSHIP, "--grace-s", "120", address=None))
+    assert pruned["stale"] == ["10.0.0.11"]
+    assert engine(fake)["primary_servers"] == [ADDRESS, "10.0.0.12", "10.0.0.13"]
+    before = len(fake.mutations())
+    assert run_json(capsys, ontap(fake, "prune", *FAST_MEMBERSHIP, "--grace-s", "120", address=None))["done"] == []
+    assert len(fake.mutations()) == before
+    assert main(ontap(fake, "prune", *FAST_MEMBERSHIP, "--ontap-prune-grace-s", "10", address=None)) == 0
+    assert "done 2. update engine fpolicyd" in capsys.readouterr().out
+    assert engine(fake)["primary_servers"] == [ADDRESS, "10.0.0.13"]
+
+
+async def test_five_concurrent_joins_then_five_concurrent_leaves_lose_nobody(fake: FakeOntap, tmp_path: Path) -> None:
+    """Five tasks start together: each reads the engine, and a plain read-modify-write would let the last PATCH
+    win. The re-read inside the window, the read-back and the jittered retries end with all five listed."""
+    from fpolicyd.ontap.membership import Operation
+    from fpolicyd.ontap.ops import change_membership, connection_from_settings
+
+    assert await asyncio.to_thread(main, ontap(fake, "apply")) == 0
+    settings = membership_settings(fake, tmp_path)
+    addresses = [f"10.0.1.{i}" for i in range(1, 6)]
+
+    async def one(address: str, operation: Operation) -> int:
+        async with OntapClient(await connection_from_settings(settings)) as client:
+            run = await change_membership(client, settings, fake.svm_uuid(), address, operation)
+        return run.attempts
+
+    attempts = await asyncio.gather(*(one(a, Operation.JOIN) for a in addresses))
+    assert sorted(engine(fake)["primary_servers"]) == sorted([ADDRESS, *addresses])
+    assert policy(fake)["enabled"] is True
+    assert max(attempts) > 1, "no task had to retry: the test did not race"
+
+    await asyncio.gather(*(one(a, Operation.LEAVE) for a in addresses))
+    assert engine(fake)["primary_servers"] == [ADDRESS]
+    assert policy(fake)["enabled"] is True
+
+
+async def test_an_overwrite_after_the_enable_is_seen_and_retried(fake: FakeOntap, tmp_path: Path) -> None:
+    """Deterministic race: right after this task's enable, another instance PATCHes its own stale lists (without
+    this address). The read-back sees it and the join is done again, keeping the other's entry."""
+    from fpolicyd.ontap.membership import Operation
+    from fpolicyd.ontap.ops import change_membership, connection_from_settings
+
+    assert await asyncio.to_thread(main, ontap(fake, "apply")) == 0
+    settings = membership_settings(fake, tmp_path)
+    overwritten: list[bool] = []
+
+    def other_instance(request: RecordedRequest) -> None:
+        if not overwritten and request.body == {"enabled": True, "priority": 1}:
+            engine(fake)["primary_servers"] = [ADDRESS, "10.0.2.2"]
+            overwritten.append(True)
+
+    fake.after_request = other_instance
+    async with OntapClient(await connection_from_settings(settings)) as client:
+        run = await change_membership(client, settings, fake.svm_uuid(), "10.0.2.1", Operation.JOIN)
+    assert overwritten
+    assert run.attempts == 2
+    assert engine(fake)["primary_servers"] == [ADDRESS, "10.0.2.2", "10.0.2.1"]
+
+
+def test_join_refused_by_ontap_reenables_and_reports_why(fake: FakeOntap, capsys: pytest.CaptureFixture[str]) -> None:
+    """Another enabled policy uses the engine: every PATCH is refused (9764942); the attempts run out, the
+    policy is enabled again and ONTAP's reason is in the error."""
+    assert main(ontap(fake, "apply")) == 0
+    fake.store("policies")["other"] = {**policy(fake), "name": "other", "priority": 2}
+    code = main(ontap(fake, "join", *FAST_MEMBERSHIP, "--ontap-membership-attempts", "2", address="10.0.0.99"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "did not settle after ontap_membership_attempts=2 attempts (ONTAP kept refusing" in err
+    assert "9764942" in err
+    assert policy(fake)["enabled"] is True
+    assert engine(fake)["primary_servers"] == [ADDRESS]
+
+
+def test_repoint_and_join_on_start_exclude_each_other(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ontap_repoint_on_start and ontap_join_on_start exclude each other"):
+        make_settings(tmp_path, ontap_repoint_on_start=True, ontap_join_on_start=True)
+
+
+async def test_serve_joins_once_listening_and_leaves_on_stop(fake: FakeOntap, tmp_path: Path) -> None:
+    assert await asyncio.to_thread(main, ontap(fake, "apply")) == 0
+    settings = membership_settings(
+        fake, tmp_path, ontap_join_on_start=True, ontap_leave_on_stop=True, ontap_server_address="10.0.0.42"
+    )
+    daemon = Daemon(settings)
+    await daemon.start()
+    try:
+        joined = next(t for t in asyncio.all_tasks() if t.get_name() == "ontap-join")
+        assert await asyncio.wait_for(joined, timeout=60) is True
+        assert engine(fake)["primary_servers"] == [ADDRESS, "10.0.0.42"]
+    finally:
+        await daemon.stop()
+    assert engine(fake)["primary_servers"] == [ADDRESS]
+    assert policy(fake)["enabled"] is True
+
+
+async def test_leave_on_stop_is_bounded_by_its_timeout(fake: FakeOntap, tmp_path: Path) -> None:
+    from fpolicyd.ontap.ops import leave_on_stop
+
+    assert await asyncio.to_thread(main, ontap(fake, "apply")) == 0
+    assert await asyncio.to_thread(main, ontap(fake, "join", *FAST_MEMBERSHIP, address="10.0.0.42")) == 0
+    fake.after_request = lambda _: time.sleep(0.05)  # a slow ONTAP: every answer takes 50 ms or more
+    settings = membership_settings(fake, tmp_path, ontap_server_address="10.0.0.42", ontap_leave_timeout_s=0.1)
+    started = time.monotonic()
+    assert await leave_on_stop(settings) is False
+    assert time.monotonic() - started < 1.0
+    fake.after_request = None
+    await asyncio.sleep(0.3)  # the abandoned HTTPS connection finishes closing before this test's loop does

@@ -19,7 +19,17 @@ of ``/api/cluster/jobs/{uuid}``). Rules enforced, from the ONTAP REST reference:
 
 Codes 9764942, 9765053, 9765070 and 4 are documented ONTAP codes; the message texts are paraphrases.
 Faults for tests: ``fail_next_job`` (the next job ends in ``failure``), ``fail_enable`` (that many enable
-PATCHes answer 500). Every request is recorded in ``requests``.
+PATCHes answer 500). Every request is recorded in ``requests``; ``after_request`` (if set) is called with each
+one once it was answered, so a test can act as another client at an exact point (e.g. overwrite the engine).
+
+Concurrency is ONTAP's: each request is applied whole, in arrival order, and a PATCH replaces the lists it names
+(``primary_servers``, ``secondary_servers``) — no merge, no version check —, so two clients that read the same
+lists and each PATCH their own version lose one another's entries unless they re-read (the join/leave race).
+
+FPolicy server connections (``GET /api/protocols/fpolicy/{svm.uuid}/connections``, 9.10+) are the records in
+``connections``; :meth:`FakeOntap.connection` adds one with ONTAP's fields (``node``, ``policy``, ``server``,
+``state`` connected|disconnected, ``type`` primary|secondary, ``update_time`` ISO 8601 with an offset: when the
+server connected or disconnected, ``disconnected_reason``).
 
 The server runs on its own thread and event loop (``running_fake_ontap``), so a test can drive the real CLI,
 which runs its own loop, against it.
@@ -35,6 +45,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +159,7 @@ class FakeOntap:
     ca_file: Path = Path()
     requests: list[RecordedRequest] = field(default_factory=list)
     connections: list[dict[str, Any]] = field(default_factory=list)
+    after_request: Callable[[RecordedRequest], None] | None = None
     svms: dict[str, str] = field(init=False)
     objects: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(init=False)
     jobs: dict[str, Job] = field(init=False, default_factory=dict)
@@ -166,6 +178,32 @@ class FakeOntap:
 
     def mutations(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.method in ("POST", "PATCH", "DELETE")]
+
+    def connection(
+        self,
+        server: str,
+        *,
+        state: str = "connected",
+        age_s: float = 0.0,
+        node: str = "node-01",
+        policy: str = "fpolicyd",
+        kind: str = "primary",
+    ) -> dict[str, Any]:
+        """Add a connection record: ``server`` on ``node`` has been ``state`` for ``age_s`` seconds."""
+        since = datetime.now(UTC) - timedelta(seconds=age_s)
+        record: dict[str, Any] = {
+            "node": {"name": node, "uuid": str(uuid.uuid5(uuid.NAMESPACE_DNS, node))},
+            "svm": {"name": self.svm_names[0], "uuid": self.svm_uuid(self.svm_names[0])},
+            "policy": {"name": policy},
+            "server": server,
+            "state": state,
+            "type": kind,
+            "update_time": since.astimezone(timezone(timedelta(hours=2))).isoformat(timespec="seconds"),
+        }
+        if state == "disconnected":
+            record["disconnected_reason"] = {"code": 9370, "message": "TCP Connection to FPolicy server failed."}
+        self.connections.append(record)
+        return record
 
     # ----------------------------------------------------------------------------------------- server
 
@@ -193,12 +231,16 @@ class FakeOntap:
                 body = await request.json()
             except ValueError:
                 return FakeOntapError(400, "invalid JSON in the request body", "2").response()
-        self.requests.append(RecordedRequest(request.method, request.path, body))
+        recorded = RecordedRequest(request.method, request.path, body)
+        self.requests.append(recorded)
         parts = [p for p in request.path.split("/") if p]
         try:
-            return self._route(request.method, parts, dict(request.query), body)
+            response = self._route(request.method, parts, dict(request.query), body)
         except FakeOntapError as fault:
-            return fault.response()
+            response = fault.response()
+        if self.after_request is not None:
+            self.after_request(recorded)
+        return response
 
     def _route(self, method: str, parts: list[str], query: Mapping[str, str], body: Any) -> web.Response:
         if parts[:3] == ["api", "svm", "svms"] and len(parts) == 3 and method == "GET":

@@ -1,4 +1,6 @@
-"""``fpolicyd ontap plan | apply | repoint | status``: configure ONTAP's FPolicy side over its REST API.
+"""``fpolicyd ontap plan | apply | repoint | join | leave | prune | status``: configure ONTAP's FPolicy side over its
+REST API. ``repoint`` makes this server the engine's only one (one instance); ``join``/``leave``/``prune`` add or
+remove servers and keep the other instances' entries (several instances, see :mod:`fpolicyd.ontap.membership`).
 
 Exit codes: 0 done (or nothing to do), 1 ONTAP refused or could not be reached (the message says what ONTAP
 said and in which state the policy is), 2 bad settings (raised as ConfigError, handled by ``fpolicyd.cli.main``).
@@ -20,7 +22,7 @@ from fpolicyd.pipeline.redaction import Redactor
 
 if TYPE_CHECKING:
     from fpolicyd.config import Settings
-    from fpolicyd.ontap.client import OntapClient
+    from fpolicyd.ontap.client import OntapClient, OntapConnection
     from fpolicyd.ontap.plan import Plan
 
 # The REST client (aiohttp, AWS) is imported when an ontap command runs, not when any fpolicyd command builds
@@ -34,7 +36,10 @@ REQUIRED_SETTINGS = ("ontap_url", "ontap_svm", "ontap_username", "ontap_password
 _ACTIONS = {
     "plan": "show what `apply` would change (dry run)",
     "apply": "create or update the engine, events, policy and persistent store, then enable the policy",
-    "repoint": "point the engine's primary_servers at this server (disable -> update engine -> enable)",
+    "repoint": "point the engine's primary_servers at this server alone (disable -> update engine -> enable)",
+    "join": "add this server to the engine's primary_servers (--secondary: secondary_servers), keeping the others",
+    "leave": "remove this server from the engine's primary_servers and secondary_servers, keeping the others",
+    "prune": "remove the servers ONTAP has shown disconnected for longer than ontap_prune_grace_s",
     "status": "show the engine, events, policy, persistent store and the FPolicy server connections",
 }
 
@@ -49,7 +54,20 @@ def add_ontap_parser(sub: Any) -> argparse.ArgumentParser:
     actions = parser.add_subparsers(dest="ontap_action", required=True)
     for name, help_text in _ACTIONS.items():
         action = actions.add_parser(name, help=help_text, description=help_text)
-        if name != "status":
+        if name == "join":
+            action.add_argument(
+                "--secondary",
+                action="store_true",
+                help="join the engine's secondary_servers (used when no primary server answers)",
+            )
+        if name == "prune":
+            action.add_argument(
+                "--grace-s",
+                type=float,
+                metavar="SECONDS",
+                help="disconnected for longer than this (overrides ontap_prune_grace_s)",
+            )
+        if name not in ("status", "prune"):
             action.add_argument(
                 "--address",
                 help="IP address ONTAP connects to (overrides ontap_server_address; default: detected)",
@@ -134,6 +152,53 @@ async def _status(client: OntapClient, settings: Settings, svm: str, svm_uuid: s
     return 0
 
 
+async def _membership(
+    ns: argparse.Namespace, settings: Settings, client: OntapClient, connection: OntapConnection, svm_uuid: str
+) -> int:
+    from fpolicyd.ontap.membership import Operation, Role  # noqa: PLC0415
+    from fpolicyd.ontap.ops import change_membership, detect_this_address, stale_from_ontap  # noqa: PLC0415
+
+    operation = Operation(ns.ontap_action)
+    role = Role.SECONDARY if getattr(ns, "secondary", False) else Role.PRIMARY
+    stale: frozenset[str] = frozenset()
+    if operation is Operation.PRUNE:
+        grace_s = ns.grace_s if ns.grace_s is not None else settings.ontap_prune_grace_s
+        if grace_s <= 0:
+            sys.stderr.write(f"fpolicyd ontap prune: --grace-s must be > 0, got {grace_s:g}\n")
+            return 2
+        stale = await stale_from_ontap(client, settings, svm_uuid, grace_s)
+        address = ""
+    else:
+        address = await detect_this_address(settings, connection, ns.address)
+    run = await change_membership(client, settings, svm_uuid, address, operation, role=role, stale=stale)
+    membership = run.membership
+    report: dict[str, Any] = {
+        "svm": settings.ontap_svm,
+        "policy": settings.ontap_policy_name,
+        "operation": operation.value,
+        "changed": membership.changed or bool(run.done),
+        "before": membership.before.to_dict(),
+        "after": membership.after.to_dict(),
+        "kept": list(membership.kept),
+        "attempts": run.attempts,
+        "done": list(run.done),
+    }
+    if operation is Operation.PRUNE:
+        report["stale"] = sorted(stale)
+    else:
+        report["address"] = address
+        if operation is Operation.JOIN:
+            report["role"] = role.value
+    who = f"{operation.value} {address}".rstrip() if address else operation.value
+    lines = [f"{who}: no change (engine {settings.ontap_engine_name} already right)"] if not run.done else []
+    lines.extend(f"done {i}. {what}" for i, what in enumerate(run.done, 1))
+    lines.extend(f"kept {kept}: the engine's last primary server (ONTAP needs one)" for kept in membership.kept)
+    after = membership.after
+    lines.append(f"primary_servers={list(after.primary)} secondary_servers={list(after.secondary)}")
+    _write(report, ns.format, lines)
+    return 0
+
+
 async def _run(ns: argparse.Namespace, settings: Settings) -> int:
     from fpolicyd.ontap.client import OntapClient, execute_plan  # noqa: PLC0415
     from fpolicyd.ontap.ops import connection_from_settings, make_plan  # noqa: PLC0415
@@ -144,6 +209,8 @@ async def _run(ns: argparse.Namespace, settings: Settings) -> int:
         svm_uuid = await client.svm_uuid(svm)
         if ns.ontap_action == "status":
             return await _status(client, settings, svm, svm_uuid, ns.format)
+        if ns.ontap_action in ("join", "leave", "prune"):
+            return await _membership(ns, settings, client, connection, svm_uuid)
         address, plan = await make_plan(
             ns.ontap_action, settings, client, connection, svm_uuid, address_override=ns.address
         )

@@ -341,6 +341,7 @@ async def change_membership(
     pause, at most ``ontap_membership_attempts`` times. A window this run opened is always closed (enabled)."""
     change = _operation(operation, address, role, stale)
     done: list[str] = []
+    refused: OntapError | None = None
     for attempt in range(1, settings.ontap_membership_attempts + 1):
         if attempt > 1:
             await asyncio.sleep(_backoff_s(settings, attempt))
@@ -374,16 +375,24 @@ async def change_membership(
             await _run_plan(client, settings, Plan((enable,), plan.policy), done)
             if isinstance(exc, OntapAuthError) or exc.code != ENGINE_IN_USE_CODE:
                 raise
+            refused = exc
             log.info("ontap_membership_retry", operation=operation.value, attempt=attempt, reason="engine_in_use")
             continue
         await _run_plan(client, settings, Plan((enable,), plan.policy), done)
         if await _stable(client, svm_uuid, settings, change):
             return MembershipRun(address, membership, tuple(done), attempt)
+        refused = None
         log.info("ontap_membership_retry", operation=operation.value, attempt=attempt, reason="overwritten")
+    why = (
+        f"ONTAP kept refusing the engine change, last: {refused}"
+        if refused is not None
+        else "other instances kept changing them at the same time"
+    )
     raise OntapError(
         f"ontap {operation.value} {address}: the engine's server lists did not settle after "
-        f"ontap_membership_attempts={settings.ontap_membership_attempts} attempts (other instances kept changing "
-        "them at the same time); the policy is enabled; run the command again"
+        f"ontap_membership_attempts={settings.ontap_membership_attempts} attempts ({why}); the policy is enabled",
+        status=refused.status if refused else None,
+        code=refused.code if refused else None,
     )
 
 

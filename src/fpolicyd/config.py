@@ -627,53 +627,26 @@ class Settings(BaseSettings):
     )
     ontap_join_on_start: bool = Field(
         False,
-        description="serve: once listening, add this server to the ONTAP engine's primary_servers, keeping the "
-        "other instances' entries (`fpolicyd ontap join`); for several tasks. Not with ontap_repoint_on_start.",
+        description="serve: once listening, `fpolicyd ontap join` (the other servers stay). Not with "
+        "ontap_repoint_on_start.",
     )
     ontap_leave_on_stop: bool = Field(
-        False,
-        description="serve: on a graceful stop, remove this server from the ONTAP engine's server lists "
-        "(`fpolicyd ontap leave`) before the listener closes, within ontap_leave_timeout_s.",
+        False, description="serve: `fpolicyd ontap leave` on a graceful stop, within ontap_leave_timeout_s."
     )
     ontap_leave_timeout_s: float = Field(
-        10.0,
-        gt=0,
-        le=300,
-        description="How long the leave on stop may take; past it the stop goes on (the leave is logged as failed) "
-        "and drain_timeout_s is not touched.",
+        10.0, gt=0, le=300, description="Longest leave on stop; added to the stop, not taken from drain_timeout_s."
     )
     ontap_membership_attempts: int = Field(
-        8,
-        ge=1,
-        le=50,
-        description="join/leave/prune: attempts to change the engine's server lists when another instance's "
-        "change overwrote this one (found by reading the engine back) or ONTAP refused the change because another "
-        "instance had just enabled the policy.",
+        8, ge=1, le=50, description="join/leave/prune: attempts while other instances' changes win."
     )
     ontap_membership_backoff_s: float = Field(
-        0.5,
-        ge=0,
-        le=60,
-        description="join/leave/prune: pause before attempt n is random in [0, this x 2^(n-2)] (full jitter), at "
-        "most ontap_membership_backoff_max_s, so instances that collided do not collide again.",
-    )
-    ontap_membership_backoff_max_s: float = Field(
-        8.0, ge=0, le=300, description="Longest pause between two join/leave/prune attempts."
+        0.5, ge=0, le=60, description="join/leave/prune: retry n waits random [0, this x 2^(n-2)] s, 10 s at most."
     )
     ontap_membership_settle_s: float = Field(
-        1.0,
-        ge=0,
-        le=60,
-        description="join/leave/prune: after a change, the engine is read back at once and again after this pause; "
-        "the change counts only if both reads show it (another instance's concurrent write would remove it); 0 "
-        "skips the second read.",
+        1.0, ge=0, le=60, description="join/leave/prune: read the change back at once and after this (0: once)."
     )
     ontap_prune_grace_s: float = Field(
-        300.0,
-        gt=0,
-        le=30 * 86400,
-        description="fpolicyd ontap prune: remove the servers ONTAP has shown disconnected (on every node) for "
-        "longer than this.",
+        300.0, gt=0, le=30 * 86400, description="ontap prune: drop servers disconnected for longer than this."
     )
 
     # --- replay awareness (persistent-store replay, out-of-order, duplicates) ------------------------------

@@ -360,8 +360,6 @@ async def test_serve_repoints_once_listening(fake: FakeOntap, tmp_path: Path) ->
 FAST_MEMBERSHIP = (
     "--ontap-membership-backoff-s",
     "0.01",
-    "--ontap-membership-backoff-max-s",
-    "0.05",
     "--ontap-membership-settle-s",
     "0.02",
 )
@@ -382,7 +380,6 @@ def membership_settings(fake: FakeOntap, tmp_path: Path, **overrides: Any) -> An
         ontap_retry_delay_s=0,
         ontap_membership_attempts=30,
         ontap_membership_backoff_s=0.01,
-        ontap_membership_backoff_max_s=0.1,
         ontap_membership_settle_s=0.05,
         **overrides,
     )

@@ -50,6 +50,7 @@ from fpolicyd.protocol.session import EngineMode
 
 __all__ = [
     "ENGINE_IN_USE_CODE",
+    "MEMBERSHIP_BACKOFF_CAP_S",
     "MembershipRun",
     "change_membership",
     "connection_from_settings",
@@ -68,6 +69,9 @@ log = get_logger("fpolicyd.ontap")
 #: ONTAP's error code for "at least one FPolicy policy is using the FPolicy engine": the engine PATCH came after
 #: another instance enabled the policy again. The window is re-opened and the change retried.
 ENGINE_IN_USE_CODE = "9764942"
+
+#: Longest pause between two join/leave/prune attempts (the jittered backoff doubles up to it).
+MEMBERSHIP_BACKOFF_CAP_S = 10.0
 
 #: Start-up repoint tasks, referenced until done (the event loop keeps only weak references to tasks).
 _BACKGROUND: set[asyncio.Task[bool]] = set()
@@ -273,8 +277,9 @@ def _operation(
 
 
 def _backoff_s(settings: Settings, attempt: int) -> float:
-    """Full jitter: random in [0, base x 2^(attempt-2)], capped (attempt 2 is the first retry)."""
-    ceiling = min(settings.ontap_membership_backoff_max_s, settings.ontap_membership_backoff_s * 2 ** (attempt - 2))
+    """Full jitter: random in [0, ontap_membership_backoff_s x 2^(attempt-2)] (attempt 2 is the first retry), at
+    most :data:`MEMBERSHIP_BACKOFF_CAP_S`."""
+    ceiling = min(MEMBERSHIP_BACKOFF_CAP_S, settings.ontap_membership_backoff_s * 2 ** (attempt - 2))
     return random.uniform(0.0, ceiling)
 
 

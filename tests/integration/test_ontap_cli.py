@@ -544,3 +544,21 @@ async def test_leave_on_stop_is_bounded_by_its_timeout(fake: FakeOntap, tmp_path
     assert time.monotonic() - started < 1.0
     fake.after_request = None
     await asyncio.sleep(0.3)  # the abandoned HTTPS connection finishes closing before this test's loop does
+
+
+async def test_a_leave_cut_short_inside_its_window_still_enables_the_policy(fake: FakeOntap, tmp_path: Path) -> None:
+    from fpolicyd.ontap.ops import leave_on_stop
+
+    assert await asyncio.to_thread(main, ontap(fake, "apply")) == 0
+    assert await asyncio.to_thread(main, ontap(fake, "join", *FAST_MEMBERSHIP, address="10.0.0.42")) == 0
+
+    def slow_disable(request: RecordedRequest) -> None:
+        if request.body == {"enabled": False}:
+            time.sleep(1.2)  # the timeout (0.8 s after the start) falls while the disable is answered
+
+    fake.after_request = slow_disable
+    settings = membership_settings(fake, tmp_path, ontap_server_address="10.0.0.42", ontap_leave_timeout_s=0.8)
+    assert await leave_on_stop(settings) is False
+    assert [r.body for r in fake.requests[-2:]] == [{"enabled": False}, {"enabled": True, "priority": 1}]
+    assert policy(fake)["enabled"] is True
+    assert engine(fake)["primary_servers"] == [ADDRESS, "10.0.0.42"]  # the leave did not happen

@@ -343,7 +343,8 @@ async def change_membership(
     enable, and read the engine back, at once and after ``ontap_membership_settle_s``. If another instance's
     PATCH replaced the lists (the operation would change them again), or ONTAP refused the PATCH because
     another instance enabled the policy in between (:data:`ENGINE_IN_USE_CODE`), try again after a jittered
-    pause, at most ``ontap_membership_attempts`` times. A window this run opened is always closed (enabled)."""
+    pause, at most ``ontap_membership_attempts`` times. A window this run opened is always closed (enabled), also
+    when the run is cancelled inside it (the enable then still runs, so a cancel waits for it)."""
     change = _operation(operation, address, role, stale)
     done: list[str] = []
     refused: OntapError | None = None
@@ -360,8 +361,8 @@ async def change_membership(
         # Disabled even when found disabled (another instance's window): this run's PATCH needs its own window.
         opened = policy_disable(svm_uuid, settings.ontap_policy_name)
         enable = policy_enable(svm_uuid, settings.ontap_policy_name, settings.ontap_policy_priority)
-        await _run_plan(client, settings, Plan((opened,), plan.policy), done)
         try:
+            await _run_plan(client, settings, Plan((opened,), plan.policy), done)
             # Inside the window: the lists as they are now, with any change another instance made meanwhile.
             inside = await _read(client, svm_uuid, settings)
             membership = change(Servers.of_engine(inside.engine or {}))
@@ -376,6 +377,11 @@ async def change_membership(
             if patch is not None:
                 await client.request(patch.method.value, patch.path, body=patch.body)
                 done.append(patch.describe())
+        except asyncio.CancelledError:
+            # Cut short (ontap_leave_timeout_s): the window this run may have opened is closed all the same, or
+            # every instance would stop receiving notifications.
+            await _run_plan(client, settings, Plan((enable,), plan.policy), done)
+            raise
         except OntapError as exc:
             await _run_plan(client, settings, Plan((enable,), plan.policy), done)
             if isinstance(exc, OntapAuthError) or exc.code != ENGINE_IN_USE_CODE:
@@ -457,7 +463,8 @@ def start_join_on_start(settings: Settings) -> asyncio.Task[bool]:
 
 
 async def leave_on_stop(settings: Settings) -> bool:
-    """``serve`` with ``ontap_leave_on_stop``: leave, at most ``ontap_leave_timeout_s``. Never raises (logged)."""
+    """``serve`` with ``ontap_leave_on_stop``: leave, at most ``ontap_leave_timeout_s`` (plus, when the time runs
+    out inside the disable → modify → enable window, the enable that closes it). Never raises (logged)."""
     try:
         return await asyncio.wait_for(
             _membership_in_background(settings, Operation.LEAVE), timeout=settings.ontap_leave_timeout_s

@@ -39,7 +39,9 @@ def test_help_lists_every_setting_flag_by_area_and_is_short(
     lines = text.splitlines()
     assert lines[0].startswith(f"usage: fpolicyd {' '.join(command)} [")
     assert lines[1] == "" or not lines[1].startswith(" "), "the usage line is one line, not every flag"
-    assert len(lines) <= 110, len(lines)
+    # Packed: several flags a line, grouped by area. The bound follows the number of settings (a fixed 110 broke as
+    # soon as settings were added); one line per flag, the form this replaced, would be over it.
+    assert len(lines) < 0.8 * len(FLAGS), (len(lines), len(FLAGS))
     # Every flag is listed, and none is broken across two lines ("--tls-min-" / "version").
     words = set(re.findall(r"--[a-z0-9-]+", text))
     assert words >= FLAGS

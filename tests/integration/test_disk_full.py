@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +49,22 @@ def settings_for(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     }
 
 
-async def until(predicate: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
+async def until(
+    predicate: Callable[[], bool], what: str, within_s: float = 30.0, *, state: Callable[[], object] | None = None
+) -> None:
+    """Wait for ``predicate``; on a timeout the message carries ``state()`` (what the daemon was doing)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
     while not predicate():
         if loop.time() > deadline:
-            raise AssertionError(f"not within {within_s} s: {what}")
+            raise AssertionError(f"not within {within_s} s: {what}" + ("" if state is None else f" ({state()})"))
         await asyncio.sleep(0.01)
+
+
+def disk_state(daemon: Daemon) -> str:
+    """The writers full now and the refused writes by writer (a counter, so a refusal cannot be missed)."""
+    state = daemon.spooler.disk.state
+    return f"full now: {sorted(state.active)}, refused writes: {state.errors}, episodes: {state.episodes}"
 
 
 async def http_get(port: int, path: str) -> tuple[int, bytes]:
@@ -75,40 +86,64 @@ async def readyz(daemon: Daemon) -> tuple[int, dict[str, Any]]:
     return status, {check["name"]: check for check in orjson.loads(body)["checks"]}
 
 
-async def stream_through_a_full_disk(
-    daemon: Daemon, disk: FullDisk, tmp_path: Path, *, writers: tuple[str, ...], fill: Callable[[bool], None]
-) -> SimulatorConfig:
+def all_full(daemon: Daemon, writers: tuple[str, ...]) -> bool:
+    return all(daemon.spooler.disk.state.is_full(writer) for writer in writers)
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """One step of a full disk: ``arm(True)`` makes the disk full under some writers, ``arm(False)`` frees it;
+    ``writers`` are the writers that must then be refused (all of them: the step must guarantee that each one
+    writes while it is armed)."""
+
+    writers: tuple[str, ...]
+    arm: Callable[[bool], None]
+
+
+async def stream_through_a_full_disk(daemon: Daemon, tmp_path: Path, *steps: Fill) -> SimulatorConfig:
     """Stream, fill the disk once events flow, check the daemon paused (and says why), free it, let the stream
-    finish; returns the simulator's config (what was sent)."""
+    finish; returns the simulator's config (what was sent).
+
+    Several steps: each is armed in turn, before the previous one is freed (so the disk is never all free in
+    between), and its writers must all be full while it holds; the last one is freed at the end."""
     config = SimulatorConfig(port=daemon.port, nodes=2, events=1500, seed=14, rate=1000, keep_alive_interval_s=0.05)
     simulation = asyncio.create_task(run(config))
+    state = partial(disk_state, daemon)
     try:
         await until(lambda: len(read_events(tmp_path, live=True)) >= 200, "the first events delivered")
-        fill(True)
-        await until(lambda: daemon.spooler.reading_paused, "reading paused")
-        await until(lambda: all(daemon.spooler.disk.state.is_full(w) for w in writers), f"{writers} full")
-        status, checks = await readyz(daemon)
-        assert status == 503
-        assert not checks["disk"]["ok"]
-        for writer in writers:
-            assert writer in checks["disk"]["detail"]
-        _, metrics = await http_get(daemon.http_port or 0, "/metrics")
-        for writer in writers:
-            assert f'fpolicyd_disk_full{{writer="{writer}"}} 1.0'.encode() in metrics
-        # Held there while the writers retry: still running, nothing declared fatal.
-        await asyncio.sleep(0.5)
-        assert daemon.spooler.fatal is None
-        assert daemon.spooler.reading_paused
-        assert not simulation.done()
-        fill(False)
+        previous: Fill | None = None
+        for step in steps:
+            step.arm(True)
+            if previous is not None:
+                previous.arm(False)
+            previous = step
+            await until(lambda: daemon.spooler.reading_paused, "reading paused", state=state)
+            writers = step.writers
+            await until(partial(all_full, daemon, writers), f"{writers} full", state=state)
+            status, checks = await readyz(daemon)
+            assert status == 503
+            assert not checks["disk"]["ok"]
+            for writer in writers:
+                assert writer in checks["disk"]["detail"]
+            _, metrics = await http_get(daemon.http_port or 0, "/metrics")
+            for writer in writers:
+                assert f'fpolicyd_disk_full{{writer="{writer}"}} 1.0'.encode() in metrics
+            # Held there while the writers retry: still running, nothing declared fatal.
+            await asyncio.sleep(0.5)
+            assert daemon.spooler.fatal is None
+            assert daemon.spooler.reading_paused
+            assert not simulation.done()
+        for step in steps:
+            step.arm(False)
         report = await asyncio.wait_for(simulation, 120)
     finally:
-        fill(False)
+        for step in steps:
+            step.arm(False)
         if not simulation.done():
             simulation.cancel()
     assert report.completed
     assert report.sent == 3000
-    await until(lambda: not daemon.spooler.disk.any, "every writer recovered")
+    await until(lambda: not daemon.spooler.disk.any, "every writer recovered", state=state)
     await until(lambda: daemon.readiness().status == 200, "/readyz 200 again")
     status, checks = await readyz(daemon)
     assert status == 200
@@ -129,7 +164,7 @@ async def test_default_settings_a_full_data_directory_pauses_then_everything_arr
             disk.full = full
 
         sink = f"sink:jsonl:{tmp_path / 'events'}"
-        config = await stream_through_a_full_disk(daemon, disk, tmp_path, writers=(sink, Writer.spool.value), fill=fill)
+        config = await stream_through_a_full_disk(daemon, tmp_path, Fill((sink, Writer.spool.value), fill))
         assert disk.refused > 0
     finally:
         report = await daemon.stop()
@@ -154,9 +189,7 @@ async def test_a_quota_on_the_dedup_journal_and_the_sink_is_handled_like_a_full_
             disk.full = full
 
         sink = f"sink:jsonl:{tmp_path / 'events'}"
-        config = await stream_through_a_full_disk(
-            daemon, disk, tmp_path, writers=(sink, Writer.dedup_journal.value), fill=fill
-        )
+        config = await stream_through_a_full_disk(daemon, tmp_path, Fill((sink, Writer.dedup_journal.value), fill))
     finally:
         report = await daemon.stop()
     assert report.failure is None
@@ -167,7 +200,15 @@ async def test_processing_stage_sqlite_dedup_store_full_pauses_then_everything_a
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where it died: window dedup runs in the processing stage against the SQLite store (a window of 0 minutes
-    judges each use case exactly, so that every simulated notification is a first)."""
+    judges each use case exactly, so that every simulated notification is a first).
+
+    The store fills first, then the sink's directory, one after the other: the store sits before the sink, so
+    while the store refuses, the stage holds its batch and the sink gets nothing new to write. Filled at once,
+    the sink is refused only if it still had output to write at that moment (if it had caught up, it never is:
+    its refused-write counter stays at 0 and it never shows as full), and the store only if the stage still has
+    a batch to judge once the sink has paused reading. Each step below is sure to happen: events keep arriving
+    until the store refuses one (every notification is a first, so each batch writes claims, and the file cannot
+    grow), and the batch it refused holds at least one first, which goes to the sink once the store has room."""
     daemon = Daemon(make_settings(tmp_path, **settings_for(tmp_path, dedup_mode="window", dedup_window_minutes=0)))
     await daemon.start()
     processor = daemon.processing
@@ -180,8 +221,7 @@ async def test_processing_stage_sqlite_dedup_store_full_pauses_then_everything_a
         disk = FullDisk(monkeypatch, tmp_path / "events")
         limit: list[Any] = []
 
-        def fill(full: bool) -> None:
-            disk.full = full
+        def fill_store(full: bool) -> None:
             with store._lock:
                 if full and not limit:
                     limit.append(sqlite_full(conn))
@@ -189,16 +229,23 @@ async def test_processing_stage_sqlite_dedup_store_full_pauses_then_everything_a
                 elif not full and limit:
                     limit.pop().__exit__(None, None, None)
 
+        def fill_sink(full: bool) -> None:
+            disk.full = full
+
         sink = f"sink:jsonl:{tmp_path / 'events'}"
         config = await stream_through_a_full_disk(
-            daemon, disk, tmp_path, writers=(sink, Writer.dedup_store.value), fill=fill
+            daemon, tmp_path, Fill((Writer.dedup_store.value,), fill_store), Fill((sink,), fill_sink)
         )
         assert store.disk_full_errors > 0
         assert store.fail_open == 0  # nothing went out undeduplicated: the stage waited for the store
+        assert disk.refused > 0
     finally:
         report = await daemon.stop()
     assert report.failure is None
     assert_exactly_once(read_events(tmp_path), expected_events(config))
+    episodes = daemon.spooler.disk.state.episodes
+    assert episodes[Writer.dedup_store.value] >= 1
+    assert episodes[sink] >= 1
 
 
 async def test_stop_on_a_full_disk_does_not_raise_and_keeps_the_state_file(

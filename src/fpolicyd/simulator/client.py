@@ -1,4 +1,4 @@
-"""The ``fpolicyd simulate`` client: plays ``nodes`` ONTAP nodes against FPolicy servers, one connection each.
+"""The ``fpolicyd simulate`` client: plays ``nodes`` ONTAP nodes against FPolicy servers.
 
 Each node (an :class:`~fpolicyd.simulator.peer.OntapPeer`): NEGO_REQ/NEGO_RESP, a SCREEN_REQ stream written in
 pre-encoded chunks with optional rate control, KEEP_ALIVE, BACK_PRESSURE honoured, and an optional synchronous

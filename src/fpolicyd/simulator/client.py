@@ -479,6 +479,8 @@ class _State(enum.Enum):
     CONNECTED = "connected"
     #: Broke mid-run; the node reconnects in the background.
     LOST = "lost"
+    #: The server closed it once everything was sent (and answered): not an error, and not used again.
+    CLOSED = "closed"
 
 
 @dataclass(slots=True, eq=False)
@@ -889,6 +891,7 @@ class _Node:
                 return
             if not alive:
                 if self.sent == self.config.events and not s.outstanding:
+                    s.state = _State.CLOSED
                     return
                 self._lose(
                     s,

@@ -651,7 +651,6 @@ class _Node:
         # Frames that came with NEGO_RESP (e.g. BACK_PRESSURE_APPLY) take effect before the first request.
         for payload in peer.take():
             self._handle(s, payload)
-        s.tasks = []
         s.reader = self._spawn(s, self._read_loop(s, peer))
         s.keep_alive = None
         if cfg.keep_alive_interval_s > 0:

@@ -39,7 +39,14 @@ from fpolicyd.protocol.xml_codec import (
     encode_message,
     encode_screen_response,
 )
-from fpolicyd.simulator.client import SimulationReport, SimulatorConfig, SimulatorError, expected_requests, run
+from fpolicyd.simulator.client import (
+    SimulationReport,
+    SimulatorConfig,
+    SimulatorError,
+    TargetRole,
+    expected_requests,
+    run,
+)
 from fpolicyd.simulator.generate import manifest_record
 from fpolicyd.simulator.peer import handshake
 
@@ -78,6 +85,10 @@ class Behaviour:
     answer_after_s: float = 0.0
     #: Answer every STATUS_QUERY with this Resp instead of the truth (a misbehaving server).
     status_resp: int | None = None
+    #: Die (reset every connection, answering nothing more) once this many SCREEN_REQs arrived, all connections
+    #: together; 0 = never. Then stop listening, unless ``listen_after_death``: then serve new connections.
+    die_after: int = 0
+    listen_after_death: bool = False
 
 
 @dataclass
@@ -91,6 +102,8 @@ class Conn:
     held: dict[int, ScreenRequest] = field(default_factory=dict)
     #: Every byte the simulator sent on this connection, as it arrived.
     raw: bytearray = field(default_factory=bytearray)
+    #: The ReqIds of the SCREEN_RESPs written.
+    answered: list[int] = field(default_factory=list)
 
 
 class FakeServer:
@@ -99,12 +112,26 @@ class FakeServer:
         self.conns: list[Conn] = []
         self.errors: list[BaseException] = []
         self._handlers: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
+        self.received = 0
+        self.dead = False
+        self.server: asyncio.Server | None = None
 
     async def start(self) -> asyncio.Server:
         server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
+        self.server = server
         return server
+
+    def _die(self) -> None:
+        """Reset every connection at once (a SIGKILLed server): what was read and not answered is gone."""
+        self.dead = True
+        if not self.behaviour.listen_after_death:
+            assert self.server is not None
+            self.server.close()
+        for writer in self._writers:
+            writer.transport.abort()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -112,6 +139,7 @@ class FakeServer:
         self._handlers.add(task)
         conn = Conn()
         self.conns.append(conn)
+        self._writers.add(writer)
         try:
             await self._serve(conn, reader, writer)
         except (ConnectionError, asyncio.CancelledError):
@@ -119,6 +147,7 @@ class FakeServer:
         except Exception as exc:
             self.errors.append(exc)
         finally:
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
@@ -170,6 +199,11 @@ class FakeServer:
                     held = msg.req_id in conn.held or any(r.req_id == msg.req_id for r in pending)
                     resp = b.status_resp if b.status_resp is not None else 1 if held else 2
                     out.append(encode_message(StatusQueryResp(msg.req_id, msg.req_type, resp)))
+                if isinstance(msg, ScreenRequest):
+                    self.received += 1
+            if b.die_after and not self.dead and self.received >= b.die_after:
+                self._die()
+                return
             if b.close_after_handshake and out:
                 writer.write(b"".join(out))
                 await writer.drain()
@@ -177,6 +211,7 @@ class FakeServer:
             conn.max_pending = max(conn.max_pending, len(pending))
             if pending and (not b.lazy_window or len(pending) >= b.lazy_window or data is None):
                 out.extend(encode_screen_response(ScreenResponse(r.req_id, r.req_type, b.notf_resp)) for r in pending)
+                conn.answered.extend(r.req_id for r in pending)
                 pending.clear()
             if out:
                 writer.write(b"".join(out))
@@ -230,7 +265,7 @@ def screen_requests(conn: Conn) -> list[ScreenRequest]:
     return [m for m in conn.messages if isinstance(m, ScreenRequest)]
 
 
-def node_of(conn: Conn, config: SimulatorConfig) -> int:
+def node_of(conn: Conn, config: SimulatorConfig, target: int = 0) -> int:
     first = conn.messages[0]
     assert isinstance(first, Handshake), "NEGO_REQ must be the first message"
     for node in range(config.nodes):
@@ -240,6 +275,7 @@ def node_of(conn: Conn, config: SimulatorConfig) -> int:
             policy_name=config.policy_name,
             vs_uuid=config.vs_uuid,
             versions=config.versions,
+            target=target,
         )
         if hs == first:
             return node
@@ -557,3 +593,189 @@ def test_one_failing_node_fails_the_run_and_stops_the_others() -> None:
                 await run(config)
 
     run_on("asyncio", scenario())
+
+
+# ------------------------------------------------------------------------------------------- several targets
+
+
+async def simulate_targets(
+    primaries: list[Behaviour], secondaries: list[Behaviour] | None = None, **kw: Any
+) -> tuple[SimulationReport, list[FakeServer], SimulatorConfig]:
+    """Run against fake servers as ONTAP's primary and secondary servers; the fakes in that order."""
+    secondaries = secondaries or []
+    async with contextlib.AsyncExitStack() as stack:
+        fakes = [await stack.enter_async_context(fake_server(b)) for b in [*primaries, *secondaries]]
+        addresses = [f"127.0.0.1:{fake.port}" for fake in fakes]
+        config = SimulatorConfig(
+            targets=tuple(addresses[: len(primaries)]),
+            secondary_targets=tuple(addresses[len(primaries) :]),
+            duration_limit_s=8.0,
+            keep_alive_interval_s=0,
+            **kw,
+        )
+        report = await run(config)
+        for fake in fakes:
+            await fake.wait_idle()
+        return report, fakes, config
+
+
+def ids_by_node(fake: FakeServer, config: SimulatorConfig, target: int) -> dict[int, list[int]]:
+    """Every SCREEN_REQ's ReqId a fake received, per node, in arrival order (each node's sessions together)."""
+    out: dict[int, list[int]] = {node: [] for node in range(config.nodes)}
+    for conn in fake.conns:
+        out[node_of(conn, config, target)].extend(r.req_id for r in screen_requests(conn))
+    return out
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_notifications_go_round_robin_over_three_primaries(sync: bool) -> None:
+    events = 301
+    report, fakes, config = run_on(
+        "uvloop",
+        simulate_targets(
+            [Behaviour(sync=sync)] * 3, nodes=2, events=events, seed=5, sync=sync, max_outstanding=40, chunk_events=16
+        ),
+    )
+    assert report.completed
+    assert report.sent == 2 * events
+    assert report.responses == (2 * events if sync else 0)
+    for target, fake in enumerate(fakes):
+        assert len(fake.conns) == 2  # one session per node
+        for node, ids in ids_by_node(fake, config, target).items():
+            # Strict round-robin from the first primary: notification i to primary (i - 1) mod 3.
+            assert sorted(ids) == [i for i in range(1, events + 1) if (i - 1) % 3 == target], (node, target)
+    counts = [t.sent for t in report.targets]
+    assert counts == [2 * 101, 2 * 100, 2 * 100]  # equal within 1 per node
+    assert [t.answered for t in report.targets] == (counts if sync else [0, 0, 0])
+    assert [t.connects for t in report.targets] == [2, 2, 2]
+    assert report.lost_at_target == report.resent_after_failover == 0
+    # Each session has its own SessionId; the first primary's is the one-target SessionId.
+    session_ids = {
+        m.session_id for fake in fakes for c in fake.conns for m in c.messages[:1] if isinstance(m, Handshake)
+    }
+    assert len(session_ids) == 6
+    first_primary = {m.session_id for c in fakes[0].conns for m in c.messages[:1] if isinstance(m, Handshake)}
+    assert first_primary == {n.session_id for n in report.nodes}
+    as_dict = report.to_dict()
+    targets = as_dict["targets"]
+    assert isinstance(targets, list)
+    assert [t["sent"] for t in targets] == counts
+    orjson.dumps(as_dict)
+
+
+def test_a_secondary_gets_nothing_while_a_primary_is_up_and_everything_once_none_is() -> None:
+    events = 3000
+    report, (primary, secondary), config = run_on(
+        "uvloop",
+        simulate_targets(
+            [Behaviour(die_after=500)], [Behaviour()], events=events, seed=2, chunk_events=50, rate=20000.0
+        ),
+    )
+    assert report.completed
+    p, s = report.targets
+    assert (p.role, s.role) == (TargetRole.PRIMARY, TargetRole.SECONDARY)
+    assert p.sent + s.sent == events
+    assert 500 <= p.sent < events  # the primary died mid-run and never came back (it stopped listening)
+    (first,) = primary.conns
+    assert all(r.req_id <= p.sent for r in screen_requests(first))
+    # While the primary was up the secondary got nothing; from its death on, everything, in order.
+    (conn,) = secondary.conns
+    assert [r.req_id for r in screen_requests(conn)] == list(range(p.sent + 1, events + 1))
+    assert (p.connects, s.connects) == (1, 1)
+    assert node_of(conn, config, target=1) == 0
+
+
+def test_without_a_death_a_secondary_gets_nothing() -> None:
+    report, (primary, secondary), _config = run_on(
+        "asyncio", simulate_targets([Behaviour()], [Behaviour()], events=200, nodes=2, chunk_events=20)
+    )
+    assert report.completed
+    assert [t.sent for t in report.targets] == [400, 0]
+    assert all(len(c.messages) == 1 and isinstance(c.messages[0], Handshake) for c in secondary.conns)
+    assert sum(len(screen_requests(c)) for c in primary.conns) == 400
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_sync_a_primary_killed_mid_run_its_unanswered_requests_are_answered_once_by_the_survivor(
+    loop_name: str,
+) -> None:
+    events = 600
+    report, (killed, survivor), config = run_on(
+        loop_name,
+        simulate_targets(
+            [Behaviour(sync=True, die_after=200), Behaviour(sync=True)],
+            nodes=2,
+            events=events,
+            seed=8,
+            sync=True,
+            max_outstanding=64,
+            chunk_events=16,
+            status_interval_s=0,
+        ),
+    )
+    assert report.completed
+    assert report.responses == report.sent == 2 * events  # the simulator takes each answer once, or fails
+    dead, alive = report.targets
+    assert dead.connects == config.nodes  # it stopped listening: no node could reconnect
+    assert dead.lost_at_target == alive.resent_after_failover == 0
+    assert dead.resent_after_failover > 0  # the chunk that killed it was never answered
+    answered_by_survivor = [i for c in survivor.conns for i in c.answered]
+    received_by_survivor = [r.req_id for c in survivor.conns for r in screen_requests(c)]
+    assert alive.sent == alive.answered == len(received_by_survivor) == len(answered_by_survivor)
+    # Every request first went to one of the two; the survivor got its share and everything sent again to it.
+    assert alive.sent == 2 * events - dead.sent + dead.resent_after_failover
+    for node in range(config.nodes):
+        mine = [i for c in survivor.conns if node_of(c, config, 1) == node for i in c.answered]
+        theirs = [i for c in killed.conns if node_of(c, config, 0) == node for i in c.answered]
+        assert len(mine) == len(set(mine)), "the survivor answered a request twice"
+        assert set(mine) | set(theirs) == set(range(1, events + 1)), "a request was never answered"
+
+
+def test_async_a_primary_killed_mid_run_what_it_took_is_counted_lost() -> None:
+    """Async mode has no acknowledgement: everything written to the killed session is reported lost at that target
+    (what the killed server read, and what it never read). Precisely: the report's lost_at_target is everything
+    the survivor did not get, and each notification went to exactly one of the two."""
+    events = 2000
+    report, (killed, survivor), config = run_on(
+        "uvloop",
+        simulate_targets(
+            [Behaviour(die_after=300), Behaviour()], nodes=2, events=events, seed=4, chunk_events=32, rate=5000.0
+        ),
+    )
+    assert report.completed
+    dead, alive = report.targets
+    assert dead.lost_at_target == dead.sent == report.lost_at_target
+    assert report.resent_after_failover == 0
+    for node in range(config.nodes):
+        got = ids_by_node(survivor, config, 1)[node]
+        read_by_killed = ids_by_node(killed, config, 0)[node]
+        assert len(got) == len(set(got))
+        assert not set(got) & set(read_by_killed)
+    received_by_survivor = sum(len(screen_requests(c)) for c in survivor.conns)
+    assert received_by_survivor == alive.sent == 2 * events - dead.lost_at_target
+    assert 300 <= killed.received <= dead.lost_at_target
+
+
+def test_a_reconnected_primary_rejoins_the_rotation() -> None:
+    events = 1200
+    report, (flaky, steady), config = run_on(
+        "uvloop",
+        simulate_targets(
+            [Behaviour(die_after=100, listen_after_death=True), Behaviour()],
+            events=events,
+            chunk_events=10,
+            rate=4000.0,
+        ),
+    )
+    assert report.completed
+    lost, _kept = report.targets
+    assert lost.connects == 2
+    first, second = flaky.conns
+    assert first.messages[0] == second.messages[0]  # the same NEGO_REQ: the session comes back
+    again = [r.req_id for r in screen_requests(second)]
+    assert again, "the reconnected primary got nothing"
+    # Written to the broken session: what it read before dying and what it never read, counted lost.
+    assert lost.lost_at_target == lost.sent - len(again)
+    assert len(screen_requests(first)) <= lost.lost_at_target
+    assert sum(len(screen_requests(c)) for c in steady.conns) == events - lost.sent
+    assert node_of(second, config, 0) == 0

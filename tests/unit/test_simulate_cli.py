@@ -31,6 +31,12 @@ def test_a_fixed_time_is_asked_for() -> None:
     assert (based.wall_clock, based.base_time_us) == (False, 1_800_000_000_000_000)
 
 
+def test_targets_are_comma_separated() -> None:
+    config = parse("--targets", "a:1, b:2", "--secondary-targets", "c:3")
+    assert (config.targets, config.secondary_targets) == (("a:1", "b:2"), ("c:3",))
+    assert config.primaries == (("a", 1), ("b", 2))
+
+
 def test_every_config_field_has_a_flag_in_one_group_with_a_description() -> None:
     grouped = [name for _title, names in GROUPS for name in names]
     assert len(grouped) == len(set(grouped))
@@ -61,6 +67,7 @@ def test_help_is_grouped_with_defaults_and_says_events_are_per_node(capsys: pyte
         (["--nodes", "0"], "--nodes: must be an integer in 1..4096, got '0'"),
         (["--rate", "fast"], "--rate: must be a finite number >= 0 (0 = unlimited), got 'fast'"),
         (["--port", "70000"], "--port: must be an integer in 1..65535, got '70000'"),
+        (["--targets", "a:1,b"], "--targets: 'b' is not HOST:PORT with a port in 1..65535, got 'a:1,b'"),
         (["--base-time-us", "-1"], "--base-time-us: must be an integer >= 0 (epoch microseconds), got '-1'"),
     ],
 )

@@ -21,7 +21,7 @@ from fpolicyd.protocol.framing import XmlFrameReader, split_payload
 from fpolicyd.protocol.messages import PathNameType, ScreenRequest, UserKind
 from fpolicyd.protocol.req_types import REQ_TYPES
 from fpolicyd.protocol.xml_codec import decode_payload, encode_handshake, encode_screen_request
-from fpolicyd.simulator.client import SimulatorConfig, SimulatorConfigError, expected_requests
+from fpolicyd.simulator.client import SimulatorConfig, SimulatorConfigError, expected_requests, parse_target
 from fpolicyd.simulator.generate import (
     DEFAULT_BASE_TIME_US,
     NodeStream,
@@ -403,11 +403,43 @@ def test_config_defaults() -> None:
         ("duration_limit_s", float("inf")),
         ("chunk_events", 0),
         ("manifest", "out.jsonl"),
+        ("targets", ("host",)),
+        ("targets", ("host:0",)),
+        ("targets", ("host:99999",)),
+        ("targets", (":9898",)),
+        ("targets", ["h:1"]),
+        ("targets", ("h:1", "h:1")),
+        ("secondary_targets", ("h:x",)),
+        ("secondary_targets", ("127.0.0.1:9898",)),  # the one target (host and port) again
     ],
 )
 def test_config_validation_names_the_field(name: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"SimulatorConfig\.{name}\b"):
         SimulatorConfig(**{name: value})  # type: ignore[arg-type]
+
+
+def test_a_target_listed_as_primary_and_secondary_is_refused() -> None:
+    with pytest.raises(SimulatorConfigError, match=r"secondary_targets: 'b:2' is listed twice"):
+        SimulatorConfig(targets=("a:1", "b:2"), secondary_targets=("b:2",))
+
+
+def test_targets_are_parsed_and_host_and_port_are_the_one_target_without_them() -> None:
+    assert SimulatorConfig(host="h", port=7).primaries == (("h", 7),)
+    assert SimulatorConfig().secondaries == ()
+    cfg = SimulatorConfig(targets=("a:1", "[::1]:2", "10.0.0.1:3"), secondary_targets=("b.example:4",))
+    assert cfg.primaries == (("a", 1), ("::1", 2), ("10.0.0.1", 3))
+    assert cfg.secondaries == (("b.example", 4),)
+    assert parse_target(" c:65535 ") == ("c", 65535)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_target("c")
+
+
+def test_each_target_has_its_own_session_and_the_first_keeps_the_one_target_session() -> None:
+    first = handshake(seed=1, node=2, policy_name="p", vs_uuid="v")
+    assert handshake(seed=1, node=2, policy_name="p", vs_uuid="v", target=0) == first
+    others = {handshake(seed=1, node=2, policy_name="p", vs_uuid="v", target=t).session_id for t in range(1, 5)}
+    assert len(others) == 4
+    assert first.session_id not in others
 
 
 def test_config_accepts_edge_values(tmp_path: Path) -> None:

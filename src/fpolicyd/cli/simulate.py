@@ -24,7 +24,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(SimulatorConfig)}
 
 #: The help's groups, in order; every field of SimulatorConfig but ``wall_clock`` (the time flags) is in one.
 GROUPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
-    ("server", ("host", "port")),
+    ("server", ("host", "port", "targets", "secondary_targets")),
     ("load", ("nodes", "events", "rate", "seed", "chunk_events")),
     (
         "ONTAP behaviour",
@@ -49,6 +49,8 @@ def _flag(name: str) -> str:
 
 def _metavar(name: str) -> str:
     hint = _CONFIG_HINTS[name]
+    if name.endswith("targets"):
+        return "HOST:PORT,..."
     if name.endswith("_s"):
         return "SECONDS"
     if hint is int:
@@ -67,7 +69,7 @@ def _default_text(name: str) -> str:
     if default is None:
         return "none"
     if isinstance(default, tuple):
-        return ",".join(default)
+        return ",".join(default) or "none"
     return str(default)
 
 

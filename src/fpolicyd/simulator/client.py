@@ -1,4 +1,4 @@
-"""The ``fpolicyd simulate`` client: plays ``nodes`` ONTAP nodes against an FPolicy server, one connection each.
+"""The ``fpolicyd simulate`` client: plays ``nodes`` ONTAP nodes against FPolicy servers.
 
 Each node (an :class:`~fpolicyd.simulator.peer.OntapPeer`): NEGO_REQ/NEGO_RESP, a SCREEN_REQ stream written in
 pre-encoded chunks with optional rate control, KEEP_ALIVE, BACK_PRESSURE honoured, and an optional synchronous
@@ -6,17 +6,29 @@ mode with a ``max_outstanding`` window. In that mode it asks about every request
 ``status_interval_s`` (STATUS_QUERY_REQ, again every interval, as ONTAP's ``status-req-interval``) and sends a
 request again at once when the server answers 2 "request lost". Everything it sees the server do wrong raises
 :class:`SimulatorError`; every loop ends by itself (timeouts and ``duration_limit_s``).
+
+Several servers, as ONTAP's external engine lists them (``targets``, ``secondary_targets``): each node opens one
+session per server and sends its notifications strictly round-robin over the connected primaries, and over the
+connected secondaries only while no primary is connected. A session that breaks while another is connected is
+not an error: its node reconnects in the background (a short pause, doubled after each failure) and the server
+rejoins the rotation. In sync mode every request it left unanswered is sent at once to another server
+(``resent_after_failover``); in async mode what it took is counted ``lost_at_target`` (there is no
+acknowledgement, and the simulator has no persistent store to replay from). With no other session connected, a
+break ends the run as the server's fault, as with one server. Every server must be reachable at the start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import functools
 import math
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 import orjson
 
@@ -56,7 +68,10 @@ __all__ = [
     "SimulatorConfig",
     "SimulatorConfigError",
     "SimulatorError",
+    "TargetReport",
+    "TargetRole",
     "expected_requests",
+    "parse_target",
     "run",
 ]
 
@@ -64,6 +79,9 @@ MAX_NODES: Final = 4096
 
 #: How long a finished node waits for the server to close after the simulator's half-close.
 _LINGER_S: Final = 2.0
+#: A lost target is tried again after this pause, doubled after every failure up to the maximum.
+_RECONNECT_PAUSE_S: Final = 0.05
+_RECONNECT_MAX_PAUSE_S: Final = 2.0
 _KEEP_ALIVE_FRAME: Final = encode_keep_alive()
 
 
@@ -107,9 +125,25 @@ class SimulatorConfig:
     not reproducible, and the manifest is the record of what was sent.
     """
 
-    host: str = field(default="127.0.0.1", metadata=_help("FPolicy server host"))
-    port: int = field(default=9898, metadata=_help("FPolicy server port"))
-    nodes: int = field(default=1, metadata=_help(f"simulated ONTAP nodes, one connection each (1..{MAX_NODES})"))
+    host: str = field(default="127.0.0.1", metadata=_help("FPolicy server host (the one target without --targets)"))
+    port: int = field(default=9898, metadata=_help("FPolicy server port (the one target without --targets)"))
+    targets: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "primary servers, HOST:PORT comma-separated (instead of host and port): each node opens a session to "
+            "every one and sends its notifications round-robin over those connected, as ONTAP's primary_servers"
+        ),
+    )
+    secondary_targets: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "secondary servers, HOST:PORT comma-separated: each node connects to them too but sends to them only "
+            "while no primary is connected, as ONTAP's secondary_servers"
+        ),
+    )
+    nodes: int = field(
+        default=1, metadata=_help(f"simulated ONTAP nodes, each with one connection per target (1..{MAX_NODES})")
+    )
     events: int = field(default=1000, metadata=_help("SCREEN_REQs per node (the run sends nodes x events)"))
     rate: float = field(default=0.0, metadata=_help("events per second per node; 0 = as fast as the server reads"))
     seed: int = field(
@@ -162,6 +196,21 @@ class SimulatorConfig:
             raise bad("host", "must be a non-empty host name or address")
         if not _is_int(self.port) or not 1 <= self.port <= 65535:
             raise bad("port", "must be an integer in 1..65535")
+        seen: set[tuple[str, int]] = set()
+        for name in ("targets", "secondary_targets"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(t, str) for t in value):
+                raise bad(name, "must be a tuple of HOST:PORT strings")
+            for text in value:
+                try:
+                    address = parse_target(text)
+                except ValueError:
+                    raise bad(name, f"{text!r} is not HOST:PORT with a port in 1..65535") from None
+                if address in seen:
+                    raise bad(name, f"{text!r} is listed twice (primaries and secondaries together)")
+                seen.add(address)
+        if self.secondary_targets and (self.host, self.port) in seen and not self.targets:
+            raise bad("secondary_targets", f"{self.host}:{self.port} is the primary already")
         if not _is_int(self.nodes) or not 1 <= self.nodes <= MAX_NODES:
             raise bad("nodes", f"must be an integer in 1..{MAX_NODES}")
         if not _is_int(self.events) or self.events < 0:
@@ -205,6 +254,25 @@ class SimulatorConfig:
         if self.manifest is not None and not isinstance(self.manifest, Path):
             raise bad("manifest", "must be a pathlib.Path or None")
 
+    @property
+    def primaries(self) -> tuple[tuple[str, int], ...]:
+        """The primary servers: ``targets``, or ``(host, port)`` without them."""
+        return tuple(map(parse_target, self.targets)) if self.targets else ((self.host, self.port),)
+
+    @property
+    def secondaries(self) -> tuple[tuple[str, int], ...]:
+        return tuple(map(parse_target, self.secondary_targets))
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for an IPv6 address) as (host, port); ``ValueError`` if it is not one."""
+    host, sep, port = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host, int(port)
+
 
 def expected_requests(config: SimulatorConfig) -> list[tuple[int, ScreenRequest]]:
     """Everything :func:`run` sends for ``config``, as (node, request), node by node in send order.
@@ -228,6 +296,56 @@ def expected_requests(config: SimulatorConfig) -> list[tuple[int, ScreenRequest]
 # ----------------------------------------------------------------------------------------------- report
 
 
+class TargetRole(enum.Enum):
+    """ONTAP's two lists of servers: primaries share the traffic; secondaries get it only while no primary is up."""
+
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+
+
+@dataclass(frozen=True, slots=True)
+class TargetReport:
+    """One target's figures (one node's, or every node's summed in :attr:`SimulationReport.targets`)."""
+
+    target: str
+    role: TargetRole
+    #: SCREEN_REQs written to it: its round-robin share and what was re-sent to it after another target failed
+    #: (not the re-sends after a STATUS_QUERY "request lost", which :attr:`NodeReport.resends` counts).
+    sent: int
+    #: Sync mode: SCREEN_RESPs it sent.
+    answered: int
+    #: Async mode: notifications written to a session of it that then broke. The asynchronous protocol has no
+    #: acknowledgement, so whatever such a session took may be gone (the simulator has no persistent store to
+    #: replay it from); what the target kept before it broke is among them.
+    lost_at_target: int
+    #: Sync mode: requests unanswered when a session of it broke, sent again at once to another target.
+    resent_after_failover: int
+    #: Sessions opened (NEGO handshakes completed): 1, plus one per reconnect.
+    connects: int
+
+    def __add__(self, other: TargetReport) -> TargetReport:
+        return TargetReport(
+            target=self.target,
+            role=self.role,
+            sent=self.sent + other.sent,
+            answered=self.answered + other.answered,
+            lost_at_target=self.lost_at_target + other.lost_at_target,
+            resent_after_failover=self.resent_after_failover + other.resent_after_failover,
+            connects=self.connects + other.connects,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "role": self.role.value,
+            "sent": self.sent,
+            "answered": self.answered,
+            "lost_at_target": self.lost_at_target,
+            "resent_after_failover": self.resent_after_failover,
+            "connects": self.connects,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class NodeReport:
     node: int
@@ -248,6 +366,8 @@ class NodeReport:
     elapsed_s: float
     #: Every event sent (and answered, in sync mode) before ``duration_limit_s``.
     completed: bool
+    #: One per target, primaries first, in the order configured.
+    targets: tuple[TargetReport, ...]
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -264,6 +384,7 @@ class NodeReport:
             "resends": self.resends,
             "elapsed_s": round(self.elapsed_s, 6),
             "completed": self.completed,
+            "targets": [t.to_dict() for t in self.targets],
         }
 
 
@@ -295,6 +416,21 @@ class SimulationReport:
         return sum(n.resends for n in self.nodes)
 
     @property
+    def targets(self) -> tuple[TargetReport, ...]:
+        """Each target's figures summed over the nodes."""
+        if not self.nodes:
+            return ()
+        return tuple(functools.reduce(operator.add, per) for per in zip(*(n.targets for n in self.nodes), strict=True))
+
+    @property
+    def lost_at_target(self) -> int:
+        return sum(t.lost_at_target for n in self.nodes for t in n.targets)
+
+    @property
+    def resent_after_failover(self) -> int:
+        return sum(t.resent_after_failover for n in self.nodes for t in n.targets)
+
+    @property
     def completed(self) -> bool:
         return all(n.completed for n in self.nodes)
 
@@ -310,9 +446,12 @@ class SimulationReport:
             "keep_alives": self.keep_alives,
             "status_queries": self.status_queries,
             "resends": self.resends,
+            "lost_at_target": self.lost_at_target,
+            "resent_after_failover": self.resent_after_failover,
             "completed": self.completed,
             "elapsed_s": round(self.elapsed_s, 6),
             "events_per_s": round(self.events_per_s, 1),
+            "targets": [t.to_dict() for t in self.targets],
             "nodes": [n.to_dict() for n in self.nodes],
         }
 
@@ -333,25 +472,82 @@ class _Manifest:
         self._fh.close()
 
 
+class _State(enum.Enum):
+    """A target's session as its node sees it."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    #: Broke mid-run; the node reconnects in the background.
+    LOST = "lost"
+    #: The server closed it once everything was sent (and answered): not an error, and not used again.
+    CLOSED = "closed"
+
+
+@dataclass(slots=True, eq=False)
+class _Session:
+    """One node's session with one target: its connection, what it has unanswered, its figures."""
+
+    index: int
+    host: str
+    port: int
+    role: TargetRole
+    hs: Handshake
+    state: _State = _State.CONNECTING
+    peer: OntapPeer | None = None
+    version: str = ""
+    #: Sync mode: every request written here and not answered yet (ReqId → ReqType) and its frame (to send again
+    #: on "request lost" or to another target when this one breaks); with status queries, when to ask next about
+    #: each (earliest first: every entry is (re)inserted at now + interval).
+    outstanding: dict[int, str] = field(default_factory=dict)
+    unanswered_frames: dict[int, bytes] = field(default_factory=dict)
+    status_due: dict[int, float] = field(default_factory=dict)
+    status_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Cleared by BACK_PRESSURE_APPLY, set by BACK_PRESSURE_REM (and by every new connection).
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task[None] | None = None
+    keep_alive: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: SCREEN_REQs written on the current connection.
+    written: int = 0
+    sent: int = 0
+    answered: int = 0
+    lost_at_target: int = 0
+    resent_after_failover: int = 0
+    connects: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def report(self) -> TargetReport:
+        return TargetReport(
+            target=self.address,
+            role=self.role,
+            sent=self.sent,
+            answered=self.answered,
+            lost_at_target=self.lost_at_target,
+            resent_after_failover=self.resent_after_failover,
+            connects=self.connects,
+        )
+
+
 @dataclass(slots=True)
 class _Node:
-    """One simulated node's connection: handshake, sender, reader and keep-alive tasks."""
+    """One simulated node: a session with every target, one sender spreading the stream over them."""
 
     config: SimulatorConfig
     node: int
     manifest: _Manifest | None
     stop_at: float
-    hs: Handshake = field(init=False)
-    peer: OntapPeer = field(init=False)
-    outstanding: dict[int, str] = field(default_factory=dict)
-    #: Sync mode with status queries: when to ask next about each unanswered request (earliest first: every entry
-    #: is (re)inserted at now + interval), and its frame, to send again on "request lost".
-    status_due: dict[int, float] = field(default_factory=dict)
-    unanswered_frames: dict[int, bytes] = field(default_factory=dict)
-    status_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    sessions: list[_Session] = field(init=False)
+    #: The first error of a session's task (the server's misbehaviour, or the loss of the last target).
+    failure: asyncio.Future[None] = field(init=False)
+    reconnects: set[asyncio.Task[None]] = field(default_factory=set)
     progress: asyncio.Event = field(default_factory=asyncio.Event)
-    resume: asyncio.Event = field(default_factory=asyncio.Event)
-    version: str = ""
+    #: Set when a session connects, breaks or has its back pressure removed: the sender's rotation may change.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The round-robin position.
+    turn: int = 0
     sent: int = 0
     responses: int = 0
     keep_alives: int = 0
@@ -361,32 +557,53 @@ class _Node:
     status_lost: int = 0
     resends: int = 0
 
-    def _fail(self, why: str) -> SimulatorError:
-        return SimulatorError(f"node {self.node}: {why}")
+    def __post_init__(self) -> None:
+        cfg = self.config
+        addresses = [(a, TargetRole.PRIMARY) for a in cfg.primaries] + [
+            (a, TargetRole.SECONDARY) for a in cfg.secondaries
+        ]
+        self.sessions = [
+            _Session(
+                index,
+                host,
+                port,
+                role,
+                handshake(
+                    seed=cfg.seed,
+                    node=self.node,
+                    policy_name=cfg.policy_name,
+                    vs_uuid=cfg.vs_uuid,
+                    versions=cfg.versions,
+                    target=index,
+                ),
+            )
+            for index, ((host, port), role) in enumerate(addresses)
+        ]
+
+    def _fail(self, why: str, session: _Session | None = None) -> SimulatorError:
+        if session is None or len(self.sessions) == 1:
+            return SimulatorError(f"node {self.node}: {why}")
+        return SimulatorError(f"node {self.node}, target {session.address}: {why}")
 
     async def run(self) -> NodeReport:
-        cfg = self.config
         loop = asyncio.get_running_loop()
         start = loop.time()
-        self.hs = handshake(
-            seed=cfg.seed, node=self.node, policy_name=cfg.policy_name, vs_uuid=cfg.vs_uuid, versions=cfg.versions
-        )
+        self.failure = loop.create_future()
         try:
-            self.peer = await OntapPeer.connect(cfg.host, cfg.port, timeout_s=cfg.connect_timeout_s)
-        except TimeoutError:
-            raise self._fail(f"connect to {cfg.host}:{cfg.port} timed out after {cfg.connect_timeout_s} s") from None
-        except OSError as exc:
-            raise self._fail(f"cannot connect to {cfg.host}:{cfg.port}: {exc}") from exc
-        try:
-            await self._handshake()
-            self.resume.set()
+            for session in self.sessions:
+                await self._connect_first(session)
             completed = await self._stream()
         finally:
-            await self.peer.close()
+            for session in self.sessions:
+                if session.peer is not None:
+                    await session.peer.close()
+            if self.failure.done() and not self.failure.cancelled():
+                self.failure.exception()  # retrieved: run() raised it already or it came too late to matter
+        first = self.sessions[0]
         return NodeReport(
             node=self.node,
-            session_id=self.hs.session_id,
-            version=self.version,
+            session_id=first.hs.session_id,
+            version=first.version,
             sent=self.sent,
             responses=self.responses,
             keep_alives=self.keep_alives,
@@ -397,114 +614,248 @@ class _Node:
             resends=self.resends,
             elapsed_s=loop.time() - start,
             completed=completed,
+            targets=tuple(session.report() for session in self.sessions),
         )
+
+    # -- sessions
+
+    async def _connect_first(self, s: _Session) -> None:
+        """The run's first session with ``s``: every target must be reachable at the start."""
+        cfg = self.config
+        try:
+            await self._open(s)
+        except TimeoutError:
+            raise self._fail(f"connect to {s.host}:{s.port} timed out after {cfg.connect_timeout_s} s", s) from None
+        except PeerError as exc:
+            raise self._fail(str(exc), s) from exc
+        except OSError as exc:
+            raise self._fail(f"cannot connect to {s.host}:{s.port}: {exc}", s) from exc
+
+    async def _open(self, s: _Session) -> None:
+        """Connect, NEGO, and start the session's reader, keep-alive and status tasks. Raises ``OSError``,
+        ``TimeoutError`` or :class:`PeerError` when the target cannot be reached, :class:`SimulatorError` when it
+        answers wrongly."""
+        cfg = self.config
+        s.state = _State.CONNECTING
+        peer = await OntapPeer.connect(s.host, s.port, timeout_s=cfg.connect_timeout_s)
+        s.peer = peer
+        try:
+            await self._handshake(s, peer)
+        except BaseException:
+            await peer.close()
+            raise
+        s.state = _State.CONNECTED
+        s.connects += 1
+        s.written = 0
+        s.resume.set()
+        # Frames that came with NEGO_RESP (e.g. BACK_PRESSURE_APPLY) take effect before the first request.
+        for payload in peer.take():
+            self._handle(s, payload)
+        s.reader = self._spawn(s, self._read_loop(s, peer))
+        s.keep_alive = None
+        if cfg.keep_alive_interval_s > 0:
+            s.keep_alive = self._spawn(s, self._keep_alive_loop(s))
+        if cfg.sync and cfg.status_interval_s > 0:
+            self._spawn(s, self._status_loop(s))
+        self.changed.set()
+
+    def _spawn(self, s: _Session | None, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        if s is not None:
+            s.tasks.append(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not self.failure.done():
+            self.failure.set_exception(exc)
+
+    def _lose(self, s: _Session, why: str) -> None:
+        """``s`` broke. Alone, that ends the run as the server's fault (``why``); with another target connected,
+        its traffic moves there: in sync mode everything it had unanswered is sent there at once, in async mode
+        what it took is counted lost; and the node reconnects to it in the background."""
+        if s.state is not _State.CONNECTED:
+            return
+        s.state = _State.LOST
+        up = [o for o in self.sessions if o.state is _State.CONNECTED]
+        if not up:
+            raise self._fail(why, s)
+        current = asyncio.current_task()
+        for task in s.tasks:
+            if task is not current:
+                task.cancel()
+        assert s.peer is not None
+        s.peer.abort()
+        if self.config.sync:
+            self._failover(s, up)
+        else:
+            s.lost_at_target += s.written
+        s.written = 0
+        self.progress.set()
+        self.changed.set()
+        self.reconnects.add(self._spawn(None, self._reconnect(s)))
+
+    def _failover(self, dead: _Session, up: list[_Session]) -> None:
+        """Send every request ``dead`` left unanswered to the connected targets, round-robin, at once."""
+        cfg = self.config
+        pool = [o for o in up if o.role is TargetRole.PRIMARY] or up
+        moved = list(dead.outstanding.items())
+        dead.resent_after_failover += len(moved)
+        asked_at = asyncio.get_running_loop().time() + cfg.status_interval_s
+        frames: dict[_Session, list[bytes]] = {}
+        for req_id, req_type in moved:
+            to = pool[self.turn % len(pool)]
+            self.turn += 1
+            frame = dead.unanswered_frames[req_id]
+            to.outstanding[req_id] = req_type
+            to.unanswered_frames[req_id] = frame
+            if cfg.status_interval_s > 0:
+                to.status_due[req_id] = asked_at
+                to.status_wake.set()
+            frames.setdefault(to, []).append(frame)
+        dead.outstanding.clear()
+        dead.unanswered_frames.clear()
+        dead.status_due.clear()
+        for to, batch in frames.items():
+            to.sent += len(batch)
+            to.written += len(batch)
+            self._write(to, b"".join(batch))
+
+    async def _reconnect(self, s: _Session) -> None:
+        """Reconnect to a lost target, pausing ``_RECONNECT_PAUSE_S`` and doubling the pause after each failure
+        up to ``_RECONNECT_MAX_PAUSE_S``; once connected, it rejoins the rotation."""
+        pause = _RECONNECT_PAUSE_S
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                await self._open(s)
+            except (OSError, TimeoutError, PeerError):
+                s.state = _State.LOST
+                pause = min(2 * pause, _RECONNECT_MAX_PAUSE_S)
+                continue
+            return
+
+    def _write(self, s: _Session, data: bytes) -> None:
+        assert s.peer is not None
+        try:
+            s.peer.write(data)
+        except (OSError, RuntimeError) as exc:  # uvloop raises RuntimeError on a transport closed by a reset
+            self._lose(s, f"connection error after {self.sent} requests: {exc}")
+
+    def _rotation(self) -> list[_Session]:
+        """Where notifications go now: the connected primaries, or the connected secondaries while no primary is
+        connected; of those, the ones not holding back pressure."""
+        up = [s for s in self.sessions if s.state is _State.CONNECTED]
+        pool = [s for s in up if s.role is TargetRole.PRIMARY] or up
+        return [s for s in pool if s.resume.is_set()]
+
+    def _outstanding(self) -> int:
+        return sum(len(s.outstanding) for s in self.sessions)
 
     # -- receiving
 
-    async def _receive(self) -> bool:
-        """Read once into the peer's inbox; False on EOF."""
+    def _decode(self, s: _Session, peer: OntapPeer, payload: bytes) -> tuple[str, Message]:
         try:
-            return await self.peer.read_checked()
-        except PeerError as exc:
-            raise self._fail(str(exc)) from exc
-
-    def _decode(self, payload: bytes) -> tuple[str, Message]:
-        try:
-            decoded = self.peer.decode(payload)
+            decoded = peer.decode(payload)
         except RemoteProtocolError as exc:
-            raise self._fail(f"undecodable message from the server: {exc}") from exc
+            raise self._fail(f"undecodable message from the server: {exc}", s) from exc
         header = decoded.header
         if header.content_len != decoded.body_length:
             raise self._fail(
-                f"{header.notf_type} header ContentLen {header.content_len} != body length {decoded.body_length}"
+                f"{header.notf_type} header ContentLen {header.content_len} != body length {decoded.body_length}", s
             )
         return header.notf_type, decoded.message
 
-    async def _handshake(self) -> None:
-        cfg, hs = self.config, self.hs
-        try:
-            first = await self.peer.handshake(hs, cfg.handshake_timeout_s)
-        except PeerError as exc:
-            raise self._fail(str(exc)) from exc
-        notf_type, msg = self._decode(first)
+    async def _handshake(self, s: _Session, peer: OntapPeer) -> None:
+        hs = s.hs
+        first = await peer.handshake(hs, self.config.handshake_timeout_s)
+        notf_type, msg = self._decode(s, peer, first)
         if not isinstance(msg, HandshakeResp):
-            raise self._fail(f"expected NEGO_RESP as the first message, got {notf_type}")
+            raise self._fail(f"expected NEGO_RESP as the first message, got {notf_type}", s)
         for what, got, want in (
             ("VsUUID", msg.vs_uuid, hs.vs_uuid),
             ("PolicyName", msg.policy_name, hs.policy_name),
             ("SessionId", msg.session_id, hs.session_id),
         ):
             if got != want:
-                raise self._fail(f"NEGO_RESP {what} {got!r} does not echo the NEGO_REQ's {want!r}")
+                raise self._fail(f"NEGO_RESP {what} {got!r} does not echo the NEGO_REQ's {want!r}", s)
         if msg.version not in hs.versions:
-            raise self._fail(f"NEGO_RESP chose version {msg.version!r}, not in the offer {list(hs.versions)}")
-        self.version = msg.version
+            raise self._fail(f"NEGO_RESP chose version {msg.version!r}, not in the offer {list(hs.versions)}", s)
+        s.version = msg.version
 
-    def _handle(self, payload: bytes) -> None:
-        notf_type, msg = self._decode(payload)
+    def _handle(self, s: _Session, payload: bytes) -> None:
+        assert s.peer is not None
+        notf_type, msg = self._decode(s, s.peer, payload)
         if isinstance(msg, ScreenResponse):
             if not self.config.sync:
-                raise self._fail(f"SCREEN_RESP (ReqId {msg.req_id}) from the server in asynchronous mode")
-            req_type = self.outstanding.pop(msg.req_id, None)
+                raise self._fail(f"SCREEN_RESP (ReqId {msg.req_id}) from the server in asynchronous mode", s)
+            req_type = s.outstanding.pop(msg.req_id, None)
             if req_type is None:
-                raise self._fail(f"SCREEN_RESP for ReqId {msg.req_id}, which is not outstanding")
+                raise self._fail(f"SCREEN_RESP for ReqId {msg.req_id}, which is not outstanding", s)
             if req_type != msg.req_type:
                 raise self._fail(
-                    f"SCREEN_RESP for ReqId {msg.req_id} has ReqType {msg.req_type!r}, the request was {req_type!r}"
+                    f"SCREEN_RESP for ReqId {msg.req_id} has ReqType {msg.req_type!r}, the request was {req_type!r}",
+                    s,
                 )
             if msg.notf_resp != ALLOW:
-                raise self._fail(f"SCREEN_RESP for ReqId {msg.req_id} has NotfResp {msg.notf_resp}, expected 1")
-            self.status_due.pop(msg.req_id, None)
-            self.unanswered_frames.pop(msg.req_id, None)
+                raise self._fail(f"SCREEN_RESP for ReqId {msg.req_id} has NotfResp {msg.notf_resp}, expected 1", s)
+            s.status_due.pop(msg.req_id, None)
+            s.unanswered_frames.pop(msg.req_id, None)
+            s.answered += 1
             self.responses += 1
             self.progress.set()
         elif isinstance(msg, StatusQueryResp):
-            self._status_answer(msg)
+            self._status_answer(s, msg)
         elif isinstance(msg, BackPressure):
-            if msg.session_id != self.hs.session_id:
-                raise self._fail(f"{notf_type} for SessionId {msg.session_id!r}, not this session's")
+            if msg.session_id != s.hs.session_id:
+                raise self._fail(f"{notf_type} for SessionId {msg.session_id!r}, not this session's", s)
             if msg.apply:
                 self.back_pressure_applied += 1
-                self.resume.clear()
+                s.resume.clear()
             else:
-                self.resume.set()
+                s.resume.set()
+                self.changed.set()
         else:
-            raise self._fail(f"unexpected {notf_type} from the server")
+            raise self._fail(f"unexpected {notf_type} from the server", s)
 
-    def _status_answer(self, msg: StatusQueryResp) -> None:
+    def _status_answer(self, s: _Session, msg: StatusQueryResp) -> None:
         """The answer to one of our STATUS_QUERY_REQs. "In progress" is only possible for a request not yet
         answered (the server answers the query when it reads it, before any later SCREEN_RESP); "request lost" for
         one still unanswered makes ONTAP send the request again at once, and so do we."""
         if not (self.config.sync and self.config.status_interval_s > 0):
-            raise self._fail(f"STATUS_QUERY_RESP (ReqId {msg.req_id}) although no status query was sent")
-        req_type = self.outstanding.get(msg.req_id)
+            raise self._fail(f"STATUS_QUERY_RESP (ReqId {msg.req_id}) although no status query was sent", s)
+        req_type = s.outstanding.get(msg.req_id)
         if req_type is not None and req_type != msg.req_type:
             raise self._fail(
-                f"STATUS_QUERY_RESP for ReqId {msg.req_id} has ReqType {msg.req_type!r}, the request was {req_type!r}"
+                f"STATUS_QUERY_RESP for ReqId {msg.req_id} has ReqType {msg.req_type!r}, the request was {req_type!r}",
+                s,
             )
         if msg.resp == STATUS_IN_PROGRESS:
             if req_type is None:
-                raise self._fail(f"STATUS_QUERY_RESP 'in progress' for ReqId {msg.req_id}, already answered")
+                raise self._fail(f"STATUS_QUERY_RESP 'in progress' for ReqId {msg.req_id}, already answered", s)
             self.status_in_progress += 1
         elif msg.resp == STATUS_REQUEST_LOST:
             self.status_lost += 1
             if req_type is not None:
-                self.peer.write(self.unanswered_frames[msg.req_id])
                 self.resends += 1
-                del self.status_due[msg.req_id]
-                self.status_due[msg.req_id] = asyncio.get_running_loop().time() + self.config.status_interval_s
+                del s.status_due[msg.req_id]
+                s.status_due[msg.req_id] = asyncio.get_running_loop().time() + self.config.status_interval_s
+                self._write(s, s.unanswered_frames[msg.req_id])
         else:
-            raise self._fail(f"STATUS_QUERY_RESP for ReqId {msg.req_id} has Resp {msg.resp}, expected 1 or 2")
+            raise self._fail(f"STATUS_QUERY_RESP for ReqId {msg.req_id} has Resp {msg.resp}, expected 1 or 2", s)
 
-    async def _status_loop(self) -> None:
+    async def _status_loop(self, s: _Session) -> None:
         """ONTAP's status-req-interval: ask about every request unanswered for an interval, again every interval."""
         loop = asyncio.get_running_loop()
         interval = self.config.status_interval_s
-        due = self.status_due
+        due = s.status_due
         while True:
             if not due:
-                self.status_wake.clear()
-                await self.status_wake.wait()
+                s.status_wake.clear()
+                await s.status_wake.wait()
                 continue
             wait = next(iter(due.values())) - loop.time()
             if wait > 0:
@@ -520,31 +871,43 @@ class _Node:
             for req_id in asked:
                 del due[req_id]
                 due[req_id] = now + interval
-                frames.append(encode_message(StatusQuery(req_id, self.outstanding[req_id])))
+                frames.append(encode_message(StatusQuery(req_id, s.outstanding[req_id])))
             self.status_queries += len(frames)
-            self.peer.write(b"".join(frames))
+            self._write(s, b"".join(frames))
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, s: _Session, peer: OntapPeer) -> None:
+        """Read until the session ends: cleanly once everything is sent (and, in sync mode, answered), or by
+        breaking (:meth:`_lose`). A bad frame is the server's fault and ends the run."""
         while True:
-            for payload in self.peer.take():
-                self._handle(payload)
-            if not await self._receive():
-                if self.sent == self.config.events and not self.outstanding:
+            for payload in peer.take():
+                self._handle(s, payload)
+            try:
+                alive = await peer.read_some()
+            except RemoteProtocolError as exc:
+                raise self._fail(f"bad frame from the server: {exc}", s) from exc
+            except OSError as exc:
+                self._lose(s, f"connection error: {exc}")
+                return
+            if not alive:
+                if self.sent == self.config.events and not s.outstanding:
+                    s.state = _State.CLOSED
                     return
-                raise self._fail(
+                self._lose(
+                    s,
                     f"server closed the connection after {self.sent}/{self.config.events} requests "
-                    f"({self.responses} responses)"
+                    f"({self.responses} responses)",
                 )
+                return
 
     # -- sending
 
-    async def _keep_alive_loop(self) -> None:
+    async def _keep_alive_loop(self, s: _Session) -> None:
         loop = asyncio.get_running_loop()
         interval = self.config.keep_alive_interval_s
         due = loop.time() + interval
         while True:
             await asyncio.sleep(max(0.0, due - loop.time()))
-            self.peer.write(_KEEP_ALIVE_FRAME)
+            self._write(s, _KEEP_ALIVE_FRAME)
             self.keep_alives += 1
             due += interval
 
@@ -577,27 +940,48 @@ class _Node:
                     continue
                 n = min(n, due)
             if cfg.sync:
-                await self._wait_progress(lambda: len(self.outstanding) < window)
-                n = min(n, window - len(self.outstanding))
-            if not self.resume.is_set():
-                await self.resume.wait()
+                await self._wait_progress(lambda: self._outstanding() < window)
+                n = min(n, window - self._outstanding())
+            rotation = self._rotation()
+            while not rotation:
+                self.changed.clear()
+                await self.changed.wait()
+                rotation = self._rotation()
             batch = list(islice(frames, n))
-            if cfg.sync:
-                for spec, _frame in batch:
-                    self.outstanding[spec.req_id] = spec.kind.req_type
-                if cfg.status_interval_s > 0:
-                    asked_at = loop.time() + cfg.status_interval_s
-                    for spec, frame in batch:
-                        self.status_due[spec.req_id] = asked_at
-                        self.unanswered_frames[spec.req_id] = frame
-                    self.status_wake.set()
-            self.peer.write(b"".join([frame for _spec, frame in batch]))
+            # Strict round-robin, one notification at a time, written a chunk per target.
+            if len(rotation) == 1:
+                shares = {rotation[0]: batch}
+            else:
+                shares = {}
+                for item in batch:
+                    shares.setdefault(rotation[self.turn % len(rotation)], []).append(item)
+                    self.turn += 1
+            for s, share in shares.items():
+                if cfg.sync:
+                    for spec, frame in share:
+                        s.outstanding[spec.req_id] = spec.kind.req_type
+                        s.unanswered_frames[spec.req_id] = frame
+                    if cfg.status_interval_s > 0:
+                        asked_at = loop.time() + cfg.status_interval_s
+                        for spec, _frame in share:
+                            s.status_due[spec.req_id] = asked_at
+                        s.status_wake.set()
+                s.sent += len(share)
+                s.written += len(share)
             self.sent += n
+            for s, share in shares.items():
+                if s.state is _State.CONNECTED:  # else an earlier write of this batch found it broken
+                    self._write(s, b"".join([frame for _spec, frame in share]))
             if self.manifest is not None:
                 self.manifest.write(self.node, [spec for spec, _frame in batch], cfg.notf_type)
-            await self.peer.drain()
+            for s in shares:
+                if s.state is _State.CONNECTED and s.peer is not None:
+                    try:
+                        await s.peer.drain()
+                    except OSError as exc:
+                        self._lose(s, f"connection error after {self.sent} requests: {exc}")
         if cfg.sync:
-            await self._wait_progress(lambda: not self.outstanding)
+            await self._wait_progress(lambda: not self._outstanding())
 
     async def _stream(self) -> bool:
         """Send everything (and collect every response); False if ``stop_at`` came first."""
@@ -606,53 +990,51 @@ class _Node:
         def remaining() -> float:
             return max(0.0, self.stop_at - loop.time())
 
-        # Frames that came with NEGO_RESP (e.g. BACK_PRESSURE_APPLY) take effect before the first request.
-        for payload in self.peer.take():
-            self._handle(payload)
-        reader = asyncio.create_task(self._read_loop())
         sender = asyncio.create_task(self._send_all())
-        keep_alive = status = None
-        if self.config.keep_alive_interval_s > 0:
-            keep_alive = asyncio.create_task(self._keep_alive_loop())
-        if self.config.sync and self.config.status_interval_s > 0:
-            status = asyncio.create_task(self._status_loop())
-        tasks = [t for t in (sender, reader, keep_alive, status) if t is not None]
         try:
-            done, _ = await asyncio.wait((sender, reader), timeout=remaining(), return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
-                reader.result()  # raises the server's misbehaviour; returns only after a clean end
-                await asyncio.wait((sender,), timeout=remaining())
+            await asyncio.wait((sender, self.failure), timeout=remaining(), return_when=asyncio.FIRST_COMPLETED)
+            if self.failure.done():
+                self.failure.result()  # raises the server's misbehaviour, or the loss of the last target
             if not sender.done():
                 return False
-            try:
-                sender.result()
-            except OSError as exc:
-                raise self._fail(f"connection error after {self.sent} requests: {exc}") from exc
-            if not reader.done():
-                await self._linger(reader, keep_alive, min(_LINGER_S, remaining()))
+            sender.result()
+            for task in self.reconnects:
+                task.cancel()
+            await self._linger(min(_LINGER_S, remaining()))
             return True
         finally:
+            tasks = [sender, *self.reconnects, *(task for s in self.sessions for task in s.tasks)]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _linger(self, reader: asyncio.Task[None], keep_alive: asyncio.Task[None] | None, wait_s: float) -> None:
-        """Half-close and read until the server closes too, so that whatever it still sends is checked and
-        everything we sent has been read when :func:`run` returns. A server that keeps its side open only
-        costs ``wait_s``."""
-        if keep_alive is not None:
-            keep_alive.cancel()
-        try:
-            self.peer.half_close()
-        except OSError:
-            return
-        done, _ = await asyncio.wait((reader,), timeout=wait_s)
-        if done:
-            reader.result()
+    async def _linger(self, wait_s: float) -> None:
+        """Half-close every session and read until the server closes too, so that whatever it still sends is
+        checked and everything we sent has been read when :func:`run` returns. A server that keeps its side open
+        only costs ``wait_s``."""
+        readers = []
+        for s in self.sessions:
+            if s.state is not _State.CONNECTED or s.reader is None or s.reader.done() or s.peer is None:
+                continue
+            if s.keep_alive is not None:
+                s.keep_alive.cancel()
+            try:
+                s.peer.half_close()
+            except (OSError, RuntimeError):
+                if len(self.sessions) == 1:
+                    continue  # as before several targets: a break this late is no error
+                # Broken: its reader is about to see it and counts what the session took (or moves it).
+            readers.append(s.reader)
+        if readers:
+            done, _ = await asyncio.wait(readers, timeout=wait_s)
+            for reader in done:
+                reader.result()
+        if self.failure.done():
+            self.failure.result()
 
 
 async def run(config: SimulatorConfig) -> SimulationReport:
-    """Play ``config.nodes`` ONTAP nodes against the server; raise :class:`SimulatorError` on misbehaviour.
+    """Play ``config.nodes`` ONTAP nodes against the servers; raise :class:`SimulatorError` on misbehaviour.
 
     Works on the default loop and on uvloop. Returns when every node has sent (and, in sync mode, had answered)
     all its events, or when ``duration_limit_s`` has passed (then ``completed`` is False).

@@ -56,9 +56,12 @@ def handshake(
     policy_name: str,
     vs_uuid: str,
     versions: Sequence[str] = DEFAULT_VERSIONS,
+    target: int = 0,
 ) -> Handshake:
-    """The NEGO_REQ node ``node`` sends; ``SessionId`` is a deterministic v1-looking UUID like ONTAP's."""
-    digest = hashlib.blake2b(f"fpolicyd-sim:session:{seed}:{node}".encode(), digest_size=16).digest()
+    """The NEGO_REQ node ``node`` sends to its ``target``-th server (one session per server, as ONTAP opens);
+    ``SessionId`` is a deterministic v1-looking UUID like ONTAP's, the same as before targets for target 0."""
+    key = f"fpolicyd-sim:session:{seed}:{node}" + (f":{target}" if target else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
     session_id = str(uuid.UUID(bytes=digest, version=1))
     return Handshake(vs_uuid=vs_uuid, policy_name=policy_name, session_id=session_id, versions=tuple(versions))
 

@@ -89,6 +89,12 @@ class Behaviour:
     #: together; 0 = never. Then stop listening, unless ``listen_after_death``: then serve new connections.
     die_after: int = 0
     listen_after_death: bool = False
+    #: Set this event when a session is negotiated after ``die_after`` struck (the simulator came back).
+    signal_return: asyncio.Event | None = None
+    #: Apply back pressure once this many SCREEN_REQs arrived (all connections), and remove it once ``release``
+    #: is set: a test can hold the stream until something else happened, whatever the timing.
+    hold_after: int = 0
+    release: asyncio.Event | None = None
 
 
 @dataclass
@@ -159,6 +165,7 @@ class FakeServer:
         frames = XmlFrameReader()
         pending: list[ScreenRequest] = []
         bp_task: asyncio.Task[None] | None = None
+        session_id = ""
         while True:
             if b.lazy_window and pending:
                 try:
@@ -178,6 +185,9 @@ class FakeServer:
                 conn.messages.append(msg)
                 conn.arrivals.append(loop.time())
                 if isinstance(msg, Handshake):
+                    session_id = msg.session_id
+                    if b.signal_return is not None and self.dead:
+                        b.signal_return.set()
                     if not b.answer_handshake:
                         continue
                     out.append(
@@ -201,6 +211,9 @@ class FakeServer:
                     out.append(encode_message(StatusQueryResp(msg.req_id, msg.req_type, resp)))
                 if isinstance(msg, ScreenRequest):
                     self.received += 1
+                    if b.release is not None and self.received == b.hold_after:
+                        out.append(encode_back_pressure(BackPressure(session_id, apply=True)))
+                        bp_task = asyncio.create_task(self._release_on(b.release, conn, writer, session_id))
             if b.die_after and not self.dead and self.received >= b.die_after:
                 self._die()
                 return
@@ -228,6 +241,15 @@ class FakeServer:
         loop = asyncio.get_running_loop()
         start = loop.time()
         await asyncio.sleep(self.behaviour.back_pressure_s)
+        conn.back_pressure_window = (start, loop.time())
+        writer.write(encode_back_pressure(BackPressure(session_id, apply=False)))
+
+    async def _release_on(
+        self, event: asyncio.Event, conn: Conn, writer: asyncio.StreamWriter, session_id: str
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await event.wait()
         conn.back_pressure_window = (start, loop.time())
         writer.write(encode_back_pressure(BackPressure(session_id, apply=False)))
 
@@ -758,10 +780,17 @@ def test_async_a_primary_killed_mid_run_what_it_took_is_counted_lost() -> None:
 
 def test_a_reconnected_primary_rejoins_the_rotation() -> None:
     events = 1200
+    # The steady primary holds the stream (back pressure) once it has 300 requests, until the flaky one (dead after
+    # 100) is negotiated again: the rest of the run then has both in the rotation, however long the reconnect took.
+    # (Without the hold the paced run could end before the reconnect's backoff did, on a loaded box: a flaky test.)
+    back = asyncio.Event()
     report, (flaky, steady), config = run_on(
         "uvloop",
         simulate_targets(
-            [Behaviour(die_after=100, listen_after_death=True), Behaviour()],
+            [
+                Behaviour(die_after=100, listen_after_death=True, signal_return=back),
+                Behaviour(hold_after=300, release=back),
+            ],
             events=events,
             chunk_events=10,
             rate=4000.0,

@@ -6,7 +6,8 @@ frames sent on one session to each, so that the test picks which instance gets w
 
 - settle (write-complete debounce) holds a path's events on the instance that received them: a create on A and
   the write that completes the file on B are two events (A: ``create``, B: ``write``), where one instance would
-  emit one ``create`` coalescing both; a delete on B does not cancel a create held on A;
+  emit one ``create`` coalescing both; a delete on B does not cancel a create held on A; with ``rename_commit``
+  a rename on B commits nothing held on A (B emits the rename, A the temporary file at ``settle_max_hold_s``);
 - exact dedup (the event id) with the embedded backend is the reader's window of *that* instance: a notification
   ONTAP re-sends on another instance's session is delivered again (same event id); with the DynamoDB backend the
   claim is shared and the second instance suppresses it (audit ledger);
@@ -141,6 +142,45 @@ async def test_settle_is_per_instance_a_create_and_its_write_on_two_instances_ar
     assert gone_a["operation_type"] == "create"
     assert gone_b["operation_type"] == "delete"
     assert "settle" not in gone_b["metadata"]
+
+
+#: rename_commit holds until the rename (or this long): short, so that the half held on the other instance shows.
+MAX_HOLD_S = 1.0
+
+
+async def test_rename_commit_is_per_instance_the_rename_on_another_instance_commits_nothing(tmp_path: Path) -> None:
+    # (rename_commit has no quiet period: the window only switches settle on, and may not exceed the hold.)
+    overrides = {
+        "write_complete_delay_s": MAX_HOLD_S,
+        "settle_strategy": "rename_commit",
+        "settle_max_hold_s": MAX_HOLD_S,
+    }
+    async with two_instances(tmp_path, dedup_mode="exact", **overrides) as (a, b):
+        # One instance: write x.part, rename it to x.pdf: one create of x.pdf at the rename.
+        await a.send(
+            frame(1, "SMB_CREAT", "/in/one.part"),
+            frame(2, "SMB_WR", "/in/one.part"),
+            frame(3, "SMB_REN", "/in/one.part", target="/in/one.pdf"),
+        )
+        # Two instances: the rename lands on B, which holds nothing for the temporary name.
+        await a.send(frame(4, "SMB_CREAT", "/in/two.part"), frame(5, "SMB_WR", "/in/two.part"))
+        await b.send(frame(6, "SMB_REN", "/in/two.part", target="/in/two.pdf"))
+        [renamed] = await _until(b.events, 1)
+        on_a = await _until(a.events, 2, within=MAX_HOLD_S + 10.0)
+    by_path = {e["file_path"]: e for e in on_a}
+    assert set(by_path) == {"/in/one.pdf", "/in/two.part"}
+    one = by_path["/in/one.pdf"]
+    assert (one["operation_type"], one["metadata"]["settle"]["coalesced"]) == ("create", 3)
+    # B passes the rename through as it came; A keeps the temporary file's burst until settle_max_hold_s.
+    assert (renamed["operation_type"], renamed["file_path"], renamed["previous_path"]) == (
+        "rename",
+        "/in/two.pdf",
+        "/in/two.part",
+    )
+    assert "settle" not in renamed["metadata"]
+    held = by_path["/in/two.part"]
+    assert (held["operation_type"], held["metadata"]["settle"]["coalesced"]) == ("create", 2)
+    assert held["metadata"]["settle"]["reason"] == "max_hold"
 
 
 @pytest.mark.parametrize("backend", list(Backend))

@@ -62,10 +62,24 @@ def known_environment_names() -> set[str]:
 
 
 def _stop_budget_s(environment: dict[str, str]) -> float:
-    """Read grace + drain as the given environment sets them (defaults from Settings otherwise)."""
+    """Read grace + drain as the given environment sets them (defaults from Settings otherwise), plus the leave
+    timeout when the environment turns leave on stop on (the leave is added to the stop, not taken from the drain).
+    """
     grace = float(environment.get("FPOLICYD_SHUTDOWN_READ_GRACE_S", _default("shutdown_read_grace_s")))
     drain = float(environment.get("FPOLICYD_DRAIN_TIMEOUT_S", _default("drain_timeout_s")))
-    return grace + drain
+    leave = 0.0
+    if environment.get("FPOLICYD_ONTAP_LEAVE_ON_STOP", str(_default("ontap_leave_on_stop"))).lower() == "true":
+        leave = float(environment.get("FPOLICYD_ONTAP_LEAVE_TIMEOUT_S", _default("ontap_leave_timeout_s")))
+    return grace + leave + drain
+
+
+def test_stop_budget_counts_the_leave_only_when_it_is_on() -> None:
+    base = {"FPOLICYD_SHUTDOWN_READ_GRACE_S": "2", "FPOLICYD_DRAIN_TIMEOUT_S": "100"}
+    assert _stop_budget_s(base) == 102.0
+    assert _stop_budget_s({**base, "FPOLICYD_ONTAP_LEAVE_ON_STOP": "false"}) == 102.0
+    assert _stop_budget_s({**base, "FPOLICYD_ONTAP_LEAVE_ON_STOP": "true"}) == 102.0 + _default("ontap_leave_timeout_s")
+    leave_8 = {**base, "FPOLICYD_ONTAP_LEAVE_ON_STOP": "true", "FPOLICYD_ONTAP_LEAVE_TIMEOUT_S": "8"}
+    assert _stop_budget_s(leave_8) == 110.0
 
 
 # ------------------------------------------------------------------------------------------------ Dockerfile
@@ -602,6 +616,7 @@ def test_task_role_is_least_privilege_and_conditional(template: dict[str, Any]) 
         "EncryptForQueue": ("HasQueueKey", {"kms:GenerateDataKey", "kms:Decrypt"}),
         "PutToBus": ("HasBus", {"events:PutEvents", "events:DescribeEventBus"}),
         "DedupTable": ("HasDedupTable", {"dynamodb:PutItem", "dynamodb:GetItem", "dynamodb:DescribeTable"}),
+        "OntapCredentials": ("HasOntapSecret", {"secretsmanager:GetSecretValue"}),
     }
     assert {
         sid: (condition, set(statement["Action"])) for sid, (condition, statement) in statements.items()
@@ -614,6 +629,8 @@ def test_task_role_is_least_privilege_and_conditional(template: dict[str, Any]) 
     assert conditions["HasQueue"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "QueueUrl"}, ""]}]}
     assert conditions["HasBus"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "EventBusName"}, ""]}]}
     assert conditions["HasDedupTable"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "DedupTableName"}, ""]}]}
+    assert conditions["HasOntapSecret"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "OntapSecretArn"}, ""]}]}
+    assert {"Condition": "HasOntapSecret"} in conditions["HasAnyPermission"]["Fn::Or"]
 
 
 def test_destinations_are_wired_into_the_environment_only_when_set(template: dict[str, Any]) -> None:
@@ -636,6 +653,9 @@ SAMPLE_PARAMETERS = {
     "DedupTableName": "fpolicyd-dedup",
     "SvmName": "svm1",
     "AllowedNetworks": "10.0.1.0/24,10.0.2.17",
+    "OntapUrl": "https://10.0.1.5",
+    "OntapSvm": "svm1",
+    "OntapSecretArn": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fpolicyd-ontap-AbCdEf",
     "AWS::Region": "eu-west-1",
 }
 
@@ -667,3 +687,58 @@ def test_the_whole_template_environment_is_accepted_by_the_settings(
         )
         assert settings.dedup_dynamodb_table == SAMPLE_PARAMETERS["DedupTableName"]
         assert settings.aws_region == "eu-west-1"
+        # Every Fn::If branch is set here, so this is the DesiredCount > 1 environment.
+        assert settings.ontap_join_on_start
+        assert settings.ontap_leave_on_stop
+        assert not settings.ontap_repoint_on_start
+        assert settings.ontap_url == SAMPLE_PARAMETERS["OntapUrl"]
+        assert settings.ontap_svm == SAMPLE_PARAMETERS["OntapSvm"]
+        assert settings.ontap_secret_id == SAMPLE_PARAMETERS["OntapSecretArn"]
+        assert settings.shutdown_read_grace_s + settings.ontap_leave_timeout_s + settings.drain_timeout_s + (
+            STOP_MARGIN_S
+        ) <= float(_container(template)["StopTimeout"])
+
+
+#: The condition "DesiredCount > 1" as the template must spell it (Conditions cannot compare numbers).
+MULTI_INSTANCE = {
+    "Fn::Not": [
+        {"Fn::Or": [{"Fn::Equals": [{"Ref": "DesiredCount"}, 0]}, {"Fn::Equals": [{"Ref": "DesiredCount"}, 1]}]}
+    ]
+}
+
+
+def test_several_tasks_join_on_start_and_leave_on_stop_and_only_then(template: dict[str, Any]) -> None:
+    parameter = template["Parameters"]["DesiredCount"]
+    assert parameter["Type"] == "Number"
+    assert parameter["Default"] == 1
+    assert template["Resources"]["Service"]["Properties"]["DesiredCount"] == {"Ref": "DesiredCount"}
+    assert template["Conditions"]["MultiInstance"] == MULTI_INSTANCE
+    wired: dict[str, tuple[str, Any]] = {}
+    for entry in _container(template)["Environment"]:
+        if "Fn::If" in entry:
+            condition, value, _ = entry["Fn::If"]
+            wired[value["Name"]] = (condition, value["Value"])
+    assert wired["FPOLICYD_ONTAP_JOIN_ON_START"] == ("MultiInstance", "true")
+    assert wired["FPOLICYD_ONTAP_LEAVE_ON_STOP"] == ("MultiInstance", "true")
+    assert wired["FPOLICYD_ONTAP_URL"] == ("HasOntapUrl", {"Ref": "OntapUrl"})
+    assert wired["FPOLICYD_ONTAP_SVM"] == ("HasOntapSvm", {"Ref": "OntapSvm"})
+    assert wired["FPOLICYD_ONTAP_SECRET_ID"] == ("HasOntapSecret", {"Ref": "OntapSecretArn"})
+    # The single-task path never touches ONTAP: no join, no leave, no repoint unless the operator asks.
+    assert "FPOLICYD_ONTAP_REPOINT_ON_START" not in _template_environment(template)
+    # A stack with several tasks and no ONTAP access is refused before anything is created.
+    rule = template["Rules"]["MultiInstanceNeedsOntap"]
+    assert rule["RuleCondition"] == MULTI_INSTANCE
+    asserted = {a["Assert"]["Fn::Not"][0]["Fn::Equals"][0]["Ref"] for a in rule["Assertions"]}
+    assert asserted == {"OntapUrl", "OntapSvm", "OntapSecretArn"}
+
+
+@pytest.mark.parametrize("leave_on_stop", [False, True])
+def test_stop_timeout_covers_grace_leave_and_drain_for_one_task_and_several(
+    template: dict[str, Any], leave_on_stop: bool
+) -> None:
+    """DesiredCount 1 (no leave) and DesiredCount > 1 (leave first, then the read grace and the drain)."""
+    environment = _literal_environment(_template_environment(template))
+    if leave_on_stop:
+        environment["FPOLICYD_ONTAP_LEAVE_ON_STOP"] = "true"
+    assert "FPOLICYD_ONTAP_LEAVE_TIMEOUT_S" in environment, "set explicitly: it is part of the 120 s budget"
+    assert _stop_budget_s(environment) + STOP_MARGIN_S <= _container(template)["StopTimeout"]

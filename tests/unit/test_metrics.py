@@ -734,3 +734,26 @@ def test_cloudwatch_template_passes_cfn_lint() -> None:
 
     matches = lint_file(CLOUDWATCH)
     assert [str(m) for m in matches] == []
+
+
+def test_all_instances_row_sums_rates_and_shows_lag_and_spool_per_instance() -> None:
+    """Issue 12: with several instances behind one engine, one row shows them all whatever the Instance filter:
+    summed event rates, and each instance's sink lag and spool size (by the ``instance`` label)."""
+    board = json.loads(DASHBOARD.read_text())
+    rows = [panel for panel in board["panels"] if panel["type"] == "row"]
+    (row,) = [panel for panel in rows if panel["title"].startswith("All instances")]
+    top = row["gridPos"]["y"]
+    below = [panel for panel in rows if panel["gridPos"]["y"] > top]
+    end = min((panel["gridPos"]["y"] for panel in below), default=10**6)
+    exprs = [
+        target["expr"]
+        for panel in board["panels"]
+        if panel["type"] != "row" and top < panel["gridPos"]["y"] < end
+        for target in panel["targets"]
+    ]
+    assert exprs
+    assert not [e for e in exprs if "$instance" in e], "the row is every instance, not the filtered ones"
+    assert "sum(rate(fpolicyd_events_received_total[$__rate_interval]))" in exprs
+    assert "sum(rate(fpolicyd_sink_settled_events_total[$__rate_interval]))" in exprs
+    per_instance = {name for e in exprs if re.search(r"\bby \(instance\)", e) for name in promql_metric_names(e)}
+    assert {"fpolicyd_sink_lag_records", "fpolicyd_spool_size_bytes"} <= per_instance

@@ -117,6 +117,10 @@ async def storm_with_a_kill(tmp_path: Path, clients: AwsClients, dedup: list[str
         await asyncio.sleep(0.35)
         assert not simulation.done()
         killed = daemons[1]
+        # Frozen first, so that it surely holds unanswered requests when it dies (the simulator's window fills
+        # with what it sends there meanwhile), then killed.
+        killed.process.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(0.1)
         killed.process.send_signal(signal.SIGKILL)
         await asyncio.wait_for(killed.process.wait(), 10)
         report = await asyncio.wait_for(simulation, 40)

@@ -11,23 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fpolicyd.events import NameMaps, normalize
-from fpolicyd.protocol.context import SessionContext
-from fpolicyd.simulator.client import SimulatorConfig, expected_requests, run
-from fpolicyd.simulator.peer import handshake
-from support.serve import VOLUME_NAMES, read_events, start_serve, stop
+from fpolicyd.simulator.client import SimulatorConfig, run
+from support.serve import expected_event_ids, read_events, start_serve, stop
 
 pytestmark = pytest.mark.slow
-
-
-def expected_event_ids(config: SimulatorConfig) -> set[str]:
-    names = NameMaps(volumes=VOLUME_NAMES, svms={}, default_volume=None, default_svm="svm_e2e")
-    ids = set()
-    for node, request in expected_requests(config):
-        hello = handshake(seed=config.seed, node=node, policy_name=config.policy_name, vs_uuid=config.vs_uuid)
-        context = SessionContext(hello.vs_uuid, hello.policy_name, hello.session_id, "1.2", "ignored")
-        ids.add(normalize(request, context, names, 0).event_id)
-    return ids
 
 
 async def test_sync_a_primary_sigkilled_mid_run_the_two_sinks_hold_every_event(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import itertools
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -683,6 +683,44 @@ def test_notifications_go_round_robin_over_three_primaries(sync: bool) -> None:
     assert isinstance(targets, list)
     assert [t["sent"] for t in targets] == counts
     orjson.dumps(as_dict)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_duplicates_are_sent_again_with_a_new_req_id_to_the_next_primary(sync: bool) -> None:
+    events, every = 300, 7
+    report, fakes, config = run_on(
+        "uvloop",
+        simulate_targets(
+            [Behaviour(sync=sync)] * 3,
+            nodes=2,
+            events=events,
+            seed=8,
+            sync=sync,
+            max_outstanding=40,
+            chunk_events=16,
+            duplicate_every=every,
+        ),
+    )
+    copies = events // every
+    assert report.completed
+    assert report.sent == 2 * (events + copies)
+    assert report.responses == (report.sent if sync else 0)
+    expected = expected_requests(config)
+    for node in range(2):
+        received = {
+            r.req_id: (target, r)
+            for target, fake in enumerate(fakes)
+            for conn in fake.conns
+            if node_of(conn, config, target) == node
+            for r in screen_requests(conn)
+        }
+        assert sorted(received) == list(range(1, events + copies + 1))
+        assert {r.req_id: r for n, r in expected if n == node} == {i: r for i, (_t, r) in received.items()}
+        for k in range(1, copies + 1):
+            original_target, original = received[k * every]
+            copy_target, copy = received[events + k]
+            assert replace(copy, req_id=original.req_id) == original
+            assert copy_target == (original_target + 1) % 3  # the next in the rotation: another server
 
 
 def test_a_secondary_gets_nothing_while_a_primary_is_up_and_everything_once_none_is() -> None:

@@ -13,6 +13,11 @@ from typing import Any
 
 import orjson
 
+from fpolicyd.events import NameMaps, normalize
+from fpolicyd.protocol.context import SessionContext
+from fpolicyd.simulator.client import SimulatorConfig, expected_requests
+from fpolicyd.simulator.peer import handshake
+
 VOLUME_NAMES = {2147830405: "vol_finance"}
 
 
@@ -88,3 +93,16 @@ def read_events(data_dir: Path, *, live: bool = False) -> list[dict[str, Any]]:
         assert not data or data.endswith(b"\n"), f"{path} ends with a torn line"  # empty: opened, nothing sent
         out.extend(orjson.loads(line) for line in data.splitlines())
     return out
+
+
+def expected_event_ids(config: SimulatorConfig) -> set[str]:
+    """The event_id of every notification a (reproducible) ``fpolicyd simulate`` run sends, as the daemon of
+    :func:`start_serve` computes it (a re-sent copy has its original's id: the id does not depend on the ReqId or
+    the session while the notification carries its GenerationTime)."""
+    names = NameMaps(volumes=VOLUME_NAMES, svms={}, default_volume=None, default_svm="svm_e2e")
+    ids = set()
+    for node, request in expected_requests(config):
+        hello = handshake(seed=config.seed, node=node, policy_name=config.policy_name, vs_uuid=config.vs_uuid)
+        context = SessionContext(hello.vs_uuid, hello.policy_name, hello.session_id, "1.2", "ignored")
+        ids.add(normalize(request, context, names, 0).event_id)
+    return ids

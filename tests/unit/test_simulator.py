@@ -402,6 +402,8 @@ def test_config_defaults() -> None:
         ("handshake_timeout_s", -1),
         ("duration_limit_s", float("inf")),
         ("chunk_events", 0),
+        ("duplicate_every", -1),
+        ("duplicate_every", 1.0),
         ("manifest", "out.jsonl"),
         ("targets", ("host",)),
         ("targets", ("host:0",)),
@@ -459,6 +461,22 @@ def test_expected_requests_regenerates_every_node() -> None:
     for node in range(3):
         mine = [r for n, r in expected if n == node]
         assert mine == list(generate_requests(seed=5, node=node, count=40, base_time_us=cfg.base_time_us))
+
+
+def test_expected_requests_with_duplicates_repeat_every_nth_under_a_new_req_id() -> None:
+    cfg = SimulatorConfig(nodes=2, events=10, seed=5, duplicate_every=3)
+    assert (cfg.duplicates, cfg.requests_per_node) == (3, 13)
+    assert (SimulatorConfig(events=10).duplicates, SimulatorConfig(events=10, duplicate_every=11).duplicates) == (0, 0)
+    expected = expected_requests(cfg)
+    assert len(expected) == 26
+    for node in range(2):
+        originals = list(generate_requests(seed=5, node=node, count=10, base_time_us=cfg.base_time_us))
+        mine = [r for n, r in expected if n == node]
+        assert [r.req_id for r in mine] == [1, 2, 3, 11, 4, 5, 6, 12, 7, 8, 9, 13, 10]
+        assert [r for r in mine if r.req_id <= 10] == originals
+        for copy_id, original in zip((11, 12, 13), (3, 6, 9), strict=True):
+            copy = next(r for r in mine if r.req_id == copy_id)
+            assert replace(copy, req_id=original) == originals[original - 1]  # the same notification, new ReqId
 
 
 def test_manifest_record() -> None:

@@ -33,6 +33,7 @@ GROUPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
             "max_outstanding",
             "status_interval_s",
             "keep_alive_interval_s",
+            "duplicate_every",
             "versions",
             "policy_name",
             "vs_uuid",

@@ -24,7 +24,7 @@ import enum
 import functools
 import math
 import operator
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -145,6 +145,13 @@ class SimulatorConfig:
         default=1, metadata=_help(f"simulated ONTAP nodes, each with one connection per target (1..{MAX_NODES})")
     )
     events: int = field(default=1000, metadata=_help("SCREEN_REQs per node (the run sends nodes x events)"))
+    duplicate_every: int = field(
+        default=0,
+        metadata=_help(
+            "send every Nth notification a second time right after it, with a new ReqId (events + 1, events + 2, "
+            "...), as ONTAP does after a timeout: the next target in the rotation gets it; 0 = none"
+        ),
+    )
     rate: float = field(default=0.0, metadata=_help("events per second per node; 0 = as fast as the server reads"))
     seed: int = field(
         default=0, metadata=_help("seed of the event stream (same seed, same paths, users and operations)")
@@ -215,6 +222,8 @@ class SimulatorConfig:
             raise bad("nodes", f"must be an integer in 1..{MAX_NODES}")
         if not _is_int(self.events) or self.events < 0:
             raise bad("events", "must be an integer >= 0")
+        if not _is_int(self.duplicate_every) or self.duplicate_every < 0:
+            raise bad("duplicate_every", "must be an integer >= 0 (0 = no duplicates)")
         if not _finite(self.rate) or self.rate < 0:
             raise bad("rate", "must be a finite number >= 0 (0 = unlimited)")
         if not _is_int(self.seed):
@@ -263,6 +272,16 @@ class SimulatorConfig:
     def secondaries(self) -> tuple[tuple[str, int], ...]:
         return tuple(map(parse_target, self.secondary_targets))
 
+    @property
+    def duplicates(self) -> int:
+        """Notifications each node sends twice (``duplicate_every``)."""
+        return self.events // self.duplicate_every if self.duplicate_every else 0
+
+    @property
+    def requests_per_node(self) -> int:
+        """SCREEN_REQs each node sends: ``events`` and the duplicates."""
+        return self.events + self.duplicates
+
 
 def parse_target(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for an IPv6 address) as (host, port); ``ValueError`` if it is not one."""
@@ -277,20 +296,43 @@ def parse_target(text: str) -> tuple[str, int]:
 def expected_requests(config: SimulatorConfig) -> list[tuple[int, ScreenRequest]]:
     """Everything :func:`run` sends for ``config``, as (node, request), node by node in send order.
 
-    A ``wall_clock`` run's GenerationTimes are not known in advance: read its manifest instead."""
+    A ``wall_clock`` run's GenerationTimes are not known in advance: read its manifest instead. With
+    ``duplicate_every`` the second copies are in the list too, each right after its original."""
     if config.wall_clock:
         raise ValueError("a wall_clock run is not reproducible: its manifest records what it sent")
+    if not config.duplicate_every:
+        return [
+            (node, request)
+            for node in range(config.nodes)
+            for request in generate_requests(
+                seed=config.seed,
+                node=node,
+                count=config.events,
+                base_time_us=config.base_time_us,
+                notf_type=config.notf_type,
+            )
+        ]
     return [
-        (node, request)
+        (node, _to_request(spec, config.notf_type))
         for node in range(config.nodes)
-        for request in generate_requests(
-            seed=config.seed,
-            node=node,
-            count=config.events,
-            base_time_us=config.base_time_us,
-            notf_type=config.notf_type,
+        for spec in _with_duplicates(
+            _specs(seed=config.seed, node=node, count=config.events, first_req_id=1, base_time_us=config.base_time_us),
+            every=config.duplicate_every,
+            first_req_id=config.events + 1,
         )
     ]
+
+
+def _with_duplicates(specs: Iterator[_Spec], *, every: int, first_req_id: int) -> Iterator[_Spec]:
+    """``specs`` with every ``every``-th one repeated right after it under a new ReqId (``first_req_id``, then
+    one more each time): the same notification (same GenerationTime, so the same event_id), as ONTAP sends it
+    again after a timeout. ``every`` = 0: ``specs`` unchanged."""
+    next_req_id = first_req_id
+    for i, spec in enumerate(specs, start=1):
+        yield spec
+        if every and i % every == 0:
+            yield spec._replace(req_id=next_req_id)
+            next_req_id += 1
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -889,12 +931,12 @@ class _Node:
                 self._lose(s, f"connection error: {exc}")
                 return
             if not alive:
-                if self.sent == self.config.events and not s.outstanding:
+                if self.sent == self.config.requests_per_node and not s.outstanding:
                     s.state = _State.CLOSED
                     return
                 self._lose(
                     s,
-                    f"server closed the connection after {self.sent}/{self.config.events} requests "
+                    f"server closed the connection after {self.sent}/{self.config.requests_per_node} requests "
                     f"({self.responses} responses)",
                 )
                 return
@@ -927,8 +969,9 @@ class _Node:
             base_time_us=cfg.base_time_us,
             clock_us=wall_clock_us if cfg.wall_clock else None,
         )
+        specs = _with_duplicates(specs, every=cfg.duplicate_every, first_req_id=cfg.events + 1)
         frames = _framed(specs, cfg.notf_type)
-        total, rate, window = cfg.events, cfg.rate, cfg.max_outstanding
+        total, rate, window = cfg.requests_per_node, cfg.rate, cfg.max_outstanding
         start = loop.time()
         while self.sent < total:
             n = min(cfg.chunk_events, total - self.sent)

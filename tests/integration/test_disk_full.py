@@ -94,10 +94,16 @@ def all_full(daemon: Daemon, writers: tuple[str, ...]) -> bool:
 class Fill:
     """One step of a full disk: ``arm(True)`` makes the disk full under some writers, ``arm(False)`` frees it;
     ``writers`` are the writers that must then be refused (all of them: the step must guarantee that each one
-    writes while it is armed)."""
+    writes while it is armed).
+
+    ``reader_side``: the writers are written as events are read (the spool, the reader's dedup journal), so while
+    they refuse, the stream cannot end: the simulator finishes only once the daemon has read everything it sent,
+    and reading is paused. Writers after the spool (the stage's dedup store, a sink) write what was read earlier:
+    they can be refused after the daemon has read the whole stream, and the simulator may then already be done."""
 
     writers: tuple[str, ...]
     arm: Callable[[bool], None]
+    reader_side: bool = False
 
 
 async def stream_through_a_full_disk(daemon: Daemon, tmp_path: Path, *steps: Fill) -> SimulatorConfig:
@@ -128,11 +134,13 @@ async def stream_through_a_full_disk(daemon: Daemon, tmp_path: Path, *steps: Fil
             _, metrics = await http_get(daemon.http_port or 0, "/metrics")
             for writer in writers:
                 assert f'fpolicyd_disk_full{{writer="{writer}"}} 1.0'.encode() in metrics
-            # Held there while the writers retry: still running, nothing declared fatal.
+            # Held there while the writers retry: still full, still paused, nothing declared fatal.
             await asyncio.sleep(0.5)
             assert daemon.spooler.fatal is None
             assert daemon.spooler.reading_paused
-            assert not simulation.done()
+            assert all_full(daemon, writers), state()
+            if step.reader_side:
+                assert not simulation.done()
         for step in steps:
             step.arm(False)
         report = await asyncio.wait_for(simulation, 120)
@@ -188,7 +196,7 @@ async def test_default_settings_a_full_data_directory_pauses_then_everything_arr
 
         sink = f"sink:jsonl:{sink_dir}"
         config = await stream_through_a_full_disk(
-            daemon, tmp_path, Fill((Writer.spool.value,), fill_data), Fill((sink,), fill_events)
+            daemon, tmp_path, Fill((Writer.spool.value,), fill_data, reader_side=True), Fill((sink,), fill_events)
         )
         assert data.refused > 0
         assert events.refused > 0
@@ -229,7 +237,10 @@ async def test_a_quota_on_the_dedup_journal_and_the_sink_is_handled_like_a_full_
 
         sink = f"sink:jsonl:{tmp_path / 'events'}"
         config = await stream_through_a_full_disk(
-            daemon, tmp_path, Fill((Writer.dedup_journal.value,), fill_journal), Fill((sink,), fill_sink)
+            daemon,
+            tmp_path,
+            Fill((Writer.dedup_journal.value,), fill_journal, reader_side=True),
+            Fill((sink,), fill_sink),
         )
         assert journal_dir.refused > 0
         assert sink_dir.refused > 0

@@ -94,10 +94,16 @@ def all_full(daemon: Daemon, writers: tuple[str, ...]) -> bool:
 class Fill:
     """One step of a full disk: ``arm(True)`` makes the disk full under some writers, ``arm(False)`` frees it;
     ``writers`` are the writers that must then be refused (all of them: the step must guarantee that each one
-    writes while it is armed)."""
+    writes while it is armed).
+
+    ``reader_side``: the writers are written as events are read (the spool, the reader's dedup journal), so while
+    they refuse, the stream cannot end: the simulator finishes only once the daemon has read everything it sent,
+    and reading is paused. Writers after the spool (the stage's dedup store, a sink) write what was read earlier:
+    they can be refused after the daemon has read the whole stream, and the simulator may then already be done."""
 
     writers: tuple[str, ...]
     arm: Callable[[bool], None]
+    reader_side: bool = False
 
 
 async def stream_through_a_full_disk(daemon: Daemon, tmp_path: Path, *steps: Fill) -> SimulatorConfig:
@@ -128,11 +134,13 @@ async def stream_through_a_full_disk(daemon: Daemon, tmp_path: Path, *steps: Fil
             _, metrics = await http_get(daemon.http_port or 0, "/metrics")
             for writer in writers:
                 assert f'fpolicyd_disk_full{{writer="{writer}"}} 1.0'.encode() in metrics
-            # Held there while the writers retry: still running, nothing declared fatal.
+            # Held there while the writers retry: still full, still paused, nothing declared fatal.
             await asyncio.sleep(0.5)
             assert daemon.spooler.fatal is None
             assert daemon.spooler.reading_paused
-            assert not simulation.done()
+            assert all_full(daemon, writers), state()
+            if step.reader_side:
+                assert not simulation.done()
         for step in steps:
             step.arm(False)
         report = await asyncio.wait_for(simulation, 120)
@@ -155,17 +163,43 @@ async def stream_through_a_full_disk(daemon: Daemon, tmp_path: Path, *steps: Fil
 async def test_default_settings_a_full_data_directory_pauses_then_everything_arrives_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    daemon = Daemon(make_settings(tmp_path, **settings_for(tmp_path)))
+    """The data directory fills in two steps: first every directory in it but the sink's (the spool with its
+    cursors, the dedup journal, the ledger, ...), then the sink's, armed before the rest is freed.
+
+    Not all at once: the spool sits before the sink, and whichever is refused first pauses reading. The spool
+    first: nothing new becomes durable, so the sink is refused only if it still had durable records to deliver
+    at that moment (if it had caught up it never writes: its refused-write counter stays at 0 and it never shows
+    as full). The sink first: reading stops, so the spool is refused only if it still had read events to flush.
+    Each step below is sure to happen: events keep arriving until the spool must write one (the stream is not
+    over: the sink has delivered 200 of 3000), and once the spool has room again it writes what it was refused,
+    reading resumes, and events keep going to the sink until it is refused (it must deliver all of them)."""
+    settings = make_settings(tmp_path, **settings_for(tmp_path))
+    daemon = Daemon(settings)
     await daemon.start()
     try:
-        disk = FullDisk(monkeypatch, tmp_path)
+        sink_dir = tmp_path / "events"
+        data = FullDisk(
+            monkeypatch,
+            settings.effective_spool_dir,
+            settings.effective_dedup_dir,
+            settings.effective_dedup_ledger_dir,
+            settings.effective_dead_letter_dir,
+            settings.effective_capture_dir,
+        )
+        events = FullDisk(monkeypatch, sink_dir)
 
-        def fill(full: bool) -> None:
-            disk.full = full
+        def fill_data(full: bool) -> None:
+            data.full = full
 
-        sink = f"sink:jsonl:{tmp_path / 'events'}"
-        config = await stream_through_a_full_disk(daemon, tmp_path, Fill((sink, Writer.spool.value), fill))
-        assert disk.refused > 0
+        def fill_events(full: bool) -> None:
+            events.full = full
+
+        sink = f"sink:jsonl:{sink_dir}"
+        config = await stream_through_a_full_disk(
+            daemon, tmp_path, Fill((Writer.spool.value,), fill_data, reader_side=True), Fill((sink,), fill_events)
+        )
+        assert data.refused > 0
+        assert events.refused > 0
     finally:
         report = await daemon.stop()
     assert report.failure is None
@@ -179,21 +213,44 @@ async def test_default_settings_a_full_data_directory_pauses_then_everything_arr
 async def test_a_quota_on_the_dedup_journal_and_the_sink_is_handled_like_a_full_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """EDQUOT where the spool still has room: the reader's dedup journal and the JSON Lines files."""
-    daemon = Daemon(make_settings(tmp_path, **settings_for(tmp_path)))
+    """EDQUOT where the spool still has room: the reader's dedup journal, then the JSON Lines files (armed before
+    the journal is freed).
+
+    Not both at once, for the same reason as above: the journal refused first stops reading, so the sink is
+    refused only if it still had records to deliver (if it had caught up it never writes); the sink refused first
+    stops reading, so the journal is refused only if claims were still buffered.
+    Each step is sure to happen: events keep arriving until a first needs a claim the journal cannot write, and
+    once the journal has room the records it held back become durable and events keep going to the sink until it
+    is refused."""
+    settings = make_settings(tmp_path, **settings_for(tmp_path))
+    daemon = Daemon(settings)
     await daemon.start()
     try:
-        disk = FullDisk(monkeypatch, tmp_path / "dedup", tmp_path / "events", code=errno.EDQUOT)
+        journal_dir = FullDisk(monkeypatch, settings.effective_dedup_dir, code=errno.EDQUOT)
+        sink_dir = FullDisk(monkeypatch, tmp_path / "events", code=errno.EDQUOT)
 
-        def fill(full: bool) -> None:
-            disk.full = full
+        def fill_journal(full: bool) -> None:
+            journal_dir.full = full
+
+        def fill_sink(full: bool) -> None:
+            sink_dir.full = full
 
         sink = f"sink:jsonl:{tmp_path / 'events'}"
-        config = await stream_through_a_full_disk(daemon, tmp_path, Fill((sink, Writer.dedup_journal.value), fill))
+        config = await stream_through_a_full_disk(
+            daemon,
+            tmp_path,
+            Fill((Writer.dedup_journal.value,), fill_journal, reader_side=True),
+            Fill((sink,), fill_sink),
+        )
+        assert journal_dir.refused > 0
+        assert sink_dir.refused > 0
     finally:
         report = await daemon.stop()
     assert report.failure is None
     assert_exactly_once(read_events(tmp_path), expected_events(config))
+    episodes = daemon.spooler.disk.state.episodes
+    assert episodes[Writer.dedup_journal.value] >= 1
+    assert episodes[sink] >= 1
 
 
 async def test_processing_stage_sqlite_dedup_store_full_pauses_then_everything_arrives_once(

@@ -13,10 +13,10 @@ best run and its ratio to N = 1, and the median of its runs. On a shared machine
 N processes get a larger share of the CPU from the other work than one does: read the ratios with the load.
 
 Kill: N = 3 in the synchronous engine mode (3 nodes, paced); one daemon is SIGKILLed mid-run (once the sinks hold
---kill-at of the events). Reported: how long after the kill the
-last node had written the killed daemon's unanswered requests to the survivors (the simulator's
-``last_failover_unix_s``), how long until the survivors' sinks grew again, and, after the killed daemon is
-restarted on its data directory, that the union of the three sinks holds every event id the run generated.
+--kill-at of the events). Reported: how long after the kill the last node had written the killed daemon's
+unanswered requests to the survivors (the simulator's ``last_failover_unix_s``), how long until the survivors'
+sinks grew again, and, after the killed daemon is restarted on its data directory, that the union of the three
+sinks holds every event id the run generated (and how many arrived twice: at least once at a sink).
 
 On a machine with fewer cores than daemons + simulator, more instances cannot add CPU: what this measures there
 is that the distribution works and what it costs. Bounded: every wait has a timeout; the loopback only.

@@ -120,7 +120,7 @@ bench-parts: $(DEV_STAMP)
 ## profile_stages.py (a py-spy profile of a live daemon, read by eye: `pip install py-spy`, then its --help).
 BENCHMARKS := bench_codec bench_ingest_step bench_proto bench_router bench_settle bench_dedup bench_spool \
 	bench_metrics bench_stages bench_aws_client bench_sqs bench_sqs_pack bench_ingest bench_processes \
-	rss_after_backlog spool_sizing bench_throughput
+	rss_after_backlog spool_sizing bench_throughput bench_scaleout
 bench-all: $(DEV_STAMP)
 	set -e; for name in $(BENCHMARKS); do echo "== benchmarks/$$name.py"; $(BIN)/python benchmarks/$$name.py; done
 

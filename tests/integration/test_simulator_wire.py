@@ -773,6 +773,7 @@ def test_sync_a_primary_killed_mid_run_its_unanswered_requests_are_answered_once
     loop_name: str,
 ) -> None:
     events = 600
+    started = time.time()
     report, (killed, survivor), config = run_on(
         loop_name,
         simulate_targets(
@@ -792,6 +793,11 @@ def test_sync_a_primary_killed_mid_run_its_unanswered_requests_are_answered_once
     assert dead.connects == config.nodes  # it stopped listening: no node could reconnect
     assert dead.lost_at_target == alive.resent_after_failover == 0
     assert dead.resent_after_failover > 0  # the chunk that killed it was never answered
+    # When the last node's failover happened: during the run, on this host's clock; never away from the survivor.
+    assert dead.last_failover_unix_s is not None
+    assert started < dead.last_failover_unix_s < time.time()
+    assert alive.last_failover_unix_s is None
+    assert dead.to_dict()["last_failover_unix_s"] == dead.last_failover_unix_s
     answered_by_survivor = [i for c in survivor.conns for i in c.answered]
     received_by_survivor = [r.req_id for c in survivor.conns for r in screen_requests(c)]
     assert alive.sent == alive.answered == len(received_by_survivor) == len(answered_by_survivor)

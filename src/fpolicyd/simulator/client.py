@@ -24,6 +24,7 @@ import enum
 import functools
 import math
 import operator
+import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -364,6 +365,9 @@ class TargetReport:
     resent_after_failover: int
     #: Sessions opened (NEGO handshakes completed): 1, plus one per reconnect.
     connects: int
+    #: Sync mode: when (this host's clock, epoch seconds) the last failover away from it sent its unanswered
+    #: requests to the other targets; None if a session of it never broke. Summed over nodes: the latest.
+    last_failover_unix_s: float | None = None
 
     def __add__(self, other: TargetReport) -> TargetReport:
         return TargetReport(
@@ -374,6 +378,9 @@ class TargetReport:
             lost_at_target=self.lost_at_target + other.lost_at_target,
             resent_after_failover=self.resent_after_failover + other.resent_after_failover,
             connects=self.connects + other.connects,
+            last_failover_unix_s=max(
+                (t for t in (self.last_failover_unix_s, other.last_failover_unix_s) if t is not None), default=None
+            ),
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -385,6 +392,7 @@ class TargetReport:
             "lost_at_target": self.lost_at_target,
             "resent_after_failover": self.resent_after_failover,
             "connects": self.connects,
+            "last_failover_unix_s": self.last_failover_unix_s,
         }
 
 
@@ -556,6 +564,7 @@ class _Session:
     lost_at_target: int = 0
     resent_after_failover: int = 0
     connects: int = 0
+    last_failover_unix_s: float | None = None
 
     @property
     def address(self) -> str:
@@ -570,6 +579,7 @@ class _Session:
             lost_at_target=self.lost_at_target,
             resent_after_failover=self.resent_after_failover,
             connects=self.connects,
+            last_failover_unix_s=self.last_failover_unix_s,
         )
 
 
@@ -765,6 +775,7 @@ class _Node:
             to.sent += len(batch)
             to.written += len(batch)
             self._write(to, b"".join(batch))
+        dead.last_failover_unix_s = time.time()  # the re-sends are written (buffered to the survivors' sockets)
 
     async def _reconnect(self, s: _Session) -> None:
         """Reconnect to a lost target, pausing ``_RECONNECT_PAUSE_S`` and doubling the pause after each failure

@@ -17,7 +17,7 @@ from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import configure_logging
 from fpolicyd.pipeline.redaction import Redactor
 from fpolicyd.protocol.session import EngineMode
-from fpolicyd.replaytest.config import ReplayTestConfig, ReplayTestError, RestartMode
+from fpolicyd.replaytest.config import MAX_INSTANCES, ReplayTestConfig, ReplayTestError, RestartMode
 from fpolicyd.replaytest.plot import MAX_TIMELINE_POINTS, plot_html
 from fpolicyd.replaytest.run import TIMELINE_INTERVAL_S, TIMELINE_MIN_INTERVAL_S, run_replay_test
 from fpolicyd.replaytest.summary import summary_text
@@ -105,6 +105,17 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
     )
     daemon = parser.add_argument_group("daemon (run by replay-test unless --target)")
     daemon.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"daemons to run (1..{MAX_INSTANCES}), each with its own data and JSON Lines directories: every node "
+        "holds one session per daemon and round-robins its notifications over them; the outage takes all the "
+        "sessions down, the backlog is replayed over all of them; verified over the union of the sinks, with "
+        "per-instance figures. Not with --target, --sink, --sink-dir, --restart-daemon, --restart-mode or "
+        "--engine-mode sync (default 1)",
+    )
+    daemon.add_argument(
         "--restart-daemon",
         action="store_true",
         help="restart the daemon half-way through the replay on the same data directory (see --restart-mode; "
@@ -143,7 +154,11 @@ def add_replay_test_parser(sub: Any) -> argparse.ArgumentParser:
         help="a setting (as in fpolicyd.toml), e.g. jsonl_fsync=never; repeatable (default none)",
     )
     daemon.add_argument(
-        "--data-dir", type=Path, metavar="DIR", help="the daemon's data directory (default: a temporary one)"
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="the daemon's data directory (default: a temporary one); with --instances N > 1, each "
+        "daemon's is instance-0 … instance-<N-1> in it",
     )
     daemon.add_argument(
         "--target", type=_target, metavar="HOST:PORT", help="a running fpolicyd instead (default: none)"
@@ -232,6 +247,7 @@ def config_from_args(ns: argparse.Namespace) -> ReplayTestConfig:
         sync_window=ns.sync_window,
         sink=ns.sink,
         verify_queue=ns.verify_queue,
+        instances=ns.instances,
         target=ns.target,
         sink_dir=ns.sink_dir,
         data_dir=ns.data_dir,

@@ -14,7 +14,10 @@ from fpolicyd.protocol.session import EngineMode
 from fpolicyd.simulator.client import MAX_NODES
 from fpolicyd.simulator.generate import DEFAULT_VS_UUID
 
-__all__ = ["ReplayTestConfig", "ReplayTestError", "RestartMode"]
+__all__ = ["MAX_INSTANCES", "ReplayTestConfig", "ReplayTestError", "RestartMode"]
+
+#: Daemon instances a run starts at most (``instances``).
+MAX_INSTANCES: Final = 16
 
 
 class ReplayTestError(Exception):
@@ -65,6 +68,9 @@ class ReplayTestConfig:
     sink: str | None = None
     #: The queue to drain: default the ``sqs:`` sink's own; required for ``eventbridge:`` (a rule's target).
     verify_queue: str | None = None
+    #: Daemons run by replay-test (each with its own data and JSON Lines directories); every node holds one
+    #: session per instance and round-robins its notifications over them.
+    instances: int = 1
     #: ``(host, port)`` of a running daemon; None runs one in-process.
     target: tuple[str, int] | None = None
     #: The JSON Lines directory to verify (required with ``target``; default: the in-process daemon's).
@@ -120,6 +126,19 @@ class ReplayTestConfig:
                 raise ConfigError(
                     "replay-test: --restart-daemon, --restart-mode, --subprocess and --daemon-setting need a daemon "
                     "run by replay-test (no --target)"
+                )
+        if not 1 <= self.instances <= MAX_INSTANCES:
+            raise bad("instances", f"must be in 1..{MAX_INSTANCES}")
+        if self.instances > 1:
+            if self.target is not None or self.sink is not None or self.sink_dir is not None:
+                raise ConfigError(
+                    "replay-test: --instances > 1 runs its own daemons and verifies their JSON Lines directories: "
+                    "not with --target, --sink or --sink-dir"
+                )
+            if self.restart_daemon or self.engine_mode is EngineMode.SYNC:
+                raise ConfigError(
+                    "replay-test: --instances > 1 does not support --restart-daemon, --restart-mode or "
+                    "--engine-mode sync yet (run them with one instance)"
                 )
         if self.timeline_interval_s is not None and not (
             math.isfinite(self.timeline_interval_s) and self.timeline_interval_s > 0

@@ -16,7 +16,7 @@ import orjson
 
 from fpolicyd.replaytest.config import ReplayTestError
 
-__all__ = ["InProcessDaemon", "SubprocessDaemon"]
+__all__ = ["DaemonGroup", "InProcessDaemon", "SubprocessDaemon"]
 
 
 class InProcessDaemon:
@@ -228,6 +228,42 @@ class SubprocessDaemon:
             "kills": sum(1 for i in self.instances if i["signal"] == "SIGKILL"),
             "instances": self.instances,
         }
+
+
+class DaemonGroup:
+    """Several daemon instances (``--instances``), each on its own port, data directory and JSON Lines directory;
+    started and stopped together (the planned outage leaves them all running, as it does one)."""
+
+    def __init__(self, members: list[InProcessDaemon] | list[SubprocessDaemon]) -> None:
+        self.members: list[InProcessDaemon | SubprocessDaemon] = list(members)
+
+    async def start(self) -> None:
+        try:
+            await asyncio.gather(*(m.start() for m in self.members))
+        except BaseException:
+            await asyncio.gather(*(m.stop() for m in self.members), return_exceptions=True)
+            raise
+
+    async def stop(self) -> None:
+        results = await asyncio.gather(*(m.stop() for m in self.members), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def undelivered(self) -> int:
+        return sum(m.undelivered() for m in self.members)
+
+    def summary(self) -> dict[str, Any]:
+        members = [m.summary() for m in self.members]
+        summary: dict[str, Any] = {
+            "process": members[0]["process"],
+            "restarts": 0,
+        }
+        runs = [run["replay"] for m in self.members if isinstance(m, InProcessDaemon) for run in m.instances]
+        if runs:
+            summary["totals"] = _daemon_totals(runs)
+        summary["members"] = members
+        return summary
 
 
 #: ReplayStats fields that are the daemon's monotonic clock readings: meaningless outside its process.

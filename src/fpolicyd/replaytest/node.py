@@ -80,9 +80,15 @@ class Shared:
     #: a daemon that suppresses duplicates (dedup_mode = exact) delivers only the first.
     expect_first: _Expected = field(default_factory=_Expected)
     expect_duplicates: _Expected = field(default_factory=_Expected)
+    #: Several daemon instances: injected duplicates sent to another instance than their original (delivered
+    #: whatever the dedup mode), and what the daemons should flag on them.
+    duplicates_cross: int = 0
+    expect_cross: _Expected = field(default_factory=_Expected)
     first_backlog_at: float | None = None
     last_backlog_at: float | None = None
     reconnect_s: list[float] = field(default_factory=list)
+    #: Node reconnects per daemon instance (the planned outage's included).
+    reconnects_by_instance: list[int] = field(default_factory=lambda: [0])
     daemon_epoch: int = 0
     phase: str = "live"
     nodes_done: int = 0
@@ -120,6 +126,23 @@ class _Item(NamedTuple):
     spec: NotificationSpec
     kind: _Kind
     epoch: int = -1
+    #: Duplicates: the daemon instance the original went to (a daemon flags only copies of what it saw itself).
+    instance: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Session:
+    """A node's session with one daemon instance (one per instance; the node round-robins its chunks over them)."""
+
+    instance: int
+    address: Callable[[], tuple[str, int]]
+    #: Mirror of that daemon's per-key highest GenerationTime for this node's key.
+    source: SourceState
+    session_start_us: int = 0
+    peer: OntapPeer | None = None
+    reader_task: asyncio.Task[None] | None = None
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _DisconnectedError(Exception):
@@ -127,7 +150,8 @@ class _DisconnectedError(Exception):
 
 
 class Node:
-    """One simulated node across its sessions."""
+    """One simulated node across its sessions: one at a time with each daemon instance (``addresses`` and
+    ``sources``, one per instance), its chunks round-robined over them."""
 
     def __init__(
         self,
@@ -136,14 +160,17 @@ class Node:
         node: int,
         count: int,
         shared: Shared,
-        address: Callable[[], tuple[str, int]],
-        source: SourceState,
+        addresses: list[Callable[[], tuple[str, int]]],
+        sources: list[SourceState],
     ) -> None:
         self.cfg = cfg
         self.node = node
         self.shared = shared
-        self.address = address
-        self.source = source
+        self.sessions = [
+            _Session(instance=i, address=address, source=source)
+            for i, (address, source) in enumerate(zip(addresses, sources, strict=True))
+        ]
+        self._turn = 0
         self.stream = NodeStream(seed=cfg.seed, node=node, count=count, vs_uuid=cfg.vs_uuid)
         self.hello = handshake(seed=cfg.seed, node=node, policy_name=cfg.policy_name, vs_uuid=cfg.vs_uuid)
         self.rng = random.Random(f"replay-test:{cfg.seed}:{node}")
@@ -155,11 +182,6 @@ class Node:
         self.pending_duplicates: list[tuple[int, _Item]] = []  # (due after this many frames, the copy)
         self.frames_sent = 0
         self.last_generation_us = 0
-        self.session_start_us = 0
-        self.peer: OntapPeer | None = None
-        self.reader_task: asyncio.Task[None] | None = None
-        self.resume = asyncio.Event()
-        self.lost = asyncio.Event()
         #: Sync engine: requests sent and not answered yet (ReqId → copies in flight, oldest first), and those
         #: a lost session left unanswered, to be sent again first.
         self.outstanding: dict[int, list[_Item]] = {}
@@ -179,9 +201,9 @@ class Node:
 
     # -- connection
 
-    async def _connect(self, deadline: float) -> None:
+    async def _connect(self, s: _Session, deadline: float) -> None:
         while True:
-            host, port = self.address()
+            host, port = s.address()
             source = source_address(host, self.node)
             try:
                 peer = await OntapPeer.connect(host, port, source=source, timeout_s=5.0)
@@ -190,7 +212,7 @@ class Node:
                 if time.monotonic() > deadline:
                     raise ReplayTestError(f"node {self.node}: cannot connect to {host}:{port}: {exc}") from exc
                 await asyncio.sleep(_RECONNECT_PAUSE_S)
-        self.session_start_us = now_us()
+        s.session_start_us = now_us()
         try:
             # A reset before NEGO_REQ (PeerResetError): a connect can succeed and be reset at once when the kernel
             # takes it into the backlog of a daemon that is stopped (SIGSTOP before the kill mode's SIGKILL) and
@@ -207,14 +229,14 @@ class Node:
         except BaseException:
             peer.writer.close()
             raise
-        self.peer = peer
-        self.resume.set()
-        self.lost.clear()
+        s.peer = peer
+        s.resume.set()
+        s.lost.clear()
         for payload in peer.take():
-            self._server_message(payload)
-        self.reader_task = asyncio.create_task(self._read(peer))
+            self._server_message(s, payload)
+        s.reader_task = asyncio.create_task(self._read(s, peer))
 
-    def _server_message(self, payload: bytes) -> None:
+    def _server_message(self, s: _Session, payload: bytes) -> None:
         msg = OntapPeer.decode(payload).message
         if isinstance(msg, ScreenResponse):
             copies = self.outstanding.get(msg.req_id)
@@ -229,52 +251,56 @@ class Node:
             self.answer.set()
         elif isinstance(msg, BackPressure):
             if msg.apply:
-                self.resume.clear()
+                s.resume.clear()
             else:
-                self.resume.set()
+                s.resume.set()
 
-    async def _read(self, peer: OntapPeer) -> None:
+    async def _read(self, s: _Session, peer: OntapPeer) -> None:
         try:
             while await peer.read_some():
                 for payload in peer.take():
-                    self._server_message(payload)
+                    self._server_message(s, payload)
         except (OSError, RemoteProtocolError):
             pass
         finally:
-            self.lost.set()
+            s.lost.set()
 
-    async def _close(self) -> None:
+    async def _close(self, s: _Session) -> None:
         """Half-close and wait until the daemon closes too: then it has read everything this node sent."""
-        peer = self.peer
-        self.peer = None
+        peer = s.peer
+        s.peer = None
         if peer is None:
             return
         # A reset connection's transport is already closed (uvloop then raises RuntimeError, not OSError).
         if not peer.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
                 peer.half_close()
-        if self.reader_task is not None:
+        if s.reader_task is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.reader_task), 30.0)
+                await asyncio.wait_for(asyncio.shield(s.reader_task), 30.0)
         await peer.close()
 
-    async def _reconnect(self, *, first: bool = False) -> None:
+    async def _reconnect(self, s: _Session, *, first: bool = False) -> None:
         """Connect and handshake, retrying for up to ``settle_timeout_s``; the time it took is a reconnect time
         (from the moment the session was found gone, or the planned outage ended) unless ``first``."""
         lost_at = time.monotonic()
         deadline = lost_at + self.cfg.settle_timeout_s
-        await self._close()
+        await self._close(s)
         if self.outstanding:
             # The lost session never answered these: send them again first, as ONTAP retries a request whose
             # server went away (whether the daemon made them durable before it went is unknown here).
-            unanswered = [_Item(item.spec, _Kind.RESEND, item.epoch) for c in self.outstanding.values() for item in c]
+            unanswered = [
+                _Item(item.spec, _Kind.RESEND, item.epoch, item.instance)
+                for c in self.outstanding.values()
+                for item in c
+            ]
             unanswered.sort(key=lambda item: item.spec.req_id)
             self.resend[:0] = unanswered
             self.outstanding.clear()
             self.outstanding_count = 0
         while True:
             try:
-                await self._connect(deadline)
+                await self._connect(s, deadline)
                 break
             except _DisconnectedError as exc:
                 if time.monotonic() > deadline:
@@ -282,22 +308,23 @@ class Node:
                 await asyncio.sleep(_RECONNECT_PAUSE_S)
         if not first:
             self.shared.reconnect_s.append(time.monotonic() - lost_at)
+            self.shared.reconnects_by_instance[s.instance] += 1
 
     # -- sending
 
-    async def _send(self, chunk: list[_Item]) -> None:
+    async def _send(self, s: _Session, chunk: list[_Item]) -> None:
         """Write one chunk; raises _DisconnectedError if the session is gone (the chunk is then sent again)."""
-        while not self.resume.is_set():
-            if self.lost.is_set():
+        while not s.resume.is_set():
+            if s.lost.is_set():
                 raise _DisconnectedError("lost while paused")
-            waiter = asyncio.create_task(self.resume.wait())
-            lost = asyncio.create_task(self.lost.wait())
+            waiter = asyncio.create_task(s.resume.wait())
+            lost = asyncio.create_task(s.lost.wait())
             await asyncio.wait((waiter, lost), return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             lost.cancel()
         await self.shared.gate.wait()
-        peer = self.peer
-        if peer is None or self.lost.is_set() or peer.is_closing():
+        peer = s.peer
+        if peer is None or s.lost.is_set() or peer.is_closing():
             raise _DisconnectedError("connection closed")
         try:
             peer.write(b"".join([self.stream.frame(item.spec) for item in chunk]))
@@ -308,7 +335,7 @@ class Node:
             for item in chunk:
                 self.outstanding.setdefault(item.spec.req_id, []).append(item)
             self.outstanding_count += len(chunk)
-            self._account(chunk)
+            self._account(s, chunk)
             with contextlib.suppress(OSError):
                 await peer.drain()
             return
@@ -316,15 +343,15 @@ class Node:
             await peer.drain()
         except OSError as exc:
             raise _DisconnectedError(str(exc)) from exc
-        self._account(chunk)
+        self._account(s, chunk)
 
-    def _account(self, chunk: list[_Item]) -> None:
+    def _account(self, s: _Session, chunk: list[_Item]) -> None:
         """What the daemon should flag for a chunk it has read, mirrored from its rules; duplicates scheduled."""
-        shared, source, cfg = self.shared, self.source, self.cfg
+        shared, source, cfg = self.shared, s.source, self.cfg
         epoch = shared.daemon_epoch
         if source.epoch != epoch:
             source.epoch, source.highest = epoch, -1
-        replay_before = self.session_start_us - round(cfg.clock_tolerance_s * 1_000_000)
+        replay_before = s.session_start_us - round(cfg.clock_tolerance_s * 1_000_000)
         now = time.monotonic()
         crossed_half = False
         for position, item in enumerate(chunk, self.frames_sent + 1):
@@ -332,7 +359,13 @@ class Node:
                 shared.resent += 1  # not mirrored: whether the daemon saw the first copy is unknown
                 continue
             generation = item.spec.time_us
-            expect = shared.expect_duplicates if item.kind is _Kind.DUPLICATE else shared.expect_first
+            expect = shared.expect_first
+            if item.kind is _Kind.DUPLICATE:
+                # A copy sent to another daemon instance than its original is new to that daemon: no instance
+                # can suppress it.
+                cross = item.instance != s.instance
+                expect = shared.expect_cross if cross else shared.expect_duplicates
+                shared.duplicates_cross += cross
             if generation < source.highest:
                 expect.out_of_order += 1
                 expect.max_lag_us = max(expect.max_lag_us, source.highest - generation)
@@ -350,12 +383,12 @@ class Node:
                 shared.duplicates_sent += 1
                 # The daemon remembers ids per run (a bounded window): a duplicate of a notification sent to the
                 # daemon before it restarted is not recognisable as one.
-                if item.epoch == epoch:
+                if item.epoch == epoch and item.instance == s.instance:
                     expect.duplicate += 1
                 continue  # a second copy: not part of the backlog's progress
             if cfg.duplicates and self.rng.random() < cfg.duplicates:
                 due = position + self.rng.randrange(1, _DUPLICATE_SPREAD)
-                self.pending_duplicates.append((due, _Item(item.spec, _Kind.DUPLICATE, epoch)))
+                self.pending_duplicates.append((due, _Item(item.spec, _Kind.DUPLICATE, epoch, s.instance)))
             shared.backlog_sent += 1
             if shared.backlog_sent * 2 >= shared.backlog_planned and not shared.half_replayed.is_set():
                 shared.half_replayed.set()
@@ -394,14 +427,27 @@ class Node:
         chunk.extend(self._due_duplicates(max(1, size - len(chunk))) if len(chunk) < size else [])
         return chunk or self._due_duplicates(size, all_now=True)  # only duplicates not yet due are left
 
+    def _next_session(self) -> _Session:
+        """The sessions in turn, skipping those found lost while another is still connected."""
+        count = len(self.sessions)
+        for step in range(count):
+            s = self.sessions[(self._turn + step) % count]
+            if not s.lost.is_set():
+                self._turn = (self._turn + step + 1) % count
+                return s
+        s = self.sessions[self._turn]
+        self._turn = (self._turn + 1) % count
+        return s
+
     async def _pump(self, chunk: list[_Item]) -> None:
-        """Send a chunk, reconnecting as often as needed."""
+        """Send a chunk on the next session in turn, reconnecting as often as needed."""
+        s = self._next_session()
         while True:
             try:
-                await self._send(chunk)
+                await self._send(s, chunk)
                 return
             except _DisconnectedError:
-                await self._reconnect()
+                await self._reconnect(s)
 
     def _has_work(self) -> bool:
         return bool(self.resend or self.live_left or self.backlog or self.pending_duplicates)
@@ -418,21 +464,24 @@ class Node:
             if room > 0 and self._has_work():
                 await self._pump(self._next_chunk(min(_CHUNK, room)))
                 continue
-            if self.lost.is_set():
-                await self._reconnect()
+            only = self.sessions[0]  # the sync engine plays one daemon instance (checked by the config)
+            if only.lost.is_set():
+                await self._reconnect(only)
                 continue
             self.answer.clear()
             answer = asyncio.create_task(self.answer.wait())
-            lost = asyncio.create_task(self.lost.wait())
+            lost = asyncio.create_task(only.lost.wait())
             await asyncio.wait((answer, lost), return_when=asyncio.FIRST_COMPLETED)
             answer.cancel()
             lost.cancel()
 
     async def run(self) -> None:
         cfg = self.cfg
-        await self._reconnect(first=True)
+        for s in self.sessions:
+            await self._reconnect(s, first=True)
         await self._drain_work()  # phase 1: live
-        await self._close()
+        for s in self.sessions:
+            await self._close(s)
         if self.shared.phase == "live":
             self.shared.phase = "outage"
         # phase 2: outage; the backlog is generated while no connection exists
@@ -449,7 +498,9 @@ class Node:
         self.shared.phase = "replay"
         # phase 3: reconnect, replay the backlog behind live traffic
         self.live_left = self.after
-        await self._reconnect()
+        for s in self.sessions:
+            await self._reconnect(s)
         await self._drain_work()
-        await self._close()
+        for s in self.sessions:
+            await self._close(s)
         self.shared.nodes_done += 1

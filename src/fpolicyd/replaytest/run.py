@@ -18,7 +18,7 @@ from typing import IO, Any, Final
 
 from fpolicyd.protocol.session import EngineMode
 from fpolicyd.replaytest.config import ReplayTestConfig, ReplayTestError, RestartMode
-from fpolicyd.replaytest.daemons import InProcessDaemon, SubprocessDaemon
+from fpolicyd.replaytest.daemons import DaemonGroup, InProcessDaemon, SubprocessDaemon
 from fpolicyd.replaytest.node import Node, Shared, SourceState, source_address
 from fpolicyd.replaytest.plot import MAX_TIMELINE_POINTS, Phase, TimelinePoint, downsample, timeline_json
 from fpolicyd.replaytest.tails import (
@@ -220,8 +220,10 @@ async def run_replay_test(
     log = progress if progress is not None else sys.stderr
     started = time.monotonic()
     temp: Path | None = None
-    daemon: InProcessDaemon | SubprocessDaemon | None = None
+    daemon: InProcessDaemon | SubprocessDaemon | DaemonGroup | None = None
     sink_dir: Path | None = cfg.sink_dir
+    more_sink_dirs: list[Path] = []
+    addresses: list[Callable[[], tuple[str, int]]] = []
     if cfg.target is None:
         data_dir = cfg.data_dir
         if data_dir is None:
@@ -233,7 +235,19 @@ async def run_replay_test(
             overrides["sinks"] = cfg.sink
         overrides.update(cfg.daemon_settings)
         try:
-            if cfg.in_subprocess:
+            if cfg.instances > 1:
+                dirs = [data_dir / f"instance-{i}" for i in range(cfg.instances)]
+                group: DaemonGroup
+                if cfg.in_subprocess:
+                    group = DaemonGroup([SubprocessDaemon(d, overrides) for d in dirs])
+                else:
+                    members = [InProcessDaemon(d, overrides) for d in dirs]
+                    group = DaemonGroup(members)
+                    cfg = replace(cfg, clock_tolerance_s=members[0].settings.replay_clock_tolerance_s)
+                daemon = group
+                sink_dir, *more_sink_dirs = [m.sink_dir for m in group.members]
+                addresses = [m.address for m in group.members]
+            elif cfg.in_subprocess:
                 daemon = SubprocessDaemon(data_dir, overrides)
             else:
                 daemon = InProcessDaemon(data_dir, overrides)
@@ -242,14 +256,17 @@ async def run_replay_test(
             if temp is not None:
                 shutil.rmtree(temp, ignore_errors=True)
             raise
-        if cfg.sink is None:
-            sink_dir = sink_dir or daemon.sink_dir
-        address: Callable[[], tuple[str, int]] = daemon.address
+        if not isinstance(daemon, DaemonGroup):
+            if cfg.sink is None:
+                sink_dir = sink_dir or daemon.sink_dir
+            addresses = [daemon.address]
     else:
         target = cfg.target
 
         def address() -> tuple[str, int]:
             return target
+
+        addresses = [address]
 
     cleanup = contextlib.AsyncExitStack()
     if temp is not None:
@@ -265,32 +282,33 @@ async def run_replay_test(
             sink = queue
         else:
             assert sink_dir is not None
-            sink = SinkTail(sink_dir, live=True)
-        return await _run(cfg, sink, daemon, address, log=log, started=started, before_verify=before_verify)
+            sink = SinkTail(sink_dir, live=True, more=more_sink_dirs)
+        return await _run(cfg, sink, daemon, addresses, log=log, started=started, before_verify=before_verify)
 
 
 async def _run(
     cfg: ReplayTestConfig,
     sink: SinkTail,
-    daemon: InProcessDaemon | SubprocessDaemon | None,
-    address: Callable[[], tuple[str, int]],
+    daemon: InProcessDaemon | SubprocessDaemon | DaemonGroup | None,
+    addresses: list[Callable[[], tuple[str, int]]],
     *,
     log: IO[str],
     started: float,
     before_verify: Callable[[Path], None] | None,
 ) -> dict[str, Any]:
-    shared = Shared()
+    shared = Shared(reconnects_by_instance=[0] * len(addresses))
     shared.gate.set()
     shared.restart_at_half = cfg.restart_daemon and daemon is not None and not cfg.kill
     if cfg.kill and isinstance(daemon, SubprocessDaemon):
         shared.freeze_at_half = daemon.freeze
-    sources: dict[str | None, SourceState] = {}
+    # The daemon keys replay state by node address: one mirror per (node key, daemon instance).
+    sources: dict[tuple[str | None, int], SourceState] = {}
     nodes: list[Node] = []
-    host = address()[0] if daemon is None else "127.0.0.1"
+    host = addresses[0]()[0] if daemon is None else "127.0.0.1"
     for node, count in enumerate(_split(cfg.events, cfg.nodes)):
         key = source_address(host, node)
-        source = sources.setdefault(key, SourceState())
-        nodes.append(Node(cfg=cfg, node=node, count=count, shared=shared, address=address, source=source))
+        node_sources = [sources.setdefault((key, i), SourceState()) for i in range(len(addresses))]
+        nodes.append(Node(cfg=cfg, node=node, count=count, shared=shared, addresses=addresses, sources=node_sources))
     shared.backlog_planned = sum(n.outage for n in nodes)
     stop_tail = asyncio.Event()
     timeline = _Timeline(cfg.timeline_interval_s) if cfg.timeline else None
@@ -337,7 +355,7 @@ async def _drive_and_verify(
     shared: Shared,
     nodes: list[Node],
     sink: SinkTail,
-    daemon: InProcessDaemon | SubprocessDaemon | None,
+    daemon: InProcessDaemon | SubprocessDaemon | DaemonGroup | None,
     tail: asyncio.Task[None],
     stop_tail: asyncio.Event,
     log: IO[str],
@@ -356,6 +374,7 @@ async def _drive_and_verify(
                 helpers.append(asyncio.create_task(_progress(shared, sink, cfg, log, started)))
             restart: asyncio.Task[None] | None = None
             if cfg.restart_daemon and daemon is not None:
+                assert not isinstance(daemon, DaemonGroup)  # refused by the config
                 restart = asyncio.create_task(_restart_when_half_replayed(shared, daemon, cfg.restart_mode, log))
             await asyncio.gather(*(n.run() for n in nodes))
             if restart is not None:
@@ -380,6 +399,8 @@ async def _drive_and_verify(
         if daemon is not None:
             await daemon.stop()
     live_sink: SinkTail = sink
+    #: Several instances: each one's JSON Lines directory read on its own (the per-instance figures).
+    per_instance: list[SinkTail] = []
     if isinstance(sink, QueueTail):
         # A queue is read once: what was received while the storm ran is the verification; drain the rest.
         await final_drain(sink, cfg.settle_timeout_s)
@@ -393,10 +414,16 @@ async def _drive_and_verify(
         # and the arrival latency): it checks the files as they are now, not as they were.
         if timeline is not None:
             timeline.sample_now(shared, live_sink, started, "verify")
-        sink = SinkTail(sink.directory, live_sink.skipped)
+        sink = SinkTail(sink.directory, live_sink.skipped, more=live_sink.directories[1:])
         live_sink.forget_ids()
         while sink.poll():
             pass
+        if isinstance(daemon, DaemonGroup):
+            for directory in sink.directories:
+                own = SinkTail(directory, live_sink.skipped)
+                while own.poll():
+                    pass
+                per_instance.append(own)
     report = _report(
         cfg=cfg,
         shared=shared,
@@ -406,9 +433,44 @@ async def _drive_and_verify(
         drove_s=drove_s,
         elapsed_s=time.monotonic() - started,
     )
+    if isinstance(daemon, DaemonGroup):
+        _add_instances(report, shared, sink, per_instance, daemon)
     if timeline is not None:
         report["timeline"] = timeline_json(timeline.points)
     return report
+
+
+def _add_instances(
+    report: dict[str, Any], shared: Shared, sink: SinkTail, per_instance: list[SinkTail], group: DaemonGroup
+) -> None:
+    """Several instances: the figures of each (``instances``) beside the totals over the union of their sinks."""
+    expected = shared.expected
+    members = report["daemon"]["members"]
+    instances: list[dict[str, Any]] = []
+    for index, (own, member, summary) in enumerate(zip(per_instance, group.members, members, strict=True)):
+        host, port = member.address()
+        instances.append(
+            {
+                "instance": index,
+                "address": f"{host}:{port}",
+                "verified_at": f"jsonl:{own.directory}",
+                "delivered": len(expected & own.delivered),
+                "sink_lines": own.lines,
+                # The daemon's own ReplayStats over its runs (in-process daemons only).
+                "replay": summary.get("totals"),
+                "undelivered_in_spool": member.undelivered(),
+                # Nodes' reconnects to this instance (the planned outage's included).
+                "node_reconnects": shared.reconnects_by_instance[index],
+            }
+        )
+    report["instances"] = instances
+    # An id delivered by more than one instance: a duplicate across instances (already counted in
+    # duplicates_delivered, which is over the union).
+    report["delivered_by_several_instances"] = sum(i["delivered"] for i in instances) - report["delivered"]
+    # Arrival order is per sink: the union's file order says nothing across instances.
+    report["max_out_of_order_displacement"] = max((own.max_displacement() for own in per_instance), default=0)
+    report["config"]["instances"] = len(instances)
+    report["config"]["verified_at"] = ", ".join(f"jsonl:{d}" for d in sink.directories)
 
 
 def _report(
@@ -417,7 +479,7 @@ def _report(
     shared: Shared,
     sink: SinkTail,
     live_sink: SinkTail,
-    daemon: InProcessDaemon | SubprocessDaemon | None,
+    daemon: InProcessDaemon | SubprocessDaemon | DaemonGroup | None,
     drove_s: float,
     elapsed_s: float,
 ) -> dict[str, Any]:
@@ -434,11 +496,11 @@ def _report(
     # seen before: the mirror cannot know, so it is not exact after a kill or a resend.
     exact = (
         (cfg.target is None or cfg.target[0].startswith("127."))
-        and duplicates_delivered in (0, shared.duplicates_sent)
+        and duplicates_delivered in (shared.duplicates_cross, shared.duplicates_sent)
         and not cfg.kill
         and not shared.resent
     )
-    expect = shared.expect_first
+    expect = shared.expect_first.plus(shared.expect_cross)
     if shared.duplicates_sent and duplicates_delivered == shared.duplicates_sent:
         expect = expect.plus(shared.expect_duplicates)
     report: dict[str, Any] = {

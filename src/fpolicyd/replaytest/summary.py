@@ -88,6 +88,31 @@ def _run_line(config: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _instance_lines(report: dict[str, Any]) -> list[str]:
+    """Several daemon instances: one line each (what it delivered, its replay as it saw it, reconnects)."""
+    instances: list[dict[str, Any]] = report.get("instances") or []
+    if len(instances) < 2:
+        return []
+    delivered = int(report.get("delivered", 0))
+    lines: list[str] = []
+    for instance in instances:
+        own = int(instance.get("delivered", 0))
+        text = f"#{instance.get('instance')} {instance.get('address')}: delivered {own:,} ({_pct(own, delivered)})"
+        replay: dict[str, Any] | None = instance.get("replay")
+        if replay:
+            text += (
+                f", {_n(replay.get('replayed_events'))} replayed read at {_rate(replay.get('replay_ingest_eps'))}, "
+                f"{_n(replay.get('reconnects'))} reconnects"
+            )
+        else:
+            text += f", {_n(instance.get('node_reconnects'))} node reconnects"
+        lines.append(_row("instances" if not lines else "", text))
+    several = report.get("delivered_by_several_instances")
+    if several:
+        lines.append(_row("", f"{_n(several)} ids delivered by more than one instance (counted as duplicates)"))
+    return lines
+
+
 def summary_text(report: dict[str, Any]) -> str:
     """The report as a short table for a terminal."""
     generated, delivered, lost = int(report["generated"]), int(report["delivered"]), int(report["lost"])
@@ -160,6 +185,7 @@ def summary_text(report: dict[str, Any]) -> str:
         lines.append(
             _row("", f"daemon: max {_s(totals.get('max_session_gap_s'))} (session lost → next handshake, outage in)")
         )
+    lines.extend(_instance_lines(report))
     daemon: dict[str, Any] = report.get("daemon", {})
     if daemon.get("restarts"):
         kills = f", {daemon['kills']} by SIGKILL" if daemon.get("kills") else ""

@@ -100,20 +100,30 @@ class _NodeArrivals:
 class SinkTail:
     """Reads a JSON Lines directory as it grows (complete lines only) and keeps what verification needs."""
 
-    def __init__(self, directory: Path | None, skip: dict[Path, int] | None = None, *, live: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path | None,
+        skip: dict[Path, int] | None = None,
+        *,
+        live: bool = False,
+        more: Sequence[Path] = (),
+    ) -> None:
         """``skip``: bytes at the start of each file not to read (default: what is there now, which belongs to
         an earlier run). ``live``: while the storm runs, keep only the delivered ids (for progress and the end
         of the run) and the arrival latency; the verification proper is a second, full read at the end.
-        ``directory`` None: lines are handed in by a subclass (:class:`QueueTail`)."""
+        ``directory`` None: lines are handed in by a subclass (:class:`QueueTail`). ``more``: further directories
+        read as one sink with ``directory`` (the JSON Lines directories of several daemon instances)."""
         self.directory = directory
+        self.directories: tuple[Path, ...] = () if directory is None else (directory, *more)
         self.live = live
         #: Also record the arrival latency in the full (not live) mode: a queue is read only once.
         self.track_sink_latency = False
         if skip is None:
             skip = {}
-            if directory is not None and directory.is_dir():
-                for path in directory.glob(_SINK_GLOB):
-                    skip[path] = path.stat().st_size
+            for each in self.directories:
+                if each.is_dir():
+                    for path in each.glob(_SINK_GLOB):
+                        skip[path] = path.stat().st_size
         self.skipped = dict(skip)
         self._offsets = dict(skip)
         self.lines = 0
@@ -140,11 +150,12 @@ class SinkTail:
 
     def poll(self) -> int:
         """Read what was appended since the last poll; returns the number of new lines."""
-        if self.directory is None or not self.directory.is_dir():
+        paths = [path for each in self.directories if each.is_dir() for path in sorted(each.glob(_SINK_GLOB))]
+        if not paths:
             return 0
         seen_at = now_us()
         new = 0
-        for path in sorted(self.directory.glob(_SINK_GLOB)):
+        for path in paths:
             offset = self._offsets.get(path, 0)
             try:
                 with path.open("rb") as fh:

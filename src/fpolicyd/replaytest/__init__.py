@@ -21,6 +21,13 @@ SCREEN_RESP only once the event is in its spool (``engine_mode`` sync), each nod
 requests unanswered (ONTAP's max-server-reqs), and after a reconnect it sends again every request the lost
 session had not answered, as ONTAP retries a request whose server went away.
 
+With ``instances`` N > 1, replay-test runs N daemons (each with its own data and JSON Lines directories); every
+node holds one session per daemon and round-robins its chunks over them (live and backlog alike), as an ONTAP
+engine with several primary servers does; the outage closes all of a node's sessions and the backlog is replayed
+over all of them. Verification is over the union of the sinks (an id delivered by two instances is a duplicate,
+counted), and the report adds each instance's figures (``instances``). The restart modes and the sync engine are
+refused with N > 1.
+
 The sink verified is the daemon's JSON Lines directory, or an SQS queue (``sink`` ``sqs:URL``, or ``eventbridge:BUS``
 checked through a rule that targets the queue ``verify_queue``): the queue is drained (ReceiveMessage with
 WaitTimeSeconds, DeleteMessageBatch) while the storm runs and afterwards, bounded in time.

@@ -377,7 +377,8 @@ class Daemon:
             accelerate=not settings.pure_python,
             path_max_chars=settings.path_max_chars,
         )
-        log.info("ingest_path", path=ingest.accelerator.path, reason=ingest.accelerator.reason)
+        # Not ``path=``: the log redactor hashes that key as a file path, and the operator could not read it.
+        log.info("ingest_path", ingest=ingest.accelerator.path, reason=ingest.accelerator.reason)
         self._context = ServerContext(
             session_config=settings.session_config(),
             ingest=ingest,

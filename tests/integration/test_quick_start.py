@@ -69,6 +69,10 @@ async def test_a_fresh_simulate_run_is_neither_replayed_nor_late(
         total = NODES * EVENTS
         assert report["sent"] == total
         [http_port] = [line["port"] for line in daemon.log_lines if line.get("event") == "http_listening"]
+        # Which ingest path runs is readable in the log as it is written (the default redaction hashes file paths:
+        # it used to turn this line's value into a hash).
+        [ingest] = [line for line in daemon.log_lines if line.get("event") == "ingest_path"]
+        assert ingest["ingest"] in {"c", "python"}, ingest
         deadline = time.monotonic() + 30
         while True:  # until the sink has acknowledged every event: the SLO is counted on acknowledgement
             status, body = await asyncio.to_thread(http_get, http_port, "/metrics")

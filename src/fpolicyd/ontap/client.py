@@ -340,7 +340,7 @@ async def execute_plan(
                 ) from exc
             raise type(exc)(f"{action.describe()} failed: {exc}", status=exc.status, code=exc.code) from exc
         done.append(action)
-        log.info("ontap_change", step=action.step.value, target=action.target, path=action.path)
+        log.info("ontap_change", step=action.step.value, target=action.target, endpoint=action.path)
         if action.step is Step.DISABLE_POLICY:
             disabled_by_us = True
     return Execution(tuple(done))

@@ -138,7 +138,7 @@ class CaptureRecorder:
             self.directory.mkdir(parents=True, exist_ok=True)
             capture = ConnectionCapture(self, path, peer)
         except OSError as exc:
-            _log.error("capture_not_started", path=str(path), error=str(exc), detail="the connection is not recorded")
+            _log.error("capture_not_started", file=str(path), error=str(exc), detail="the connection is not recorded")
             return None
         capture.write(
             {
@@ -185,7 +185,7 @@ class ConnectionCapture:
             self._file.write(line)
             self._file.flush()
         except OSError as exc:  # a full disk: stop recording this connection, never disturb it
-            _log.error("capture_stopped", path=str(self.path), error=str(exc), detail="the rest is not recorded")
+            _log.error("capture_stopped", file=str(self.path), error=str(exc), detail="the rest is not recorded")
             with contextlib.suppress(OSError):
                 self._file.close()
             self._file = None

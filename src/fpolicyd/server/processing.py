@@ -131,7 +131,7 @@ def load_state(directory: Path) -> ProcessingState:
     except FileNotFoundError:
         return ProcessingState()
     except ValueError as exc:
-        log.error("processor_state_unreadable", path=str(path), error=str(exc), detail="starting from the cursor")
+        log.error("processor_state_unreadable", file=str(path), error=str(exc), detail="starting from the cursor")
         return ProcessingState()
 
 

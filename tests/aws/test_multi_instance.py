@@ -20,7 +20,6 @@ Each daemon stops at the end of its block (bounded drain); every wait is bounded
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from fpolicyd.sinks.aws.clients import AwsClients
 from support.daemon import make_settings, running_daemon
 from support.moto_server import MotoEndpoint, create_dedup_table, isolate_aws_env
 from support.notifications import BASE_GENERATION_US, frame
-from support.peer import negotiated_peer
+from support.peer import negotiated_peer, wait_for_records
 
 #: Settle's quiet window in these tests: long enough that a create and its write sent together are one burst on
 #: one instance, short enough to keep the test quick.
@@ -70,16 +69,6 @@ class Instance:
 
 def _lines(directory: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for path in sorted(directory.glob("*.jsonl")) for line in path.read_bytes().splitlines()]
-
-
-async def _until(read: Any, count: int, within: float = 10.0) -> list[dict[str, Any]]:
-    """What ``read()`` returns once it holds ``count`` records, or after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        found: list[dict[str, Any]] = read()
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager
@@ -117,8 +106,8 @@ async def test_settle_is_per_instance_a_create_and_its_write_on_two_instances_ar
         # A create on A, then a delete on B: B's settle holds nothing for the path, so nothing is cancelled.
         await a.send(frame(5, "SMB_CREAT", "/scans/gone.tmp"))
         await b.send(frame(6, "SMB_DEL", "/scans/gone.tmp"))
-        on_a = await _until(a.events, 3)
-        on_b = await _until(b.events, 2)
+        on_a = await wait_for_records(a.events, 3)
+        on_b = await wait_for_records(b.events, 2)
         await asyncio.sleep(2 * SETTLE_S)  # nothing else is still held
         for instance in (a, b):
             processing = instance.daemon.processing
@@ -165,8 +154,8 @@ async def test_rename_commit_is_per_instance_the_rename_on_another_instance_comm
         # Two instances: the rename lands on B, which holds nothing for the temporary name.
         await a.send(frame(4, "SMB_CREAT", "/in/two.part"), frame(5, "SMB_WR", "/in/two.part"))
         await b.send(frame(6, "SMB_REN", "/in/two.part", target="/in/two.pdf"))
-        [renamed] = await _until(b.events, 1)
-        on_a = await _until(a.events, 2, within=MAX_HOLD_S + 10.0)
+        [renamed] = await wait_for_records(b.events, 1)
+        on_a = await wait_for_records(a.events, 2, within=MAX_HOLD_S + 10.0)
     by_path = {e["file_path"]: e for e in on_a}
     assert set(by_path) == {"/in/one.pdf", "/in/two.part"}
     one = by_path["/in/one.pdf"]
@@ -191,21 +180,21 @@ async def test_exact_dedup_of_a_notification_resent_to_the_other_instance(
     generation = BASE_GENERATION_US + 1_000
     async with two_instances(tmp_path, dedup_mode="exact", **dedup) as (a, b):
         await a.send(frame(1, "SMB_WR", "/data/report.csv", generation_us=generation))
-        [first] = await _until(a.events, 1)
+        [first] = await wait_for_records(a.events, 1)
         # Sent again on A's session (a persistent-store replay to the same server): every backend folds it.
         await a.send(frame(2, "SMB_WR", "/data/report.csv", generation_us=generation))
-        await _until(a.ledger, 1)
+        await wait_for_records(a.ledger, 1)
         # ONTAP sends it again on B's session (A's session was lost before the response): a new req_id, the
         # same notification, so the same event id.
         await b.send(frame(1, "SMB_WR", "/data/report.csv", generation_us=generation))
         if backend is Backend.embedded:
             # The reader's window is B's own: B has never seen the event id, and delivers it again.
-            [again] = await _until(b.events, 1)
+            [again] = await wait_for_records(b.events, 1)
             assert again["event_id"] == first["event_id"]
             assert b.daemon.context.ingest.counters.duplicates == 0
         else:
             # The claim A made in DynamoDB is B's as well: B suppresses and audits it.
-            [record] = await _until(b.ledger, 1)
+            [record] = await wait_for_records(b.ledger, 1)
             assert record["decision"] == "duplicate"
             assert record["first_seen_id"] == first["event_id"]
             await asyncio.sleep(0.3)
@@ -224,22 +213,22 @@ async def test_window_dedup_across_instances(tmp_path: Path, request: pytest.Fix
     second = 1_000_000  # µs
     async with two_instances(tmp_path, dedup_mode="window", dedup_window_minutes=5, **dedup) as (a, b):
         await a.send(frame(1, "SMB_WR", "/finance/a.pdf", generation_us=BASE_GENERATION_US))
-        [first] = await _until(a.events, 1)
+        [first] = await wait_for_records(a.events, 1)
         # Another write of the same file 1 s later, inside the window, on the same instance: folded everywhere.
         await a.send(frame(2, "SMB_WR", "/finance/a.pdf", generation_us=BASE_GENERATION_US + second))
-        await _until(a.ledger, 1)
+        await wait_for_records(a.ledger, 1)
         # A third write 2 s after the first, on the other instance.
         await b.send(frame(3, "SMB_WR", "/finance/a.pdf", generation_us=BASE_GENERATION_US + 2 * second))
         if backend is Backend.embedded:
             # The window is B's local SQLite store, which holds no claim for the path: delivered.
-            [other] = await _until(b.events, 1)
+            [other] = await wait_for_records(b.events, 1)
             assert other["event_id"] != first["event_id"]
             await asyncio.sleep(0.2)
             assert b.ledger() == []
         else:
             # The window claims are in the shared table: B folds it into A's event (one audit record per use
             # case, that is per route the path matches).
-            records = await _until(b.ledger, 1)
+            records = await wait_for_records(b.ledger, 1)
             assert {(r["decision"], r["first_seen_id"]) for r in records} == {("duplicate", first["event_id"])}
             await asyncio.sleep(0.3)
             assert b.events() == []

@@ -49,10 +49,17 @@ async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> boo
         await asyncio.sleep(0.01)
 
 
-async def wait_for_events(root: Path, count: int, within: float = 10.0) -> list[dict[str, Any]]:
+async def wait_for_records(
+    read: Callable[[], list[dict[str, Any]]], count: int, within: float = 10.0
+) -> list[dict[str, Any]]:
+    """What ``read()`` returns once it holds ``count`` records, or after ``within`` seconds (polled)."""
     deadline = time.monotonic() + within
     while True:
-        events = jsonl_events(root)
-        if len(events) >= count or time.monotonic() > deadline:
-            return events
+        records = read()
+        if len(records) >= count or time.monotonic() > deadline:
+            return records
         await asyncio.sleep(0.02)
+
+
+async def wait_for_events(root: Path, count: int, within: float = 10.0) -> list[dict[str, Any]]:
+    return await wait_for_records(lambda: jsonl_events(root), count, within)

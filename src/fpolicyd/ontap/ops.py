@@ -193,9 +193,7 @@ async def make_plan(
         timeout_s=settings.ontap_request_timeout_s,
     )
     if action == "repoint":
-        current = await client.read_state(
-            svm_uuid, engine=settings.ontap_engine_name, policy=settings.ontap_policy_name, events=(), store=None
-        )
+        current = await _read_engine(client, svm_uuid, settings)
         plan = plan_repoint(
             svm_uuid,
             current,
@@ -283,7 +281,8 @@ def _backoff_s(settings: Settings, attempt: int) -> float:
     return random.uniform(0.0, ceiling)
 
 
-async def _read(client: OntapClient, svm_uuid: str, settings: Settings) -> CurrentState:
+async def _read_engine(client: OntapClient, svm_uuid: str, settings: Settings) -> CurrentState:
+    """The engine and the policy only (what repoint and membership changes read and write)."""
     return await client.read_state(
         svm_uuid, engine=settings.ontap_engine_name, policy=settings.ontap_policy_name, events=(), store=None
     )
@@ -319,7 +318,7 @@ async def _stable(
     for pause in (0.0, settings.ontap_membership_settle_s):
         if pause:
             await asyncio.sleep(pause)
-        state = await _read(client, svm_uuid, settings)
+        state = await _read_engine(client, svm_uuid, settings)
         if change(Servers.of_engine(state.engine or {})).changed:
             return False
     return True
@@ -351,7 +350,7 @@ async def change_membership(
     for attempt in range(1, settings.ontap_membership_attempts + 1):
         if attempt > 1:
             await asyncio.sleep(_backoff_s(settings, attempt))
-        state = await _read(client, svm_uuid, settings)
+        state = await _read_engine(client, svm_uuid, settings)
         membership = change(Servers.of_engine(state.engine or {}))
         plan = _plan(settings, svm_uuid, state, membership, enable=operation is Operation.JOIN)
         if not membership.changed:
@@ -364,7 +363,7 @@ async def change_membership(
         try:
             await _run_plan(client, settings, Plan((opened,), plan.policy), done)
             # Inside the window: the lists as they are now, with any change another instance made meanwhile.
-            inside = await _read(client, svm_uuid, settings)
+            inside = await _read_engine(client, svm_uuid, settings)
             membership = change(Servers.of_engine(inside.engine or {}))
             patch = next(
                 (

@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError
@@ -242,12 +243,17 @@ async def repoint_on_start(settings: Settings) -> bool:
     return True
 
 
-def start_repoint_on_start(settings: Settings) -> asyncio.Task[bool]:
-    """Run :func:`repoint_on_start` in the background, so a slow ONTAP never delays the daemon's readiness."""
-    task = asyncio.get_running_loop().create_task(repoint_on_start(settings), name="ontap-repoint")
+def _in_background(work: Coroutine[Any, Any, bool], name: str) -> asyncio.Task[bool]:
+    """Run ``work`` as a task the module keeps a reference to until it ends (so it is not collected mid-run)."""
+    task = asyncio.get_running_loop().create_task(work, name=name)
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
     return task
+
+
+def start_repoint_on_start(settings: Settings) -> asyncio.Task[bool]:
+    """Run :func:`repoint_on_start` in the background, so a slow ONTAP never delays the daemon's readiness."""
+    return _in_background(repoint_on_start(settings), "ontap-repoint")
 
 
 # ------------------------------------------------------------------------------------------- membership
@@ -455,10 +461,7 @@ async def join_on_start(settings: Settings) -> bool:
 
 def start_join_on_start(settings: Settings) -> asyncio.Task[bool]:
     """Run :func:`join_on_start` in the background, so a slow ONTAP never delays the daemon's readiness."""
-    task = asyncio.get_running_loop().create_task(join_on_start(settings), name="ontap-join")
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-    return task
+    return _in_background(join_on_start(settings), "ontap-join")
 
 
 async def leave_on_stop(settings: Settings) -> bool:

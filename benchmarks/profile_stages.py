@@ -94,6 +94,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--raw", type=Path, help="also keep py-spy's raw samples (collapsed stacks) in this file")
     parser.add_argument("--sink", choices=("jsonl", "sqs"), default="jsonl", help="where the daemon delivers")
     parser.add_argument("serve_flags", nargs="*", help="extra `fpolicyd serve` flags (after --)")
     args = parser.parse_args()
@@ -162,6 +163,8 @@ def profile(args: argparse.Namespace, py_spy: str, data: Path, endpoint: Endpoin
         spy.wait(60)
     finally:
         daemon.stop()
+    if args.raw is not None:
+        shutil.copyfile(raw, args.raw)
     samples: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack_text, _, weight = line.rpartition(" ")

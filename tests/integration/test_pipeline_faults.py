@@ -130,6 +130,36 @@ async def test_linger_turns_a_trickle_into_full_batches(tmp_path: Path) -> None:
     spool.close()
 
 
+class WideReadSender(CountingSender):
+    """Reads up to four requests' worth, lingers (long) only until one request's worth is there (AwsSender's shape)."""
+
+    linger_s = 30.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_records = 40
+        self.linger_records = 10
+
+
+async def test_linger_ends_at_one_requests_worth_and_the_read_takes_everything_up_to_max_records(
+    tmp_path: Path,
+) -> None:
+    spool = Spool.open(
+        SpoolSettings(directory=tmp_path / "spool", segment_bytes=1 << 16, max_bytes=1 << 24), ["counting"]
+    )
+    sender = WideReadSender()
+    spooler = Spooler(
+        spool, [sender], Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19), checkpoint_interval_s=1
+    )
+    await spooler.start()
+    spooler.submit_many([b'{"n":%d}' % n for n in range(25)], on_durable=())
+    # 25 >= linger_records: no 30 s linger (wait_until gives up long before), and one read takes all 25.
+    await wait_until(lambda: len(sender.payloads) == 25)
+    assert sender.sends == 1
+    assert await spooler.drain(2.0) == 0
+    spool.close()
+
+
 async def test_a_json_lines_write_that_fails_is_retried_and_its_os_error_is_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

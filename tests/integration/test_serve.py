@@ -291,6 +291,7 @@ class SlowSender:
     max_bytes = 1 << 20
     max_in_flight = 1
     linger_s = 0.0
+    linger_records = 20
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []

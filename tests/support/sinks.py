@@ -17,6 +17,7 @@ class Collect:
 
     def __init__(self, max_records: int = 100) -> None:
         self.max_records = max_records
+        self.linger_records = max_records
         self.payloads: list[bytes] = []
 
     async def start(self) -> None:

@@ -67,6 +67,7 @@ class FakeSender:
     max_bytes = 1 << 20
     max_in_flight = 1
     linger_s = 0.0
+    linger_records = 100
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -25,7 +25,7 @@ from fpolicyd.sinks.aws.classify import Outcome, classify_sqs
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.aws.deliver import deliver
 from fpolicyd.sinks.aws.encode import Batch, Entry, Item, Oversize, encode_sqs_entry, plan_batches, sqs_entry_size
-from fpolicyd.sinks.aws.sender import PACK_READ_BYTES, PACK_READ_RECORDS, AwsSender
+from fpolicyd.sinks.aws.sender import PACK_READ_BYTES, PACK_READ_RECORDS, SINGLE_READ_RECORDS, AwsSender
 from fpolicyd.sinks.aws.targets import SqsTarget
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
@@ -400,7 +400,8 @@ def test_settings_reach_the_sqs_sender(tmp_path: Path) -> None:
     (plain,) = build_senders(default.sink_options(), AwsClients(), DeadLetterWriter(tmp_path / "dead.jsonl"))
     assert isinstance(plain, AwsSender)
     assert isinstance(plain.target, SqsTarget)
-    assert (plain.target.pack_bytes, plain.max_records, plain.max_bytes) == (0, 10, 1 << 20)
+    assert (plain.target.pack_bytes, plain.max_records, plain.max_bytes) == (0, SINGLE_READ_RECORDS, 1 << 20)
+    assert (plain.linger_records, sender.linger_records) == (10, PACK_READ_RECORDS)
 
 
 # ------------------------------------------------------------------------------------------- the sender

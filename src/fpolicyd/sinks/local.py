@@ -25,6 +25,7 @@ class JsonlSender:
 
     max_in_flight = 1
     linger_s = 0.0
+    linger_records = 1
 
     def __init__(self, settings: JsonlSettings, *, max_bytes: int) -> None:
         self.name = f"jsonl:{settings.directory}"
@@ -84,6 +85,7 @@ class StdoutSender:
 
     max_in_flight = 1
     linger_s = 0.0
+    linger_records = 1
     max_records = 10_000
     max_bytes = 1 << 20
 

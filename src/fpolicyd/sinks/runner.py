@@ -90,6 +90,9 @@ class Sender(Protocol):
     max_in_flight: int
     #: How long to wait, from the first available record, for a batch to fill up (0: send at once).
     linger_s: float
+    #: What "filled up" means: the worker lingers only while fewer records than this are available (a full
+    #: request's worth; at most ``max_records``).
+    linger_records: int
 
     async def start(self) -> None:
         """Open files / check the queue or bus exists. Raises SinkError."""
@@ -200,7 +203,7 @@ class SinkWorker:
         spool = self._spool
         sender = self.sender
         while not self._stopping:
-            if sender.linger_s and 0 < self._available() < sender.max_records:
+            if sender.linger_s and 0 < self._available() < sender.linger_records:
                 # Linger from the first available record: at low rates this turns one request per event
                 # into one request per batch (the AWS requests-per-event budget is 0.1).
                 await asyncio.sleep(sender.linger_s)

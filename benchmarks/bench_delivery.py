@@ -34,7 +34,7 @@ import uvloop  # noqa: E402
 from aws_endpoint import EndpointProcess, endpoint_process  # noqa: E402 - benchmarks are run as scripts
 from bench_ingest_step import RECEIVED_US, corpus, ingest_session  # noqa: E402
 from daemon_process import cpu_seconds  # noqa: E402
-from fpolicyd.config import Settings  # noqa: E402
+from fpolicyd.config import Settings, load_settings  # noqa: E402
 from fpolicyd.pipeline.router import Router  # noqa: E402
 from fpolicyd.server.runtime import tune_garbage_collector  # noqa: E402
 from fpolicyd.sinks.aws.clients import AwsClients  # noqa: E402
@@ -67,8 +67,10 @@ def stored_events(count: int) -> list[bytes]:
 
 def settings_for(row: str, endpoint: EndpointProcess, data: Path) -> Settings:
     uri = f"eventbridge:{endpoint.buses[0]}" if row == "eventbridge" else f"sqs:{endpoint.queues['fpolicy-bench']}"
-    extra: dict[str, Any] = {"sqs_pack_bytes": 262144} if row == "sqs-packed" else {}
-    return Settings(sinks=[uri], data_dir=data, **extra)
+    overrides: dict[str, Any] = {"sinks": [uri], "data_dir": str(data)}
+    if row == "sqs-packed":
+        overrides["sqs_pack_bytes"] = 262144
+    return load_settings(overrides=overrides, search_default_paths=False)
 
 
 async def deliver_all(
@@ -156,7 +158,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
     events = stored_events(args.events)
-    tune_garbage_collector(Settings().gc_young_threshold)  # as the delivery process does
+    tune_garbage_collector(load_settings(search_default_paths=False).gc_young_threshold)  # as the delivery process does
     results: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
     with endpoint_process(queues=("fpolicy-bench",)) as endpoint:
         os.environ.update(

@@ -133,7 +133,7 @@ def _sqs_body(event_json: bytes) -> tuple[str, int]:
     """The message body (the event JSON, as text) and its UTF-8 size."""
     text = event_json.decode("utf-8")
     size = len(event_json)
-    if "\ufffe" in text or "\uffff" in text:
+    if not text.isascii() and ("\ufffe" in text or "\uffff" in text):  # isascii: O(1) on str
         for raw, escaped in _SQS_BODY_ESCAPES.items():
             count = text.count(raw)
             if count:
@@ -159,6 +159,8 @@ def _field(event: Mapping[str, Any], path: str) -> Any:
 
 
 def _text(value: Any) -> str:
+    if type(value) is str:  # the usual case, first
+        return value
     if value is None or isinstance(value, bool | dict | list):
         return ""
     return str(value)
@@ -176,28 +178,51 @@ def _attribute(value: str) -> dict[str, str]:
     return {"DataType": "String", "StringValue": _SQS_INVALID.sub("\ufffd", value)}
 
 
+#: What a String attribute's name and data type count (:func:`_attributes_size`), per attribute we set.
+_ATTRIBUTE_OVERHEAD: Final = {name: len(name) + len("String") for name in ("operation", "svm", "routes")}
+
+
+def _add_attribute(attributes: dict[str, dict[str, str]], name: str, value: str) -> int:
+    """Set String attribute ``name`` (a non-empty value, characters SQS refuses replaced) and return what it
+    counts against the message size (as :func:`_attributes_size`)."""
+    if value.isascii() and value.isprintable():  # printable ASCII is all allowed: nothing to replace
+        attributes[name] = {"DataType": "String", "StringValue": value}
+        return _ATTRIBUTE_OVERHEAD[name] + len(value)
+    safe = _SQS_INVALID.sub("\ufffd", value)
+    attributes[name] = {"DataType": "String", "StringValue": safe}
+    return _ATTRIBUTE_OVERHEAD[name] + len(safe.encode("utf-8"))
+
+
+def _routes_text(routes: Any) -> str:
+    """``metadata.routes`` comma-joined (empty and null members left out); "" for anything but a list."""
+    if not isinstance(routes, list | tuple):
+        return ""
+    if all(type(route) is str for route in routes):  # what the router writes: names
+        return ",".join(filter(None, routes))
+    return ",".join(str(r) for r in routes if r is not None and str(r))
+
+
 def _encode_sqs(
-    target: SqsTarget, event_json: bytes, event: Mapping[str, Any], entry_id: str
+    target: SqsTarget, event_json: bytes, event: Mapping[str, Any], entry_id: str, *, fifo: bool | None = None
 ) -> tuple[dict[str, Any], int]:
+    """The entry and its size (``fifo``: the target's, when the caller already knows it)."""
     body, size = _sqs_body(event_json)
     attributes: dict[str, dict[str, str]] = {}
     # Empty attribute values are not allowed ("Name, type, value and the message body must not be empty").
     operation = _text(event.get("operation_type"))
     if operation:
-        attributes["operation"] = _attribute(operation)
+        size += _add_attribute(attributes, "operation", operation)
     svm = _text(event.get("svm_name"))
     if svm:
-        attributes["svm"] = _attribute(svm)
-    routes = _field(event, "metadata.routes")
-    if isinstance(routes, list | tuple):
-        joined = ",".join(str(r) for r in routes if r is not None and str(r))
-        if joined:
-            attributes["routes"] = _attribute(joined)
+        size += _add_attribute(attributes, "svm", svm)
+    metadata = event.get("metadata")
+    joined = _routes_text(metadata.get("routes")) if isinstance(metadata, Mapping) else ""
+    if joined:
+        size += _add_attribute(attributes, "routes", joined)
     entry: dict[str, Any] = {"Id": entry_id, "MessageBody": body}
     if attributes:
         entry["MessageAttributes"] = attributes
-        size += _attributes_size(attributes)
-    if target.fifo:
+    if target.fifo if fifo is None else fifo:
         entry["MessageGroupId"] = _group_id(event, target.group_id_field)
         event_id = _text(event.get("event_id"))
         entry["MessageDeduplicationId"] = (
@@ -304,16 +329,22 @@ def eventbridge_entry_size(entry: Mapping[str, Any]) -> int:
 
 def _single(target: AwsTarget, item: Item, event: dict[str, Any] | None = None) -> Entry | Oversize:
     """``item`` as a one-event entry, or :class:`Oversize` when it is not a JSON object or over the entry limit."""
+    return _single_within(target, item, event, target.entry_limit, isinstance(target, SqsTarget) and target.fifo)
+
+
+def _single_within(
+    target: AwsTarget, item: Item, event: dict[str, Any] | None, limit: int, fifo: bool
+) -> Entry | Oversize:
+    """:func:`_single` with the target's entry limit and FIFO-ness worked out once per plan."""
     try:
         if event is None:
             event = _load_event(item.event_json)
         if isinstance(target, SqsTarget):
-            request, size = _encode_sqs(target, item.event_json, event, "0")
+            request, size = _encode_sqs(target, item.event_json, event, "0", fifo=fifo)
         else:
             request, size = _encode_eventbridge(target, item.event_json, event)
     except ValueError as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
         return Oversize(item, f"not an event JSON object: {exc}", len(item.event_json))
-    limit = target.entry_limit
     if size > limit:
         return Oversize(item, f"entry is {size} bytes, over the {limit}-byte limit of {target.name}", size)
     return Entry(item, request, size)
@@ -331,7 +362,9 @@ def plan_batches(items: Iterable[Item], target: AwsTarget) -> list[Batch | Overs
     flattened plan is ``items`` on a standard queue, and on a FIFO queue each message group's items in order."""
     if isinstance(target, SqsTarget) and target.packing:
         return batch_entries(pack_sqs_entries(items, target), target)
-    return batch_entries((_single(target, item) for item in items), target)
+    limit = target.entry_limit
+    fifo = isinstance(target, SqsTarget) and target.fifo
+    return batch_entries((_single_within(target, item, None, limit, fifo) for item in items), target)
 
 
 def batch_entries(steps: Iterable[Entry | Oversize], target: AwsTarget) -> list[Batch | Oversize]:

@@ -288,11 +288,17 @@ def _event_time(event: Mapping[str, Any]) -> datetime | None:
 _EB_TIME_BYTES: Final = 14
 
 
+def _eventbridge_fixed_bytes(target: EventBridgeTarget) -> int:
+    """What every entry of ``target`` counts for its Source and DetailType."""
+    return len(target.source.encode("utf-8")) + len(target.detail_type.encode("utf-8"))
+
+
 def _encode_eventbridge(
-    target: EventBridgeTarget, event_json: bytes, event: Mapping[str, Any]
+    target: EventBridgeTarget, event_json: bytes, event: Mapping[str, Any], fixed_bytes: int | None = None
 ) -> tuple[dict[str, Any], int]:
+    """The entry and its size (``fixed_bytes``: :func:`_eventbridge_fixed_bytes`, when the caller has it)."""
     entry: dict[str, Any] = {}
-    size = 0
+    size = len(event_json) + (_eventbridge_fixed_bytes(target) if fixed_bytes is None else fixed_bytes)
     when = _event_time(event) if target.use_event_time else None
     if when is not None:
         entry["Time"] = when
@@ -302,7 +308,6 @@ def _encode_eventbridge(
     entry["Detail"] = event_json.decode("utf-8")
     entry["EventBusName"] = target.bus_name
     entry["Resources"] = []
-    size += len(target.source.encode("utf-8")) + len(target.detail_type.encode("utf-8")) + len(event_json)
     return entry, size
 
 
@@ -329,20 +334,37 @@ def eventbridge_entry_size(entry: Mapping[str, Any]) -> int:
 
 def _single(target: AwsTarget, item: Item, event: dict[str, Any] | None = None) -> Entry | Oversize:
     """``item`` as a one-event entry, or :class:`Oversize` when it is not a JSON object or over the entry limit."""
-    return _single_within(target, item, event, target.entry_limit, isinstance(target, SqsTarget) and target.fifo)
+    return _single_within(target, item, event, _PlanConstants.of(target))
+
+
+@dataclass(frozen=True, slots=True)
+class _PlanConstants:
+    """What every entry of one plan shares, worked out once per plan rather than per event."""
+
+    limit: int
+    fifo: bool
+    #: EventBridge: :func:`_eventbridge_fixed_bytes` (0 for SQS).
+    fixed_bytes: int
+
+    @staticmethod
+    def of(target: AwsTarget) -> _PlanConstants:
+        if isinstance(target, SqsTarget):
+            return _PlanConstants(target.entry_limit, target.fifo, 0)
+        return _PlanConstants(target.entry_limit, False, _eventbridge_fixed_bytes(target))
 
 
 def _single_within(
-    target: AwsTarget, item: Item, event: dict[str, Any] | None, limit: int, fifo: bool
+    target: AwsTarget, item: Item, event: dict[str, Any] | None, constants: _PlanConstants
 ) -> Entry | Oversize:
-    """:func:`_single` with the target's entry limit and FIFO-ness worked out once per plan."""
+    """:func:`_single` with the plan's constants."""
+    limit = constants.limit
     try:
         if event is None:
             event = _load_event(item.event_json)
         if isinstance(target, SqsTarget):
-            request, size = _encode_sqs(target, item.event_json, event, "0", fifo=fifo)
+            request, size = _encode_sqs(target, item.event_json, event, "0", fifo=constants.fifo)
         else:
-            request, size = _encode_eventbridge(target, item.event_json, event)
+            request, size = _encode_eventbridge(target, item.event_json, event, constants.fixed_bytes)
     except ValueError as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
         return Oversize(item, f"not an event JSON object: {exc}", len(item.event_json))
     if size > limit:
@@ -362,9 +384,8 @@ def plan_batches(items: Iterable[Item], target: AwsTarget) -> list[Batch | Overs
     flattened plan is ``items`` on a standard queue, and on a FIFO queue each message group's items in order."""
     if isinstance(target, SqsTarget) and target.packing:
         return batch_entries(pack_sqs_entries(items, target), target)
-    limit = target.entry_limit
-    fifo = isinstance(target, SqsTarget) and target.fifo
-    return batch_entries((_single_within(target, item, None, limit, fifo) for item in items), target)
+    constants = _PlanConstants.of(target)
+    return batch_entries((_single_within(target, item, None, constants) for item in items), target)
 
 
 def batch_entries(steps: Iterable[Entry | Oversize], target: AwsTarget) -> list[Batch | Oversize]:

@@ -195,11 +195,13 @@ def _add_attribute(attributes: dict[str, dict[str, str]], name: str, value: str)
 
 def _routes_text(routes: Any) -> str:
     """``metadata.routes`` comma-joined (empty and null members left out); "" for anything but a list."""
-    if not isinstance(routes, list | tuple):
+    if not routes or not isinstance(routes, list | tuple):
         return ""
-    if all(type(route) is str for route in routes):  # what the router writes: names
-        return ",".join(filter(None, routes))
-    return ",".join(str(r) for r in routes if r is not None and str(r))
+    try:
+        joined = ",".join(routes)  # what the router writes: names (orjson gives exact str, never a subclass)
+    except TypeError:  # a member that is not text
+        return ",".join(str(r) for r in routes if r is not None and str(r))
+    return ",".join(filter(None, routes)) if "" in routes else joined
 
 
 def _encode_sqs(

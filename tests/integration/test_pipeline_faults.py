@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -156,6 +158,52 @@ async def test_linger_ends_at_one_requests_worth_and_the_read_takes_everything_u
     # 25 >= linger_records: no 30 s linger (wait_until gives up long before), and one read takes all 25.
     await wait_until(lambda: len(sender.payloads) == 25)
     assert sender.sends == 1
+    assert await spooler.drain(2.0) == 0
+    spool.close()
+
+
+async def test_group_commit_window_counts_from_when_data_became_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event flushed while the previous commit's fsync runs waits one window from its own flush, not the rest of
+    that commit plus a whole window after it. The first commit is held ``hold_s`` after its fsync; the second event
+    arrives then, so it rides on the next fsync. Counted from the end of the first commit, the second event would
+    wait at least ``hold_s + window_s``."""
+    window_s, hold_s = 1.0, 0.8
+    spool = Spool.open(
+        SpoolSettings(directory=tmp_path / "spool", group_commit_s=window_s, segment_bytes=1 << 16, max_bytes=1 << 24),
+        ["collect"],
+    )
+    first_sync_started = threading.Event()
+    real_sync = spool.sync
+    syncs = 0
+
+    def held_sync() -> int:
+        nonlocal syncs
+        syncs += 1
+        durable_seq = real_sync()
+        if syncs == 1:  # the first event is on disk; the commit is held before it is reported
+            first_sync_started.set()
+            time.sleep(hold_s)
+        return durable_seq
+
+    monkeypatch.setattr(spool, "sync", held_sync)
+    spooler = Spooler(
+        spool,
+        [Collect()],
+        Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19),
+        checkpoint_interval_s=5,
+    )
+    await spooler.start()
+    loop = asyncio.get_running_loop()
+    durable: dict[str, float] = {}
+    spooler.submit(b'{"n":1}', lambda: durable.setdefault("first", loop.time()))
+    await wait_until(first_sync_started.is_set, within=2 * window_s + 5)
+    submitted = loop.time()
+    spooler.submit(b'{"n":2}', lambda: durable.setdefault("second", loop.time()))
+    await wait_until(lambda: "second" in durable, within=2 * (window_s + hold_s) + 5)
+    assert durable["second"] - submitted < window_s + hold_s / 2
+    assert syncs == 2
     assert await spooler.drain(2.0) == 0
     spool.close()
 

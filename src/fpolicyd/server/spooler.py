@@ -149,6 +149,8 @@ class Spooler:
         self._parked: dict[int, Callable[[], None]] = {}
         self._flush_scheduled = False
         self._commit_wakeup = asyncio.Event()
+        #: Loop time at which data first became pending since the last commit started (None: nothing pending).
+        self._pending_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-sync")
         self._broadcast_back_pressure = broadcast_back_pressure
@@ -413,6 +415,8 @@ class Spooler:
             # fsync "never": handed to the kernel is as durable as it gets (the journal too, so no floor).
             self._durable()
         elif spool.sync_pending or (journal is not None and journal.sync_pending):
+            if self._pending_since is None:
+                self._pending_since = asyncio.get_running_loop().time()
             self._commit_wakeup.set()
         self._update_pressure()
 
@@ -499,12 +503,20 @@ class Spooler:
             self.spool.retain_above(journal.durable_seq)
 
     async def _commit_loop(self) -> None:
+        """Group commit: the fsync starts ``commit_delay`` after data became pending, counted from then — data
+        that arrived while the previous fsyncs ran has already waited that long, so a busy spool commits every
+        ``commit_delay``, not every ``commit_delay`` plus the time the fsyncs took."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._commit_wakeup.wait()
             self._commit_wakeup.clear()
             delay = self.spool.commit_delay
             if delay:
-                await asyncio.sleep(delay)
+                since = self._pending_since
+                wait = delay if since is None else since + delay - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            self._pending_since = None  # what is flushed from here on waits for the next commit
             await self._commit_now()
 
     async def _checkpoint_loop(self) -> None:

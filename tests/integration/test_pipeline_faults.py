@@ -197,10 +197,14 @@ async def test_group_commit_window_counts_from_when_data_became_pending(
     await spooler.start()
     loop = asyncio.get_running_loop()
     durable: dict[str, float] = {}
-    spooler.submit(b'{"n":1}', lambda: durable.setdefault("first", loop.time()))
+
+    def on_durable(name: str) -> None:
+        durable[name] = loop.time()
+
+    spooler.submit(b'{"n":1}', partial(on_durable, "first"))
     await wait_until(first_sync_started.is_set, within=2 * window_s + 5)
     submitted = loop.time()
-    spooler.submit(b'{"n":2}', lambda: durable.setdefault("second", loop.time()))
+    spooler.submit(b'{"n":2}', partial(on_durable, "second"))
     await wait_until(lambda: "second" in durable, within=2 * (window_s + hold_s) + 5)
     assert durable["second"] - submitted < window_s + hold_s / 2
     assert syncs == 2

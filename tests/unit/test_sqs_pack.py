@@ -434,7 +434,8 @@ class ScriptedSqs:
         if self.unreachable:
             raise OSError("connection refused")
         limit = str(self.max_message_bytes)
-        return {"Attributes": {"QueueArn": "arn:q", "FifoQueue": "false", "MaximumMessageSize": limit}}
+        fifo = "true" if str(kwargs.get("QueueUrl", "")).endswith(".fifo") else "false"
+        return {"Attributes": {"QueueArn": "arn:q", "FifoQueue": fifo, "MaximumMessageSize": limit}}
 
     async def send_message_batch(self, **kwargs: Any) -> dict[str, Any]:
         self.originals.append(list(kwargs["Entries"]))
@@ -505,6 +506,31 @@ async def test_sender_checks_the_queue_before_packing_when_start_could_not(tmp_p
     assert made.target.pack_bytes == 2048
     assert client.checks == 3
     assert all(sqs_entry_size(e) <= 2048 for request in client.requests for e in request)
+
+
+@pytest.mark.parametrize("fifo", [True, False])
+async def test_a_fifo_send_stops_at_the_first_unsettled_batch(tmp_path: Path, fifo: bool) -> None:
+    """A read of 25 events is three requests. When the first leaves an entry unsettled (KmsDisabled: the sink is
+    unusable), a FIFO queue gets nothing more from this read — a later message of the entry's group would overtake
+    it — and every unsent record goes back to the worker, in order; a standard queue gets the other two requests."""
+    kms = {"SenderFault": True, "Code": "KmsDisabled", "Message": "off"}
+    client = ScriptedSqs(1 << 20, failing=1, fail=kms, fail_ids=frozenset({"1"}))
+    made = AwsSender(
+        SqsTarget(FIFO_QUEUE if fifo else QUEUE),
+        ScriptedClients(client),
+        DeadLetterWriter(tmp_path / "dead-letter.jsonl"),
+        max_in_flight=1,
+        retry=RetryPolicy(base_s=0.001, cap_s=0.001),
+        linger_s=0,
+    )
+    await made.start()
+    pending = await made.send(records(25))
+    if fifo:
+        assert len(client.requests) == 1
+        assert [r.seq for r in pending] == [1, *range(10, 25)]
+    else:
+        assert len(client.requests) == 3
+        assert [r.seq for r in pending] == [1]
 
 
 async def test_unsettled_packed_messages_go_out_again_unchanged(tmp_path: Path) -> None:

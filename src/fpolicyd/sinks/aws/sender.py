@@ -32,7 +32,7 @@ from fpolicyd.sinks.aws.deliver import (
     send_eventbridge_batch,
     send_sqs_batch,
 )
-from fpolicyd.sinks.aws.encode import Batch, Entry, Item, Oversize, batch_entries, plan_batches
+from fpolicyd.sinks.aws.encode import Batch, Entry, Item, Oversize, batch_entries, items_of, plan_batches
 from fpolicyd.sinks.aws.targets import AwsTarget, EventBridgeTarget, SqsTarget
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.retry import RetryPolicy
@@ -82,6 +82,8 @@ class AwsSender:
         self._retry = retry
         self._rng = random.Random()
         fifo = isinstance(target, SqsTarget) and target.fifo
+        #: FIFO queues: one send at a time, and within a send no batch after one that left entries unsettled.
+        self._keeps_order = fifo
         self.max_in_flight = 1 if fifo else max_in_flight
         self.packing = isinstance(target, SqsTarget) and target.packing
         self.max_records = PACK_READ_RECORDS if self.packing else SINGLE_READ_RECORDS
@@ -188,7 +190,13 @@ class AwsSender:
         send = self._timed(self._send_function())
         pending: list[Record] = []
         deadline = time.monotonic() + SEND_DEADLINE_S
-        for planned in self._plan(records):
+        plan = self._plan(records)
+        for index, planned in enumerate(plan):
+            if pending and self._keeps_order:
+                # A FIFO queue: nothing goes out after an entry that is still unsettled (a later message of its
+                # group would overtake it); the rest of the read goes back to the worker, in order, unsent.
+                pending.extend(_record(item) for step in plan[index:] for item in _items(step))
+                break
             if isinstance(planned, Oversize):
                 try:
                     self._dead_letter(planned.item, planned.reason)
@@ -223,6 +231,11 @@ class AwsSender:
 
     async def close(self) -> None:
         return None
+
+
+def _items(step: Batch | Oversize) -> list[Item]:
+    """Every event a planned step carries (packed messages' included)."""
+    return [step.item] if isinstance(step, Oversize) else items_of(step.entries)
 
 
 def _record(item: Item) -> Record:

@@ -227,7 +227,13 @@ class AwsEndpoint:
         region: str = REGION,
         account_id: str = ACCOUNT_ID,
         ssl_context: ssl.SSLContext | None = None,
+        latency_s: float = 0.0,
     ) -> None:
+        if not 0 <= latency_s <= 10:
+            raise ValueError(f"latency_s: expected 0..10 s, got {latency_s!r}")
+        #: Every answer is written this long after its request arrived (an AWS region answers a SendMessageBatch
+        #: in ~10-30 ms; this endpoint otherwise in well under one): O(1), a timer, no CPU while it waits.
+        self.latency_s = latency_s
         self.queues = frozenset(queues)
         #: Serve HTTPS with this context (tests of TLS clients); plain HTTP when None.
         self.ssl_context = ssl_context
@@ -512,6 +518,8 @@ class _HttpConnection(asyncio.Protocol):
         self._endpoint = endpoint
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
+        #: A delayed answer will close the connection: nothing after its request is read.
+        self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -534,7 +542,7 @@ class _HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        while self._transport is not None and self._answer_one():
+        while self._transport is not None and not self._closing and self._answer_one():
             pass
 
     def _fail(self, status: int, message: str) -> None:
@@ -601,12 +609,23 @@ class _HttpConnection(asyncio.Protocol):
             b"" if keep_alive else b"Connection: close\r\n",
         )
         assert self._transport is not None
-        self._transport.write(head + payload)
+        delay = self._endpoint.latency_s
+        if delay:
+            # Answers keep their order: one delay for all, and timers due at the same time run in order.
+            asyncio.get_running_loop().call_later(delay, self._write, head + payload, keep_alive)
+            if not keep_alive:
+                self._closing = True
+            return keep_alive
+        self._write(head + payload, keep_alive)
+        return keep_alive
+
+    def _write(self, answer: bytes, keep_alive: bool) -> None:
+        if self._transport is None:  # the client went away meanwhile
+            return
+        self._transport.write(answer)
         if not keep_alive:
             self._transport.close()
             self._transport = None
-            return False
-        return True
 
 
 # -------------------------------------------------------------------------------------- as a process
@@ -643,6 +662,7 @@ def endpoint_process(
     record_times: bool = False,
     faults: Faults = Faults(),
     env: dict[str, str] | None = None,
+    latency_s: float = 0.0,
 ) -> Iterator[EndpointProcess]:
     """Run the endpoint in its own process (so its CPU is not the caller's) on 127.0.0.1, port 0; stop it with
     SIGTERM on exit."""
@@ -664,6 +684,8 @@ def endpoint_process(
         str(faults.entry_every),
         "--md5-fault-every",
         str(faults.md5_every),
+        "--latency-ms",
+        str(latency_s * 1000),
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
     try:
@@ -734,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--request-fault", choices=("throttle", "500"), default="throttle")
     parser.add_argument("--entry-fault-every", type=int, default=0, help="fail every Nth entry transiently")
     parser.add_argument("--md5-fault-every", type=int, default=0, help="wrong MD5OfMessageBody every Nth message")
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="answer every request this long after it arrived (0..10000)"
+    )
     args = parser.parse_args(argv)
     faults = Faults(
         request_every=args.request_fault_every,
@@ -747,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record=args.record,
         record_times=args.record_times,
         faults=faults,
+        latency_s=args.latency_ms / 1000,
     )
     loop = _new_loop()
     try:

@@ -65,9 +65,11 @@ def stored_events(count: int) -> list[bytes]:
     return records
 
 
-def settings_for(row: str, endpoint: EndpointProcess, data: Path) -> Settings:
+def settings_for(row: str, endpoint: EndpointProcess, data: Path, in_flight: int | None) -> Settings:
     uri = f"eventbridge:{endpoint.buses[0]}" if row == "eventbridge" else f"sqs:{endpoint.queues['fpolicy-bench']}"
     overrides: dict[str, Any] = {"sinks": [uri], "data_dir": str(data)}
+    if in_flight is not None:
+        overrides["sink_max_in_flight"] = in_flight
     if row == "sqs-packed":
         overrides["sqs_pack_bytes"] = 262144
     return load_settings(overrides=overrides, search_default_paths=False)
@@ -123,10 +125,10 @@ def fill_spool(directory: Path, sink: str, events: list[bytes]) -> tuple[int, Re
         spool.close()
 
 
-def run_row(row: str, endpoint: EndpointProcess, events: list[bytes]) -> dict[str, Any]:
+def run_row(row: str, endpoint: EndpointProcess, events: list[bytes], in_flight: int | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fpolicyd-bench-delivery-") as tmp:
         data = Path(tmp)
-        settings = settings_for(row, endpoint, data)
+        settings = settings_for(row, endpoint, data, in_flight)
         sink = settings.sinks[0]
         spool_dir = data / "spool"
         last_seq, start = fill_spool(spool_dir, sink, events)
@@ -139,6 +141,7 @@ def run_row(row: str, endpoint: EndpointProcess, events: list[bytes]) -> dict[st
     n = len(events)
     return {
         "row": row,
+        "in_flight": settings.sink_max_in_flight,
         "events_per_s": n / wall,
         "cpu_us_per_event": cpu / n * 1e6,
         "cpu_us_per_request": cpu / max(requests, 1) * 1e6,
@@ -152,15 +155,27 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument(
+        "--in-flight",
+        default="",
+        help="comma-separated sink_max_in_flight values, each a row of its own (default: the setting's default)",
+    )
+    parser.add_argument(
+        "--endpoint-latency-ms",
+        type=float,
+        default=0.0,
+        help="the endpoint answers each request this late (an AWS region: ~10-30 ms; default 0: at once)",
+    )
     args = parser.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(rows) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
+    in_flights: list[int | None] = [int(v) for v in args.in_flight.split(",") if v.strip()] or [None]
     events = stored_events(args.events)
     tune_garbage_collector(load_settings(search_default_paths=False).gc_young_threshold)  # as the delivery process does
-    results: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
-    with endpoint_process(queues=("fpolicy-bench",)) as endpoint:
+    results: dict[tuple[str, int | None], list[dict[str, Any]]] = {(r, n): [] for r in rows for n in in_flights}
+    with endpoint_process(queues=("fpolicy-bench",), latency_s=args.endpoint_latency_ms / 1000) as endpoint:
         os.environ.update(
             AWS_ENDPOINT_URL=endpoint.url,
             AWS_REGION=endpoint.region,
@@ -168,12 +183,17 @@ def main() -> int:
             AWS_SECRET_ACCESS_KEY="bench",  # the local endpoint takes any credentials
         )
         for _ in range(args.runs):
-            for row in rows:
-                results[row].append(run_row(row, endpoint, events))
-    print(f"{len(events):,} events per run, {args.runs} runs per row, interleaved; ranges over runs")
-    print("| row | events/s | delivery CPU µs/event | µs/request | requests/event | endpoint CPU µs/event |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for row, runs in results.items():
+            for (row, in_flight), runs in results.items():
+                runs.append(run_row(row, endpoint, events, in_flight))
+    print(
+        f"{len(events):,} events per run, {args.runs} runs per row, interleaved; ranges over runs; the endpoint "
+        f"answers after {args.endpoint_latency_ms:g} ms"
+    )
+    print(
+        "| row | in flight | events/s | delivery CPU µs/event | µs/request | requests/event | endpoint CPU µs/event |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for (row, _), runs in results.items():
 
         def span(key: str, fmt: str, runs: list[dict[str, Any]] = runs) -> str:
             values = sorted(r[key] for r in runs)
@@ -181,9 +201,9 @@ def main() -> int:
             return low if low == high else f"{low}–{high}"
 
         print(
-            f"| {LABELS[row]} | {span('events_per_s', ',.0f')} | {span('cpu_us_per_event', '.1f')} | "
-            f"{span('cpu_us_per_request', '.0f')} | {span('requests_per_event', '.4f')} | "
-            f"{span('endpoint_cpu_us_per_event', '.1f')} |"
+            f"| {LABELS[row]} | {runs[0]['in_flight']} | {span('events_per_s', ',.0f')} | "
+            f"{span('cpu_us_per_event', '.1f')} | {span('cpu_us_per_request', '.0f')} | "
+            f"{span('requests_per_event', '.4f')} | {span('endpoint_cpu_us_per_event', '.1f')} |"
         )
     return 0
 

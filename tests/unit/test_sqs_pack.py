@@ -5,6 +5,7 @@ SQS client."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import random
@@ -25,7 +26,13 @@ from fpolicyd.sinks.aws.classify import Outcome, classify_sqs
 from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.aws.deliver import deliver
 from fpolicyd.sinks.aws.encode import Batch, Entry, Item, Oversize, encode_sqs_entry, plan_batches, sqs_entry_size
-from fpolicyd.sinks.aws.sender import PACK_READ_BYTES, PACK_READ_RECORDS, SINGLE_READ_RECORDS, AwsSender
+from fpolicyd.sinks.aws.sender import (
+    PACK_READ_BYTES,
+    PACK_READ_RECORDS,
+    PACK_READS_IN_FLIGHT,
+    SINGLE_READ_RECORDS,
+    AwsSender,
+)
 from fpolicyd.sinks.aws.targets import SqsTarget
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
@@ -402,6 +409,8 @@ def test_settings_reach_the_sqs_sender(tmp_path: Path) -> None:
     assert isinstance(plain.target, SqsTarget)
     assert (plain.target.pack_bytes, plain.max_records, plain.max_bytes) == (0, SINGLE_READ_RECORDS, 1 << 20)
     assert (plain.linger_records, sender.linger_records) == (10, PACK_READ_RECORDS)
+    # Reads in flight: as many as requests without packing; a few big ones with it (memory).
+    assert (plain.max_in_flight, sender.max_in_flight) == (default.sink_max_in_flight, PACK_READS_IN_FLIGHT)
 
 
 # ------------------------------------------------------------------------------------------- the sender
@@ -506,6 +515,46 @@ async def test_sender_checks_the_queue_before_packing_when_start_could_not(tmp_p
     assert made.target.pack_bytes == 2048
     assert client.checks == 3
     assert all(sqs_entry_size(e) <= 2048 for request in client.requests for e in request)
+
+
+class SlowSqs(ScriptedSqs):
+    """Answers every SendMessageBatch after a short wait, counting the requests in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__(1 << 20)
+        self.active = 0
+        self.peak = 0
+
+    async def send_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await asyncio.sleep(0.01)
+            return await super().send_message_batch(**kwargs)
+        finally:
+            self.active -= 1
+
+
+@pytest.mark.parametrize(("queue", "max_in_flight", "peak"), [(QUEUE, 2, 2), (QUEUE, 8, 4), (FIFO_QUEUE, 8, 1)])
+async def test_a_reads_batches_go_out_together_within_the_request_limit(
+    tmp_path: Path, queue: str, max_in_flight: int, peak: int
+) -> None:
+    """A read of 40 events is four requests: on a standard queue they are in flight together, never more than
+    ``sink_max_in_flight`` of them; on a FIFO queue one after another."""
+    client = SlowSqs()
+    made = AwsSender(
+        SqsTarget(queue),
+        ScriptedClients(client),
+        DeadLetterWriter(tmp_path / "dead-letter.jsonl"),
+        max_in_flight=max_in_flight,
+        retry=RetryPolicy(base_s=0.001, cap_s=0.001),
+        linger_s=0,
+    )
+    await made.start()
+    assert await made.send(records(40)) == []
+    assert len(client.requests) == 4
+    assert client.peak == peak
+    assert sorted(orjson.loads(e["MessageBody"])["file_size"] for r in client.requests for e in r) == list(range(40))
 
 
 @pytest.mark.parametrize("fifo", [True, False])

@@ -12,6 +12,7 @@ FIFO deduplication id), not packed anew.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,7 +38,15 @@ from fpolicyd.sinks.aws.targets import AwsTarget, EventBridgeTarget, SqsTarget
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.retry import RetryPolicy
 
-__all__ = ["AWS_RETRY", "PACK_READ_BYTES", "PACK_READ_RECORDS", "SEND_DEADLINE_S", "SINGLE_READ_RECORDS", "AwsSender"]
+__all__ = [
+    "AWS_RETRY",
+    "PACK_READS_IN_FLIGHT",
+    "PACK_READ_BYTES",
+    "PACK_READ_RECORDS",
+    "SEND_DEADLINE_S",
+    "SINGLE_READ_RECORDS",
+    "AwsSender",
+]
 
 log = get_logger("fpolicyd.sink")
 
@@ -48,8 +57,8 @@ AWS_RETRY: Final = RetryPolicy(base_s=0.1, cap_s=20.0)
 #: How long one ``send`` keeps retrying inside ``deliver`` before handing the rest back to the worker.
 SEND_DEADLINE_S = 10.0
 #: Events one send reads from the spool without packing: four SendMessageBatch / PutEvents requests' worth, sent
-#: one after another (several sends are in flight, ``sink_max_in_flight``, so as many requests are). Reading
-#: four requests at a time rather than one costs 10-15 % less delivery CPU per event (the read, the worker's
+#: at once (at most ``sink_max_in_flight`` requests of the sink are in flight, over all its sends). Reading four
+#: requests at a time rather than one costs 10-15 % less delivery CPU per event (the read, the worker's
 #: bookkeeping and the ack are per read; benchmarks/bench_delivery.py); the worker still lingers only until one
 #: request's worth is available, so a low rate waits no longer than before.
 SINGLE_READ_RECORDS: Final = 40
@@ -61,6 +70,10 @@ SINGLE_READ_RECORDS: Final = 40
 PACK_READ_RECORDS: Final = 4096
 #: The byte cap of a packed read, for events much bigger than usual (long paths, many routes).
 PACK_READ_BYTES: Final = 8 * 1024 * 1024
+#: Packed reads in flight at most (each holds up to ``PACK_READ_BYTES``; their requests still count against
+#: ``sink_max_in_flight``): four keep ~16 MiB of events in memory and, at ~700 events per request, carry far more
+#: than any one queue takes.
+PACK_READS_IN_FLIGHT: Final = 4
 
 
 class AwsSender:
@@ -82,10 +95,14 @@ class AwsSender:
         self._retry = retry
         self._rng = random.Random()
         fifo = isinstance(target, SqsTarget) and target.fifo
-        #: FIFO queues: one send at a time, and within a send no batch after one that left entries unsettled.
+        #: FIFO queues: one send at a time, its batches one after another, and none after a batch that left entries
+        #: unsettled.
         self._keeps_order = fifo
-        self.max_in_flight = 1 if fifo else max_in_flight
         self.packing = isinstance(target, SqsTarget) and target.packing
+        #: Reads in flight (the worker's sends); requests in flight are bounded by ``_requests``.
+        self.max_in_flight = 1 if fifo else min(max_in_flight, PACK_READS_IN_FLIGHT) if self.packing else max_in_flight
+        #: Requests in flight over all sends: ``sink_max_in_flight``.
+        self._requests = asyncio.Semaphore(1 if fifo else max_in_flight)
         self.max_records = PACK_READ_RECORDS if self.packing else SINGLE_READ_RECORDS
         self.linger_records = PACK_READ_RECORDS if self.packing else target.max_entries
         self.linger_s = linger_s
@@ -188,45 +205,65 @@ class AwsSender:
         if self.packing:
             await self._check_queue_before_packing()
         send = self._timed(self._send_function())
-        pending: list[Record] = []
         deadline = time.monotonic() + SEND_DEADLINE_S
         plan = self._plan(records)
-        for index, planned in enumerate(plan):
-            if pending and self._keeps_order:
-                # A FIFO queue: nothing goes out after an entry that is still unsettled (a later message of its
-                # group would overtake it); the rest of the read goes back to the worker, in order, unsent.
-                pending.extend(_record(item) for step in plan[index:] for item in _items(step))
-                break
-            if isinstance(planned, Oversize):
-                try:
-                    self._dead_letter(planned.item, planned.reason)
-                except (SinkError, OSError) as exc:
-                    log.error("dead_letter_failed", sink=self.name, reason=planned.reason, error=str(exc))
-                    pending.append(_record(planned.item))
-                else:
-                    self.dead_lettered += 1
-                    self.entries_failed_permanent += 1
-                continue
+        # Never raise after partial progress: what was delivered must not be sent again, so the worker gets
+        # back exactly the unsettled records (and retries them with backoff, forever if the sink stays down).
+        if self._keeps_order:
+            pending: list[Record] = []
+            for index, planned in enumerate(plan):
+                if pending:
+                    # A FIFO queue: nothing goes out after an entry that is still unsettled (a later message of
+                    # its group would overtake it); the rest of the read goes back to the worker, in order, unsent.
+                    pending.extend(_record(item) for step in plan[index:] for item in _items(step))
+                    break
+                pending += await self._settle(planned, send, deadline)
+            return pending
+        if len(plan) == 1:
+            return await self._settle(plan[0], send, deadline)
+        # Every batch of the read at once (within ``sink_max_in_flight`` requests): a region answers in tens of
+        # milliseconds, so requests one after another would cap a sink at a few thousand events per second.
+        settled = await asyncio.gather(*(self._settle(p, send, deadline) for p in plan), return_exceptions=True)
+        for outcome in settled:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [record for part in settled if not isinstance(part, BaseException) for record in part]
+
+    async def _settle(
+        self, planned: Batch | Oversize, send: Callable[[Batch], Awaitable[Outcome]], deadline: float
+    ) -> list[Record]:
+        """Send one planned batch until settled or ``deadline`` (or dead-letter an oversize event); the records
+        left unsettled, in order."""
+        pending: list[Record] = []
+        if isinstance(planned, Oversize):
+            try:
+                self._dead_letter(planned.item, planned.reason)
+            except (SinkError, OSError) as exc:
+                log.error("dead_letter_failed", sink=self.name, reason=planned.reason, error=str(exc))
+                pending.append(_record(planned.item))
+            else:
+                self.dead_lettered += 1
+                self.entries_failed_permanent += 1
+            return pending
+        async with self._requests:
             report = await deliver(
                 planned, send, self._retry, self._rng, self._dead_letter, deadline=deadline, name=self.name
             )
-            self.requests += report.requests
-            self.dead_lettered += sum(len(entry.items) for entry, _ in report.dead)
-            self.retry_requests += report.retry_requests
-            self.entries_failed_retryable += report.retried_entries
-            self.entries_failed_permanent += len(report.dead)
-            if report.error is not None and not report.error.retriable:
-                self.entries_failed_permanent += len(report.pending)
-            for entry in report.pending:
-                for item in entry.items:
-                    record = _record(item)
-                    pending.append(record)
-                    if self.packing and entry.packed:
-                        self._unsettled[record.seq] = entry
-            if report.error is not None:
-                self.last_error = report.error
-        # Never raise after partial progress: what was delivered must not be sent again, so the worker gets
-        # back exactly the unsettled records (and retries them with backoff, forever if the sink stays down).
+        self.requests += report.requests
+        self.dead_lettered += sum(len(entry.items) for entry, _ in report.dead)
+        self.retry_requests += report.retry_requests
+        self.entries_failed_retryable += report.retried_entries
+        self.entries_failed_permanent += len(report.dead)
+        if report.error is not None and not report.error.retriable:
+            self.entries_failed_permanent += len(report.pending)
+        for entry in report.pending:
+            for item in entry.items:
+                record = _record(item)
+                pending.append(record)
+                if self.packing and entry.packed:
+                    self._unsettled[record.seq] = entry
+        if report.error is not None:
+            self.last_error = report.error
         return pending
 
     async def close(self) -> None:

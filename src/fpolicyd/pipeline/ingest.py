@@ -150,14 +150,19 @@ class IngestSession:
         counters = self._ingest.counters
         # Only the general path (receive) changes the session's state, so this holds until the next receive.
         encode = self._encode if self._encode is not None and session.fast_ready() else None
-        for position, payload in enumerate(payloads):
-            batch.frames += 1
+        position = 0
+        count = len(payloads)
+        while position < count:
             if encode is not None:
-                encoded = encode(payload, received_at_us)
-                if encoded is not None:
-                    counters.accelerated += 1
-                    self._encoded(encoded, batch, now, wall_s)
-                    continue
+                # The accelerated run: every payload the encoder takes, up to the first it leaves (or the end).
+                position = self._accelerated(
+                    payloads, position, encode, batch, now=now, received_at_us=received_at_us, wall_s=wall_s
+                )
+                if position == count:
+                    break
+            payload = payloads[position]
+            position += 1
+            batch.frames += 1
             out = screen(payload, now)
             if out is not None:
                 counters.fast_decoded += 1
@@ -176,7 +181,7 @@ class IngestSession:
                 elif type(output) is Close:
                     batch.close = output
                     batch.rejected = payload
-                    batch.abandoned = list(payloads[position + 1 :])
+                    batch.abandoned = list(payloads[position:])
                     return self._finish(batch)
             encode = self._encode if self._encode is not None and session.fast_ready() else None
         return self._finish(batch)
@@ -255,38 +260,80 @@ class IngestSession:
         batch.events += 1
         counters.events += 1
 
-    def _encoded(self, encoded: speedups.EncodedEvent, batch: IngestBatch, now: float, wall_s: float) -> None:
-        """:meth:`_event` for what the accelerator built: the same counters, flags, routes, claim and record."""
-        head, tail, event_id, key, file_path, operation, generation_time, req_id, req_type = encoded
+    def _accelerated(
+        self,
+        payloads: Sequence[bytes],
+        start: int,
+        encode: speedups.Encode,
+        batch: IngestBatch,
+        *,
+        now: float,
+        received_at_us: int,
+        wall_s: float,
+    ) -> int:
+        """:meth:`_event` for each payload from ``start`` on that the accelerator reads, up to the first it leaves
+        (the Python path's then): the same counters, flags, routes, claim and record. Returns the position of the
+        first payload not taken. Everything per read is looked up once; the counters are added as events end."""
         replay = self._replay
         assert replay is not None  # an encoder exists only after the handshake that set it
-        response = self.session.screened(req_id, req_type, now)
+        observe = replay.observe
+        screened = self.session.screened
         ingest = self._ingest
         counters = ingest.counters
         operations = counters.operations
-        operations[operation] = operations.get(operation, 0) + 1
-        flags = replay.observe(generation_time, event_id, now)
         route = ingest.route
-        routes: tuple[str, ...] | None = None
-        if route is not None:
-            routes = route(file_path, operation)
-            if routes:
-                matches = counters.route_matches
-                for name in routes:
-                    matches[name] = matches.get(name, 0) + 1
-            else:
-                counters.unrouted += 1
+        matches = counters.route_matches
         window = ingest.window
-        first = True
-        if window is not None:
-            first = window.claim(key, wall_s)
-            if first:
-                batch.claims.append((len(batch.records), key))
-            else:
-                counters.duplicates += 1
-        line = speedups.event_record(head, routes, tail, flags)
-        if response is not None:
-            batch.durable_replies.append((len(batch.records), response))
-        batch.records.append(line if first else encode_duplicate(line))
-        batch.events += 1
-        counters.events += 1
+        claims = batch.claims
+        durable_replies = batch.durable_replies
+        records = batch.records
+        routes_json = speedups.routes_json
+        join = b"".join
+        position = start
+        count = len(payloads)
+        taken = done = unrouted = duplicates = 0
+        try:
+            while position < count:
+                encoded = encode(payloads[position], received_at_us)
+                if encoded is None:
+                    break
+                position += 1
+                taken += 1
+                head, tail, event_id, key, file_path, operation, generation_time, req_id, req_type = encoded
+                response = screened(req_id, req_type, now)
+                operations[operation] = operations.get(operation, 0) + 1
+                flags = observe(generation_time, event_id, now)
+                if route is None:
+                    routes = speedups.NO_ROUTES
+                else:
+                    names = route(file_path, operation)
+                    routes = routes_json(names)
+                    if names:
+                        for name in names:
+                            matches[name] = matches.get(name, 0) + 1
+                    else:
+                        unrouted += 1
+                first = True
+                if window is not None:
+                    first = window.claim(key, wall_s)
+                    if first:
+                        claims.append((len(records), key))
+                    else:
+                        duplicates += 1
+                # speedups.event_record, spelled out.
+                if flags:
+                    line = join((head, routes, tail, b",", orjson.dumps(flags)[1:], b"}"))
+                else:
+                    line = join((head, routes, tail, b"}}"))
+                if response is not None:
+                    durable_replies.append((len(records), response))
+                records.append(line if first else encode_duplicate(line))
+                done += 1
+        finally:
+            batch.frames += taken
+            counters.accelerated += taken
+            counters.unrouted += unrouted
+            counters.duplicates += duplicates
+            batch.events += done
+            counters.events += done
+        return position

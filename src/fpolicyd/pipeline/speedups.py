@@ -35,11 +35,13 @@ if TYPE_CHECKING:
     from fpolicyd._speedups import EventEncoder, ReqTypeEntry
 
 __all__ = [
+    "NO_ROUTES",
     "AcceleratorStatus",
     "Encode",
     "EncodedEvent",
     "accelerator_status",
     "event_record",
+    "routes_json",
     "session_encoder",
 ]
 
@@ -148,14 +150,28 @@ def session_encoder(context: SessionContext, names: NameMaps, *, path_max_chars:
     return encoder.encode
 
 
-_NO_ROUTES: Final = b"[]"
+#: ``metadata["routes"]`` when routing is off.
+NO_ROUTES: Final = b"[]"
+# Route lists as JSON: the router hands out a few distinct tuples (one per table entry, and cached merges).
+_ROUTES_JSON: dict[tuple[str, ...], bytes] = {}
+_ROUTES_JSON_MAX: Final = 4096
+
+
+def routes_json(routes: tuple[str, ...]) -> bytes:
+    """``orjson.dumps(routes)``, cached (bounded: the cache stops growing at ``_ROUTES_JSON_MAX`` lists)."""
+    json = _ROUTES_JSON.get(routes)
+    if json is None:
+        json = orjson.dumps(routes)
+        if len(_ROUTES_JSON) < _ROUTES_JSON_MAX:
+            _ROUTES_JSON[routes] = json
+    return json
 
 
 def event_record(head: bytes, routes: tuple[str, ...] | None, tail: bytes, flags: Mapping[str, Any] | None) -> bytes:
     """The stored event: the encoder's parts with ``metadata["routes"]`` (None: routing is off, ``[]``) and the
     replay flags (appended to ``metadata`` in their order, as ``metadata.update(flags)`` does) spliced in —
-    the bytes ``orjson.dumps`` makes of the Python path's event."""
-    routes_json = _NO_ROUTES if routes is None else orjson.dumps(routes)
+    the bytes ``orjson.dumps`` makes of the Python path's event. (The ingest step spells this out in its loop.)"""
+    routes_json = NO_ROUTES if routes is None else orjson.dumps(routes)
     if not flags:
         return b"".join((head, routes_json, tail, b"}}"))
     return b"".join((head, routes_json, tail, b",", orjson.dumps(flags)[1:], b"}"))

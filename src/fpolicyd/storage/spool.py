@@ -89,6 +89,9 @@ _READ_OPEN = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 # fdatasync skips the inode timestamps; an append's new size is still flushed. macOS has no fdatasync.
 _datasync = getattr(os, "fdatasync", os.fsync)
 _crc32 = zlib.crc32
+#: ``Record(seq, payload)`` as ``_new_record(Record, (seq, payload))``: the same tuple without the NamedTuple's
+#: Python-level ``__new__`` (a frame per record on the read loops).
+_new_record = tuple.__new__
 
 # Errors that may clear up by themselves (space freed, quota raised): the caller may retry the same call.
 _RETRIABLE_ERRNOS = frozenset(
@@ -1187,6 +1190,10 @@ class SpoolTail:
             raise ValueError(f"max_records and max_bytes must be positive, got {max_records} and {max_bytes}")
         c = self._cursor(sink)
         out: list[Record] = []
+        append = out.append
+        unpack_from = _REC_HEADER.unpack_from
+        crc32 = _crc32
+        new_record = _new_record
         total = 0
         limit = self._durable_seq
         while len(out) < max_records and c.next_seq <= limit:
@@ -1203,28 +1210,33 @@ class SpoolTail:
                     raise SpoolCorruptError(f"spool: record {c.next_seq} is durable but in no segment file")
                 continue
             pos = 0
-            while len(out) < max_records and c.next_seq <= limit and pos + _REC_HDR <= len(buf):
-                length, crc, seq = _REC_HEADER.unpack_from(buf, pos)
-                if seq != c.next_seq or length == 0:
-                    raise SpoolCorruptError(f"spool: {path} offset {c.offset}: expected record {c.next_seq}")
-                stop = pos + _REC_HDR + length
-                if stop > len(buf):
-                    if pos > 0:
-                        break
-                    buf = _pread(c.fd, _REC_HDR + length, c.offset, path)  # one record bigger than a chunk
-                    if len(buf) < _REC_HDR + length:
-                        raise SpoolCorruptError(f"spool: {path} ends inside record {c.next_seq}")
-                    continue
-                if out and total + length > max_bytes:
-                    return self._handed_out(c, out)
-                payload = buf[pos + _REC_HDR : stop]
-                if _crc32(payload) != crc:
-                    raise SpoolCorruptError(f"spool: {path} offset {c.offset}: record {seq} fails its checksum")
-                out.append(Record(seq, payload))
-                total += length
-                c.offset += stop - pos
-                c.next_seq = seq + 1
-                pos = stop
+            # The cursor's position in locals, written back however the loop ends (the same as per record).
+            offset, next_seq = c.offset, c.next_seq
+            try:
+                while len(out) < max_records and next_seq <= limit and pos + _REC_HDR <= len(buf):
+                    length, crc, seq = unpack_from(buf, pos)
+                    if seq != next_seq or length == 0:
+                        raise SpoolCorruptError(f"spool: {path} offset {offset}: expected record {next_seq}")
+                    stop = pos + _REC_HDR + length
+                    if stop > len(buf):
+                        if pos > 0:
+                            break
+                        buf = _pread(c.fd, _REC_HDR + length, offset, path)  # one record bigger than a chunk
+                        if len(buf) < _REC_HDR + length:
+                            raise SpoolCorruptError(f"spool: {path} ends inside record {next_seq}")
+                        continue
+                    if out and total + length > max_bytes:
+                        return self._handed_out(c, out)
+                    payload = buf[pos + _REC_HDR : stop]
+                    if crc32(payload) != crc:
+                        raise SpoolCorruptError(f"spool: {path} offset {offset}: record {seq} fails its checksum")
+                    append(new_record(Record, (seq, payload)))
+                    total += length
+                    offset += stop - pos
+                    next_seq = seq + 1
+                    pos = stop
+            finally:
+                c.offset, c.next_seq = offset, next_seq
             if out and total >= max_bytes:
                 break
         return self._handed_out(c, out)

@@ -30,6 +30,8 @@
  * orjson's rules: '"' and '\\' escaped, \b \t \n \f \r, other C0 controls as \u00XX (lowercase hex), everything
  * else (DEL, non-ASCII, U+2028/2029) as UTF-8 as it is.
  *
+ * split_frames(data, frames, max_frame_bytes) is XmlFrameReader's loop over the complete frames of one read.
+ *
  * C99, CPython C API only, no other dependency.
  */
 #define PY_SSIZE_T_CLEAN
@@ -60,6 +62,9 @@
  * (an event is ~1-2 KiB, a path well under 1 KiB). */
 #define EVENT_STACK_BYTES 4096
 #define PART_STACK_BYTES 1024
+/* XML-mode framing (protocol/framing.py: MARKER, PREFIX_LEN). */
+#define FRAME_MARKER 0x22
+#define FRAME_PREFIX_LEN 6
 
 #ifndef FPOLICYD_SPEEDUPS_SOURCE_SHA256
 #define FPOLICYD_SPEEDUPS_SOURCE_SHA256 "unknown"
@@ -1633,6 +1638,53 @@ static PyTypeObject EncoderType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* ------------------------------------------------------------------------------------------ frame split */
+
+/* split_frames(data, frames, max_frame_bytes, /) -> int: protocol/framing.XmlFrameReader's loop over one read.
+ * Appends to the list ``frames`` the payload of each complete frame of ``data`` (bytes) from its start, while the
+ * prefix is valid ('"', a u32 big-endian length from 1 to max_frame_bytes, '"'), and returns the offset of the
+ * first frame it did not take: an incomplete one, a prefix that is not valid (the Python loop then raises its
+ * error), or the end. Anything but bytes: 0 (the Python loop splits it). */
+static PyObject *mod_split_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *data, *frames, *frame;
+    const uchar *p;
+    Py_ssize_t pos = 0, end, max_frame_bytes;
+    size_t length;
+    if (nargs != 3 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "split_frames(data, frames: list, max_frame_bytes, /)");
+        return NULL;
+    }
+    data = args[0];
+    frames = args[1];
+    max_frame_bytes = PyLong_AsSsize_t(args[2]);
+    if (max_frame_bytes == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(data)) {
+        return PyLong_FromSsize_t(0);
+    }
+    p = (const uchar *)PyBytes_AS_STRING(data);
+    end = PyBytes_GET_SIZE(data);
+    while (end - pos >= FRAME_PREFIX_LEN) {
+        if (p[pos] != FRAME_MARKER || p[pos + 5] != FRAME_MARKER) {
+            break;
+        }
+        length = ((size_t)p[pos + 1] << 24) | ((size_t)p[pos + 2] << 16) | ((size_t)p[pos + 3] << 8) | p[pos + 4];
+        if (length == 0 || (max_frame_bytes >= 0 && length > (size_t)max_frame_bytes) ||
+            length > (size_t)(end - pos - FRAME_PREFIX_LEN)) {
+            break;
+        }
+        frame = PyBytes_FromStringAndSize((const char *)p + pos + FRAME_PREFIX_LEN, (Py_ssize_t)length);
+        if (frame == NULL || PyList_Append(frames, frame) < 0) {
+            Py_XDECREF(frame);
+            return NULL;
+        }
+        Py_DECREF(frame);
+        pos += FRAME_PREFIX_LEN + (Py_ssize_t)length;
+    }
+    return PyLong_FromSsize_t(pos);
+}
+
 /* --------------------------------------------------------------------------------- test entry points */
 
 static PyObject *mod_format_rfc3339_us(PyObject *module, PyObject *arg) {
@@ -1705,6 +1757,9 @@ static PyObject *mod_element_text(PyObject *module, PyObject *const *args, Py_ss
 }
 
 static PyMethodDef module_methods[] = {
+    {"split_frames", (PyCFunction)(void (*)(void))mod_split_frames, METH_FASTCALL,
+     "split_frames(data, frames, max_frame_bytes, /) -> int: the complete, valid XML-mode frames of data appended "
+     "to frames; the offset of the first one not taken."},
     {"format_rfc3339_us", mod_format_rfc3339_us, METH_O,
      "format_rfc3339_us(epoch_us) -> str | None: the C twin of events.format_rfc3339_us (None out of range)."},
     {"json_string", mod_json_string, METH_O, "json_string(s) -> bytes: s as a JSON string, escaped as orjson does."},

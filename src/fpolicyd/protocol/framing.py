@@ -13,9 +13,17 @@ checked against the configured maximum *before* anything past the prefix is buff
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from fpolicyd.errors import RemoteProtocolError
+
+_split_frames: Callable[[bytes, list[bytes], int], int] | None
+try:
+    # The loop of XmlFrameReader.feed over the complete, valid frames of a read, in C (a quarter of its CPU).
+    from fpolicyd._speedups import split_frames as _split_frames
+except ImportError:  # not built here: the loop below does it all
+    _split_frames = None
 
 MARKER: Final = 0x22  # ASCII '"', NetApp's "record marker"
 PREFIX_LEN: Final = 6
@@ -78,7 +86,9 @@ class XmlFrameReader(BufferedFrameReader):
         try:
             if self._buf:
                 data = self._complete_pending(data, frames)
-            pos = 0
+            # The accelerator takes the leading complete frames with a valid prefix; the loop takes what it left (it
+            # raises for a bad prefix, keeps an incomplete frame), so the frames and errors are the loop's alone.
+            pos = 0 if _split_frames is None else _split_frames(data, frames, self._max)
             end = len(data)
             while end - pos >= PREFIX_LEN:
                 length = self._check_prefix(data[pos : pos + PREFIX_LEN])

@@ -305,3 +305,22 @@ def test_back_pressure_needs_the_handshake() -> None:
     session.receive(NEGO_REQ.payload, 0.0)
     assert b"<Apply>1</Apply>" in session.back_pressure(True)
     assert b"BACK_PRESSURE_REM" in session.back_pressure(False)
+
+
+def test_an_async_engines_requests_are_taken_at_once_with_the_time_they_were_read() -> None:
+    session = established()
+    assert not session.answers_screen_requests
+    session.screened_unanswered(5.0)
+    assert session.last_received == 5.0
+    assert len(session.outstanding) == 0
+
+
+def test_only_an_active_async_session_takes_requests_unanswered() -> None:
+    sync = established(SessionConfig(engine_mode=EngineMode.SYNC))
+    assert sync.answers_screen_requests
+    with pytest.raises(LocalProtocolError):
+        sync.screened_unanswered(1.0)
+    fresh = Session(SessionConfig(), peer="127.0.0.1:40000", now=0.0)
+    with pytest.raises(LocalProtocolError):
+        fresh.screened_unanswered(1.0)
+    assert fresh.last_received == 0.0

@@ -277,7 +277,9 @@ class IngestSession:
         replay = self._replay
         assert replay is not None  # an encoder exists only after the handshake that set it
         observe = replay.observe
-        screened = self.session.screened
+        session = self.session
+        # An asynchronous engine's requests are taken once for the run (they answer nothing).
+        screened = session.screened if session.answers_screen_requests else None
         ingest = self._ingest
         counters = ingest.counters
         operations = counters.operations
@@ -300,7 +302,7 @@ class IngestSession:
                 position += 1
                 taken += 1
                 head, tail, event_id, key, file_path, operation, generation_time, req_id, req_type = encoded
-                response = screened(req_id, req_type, now)
+                response = None if screened is None else screened(req_id, req_type, now)
                 operations[operation] = operations.get(operation, 0) + 1
                 flags = observe(generation_time, event_id, now)
                 if route is None:
@@ -330,6 +332,8 @@ class IngestSession:
                 records.append(line if first else encode_duplicate(line))
                 done += 1
         finally:
+            if taken and screened is None:
+                session.screened_unanswered(now)
             batch.frames += taken
             counters.accelerated += taken
             counters.unrouted += unrouted

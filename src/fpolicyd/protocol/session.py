@@ -324,6 +324,20 @@ class Session:
             raise LocalProtocolError("screened() on a session that is not active")
         return self._screened(req_id, req_type, now)
 
+    @property
+    def answers_screen_requests(self) -> bool:
+        """A synchronous engine: each SCREEN_REQ taken gets a SCREEN_RESP (what :meth:`screened` returns)."""
+        return self._sync
+
+    def screened_unanswered(self, now: float) -> None:
+        """:meth:`screened` of any number of SCREEN_REQs of an asynchronous engine, all read at ``now``: taking one
+        answers nothing, it only marks the session as heard from (one call for a read's worth of them)."""
+        if self.state is not SessionState.ACTIVE:
+            raise LocalProtocolError("screened_unanswered() on a session that is not active")
+        if self._sync:
+            raise LocalProtocolError("screened_unanswered() on a synchronous session: each request is answered")
+        self.last_received = now
+
     def _screened(self, req_id: int, req_type: str, now: float) -> PendingAnswer | None:
         self.last_received = now
         if not self._sync:

@@ -32,6 +32,7 @@ def records(count: int, width: int = 10) -> list[Record]:
 def test_block_is_each_payload_and_a_newline() -> None:
     assert _block(records(3)) == b'{"n":0000000001}\n{"n":0000000002}\n{"n":0000000003}\n'
     assert _block([Record(7, b"x")]) == b"x\n"
+    assert _block([]) == b"\n"  # as it always was (the sink workers never send an empty batch)
 
 
 @pytest.mark.parametrize("fsync", [FsyncPolicy.never, FsyncPolicy.always])

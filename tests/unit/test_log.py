@@ -125,3 +125,31 @@ def test_serve_logs_console_lines_on_a_real_terminal(tmp_path: Path) -> None:
     assert b"listening" in seen
     assert not first.lstrip().startswith(b"{")
     assert b"\x1b[" in first
+
+
+class _RecordingStream:
+    """A stream that keeps every write() call apart, as an unbuffered stderr turns each into its own write(2)."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_every_log_line_is_one_write_with_its_newline(fmt: str) -> None:
+    """The daemon and its delivery process share stderr, where Python writes each write() call at once: a line
+    written in two calls (text, then newline) can get the other process's line in between, gluing two JSON lines
+    into one. Each line must reach the stream whole, newline included, in one call."""
+    stream = _RecordingStream()
+    configure_logging("info", fmt, stream, redactor=Redactor())
+    log = get_logger("fpolicyd.test")
+    log.info("first_line", n=1)
+    log.warning("second_line", n=2)
+    assert len(stream.writes) == 2
+    assert all(text.endswith("\n") and text.count("\n") == 1 for text in stream.writes)

@@ -67,7 +67,10 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or cast(TextIO, _CurrentStderr())),
+        # One write per line (message and newline together): print() writes them apart, and on Python's stderr
+        # each is its own write(2), so a line of the delivery process, which shares the daemon's stderr, could
+        # land between another line and its newline (two log lines glued into one, seen in the test suite).
+        logger_factory=structlog.WriteLoggerFactory(file=stream or cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
     _route_standard_logging(renderer, stream, redactor)

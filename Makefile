@@ -97,14 +97,14 @@ typecheck: $(DEV_STAMP)
 unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/property
 
-## Issue 11's speed goals, one table from one run (~7 min on 2 cores): events/s, server CPU per event (whole process
+## Issue 11's speed goals, one table from one run (~2 min on 2 cores): events/s, server CPU per event (whole process
 ## tree), requests and billed chunks per event, peak RSS for JSON Lines, SQS, packed SQS and EventBridge (defaults and
 ## dedup off) against a bare frame splitter; p50/p95/p99 frame -> durable and frame -> SQS at 20,000 events/s.
 ## `--quick` for a smoke run, `--json FILE` for the figures: $(BIN)/python benchmarks/bench_throughput.py --help
 bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/bench_throughput.py
 
-## Issue 11's replay storm (~2 min): fpolicyd replay-test --events 1000000 --nodes 4 --duplicates 0.01 --shuffle
+## Issue 11's replay storm (~1 min): fpolicyd replay-test --events 1000000 --nodes 4 --duplicates 0.01 --shuffle
 ## --subprocess; wall time and events lost.
 bench-replay: $(DEV_STAMP)
 	$(BIN)/python benchmarks/bench_throughput.py --replay-only

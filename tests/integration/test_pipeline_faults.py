@@ -34,7 +34,7 @@ def make(
     spooler = Spooler(
         spool,
         [sink],
-        Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19),
+        WATERMARKS,
         checkpoint_interval_s=0.05,
         on_fatal=on_fatal,
     )
@@ -43,6 +43,10 @@ def make(
 
 def paused(spooler: Spooler) -> bool:
     return spooler.reading_paused
+
+
+#: Small watermarks: every test's spool is a few hundred KiB at most.
+WATERMARKS = Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19)
 
 
 async def wait_until(predicate: object, within: float = 5.0) -> None:
@@ -114,15 +118,19 @@ class CountingSender(Collect):
         return await super().send(records)
 
 
-async def test_linger_turns_a_trickle_into_full_batches(tmp_path: Path) -> None:
+async def counting_spooler(tmp_path: Path, sender: CountingSender) -> tuple[Spool, Spooler]:
+    """A started spooler delivering to ``sender`` (the linger tests)."""
     spool = Spool.open(
-        SpoolSettings(directory=tmp_path / "spool", segment_bytes=1 << 16, max_bytes=1 << 24), ["counting"]
+        SpoolSettings(directory=tmp_path / "spool", segment_bytes=1 << 16, max_bytes=1 << 24), [sender.name]
     )
-    sender = CountingSender()
-    spooler = Spooler(
-        spool, [sender], Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19), checkpoint_interval_s=1
-    )
+    spooler = Spooler(spool, [sender], WATERMARKS, checkpoint_interval_s=1)
     await spooler.start()
+    return spool, spooler
+
+
+async def test_linger_turns_a_trickle_into_full_batches(tmp_path: Path) -> None:
+    sender = CountingSender()
+    spool, spooler = await counting_spooler(tmp_path, sender)
     for n in range(10):  # a trickle: one event every 10 ms, well inside one linger
         spooler.submit(b'{"n":%d}' % n)
         await asyncio.sleep(0.01)
@@ -146,14 +154,8 @@ class WideReadSender(CountingSender):
 async def test_linger_ends_at_one_requests_worth_and_the_read_takes_everything_up_to_max_records(
     tmp_path: Path,
 ) -> None:
-    spool = Spool.open(
-        SpoolSettings(directory=tmp_path / "spool", segment_bytes=1 << 16, max_bytes=1 << 24), ["counting"]
-    )
     sender = WideReadSender()
-    spooler = Spooler(
-        spool, [sender], Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19), checkpoint_interval_s=1
-    )
-    await spooler.start()
+    spool, spooler = await counting_spooler(tmp_path, sender)
     spooler.submit_many([b'{"n":%d}' % n for n in range(25)], on_durable=())
     # 25 >= linger_records: no 30 s linger (wait_until gives up long before), and one read takes all 25.
     await wait_until(lambda: len(sender.payloads) == 25)
@@ -191,7 +193,7 @@ async def test_group_commit_window_counts_from_when_data_became_pending(
     spooler = Spooler(
         spool,
         [Collect()],
-        Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19),
+        WATERMARKS,
         checkpoint_interval_s=5,
     )
     await spooler.start()
@@ -223,7 +225,7 @@ async def test_a_json_lines_write_that_fails_is_retried_and_its_os_error_is_repo
     spooler = Spooler(
         spool,
         [sender],
-        Watermarks(low_bytes=1 << 17, high_bytes=1 << 18, hard_bytes=1 << 19),
+        WATERMARKS,
         checkpoint_interval_s=0.05,
         retry=RetryPolicy(base_s=0.01, cap_s=0.05),
     )

@@ -118,7 +118,7 @@ bench-parts: $(DEV_STAMP)
 ## Every benchmark a README figure comes from, one after the other (long: bench_throughput alone takes ~7 min; each prints its own table and
 ## says what it measured). tests/unit/test_benchmarks.py keeps this list equal to benchmarks/. Left out:
 ## profile_stages.py (a py-spy profile of a live daemon, read by eye: `pip install py-spy`, then its --help).
-BENCHMARKS := bench_codec bench_ingest_step bench_delivery bench_proto bench_router bench_settle bench_dedup bench_spool \
+BENCHMARKS := bench_codec bench_ingest_step bench_delivery bench_durable bench_proto bench_router bench_settle bench_dedup bench_spool \
 	bench_metrics bench_stages bench_aws_client bench_sqs bench_sqs_pack bench_ingest bench_processes \
 	rss_after_backlog spool_sizing bench_throughput bench_scaleout
 bench-all: $(DEV_STAMP)

@@ -114,6 +114,13 @@ async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daem
     # Every notification once: as an event, or as a duplicate the reader's window suppressed (kept for the ledger).
     appended = one(after, "fpolicyd_spool_appended_records", "fpolicyd_spool_appended_records_total")
     assert appended == daemon.spooler.spool.last_seq == sent
+    # The spool's group commits: each fsync timed, and each commit's latency at least its window (pending → durable).
+    fsync, commit = "fpolicyd_spool_fsync_duration_seconds", "fpolicyd_spool_commit_latency_seconds"
+    fsyncs, commits = one(after, fsync, f"{fsync}_count"), one(after, commit, f"{commit}_count")
+    assert 1 <= commits <= fsyncs <= appended
+    window = daemon.spooler.spool.settings.group_commit_s
+    assert one(after, commit, f"{commit}_sum") >= commits * window * 0.5  # timers may fire up to 1 ms early
+    assert one(after, commit, f"{commit}_bucket", le="+Inf") == commits
     # Each suppressed duplicate has its audit record (written by the daemon once the duplicate was durable).
     duplicates = daemon.spooler.duplicates
     assert duplicates is not None

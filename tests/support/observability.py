@@ -23,7 +23,8 @@ REQUIRED_FAMILIES: frozenset[str] = frozenset({
     "fpolicyd_build_info", "fpolicyd_ingestion_latency_seconds", "fpolicyd_ingestion_latency_slo_breaches",
     "fpolicyd_processing_success_ratio", "fpolicyd_reconnect_last_duration_seconds", "fpolicyd_replay_active",
     "fpolicyd_slo_target", "fpolicyd_events_routed", "fpolicyd_events_unrouted", "fpolicyd_dedup_errors",
-    "fpolicyd_processor_lag_records", "fpolicyd_connections_rejected",
+    "fpolicyd_processor_lag_records", "fpolicyd_connections_rejected", "fpolicyd_spool_fsync_duration_seconds",
+    "fpolicyd_spool_commit_latency_seconds",
 })  # fmt: skip
 
 

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from fpolicyd.errors import SinkError
 from fpolicyd.obs.log import get_logger
+from fpolicyd.obs.metrics import COMMIT_BUCKETS, Histogram
 from fpolicyd.pipeline.backpressure import Action, BackPressureGate, Pressure, Watermarks
 from fpolicyd.pipeline.records import DUPLICATE_TAG
 from fpolicyd.server.delivery import DeliverySpec, ProcessDelivery
@@ -151,6 +152,9 @@ class Spooler:
         self._commit_wakeup = asyncio.Event()
         #: Loop time at which data first became pending since the last commit started (None: nothing pending).
         self._pending_since: float | None = None
+        #: For /metrics: each spool fsync's duration, and each commit's latency (pending since → durable).
+        self.fsync_seconds = Histogram(COMMIT_BUCKETS)
+        self.commit_latency_seconds = Histogram(COMMIT_BUCKETS)
         self._tasks: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-sync")
         self._broadcast_back_pressure = broadcast_back_pressure
@@ -480,19 +484,25 @@ class Spooler:
 
         task.add_done_callback(finished)
 
-    async def _commit_now(self) -> None:
+    async def _commit_now(self, pending_since: float | None = None) -> None:
         """fsync the spool, release what waited for it (a synchronous engine's replies, the sinks), then fsync the
         dedup journal. The journal's fsync is kept off that path on purpose: a claim matters only after a crash, and
         until it is durable the spool keeps its record (``retain_above``), from which the claim is rebuilt."""
         loop = asyncio.get_running_loop()
         journal = self.journal
+        synced = False
         if self.spool.sync_pending and self.fatal is None:
+            started = time.monotonic()
             try:
                 await loop.run_in_executor(self._executor, self.spool.sync)
             except SpoolIOError as exc:
                 self._fail(exc)
                 return
+            self.fsync_seconds.observe(time.monotonic() - started)
+            synced = True
         self._durable()
+        if synced and pending_since is not None:  # a commit of the journal alone made no event durable
+            self.commit_latency_seconds.observe(loop.time() - pending_since)
         if journal is not None and journal.sync_pending and self.fatal is None:
             try:
                 await loop.run_in_executor(self._executor, journal.sync)
@@ -516,8 +526,8 @@ class Spooler:
                 wait = delay if since is None else since + delay - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            self._pending_since = None  # what is flushed from here on waits for the next commit
-            await self._commit_now()
+            since, self._pending_since = self._pending_since, None  # what is flushed from now waits for the next
+            await self._commit_now(since)
 
     async def _checkpoint_loop(self) -> None:
         loop = asyncio.get_running_loop()

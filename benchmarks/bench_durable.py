@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from daemon_process import Daemon  # noqa: E402 - benchmarks are run as scripts
+from daemon_process import Daemon, loadgen_command  # noqa: E402 - benchmarks are run as scripts
 
 COMMIT = "fpolicyd_spool_commit_latency_seconds"
 FSYNC = "fpolicyd_spool_fsync_duration_seconds"
@@ -60,19 +60,7 @@ def run_once(rate: float, events: int, flags: list[str]) -> dict[str, Any]:
         try:
             http_port = next(int(r["port"]) for r in daemon.log if r.get("event") == "http_listening")
             load = subprocess.run(
-                [
-                    sys.executable,
-                    str(HERE / "loadgen.py"),
-                    "--port",
-                    str(daemon.port),
-                    "--events",
-                    str(events),
-                    "--connections",
-                    "4",
-                    "--sync",
-                    "--rate",
-                    f"{rate:g}",
-                ],
+                loadgen_command(daemon.port, events, 4, "--sync", "--rate", f"{rate:g}"),
                 capture_output=True,
                 text=True,
                 check=True,

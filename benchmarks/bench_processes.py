@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from daemon_process import TICKS, Daemon, child_pids  # noqa: E402 - benchmarks are run as scripts
+from daemon_process import TICKS, Daemon, child_pids, loadgen_command  # noqa: E402 - benchmarks are run as scripts
 
 CONFIGURATIONS: dict[str, tuple[str, ...]] = {
     "defaults": (),
@@ -56,16 +56,7 @@ def run(flags: tuple[str, ...], events: int, connections: int) -> dict[str, floa
             main0, child0 = user_system(daemon.pid), user_system(child)
             started = time.monotonic()
             subprocess.run(
-                [
-                    sys.executable,
-                    str(HERE / "loadgen.py"),
-                    "--port",
-                    str(daemon.port),
-                    "--events",
-                    str(events),
-                    "--connections",
-                    str(connections),
-                ],
+                loadgen_command(daemon.port, events, connections),
                 capture_output=True,
                 check=True,
                 timeout=SETTLE_TIMEOUT_S,

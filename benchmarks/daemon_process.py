@@ -78,6 +78,23 @@ class Daemon:
         return self.log
 
 
+def loadgen_command(port: int, events: int, connections: int, *extra: str) -> list[str]:
+    """``benchmarks/loadgen.py`` sending ``events`` over ``connections`` simulated nodes to ``port`` (plus ``extra``
+    flags, e.g. ``--sync --rate 20000``): the load the benchmarks send."""
+    script = Path(__file__).resolve().parent / "loadgen.py"
+    return [
+        sys.executable,
+        str(script),
+        "--port",
+        str(port),
+        "--events",
+        str(events),
+        "--connections",
+        str(connections),
+        *extra,
+    ]
+
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 

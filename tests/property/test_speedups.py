@@ -117,7 +117,8 @@ def check(
     if route_names is not None:
         metadata["routes"] = list(route_names)
     head, tail, event_id, key, file_path, operation, generation_time, req_id, req_type = encoded
-    assert speedups.event_record(head, route_names, tail, replay_flags) == orjson.dumps(event)
+    routes = speedups.NO_ROUTES if route_names is None else speedups.routes_json(route_names)
+    assert speedups.event_record(head, routes, tail, replay_flags) == orjson.dumps(event)
     assert (event_id, key) == (event["event_id"], key_of_digest(digest))
     assert (file_path, operation) == (event["file_path"], event["operation_type"])
     assert (generation_time, req_id, req_type) == (fields.generation_time, fields.req_id, fields.req_type)

@@ -290,7 +290,7 @@ class IngestSession:
         durable_replies = batch.durable_replies
         records = batch.records
         routes_json = speedups.routes_json
-        join = b"".join
+        event_record = speedups.event_record
         position = start
         count = len(payloads)
         taken = done = unrouted = duplicates = 0
@@ -322,11 +322,7 @@ class IngestSession:
                         claims.append((len(records), key))
                     else:
                         duplicates += 1
-                # speedups.event_record, spelled out.
-                if flags:
-                    line = join((head, routes, tail, b",", orjson.dumps(flags)[1:], b"}"))
-                else:
-                    line = join((head, routes, tail, b"}}"))
+                line = event_record(head, routes, tail, flags)
                 if response is not None:
                     durable_replies.append((len(records), response))
                 records.append(line if first else encode_duplicate(line))

@@ -167,11 +167,10 @@ def routes_json(routes: tuple[str, ...]) -> bytes:
     return json
 
 
-def event_record(head: bytes, routes: tuple[str, ...] | None, tail: bytes, flags: Mapping[str, Any] | None) -> bytes:
-    """The stored event: the encoder's parts with ``metadata["routes"]`` (None: routing is off, ``[]``) and the
-    replay flags (appended to ``metadata`` in their order, as ``metadata.update(flags)`` does) spliced in —
-    the bytes ``orjson.dumps`` makes of the Python path's event. (The ingest step spells this out in its loop.)"""
-    routes_json = NO_ROUTES if routes is None else orjson.dumps(routes)
+def event_record(head: bytes, routes: bytes, tail: bytes, flags: Mapping[str, Any] | None) -> bytes:
+    """The stored event: the encoder's parts with ``metadata["routes"]`` (its JSON: :func:`routes_json`, or
+    :data:`NO_ROUTES` when routing is off) and the replay flags (appended to ``metadata`` in their order, as
+    ``metadata.update(flags)`` does) spliced in — the bytes ``orjson.dumps`` makes of the Python path's event."""
     if not flags:
-        return b"".join((head, routes_json, tail, b"}}"))
-    return b"".join((head, routes_json, tail, b",", orjson.dumps(flags)[1:], b"}"))
+        return b"".join((head, routes, tail, b"}}"))
+    return b"".join((head, routes, tail, b",", orjson.dumps(flags)[1:], b"}"))

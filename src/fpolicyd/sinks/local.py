@@ -11,19 +11,11 @@ from typing import BinaryIO
 
 from fpolicyd.errors import SinkError
 from fpolicyd.pipeline.records import Record
-from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter
-
-
-def _joined(lines: list[bytes]) -> bytes:
-    """``lines``, each ending with a newline, in one join: an empty last item makes the final newline (``+ b"\\n"``
-    copied the whole block a second time, into fresh memory: ~1 µs per 1.2 KB line in batches of 500)."""
-    if not lines:
-        return b"\n"  # what the former ``b"\n".join(lines) + b"\n"`` made of no line (no caller sends none)
-    return b"\n".join([*lines, b""])
+from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter, lines_block
 
 
 def _block(records: Sequence[Record]) -> bytes:
-    return _joined([r.payload for r in records])
+    return lines_block([r.payload for r in records])
 
 
 class JsonlSender:
@@ -80,7 +72,7 @@ class JsonlSender:
 
     def _write(self, lines: list[bytes], now: float) -> bool:
         try:
-            self.writer.write_block(_joined(lines), now, sync=False)
+            self.writer.write_block(lines_block(lines), now, sync=False)
         except SinkError as exc:
             self.last_error = exc
             return False

@@ -174,10 +174,6 @@ def _group_id(event: Mapping[str, Any], path: str) -> str:
     return "sha256-" + hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
-def _attribute(value: str) -> dict[str, str]:
-    return {"DataType": "String", "StringValue": _SQS_INVALID.sub("\ufffd", value)}
-
-
 #: What a String attribute's name and data type count (:func:`_attributes_size`), per attribute we set.
 _ATTRIBUTE_OVERHEAD: Final = {name: len(name) + len("String") for name in ("operation", "svm", "routes")}
 

@@ -12,25 +12,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fpolicyd.replaytest.daemons import loopback_serve_argv
+
 
 class Daemon:
     def __init__(self, data: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fpolicyd",
-                "serve",
-                "--listen-host",
-                "127.0.0.1",
-                "--listen-port",
-                "0",
-                "--data-dir",
-                str(data),
-                "--http-port",
-                "0",
-                *flags,
-            ],
+            loopback_serve_argv(data, *flags),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             cwd=data,

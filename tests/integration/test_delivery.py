@@ -14,8 +14,9 @@ from typing import Any
 import orjson
 import pytest
 
+from fpolicyd.replaytest.daemons import loopback_serve_argv
 from fpolicyd.simulator.client import SimulatorConfig, run
-from support.serve import Served, read_events, serve_argv, start_serve, stop
+from support.serve import Served, read_events, start_serve, stop
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +147,7 @@ async def test_a_sink_that_cannot_start_fails_the_start_with_exit_2(tmp_path: Pa
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the sink's directory should be")
     process = await asyncio.create_subprocess_exec(
-        *serve_argv(tmp_path / "data", "--delivery-process", "on", "--sinks", f"jsonl:{blocker / 'events'}"),
+        *loopback_serve_argv(tmp_path / "data", "--delivery-process", "on", "--sinks", f"jsonl:{blocker / 'events'}"),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

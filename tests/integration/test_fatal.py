@@ -19,10 +19,11 @@ import pytest
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import ScreenResponse
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
+from fpolicyd.replaytest.daemons import loopback_serve_argv
 from fpolicyd.simulator.generate import generate_requests
 from fpolicyd.simulator.peer import handshake
 from fpolicyd.storage.faults import FSYNC_EIO_AFTER_ENV
-from support.serve import read_events, serve_argv, start_serve, stop
+from support.serve import read_events, start_serve, stop
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +174,7 @@ async def test_a_malformed_fault_variable_stops_the_start_with_its_name(tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("FPOLICYD_")}
     env[FSYNC_EIO_AFTER_ENV] = "soon"
     process = await asyncio.create_subprocess_exec(
-        *serve_argv(tmp_path),
+        *loopback_serve_argv(tmp_path),
         cwd=tmp_path,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,

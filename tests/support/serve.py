@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import orjson
 
 from fpolicyd.events import NameMaps, normalize
 from fpolicyd.protocol.context import SessionContext
+from fpolicyd.replaytest.daemons import loopback_serve_argv
 from fpolicyd.simulator.client import SimulatorConfig, expected_requests
 from fpolicyd.simulator.peer import handshake
 
@@ -44,15 +44,6 @@ async def _read_log(stream: asyncio.StreamReader, into: list[dict[str, Any]], re
             ready.set_result(int(record["port"]))
 
 
-def serve_argv(data_dir: Path, *flags: str) -> list[str]:
-    """The command line of `fpolicyd serve` on 127.0.0.1 with kernel-chosen FPolicy and HTTP ports (parallel daemons
-    must not compete for 9898 or 9100) and its data under ``data_dir``; ``flags`` come last."""
-    return [
-        sys.executable, "-m", "fpolicyd", "serve", "--listen-host", "127.0.0.1", "--listen-port", "0",
-        "--http-port", "0", "--data-dir", str(data_dir), *flags,
-    ]  # fmt: skip
-
-
 async def start_serve(
     tmp_path: Path, *flags: str, environment: Mapping[str, str] | None = None
 ) -> tuple[Served, asyncio.Task[None]]:
@@ -63,7 +54,7 @@ async def start_serve(
     env["FPOLICYD_VOLUME_NAMES"] = orjson.dumps({str(k): v for k, v in VOLUME_NAMES.items()}).decode()
     env.update(environment or {})
     process = await asyncio.create_subprocess_exec(
-        *serve_argv(tmp_path, "--svm-name", "svm_e2e", "--jsonl-fsync", "never", *flags),
+        *loopback_serve_argv(tmp_path, "--svm-name", "svm_e2e", "--jsonl-fsync", "never", *flags),
         cwd=tmp_path,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,

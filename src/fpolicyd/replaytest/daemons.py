@@ -16,7 +16,7 @@ import orjson
 
 from fpolicyd.replaytest.config import ReplayTestError
 
-__all__ = ["DaemonGroup", "InProcessDaemon", "SubprocessDaemon"]
+__all__ = ["DaemonGroup", "InProcessDaemon", "SubprocessDaemon", "loopback_serve_argv"]
 
 
 class InProcessDaemon:
@@ -140,20 +140,7 @@ class SubprocessDaemon:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log, self._stopped = [], None
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "fpolicyd",
-            "serve",
-            "--listen-host",
-            "127.0.0.1",
-            "--listen-port",
-            "0",
-            "--http-port",
-            "0",
-            "--data-dir",
-            str(self.data_dir),
-            "--sinks",
-            self.sinks,
+            *loopback_serve_argv(self.data_dir, "--sinks", self.sinks),
             cwd=self.data_dir,  # no fpolicyd.toml of the caller's working directory
             env=self._env(),
             stdin=asyncio.subprocess.DEVNULL,
@@ -268,6 +255,16 @@ class DaemonGroup:
 
 #: ReplayStats fields that are the daemon's monotonic clock readings: meaningless outside its process.
 _MONOTONIC_FIELDS: Final = ("replay_started_at", "replay_ended_at")
+
+
+def loopback_serve_argv(data_dir: Path, *flags: str) -> list[str]:
+    """The command line of ``fpolicyd serve`` in this interpreter on 127.0.0.1 with kernel-chosen FPolicy and HTTP
+    ports (daemons side by side must not compete for 9898 or 9100) and its data under ``data_dir``; ``flags`` come
+    last. The one spelling for replay-test, the tests and the benchmarks."""
+    return [
+        sys.executable, "-m", "fpolicyd", "serve", "--listen-host", "127.0.0.1", "--listen-port", "0",
+        "--http-port", "0", "--data-dir", str(data_dir), *flags,
+    ]  # fmt: skip
 
 
 def _readable_stats(stats: dict[str, Any]) -> dict[str, Any]:

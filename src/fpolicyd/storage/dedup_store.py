@@ -23,7 +23,6 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, NamedTuple, Self, TypeAlias
 
 from fpolicyd.errors import DiskFullError
@@ -40,6 +39,7 @@ from fpolicyd.pipeline.dedup import (
     judge,
     result_of,
 )
+from fpolicyd.storage.closing import ClosedOnExit
 from fpolicyd.storage.disk import Writer
 
 __all__ = ["DB_FILE_NAME", "EmbeddedDedupStore"]
@@ -144,7 +144,7 @@ class _IncompatibleStoreError(Exception):
     """The file is a SQLite database, but not one this version wrote."""
 
 
-class EmbeddedDedupStore:
+class EmbeddedDedupStore(ClosedOnExit):
     """Claims in a local SQLite file (module docstring). Thread-safe (one lock); call it from one thread at a time.
 
     Corrupt or foreign files: the store never refuses to start over its own memory. A file that is not a
@@ -215,14 +215,6 @@ class EmbeddedDedupStore:
             assert self._conn is not None
             self._purge_expired(self._conn, now)
         return self
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Checkpoint and close. Safe to call twice."""

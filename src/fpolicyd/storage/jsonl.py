@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from fpolicyd.errors import DISK_FULL_ERRNOS, SinkError
+from fpolicyd.storage.closing import ClosedOnExit
 
 __all__ = ["FsyncPolicy", "JsonlSettings", "JsonlWriter", "lines_block"]
 
@@ -164,7 +163,7 @@ def _tail_keep(fd: int, size: int) -> int:
     return 0
 
 
-class JsonlWriter:
+class JsonlWriter(ClosedOnExit):
     """Appends batches of JSON documents, one per line, to rotating files in one directory.
 
     Call :meth:`open` before writing and :meth:`close` at the end (or use ``with`` and call :meth:`open`
@@ -192,17 +191,6 @@ class JsonlWriter:
     def current_path(self) -> Path | None:
         """The file the next batch would go to (``None`` when no file is open)."""
         return self._path
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def open(self, now: float) -> int:
         """Create the directory, repair torn tails, open a new file. Returns the bytes cut by the repair."""

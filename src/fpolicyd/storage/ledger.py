@@ -15,13 +15,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, Self
 
 import orjson
 
 from fpolicyd.pipeline.dedup import Decision, DedupRequest, DedupResult
 from fpolicyd.pipeline.ledger import Redact, finish_record, ledger_record
+from fpolicyd.storage.closing import ClosedOnExit
 from fpolicyd.storage.jsonl import FsyncPolicy, JsonlSettings, JsonlWriter
 
 __all__ = ["LEDGER_PREFIX", "AuditLedger"]
@@ -33,7 +33,7 @@ def _identity(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-class AuditLedger:
+class AuditLedger(ClosedOnExit):
     """Writes :func:`ledger_record` lines. Counters (plain ints): ``records_written``, ``duplicates_recorded``,
     ``error_open_recorded``. Thread-safe."""
 
@@ -70,14 +70,6 @@ class AuditLedger:
         with self._lock:
             self._writer.open(now)
         return self
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         with self._lock:

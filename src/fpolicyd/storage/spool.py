@@ -40,11 +40,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from fpolicyd.errors import DISK_FULL_ERRNOS, ConfigError, FpolicydError
 from fpolicyd.pipeline.records import Record
+from fpolicyd.storage.closing import ClosedOnExit
 from fpolicyd.storage.faults import FsyncFault
 
 __all__ = [
@@ -251,7 +250,7 @@ class _Cursor:
     pending: dict[int, int] = field(default_factory=dict)  # out-of-order acked ranges, first -> last
 
 
-class Spool:
+class Spool(ClosedOnExit):
     """The write-ahead log. Build it with :meth:`open`; see the module docstring for threads and guarantees."""
 
     def __init__(self, settings: SpoolSettings, sinks: Sequence[str]) -> None:
@@ -304,14 +303,6 @@ class Spool:
             raise
         spool._closed = False
         return spool
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Flush, sync (unless ``never``), checkpoint, release every descriptor. Safe to call twice."""

@@ -17,7 +17,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fpolicyd.sinks.aws.encode import _encode_sqs, _group_id, _sqs_body
+from fpolicyd.sinks.aws.encode import _encode_sqs, _Fields, _group_id, _sqs_body
 from fpolicyd.sinks.aws.targets import SqsTarget
 
 _SQS_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -55,7 +55,7 @@ def _attributes_size(attributes: Mapping[str, Mapping[str, Any]]) -> int:
 def reference_encode_sqs(
     target: SqsTarget, event_json: bytes, event: Mapping[str, Any], entry_id: str
 ) -> tuple[dict[str, Any], int]:
-    body, size = _sqs_body(event_json)
+    body, size = _sqs_body(event_json.decode("utf-8"), len(event_json))
     attributes: dict[str, dict[str, str]] = {}
     operation = _text(event.get("operation_type"))
     if operation:
@@ -116,7 +116,8 @@ def test_encode_sqs_matches_the_reference(event: dict[str, Any], fifo: bool) -> 
     target = SqsTarget("https://sqs.eu-west-1.amazonaws.com/123456789012/q" + (".fifo" if fifo else ""))
     event_json = orjson.dumps(event)
     parsed = orjson.loads(event_json)
-    assert _encode_sqs(target, event_json, parsed, "3") == reference_encode_sqs(target, event_json, parsed, "3")
-    assert _encode_sqs(target, event_json, parsed, "3", fifo=fifo) == reference_encode_sqs(
-        target, event_json, parsed, "3"
-    )
+    fields = _Fields.of(event_json, parsed)
+    expected = reference_encode_sqs(target, event_json, parsed, "3")
+    assert _encode_sqs(target, event_json, fields, "3", event=parsed) == expected
+    assert _encode_sqs(target, event_json, fields, "3", fifo=fifo, event=parsed) == expected
+    assert _encode_sqs(target, event_json, fields, "3", fifo=fifo) == expected  # a FIFO queue parses by itself

@@ -67,8 +67,12 @@ _GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
 # ------------------------------------------------------------------------------------ items, batches
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+# The per-event records below are frozen msgspec Structs rather than frozen dataclasses: the same immutable
+# record, built in C (0.06 against 0.59 µs per object with five fields: a frozen dataclass sets each field through
+# object.__setattr__), which the delivery process does several times per event.
+
+
+class Item(msgspec.Struct, frozen=True):
     """One event to send: its JSON (``FileEvent.to_json()``) and the caller's handle for it (e.g. a spool
     position), which is never sent and comes back in every report."""
 
@@ -76,8 +80,7 @@ class Item:
     ref: object = None
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class Entry:
+class Entry(msgspec.Struct, frozen=True, eq=False):
     """An item encoded for one service: ``request`` is the SendMessageBatchRequestEntry (with its batch-local
     ``Id``) or the PutEventsRequestEntry; ``size`` is what the service counts against its limits.
 
@@ -148,8 +151,7 @@ def _load_event(event_json: bytes) -> dict[str, Any]:
     return event
 
 
-@dataclass(frozen=True, slots=True)
-class _Fields:
+class _Fields(msgspec.Struct, frozen=True, gc=False):
     """What a one-event entry reads of an event: its JSON as text, and four members as JSON values (None when
     absent). ``routes`` is ``metadata.routes`` (None when ``metadata`` is not an object)."""
 
@@ -507,8 +509,7 @@ def _pack_attributes_size(count: int, compression: PackCompression) -> int:
     return _PACK_ATTRIBUTES_BYTES[compression] + len(str(count))
 
 
-@dataclass(frozen=True, slots=True)
-class _Piece:
+class _Piece(msgspec.Struct, frozen=True):
     """An event that may share a message: its item, its message group (FIFO queues; "" otherwise) and what it
     adds to the array, without the comma: ``size`` bytes, the SQS-safe JSON ``text`` for an uncompressed array,
     the event JSON itself for gzip. The parsed event is not kept: holding thousands of parsed events alive made

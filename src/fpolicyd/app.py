@@ -152,17 +152,6 @@ class Daemon:
         self.notifier = SystemdNotifier.from_environment()
         #: Replay detection over every session (read by the metrics at scrape time).
         self._replay = ReplayTracker(settings.replay_config())
-        #: This daemon's Prometheus registry (one per daemon: several may run in one test process).
-        self.metrics = Metrics(
-            labels=METRIC_LABELS,
-            ingestion_slo_s=settings.slo_ingestion_latency_s,
-            reconnect_slo_s=settings.slo_reconnect_s,
-            replay_slo_s=settings.slo_replay_completion_s,
-            replay=self._replay.stats,
-        )
-        self.heartbeat = Heartbeat(
-            interval_s=settings.health_heartbeat_interval_s, stall_s=settings.health_loop_stall_s
-        )
         #: How late the loop runs its timers (fpolicyd_event_loop_lag_seconds, event_loop_stalled warnings).
         self.loop_probe = EventLoopProbe(
             LoopLag(
@@ -171,7 +160,18 @@ class Daemon:
                 log_interval_s=settings.log_rate_limit_interval_s,
             )
         )
-        self.metrics.watch_event_loop(self.loop_probe.lag)
+        #: This daemon's Prometheus registry (one per daemon: several may run in one test process).
+        self.metrics = Metrics(
+            labels=METRIC_LABELS,
+            ingestion_slo_s=settings.slo_ingestion_latency_s,
+            reconnect_slo_s=settings.slo_reconnect_s,
+            replay_slo_s=settings.slo_replay_completion_s,
+            replay=self._replay.stats,
+            event_loop=self.loop_probe.lag,
+        )
+        self.heartbeat = Heartbeat(
+            interval_s=settings.health_heartbeat_interval_s, stall_s=settings.health_loop_stall_s
+        )
         self._http: ObservabilityServer | None = None
 
     @property

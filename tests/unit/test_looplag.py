@@ -125,14 +125,14 @@ def test_the_probe_refuses_times_that_are_not_positive(interval_s: float, stall_
 
 
 def test_the_metric_reads_the_probes_histogram() -> None:
-    metrics = Metrics(labels=METRIC_LABELS, process_metrics=False)
-    (empty,) = [family for family in metrics.registry.collect() if family.name == LAG]
+    without = Metrics(labels=METRIC_LABELS, process_metrics=False)
+    (empty,) = [family for family in without.registry.collect() if family.name == LAG]
     assert {(s.name, s.value) for s in empty.samples if not s.name.endswith("_bucket")} == {
         (f"{LAG}_count", 0),
         (f"{LAG}_sum", 0),
     }
     lag = LoopLag(interval_s=0.1, stall_warn_s=0.5, log_interval_s=10.0)
-    metrics.watch_event_loop(lag)
+    metrics = Metrics(labels=METRIC_LABELS, process_metrics=False, event_loop=lag)
     for due, ran in ((1.0, 1.0), (2.0, 2.004), (3.0, 4.5)):
         lag.armed(due)
         lag.fired(ran)

@@ -16,7 +16,7 @@ reads ints and copies dicts/sets with one C-level call (``dict(d)``, ``list(s)``
 
 Figures owned by other subsystems (replay tracking, dedup, settle, the event-loop probe) are read through the hooks
 of :class:`Metrics` (``replay``, ``watch_processing``/``dedup_hits_source``, ``settle_pending_source``,
-``watch_event_loop``).
+``event_loop``).
 
 obs is a leaf: this module imports nothing of fpolicyd but its version. It reads the other packages' objects
 through the :class:`typing.Protocol` classes below (``ServerFigures``, ``SpoolerFigures``, ``ProcessingFigures``,
@@ -622,7 +622,8 @@ class Metrics:
     - dedup: the reader's exact-dedup window is read from the server context; the processing stage's suppressed
       duplicates through :meth:`watch_processing`, or ``count_dedup_hits(n)``;
     - settle: ``settle_pending_source = lambda: <events waiting to settle>``;
-    - event-loop lag: :meth:`watch_event_loop` (an :class:`EventLoopFigures`).
+    - event-loop lag: ``Metrics(event_loop=probe)`` (an :class:`EventLoopFigures`: its histogram is read at scrape
+      time).
     """
 
     def __init__(
@@ -634,6 +635,7 @@ class Metrics:
         replay_slo_s: float = 300.0,
         process_metrics: bool = True,
         replay: Callable[[], ReplayFigures] | None = None,
+        event_loop: EventLoopFigures | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.labels = labels
@@ -648,8 +650,8 @@ class Metrics:
         self.replay_source = replay
         self.context: ServerFigures | None = None
         self.spooler: SpoolerFigures | None = None
-        #: The event-loop probe (``watch_event_loop``).
-        self.event_loop: EventLoopFigures | None = None
+        #: The daemon's event-loop probe (``fpolicyd_event_loop_lag_seconds``).
+        self.event_loop = event_loop
         #: The dead-letter writers' figures (this process's, the delivery process's), the files' size, the cap.
         self.dead_letter_sources: tuple[Callable[[], DeadLetterFigures], ...] = ()
         self.dead_letter_size: Callable[[], int] | None = None
@@ -672,10 +674,6 @@ class Metrics:
         self.dead_letter_sources = tuple(sources)
         self.dead_letter_size = size
         self.dead_letter_limit_bytes = limit_bytes
-
-    def watch_event_loop(self, event_loop: EventLoopFigures) -> None:
-        """Read the event-loop probe's lag histogram at scrape time."""
-        self.event_loop = event_loop
 
     def count_dedup_hits(self, n: int = 1) -> None:
         self._dedup_hits += n

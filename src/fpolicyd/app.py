@@ -19,6 +19,7 @@ from fpolicyd.events import NameMaps
 from fpolicyd.obs.health import HealthReport, Heartbeat, readiness
 from fpolicyd.obs.http import ObservabilityServer
 from fpolicyd.obs.log import get_logger
+from fpolicyd.obs.looplag import LoopLag
 from fpolicyd.obs.metrics import Metrics
 from fpolicyd.obs.systemd import SystemdNotifier
 from fpolicyd.pipeline.backpressure import Watermarks
@@ -36,7 +37,7 @@ from fpolicyd.server.metric_labels import METRIC_LABELS
 from fpolicyd.server.preflight import preflight, write_targets
 from fpolicyd.server.processing import CURSOR as PROCESSING_CURSOR
 from fpolicyd.server.processing import ProcessingWorker, instance_id, start_processing
-from fpolicyd.server.runtime import tune_garbage_collector
+from fpolicyd.server.runtime import EventLoopProbe, tune_garbage_collector
 from fpolicyd.server.spooler import ProcessingSlot, Spooler
 from fpolicyd.server.tls import ReloadableTls, TlsFiles
 from fpolicyd.sinks.aws.clients import AwsClients
@@ -151,6 +152,14 @@ class Daemon:
         self.notifier = SystemdNotifier.from_environment()
         #: Replay detection over every session (read by the metrics at scrape time).
         self._replay = ReplayTracker(settings.replay_config())
+        #: How late the loop runs its timers (fpolicyd_event_loop_lag_seconds, event_loop_stalled warnings).
+        self.loop_probe = EventLoopProbe(
+            LoopLag(
+                interval_s=settings.event_loop_probe_interval_s,
+                stall_warn_s=settings.event_loop_stall_warn_s,
+                log_interval_s=settings.log_rate_limit_interval_s,
+            )
+        )
         #: This daemon's Prometheus registry (one per daemon: several may run in one test process).
         self.metrics = Metrics(
             labels=METRIC_LABELS,
@@ -158,6 +167,7 @@ class Daemon:
             reconnect_slo_s=settings.slo_reconnect_s,
             replay_slo_s=settings.slo_replay_completion_s,
             replay=self._replay.stats,
+            event_loop=self.loop_probe.lag,
         )
         self.heartbeat = Heartbeat(
             interval_s=settings.health_heartbeat_interval_s, stall_s=settings.health_loop_stall_s
@@ -206,6 +216,7 @@ class Daemon:
 
     def _start_http(self) -> None:
         self.heartbeat.start(asyncio.get_running_loop())
+        self.loop_probe.start(asyncio.get_running_loop())
         if not self.settings.http_enabled:
             return
         self._http = ObservabilityServer(
@@ -505,6 +516,7 @@ class Daemon:
         """Close everything; a close that fails (a final fsync on a full disk) is logged and the others still run:
         what it could not write is recovered at the next start (spool, ledger, journal) or was never acked."""
         self.heartbeat.stop()
+        self.loop_probe.stop()
         for sock in self._listen_sockets:  # start() failed before the server took them
             sock.close()
         self._listen_sockets = []

@@ -224,9 +224,9 @@ class Settings(BaseSettings):
     log_rate_limit_interval_s: float = Field(
         10.0,
         ge=0,
-        description="Refused and evicted connections and failed TLS handshakes write at most one log line per "
-        "reason per interval, carrying the number left out since the previous line (metrics count every one); "
-        "0 = a line for each.",
+        description="Refused and evicted connections, failed TLS handshakes and event-loop stalls write at most one "
+        "log line per reason per interval, carrying the number left out since the previous line (metrics count every "
+        "one); 0 = a line for each.",
     )
     max_frame_bytes: int = Field(
         1 << 20,
@@ -548,6 +548,20 @@ class Settings(BaseSettings):
         le=3600,
         description="/healthz fails once the event loop has not run its heartbeat for this long (a wedged loop); "
         "must exceed health_heartbeat_interval_s.",
+    )
+    event_loop_probe_interval_s: float = Field(
+        0.1,
+        ge=0.01,
+        le=10,
+        description="How often a probe timer measures how late the event loop runs what it scheduled "
+        "(fpolicyd_event_loop_lag_seconds: one observation per probe; always on, 0 is refused).",
+    )
+    event_loop_stall_warn_s: float = Field(
+        0.5,
+        gt=0,
+        le=3600,
+        description="A probe later than this writes an event_loop_stalled warning (lag_s, threshold_s), at most one "
+        "line per log_rate_limit_interval_s.",
     )
     slo_ingestion_latency_s: float = Field(
         5.0,

@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 from prometheus_client.samples import Sample
+from structlog.testing import capture_logs
 
 from fpolicyd.app import Daemon
 from fpolicyd.events import NameMaps, normalize
@@ -253,6 +254,39 @@ async def test_healthz_fails_while_the_event_loop_is_wedged(daemon: Daemon) -> N
             break
         await asyncio.sleep(0.05)
     assert status == 200
+
+
+async def test_event_loop_lag_is_exported_and_grows_with_each_probe(tmp_path: Path) -> None:
+    """fpolicyd_event_loop_lag_seconds of a running daemon: one observation per probe; a loop blocked on purpose is
+    one probe late by as long and one event_loop_stalled warning; the probe is gone once the daemon stopped."""
+    settings = make_settings(tmp_path, **AS_DEPLOYED, event_loop_probe_interval_s=0.01, event_loop_stall_warn_s=0.15)
+    daemon = Daemon(settings)
+    lag = "fpolicyd_event_loop_lag_seconds"
+    await daemon.start()
+    try:
+        assert daemon.loop_probe.running
+        first = one(await scrape(daemon), lag, f"{lag}_count")
+        with capture_logs() as logs:
+            asyncio.get_running_loop().call_soon(time.sleep, 0.3)
+            for _ in range(200):  # up to 10 s
+                await asyncio.sleep(0.05)
+                if any(line["event"] == "event_loop_stalled" for line in logs):
+                    break
+        after = await scrape(daemon)
+        count = one(after, lag, f"{lag}_count")
+        assert count > first
+        assert one(after, lag, f"{lag}_bucket", le="+Inf") == count
+        assert count - one(after, lag, f"{lag}_bucket", le="0.25") >= 1
+        assert one(after, lag, f"{lag}_sum") >= 0.25
+        (stalled,) = [line for line in logs if line["event"] == "event_loop_stalled"]
+        assert stalled["log_level"] == "warning"
+        assert (stalled["threshold_s"], stalled["suppressed"]) == (0.15, 0)
+        assert 0.25 <= stalled["lag_s"] < 10
+        await asyncio.sleep(0.1)  # ~10 probes more
+        assert count < one(await scrape(daemon), lag, f"{lag}_count")
+    finally:
+        await daemon.stop()
+    assert not daemon.loop_probe.running
 
 
 def closed_port() -> int:

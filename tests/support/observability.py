@@ -24,7 +24,7 @@ REQUIRED_FAMILIES: frozenset[str] = frozenset({
     "fpolicyd_processing_success_ratio", "fpolicyd_reconnect_last_duration_seconds", "fpolicyd_replay_active",
     "fpolicyd_slo_target", "fpolicyd_events_routed", "fpolicyd_events_unrouted", "fpolicyd_dedup_errors",
     "fpolicyd_processor_lag_records", "fpolicyd_connections_rejected", "fpolicyd_spool_fsync_duration_seconds",
-    "fpolicyd_spool_commit_latency_seconds",
+    "fpolicyd_spool_commit_latency_seconds", "fpolicyd_event_loop_lag_seconds",
 })  # fmt: skip
 
 

@@ -14,8 +14,9 @@ Conventions: names start with ``fpolicyd_``, base units (seconds, bytes), counte
 The scrape runs on the HTTP server's thread while the event loop mutates these objects: the collector only
 reads ints and copies dicts/sets with one C-level call (``dict(d)``, ``list(s)``) before iterating them.
 
-Figures owned by other subsystems (replay tracking, dedup, settle) are read through the hooks of
-:class:`Metrics` (``replay``, ``watch_processing``/``dedup_hits_source``, ``settle_pending_source``).
+Figures owned by other subsystems (replay tracking, dedup, settle, the event-loop probe) are read through the hooks
+of :class:`Metrics` (``replay``, ``watch_processing``/``dedup_hits_source``, ``settle_pending_source``,
+``event_loop``).
 
 obs is a leaf: this module imports nothing of fpolicyd but its version. It reads the other packages' objects
 through the :class:`typing.Protocol` classes below (``ServerFigures``, ``SpoolerFigures``, ``ProcessingFigures``,
@@ -62,6 +63,11 @@ BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5
 #: The spool's commit times: an fsync takes ~0.3 ms on a local SSD and milliseconds on network storage; a commit's
 #: latency is the group-commit window (5 ms by default) plus the fsync, and the frame → durable goal is 20 ms.
 COMMIT_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+#: How late the event loop ran a timer (seconds): the commit buckets' resolution, to set the two side by side, up to
+#: the stalls that fail /healthz (health_loop_stall_s, 10 s by default); 0.5 s is the default stall warning.
+EVENT_LOOP_LAG_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 #: The reference pipeline's success SLO (``docs/reference-pipeline.md`` §7); the time targets are
 #: settings (slo_ingestion_latency_s, slo_reconnect_s, slo_replay_completion_s).
 SLO_SUCCESS_RATIO: Final = 0.995
@@ -526,6 +532,13 @@ class SpoolerFigures(Protocol):
     def workers(self) -> Sequence[SinkWorkerFigures]: ...
 
 
+class EventLoopFigures(Protocol):
+    """The daemon's event-loop probe (``fpolicyd.obs.looplag.LoopLag``)."""
+
+    @property
+    def lag_seconds(self) -> Histogram: ...
+
+
 class ProcessingStatsFigures(Protocol):
     """The processing stage's counters (``fpolicyd.server.processing.ProcessingWorkerStats``)."""
 
@@ -608,7 +621,9 @@ class Metrics:
       time, on the HTTP thread: it must only read attributes);
     - dedup: the reader's exact-dedup window is read from the server context; the processing stage's suppressed
       duplicates through :meth:`watch_processing`, or ``count_dedup_hits(n)``;
-    - settle: ``settle_pending_source = lambda: <events waiting to settle>``.
+    - settle: ``settle_pending_source = lambda: <events waiting to settle>``;
+    - event-loop lag: ``Metrics(event_loop=probe)`` (an :class:`EventLoopFigures`: its histogram is read at scrape
+      time).
     """
 
     def __init__(
@@ -620,6 +635,7 @@ class Metrics:
         replay_slo_s: float = 300.0,
         process_metrics: bool = True,
         replay: Callable[[], ReplayFigures] | None = None,
+        event_loop: EventLoopFigures | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.labels = labels
@@ -634,6 +650,8 @@ class Metrics:
         self.replay_source = replay
         self.context: ServerFigures | None = None
         self.spooler: SpoolerFigures | None = None
+        #: The daemon's event-loop probe (``fpolicyd_event_loop_lag_seconds``).
+        self.event_loop = event_loop
         #: The dead-letter writers' figures (this process's, the delivery process's), the files' size, the cap.
         self.dead_letter_sources: tuple[Callable[[], DeadLetterFigures], ...] = ()
         self.dead_letter_size: Callable[[], int] | None = None
@@ -714,6 +732,7 @@ class FpolicydCollector(Collector):
         yield from self._build_info()
         yield from self._server(metrics.context, metrics.labels)
         yield from self._spooler(metrics.spooler, metrics.labels)
+        yield from self._event_loop(metrics.event_loop)
         yield from self._sinks(metrics.spooler)
         yield from self._replay(metrics)
         yield from self._routing(metrics)
@@ -896,6 +915,18 @@ class FpolicydCollector(Collector):
             commit, (), COMMIT_BUCKETS, spooler.commit_latency_seconds.state() if spooler is not None else ((), 0.0)
         )
         yield from (fsync, commit)
+
+    @staticmethod
+    def _event_loop(event_loop: EventLoopFigures | None) -> Iterator[Metric]:
+        lag = _histogram(
+            "event_loop_lag_seconds",
+            "How late the daemon's event loop ran a probe timer it had scheduled (one every "
+            "event_loop_probe_interval_s): time the loop was busy elsewhere, which every frame's answer waits too.",
+        )
+        _add_histogram(
+            lag, (), EVENT_LOOP_LAG_BUCKETS, event_loop.lag_seconds.state() if event_loop is not None else ((), 0.0)
+        )
+        yield lag
 
     @staticmethod
     def _sinks(spooler: SpoolerFigures | None) -> Iterator[Metric]:

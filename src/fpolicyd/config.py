@@ -437,8 +437,9 @@ class Settings(BaseSettings):
         0.05,
         ge=0,
         le=5,
-        description="SQS/EventBridge: wait this long from the first pending event for a batch to fill (10 events; "
-        "with sqs_pack_bytes, a read of thousands: raise it at low event rates to pack more per request).",
+        description="SQS/EventBridge: wait at most this long from the first pending event for a batch to fill (10 "
+        "events; with sqs_pack_bytes, a read of thousands: raise it at low event rates to pack more per request); "
+        "the wait ends as soon as the batch is full, and reads take whole batches while lingering is on.",
     )
     sqs_group_id_field: str = Field(
         "svm_name", description="Event field (dotted path) used as MessageGroupId on FIFO queues."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import threading
 import time
@@ -151,16 +152,50 @@ class WideReadSender(CountingSender):
         self.linger_records = 10
 
 
-async def test_linger_ends_at_one_requests_worth_and_the_read_takes_everything_up_to_max_records(
-    tmp_path: Path,
-) -> None:
+async def test_a_read_takes_whole_requests_and_the_rest_waits_for_a_full_one(tmp_path: Path) -> None:
     sender = WideReadSender()
     spool, spooler = await counting_spooler(tmp_path, sender)
     spooler.submit_many([b'{"n":%d}' % n for n in range(25)], on_durable=())
-    # 25 >= linger_records: no 30 s linger (wait_until gives up long before), and one read takes all 25.
-    await wait_until(lambda: len(sender.payloads) == 25)
+    # 25 >= linger_records: no 30 s linger (wait_until gives up long before); the read takes two requests' worth.
+    await wait_until(lambda: len(sender.payloads) == 20)
+    assert sender.sends == 1
+    # The other 5 linger (30 s) for a full request: they go as soon as the next 5 make one.
+    await asyncio.sleep(0.3)
+    assert len(sender.payloads) == 20
+    spooler.submit_many([b'{"n":%d}' % n for n in range(25, 30)], on_durable=())
+    await wait_until(lambda: len(sender.payloads) == 30)
+    assert sender.sends == 2
+    assert [json.loads(p)["n"] for p in sender.payloads] == list(range(30))
+    assert await spooler.drain(2.0) == 0
+    spool.close()
+
+
+async def test_the_linger_ends_as_soon_as_a_request_is_full(tmp_path: Path) -> None:
+    """A linger of 30 s is not waited out: the batch goes as soon as its tenth event is durable."""
+    sender = WideReadSender()
+    spool, spooler = await counting_spooler(tmp_path, sender)
+    spooler.submit_many([b'{"n":%d}' % n for n in range(3)], on_durable=())
+    await asyncio.sleep(0.3)
+    assert sender.payloads == []  # lingering: fewer than a request's worth
+    spooler.submit_many([b'{"n":%d}' % n for n in range(3, 10)], on_durable=())
+    await wait_until(lambda: len(sender.payloads) == 10)  # gives up long before 30 s
     assert sender.sends == 1
     assert await spooler.drain(2.0) == 0
+    spool.close()
+
+
+async def test_a_drain_does_not_linger(tmp_path: Path) -> None:
+    """At a stop, what is durable goes at once: the 30 s linger would outlast any drain budget."""
+    sender = WideReadSender()
+    spool, spooler = await counting_spooler(tmp_path, sender)
+    spooler.submit_many([b'{"n":%d}' % n for n in range(13)], on_durable=())
+    await wait_until(lambda: len(sender.payloads) >= 10)
+    budget_s = 5.0
+    started = time.monotonic()
+    assert await spooler.drain(budget_s) == 0
+    assert len(sender.payloads) == 13
+    # Delivered at once, not at the end of the budget (when a stopping worker ends its linger anyway).
+    assert time.monotonic() - started < budget_s / 2
     spool.close()
 
 

@@ -16,6 +16,7 @@ a pipe that may stall — runs on a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -88,10 +89,12 @@ class Sender(Protocol):
     max_bytes: int
     #: Concurrent ``send`` calls; 1 keeps order (JSON Lines, FIFO queues).
     max_in_flight: int
-    #: How long to wait, from the first available record, for a batch to fill up (0: send at once).
+    #: How long to wait at most, from the first available record, for a batch to fill up (0: send at once, and
+    #: read whatever is there).
     linger_s: float
     #: What "filled up" means: the worker lingers only while fewer records than this are available (a full
-    #: request's worth; at most ``max_records``).
+    #: request's worth; at most ``max_records``), and, lingering on, reads a whole multiple of it when at least
+    #: that many are available.
     linger_records: int
 
     async def start(self) -> None:
@@ -138,6 +141,8 @@ class SinkWorker:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        #: Set by :meth:`stop`: deliver what is durable now, without lingering for more.
+        self._draining = False
         self.stats = WorkerStats()
         #: Last send error, for readiness; None once a send succeeds again.
         self.last_error: SinkError | None = None
@@ -203,11 +208,16 @@ class SinkWorker:
         spool = self._spool
         sender = self.sender
         while not self._stopping:
-            if sender.linger_s and 0 < self._available() < sender.linger_records:
-                # Linger from the first available record: at low rates this turns one request per event
-                # into one request per batch (the AWS requests-per-event budget is 0.1).
-                await asyncio.sleep(sender.linger_s)
-            records = spool.read(self.name, sender.max_records, sender.max_bytes)
+            max_records = sender.max_records
+            if sender.linger_s and not self._draining:
+                available = await self._linger(sender)
+                if available is None:  # stopping
+                    break
+                if available >= sender.linger_records:
+                    # Whole requests' worth only: the rest waits for the next read (and its linger), so that
+                    # every request is full but a trickle's last (the AWS requests-per-event budget is 0.1).
+                    max_records = min(max_records, available - available % sender.linger_records)
+            records = spool.read(self.name, max_records, sender.max_bytes)
             if not records:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -223,6 +233,26 @@ class SinkWorker:
             task = asyncio.create_task(self._deliver(records, first, last))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
+
+    async def _linger(self, sender: Sender) -> int | None:
+        """From the first available record, wait until a request's worth (``linger_records``) is available or
+        ``linger_s`` has passed, whichever comes first: at low rates this turns one request per event into one
+        request per batch, at high rates it ends at the next durable notice. Returns the records available then
+        (None: the worker is stopping)."""
+        available = self._available()
+        if not 0 < available < sender.linger_records:
+            return available
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + sender.linger_s
+        while not (self._stopping or self._draining):
+            self._wakeup.clear()  # before the count: a notice after it is not lost
+            available = self._available()
+            remaining = deadline - loop.time()
+            if available >= sender.linger_records or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+        return None if self._stopping else self._available()
 
     def _selected(self, records: Sequence[Record]) -> list[Record]:
         select = self._select
@@ -300,6 +330,7 @@ class SinkWorker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         spool = self._spool
+        self._draining = True
         while (
             self._alive
             and loop.time() < deadline

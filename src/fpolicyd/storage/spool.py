@@ -45,6 +45,7 @@ from fpolicyd.errors import DISK_FULL_ERRNOS, ConfigError, FpolicydError
 from fpolicyd.pipeline.records import Record
 from fpolicyd.storage.closing import ClosedOnExit
 from fpolicyd.storage.faults import FsyncFault
+from fpolicyd.storage.shard import Shard
 
 __all__ = [
     "ReadPosition",
@@ -623,11 +624,19 @@ class Spool(ClosedOnExit):
     def ack_range(self, sink: str, first: int, last: int) -> None:
         """Ack one batch, ``first..last``, possibly out of order: the cumulative ack moves only once every
         record before ``first`` is acked too; until then the range is held (in memory only)."""
+        c = self._range_cursor(sink, first, last)
+        if last > c.hi_read:
+            raise ValueError(f"sink {sink!r}: cannot ack {first}..{last}, only {c.hi_read} was read")
+        self._ack_range(c, first, last)
+
+    def _range_cursor(self, sink: str, first: int, last: int) -> _Cursor:
         c = self._cursor(sink)
         if first > last:
             raise ValueError(f"sink {sink!r}: empty ack range {first}..{last}")
-        if last > c.hi_read:
-            raise ValueError(f"sink {sink!r}: cannot ack {first}..{last}, only {c.hi_read} was read")
+        return c
+
+    def _ack_range(self, c: _Cursor, first: int, last: int) -> None:
+        """Move the cumulative ack over ``first..last`` if everything before it is acked, else hold the range."""
         if last <= c.acked:
             return
         nxt = self._next_existing(c.acked + 1)
@@ -651,6 +660,21 @@ class Spool(ClosedOnExit):
         c.hi_read = max(c.hi_read, up_to_seq)
         if up_to_seq > c.acked:
             self._advance(c, up_to_seq)
+
+    def ack_delivered_range(self, sink: str, first: int, last: int) -> None:
+        """Records ``first..last``, read and delivered by another process (one shard's :class:`SpoolTail`, see
+        :meth:`SpoolTail.take_delivered`), are delivered: possibly out of order, held in memory like
+        :meth:`ack_range` until every record before ``first`` is delivered too (not persisted: after a crash they
+        are delivered again). Idempotent; a range beyond the durable seq is a caller bug."""
+        c = self._range_cursor(sink, first, last)
+        if last > self._durable_seq:
+            raise ValueError(f"sink {sink!r}: cannot ack {first}..{last}, only {self._durable_seq} is durable")
+        c.hi_read = max(c.hi_read, last)
+        self._ack_range(c, first, last)
+
+    def available(self, sink: str) -> int:
+        """Durable records :meth:`read` could hand out now (approximate across seq gaps between segments)."""
+        return max(0, self._durable_seq - self._cursor(sink).next_seq + 1)
 
     def rewind(self, sink: str) -> None:
         """Move the sink's read position back to just after its acked position (a sink restart): everything
@@ -1129,15 +1153,26 @@ class ReadPosition:
     next_seq: int
 
 
+# A SpoolTail batch's state (its third item): handed out and not yet acknowledged, acknowledged, or made of
+# records another shard delivers (skipped by a sharded read: acknowledged from the start, never handed out).
+_BATCH_OPEN = 0
+_BATCH_ACKED = 1
+_BATCH_SKIPPED = 2
+
+
 @dataclass(slots=True, eq=False)
 class _TailCursor:
     segment_first_seq: int
     offset: int
     next_seq: int
     fd: int = -1
-    #: Ranges handed out by ``read``, in order, and which of them are acknowledged (see ``ack_range``).
+    #: Ranges handed out by ``read`` (or skipped, on a sharded sink), in order, with their state (``_BATCH_*``).
     batches: list[list[int]] = field(default_factory=list)
     acked: int = 0
+    #: A sharded sink's share; None for an unsharded one.
+    shard: Shard | None = None
+    #: A sharded sink's owned batches acknowledged since the last ``take_delivered``, in ack order.
+    delivered: list[tuple[int, int]] = field(default_factory=list)
 
 
 class SpoolTail:
@@ -1147,16 +1182,31 @@ class SpoolTail:
     never beyond, so it sees exactly what an in-process sink would — and tracks acknowledgements per sink like
     :meth:`Spool.ack_range`, reporting the cumulative position (:meth:`acked_seq`) for the owner to record. It
     never writes, truncates or removes anything: recovery, retention and cursor persistence stay with the owner.
-    Records are checked like :meth:`Spool.read` does (seq, length, CRC). Single-threaded."""
+    Records are checked like :meth:`Spool.read` does (seq, length, CRC). Single-threaded.
 
-    def __init__(self, directory: Path, positions: Mapping[str, tuple[int, ReadPosition]], durable_seq: int) -> None:
-        """``positions``: per sink, its acked seq and where to read next."""
+    A sink named in ``shards`` is sharded: this tail delivers only the blocks of seqs its :class:`Shard` owns (one
+    block at most per :meth:`read`). It skips the other shards' records, counting them as acknowledged, so its
+    :meth:`acked_seq` still moves over everything; what its own sink delivered is told apart by
+    :meth:`take_delivered`, for the owner's :meth:`Spool.ack_delivered_range`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        positions: Mapping[str, tuple[int, ReadPosition]],
+        durable_seq: int,
+        shards: Mapping[str, Shard] | None = None,
+    ) -> None:
+        """``positions``: per sink, its acked seq and where to read next; ``shards``: the sharded sinks' shares."""
         self._dir = Path(directory)
         self._durable_seq = durable_seq
         self._cursors = {
             name: _TailCursor(pos.segment_first_seq, pos.offset, pos.next_seq, acked=acked)
             for name, (acked, pos) in positions.items()
         }
+        for name, shard in (shards or {}).items():
+            if not isinstance(shard, Shard):
+                raise ValueError(f"sink {name!r}: expected a Shard, got {shard!r}")
+            self._cursor(name).shard = shard
 
     @property
     def durable_seq(self) -> int:
@@ -1176,10 +1226,21 @@ class SpoolTail:
         """Durable records after the sink's acked position (approximate across seq gaps between segments)."""
         return max(0, self._durable_seq - self._cursor(sink).acked)
 
+    def available(self, sink: str) -> int:
+        """Records :meth:`read` could hand out now: the durable ones from the read position on (approximate across
+        seq gaps between segments), on a sharded sink only those its shard owns. 0 does not mean that the read
+        position is at the durable seq: a sharded sink may still have other shards' records to skip."""
+        c = self._cursor(sink)
+        if c.shard is not None:
+            return c.shard.owned_between(c.next_seq, self._durable_seq)
+        return max(0, self._durable_seq - c.next_seq + 1)
+
     def read(self, sink: str, max_records: int = 1000, max_bytes: int = 1 * _MIB) -> list[Record]:
         if max_records < 1 or max_bytes < 1:
             raise ValueError(f"max_records and max_bytes must be positive, got {max_records} and {max_bytes}")
         c = self._cursor(sink)
+        if c.shard is not None:
+            return self._read_shard(c, c.shard, max_records, max_bytes)
         out: list[Record] = []
         append = out.append
         unpack_from = _REC_HEADER.unpack_from
@@ -1188,18 +1249,10 @@ class SpoolTail:
         total = 0
         limit = self._durable_seq
         while len(out) < max_records and c.next_seq <= limit:
-            if c.fd < 0:
-                path = self._dir / f"spool-{c.segment_first_seq:020d}.seg"
-                try:
-                    c.fd = os.open(path, _READ_OPEN)
-                except OSError as exc:
-                    raise _io_error("open", path, exc) from exc
-            path = self._dir / f"spool-{c.segment_first_seq:020d}.seg"
-            buf = _pread(c.fd, _READ_CHUNK, c.offset, path)
-            if len(buf) < _REC_HDR:
-                if not self._next_segment(c):
-                    raise SpoolCorruptError(f"spool: record {c.next_seq} is durable but in no segment file")
+            chunk = self._chunk(c)
+            if chunk is None:
                 continue
+            path, buf = chunk
             pos = 0
             # The cursor's position in locals, written back however the loop ends (the same as per record).
             offset, next_seq = c.offset, c.next_seq
@@ -1232,6 +1285,102 @@ class SpoolTail:
                 break
         return self._handed_out(c, out)
 
+    def _chunk(self, c: _TailCursor) -> tuple[Path, bytes] | None:
+        """The segment file at the read position and a chunk of it from there; None after moving to the next
+        segment (the caller checks its limits again)."""
+        path = self._dir / f"spool-{c.segment_first_seq:020d}.seg"
+        if c.fd < 0:
+            try:
+                c.fd = os.open(path, _READ_OPEN)
+            except OSError as exc:
+                raise _io_error("open", path, exc) from exc
+        buf = _pread(c.fd, _READ_CHUNK, c.offset, path)
+        if len(buf) < _REC_HDR:
+            if not self._next_segment(c):
+                raise SpoolCorruptError(f"spool: record {c.next_seq} is durable but in no segment file")
+            return None
+        return path, buf
+
+    def _read_shard(self, c: _TailCursor, shard: Shard, max_records: int, max_bytes: int) -> list[Record]:
+        """:meth:`read` on a sharded sink: skip other shards' records (seq and length checked, not the CRC) up to
+        the first owned one, then hand out owned records up to the end of their block."""
+        out: list[Record] = []
+        append = out.append
+        unpack_from = _REC_HEADER.unpack_from
+        new_record = _new_record
+        block_records, count, index = shard.block_records, shard.count, shard.index
+        total = 0
+        limit = self._durable_seq
+        skip_first = skip_last = 0  # other shards' records skipped and not yet recorded as a batch (0: none)
+        block_end = 0  # last seq of the block the previous record was in (0: none yet)
+        owned = False
+        done = False
+        while not done and c.next_seq <= limit:
+            chunk = self._chunk(c)
+            if chunk is None:
+                continue
+            path, buf = chunk
+            pos = 0
+            offset, next_seq = c.offset, c.next_seq
+            try:
+                while next_seq <= limit and pos + _REC_HDR <= len(buf):
+                    length, crc, seq = unpack_from(buf, pos)
+                    if seq != next_seq or length == 0:
+                        raise SpoolCorruptError(f"spool: {path} offset {offset}: expected record {next_seq}")
+                    if seq > block_end:  # a new block (seqs may skip whole blocks between segments)
+                        if out:
+                            done = True  # a read stays within one block
+                            break
+                        block = (seq - 1) // block_records
+                        block_end = (block + 1) * block_records
+                        owned = block % count == index
+                        if owned and skip_first:
+                            c.batches.append([skip_first, skip_last, _BATCH_SKIPPED])
+                            skip_first = 0
+                    stop = pos + _REC_HDR + length
+                    if not owned:
+                        # Past the chunk: its last byte must be in the file (read before the next record's header).
+                        if stop > len(buf) and not _pread(c.fd, 1, offset + stop - pos - 1, path):
+                            raise SpoolCorruptError(f"spool: {path} ends inside record {seq}")
+                        if not skip_first:
+                            skip_first = seq
+                        skip_last = seq
+                        offset += stop - pos
+                        next_seq = seq + 1
+                        pos = stop
+                        continue
+                    if len(out) >= max_records:
+                        done = True
+                        break
+                    if stop > len(buf):
+                        if pos > 0:
+                            break
+                        buf = _pread(c.fd, _REC_HDR + length, offset, path)  # one record bigger than a chunk
+                        if len(buf) < _REC_HDR + length:
+                            raise SpoolCorruptError(f"spool: {path} ends inside record {next_seq}")
+                        continue
+                    if out and total + length > max_bytes:
+                        done = True
+                        break
+                    payload = buf[pos + _REC_HDR : stop]
+                    if _crc32(payload) != crc:
+                        raise SpoolCorruptError(f"spool: {path} offset {offset}: record {seq} fails its checksum")
+                    append(new_record(Record, (seq, payload)))
+                    total += length
+                    offset += stop - pos
+                    next_seq = seq + 1
+                    pos = stop
+                    if total >= max_bytes:
+                        done = True
+                        break
+            finally:
+                c.offset, c.next_seq = offset, next_seq
+        if skip_first:
+            c.batches.append([skip_first, skip_last, _BATCH_SKIPPED])
+        self._handed_out(c, out)
+        self._settle(c)
+        return out
+
     def _next_segment(self, c: _TailCursor) -> bool:
         """Move to the segment after the current one (seqs may skip between segments); False if there is none."""
         try:
@@ -1260,19 +1409,48 @@ class SpoolTail:
         batch that is delivered (batches may complete out of order)."""
         c = self._cursor(sink)
         for batch in c.batches:
-            if batch[0] == first and batch[1] == last:
-                batch[2] = 1
+            if batch[0] == first and batch[1] == last and batch[2] != _BATCH_SKIPPED:
+                if c.shard is not None and batch[2] == _BATCH_OPEN:
+                    c.delivered.append((first, last))
+                batch[2] = _BATCH_ACKED
                 break
         else:
             raise ValueError(f"sink {sink!r}: {first}..{last} is not a batch that was read")
-        while c.batches and c.batches[0][2]:
-            c.acked = max(c.acked, c.batches.pop(0)[1])
+        self._settle(c)
 
     def ack(self, sink: str, up_to_seq: int) -> None:
         """Every batch read up to ``up_to_seq`` is delivered."""
         c = self._cursor(sink)
+        if c.shard is not None:
+            self._ack_shard(c, up_to_seq)
+            return
         while c.batches and c.batches[0][1] <= up_to_seq:
             c.acked = max(c.acked, c.batches.pop(0)[1])
+
+    @staticmethod
+    def _ack_shard(c: _TailCursor, up_to_seq: int) -> None:
+        for batch in c.batches:
+            if batch[1] > up_to_seq:
+                break
+            if batch[2] == _BATCH_OPEN:
+                c.delivered.append((batch[0], batch[1]))
+                batch[2] = _BATCH_ACKED
+        SpoolTail._settle(c)
+
+    @staticmethod
+    def _settle(c: _TailCursor) -> None:
+        """Move the cumulative position over every leading batch that is acknowledged (or skipped)."""
+        while c.batches and c.batches[0][2]:
+            c.acked = max(c.acked, c.batches.pop(0)[1])
+
+    def take_delivered(self, sink: str) -> list[tuple[int, int]]:
+        """A sharded sink's owned batches acknowledged since the last call, in the order they were acknowledged
+        (for the owner's :meth:`Spool.ack_delivered_range`); clears them. ValueError for an unsharded sink."""
+        c = self._cursor(sink)
+        if c.shard is None:
+            raise ValueError(f"sink {sink!r} is not sharded")
+        delivered, c.delivered = c.delivered, []
+        return delivered
 
     def _cursor(self, sink: str) -> _TailCursor:
         try:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from fpolicyd.storage.shard import Shard
-from fpolicyd.storage.spool import Spool, SpoolCorruptError, SpoolFsync, SpoolSettings, SpoolTail
+from fpolicyd.storage.spool import Spool, SpoolCorruptError, SpoolFsync, SpoolIOError, SpoolSettings, SpoolTail
 
 SEG_HDR = 24
 REC_HDR = 16
@@ -255,3 +255,25 @@ def test_ack_delivered_range_joins_across_seqs_lost_between_segments(tmp_path: P
         assert again.acked_seq("a") == 9
     finally:
         again.close()
+
+
+def test_a_segment_removed_before_a_sharded_tail_opened_it_is_passed_over(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path, segment_bytes=SEG_HDR + 3 * (REC_HDR + 10))
+    try:
+        for _ in range(3):
+            write(spool, 3, size=10)  # segments 1..3, 4..6, 7..9
+        unsharded = tail_of(spool, None)
+        tail = tail_of(spool, Shard(1, 2, 3))  # owns 4..6; positioned in segment 1, not opened yet
+        spool.ack_delivered_range("a", 1, 3)  # shard 0 delivered 1..3: the owner removes segment 1
+        assert spool.segments == 2
+        assert seqs(tail) == [4, 5, 6]
+        tail.ack_range("a", 4, 6)
+        assert seqs(tail) == []
+        assert tail.acked_seq("a") == 9
+        assert tail.take_delivered("a") == [(4, 6)]
+        tail.close()
+        with pytest.raises(SpoolIOError, match="cannot open"):  # unsharded: nobody else delivers, as before
+            unsharded.read("a")
+        unsharded.close()
+    finally:
+        spool.close()

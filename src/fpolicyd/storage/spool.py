@@ -1292,6 +1292,12 @@ class SpoolTail:
         if c.fd < 0:
             try:
                 c.fd = os.open(path, _READ_OPEN)
+            except FileNotFoundError as exc:
+                # On a sharded sink the owner may remove a segment this tail has not opened yet: every record in it
+                # was delivered by its shard (the others' delivered, and this one's acked by an earlier reader).
+                if c.shard is None or not self._next_segment(c):
+                    raise _io_error("open", path, exc) from exc
+                return None
             except OSError as exc:
                 raise _io_error("open", path, exc) from exc
         buf = _pread(c.fd, _READ_CHUNK, c.offset, path)

@@ -1,8 +1,8 @@
 """fpolicyd's speed goals (issue 11) measured in one run, as one table: what ``make bench`` prints.
 
     .venv/bin/python benchmarks/bench_throughput.py [--events 100000] [--runs 2] [--connections 4]
-        [--rows splitter,jsonl,sqs,sqs-packed,eventbridge] [--no-latency] [--quick] [--json FILE]
-        [--replay | --replay-only]
+        [--rows splitter,jsonl,sqs,sqs-packed,eventbridge] [--delivery-processes 2] [--no-latency] [--quick]
+        [--json FILE] [--replay | --replay-only]
 
 Throughput rows: the load generator (``benchmarks/loadgen.py``, its own process: ONTAP frames from the simulator
 encoded before the clock starts, written over ``--connections`` simulated nodes, async engine) against
@@ -10,7 +10,9 @@ encoded before the clock starts, written over ``--connections`` simulated nodes,
 - the bare frame splitter (``benchmarks/bare_splitter.py``: reads, splits frames, answers NEGO_REQ; the ceiling);
 - ``fpolicyd serve`` (``python -m fpolicyd serve`` of this checkout, bound to 127.0.0.1 port 0, a fresh data
   directory) delivering to JSON Lines, SQS (one event per message), packed SQS (``sqs_pack_bytes``) and
-  EventBridge, each with the defaults and with ``dedup_mode = off``. SQS and EventBridge are
+  EventBridge, each with the defaults and with ``dedup_mode = off``; the AWS sinks also with
+  ``--delivery-processes`` N delivery processes sharing the sink (default 2; 1 leaves those rows out). SQS and
+  EventBridge are
   ``benchmarks/aws_endpoint.py`` in its own process (O(1) per request; its CPU is reported, not charged to the
   server).
 
@@ -348,7 +350,7 @@ SINK_LABELS: Final = {
 }
 
 
-def targets(sinks: list[str]) -> list[Target]:
+def targets(sinks: list[str], processes: int = 1) -> list[Target]:
     out = []
     for sink in sinks:
         if sink == "splitter":
@@ -356,6 +358,15 @@ def targets(sinks: list[str]) -> list[Target]:
             continue
         out.append(Target(f"{sink}", f"{SINK_LABELS[sink]}, defaults", sink))
         out.append(Target(f"{sink}/dedup-off", f"{SINK_LABELS[sink]}, dedup off", sink, ("--dedup-mode", "off")))
+        if processes > 1 and sink != "jsonl":
+            out.append(
+                Target(
+                    f"{sink}/processes-{processes}",
+                    f"{SINK_LABELS[sink]}, {processes} delivery processes",
+                    sink,
+                    ("--delivery-process", "on", "--delivery-processes", str(processes)),
+                )
+            )
     return out
 
 
@@ -802,6 +813,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=4, help="simulated nodes (connections) of the load")
     parser.add_argument("--rows", default=",".join(SINKS), help=f"comma-separated, of {', '.join(SINKS)}")
     parser.add_argument("--no-dedup-off", action="store_true", help="only the defaults of each sink")
+    parser.add_argument(
+        "--delivery-processes",
+        type=int,
+        default=2,
+        help="the AWS rows again with this many delivery processes sharing the sink (1: no such rows)",
+    )
     parser.add_argument("--no-latency", action="store_true", help="skip the latency runs")
     parser.add_argument("--latency-rate", type=float, default=20_000.0, help="events/s of the latency runs")
     parser.add_argument(
@@ -825,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sinks) - set(SINKS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; known: {', '.join(SINKS)}")
+    if not 1 <= args.delivery_processes <= 16:
+        parser.error("--delivery-processes: 1..16")
     if not args.connections <= events <= 10_000_000 or not 1 <= runs <= 20 or not 1 <= args.connections <= 256:
         parser.error("--events: connections..10000000, --runs: 1..20, --connections: 1..256")
     if not 100 <= args.replay_events <= 10_000_000:
@@ -853,7 +872,11 @@ def main(argv: list[str] | None = None) -> int:
     latency: list[dict[str, Any]] = []
     replay: dict[str, Any] | None = None
     if not args.replay_only:
-        chosen = [t for t in targets(sinks) if not (args.no_dedup_off and t.flags)]
+        chosen = [
+            t
+            for t in targets(sinks, args.delivery_processes)
+            if not (args.no_dedup_off and t.key.endswith("/dedup-off"))
+        ]
         for target in chosen:
             rows[target.key] = []
             labels[target.key] = target.label

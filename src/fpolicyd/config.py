@@ -951,6 +951,15 @@ class Settings(BaseSettings):
         "on one core while the sinks deliver on another; acks come back to the daemon, which owns the spool). "
         "auto: on when this process may use two or more CPUs.",
     )
+    delivery_processes: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Delivery processes when the sinks run in a process of their own (delivery_process). Above 1, "
+        "each SQS standard-queue and EventBridge sink is shared among them by blocks of records (one read's "
+        "worth), so one sink can use several cores; JSON Lines, stdout and FIFO sinks keep their order in the "
+        "first process. Acks, metrics and the drain are the daemon's, over all of them.",
+    )
     gc_young_threshold: int = Field(
         10_000,
         ge=0,
@@ -1025,6 +1034,15 @@ class Settings(BaseSettings):
             self.dead_letter_limits()
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_delivery_processes(self) -> Settings:
+        if self.delivery_processes > 1 and self.delivery_process is DeliveryProcess.off:
+            raise ValueError(
+                f"delivery_processes = {self.delivery_processes} needs delivery_process on or auto (it is off: the "
+                "sinks run in the daemon's own process)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ def test_quick_run_measures_every_row(tmp_path: Path, capsys: pytest.CaptureFixt
         # One run of each sink's defaults (the dedup-off rows differ by one flag), the latency probes at the goal's
         # rate only: every row starts a daemon (~2 s of imports on a loaded box).
         [
-            *("--quick", "--events", str(EVENTS), "--no-dedup-off", "--no-half-rate"),
+            *("--quick", "--events", str(EVENTS), "--no-dedup-off", "--no-half-rate", "--delivery-processes", "1"),
             *("--latency-seconds", "0.02", "--json", str(out)),
         ]
     )
@@ -63,6 +63,17 @@ def test_quick_run_measures_every_row(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "compiled accelerator" in printed
     assert "| bare frame splitter (ceiling) |" in printed
     assert "| goal (issue 11) |" in printed
+
+
+def test_rows_with_several_delivery_processes(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--events", str(EVENTS), "--rows", "sqs", "--no-dedup-off", "--no-latency"]
+    assert bench_throughput.main([*argv, "--delivery-processes", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"sqs", "sqs/processes-2"}
+    (shared,) = rows["sqs/processes-2"]
+    assert shared["loadgen"]["sent"] == EVENTS
+    assert shared["daemon_stop"]["exit_code"] == 0
 
 
 def test_process_tree_cpu_counts_children_that_already_exited(tmp_path: Path) -> None:

@@ -230,3 +230,11 @@ def test_the_gap_above_the_pause_watermark_must_hold_two_segments() -> None:
     with pytest.raises(ConfigError, match="at least two spool segments"):
         load_settings(overrides={**sizes, "spool_max_bytes": (9 << 20)}, search_default_paths=False)
     assert load_settings(overrides={**sizes, "spool_max_bytes": (10 << 20)}, search_default_paths=False)
+
+
+def test_several_delivery_processes_need_the_delivery_process() -> None:
+    with pytest.raises(ConfigError, match="delivery_processes = 2 needs delivery_process on or auto"):
+        load_settings(overrides={"delivery_process": "off", "delivery_processes": 2}, search_default_paths=False)
+    assert load_settings(overrides={"delivery_processes": 2}, search_default_paths=False).delivery_processes == 2
+    with pytest.raises(ConfigError, match="delivery_processes"):
+        load_settings(overrides={"delivery_processes": 17}, search_default_paths=False)

@@ -1189,6 +1189,50 @@ class SinkFigures:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed sink figures: {exc}") from None
 
+    @classmethod
+    def total(cls, name: str, parts: Sequence[SinkFigures]) -> SinkFigures:
+        """One sink's figures over the delivery processes that share it: counts and histograms added up; the
+        sink is failing while any part of it is (the first such part's error)."""
+        failing = next((part for part in parts if part.last_error is not None), None)
+        requests = [part.request_seconds for part in parts if part.request_seconds is not None]
+        return cls(
+            name=name,
+            delivered=sum(part.delivered for part in parts),
+            sends=sum(part.sends for part in parts),
+            failures=sum(part.failures for part in parts),
+            last_error=None if failing is None else failing.last_error,
+            last_error_retriable=True if failing is None else failing.last_error_retriable,
+            last_error_disk_full=failing is not None and failing.last_error_disk_full,
+            requests=sum(part.requests for part in parts),
+            retries=sum(part.retries for part in parts),
+            entries_failed_retryable=sum(part.entries_failed_retryable for part in parts),
+            entries_failed_permanent=sum(part.entries_failed_permanent for part in parts),
+            dead_lettered=sum(part.dead_lettered for part in parts),
+            ingestion_slo_breaches=sum(part.ingestion_slo_breaches for part in parts),
+            batch_records=_state_total(part.batch_records for part in parts),
+            send_seconds=_state_total(part.send_seconds for part in parts),
+            end_to_end_seconds=_state_total(part.end_to_end_seconds for part in parts),
+            ingestion_seconds=_state_total(part.ingestion_seconds for part in parts),
+            request_seconds=_state_total(requests) if requests else None,
+        )
+
+
+def _state_total(states: Iterable[HistogramState]) -> HistogramState:
+    """The sum of histogram states of the same bounds (an empty state, ``((), 0.0)``, adds nothing)."""
+    counts: list[int] = []
+    total = 0.0
+    for part, part_sum in states:
+        if not part:
+            continue
+        if not counts:
+            counts = list(part)
+        elif len(part) != len(counts):
+            raise ValueError(f"histogram states of {len(counts)} and {len(part)} buckets cannot be added")
+        else:
+            counts = [a + b for a, b in zip(counts, part, strict=True)]
+        total += part_sum
+    return tuple(counts), total
+
 
 #: The dead-letter source of the reader's undecodable payloads, and the reasons a record is dropped
 #: (``fpolicyd.sinks.dead_letter.DropReason``): always exported, zero until they happen.

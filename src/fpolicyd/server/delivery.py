@@ -14,6 +14,7 @@ message               direction               meaning
 ``start_failed``      delivery → daemon       a sink cannot exist (missing queue/bus): the start fails
 ``durable``           daemon → delivery       records up to ``seq`` are durable: deliver them
 ``ack``               delivery → daemon       ``sink`` delivered everything up to ``seq`` (cumulative)
+``acked``             delivery → daemon       a shared ``sink`` delivered the seq ``ranges`` (in any order)
 ``stats``             delivery → daemon       every sink's figures (metrics, readiness), periodically
 ``fatal``             delivery → daemon       a sink worker died of an unexpected error: the daemon stops
 ``stop``              daemon → delivery       deliver what is durable within ``timeout_s``, then exit
@@ -27,6 +28,14 @@ unexpectedly the daemon stops with exit 1 (its events stay in the spool), as it 
 worker dies. The delivery process ignores SIGTERM/SIGINT (a stop signal to the whole process group must not cut
 delivery short: the daemon drains it within its budget) and exits as soon as the daemon's end of the channel
 closes — also when the daemon was killed.
+
+With ``delivery_processes = N`` > 1 there are N delivery processes (:class:`DeliveryGroup`), each told its index
+in ``hello``. A sink that keeps no order (``max_in_flight`` > 1: SQS standard queues, EventBridge) runs in all of
+them, each taking the blocks of records its :class:`~fpolicyd.storage.shard.Shard` owns and acking them as seq
+ranges (``acked``); the daemon folds the ranges of all of them into the sink's one cumulative position
+(:meth:`~fpolicyd.storage.spool.Spool.ack_delivered_range`), which is what it persists — so a crash delivers
+again what some process had not acked, exactly as with one. Ordered sinks run in the first process only. The
+sink's figures are the sum over the processes; any process that dies stops the daemon.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -51,7 +60,7 @@ from fpolicyd.storage.spool import Spool
 
 log = get_logger("fpolicyd.delivery")
 
-__all__ = ["DeliverySpec", "ProcessDelivery", "RemoteWorker", "use_delivery_process"]
+__all__ = ["DeliveryGroup", "DeliverySpec", "ProcessDelivery", "RemoteWorker", "use_delivery_process"]
 
 #: The delivery process's module (run as ``python -m``).
 CHILD_MODULE: Final = "fpolicyd.server.delivery_child"
@@ -88,15 +97,22 @@ class DeliverySpec:
     processing: bool
     start_timeout_s: float = 60.0
 
+    @property
+    def processes(self) -> int:
+        """How many delivery processes (``delivery_processes``)."""
+        return self.settings.delivery_processes
+
 
 class RemoteWorker:
-    """A sink worker of the delivery process, as the daemon sees it: lag from its own spool, the rest from the
-    delivery process's latest figures."""
+    """A sink worker of the delivery processes, as the daemon sees it: lag from its own spool, the rest from the
+    latest figures of every delivery process that runs it (added up when there are several)."""
 
     def __init__(self, name: str, spool: Spool, wake: Callable[[], None]) -> None:
         self.name = name
         self._spool = spool
         self._wake = wake
+        #: The latest figures, by delivery process index.
+        self._parts: dict[int, SinkFigures] = {}
         self._figures = SinkFigures(name=name)
 
     @property
@@ -118,15 +134,18 @@ class RemoteWorker:
     def figures(self) -> SinkFigures:
         return self._figures
 
-    def update(self, figures: SinkFigures) -> None:
-        self._figures = figures
+    def update(self, figures: SinkFigures, process: int = 0) -> None:
+        """The latest figures of the sink's part in delivery process ``process``."""
+        self._parts[process] = figures
+        parts = list(self._parts.values())
+        self._figures = parts[0] if len(parts) == 1 else SinkFigures.total(self.name, parts)
 
     def wake(self) -> None:
         self._wake()
 
 
 class ProcessDelivery:
-    """The daemon's side of the delivery process: start it, feed it durable seqs, record its acks, stop it."""
+    """The daemon's side of one delivery process: start it, feed it durable seqs, record its acks, stop it."""
 
     def __init__(
         self,
@@ -136,9 +155,13 @@ class ProcessDelivery:
         on_ack: Callable[[], None],
         on_fatal: Callable[[BaseException], None],
         on_figures: Callable[[], None] | None = None,
+        index: int = 0,
+        workers: Sequence[RemoteWorker] | None = None,
     ) -> None:
         """``on_figures``: called after the delivery process's figures arrived (the pipeline reads the sinks'
-        errors there: a full disk pauses reading)."""
+        errors there: a full disk pauses reading). ``index``: this process's place among ``spec.processes``;
+        ``workers``: the sinks' daemon-side views, shared by the processes of a :class:`DeliveryGroup` (default:
+        its own)."""
         self._on_figures = on_figures
         self._settings = spec.settings
         self._spool = spool
@@ -146,7 +169,11 @@ class ProcessDelivery:
         self._on_ack = on_ack
         self._on_fatal = on_fatal
         self._start_timeout_s = spec.start_timeout_s
-        self.workers = [RemoteWorker(name, spool, self.wake) for name in spec.names]
+        self.index = index
+        #: The sinks this process runs, as it said when it was ready (a shared sink runs in every process of a
+        #: group, an ordered one in the first only).
+        self.sinks: tuple[str, ...] = ()
+        self.workers = list(workers) if workers is not None else [RemoteWorker(n, spool, self.wake) for n in spec.names]
         self._by_name = {worker.name: worker for worker in self.workers}
         self._channel: Channel | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -203,6 +230,7 @@ class ProcessDelivery:
                 "processing": self._spec.processing,
                 "positions": positions,
                 "durable": spool.durable_seq,
+                "shard": {"index": self.index, "count": self._spec.processes},
             }
         )
         self._sent_durable = spool.durable_seq
@@ -216,7 +244,13 @@ class ProcessDelivery:
         except SinkError:
             await self._reap(EXIT_WAIT_S)
             raise
-        log.info("delivery_process_started", pid=self.pid, sinks=[worker.name for worker in self.workers])
+        log.info(
+            "delivery_process_started",
+            pid=self.pid,
+            index=self.index,
+            processes=self._spec.processes,
+            sinks=list(self.sinks),
+        )
 
     def wake(self) -> None:
         """New durable records exist: tell the delivery process (once per loop iteration)."""
@@ -275,9 +309,15 @@ class ProcessDelivery:
         if kind == "ack":
             self._spool.ack_delivered(str(message["sink"]), int(message["seq"]))
             self._on_ack()
+        elif kind == "acked":
+            sink = str(message["sink"])
+            for first, last in message["ranges"]:
+                self._spool.ack_delivered_range(sink, int(first), int(last))
+            self._on_ack()
         elif kind == "stats":
             self._figures(message)
         elif kind == "ready":
+            self.sinks = tuple(str(data.get("name")) for data in message.get("sinks") or ())
             self._figures(message)
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
@@ -310,7 +350,7 @@ class ProcessDelivery:
                 continue
             worker = self._by_name.get(figures.name)
             if worker is not None:
-                worker.update(figures)
+                worker.update(figures, self.index)
         if self._on_figures is not None:
             self._on_figures()
 
@@ -324,3 +364,62 @@ class ProcessDelivery:
         if not self._stopping:
             log.critical("delivery_process_exited", pid=self.pid, error=str(exc) if exc else None)
             self._on_fatal(SinkError("the delivery process exited unexpectedly", retriable=False))
+
+
+class DeliveryGroup:
+    """``spec.processes`` delivery processes as one: what the spooler starts, wakes and stops (with one process,
+    exactly :class:`ProcessDelivery`). The sinks' daemon-side views are shared; dead-letter counts are added up."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        spec: DeliverySpec,
+        *,
+        on_ack: Callable[[], None],
+        on_fatal: Callable[[BaseException], None],
+        on_figures: Callable[[], None] | None = None,
+    ) -> None:
+        self.workers = [RemoteWorker(name, spool, self.wake) for name in spec.names]
+        self.processes = [
+            ProcessDelivery(
+                spool,
+                spec,
+                on_ack=on_ack,
+                on_fatal=on_fatal,
+                on_figures=on_figures,
+                index=index,
+                workers=self.workers,
+            )
+            for index in range(spec.processes)
+        ]
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [process.pid for process in self.processes]
+
+    def dead_letter_figures(self) -> DeadLetterFigures:
+        return DeadLetterFigures.total(process.dead_letter_figures() for process in self.processes)
+
+    async def start(self) -> None:
+        """Start every process and wait until each has started its sinks; if one cannot, the others are stopped
+        and its error is raised (the first one's, in index order)."""
+        outcomes = await asyncio.gather(*(process.start() for process in self.processes), return_exceptions=True)
+        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if errors:
+            await asyncio.gather(
+                *(
+                    process.stop(0.0)
+                    for process, outcome in zip(self.processes, outcomes, strict=True)
+                    if outcome is None
+                ),
+                return_exceptions=True,
+            )
+            raise errors[0]
+
+    def wake(self) -> None:
+        for process in self.processes:
+            process.wake()
+
+    async def stop(self, timeout_s: float) -> None:
+        """Every process delivers what is durable within ``timeout_s`` (the same budget, in parallel)."""
+        await asyncio.gather(*(process.stop(timeout_s) for process in self.processes))

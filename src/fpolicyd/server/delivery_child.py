@@ -29,6 +29,7 @@ from fpolicyd.sinks.aws.clients import AwsClients
 from fpolicyd.sinks.dead_letter import DeadLetterWriter
 from fpolicyd.sinks.factory import build_senders
 from fpolicyd.sinks.runner import Sender, SinkWorker
+from fpolicyd.storage.shard import Shard
 from fpolicyd.storage.spool import ReadPosition, SpoolTail
 
 log = get_logger("fpolicyd.delivery")
@@ -46,7 +47,10 @@ class DeliveryChild:
         self._stop: asyncio.Future[float] | None = None
         self._tail: SpoolTail | None = None
         self._workers: list[SinkWorker] = []
+        #: Per sink this process runs alone: the cumulative ack last sent.
         self._sent_acks: dict[str, int] = {}
+        #: The sinks this process shares with the other delivery processes (acked as seq ranges).
+        self._shared: tuple[str, ...] = ()
         self._acks_scheduled = False
         self._failed = False
         self._dead_letter: DeadLetterWriter | None = None
@@ -72,17 +76,22 @@ class DeliveryChild:
         dead_letter = DeadLetterWriter(settings.dead_letter_file, limits=settings.dead_letter_limits())
         self._dead_letter = dead_letter
         senders: list[Sender] = list(build_senders(settings.sink_options(), clients, dead_letter, hello["uris"]))
+        shard = hello.get("shard") or {"index": 0, "count": 1}
+        senders, shards = shares(senders, int(shard["index"]), int(shard["count"]))
+        self._shared = tuple(shards)
         selectors: dict[str, Callable[[bytes], bytes | None]] = {
             sender.name: sink_selector(sender.name, processing=bool(hello["processing"])) for sender in senders
         }
         positions: dict[str, tuple[int, ReadPosition]] = {}
-        for name, pos in hello["positions"].items():
-            positions[name] = (
+        for sender in senders:
+            pos = hello["positions"][sender.name]
+            positions[sender.name] = (
                 int(pos["acked"]),
                 ReadPosition(int(pos["segment"]), int(pos["offset"]), int(pos["next"])),
             )
-            self._sent_acks[name] = int(pos["acked"])
-        tail = SpoolTail(Path(hello["spool_dir"]), positions, int(hello["durable"]))
+            if sender.name not in shards:
+                self._sent_acks[sender.name] = int(pos["acked"])
+        tail = SpoolTail(Path(hello["spool_dir"]), positions, int(hello["durable"]), shards=shards)
         self._tail = tail
         try:
             return await self._deliver(senders, selectors, tail, settings.slo_ingestion_latency_s)
@@ -184,6 +193,10 @@ class DeliveryChild:
             if acked > sent:
                 self._sent_acks[name] = acked
                 channel.send({"t": "ack", "sink": name, "seq": acked})
+        for name in self._shared:
+            ranges = tail.take_delivered(name)
+            if ranges:
+                channel.send({"t": "acked", "sink": name, "ranges": ranges})
 
     def _on_message(self, message: Message) -> None:
         kind = message.get("t")
@@ -205,6 +218,20 @@ class DeliveryChild:
         for future in (self._hello, self._stop):
             if future is not None and not future.done():
                 future.set_exception(gone)
+
+
+def shares(senders: list[Sender], index: int, count: int) -> tuple[list[Sender], dict[str, Shard]]:
+    """What delivery process ``index`` of ``count`` runs: the senders, and the shard of each sink it shares with
+    the others. A sink that keeps no order (``max_in_flight`` > 1) is shared by all of them, by blocks of one read
+    (``max_records``: every process builds the same senders from the same settings, so the blocks agree); a sink
+    that keeps order runs in process 0 alone, unshared."""
+    if not 0 <= index < count:
+        raise ValueError(f"delivery process {index} of {count}")
+    if count == 1:
+        return senders, {}
+    run = [sender for sender in senders if index == 0 or sender.max_in_flight > 1]
+    shards = {sender.name: Shard(index, count, sender.max_records) for sender in run if sender.max_in_flight > 1}
+    return run, shards
 
 
 def main(argv: list[str]) -> int:

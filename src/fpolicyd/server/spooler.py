@@ -32,7 +32,7 @@ from fpolicyd.obs.log import get_logger
 from fpolicyd.obs.metrics import COMMIT_BUCKETS, Histogram
 from fpolicyd.pipeline.backpressure import Action, BackPressureGate, Pressure, Watermarks
 from fpolicyd.pipeline.records import DUPLICATE_TAG
-from fpolicyd.server.delivery import DeliverySpec, ProcessDelivery
+from fpolicyd.server.delivery import DeliveryGroup, DeliverySpec
 from fpolicyd.server.disk_monitor import DiskMonitor
 from fpolicyd.sinks.retry import RetryPolicy
 from fpolicyd.sinks.runner import Sender, SinkHandle, SinkWorker
@@ -134,7 +134,7 @@ class Spooler:
         self.delivery = (
             None
             if delivery is None
-            else ProcessDelivery(
+            else DeliveryGroup(
                 spool, delivery, on_ack=self._after_ack, on_fatal=self._fail, on_figures=self._sinks_changed
             )
         )

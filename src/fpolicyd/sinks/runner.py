@@ -45,6 +45,11 @@ class SpoolView(Protocol):
 
     def read_seq(self, sink: str) -> int: ...
 
+    def available(self, sink: str) -> int:
+        """The records :meth:`read` could hand the sink now (a delivery process that shares the sink with others
+        counts only its own blocks)."""
+        ...
+
     def acked_seq(self, sink: str) -> int: ...
 
     def records_pending(self, sink: str) -> int: ...
@@ -188,7 +193,7 @@ class SinkWorker:
 
     def _available(self) -> int:
         """Durable records not yet read by this sink (approximate across segment gaps; only sizes a linger)."""
-        return max(0, self._spool.durable_seq - self._spool.read_seq(self.name) + 1)
+        return self._spool.available(self.name)
 
     def start(self) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}")

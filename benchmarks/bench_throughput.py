@@ -760,9 +760,19 @@ def goals(
             checks.append(("p99 frame → durable ms", p99, GOAL_DURABLE_P99_MS, False, "{:.1f}"))
         else:
             checks.append(("p99 frame → SQS acknowledged ms", p99, GOAL_SQS_P99_MS, False, "{:.1f}"))
-    peaks = [r["peak_rss_mib"] for runs in rows.values() for r in runs if "peak_rss_mib" in r and "error" not in r]
+    # The goal is the default configuration's: a row with extra delivery processes (each ~95 MiB more) is shown in
+    # the table, not held to it.
+    peaks = [
+        r["peak_rss_mib"]
+        for key, runs in rows.items()
+        if "/processes-" not in key
+        for r in runs
+        if "peak_rss_mib" in r and "error" not in r
+    ]
     peaks += [r["peak_rss_mib"] for r in latency if "peak_rss_mib" in r]
-    checks.append(("peak RSS MiB (any row)", max(peaks) if peaks else None, GOAL_RSS_MIB, False, "{:.0f}"))
+    checks.append(
+        ("peak RSS MiB (any row, one delivery process)", max(peaks) if peaks else None, GOAL_RSS_MIB, False, "{:.0f}")
+    )
     if replay is not None and replay["command"].startswith(f"fpolicyd replay-test --events {REPLAY_EVENTS} "):
         checks.append(("replay storm wall s", replay.get("wall_s"), GOAL_REPLAY_S, False, "{:.1f}"))
         checks.append(("replay storm lost events", replay.get("lost"), 0, False, "{:,.0f}"))

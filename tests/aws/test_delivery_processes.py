@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from aws_endpoint import EndpointProcess, endpoint_process
+from fpolicyd.replaytest.daemons import loopback_serve_argv
 from fpolicyd.simulator.client import SimulatorConfig, run
 from support.moto_server import isolate_aws_env
 from support.serve import Served, read_events, start_serve, stop
@@ -147,3 +148,43 @@ async def test_a_killed_delivery_process_stops_the_daemon_and_the_next_start_del
         finally:
             await finish(again, reader)
         assert set(got) == ids  # at least once, nothing else
+
+
+async def test_sigterm_to_every_process_drains_the_shared_sink_within_the_budget(tmp_path: Path, aws_env: None) -> None:
+    """systemd (KillMode=control-group) signals every process of the service: both delivery processes ignore it
+    and deliver their blocks until the daemon, draining within its budget, tells them to stop."""
+    record = tmp_path / "record.jsonl"
+    with endpoint_process(queues=(QUEUE,), record=record, latency_s=0.02) as endpoint:
+        sinks = f"sqs:{endpoint.queues[QUEUE]},jsonl:{tmp_path / 'events'}"
+        flags = ("--delivery-process", "on", "--delivery-processes", "2", "--sinks", sinks, "--sink-max-in-flight", "2")
+        daemon, reader = await start_serve(tmp_path, *flags, environment={"AWS_ENDPOINT_URL": endpoint.url})
+        try:
+            pids = [p["pid"] for p in started(daemon)]
+            ids = await send(daemon, seed=43)
+            assert len(set(received(endpoint, record))) < len(ids), "nothing left to drain: the test proves nothing"
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+            daemon.process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(daemon.process.wait(), 60) == 0
+        finally:
+            await finish(daemon, reader)
+        drained = next(r for r in daemon.log_lines if r.get("event") == "sink_drain_finished")
+        assert drained["undelivered"] == 0
+        assert sorted(received(endpoint, record)) == sorted(ids)  # every event once, from both processes
+
+
+async def test_a_sink_that_cannot_start_in_any_process_fails_the_start_with_exit_2(
+    tmp_path: Path, aws_env: None
+) -> None:
+    with endpoint_process(queues=(QUEUE,)) as endpoint:
+        missing = endpoint.queues[QUEUE].rsplit("/", 1)[0] + "/no-such-queue"
+        argv = ("--delivery-process", "on", "--delivery-processes", "2", "--sinks", f"sqs:{missing}")
+        process = await asyncio.create_subprocess_exec(
+            *loopback_serve_argv(tmp_path / "data", *argv),
+            env={**os.environ, "AWS_ENDPOINT_URL": endpoint.url},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2, err.decode()[-2000:]
+    assert "no-such-queue" in err.decode()

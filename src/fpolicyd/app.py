@@ -314,6 +314,13 @@ class Daemon:
                 detail="no longer configured: their cursors were removed and their backlog no longer holds segments",
             )
         remote = use_delivery_process(settings.delivery_process.value)
+        if not remote and settings.delivery_processes > 1:
+            log.warning(
+                "delivery_processes_ignored",
+                delivery_processes=settings.delivery_processes,
+                detail="delivery_process = auto and this process may use one CPU: the sinks run in the daemon's own "
+                "process (delivery_process = on starts the delivery processes anyway)",
+            )
         delivery: DeliverySpec | None = None
         if remote:
             delivery = DeliverySpec(

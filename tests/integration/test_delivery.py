@@ -189,3 +189,27 @@ async def test_exact_dedup_survives_sigkill_the_window_is_rebuilt_from_journal_a
     events = read_events(tmp_path)
     assert len({event["event_id"] for event in events}) == sent
     assert len({orjson.dumps(event) for event in events}) == sent
+
+
+async def test_several_delivery_processes_on_one_cpu_are_said_to_be_ignored(tmp_path: Path) -> None:
+    """``delivery_process = auto`` on one CPU runs the sinks in the daemon: a ``delivery_processes`` above 1 is
+    then ignored, and the log says so rather than leaving an operator to wonder where the processes are."""
+    process = await asyncio.create_subprocess_exec(
+        *loopback_serve_argv(tmp_path, "--delivery-processes", "2"),
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    lines: list[dict[str, Any]] = []
+    try:
+        while not any(r.get("event") == "listening" for r in lines):
+            line = await asyncio.wait_for(process.stderr.readline(), 30)
+            assert line, f"the daemon exited: {lines[-5:]}"
+            lines.append(orjson.loads(line))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
+    ignored = [r for r in lines if r.get("event") == "delivery_processes_ignored"]
+    assert [r["delivery_processes"] for r in ignored] == [2]
+    assert not any(r.get("event") == "delivery_process_started" for r in lines)

@@ -155,8 +155,8 @@ class AwsSender:
         self._fit_to_queue(await check_sqs(await self._clients.sqs(), self.target))
 
     def _plan(self, records: Sequence[Record]) -> list[Batch | Oversize]:
-        if not self.packing:
-            return plan_batches((Item(r.payload, ref=r) for r in records), self.target)
+        if not self.packing or not self._unsettled:  # nothing left over from an earlier send: all of it is new
+            return plan_batches([Item(r.payload, ref=r) for r in records], self.target)
         # Records of a packed message that is still unsettled come back together (the worker sends exactly
         # what a send left pending); that message goes out again as it was. Any other record is packed anew.
         wanted = {r.seq for r in records}

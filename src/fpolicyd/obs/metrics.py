@@ -244,9 +244,11 @@ class SpooledRecord(Protocol):
 
 
 #: Records of one acknowledged batch whose latency is read (the rest are represented by them, see ``settled``).
-#: Reading the two timestamps costs ~1-3 µs per record on this project's machine; at 32 per batch it vanishes
-#: at high rates (batches of hundreds) and every record is read at low rates (benchmarks/bench_metrics.py).
-LATENCY_SAMPLES: Final = 32
+#: Reading the two timestamps costs ~1-3 µs per record on this project's machine (benchmarks/bench_metrics.py).
+#: An AWS sink's read is 40 records: at 32 samples that was ~2.5 µs of an SQS event's ~33 µs of delivery work; at
+#: 8 (each standing for its 5 neighbours of one read, acked together) SQS delivery costs ~3 µs less per event
+#: (benchmarks/bench_delivery.py, interleaved). Every record is still read at low rates (batches of up to 8).
+LATENCY_SAMPLES: Final = 8
 
 
 class SinkInstruments:

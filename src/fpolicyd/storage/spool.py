@@ -1239,15 +1239,27 @@ class SpoolTail:
         if max_records < 1 or max_bytes < 1:
             raise ValueError(f"max_records and max_bytes must be positive, got {max_records} and {max_bytes}")
         c = self._cursor(sink)
-        if c.shard is not None:
-            return self._read_shard(c, c.shard, max_records, max_bytes)
+        if c.shard is None:
+            return self._read_upto(c, max_records, max_bytes, self._durable_seq)
+        # A sharded sink: past other shards' records up to its first own one, then its own up to their block's end.
+        shard, limit = c.shard, self._durable_seq
+        self._skip_others(c, shard, limit)
+        out = (
+            []
+            if c.next_seq > limit
+            else self._read_upto(c, max_records, max_bytes, min(limit, shard.block_last(c.next_seq)))
+        )
+        self._settle(c)
+        return out
+
+    def _read_upto(self, c: _TailCursor, max_records: int, max_bytes: int, limit: int) -> list[Record]:
+        """Records from the read position up to seq ``limit``, within ``max_records``/``max_bytes`` (at least one)."""
         out: list[Record] = []
         append = out.append
         unpack_from = _REC_HEADER.unpack_from
         crc32 = _crc32
         new_record = _new_record
         total = 0
-        limit = self._durable_seq
         while len(out) < max_records and c.next_seq <= limit:
             chunk = self._chunk(c)
             if chunk is None:
@@ -1307,85 +1319,43 @@ class SpoolTail:
             return None
         return path, buf
 
-    def _read_shard(self, c: _TailCursor, shard: Shard, max_records: int, max_bytes: int) -> list[Record]:
-        """:meth:`read` on a sharded sink: skip other shards' records (seq and length checked, not the CRC) up to
-        the first owned one, then hand out owned records up to the end of their block."""
-        out: list[Record] = []
-        append = out.append
+    def _skip_others(self, c: _TailCursor, shard: Shard, limit: int) -> None:
+        """Move a sharded sink's read position over other shards' records (seq and length checked, not the CRC)
+        up to its first own record or past ``limit``, and record what it passed as a batch already acknowledged."""
         unpack_from = _REC_HEADER.unpack_from
-        new_record = _new_record
-        block_records, count, index = shard.block_records, shard.count, shard.index
-        total = 0
-        limit = self._durable_seq
-        skip_first = skip_last = 0  # other shards' records skipped and not yet recorded as a batch (0: none)
-        block_end = 0  # last seq of the block the previous record was in (0: none yet)
-        owned = False
-        done = False
-        while not done and c.next_seq <= limit:
-            chunk = self._chunk(c)
-            if chunk is None:
-                continue
-            path, buf = chunk
-            pos = 0
-            offset, next_seq = c.offset, c.next_seq
-            try:
-                while next_seq <= limit and pos + _REC_HDR <= len(buf):
-                    length, crc, seq = unpack_from(buf, pos)
-                    if seq != next_seq or length == 0:
-                        raise SpoolCorruptError(f"spool: {path} offset {offset}: expected record {next_seq}")
-                    if seq > block_end:  # a new block (seqs may skip whole blocks between segments)
-                        if out:
-                            done = True  # a read stays within one block
-                            break
-                        block = (seq - 1) // block_records
-                        block_end = (block + 1) * block_records
-                        owned = block % count == index
-                        if owned and skip_first:
-                            c.batches.append([skip_first, skip_last, _BATCH_SKIPPED])
-                            skip_first = 0
-                    stop = pos + _REC_HDR + length
-                    if not owned:
+        skip_first = skip_last = 0  # the records passed (0: none)
+        block_end = 0  # the last seq of the block of the record before (0: none yet)
+        try:
+            while c.next_seq <= limit:
+                chunk = self._chunk(c)
+                if chunk is None:
+                    continue
+                path, buf = chunk
+                pos = 0
+                offset, next_seq = c.offset, c.next_seq
+                try:
+                    while next_seq <= limit and pos + _REC_HDR <= len(buf):
+                        length, _crc, seq = unpack_from(buf, pos)
+                        if seq != next_seq or length == 0:
+                            raise SpoolCorruptError(f"spool: {path} offset {offset}: expected record {next_seq}")
+                        if seq > block_end:  # a new block (seqs may skip whole blocks between segments)
+                            if shard.owns(seq):
+                                return
+                            block_end = shard.block_last(seq)
+                        stop = pos + _REC_HDR + length
                         # Past the chunk: its last byte must be in the file (read before the next record's header).
                         if stop > len(buf) and not _pread(c.fd, 1, offset + stop - pos - 1, path):
                             raise SpoolCorruptError(f"spool: {path} ends inside record {seq}")
-                        if not skip_first:
-                            skip_first = seq
+                        skip_first = skip_first or seq
                         skip_last = seq
                         offset += stop - pos
                         next_seq = seq + 1
                         pos = stop
-                        continue
-                    if len(out) >= max_records:
-                        done = True
-                        break
-                    if stop > len(buf):
-                        if pos > 0:
-                            break
-                        buf = _pread(c.fd, _REC_HDR + length, offset, path)  # one record bigger than a chunk
-                        if len(buf) < _REC_HDR + length:
-                            raise SpoolCorruptError(f"spool: {path} ends inside record {next_seq}")
-                        continue
-                    if out and total + length > max_bytes:
-                        done = True
-                        break
-                    payload = buf[pos + _REC_HDR : stop]
-                    if _crc32(payload) != crc:
-                        raise SpoolCorruptError(f"spool: {path} offset {offset}: record {seq} fails its checksum")
-                    append(new_record(Record, (seq, payload)))
-                    total += length
-                    offset += stop - pos
-                    next_seq = seq + 1
-                    pos = stop
-                    if total >= max_bytes:
-                        done = True
-                        break
-            finally:
-                c.offset, c.next_seq = offset, next_seq
-        if skip_first:
-            c.batches.append([skip_first, skip_last, _BATCH_SKIPPED])
-        self._handed_out(c, out)
-        self._settle(c)
-        return out
+                finally:
+                    c.offset, c.next_seq = offset, next_seq
+        finally:
+            if skip_first:
+                c.batches.append([skip_first, skip_last, _BATCH_SKIPPED])
 
     def _next_segment(self, c: _TailCursor) -> bool:
         """Move to the segment after the current one (seqs may skip between segments); False if there is none."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import functools
 import hashlib
 import itertools
 import re
@@ -256,6 +257,28 @@ def _add_attribute(attributes: dict[str, dict[str, str]], name: str, value: str)
     return _ATTRIBUTE_OVERHEAD[name] + len(safe.encode("utf-8"))
 
 
+#: Attribute sets kept built by :func:`_message_attributes`. Events of one cluster share few (operation, SVM,
+#: routes) combinations; a stream with more distinct ones only builds them again (~1.5 µs an event).
+ATTRIBUTE_SETS_CACHED: Final = 4096
+
+
+@functools.lru_cache(maxsize=ATTRIBUTE_SETS_CACHED)
+def _message_attributes(operation: str, svm: str, routes: str) -> tuple[dict[str, dict[str, str]] | None, int]:
+    """The MessageAttributes of an event with these values (None when all are empty: an empty attribute is not
+    allowed, "Name, type, value and the message body must not be empty") and what they count against the
+    message size. Built once per distinct set and shared by every entry that has it: never modify the result
+    (orjson and botocore's serializer only read it)."""
+    attributes: dict[str, dict[str, str]] = {}
+    size = 0
+    if operation:
+        size += _add_attribute(attributes, "operation", operation)
+    if svm:
+        size += _add_attribute(attributes, "svm", svm)
+    if routes:
+        size += _add_attribute(attributes, "routes", routes)
+    return attributes or None, size
+
+
 def _routes_text(routes: Any) -> str:
     """``metadata.routes`` comma-joined (empty and null members left out); "" for anything but a list."""
     if not routes or not isinstance(routes, list | tuple):
@@ -279,20 +302,13 @@ def _encode_sqs(
     """The entry and its size (``fifo``: the target's, when the caller already knows it; ``event``: the parsed
     event, when the caller has it — a FIFO queue's ids read members :class:`_Fields` does not hold)."""
     body, size = _sqs_body(fields.text, len(event_json))
-    attributes: dict[str, dict[str, str]] = {}
-    # Empty attribute values are not allowed ("Name, type, value and the message body must not be empty").
-    operation = _text(fields.operation_type)
-    if operation:
-        size += _add_attribute(attributes, "operation", operation)
-    svm = _text(fields.svm_name)
-    if svm:
-        size += _add_attribute(attributes, "svm", svm)
-    joined = _routes_text(fields.routes)
-    if joined:
-        size += _add_attribute(attributes, "routes", joined)
+    attributes, attributes_size = _message_attributes(
+        _text(fields.operation_type), _text(fields.svm_name), _routes_text(fields.routes)
+    )
     entry: dict[str, Any] = {"Id": entry_id, "MessageBody": body}
-    if attributes:
+    if attributes is not None:
         entry["MessageAttributes"] = attributes
+        size += attributes_size
     if target.fifo if fifo is None else fifo:
         if event is None:
             event = _load_event(event_json)

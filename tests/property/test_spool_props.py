@@ -1,5 +1,8 @@
 """The spool against an in-memory model, under random appends, syncs, reads, acks, checkpoints and crashes.
 
+Acks may also come from another process that read the records itself (``ack_delivered``), overtaking the
+spool's own read position.
+
 A crash drops the spool without closing it (the write buffer is lost) and may also cut the last segment file
 anywhere past the last sync point (an OS crash losing unsynced data). Invariants: every synced record is
 recoverable; nothing acked and checkpointed is delivered again; nothing is delivered that was not appended, and
@@ -175,6 +178,17 @@ class SpoolMachine(RuleBasedStateMachine):
             if len(self.inflight[sink]) == before:
                 break
         self.ack_everything_read(sink)
+
+    @rule(sink=sinks, where=st.floats(min_value=0.0, max_value=1.0))
+    def ack_delivered(self, sink: str, where: float) -> None:
+        """Another process (the delivery process) read and delivered up to a durable seq: the ack overtakes this
+        spool's own read position, which must then resume just after it."""
+        if self.inflight[sink] or self.s.durable_seq <= self.acked[sink]:
+            return
+        up_to = self.acked[sink] + 1 + int(where * (self.s.durable_seq - self.acked[sink] - 1))
+        self.s.ack_delivered(sink, up_to)
+        self.acked[sink] = up_to
+        self.settle(sink)
 
     @rule(sink=sinks)
     def rewind(self, sink: str) -> None:

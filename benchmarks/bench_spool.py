@@ -14,8 +14,8 @@ event loop's share) and, where a commit is asynchronous, the append → durable 
 - ``sqlite WAL NORMAL|FULL``: one transaction per group (``executemany`` + commit) on the appending thread.
 - ``sqlite WAL FULL 5ms``: one transaction per 5 ms (SQLite's best group commit without a second thread).
 
-Then it reads everything back and acks it (segments: read + ack_range; SQLite: SELECT + DELETE), and times
-crc32 on 1 KB.
+Then it reads everything back and acks it (segments: read + ack_range; SQLite: SELECT + DELETE). First it times
+crc32 on 1 KB and the daemon's side of an ack from a delivery process (``ack_delivered``, one per 40 records).
 """
 
 from __future__ import annotations
@@ -198,6 +198,25 @@ def bench_sqlite(
     return Result(name, n, elapsed, cpu, (), read_rate)
 
 
+def bench_acks_from_another_process(directory: Path, *, records: int, every: int) -> float:
+    """µs per ``Spool.ack_delivered``: the daemon's bookkeeping when a delivery process acks every ``every`` records
+    it read itself (the acks overtake the spool's own read position, which the daemon never uses)."""
+    spool = Spool.open(SpoolSettings(directory=directory, fsync=SpoolFsync.never), ["a"])
+    try:
+        group = payloads(1000)
+        for _ in range(records // len(group)):
+            spool.append_many(group)
+        spool.flush()
+        last = spool.sync()
+        acks = range(every, last + 1, every)
+        started = time.perf_counter()
+        for up_to in acks:
+            spool.ack_delivered("a", up_to)
+        return (time.perf_counter() - started) / len(acks) * 1e6
+    finally:
+        spool.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=2.0, help="time budget per case")
@@ -231,6 +250,10 @@ def main() -> int:
         lambda d: bench_sqlite("sqlite WAL FULL", d / "s.db", **sq("FULL", "per-group")),
         lambda d: bench_sqlite("sqlite WAL FULL 5ms", d / "s.db", **sq("FULL", "5ms")),
     ]
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        per_ack = bench_acks_from_another_process(Path(tmp), records=100_000, every=40)
+    print(f"ack_delivered    {per_ack:.1f} µs per ack (a delivery process's ack, one per 40 records)")
+
     print(f"\n1 KB payloads, groups of {args.group}, ≤{args.seconds:g} s or ≤{args.max_mb} MB per case")
     print(f"{'case':<27} {'records/s':>12} {'MB/s':>8} {'owner µs':>9} {'durable p50/p99':>15} {'read+ack/s':>12}")
     for case in cases:

@@ -1,6 +1,7 @@
 """A local SQS + EventBridge endpoint for throughput work: answers like AWS, costs almost nothing per request.
 
     python benchmarks/aws_endpoint.py [--port 0] [--record FILE [--record-times]] [--queue NAME]... [--bus NAME]...
+        [--tls-cert PEM --tls-key PEM]
 
 prints one JSON line (``{"url": ..., "queues": {name: url}, "buses": [...], "region": ..., "pid": ...}``) on
 stdout, then serves until SIGTERM/SIGINT and prints the final counts as one more JSON line. moto (the test AWS)
@@ -643,7 +644,13 @@ class EndpointProcess:
 
     def stats(self) -> dict[str, Any]:
         """The counts so far (``GET /_stats``; the record file is flushed before the answer)."""
-        with urllib.request.urlopen(f"{self.url}/_stats", timeout=10) as response:
+        # The benchmark's own endpoint on loopback: its self-issued certificate is not checked for this call.
+        context = None
+        if self.url.startswith("https:"):
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        with urllib.request.urlopen(f"{self.url}/_stats", timeout=10, context=context) as response:
             data: dict[str, Any] = json.loads(response.read())
             return data
 
@@ -651,6 +658,22 @@ class EndpointProcess:
 #: How long a subprocess endpoint may take to print its URL, and to exit after SIGTERM.
 PROCESS_START_TIMEOUT_S: Final = 30.0
 PROCESS_STOP_TIMEOUT_S: Final = 10.0
+
+
+def self_issued_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """(certificate chain, private key, CA bundle) PEM files for 127.0.0.1, from a throw-away CA (trustme, a test
+    dependency), written to ``directory``: for ``endpoint_process(tls=...)`` and ``AWS_CA_BUNDLE``."""
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    chain, key, bundle = directory / "server.pem", directory / "server.key", directory / "ca.pem"
+    server.cert_chain_pems[0].write_to_path(str(chain))
+    for extra in server.cert_chain_pems[1:]:
+        extra.write_to_path(str(chain), append=True)
+    server.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(bundle))
+    return chain, key, bundle
 
 
 @contextlib.contextmanager
@@ -663,9 +686,11 @@ def endpoint_process(
     faults: Faults = Faults(),
     env: dict[str, str] | None = None,
     latency_s: float = 0.0,
+    tls: tuple[Path, Path] | None = None,
 ) -> Iterator[EndpointProcess]:
     """Run the endpoint in its own process (so its CPU is not the caller's) on 127.0.0.1, port 0; stop it with
-    SIGTERM on exit."""
+    SIGTERM on exit. ``tls``: (certificate chain, private key) PEM files: serve HTTPS (the client must trust the
+    certificate, e.g. ``AWS_CA_BUNDLE``); :meth:`EndpointProcess.stats` then does not verify it."""
     command = [sys.executable, str(Path(__file__).resolve())]
     for name in queues:
         command += ["--queue", name]
@@ -687,6 +712,8 @@ def endpoint_process(
         "--latency-ms",
         str(latency_s * 1000),
     ]
+    if tls is not None:
+        command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
     try:
         assert process.stdout is not None
@@ -759,7 +786,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--latency-ms", type=float, default=0.0, help="answer every request this long after it arrived (0..10000)"
     )
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate chain (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    context: ssl.SSLContext | None = None
+    if args.tls_cert is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     faults = Faults(
         request_every=args.request_fault_every,
         request_error=args.request_fault,
@@ -773,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_times=args.record_times,
         faults=faults,
         latency_s=args.latency_ms / 1000,
+        ssl_context=context,
     )
     loop = _new_loop()
     try:

@@ -1,6 +1,7 @@
 """CPU per event of the delivery work alone: spool → SQS / EventBridge, in one process, nothing else running in it.
 
     .venv/bin/python benchmarks/bench_delivery.py [--events 50000] [--runs 3] [--rows sqs,eventbridge,sqs-packed]
+        [--tls]
 
 What the delivery process of ``fpolicyd serve`` does for an AWS sink, without the daemon, the load generator or
 the other process's reads: a spool is filled beforehand with the simulator corpus's events (stored exactly as the
@@ -11,14 +12,16 @@ the sender ``sinks/factory.py`` builds from the default settings reads it throug
 CPU count (this process, all threads) run from the worker's start to the last ack. Not counted: the acks' trip to
 the daemon (the delivery channel) and the figures sent to it every 0.5 s.
 
-Rows run interleaved (run 1 of every row, then run 2); each prints events/s, delivery CPU µs per event and per
-request, requests per event, and the endpoint's CPU µs per event.
+``--tls``: the endpoint serves HTTPS, as AWS does, so the client's TLS work is counted too. Rows run interleaved
+(run 1 of every row, then run 2); each prints events/s, delivery CPU µs per event and per request, requests per
+event, and the endpoint's CPU µs per event.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
@@ -31,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import uvloop  # noqa: E402
 
-from aws_endpoint import EndpointProcess, endpoint_process  # noqa: E402 - benchmarks are run as scripts
+from aws_endpoint import EndpointProcess, endpoint_process, self_issued_certificate  # noqa: E402 - benchmarks are run as scripts
 from bench_ingest_step import RECEIVED_US, corpus, ingest_session  # noqa: E402
 from daemon_process import cpu_seconds  # noqa: E402
 from fpolicyd.config import Settings, load_settings  # noqa: E402
@@ -166,6 +169,12 @@ def main() -> int:
         default=0.0,
         help="the endpoint answers each request this late (an AWS region: ~10-30 ms; default 0: at once)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="the endpoint serves HTTPS (a certificate issued by a throw-away CA, trusted through AWS_CA_BUNDLE), "
+        "as AWS does: the client's TLS work is then in the delivery CPU",
+    )
     args = parser.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(rows) - set(ROWS)
@@ -175,7 +184,16 @@ def main() -> int:
     events = stored_events(args.events)
     tune_garbage_collector(load_settings(search_default_paths=False).gc_young_threshold)  # as the delivery process does
     results: dict[tuple[str, int | None], list[dict[str, Any]]] = {(r, n): [] for r in rows for n in in_flights}
-    with endpoint_process(queues=("fpolicy-bench",), latency_s=args.endpoint_latency_ms / 1000) as endpoint:
+    with contextlib.ExitStack() as stack:
+        tls = None
+        if args.tls:
+            tls = self_issued_certificate(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+            os.environ["AWS_CA_BUNDLE"] = str(tls[2])
+        endpoint = stack.enter_context(
+            endpoint_process(
+                queues=("fpolicy-bench",), latency_s=args.endpoint_latency_ms / 1000, tls=tls and (tls[0], tls[1])
+            )
+        )
         os.environ.update(
             AWS_ENDPOINT_URL=endpoint.url,
             AWS_REGION=endpoint.region,
@@ -187,7 +205,7 @@ def main() -> int:
                 runs.append(run_row(row, endpoint, events, in_flight))
     print(
         f"{len(events):,} events per run, {args.runs} runs per row, interleaved; ranges over runs; the endpoint "
-        f"answers after {args.endpoint_latency_ms:g} ms"
+        f"answers after {args.endpoint_latency_ms:g} ms, over {'HTTPS' if args.tls else 'plain HTTP'}"
     )
     print(
         "| row | in flight | events/s | delivery CPU µs/event | µs/request | requests/event | endpoint CPU µs/event |"

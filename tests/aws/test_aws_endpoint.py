@@ -20,7 +20,7 @@ import pytest
 import trustme
 from botocore.exceptions import ClientError, SSLError
 
-from aws_endpoint import AwsEndpoint, Faults, endpoint_process
+from aws_endpoint import AwsEndpoint, Faults, endpoint_process, self_issued_certificate
 from fpolicyd.app import Daemon
 from fpolicyd.errors import SinkError
 from fpolicyd.events import FileEvent
@@ -209,6 +209,27 @@ async def test_endpoint_as_a_process(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         stats = endpoint.stats()
         assert stats["messages"] == {"q": 12}
         assert len(record.read_bytes().splitlines()) == 12
+
+
+async def test_endpoint_process_over_https(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``--tls-cert``/``--tls-key`` (what ``bench_delivery.py --tls`` runs): the process serves HTTPS only, the
+    lean client trusts it through ``AWS_CA_BUNDLE`` and delivers, and a client that does not trust it is refused."""
+    isolate_aws_env(monkeypatch, tmp_path)
+    chain, key, bundle = self_issued_certificate(tmp_path)
+    with endpoint_process(queues=("q",), buses=("bus",), tls=(chain, key)) as endpoint:
+        assert endpoint.url.startswith("https://127.0.0.1:")
+        target = SqsTarget(endpoint.queues["q"])
+        (batch,) = batches(make_items(3), target)
+        async with AwsClients(endpoint_url=endpoint.url, region_name=endpoint.region) as untrusted:
+            with pytest.raises(SSLError):
+                await send_sqs_batch(await untrusted.sqs_data(), target, batch)
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+        async with AwsClients(endpoint_url=endpoint.url, region_name=endpoint.region) as clients:
+            lean = await clients.sqs_data()
+            assert isinstance(lean, LeanAwsClient)
+            for batch in batches(make_items(12), target):
+                assert len((await send_sqs_batch(lean, target, batch)).succeeded) == len(batch)
+        assert endpoint.stats()["messages"] == {"q": 12}
 
 
 async def test_sender_sends_after_a_retriable_health_check_failure(

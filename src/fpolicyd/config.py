@@ -247,8 +247,8 @@ class Settings(BaseSettings):
     )
     pure_python: bool = Field(
         False,
-        description="Build every event on the pure-Python path, even where the C accelerator (fpolicyd._speedups) "
-        "is built; the ingest_path log line at start says which path runs.",
+        description="Split frames and build every event on the pure-Python path, even where the C accelerator "
+        "(fpolicyd._speedups) is built; the ingest_path log line at start says which path runs.",
     )
     path_max_chars: int = Field(
         0,

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 from fpolicyd.app import Daemon
 from fpolicyd.events import NameMaps, normalize
 from fpolicyd.pipeline.router import Router
+from fpolicyd.protocol import framing
 from fpolicyd.protocol.context import SessionContext
 from fpolicyd.protocol.req_types import parse_req_type
 from fpolicyd.server.processing import CURSOR as PROCESSING_CURSOR
@@ -55,14 +56,43 @@ def decoders(families: dict[str, list[Sample]]) -> dict[str, float]:
     return {s.labels["decoder"]: s.value for s in family if s.name.endswith("_total")}
 
 
+def count_frame_splits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the daemon's reads the C accelerator's frame splitter is given from now on: reads that carry a
+    SCREEN_REQ (the simulator's own reader, in this process too, reads only answers). Readers take the splitter when
+    they are built, so this counts for every connection opened after it."""
+    if framing._split_frames is None:
+        pytest.skip("the C accelerator is not built here (tests/unit/test_speedups_build.py says why)")
+    real = framing._split_frames
+    calls: list[int] = []
+
+    def spy(data: bytes, frames: list[bytes], maximum: int) -> int:
+        if b">SCREEN_REQ<" in data:
+            calls.append(len(data))
+        return real(data, frames, maximum)
+
+    monkeypatch.setattr(framing, "_split_frames", spy)
+    return calls
+
+
 @pytest.mark.settings(pure_python=True)
-async def test_pure_python_runs_when_asked(daemon: Daemon) -> None:
+async def test_pure_python_runs_when_asked(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiled code on the reader's path: events built in Python, frames split in Python."""
     assert daemon.context.ingest.accelerator.path == "python"
+    splits = count_frame_splits(monkeypatch)
     report = await run(SimulatorConfig(port=daemon.port, nodes=1, events=40, seed=3, keep_alive_interval_s=0))
     await settle(daemon, report.sent)
     after = await scrape(daemon)
     assert one(after, "fpolicyd_ingest_accelerated") == 0
     assert decoders(after) == {"accelerated": 0, "fast": report.sent, "full": 0}
+    assert splits == []
+
+
+async def test_the_accelerator_splits_frames_by_default(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    splits = count_frame_splits(monkeypatch)
+    report = await run(SimulatorConfig(port=daemon.port, nodes=1, events=40, seed=3, keep_alive_interval_s=0))
+    await settle(daemon, report.sent)
+    assert daemon.context.ingest.accelerator.path == "c"
+    assert splits, "the frame reader did not use the accelerator's splitter"
 
 
 async def test_metrics_exist_before_traffic_and_count_exactly_what_was_sent(daemon: Daemon, tmp_path: Path) -> None:

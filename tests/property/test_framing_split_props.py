@@ -41,22 +41,16 @@ pieces = st.one_of(
 
 def run(stream: bytes, cuts: list[int], max_frame_bytes: int, *, accelerated: bool) -> list[Outcome]:
     """Feed ``stream`` cut at ``cuts``; per read, the payloads and buffered bytes, or the error; then stop."""
-    saved = framing._split_frames
-    if not accelerated:
-        framing._split_frames = None
-    try:
-        reader = XmlFrameReader(max_frame_bytes=max_frame_bytes)
-        out: list[Outcome] = []
-        for read in reads(stream, cuts):
-            try:
-                frames = reader.feed(read)
-            except RemoteProtocolError as exc:
-                out.append(("error", (exc.reason, exc.detail), reader.buffered))
-                break
-            out.append(("frames", frames, reader.buffered))
-        return out
-    finally:
-        framing._split_frames = saved
+    reader = XmlFrameReader(max_frame_bytes=max_frame_bytes, accelerate=accelerated)
+    out: list[Outcome] = []
+    for read in reads(stream, cuts):
+        try:
+            frames = reader.feed(read)
+        except RemoteProtocolError as exc:
+            out.append(("error", (exc.reason, exc.detail), reader.buffered))
+            break
+        out.append(("frames", frames, reader.buffered))
+    return out
 
 
 def reads(stream: bytes, cuts: list[int]) -> Iterator[bytes]:

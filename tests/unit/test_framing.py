@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 
 from fpolicyd.errors import RemoteProtocolError
+from fpolicyd.protocol import framing
 from fpolicyd.protocol.framing import XmlFrameReader, encode_frame, split_payload
+from fpolicyd.protocol.readers import ReaderName, make_reader
 from support.captures import CAPTURES, KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 
 ALL_FRAMES = [c.frame for c in CAPTURES]
@@ -118,3 +120,25 @@ def test_encode_frame_counts_the_nul() -> None:
     frame = encode_frame(b"<h/>", b"<b/>")
     assert frame == b'"\x00\x00\x00\x0b"<h/>\n\n<b/>\x00'
     assert encode_frame(b"<h/>", None) == b'"\x00\x00\x00\x05"<h/>\x00'
+
+
+@pytest.mark.parametrize("name", [ReaderName.XML, ReaderName.AUTO])
+def test_a_reader_built_without_the_accelerator_never_calls_it(
+    name: ReaderName, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``accelerate=False`` (the ``pure_python`` setting) splits in Python only, also when auto-detection picks XML;
+    with it, the same reader hands its reads to the accelerator's splitter (a stand-in here, so this runs whether
+    or not the module is built)."""
+    calls: list[int] = []
+
+    def splitter(data: bytes, frames: list[bytes], maximum: int) -> int:
+        calls.append(len(data))
+        return 0  # takes nothing: the Python loop does it all
+
+    monkeypatch.setattr(framing, "_split_frames", splitter)
+    stream = b"".join(ALL_FRAMES)
+    expected = [c.frame[6:] for c in CAPTURES]
+    assert make_reader(name, accelerate=False).feed(stream) == expected
+    assert calls == []
+    assert make_reader(name).feed(stream) == expected
+    assert calls == [len(stream)]

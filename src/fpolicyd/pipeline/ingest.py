@@ -73,7 +73,7 @@ class Ingest:
     #: Data classification applied to each event before it is stored; None: events are stored as built.
     redact: Callable[[FileEvent], FileEvent] | None = None
     #: Build events with the C accelerator where it is built and nothing redacts; False: the Python path only
-    #: (the ``pure_python`` setting).
+    #: (the ``pure_python`` setting; the connections' frame readers then split without it too).
     accelerate: bool = True
     #: Paths longer than this many characters are cut as events are built (``path_max_chars``; 0: kept whole).
     path_max_chars: int = 0

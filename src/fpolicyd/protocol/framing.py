@@ -75,9 +75,14 @@ class BufferedFrameReader:
 
 
 class XmlFrameReader(BufferedFrameReader):
-    """Splits a byte stream into XML-mode payloads."""
+    """Splits a byte stream into XML-mode payloads. ``accelerate=False`` splits in Python only, even where the C
+    accelerator is built (the ``pure_python`` setting)."""
 
-    __slots__ = ()
+    __slots__ = ("_split",)
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, accelerate: bool = True) -> None:
+        super().__init__(max_frame_bytes)
+        self._split = _split_frames if accelerate else None
 
     def feed(self, data: bytes) -> list[bytes]:
         if self._error is not None:
@@ -88,7 +93,8 @@ class XmlFrameReader(BufferedFrameReader):
                 data = self._complete_pending(data, frames)
             # The accelerator takes the leading complete frames with a valid prefix; the loop takes what it left (it
             # raises for a bad prefix, keeps an incomplete frame), so the frames and errors are the loop's alone.
-            pos = 0 if _split_frames is None else _split_frames(data, frames, self._max)
+            split = self._split
+            pos = 0 if split is None else split(data, frames, self._max)
             end = len(data)
             while end - pos >= PREFIX_LEN:
                 length = self._check_prefix(data[pos : pos + PREFIX_LEN])

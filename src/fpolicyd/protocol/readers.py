@@ -225,12 +225,13 @@ def classify(head: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Det
 class AutoReader:
     """Buffers the first bytes until :func:`classify` decides, then hands everything to the chosen reader."""
 
-    __slots__ = ("_chosen", "_error", "_head", "_max", "_reader")
+    __slots__ = ("_accelerate", "_chosen", "_error", "_head", "_max", "_reader")
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, accelerate: bool = True) -> None:
         if max_frame_bytes < 1:
             raise ValueError("max_frame_bytes must be at least 1")
         self._max = max_frame_bytes
+        self._accelerate = accelerate
         self._head = b""
         self._reader: FrameReader | None = None
         self._chosen: ReaderName | None = None
@@ -261,22 +262,27 @@ class AutoReader:
             self._head = head
             return []
         self._chosen = ReaderName(detection.value)
-        self._reader = make_reader(self._chosen, self._max)
+        self._reader = make_reader(self._chosen, self._max, accelerate=self._accelerate)
         self._head = b""
         return self._reader.feed(head)
 
 
-def make_reader(name: ReaderName | str, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FrameReader:
-    """A new reader by name; a name that is not a :class:`ReaderName` raises ValueError listing the names."""
+def make_reader(
+    name: ReaderName | str, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, accelerate: bool = True
+) -> FrameReader:
+    """A new reader by name; a name that is not a :class:`ReaderName` raises ValueError listing the names.
+    ``accelerate=False``: the XML reader (also when auto-detection picks it) splits without the C accelerator."""
     try:
         reader_name = ReaderName(name)
     except ValueError:
         raise ValueError(f"unknown frame reader {name!r}; one of {', '.join(r.value for r in ReaderName)}") from None
+    if reader_name is ReaderName.XML:
+        return XmlFrameReader(max_frame_bytes, accelerate=accelerate)
+    if reader_name is ReaderName.AUTO:
+        return AutoReader(max_frame_bytes, accelerate=accelerate)
     factory: dict[ReaderName, Callable[[int], FrameReader]] = {
-        ReaderName.XML: XmlFrameReader,
         ReaderName.PROTOBUF_LENGTH_PREFIXED: LengthPrefixedReader,
         ReaderName.PROTOBUF_VARINT_DELIMITED: VarintDelimitedReader,
-        ReaderName.AUTO: AutoReader,
     }
     return factory[reader_name](max_frame_bytes)
 

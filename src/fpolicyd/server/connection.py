@@ -199,7 +199,7 @@ class FPolicyConnection(asyncio.Protocol):
         self._ctx = ctx
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._reader = make_reader(ctx.frame_reader, ctx.max_frame_bytes)
+        self._reader = make_reader(ctx.frame_reader, ctx.max_frame_bytes, accelerate=ctx.ingest.accelerate)
         self._capture: ConnectionCapture | None = None
         self._session: Session | None = None
         self._ingest: IngestSession | None = None

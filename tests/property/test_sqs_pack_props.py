@@ -10,8 +10,10 @@ fit; planning is deterministic (a packed FIFO message's deduplication id is a fu
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
+import zlib
 from collections import defaultdict
 from typing import Any
 
@@ -208,3 +210,20 @@ def test_an_uncompressed_message_closes_only_when_the_next_event_does_not_fit(
             together = [*carried(before), first]
             if isinstance(before, Entry) and isinstance(after, Entry) and all(packable(i) for i in together):
                 assert plain_packed_size(together, target) > target.pack_limit
+
+
+@SETTINGS
+@given(
+    data=st.binary(max_size=5000) | st.lists(text, max_size=200).map(lambda t: "".join(t).encode("utf-8")),
+    level=st.integers(min_value=1, max_value=9),
+)
+def test_gzip_is_one_standard_member_at_every_level(data: bytes, level: int) -> None:
+    """What a consumer gunzips (level 1 is ISA-L's deflate, 2..9 zlib's): one RFC 1952 member with nothing after it,
+    read back by the standard library exactly."""
+    packed = encode.gzip_compress(data, level)
+    assert packed[:3] == b"\x1f\x8b\x08"  # gzip magic, deflate
+    assert gzip.decompress(packed) == data
+    reader = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert reader.decompress(packed) == data
+    assert reader.eof
+    assert reader.unused_data == b""

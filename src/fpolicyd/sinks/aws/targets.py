@@ -31,9 +31,10 @@ MIB: Final = 1024 * 1024
 MAX_BATCH_ENTRIES: Final = 10
 DEFAULT_EVENTBRIDGE_SOURCE: Final = "fsxn.fpolicy"
 DEFAULT_EVENTBRIDGE_DETAIL_TYPE: Final = "FPolicy File Operation"
-#: zlib level of gzip-packed SQS messages. Measured on simulator events (benchmarks/bench_sqs_pack.py): level 1
-#: gives ~180 bytes of base64 per ~1 KB event, ~0.0027 billed requests per event; level 6 ~0.0020 for ~7 µs
-#: more CPU per event. Both are far under the 0.01 goal, so the CPU decides.
+#: gzip level (zlib's scale) of packed SQS messages; 1 is compressed by ISA-L (``encode.gzip_compress``). Measured
+#: on simulator events (benchmarks/bench_sqs_pack.py): level 1 gives ~0.00245 billed requests per event for ~4 µs
+#: of encoding per event; zlib's level 6 ~0.00195 for ~10 µs more. Both are far under the 0.01 goal, so the CPU
+#: decides.
 PACK_GZIP_LEVEL: Final = 1
 
 

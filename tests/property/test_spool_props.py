@@ -16,10 +16,11 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from fpolicyd.storage import spool as spool_module
 from fpolicyd.storage.spool import Spool, SpoolSettings
 
 SINKS = ("a", "b")
@@ -287,3 +288,11 @@ SpoolMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestSpoolAgainstModel = SpoolMachine.TestCase
+
+
+@given(data=st.binary(max_size=5000), start=st.integers(min_value=0, max_value=2**32 - 1))
+def test_the_record_checksum_is_zlibs_crc32(data: bytes, start: int) -> None:
+    """The spool's checksum (ISA-L's) is zlib's CRC-32 bit for bit: files written before and after it, and any
+    tool that checks them with zlib (``record_ends`` above), agree."""
+    assert spool_module._crc32(data) == zlib.crc32(data)
+    assert spool_module._crc32(data, start) == zlib.crc32(data, start)

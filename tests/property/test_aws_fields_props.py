@@ -4,7 +4,8 @@ decoder) against the reference: orjson's whole parse (``_load_event``) and ``_Fi
 For every document orjson reads as an object, both give the same text and members; for everything orjson
 refuses, the fast path refuses too (a ``ValueError``, so the event is set aside exactly as before), with the
 one documented exception of a number beyond a double's range, which orjson refuses and the fast path skips
-when no member it reads holds it.
+when no member it reads holds it. The validity check of gzip-packed events (``encode._check_event``) reads no
+member: it accepts exactly what ``_read_fields`` accepts, and also such a number in the members it reads.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fpolicyd.sinks.aws.encode import _Fields, _load_event, _read_fields
+from fpolicyd.sinks.aws.encode import _check_event, _Fields, _load_event, _read_fields
 
 MEMBERS = ("operation_type", "svm_name", "timestamp", "metadata", "event_id", "file_path")
 
@@ -84,6 +85,8 @@ def test_an_event_as_orjson_writes_it_reads_the_same(event: dict[str, Any]) -> N
 @example(b'{"operation_type":"\\u0000","svm_name":"a\\/b","timestamp":"\\ud83d\\ude00"}')
 def test_any_object_text_reads_the_same(event_json: bytes) -> None:
     assert outcome(_read_fields, event_json) == outcome(reference, event_json)
+    if not _out_of_range(event_json):
+        assert outcome(_check_event, event_json)[0] == outcome(reference, event_json)[0]
 
 
 def _out_of_range(event_json: bytes) -> bool:
@@ -147,6 +150,11 @@ def test_arbitrary_bytes_are_refused_as_orjson_refuses_them(event_json: bytes) -
         assert fast[1] == _Fields.of(event_json, parsed)
     else:
         assert fast == expected
+    checked = outcome(_check_event, event_json)[0]
+    if checked != fast[0]:
+        # The same difference, in any member: the check reads none.
+        assert (checked, fast[0], expected[0]) == ("ok", "refused", "refused"), event_json
+        assert _out_of_range(event_json), event_json
 
 
 def test_a_number_out_of_range_in_a_member_no_sink_reads_is_sent_as_stored() -> None:
@@ -157,9 +165,12 @@ def test_a_number_out_of_range_in_a_member_no_sink_reads_is_sent_as_stored() -> 
     # ... but not in a member it reads: orjson decides there.
     with pytest.raises(orjson.JSONDecodeError):
         _read_fields(b'{"operation_type":1e400}')
+    # The gzip packer's check reads no member: there too.
+    _check_event(b'{"operation_type":1e400}')
 
 
 @pytest.mark.parametrize("depth", [900, 1024, 1025, 5000])
 def test_deep_nesting_is_decided_by_orjson(depth: int) -> None:
     event_json = b'{"x":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b',"svm_name":"s"}'
     assert outcome(_read_fields, event_json) == outcome(reference, event_json)
+    assert outcome(_check_event, event_json)[0] == outcome(reference, event_json)[0]

@@ -29,7 +29,8 @@ from fpolicyd.events import EventBuilder, NameMaps, normalize
 from fpolicyd.pipeline import speedups
 from fpolicyd.protocol.framing import XmlFrameReader, split_payload
 from fpolicyd.protocol.messages import ScreenRequest
-from fpolicyd.protocol.session import FileNotification, Session, SessionConfig
+from fpolicyd.protocol.session import FileNotification, Session
+from fpolicyd.protocol.session_config import SessionConfig
 from fpolicyd.protocol.xml_codec import decode_header, decode_payload, fast_screen
 from fpolicyd.protocol.xml_fast import fields_of, scan_screen_request
 from support.captures import NEGO_REQ, SMB_REN

@@ -27,7 +27,8 @@ from fpolicyd.pipeline.ingest import Ingest, IngestCounters, IngestSession
 from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.router import Router
 from fpolicyd.protocol.framing import XmlFrameReader
-from fpolicyd.protocol.session import Session, SessionConfig
+from fpolicyd.protocol.session import Session
+from fpolicyd.protocol.session_config import SessionConfig
 from fpolicyd.protocol.xml_codec import fast_screen
 from fpolicyd.protocol.xml_fast import ScreenFields
 from fpolicyd.simulator.generate import DEFAULT_VS_UUID, generate_frames

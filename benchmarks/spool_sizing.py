@@ -26,7 +26,8 @@ from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.router import Router
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import Handshake
-from fpolicyd.protocol.session import Session, SessionConfig
+from fpolicyd.protocol.session import Session
+from fpolicyd.protocol.session_config import SessionConfig
 from fpolicyd.protocol.xml_codec import encode_message, fast_screen
 from fpolicyd.simulator.generate import DEFAULT_VS_UUID, generate_frames
 from fpolicyd.storage.routes_file import load_routes

@@ -42,7 +42,7 @@ from fpolicyd.pipeline.settle import (
     SettleStrategy,
     parse_override_key,
 )
-from fpolicyd.protocol.session import DEFAULT_MAX_OUTSTANDING, MIN_IDLE_FACTOR, EngineMode, SessionConfig
+from fpolicyd.protocol.session_config import DEFAULT_MAX_OUTSTANDING, MIN_IDLE_FACTOR, EngineMode, SessionConfig
 from fpolicyd.sinks.aws.targets import AwsDataPath
 from fpolicyd.sinks.dead_letter import FILE_NAME as DEAD_LETTER_FILE_NAME
 from fpolicyd.sinks.dead_letter import DeadLetterLimits

@@ -19,7 +19,8 @@ import pytest
 
 from fpolicyd.events import EventBuilder, NameMaps
 from fpolicyd.protocol.framing import XmlFrameReader
-from fpolicyd.protocol.session import FileNotification, Reply, Session, SessionConfig
+from fpolicyd.protocol.session import FileNotification, Reply, Session
+from fpolicyd.protocol.session_config import SessionConfig
 from fpolicyd.replaytest.config import ReplayTestConfig, RestartMode
 from fpolicyd.replaytest.run import run_replay_test
 from fpolicyd.replaytest.tails import QueueTail, final_drain

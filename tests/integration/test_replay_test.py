@@ -27,7 +27,8 @@ from fpolicyd.config import Settings
 from fpolicyd.errors import ConfigError
 from fpolicyd.events import CORE_OPERATIONS, EventBuilder, NameMaps, load_event_schema, load_reference_schema
 from fpolicyd.protocol.framing import XmlFrameReader
-from fpolicyd.protocol.session import EngineMode, FileNotification, Reply, Session, SessionConfig
+from fpolicyd.protocol.session import FileNotification, Reply, Session
+from fpolicyd.protocol.session_config import EngineMode, SessionConfig
 from fpolicyd.replaytest.config import ReplayTestConfig, RestartMode
 from fpolicyd.replaytest.run import progress_line, run_replay_test
 from fpolicyd.replaytest.summary import summary_text

@@ -30,7 +30,8 @@ from fpolicyd.protocol.messages import (
     StatusQuery,
     StatusQueryResp,
 )
-from fpolicyd.protocol.session import NoticeKind, SessionConfig
+from fpolicyd.protocol.session import NoticeKind
+from fpolicyd.protocol.session_config import SessionConfig
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message, frame_message
 from fpolicyd.server.connection import FPolicyConnection, LiveConnections, ServerContext
 from fpolicyd.server.spooler import Spooler

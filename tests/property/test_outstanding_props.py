@@ -18,15 +18,8 @@ from fpolicyd.protocol.messages import (
     StatusQuery,
     StatusQueryResp,
 )
-from fpolicyd.protocol.session import (
-    EngineMode,
-    FileNotification,
-    OutstandingRequests,
-    PendingAnswer,
-    Reply,
-    Session,
-    SessionConfig,
-)
+from fpolicyd.protocol.session import FileNotification, OutstandingRequests, PendingAnswer, Reply, Session
+from fpolicyd.protocol.session_config import EngineMode, SessionConfig
 from fpolicyd.protocol.xml_codec import decode_payload, encode_message
 from support.captures import NEGO_REQ
 from support.notifications import frame

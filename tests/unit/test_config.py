@@ -6,7 +6,7 @@ import pytest
 
 from fpolicyd.config import example_toml, load_settings
 from fpolicyd.errors import ConfigError
-from fpolicyd.protocol.session import EngineMode
+from fpolicyd.protocol.session_config import EngineMode
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,8 @@ from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.pipeline.router import Router
 from fpolicyd.protocol.framing import XmlFrameReader
 from fpolicyd.protocol.messages import Handshake, ScreenRequest, ScreenResponse, StatusQuery, StatusQueryResp
-from fpolicyd.protocol.session import EngineMode, NoticeKind, Session, SessionConfig, SessionState
+from fpolicyd.protocol.session import NoticeKind, Session, SessionState
+from fpolicyd.protocol.session_config import EngineMode, SessionConfig
 from fpolicyd.protocol.xml_codec import (
     FastScreen,
     SwitchedFastScreen,

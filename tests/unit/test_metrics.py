@@ -36,7 +36,8 @@ from fpolicyd.pipeline.records import Record
 from fpolicyd.pipeline.replay import ReplayTracker
 from fpolicyd.protocol.messages import NotfType
 from fpolicyd.protocol.req_types import Operation
-from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind, SessionConfig
+from fpolicyd.protocol.session import STATUS_ANSWERS, NoticeKind
+from fpolicyd.protocol.session_config import SessionConfig
 from fpolicyd.server.budget import Refusal
 from fpolicyd.server.connection import LiveConnections, ServerContext
 from fpolicyd.server.metric_labels import METRIC_LABELS

@@ -19,18 +19,8 @@ from fpolicyd.protocol.messages import (
     StatusQueryResp,
     VolumeNotification,
 )
-from fpolicyd.protocol.session import (
-    Close,
-    EngineMode,
-    FileNotification,
-    Notice,
-    NoticeKind,
-    Output,
-    Reply,
-    Session,
-    SessionConfig,
-    SessionState,
-)
+from fpolicyd.protocol.session import Close, FileNotification, Notice, NoticeKind, Output, Reply, Session, SessionState
+from fpolicyd.protocol.session_config import EngineMode, SessionConfig
 from fpolicyd.protocol.xml_codec import FastScreen, decode_payload, encode_message, fast_screen, frame_message
 from support.captures import KEEP_ALIVE, NEGO_REQ, NEGO_RESP, SMB_OPEN, SMB_REN
 

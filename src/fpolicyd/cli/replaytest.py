@@ -16,7 +16,7 @@ import uvloop
 from fpolicyd.errors import ConfigError
 from fpolicyd.obs.log import configure_logging
 from fpolicyd.pipeline.redaction import Redactor
-from fpolicyd.protocol.session import EngineMode
+from fpolicyd.protocol.session_config import EngineMode
 from fpolicyd.replaytest.config import MAX_INSTANCES, ReplayTestConfig, ReplayTestError, RestartMode
 from fpolicyd.replaytest.plot import MAX_TIMELINE_POINTS, plot_html
 from fpolicyd.replaytest.run import TIMELINE_INTERVAL_S, TIMELINE_MIN_INTERVAL_S, run_replay_test

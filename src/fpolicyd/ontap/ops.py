@@ -47,7 +47,7 @@ from fpolicyd.ontap.plan import (
     policy_disable,
     policy_enable,
 )
-from fpolicyd.protocol.session import EngineMode
+from fpolicyd.protocol.session_config import EngineMode
 
 __all__ = [
     "ENGINE_IN_USE_CODE",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from fpolicyd.errors import ConfigError
-from fpolicyd.protocol.session import EngineMode
+from fpolicyd.protocol.session_config import EngineMode
 from fpolicyd.simulator.client import MAX_NODES
 from fpolicyd.simulator.generate import DEFAULT_VS_UUID
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Final
 
-from fpolicyd.protocol.session import EngineMode
+from fpolicyd.protocol.session_config import EngineMode
 from fpolicyd.replaytest.config import ReplayTestConfig, ReplayTestError, RestartMode
 from fpolicyd.replaytest.daemons import DaemonGroup, InProcessDaemon, SubprocessDaemon
 from fpolicyd.replaytest.node import Node, Shared, SourceState, source_address

@@ -25,7 +25,8 @@ from fpolicyd.obs.log import get_logger
 from fpolicyd.obs.ratelimit import LogRateLimiter
 from fpolicyd.pipeline.ingest import Ingest, IngestSession
 from fpolicyd.protocol.readers import ReaderName, codec_for, fast_screen_for, make_reader
-from fpolicyd.protocol.session import Notice, NoticeKind, PendingAnswer, Session, SessionConfig
+from fpolicyd.protocol.session import Notice, NoticeKind, PendingAnswer, Session
+from fpolicyd.protocol.session_config import SessionConfig
 from fpolicyd.server.allowlist import PeerAllowlist
 from fpolicyd.server.budget import BudgetLimits, ConnectionBudget, Refusal
 from fpolicyd.server.capture import CaptureRecorder, ConnectionCapture

@@ -1407,21 +1407,14 @@ class SpoolTail:
     def ack(self, sink: str, up_to_seq: int) -> None:
         """Every batch read up to ``up_to_seq`` is delivered."""
         c = self._cursor(sink)
-        if c.shard is not None:
-            self._ack_shard(c, up_to_seq)
-            return
-        while c.batches and c.batches[0][1] <= up_to_seq:
-            c.acked = max(c.acked, c.batches.pop(0)[1])
-
-    @staticmethod
-    def _ack_shard(c: _TailCursor, up_to_seq: int) -> None:
         for batch in c.batches:
             if batch[1] > up_to_seq:
                 break
             if batch[2] == _BATCH_OPEN:
-                c.delivered.append((batch[0], batch[1]))
+                if c.shard is not None:
+                    c.delivered.append((batch[0], batch[1]))
                 batch[2] = _BATCH_ACKED
-        SpoolTail._settle(c)
+        self._settle(c)
 
     @staticmethod
     def _settle(c: _TailCursor) -> None:

@@ -583,6 +583,7 @@ def latency_durable(events: int, connections: int, rate: float, timeout_s: float
                 achieved_events_per_s=report.get("answered_events_per_s"),
                 peak_rss_mib=row["peak_rss_mib"],
                 server_cpu_us_per_event=row["server_cpu_us_per_event"],
+                server_cpu_cores=row["server_cpu_cores"],
             )
         except Exception as exc:
             out["error"] = f"{type(exc).__name__}: {exc}"
@@ -622,6 +623,8 @@ def latency_sqs(events: int, connections: int, rate: float, timeout_s: float) ->
                 achieved_events_per_s=row["events_per_s"],
                 peak_rss_mib=row["peak_rss_mib"],
                 server_cpu_us_per_event=row["server_cpu_us_per_event"],
+                server_cpu_cores=row["server_cpu_cores"],
+                endpoint_cpu_us_per_event=row["endpoint_cpu_us_per_event"],
             )
         except Exception as exc:
             out["error"] = f"{type(exc).__name__}: {exc}"
@@ -786,9 +789,13 @@ def goals(
 
 
 def latency_lines(latency: list[dict[str, Any]]) -> list[str]:
+    """The paced runs' table. "server CPU, cores" is how much of the box the server's process tree kept busy at
+    that rate. Its CPU per event is higher than the unpaced rows' (each read holds a few frames, each wakeup
+    fewer events), so it is no capacity figure: it is what a moderate, steady load costs."""
     lines = [
-        "| latency, paced | offered events/s | achieved events/s | p50 ms | p95 ms | p99 ms | max ms | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| latency, paced | offered events/s | achieved events/s | p50 ms | p95 ms | p99 ms | max ms | peak RSS MiB "
+        "| server CPU µs/ev | server CPU, cores | endpoint CPU µs/ev |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     names = {
         "latency/durable": "frame → durable (SCREEN_RESP; sync engine, JSON Lines, defaults)",
@@ -797,12 +804,15 @@ def latency_lines(latency: list[dict[str, Any]]) -> list[str]:
     for row in latency:
         name = names[row["target"]] + (f", {row['basis']}" if row.get("basis") != "goal" else "")
         if "error" in row:
-            lines.append(f"| {name} — **failed**: {row['error']} | {row['rate']:,.0f} | | | | | | |")
+            lines.append(f"| {name} — **failed**: {row['error']} | {row['rate']:,.0f} | | | | | | | | | |")
             continue
         ms = row["latency_ms"]
+        cpu = row["server_cpu_us_per_event"]
+        endpoint = row.get("endpoint_cpu_us_per_event")
         lines.append(
             f"| {name} | {row['rate']:,.0f} | {row['achieved_events_per_s'] or 0:,.0f} | {ms['p50']:.1f} "
-            f"| {ms['p95']:.1f} | {ms['p99']:.1f} | {ms['max']:.1f} | {row['peak_rss_mib']:.0f} |"
+            f"| {ms['p95']:.1f} | {ms['p99']:.1f} | {ms['max']:.1f} | {row['peak_rss_mib']:.0f} | {cpu:.1f} "
+            f"| {row['server_cpu_cores']:.2f} | {'—' if endpoint is None else f'{endpoint:.1f}'} |"
         )
     return lines
 

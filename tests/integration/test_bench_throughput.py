@@ -58,11 +58,17 @@ def test_quick_run_measures_every_row(tmp_path: Path, capsys: pytest.CaptureFixt
     assert [(r["target"], r["basis"]) for r in latency] == [("latency/durable", "goal"), ("latency/sqs", "goal")]
     for row in latency:
         assert row["latency_ms"]["count"] == row["events"] == max(4, round(row["rate"] * 0.02))
+        # CPU clocks tick every 10 ms: a 0.02 s probe may read 0.
+        assert row["server_cpu_us_per_event"] >= 0
+        assert row["server_cpu_cores"] >= 0
+    assert latency[1]["endpoint_cpu_us_per_event"] >= 0  # the SQS probe's endpoint, reported apart
+    assert "endpoint_cpu_us_per_event" not in latency[0]  # no endpoint in the JSON Lines probe
     assert document["machine"]["accelerator"]
     # One table, with the header describing the machine and the goals under it.
     assert "compiled accelerator" in printed
     assert "| bare frame splitter (ceiling) |" in printed
     assert "| goal (issue 11) |" in printed
+    assert "| server CPU, cores |" in printed
 
 
 def test_rows_with_several_delivery_processes(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Where a live daemon's CPU goes, per stage: py-spy samples of `fpolicyd serve` (and its delivery process) under
 load, bucketed by the function each sample is in.
 
-    .venv/bin/python benchmarks/profile_stages.py [--events 100000] [--nodes 4] [--rate 250] [--sink jsonl|sqs]
+    .venv/bin/python benchmarks/profile_stages.py [--events 100000] [--nodes 4] [--rate 250] [--offered 0]
+        [--sink jsonl|sqs]
         [-- SERVE FLAGS...]
 
 The daemon runs with the defaults (plus SERVE FLAGS) in its own process; ``benchmarks/loadgen.py`` sends the events;
@@ -72,8 +73,9 @@ def stage_of(stack: list[str]) -> str | None:
     return "other (interpreter, asyncio, libraries)"
 
 
-def load(port: int, events: int, connections: int) -> dict[str, object]:
-    """``benchmarks/loadgen.py``: frames encoded before its clock starts, written as fast as the daemon reads."""
+def load(port: int, events: int, connections: int, offered: float = 0.0) -> dict[str, object]:
+    """``benchmarks/loadgen.py``: frames encoded before its clock starts, written as fast as the daemon reads
+    (``offered`` 0) or paced at ``offered`` events/s in all."""
     command = [
         sys.executable,
         str(HERE / "loadgen.py"),
@@ -83,6 +85,8 @@ def load(port: int, events: int, connections: int) -> dict[str, object]:
         str(connections),
         "--events",
         str(events),
+        "--rate",
+        f"{offered:g}",
     ]
     out = subprocess.run(command, capture_output=True, check=True, timeout=900)
     report: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
@@ -95,6 +99,9 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--raw", type=Path, help="also keep py-spy's raw samples (collapsed stacks) in this file")
+    parser.add_argument(
+        "--offered", type=float, default=0.0, help="events/s the load generator paces itself to (0: unpaced)"
+    )
     parser.add_argument("--sink", choices=("jsonl", "sqs"), default="jsonl", help="where the daemon delivers")
     parser.add_argument("serve_flags", nargs="*", help="extra `fpolicyd serve` flags (after --)")
     args = parser.parse_args()
@@ -151,7 +158,7 @@ def profile(args: argparse.Namespace, py_spy: str, data: Path, endpoint: Endpoin
             stderr=subprocess.DEVNULL,
         )
         started = time.monotonic()
-        report = load(daemon.port, args.events, args.nodes)
+        report = load(daemon.port, args.events, args.nodes, args.offered)
         deadline = time.monotonic() + 300
         while delivered(data, endpoint) < args.events:
             if time.monotonic() > deadline:

@@ -17,7 +17,7 @@ NOT_BENCHMARKS = {
     "loadgen",  # the load generator
     "proctree",  # CPU and RSS of a process tree
     "fuzz_server",  # the long fuzz campaign: `make fuzz`
-    "profile_stages",  # a py-spy profile read by eye (py-spy is not a dependency)
+    "profile_stages",  # a py-spy profile read by eye (py-spy needs ptrace rights on the daemon)
 }
 
 

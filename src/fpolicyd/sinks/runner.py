@@ -43,8 +43,6 @@ class SpoolView(Protocol):
 
     def ack_range(self, sink: str, first: int, last: int) -> None: ...
 
-    def read_seq(self, sink: str) -> int: ...
-
     def available(self, sink: str) -> int:
         """The records :meth:`read` could hand the sink now (a delivery process that shares the sink with others
         counts only its own blocks)."""
